@@ -1,0 +1,7 @@
+"""realfake-ray: Real-Fake training-data synthesis (Yuan et al., ICLR 2024) on Ray.
+
+Importing the package is cheap and does not import Ray: the pure modules (``losses``, ``guidance``,
+``prompts``, ``sampler``, ``models``) run on a bare GPU box with only torch and diffusers.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,175 @@
+"""The tiny preset: a Stable-Diffusion-architecture pipeline small enough for 2 CPU cores.
+
+Every component is built from config with a fixed seed and saved in the standard diffusers layout,
+so stock ``StableDiffusionPipeline.from_pretrained(dir)`` loads it and our loader treats it exactly
+like SD v1.5. The CLIP tokenizer's vocabulary is built here (byte-level BPE with merges learned
+from a small built-in corpus), so nothing is downloaded.
+
+Example:
+    >>> from realfake_ray.models.tiny import build_tiny_pipeline
+    >>> pipe = build_tiny_pipeline()
+    >>> pipe.save_pretrained("/tmp/tiny-sd")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+
+import torch
+
+TINY_RESOLUTION = 32
+TINY_SEED = 0
+TINY_WIDTH = 32  # text hidden size == CLIP projection width (768 in SD v1.5)
+
+# Words the tiny tokenizer learns merges for: prompts, class names and the negative prompt.
+_CORPUS = """
+photo of a digit zero one two three four five six seven eight nine best quality handwritten
+distorted unrealistic blurry out frame cropped deformed picture image the and with in on
+"""
+_NUM_MERGES = 200
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable unicode map."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    codes = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, codes)))
+
+
+def _learn_merges(words: list[str], num_merges: int) -> list[tuple[str, str]]:
+    """Plain BPE: repeatedly merge the most frequent adjacent symbol pair (ties broken by the pair)."""
+    byte_map = _bytes_to_unicode()
+    seqs = []
+    for w in words:
+        symbols = [byte_map[b] for b in w.encode("utf-8")]
+        symbols[-1] += "</w>"
+        seqs.append(symbols)
+    merges: list[tuple[str, str]] = []
+    for _ in range(num_merges):
+        counts: collections.Counter = collections.Counter()
+        for s in seqs:
+            counts.update(zip(s, s[1:]))
+        if not counts:
+            break
+        pair = min(counts, key=lambda p: (-counts[p], p))
+        merges.append(pair)
+        for s in seqs:
+            i = 0
+            while i < len(s) - 1:
+                if (s[i], s[i + 1]) == pair:
+                    s[i : i + 2] = [s[i] + s[i + 1]]
+                i += 1
+    return merges
+
+
+def build_tiny_tokenizer():
+    """A CLIP tokenizer whose vocabulary (bytes, end-of-word bytes, learned merges, specials) we build."""
+    from transformers import CLIPTokenizer
+
+    byte_chars = list(_bytes_to_unicode().values())
+    merges = _learn_merges(re.findall(r"[a-z]+", _CORPUS), _NUM_MERGES)
+    tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def build_tiny_pipeline():
+    """Build the tiny SD pipeline (random weights, fixed seed) with a CLIP image encoder component."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel, UniPCMultistepScheduler
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
+
+    tokenizer = build_tiny_tokenizer()
+    vocab_size = len(tokenizer.get_vocab())
+    torch.manual_seed(TINY_SEED)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=TINY_RESOLUTION,
+        scaling_factor=0.18215,
+    )
+    latent_size = TINY_RESOLUTION // 2 ** (len(vae.config.block_out_channels) - 1)
+    unet = UNet2DConditionModel(
+        sample_size=latent_size,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        cross_attention_dim=TINY_WIDTH,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=TINY_WIDTH,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=vocab_size,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            projection_dim=TINY_WIDTH,
+        )
+    )
+    image_encoder = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            image_size=TINY_RESOLUTION,
+            patch_size=8,
+            projection_dim=TINY_WIDTH,
+        )
+    )
+    feature_extractor = CLIPImageProcessor(
+        size={"shortest_edge": TINY_RESOLUTION}, crop_size={"height": TINY_RESOLUTION, "width": TINY_RESOLUTION}
+    )
+    # SD v1.5's noise schedule, with UniPC as the sampler (as in the method's generation recipe).
+    scheduler = UniPCMultistepScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=feature_extractor,
+        image_encoder=image_encoder,
+        requires_safety_checker=False,
+    )
+
+
+def save_tiny_pipeline(directory: str) -> str:
+    """Write the tiny pipeline to a local ``directory`` in the standard diffusers format."""
+    build_tiny_pipeline().save_pretrained(directory, safe_serialization=True)
+    return directory
