@@ -1,0 +1,1 @@
+"""Ray wiring shared by the stages (internal: no stability promise)."""

@@ -1,0 +1,61 @@
+"""Connecting to Ray and sizing actor pools."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+from realfake_ray import storage
+from realfake_ray.config import ActorPool, RayConfig
+
+# Environment every worker needs to resolve per-node caches and presets the same way as the driver.
+_FORWARDED_ENV = ("REALFAKE_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "HF_ENDPOINT")
+
+
+def init_ray(cfg: RayConfig | None = None) -> None:
+    """Connect to ``cfg.address`` / ``$RAY_ADDRESS``, or start a local cluster bound to 127.0.0.1.
+
+    Inside ``ray job submit`` the job's driver is already attached to its cluster via ``RAY_ADDRESS``.
+    """
+    if ray.is_initialized():
+        return
+    cfg = cfg or RayConfig()
+    env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
+    env.setdefault("REALFAKE_CACHE", storage.cache_dir())
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    common = dict(runtime_env={"env_vars": env}, logging_level=logging.WARNING, log_to_driver=True)
+    if address:
+        ray.init(address=address, **common)
+    else:
+        ray.init(
+            num_cpus=cfg.num_cpus,
+            include_dashboard=False,
+            dashboard_host="127.0.0.1",
+            _node_ip_address="127.0.0.1",
+            **common,
+        )
+
+
+def cluster_gpus() -> float:
+    return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def gpus_per_actor(pool: ActorPool) -> float:
+    """``auto``: one GPU per actor when the cluster has GPUs now; set 1 explicitly on clusters that
+    autoscale GPU nodes from zero (the cluster has none until the pool asks for them)."""
+    if pool.gpus_per_actor == "auto":
+        return 1.0 if cluster_gpus() > 0 else 0.0
+    return float(pool.gpus_per_actor)
+
+
+def actor_pool_kwargs(pool: ActorPool) -> dict:
+    """``map_batches`` keyword arguments for a callable-class stage on an actor pool."""
+    from ray.data import ActorPoolStrategy
+
+    return dict(
+        compute=ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size),
+        num_gpus=gpus_per_actor(pool),
+        num_cpus=pool.cpus_per_actor,
+    )

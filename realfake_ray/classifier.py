@@ -1,0 +1,371 @@
+"""Classifier side of Real-Fake: models, transforms, optimiser/schedule, one train step, evaluation.
+
+Pure torch/torchvision (no Ray): the Ray Train loop in ``train.py`` and the evaluation stage call these.
+The reference recipe is ResNet-50 from scratch, SGD (lr 0.1 per 256 images, momentum 0.9, weight decay
+5e-4), multistep decay 0.2, AMP; ``resnet_tiny`` is our 32-px model for the tiny preset and CPU tests.
+
+Example::
+
+    model = build_classifier("resnet_tiny", num_classes=10)
+    opt = build_optimizer(model, lr=scaled_lr(0.1, global_batch=128))
+    sched = build_scheduler(opt, "multistep", total_steps=1000, warmup_steps=50)
+    x = apply_train_transform(uint8_batch, 32, torch.Generator().manual_seed(0))
+    stats = train_step(model, opt, sched, x, labels)          # {"loss", "acc", "lr"}
+    report = evaluate_batches(model, [(eval_transform(32)(val_uint8), val_labels)], num_classes=10)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torchvision.models.resnet import BasicBlock
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+TINY_ARCH = "resnet_tiny"
+SCHEDULES = ("cosine", "multistep")
+#: Multistep milestones (fractions of the run) when none are given: epochs 60/120/160 of a 200-epoch run.
+DEFAULT_MILESTONE_FRACTIONS = (0.3, 0.6, 0.8)
+_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+
+
+# ----------------------------------------------------------------------------------------------- models
+def available_architectures() -> list[str]:
+    """Names accepted by :func:`build_classifier`: every torchvision classification model plus ``resnet_tiny``.
+
+    Example: ``"resnet50" in available_architectures()`` → ``True``.
+    """
+    return sorted([*torchvision.models.list_models(module=torchvision.models), TINY_ARCH])
+
+
+def resnet_tiny(num_classes: int, width: int = 32) -> nn.Module:
+    """A 4-stage ResNet ([1,1,1,1] BasicBlocks, widths w/2w/4w/8w) for 32-px images: 3×3 stride-1 stem, no max-pool.
+
+    Example: ``resnet_tiny(10)(torch.zeros(2, 3, 32, 32)).shape`` → ``(2, 10)``.
+    """
+    layers: list[nn.Module] = [
+        nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)
+    ]
+    in_ch = width
+    for stage in range(4):
+        out_ch, stride = width * 2**stage, 1 if stage == 0 else 2
+        down = None
+        if stride != 1 or in_ch != out_ch:
+            down = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch))
+        layers.append(BasicBlock(in_ch, out_ch, stride, down))
+        in_ch = out_ch
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(in_ch, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def build_classifier(arch: str, num_classes: int) -> nn.Module:
+    """A randomly initialised classifier by name (torchvision ``get_model`` or ``resnet_tiny``).
+
+    Raises ValueError naming close matches for an unknown ``arch``. Example::
+
+        build_classifier("resnet50", 1000)
+    """
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if arch == TINY_ARCH:
+        return resnet_tiny(num_classes)
+    names = available_architectures()
+    if arch not in names:
+        close = difflib.get_close_matches(arch, names, n=5, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see available_architectures()"
+        raise ValueError(f"unknown classifier arch {arch!r}{hint}")
+    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+
+
+# ------------------------------------------------------------------------------------------- transforms
+def _to_uint8_nchw(images: Any) -> torch.Tensor:
+    """[B,H,W,3] or [H,W,3] uint8 (tensor or numpy) → [B,3,H,W] uint8 tensor."""
+    x = torch.as_tensor(images)
+    if x.ndim == 3:
+        x = x.unsqueeze(0)
+    if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8:
+        raise ValueError(f"images must be uint8 [B,H,W,3] (channels last), got {x.dtype} {list(x.shape)}")
+    return x.permute(0, 3, 1, 2)
+
+
+def _normalize(x: torch.Tensor) -> torch.Tensor:
+    """uint8 [B,3,S,S] → float32, scaled to [0,1], ImageNet mean/std normalised."""
+    return TF.normalize(TF.to_dtype(x, torch.float32, scale=True), list(IMAGENET_MEAN), list(IMAGENET_STD))
+
+
+def train_crop_scale(image_size: int) -> tuple[float, float]:
+    """RandomResizedCrop area range: (0.08, 1) from 128 px up, (0.35, 1) for small images."""
+    return (0.08, 1.0) if image_size >= 128 else (0.35, 1.0)
+
+
+def train_transform(image_size: int) -> v2.Compose:
+    """Random-resized-crop + flip + normalise for uint8 channels-last input → float [B,3,S,S].
+
+    On a batch the random crop/flip is shared by all images; use :func:`apply_train_transform` for
+    per-image, seeded randomness. Example: ``train_transform(224)(np_uint8_hw3)``.
+    """
+    return v2.Compose([
+        v2.Lambda(_to_uint8_nchw),
+        v2.RandomResizedCrop(image_size, scale=train_crop_scale(image_size), ratio=_RATIO, antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.Lambda(_normalize),
+    ])
+
+
+def eval_transform(image_size: int) -> v2.Compose:
+    """Resize short side to S/0.875 and centre-crop S (S <= 64: resize to S×S) + normalise; batch-safe.
+
+    Example: ``eval_transform(224)(uint8_bhw3).shape`` → ``(B, 3, 224, 224)``.
+    """
+    if image_size <= 64:
+        resize: list[Any] = [v2.Resize((image_size, image_size), antialias=True)]
+    else:
+        resize = [v2.Resize(int(round(image_size / 0.875)), antialias=True), v2.CenterCrop(image_size)]
+    return v2.Compose([v2.Lambda(_to_uint8_nchw), *resize, v2.Lambda(_normalize)])
+
+
+def _sample_crop(
+    height: int, width: int, scale: tuple[float, float], generator: torch.Generator
+) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop parameter draw (top, left, h, w), on an explicit generator."""
+    area, log_ratio = height * width, (math.log(_RATIO[0]), math.log(_RATIO[1]))
+    for _ in range(10):
+        u = torch.rand(4, generator=generator).tolist()
+        target = area * (scale[0] + (scale[1] - scale[0]) * u[0])
+        aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u[1])
+        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(u[2] * (height - h + 1)), int(u[3] * (width - w + 1)), h, w
+    in_ratio = width / height  # fallback: centre crop at the aspect ratio clamped to _RATIO
+    if in_ratio < _RATIO[0]:
+        w, h = width, int(round(width / _RATIO[0]))
+    elif in_ratio > _RATIO[1]:
+        w, h = int(round(height * _RATIO[1])), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def apply_train_transform(images: Any, image_size: int, generator: torch.Generator | int) -> torch.Tensor:
+    """Train augmentation with an independent crop/flip per image, reproducible from ``generator``.
+
+    ``images``: uint8 [B,H,W,3] tensor or numpy; returns float32 [B,3,S,S]. Example::
+
+        x = apply_train_transform(batch, 224, torch.Generator().manual_seed(seed))
+    """
+    if isinstance(generator, int):
+        generator = torch.Generator().manual_seed(generator)
+    x = _to_uint8_nchw(images)
+    scale, out = train_crop_scale(image_size), []
+    for img in x:
+        top, left, h, w = _sample_crop(img.shape[-2], img.shape[-1], scale, generator)
+        crop = TF.resized_crop(img, top, left, h, w, [image_size, image_size], antialias=True)
+        out.append(TF.horizontal_flip(crop) if torch.rand(1, generator=generator).item() < 0.5 else crop)
+    return _normalize(torch.stack(out))
+
+
+# ------------------------------------------------------------------------------ optimiser and schedule
+def scaled_lr(base_lr: float, global_batch: int) -> float:
+    """Linear scaling rule: ``base_lr × global_batch / 256``. Example: ``scaled_lr(0.1, 512)`` → 0.2."""
+    if base_lr <= 0 or global_batch < 1:
+        raise ValueError(f"need base_lr > 0 and global_batch >= 1, got {base_lr}, {global_batch}")
+    return base_lr * global_batch / 256
+
+
+def build_optimizer(
+    model: nn.Module,
+    lr: float,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    nesterov: bool = False,
+    wd_on_norm_bias: bool = True,
+) -> torch.optim.SGD:
+    """SGD over trainable params; ``wd_on_norm_bias=False`` exempts 1-d params (norm weights, biases) from decay.
+
+    The default (decay on everything) matches the reference recipe. Example: ``build_optimizer(model, 0.1)``.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups: list[dict[str, Any]] = [{"params": params, "weight_decay": weight_decay}]
+    if not wd_on_norm_bias:
+        groups = [
+            {"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+        ]
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
+
+
+def _lr_factor(
+    step: int, schedule: str, total_steps: int, warmup_steps: int, milestones: Sequence[int], gamma: float
+) -> float:
+    """Multiplier of the base lr at ``step`` (linear warm-up × cosine or multistep)."""
+    warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    if schedule == "cosine":
+        progress = min(1.0, max(0, step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return warm * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return warm * gamma ** sum(step >= m for m in milestones)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    schedule: str,
+    total_steps: int,
+    warmup_steps: int = 0,
+    milestones: list[int] | None = None,
+    gamma: float = 0.2,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step LambdaLR: linear warm-up over ``warmup_steps``, then ``cosine`` to 0 or ``multistep`` decay.
+
+    Multistep ``milestones`` are step indices (default 30/60/80% of ``total_steps``); lr is multiplied by
+    ``gamma`` at each. Call ``scheduler.step()`` once per optimiser step. Example::
+
+        build_scheduler(opt, "cosine", total_steps=10_000, warmup_steps=500)
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
+    if total_steps < 1 or not 0 <= warmup_steps <= total_steps:
+        raise ValueError(
+            f"need total_steps >= 1 and 0 <= warmup_steps <= total_steps, got {total_steps}, {warmup_steps}"
+        )
+    if milestones is None:
+        milestones = [int(f * total_steps) for f in DEFAULT_MILESTONE_FRACTIONS]
+    if list(milestones) != sorted(milestones) or any(m < 0 for m in milestones):
+        raise ValueError(f"milestones must be sorted non-negative step indices, got {milestones}")
+    args = (schedule, total_steps, warmup_steps, list(milestones), gamma)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, *args))
+
+
+# ------------------------------------------------------------------------------------- train / evaluate
+def _device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter (CPU for parameter-free modules)."""
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def _logits(output: Any) -> torch.Tensor:
+    """Main logits of a model output (Inception/GoogLeNet return a namedtuple with aux logits in training)."""
+    return getattr(output, "logits", output)
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    label_smoothing: float = 0.0,
+    scaler: torch.amp.GradScaler | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[str, float]:
+    """One SGD step on a normalised float batch; returns ``{"loss", "acc", "lr"}`` (lr used for this step).
+
+    With ``scaler`` (fp16) the loss is scaled; ``autocast_dtype`` (e.g. ``torch.bfloat16``) enables AMP.
+    Example: ``train_step(model, opt, sched, x, y, label_smoothing=0.1)``.
+    """
+    device = _device(model)
+    images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    model.train()
+    lr = optimizer.param_groups[0]["lr"]
+    with _autocast(device, autocast_dtype):
+        logits = _logits(model(images))
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    acc = (logits.detach().argmax(1) == labels).float().mean()
+    return {"loss": loss.item(), "acc": acc.item(), "lr": lr}
+
+
+def _finalize(correct1: int, correctk: int, count: int, k: int, pc_correct: list[int], pc_count: list[int]) -> dict:
+    nan = float("nan")
+    return {
+        "top1": correct1 / count if count else nan,
+        "top5": correctk / count if count else nan,
+        "k": k,
+        "count": count,
+        "per_class": [c / n if n else None for c, n in zip(pc_correct, pc_count)],
+        "correct1": correct1,
+        "correct5": correctk,
+        "per_class_correct": pc_correct,
+        "per_class_count": pc_count,
+    }
+
+
+@torch.no_grad()
+def evaluate_batches(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    num_classes: int,
+    class_subset: list[int] | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[str, Any]:
+    """Top-1 / top-k (k = min(5, classes considered)) and per-class accuracy over ``(images, labels)`` batches.
+
+    Labels are original class indices. ``class_subset`` restricts predictions to those classes (e.g. the
+    200 ImageNet-R/A classes of a 1000-way model). ``per_class`` has ``num_classes`` entries (None where no
+    sample); raw counts are included so shards can be merged with :func:`merge_evaluations`. Example::
+
+        evaluate_batches(model, loader, 1000, class_subset=imagenet_r_indices)["top1"]
+    """
+    device = _device(model)
+    model.eval()
+    subset = None if class_subset is None else torch.as_tensor(class_subset, dtype=torch.long, device=device)
+    k = min(5, num_classes if subset is None else len(subset))
+    correct1 = correctk = count = 0
+    pc_correct = torch.zeros(num_classes, dtype=torch.long, device=device)
+    pc_count = torch.zeros_like(pc_correct)
+    for images, labels in batches:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with _autocast(device, autocast_dtype):
+            logits = _logits(model(images)).float()
+        if subset is not None:
+            if not torch.isin(labels, subset).all():
+                bad = labels[~torch.isin(labels, subset)].unique().tolist()
+                raise ValueError(f"labels {bad[:10]} are not in class_subset")
+            logits = logits[:, subset]
+        topk = logits.topk(k, dim=1).indices
+        if subset is not None:
+            topk = subset[topk]
+        hit1 = topk[:, 0] == labels
+        correct1 += int(hit1.sum())
+        correctk += int((topk == labels[:, None]).any(1).sum())
+        count += len(labels)
+        pc_count += torch.bincount(labels, minlength=num_classes)
+        pc_correct += torch.bincount(labels[hit1], minlength=num_classes)
+    return _finalize(correct1, correctk, count, k, pc_correct.tolist(), pc_count.tolist())
+
+
+def merge_evaluations(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Combine :func:`evaluate_batches` results from data shards (e.g. Ray Train workers) into one.
+
+    Example: ``merge_evaluations([shard0, shard1])["top1"]``.
+    """
+    if not results:
+        raise ValueError("merge_evaluations needs at least one result")
+    pc_correct = np.sum([r["per_class_correct"] for r in results], axis=0).tolist()
+    pc_count = np.sum([r["per_class_count"] for r in results], axis=0).tolist()
+    c1, c5, n = (sum(int(r[key]) for r in results) for key in ("correct1", "correct5", "count"))
+    return _finalize(c1, c5, n, results[0]["k"], pc_correct, pc_count)
+

@@ -1,0 +1,335 @@
+"""Typed configuration: one pydantic model per stage, all sections of :class:`RunConfig`.
+
+Values are resolved in this order (later wins): field defaults < ``--preset`` < ``--config FILE``
+(YAML) < command-line flags < ``--set section.key=value`` overrides. Everything is validated here,
+before any Ray work starts; an error names the field, the value given and what is allowed.
+
+Example:
+    >>> cfg = load_config(preset="tiny", out="/tmp/run", overrides=["encode.batch_size=16"])
+    >>> cfg.encode.batch_size, cfg.model.pretrained
+    (16, 'preset:tiny')
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Dtype = Literal["fp32", "fp16", "bf16"]
+PRESETS = ("tiny",)
+EMBEDDED_DATASET = "embedded:digits"  # train/, val/ and classes.json below it
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the field, the value and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ActorPool(_Section):
+    """Size of a Ray Data actor pool; ``max_size`` grows with an autoscaling cluster."""
+
+    min_size: int = Field(1, ge=1)
+    max_size: int = Field(1, ge=1)
+    gpus_per_actor: float | Literal["auto"] = "auto"  # auto: 1 when the cluster has GPUs, else 0
+    cpus_per_actor: float = Field(1.0, ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ActorPool:
+        if self.max_size < self.min_size:
+            raise ValueError(f"max_size ({self.max_size}) must be >= min_size ({self.min_size})")
+        return self
+
+
+class ModelConfig(_Section):
+    """Where the Stable Diffusion pipeline and the CLIP vision model come from.
+
+    ``pretrained``: a local diffusers directory, a Hugging Face repo id, an fsspec URL of a diffusers
+    directory, or ``preset:tiny``. ``clip_vision`` is used only when the pipeline has no
+    ``image_encoder`` component.
+    """
+
+    pretrained: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    clip_vision: str = "openai/clip-vit-large-patch14"
+    revision: str | None = None
+    hub_timeout_s: float = Field(10.0, gt=0)
+
+
+class DataConfig(_Section):
+    """The real dataset: ImageFolder URLs (``root/<class_dir>/.../<file>``) and optional side files."""
+
+    train: str | None = None  # required; the tiny preset defaults to the embedded digits
+    val: str | None = None
+    classes_file: str | None = None  # JSON {folder: name} or lines "folder<TAB or space>name"
+    captions_file: str | None = None  # JSONL {"image_id": ..., "caption": ...}
+    extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm")
+
+
+class EncodeConfig(_Section):
+    resolution: int = Field(512, ge=8)
+    batch_size: int = Field(32, ge=1)
+    rows_per_file: int = Field(1024, ge=1)
+    dtype: Dtype = "fp16"
+    decode_cpus: float = Field(1.0, gt=0)
+    actors: ActorPool = ActorPool()
+    caption: bool = True  # caption with `captioner` when no captions file is given
+    captioner: str = "Salesforce/blip2-opt-2.7b"
+    caption_max_tokens: int = Field(30, ge=1)
+    caption_batch_size: int = Field(16, ge=1)
+
+
+class FinetuneConfig(_Section):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool | Literal["auto"] = "auto"
+    batch_size: int = Field(8, ge=1)  # per worker
+    epochs: int = Field(100, ge=1)
+    max_steps: int | None = Field(None, ge=1)  # overrides epochs when set
+    lr: float = Field(1e-4, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(1e-2, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    lora_rank: int = Field(4, ge=1)
+    lora_alpha: float | None = Field(None, gt=0)  # None: alpha = rank
+    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    mmd_weight: float = Field(0.003, ge=0)
+    mmd_kernel: Literal["linear", "gaussian"] = "linear"
+    mmd_scope: Literal["global", "local"] = "global"
+    snr_gamma: float | None = Field(5.0, gt=0)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
+    hflip: bool = True
+    guidance: Literal["image", "class_mean", "none"] = "image"
+    checkpoint_every: int = Field(500, ge=1)
+    max_failures: int = Field(0, ge=-1)
+    log_every: int = Field(10, ge=1)
+
+
+class GenerateConfig(_Section):
+    mult: int = Field(1, ge=1)
+    mode: Literal["img2img", "txt2img"] = "img2img"
+    strength: float = Field(0.75, gt=0, le=1)
+    steps: int = Field(30, ge=1)
+    scheduler: Literal["unipc", "dpmpp_2m_karras", "ddim", "euler"] = "unipc"
+    guidance_scale: float = Field(2.0, ge=1)
+    guidance: Literal["image", "class_mean", "none"] = "image"
+    use_lora: bool = True
+    lora_scale: float = Field(0.5, ge=0)
+    sample_posterior: bool = True
+    batch_size: int = Field(24, ge=1)
+    dtype: Dtype = "fp16"
+    channels_last: bool = True
+    compile: bool = False
+    jpeg_quality: int = Field(95, ge=1, le=100)
+    storage_size: int | None = Field(None, ge=8)  # short side of stored JPEGs; None: model resolution
+    rows_per_manifest_file: int = Field(512, ge=1)
+    actors: ActorPool = ActorPool()
+
+
+class TrainConfig(_Section):
+    source: Literal["real", "synthetic", "mix"] = "synthetic"
+    mix_ratio: float = Field(0.5, gt=0, lt=1)  # fraction of synthetic images in a "mix" epoch
+    arch: str = "resnet50"
+    image_size: int = Field(224, ge=8)
+    epochs: int = Field(200, ge=1)
+    batch_size: int = Field(128, ge=1)  # per worker
+    base_lr: float = Field(0.1, gt=0)  # scaled by global batch / 256
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    schedule: Literal["cosine", "multistep"] = "multistep"
+    milestones: tuple[float, ...] = (0.3, 0.6, 0.8)  # fractions of training, for multistep
+    gamma: float = Field(0.2, gt=0, le=1)
+    warmup_epochs: float = Field(0.0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    amp: bool = True
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool | Literal["auto"] = "auto"
+    decode_cpus: float = Field(1.0, gt=0)
+
+
+class EvaluateConfig(_Section):
+    batch_size: int = Field(256, ge=1)
+    extra_sets: dict[str, str] = {}  # name -> labelled ImageFolder URL (e.g. ImageNet-V2/Sketch/R/A)
+    distribution_metrics: bool = True
+    mmd_kernel: Literal["linear", "gaussian"] = "gaussian"
+    nn_threshold: float = Field(0.05, ge=0)
+    max_samples: int = Field(2000, ge=10)
+
+
+class RayConfig(_Section):
+    address: str | None = None  # None: $RAY_ADDRESS, else a local cluster on 127.0.0.1
+    num_cpus: int | None = Field(None, ge=1)  # for a local cluster only
+
+
+class RunConfig(_Section):
+    """The whole run; each stage reads its own section plus the shared ones."""
+
+    out: str = "runs/default"
+    seed: int = 42
+    preset: Literal["tiny"] | None = None
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    encode: EncodeConfig = EncodeConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    generate: GenerateConfig = GenerateConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _embedded_default(self) -> RunConfig:
+        if self.preset == "tiny" and self.data.train is None:
+            self.data = DataConfig(
+                train=f"{EMBEDDED_DATASET}/train",
+                val=self.data.val or f"{EMBEDDED_DATASET}/val",
+                classes_file=self.data.classes_file or f"{EMBEDDED_DATASET}/classes.json",
+                captions_file=self.data.captions_file,
+                extensions=self.data.extensions,
+            )
+        return self
+
+    def require_data(self) -> DataConfig:
+        """The dataset section, or a clear error when no training images were given."""
+        if not self.data.train:
+            raise ConfigError("data.train: no dataset given; pass --data URL (an ImageFolder) or --preset tiny")
+        return self.data
+
+
+# Values the tiny preset sets beneath the user's YAML and flags: a laptop-sized end-to-end run.
+_PRESET_VALUES: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "model": {"pretrained": "preset:tiny"},
+        "encode": {"resolution": 32, "batch_size": 128, "rows_per_file": 512, "dtype": "fp32", "caption": False},
+        "finetune": {
+            "num_workers": 2,
+            "batch_size": 16,
+            "max_steps": 40,
+            "lr": 1e-3,
+            "mixed_precision": "no",
+            "checkpoint_every": 20,
+            "log_every": 5,
+        },
+        "generate": {"batch_size": 64, "steps": 10, "dtype": "fp32", "channels_last": False, "jpeg_quality": 90},
+        "train": {
+            "arch": "resnet_tiny",
+            "image_size": 32,
+            "epochs": 6,
+            "batch_size": 64,
+            "schedule": "cosine",
+            "warmup_epochs": 0.5,
+            "num_workers": 2,
+            "amp": False,
+        },
+        "evaluate": {"batch_size": 256, "max_samples": 500},
+    }
+}
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    """Recursively merge ``update`` into a copy of ``base`` (dicts merge, other values replace)."""
+    merged = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{key}' is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Parse ``section.key=value``; the value is read as YAML (numbers, booleans, lists, null)."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects section.key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set expects section.key=value, got {item!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def read_yaml_config(path: str) -> dict:
+    """Read a YAML config file (any fsspec URL) into a dict."""
+    from realfake_ray import storage
+
+    if not storage.exists(path):
+        raise ConfigError(f"--config: file not found: {path}")
+    try:
+        data = yaml.safe_load(storage.read_text(path)) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--config {path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _format_errors(exc: ValidationError, raw: dict) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {loc}: unknown key (typo?); allowed keys are listed in realfake_ray/config.py")
+            continue
+        given = err.get("input")
+        lines.append(f"  {loc}: {err['msg']} (got {given!r})")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def build_config(raw: dict) -> RunConfig:
+    """Validate a raw dict into a :class:`RunConfig`, raising :class:`ConfigError` with readable text."""
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, raw)) from None
+
+
+def load_config(
+    *,
+    preset: str | None = None,
+    config_file: str | None = None,
+    overrides: list[str] | None = None,
+    **flags: Any,
+) -> RunConfig:
+    """Resolve defaults < preset < YAML < flags (dotted keys, None = not given) < ``--set`` overrides."""
+    raw: dict = {}
+    file_values = read_yaml_config(config_file) if config_file else {}
+    preset = preset or file_values.get("preset")
+    if preset is not None:
+        if preset not in _PRESET_VALUES:
+            raise ConfigError(f"preset: unknown preset {preset!r}; allowed: {', '.join(PRESETS)}")
+        raw = deep_merge(_PRESET_VALUES[preset], {"preset": preset})
+    raw = deep_merge(raw, file_values)
+    for dotted, value in flags.items():
+        if value is not None:
+            _set_dotted(raw, dotted.replace("__", "."), value)
+    for item in overrides or []:
+        _set_dotted(raw, *parse_override(item))
+    return build_config(raw)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The resolved config as YAML (what each stage writes next to its output)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def config_from_path(path: str | Path) -> RunConfig:
+    """Load a fully resolved config previously written by :func:`dump_config`."""
+    return build_config(read_yaml_config(str(path)))

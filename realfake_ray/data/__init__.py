@@ -1,0 +1,1 @@
+"""Real datasets: the embedded digits set and the ImageFolder reader (no Ray imports)."""

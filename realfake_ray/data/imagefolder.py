@@ -1,0 +1,205 @@
+"""Read a labelled ImageFolder at any fsspec URL: ``root/<class_dir>/<...>/<file>``.
+
+``scan_image_folder`` lists the files (driver side, cheap) and checks the dataset before any work
+starts; ``decode_image`` turns the bytes of any common image (RGB, L, LA, P, RGBA, CMYK, 16-bit, any
+size) into an RGB uint8 array resized and centre-cropped to the model resolution.
+
+Example:
+    >>> index = scan_image_folder("embedded:digits/train", classes_file="embedded:digits/classes.json")
+    >>> index.class_names[0], len(index.records)
+    ('digit zero', 1437)
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from realfake_ray import storage
+
+DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm")
+
+
+class DatasetError(ValueError):
+    """The dataset cannot be used; the message names the location and the problem."""
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    image_id: str  # path relative to the root: stable across runs and machines
+    url: str
+    label: int
+    class_dir: str
+    class_name: str
+    caption: str = ""
+
+
+@dataclass
+class ImageFolderIndex:
+    root: str
+    class_dirs: list[str]
+    class_names: list[str]
+    records: list[ImageRecord]
+    ignored_files: list[str] = field(default_factory=list)  # not images, or not inside a class folder
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_dirs)
+
+
+def load_class_names(url: str) -> dict[str, str]:
+    """Folder → readable name, from JSON (``{"n01440764": "tench"}``) or lines ``folder<whitespace>name``."""
+    if not storage.exists(url):
+        raise DatasetError(f"classes file not found: {url}")
+    text = storage.read_text(url)
+    if text.lstrip().startswith("{"):
+        try:
+            mapping = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DatasetError(f"classes file {url}: invalid JSON ({exc})") from None
+        return {str(k): str(v) for k, v in mapping.items()}
+    mapping = {}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        parts = line.strip().split(None, 1)
+        if len(parts) != 2:
+            raise DatasetError(f"classes file {url}, line {lineno}: expected 'folder name', got {line!r}")
+        mapping[parts[0]] = parts[1].strip()
+    return mapping
+
+
+def load_captions(url: str) -> dict[str, str]:
+    """``image_id`` → caption from a JSONL file of ``{"image_id": ..., "caption": ...}`` records."""
+    if not storage.exists(url):
+        raise DatasetError(f"captions file not found: {url}")
+    captions = {}
+    for lineno, line in enumerate(storage.read_text(url).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            captions[str(item["image_id"])] = str(item["caption"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise DatasetError(
+                f"captions file {url}, line {lineno}: expected {{\"image_id\": ..., \"caption\": ...}}"
+            ) from None
+    return captions
+
+
+def scan_image_folder(
+    root: str,
+    *,
+    classes_file: str | None = None,
+    captions_file: str | None = None,
+    extensions: tuple[str, ...] = DEFAULT_EXTENSIONS,
+    class_dirs: list[str] | None = None,
+    check_readable: bool = True,
+) -> ImageFolderIndex:
+    """List an ImageFolder and check it: not empty, every class has a readable image.
+
+    ``class_dirs`` fixes the label order (e.g. a validation split must use the train split's classes);
+    by default labels follow the sorted class folder names.
+    """
+    if not storage.isdir(root):
+        raise DatasetError(f"dataset not found (not a directory): {root}")
+    exts = tuple(e.lower() for e in extensions)
+    found: dict[str, list[tuple[str, str]]] = {name: [] for name, is_dir in storage.listdir(root) if is_dir}
+    ignored = []
+    for url in storage.find(root):
+        rel = storage.relative(url, root)
+        top, sep, _ = rel.partition("/")
+        if not sep or not rel.lower().endswith(exts):
+            ignored.append(rel)
+            continue
+        found[top].append((rel, url))
+    if not any(found.values()):
+        raise DatasetError(f"dataset {root} is empty: no images with extensions {', '.join(exts)} in class folders")
+    empty = sorted(c for c, files in found.items() if not files)
+    if empty:
+        raise DatasetError(f"dataset {root}: class folder(s) with no image: {', '.join(map(repr, empty))}")
+    if class_dirs is None:
+        class_dirs = sorted(found)
+    else:
+        unknown = sorted(set(found) - set(class_dirs))
+        if unknown:
+            raise DatasetError(
+                f"dataset {root}: class folder(s) {', '.join(map(repr, unknown[:10]))} are not among the "
+                f"{len(class_dirs)} training classes"
+            )
+    names = load_class_names(classes_file) if classes_file else {}
+    captions = load_captions(captions_file) if captions_file else {}
+    class_names = [names.get(c, c.replace("_", " ")) for c in class_dirs]
+    records = [
+        ImageRecord(rel, url, label, c, class_names[label], captions.get(rel, ""))
+        for label, c in enumerate(class_dirs)
+        for rel, url in sorted(found.get(c, []))
+    ]
+    index = ImageFolderIndex(root, list(class_dirs), class_names, records, ignored)
+    if check_readable:
+        _check_each_class_readable(index)
+    return index
+
+
+def _first_readable(urls: list[str]) -> bool:
+    for url in urls:
+        try:
+            decode_image(storage.read_bytes(url), 8)
+            return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
+def _check_each_class_readable(index: ImageFolderIndex) -> None:
+    by_class: dict[str, list[str]] = {}
+    for rec in index.records:
+        by_class.setdefault(rec.class_dir, []).append(rec.url)
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        ok = dict(zip(by_class, pool.map(_first_readable, by_class.values())))
+    bad = sorted(c for c, readable in ok.items() if not readable)
+    if bad:
+        raise DatasetError(f"dataset {index.root}: no readable image in class folder(s) {', '.join(map(repr, bad))}")
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        pixels = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
+        image = Image.fromarray((pixels * (255.0 / peak)).clip(0, 255).astype(np.uint8), mode="L")
+    elif image.mode == "F":
+        image = Image.fromarray((np.asarray(image).clip(0, 1) * 255).astype(np.uint8), mode="L")
+    if image.mode in ("LA", "PA", "RGBA", "La", "RGBa") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def decode_image(data: bytes, resolution: int) -> tuple[np.ndarray, int, int]:
+    """Decode image bytes to RGB uint8 ``[resolution, resolution, 3]``; also the source width and height.
+
+    Raises ``ValueError``/``OSError`` for undecodable data (callers count and skip those).
+    """
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        width, height = image.size
+        image = _to_rgb(ImageOps.exif_transpose(image) or image)
+    scale = resolution / min(width, height)
+    size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
+    image = image.resize(size, Image.BICUBIC, reducing_gap=3.0)
+    left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    return np.asarray(image, dtype=np.uint8), width, height
+
+
+def stem(image_id: str) -> str:
+    """A safe file stem from an image id (``n01/x/img_1.JPEG`` → ``x_img_1``-like, traversal-free)."""
+    without_class = image_id.split("/", 1)[-1]
+    return storage.safe_name(posixpath.splitext(without_class)[0].replace("/", "__"))

@@ -1,0 +1,265 @@
+"""Encode stage: real ImageFolder → latent bank (VAE posterior, CLIP image embedding, caption).
+
+Ray Data pipeline: rows planned on the driver → CPU decode/resize tasks → [captioner actor pool] →
+encoder actor pool (VAE + CLIP vision loaded once per actor) → Parquet part files under
+``<out>/latents/<split>/``. Reruns encode only images not yet in the bank.
+
+Example:
+    >>> from realfake_ray.config import load_config
+    >>> from realfake_ray.encode import run_encode
+    >>> summary = run_encode(load_config(preset="tiny", out="runs/tiny"))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+
+import numpy as np
+import pyarrow as pa
+
+from realfake_ray import storage
+from realfake_ray.config import RunConfig
+from realfake_ray.data.imagefolder import ImageFolderIndex, decode_image, scan_image_folder
+from realfake_ray.models import loading
+
+SPLITS = ("train", "val")
+BANK_COLUMNS = (
+    "image_id", "label", "class_dir", "class_name", "caption", "latent_mean", "latent_std", "clip_embed",
+    "width", "height",
+)
+
+
+def bank_dir(out: str, split: str | None = None) -> str:
+    """``<out>/latents`` or one split's table below it."""
+    return storage.join(out, "latents", split) if split else storage.join(out, "latents")
+
+
+def skipped_dir(out: str, split: str) -> str:
+    return storage.join(out, "latents", "_skipped", split)
+
+
+def meta_url(out: str) -> str:
+    return storage.join(bank_dir(out), "_meta.json")
+
+
+def read_meta(out: str) -> dict | None:
+    url = meta_url(out)
+    return storage.read_json(url) if storage.exists(url) else None
+
+
+# --------------------------------------------------------------------------------------- planning
+
+
+def scan_splits(cfg: RunConfig) -> dict[str, ImageFolderIndex]:
+    """Scan the train (and val) ImageFolders, with the train split's classes defining the labels."""
+    d = cfg.data
+    common = dict(classes_file=d.classes_file, captions_file=d.captions_file, extensions=d.extensions)
+    splits = {"train": scan_image_folder(d.train, **common)}
+    if d.val:
+        splits["val"] = scan_image_folder(d.val, class_dirs=splits["train"].class_dirs, **common)
+    return splits
+
+
+def model_identity(cfg: RunConfig) -> dict:
+    """Resolve and check the models on the driver; the part of the result that identifies the VAE."""
+    model_dir = loading.resolve_model_dir(cfg.model.pretrained, cfg.model.revision, cfg.model.hub_timeout_s)
+    clip_dir = loading.clip_vision_dir(model_dir, cfg.model.clip_vision, cfg.model.hub_timeout_s)
+    info = loading.check_models(model_dir, clip_dir)
+    return {
+        "pretrained": cfg.model.pretrained,
+        "clip_vision": cfg.model.clip_vision if not clip_dir.startswith(model_dir) else "image_encoder",
+        "vae_sha256": info["vae_sha256"],
+        "scaling_factor": info["scaling_factor"],
+        "latent_channels": info["latent_channels"],
+        "vae_downsample": info["vae_downsample"],
+    }
+
+
+def _check_bank_compatible(meta: dict | None, identity: dict, resolution: int, out: str) -> None:
+    if not meta:
+        return
+    if meta["model"]["vae_sha256"] != identity["vae_sha256"] or meta["resolution"] != resolution:
+        raise ValueError(
+            f"the latent bank at {bank_dir(out)} was encoded with another VAE or resolution "
+            f"({meta['model']['pretrained']} @ {meta['resolution']} px); use a new --out or delete it"
+        )
+
+
+def _pending_rows(index: ImageFolderIndex, split: str, out: str) -> list[dict]:
+    done = {k[0] for k in _keys(bank_dir(out, split))} | {k[0] for k in _keys(skipped_dir(out, split))}
+    return [dict(asdict(r), split=split) for r in index.records if r.image_id not in done]
+
+
+def _keys(directory: str) -> set[tuple]:
+    from realfake_ray._internal.shards import existing_keys
+
+    return existing_keys(directory, ["image_id"])
+
+
+# --------------------------------------------------------------------------------------- workers
+
+
+def decode_batch(batch: dict[str, np.ndarray], resolution: int) -> dict[str, np.ndarray]:
+    """CPU stage: read + decode + resize; undecodable files get an ``error`` and a blank image."""
+    n = len(batch["url"])
+    pixels = np.zeros((n, resolution, resolution, 3), dtype=np.uint8)
+    width, height = np.zeros(n, dtype=np.int32), np.zeros(n, dtype=np.int32)
+    errors = np.full(n, "", dtype=object)
+    for i, url in enumerate(batch["url"]):
+        try:
+            pixels[i], width[i], height[i] = decode_image(storage.read_bytes(url), resolution)
+        except Exception as exc:  # a bad file is counted and listed, never fatal
+            errors[i] = f"{type(exc).__name__}: {exc}"[:300]
+    return {**batch, "pixels": pixels, "width": width, "height": height, "error": errors}
+
+
+class LatentEncoder:
+    """Actor: loads the VAE and the CLIP vision model once, encodes batches of decoded images."""
+
+    def __init__(self, cfg: RunConfig):
+        import torch
+
+        model_dir = loading.resolve_model_dir(cfg.model.pretrained, cfg.model.revision, cfg.model.hub_timeout_s)
+        clip_dir = loading.clip_vision_dir(model_dir, cfg.model.clip_vision, cfg.model.hub_timeout_s)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # Half precision only on GPU: CPU kernels for fp16 convolutions are slow or missing.
+        wanted = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.encode.dtype]
+        self.dtype = wanted if self.device.type == "cuda" else torch.float32
+        self.vae = loading.load_vae(model_dir, torch_dtype=self.dtype).to(self.device).eval()
+        self.clip, self.processor = loading.load_clip_vision(clip_dir, torch_dtype=self.dtype)
+        self.clip.to(self.device)
+        self.scaling = float(self.vae.config.scaling_factor)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        pixels = batch.pop("pixels")
+        with torch.inference_mode():
+            x = torch.from_numpy(pixels).to(self.device).permute(0, 3, 1, 2).to(self.dtype) / 127.5 - 1.0
+            posterior = self.vae.encode(x).latent_dist
+            mean = (posterior.mean * self.scaling).float().cpu().numpy().astype(np.float16)
+            std = (posterior.std * self.scaling).float().cpu().numpy().astype(np.float16)
+            clip_in = self.processor(images=list(pixels), return_tensors="pt")["pixel_values"]
+            embeds = self.clip(pixel_values=clip_in.to(self.device, self.dtype)).image_embeds
+            embeds = embeds.float().cpu().numpy().astype(np.float16)
+        return {**batch, "latent_mean": mean, "latent_std": std, "clip_embed": embeds}
+
+
+class Captioner:
+    """Actor: an image-to-text model (default BLIP-2) fills empty captions."""
+
+    def __init__(self, cfg: RunConfig):
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        model_dir = loading.resolve_model_dir(cfg.encode.captioner, None, cfg.model.hub_timeout_s)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.processor = AutoProcessor.from_pretrained(model_dir)
+        self.model = AutoModelForImageTextToText.from_pretrained(model_dir, torch_dtype=dtype).to(self.device).eval()
+        self.dtype, self.max_tokens = dtype, cfg.encode.caption_max_tokens
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        todo = [i for i, c in enumerate(batch["caption"]) if not c and not batch["error"][i]]
+        if todo:
+            inputs = self.processor(images=[batch["pixels"][i] for i in todo], return_tensors="pt")
+            inputs = {k: v.to(self.device, self.dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
+            with torch.inference_mode():
+                ids = self.model.generate(**inputs, max_new_tokens=self.max_tokens)
+            captions = batch["caption"].copy()
+            for i, text in zip(todo, self.processor.batch_decode(ids, skip_special_tokens=True)):
+                captions[i] = text.strip()
+            batch = {**batch, "caption": captions}
+        return batch
+
+
+def write_bank_batch(batch: pa.Table, out: str) -> dict[str, np.ndarray]:
+    """Writer task: one part file per split present in the batch (bank rows and skipped rows)."""
+    import pyarrow.compute as pc
+
+    from realfake_ray._internal.shards import write_part
+
+    written = []
+    for split in SPLITS:
+        rows = batch.filter(pc.equal(batch["split"], split))
+        if rows.num_rows == 0:
+            continue
+        ok = pc.equal(rows["error"], "")
+        good, bad = rows.filter(ok), rows.filter(pc.invert(ok))
+        if good.num_rows:
+            write_part(bank_dir(out, split), good.select(list(BANK_COLUMNS)))
+        if bad.num_rows:
+            write_part(skipped_dir(out, split), bad.select(["image_id", "url", "error"]))
+        written.append((split, good.num_rows, bad.num_rows))
+    return {
+        "split": np.array([w[0] for w in written], dtype=object),
+        "encoded": np.array([w[1] for w in written]),
+        "skipped": np.array([w[2] for w in written]),
+    }
+
+
+# --------------------------------------------------------------------------------------- driver
+
+
+def build_pipeline(rows: list[dict], cfg: RunConfig):
+    """The Ray Data plan for ``rows`` (not executed)."""
+    import ray.data
+
+    from realfake_ray._internal.cluster import actor_pool_kwargs
+
+    enc = cfg.encode
+    blocks = max(1, min(len(rows) // max(enc.batch_size, 1), 200))
+    ds = ray.data.from_items(rows, override_num_blocks=blocks)
+    ds = ds.map_batches(
+        decode_batch, batch_size=enc.batch_size, fn_kwargs={"resolution": enc.resolution}, num_cpus=enc.decode_cpus
+    )
+    if enc.caption and not cfg.data.captions_file:
+        ds = ds.map_batches(
+            Captioner, batch_size=enc.caption_batch_size, fn_constructor_args=(cfg,), **actor_pool_kwargs(enc.actors)
+        )
+    ds = ds.map_batches(LatentEncoder, batch_size=enc.batch_size, fn_constructor_args=(cfg,), **actor_pool_kwargs(enc.actors))
+    return ds.map_batches(
+        write_bank_batch, batch_format="pyarrow", batch_size=enc.rows_per_file, fn_kwargs={"out": cfg.out}
+    )
+
+
+def _split_summary(out: str, split: str) -> dict:
+    from realfake_ray._internal.shards import read_parts
+
+    skipped = read_parts(skipped_dir(out, split), ["image_id", "error"])
+    skipped_rows = skipped.to_pylist() if skipped is not None else []
+    return {"rows": len(_keys(bank_dir(out, split))), "skipped": len(skipped_rows), "skipped_files": skipped_rows}
+
+
+def run_encode(cfg: RunConfig) -> dict:
+    """Encode every real image not yet in the bank; write ``_meta.json``; return the summary."""
+    from realfake_ray._internal.cluster import init_ray
+
+    started = time.time()
+    splits = scan_splits(cfg)
+    identity = model_identity(cfg)
+    _check_bank_compatible(read_meta(cfg.out), identity, cfg.encode.resolution, cfg.out)
+    rows = [row for name, index in splits.items() for row in _pending_rows(index, name, cfg.out)]
+    if rows:
+        init_ray(cfg.ray)
+        build_pipeline(rows, cfg).materialize()
+    elapsed = time.time() - started
+    train = splits["train"]
+    meta = {
+        "model": identity,
+        "resolution": cfg.encode.resolution,
+        "scaling_factor": identity["scaling_factor"],
+        "latent_shape": [identity["latent_channels"], *(2 * [cfg.encode.resolution // identity["vae_downsample"]])],
+        "class_dirs": train.class_dirs,
+        "class_names": train.class_names,
+        "splits": {name: _split_summary(cfg.out, name) for name in splits},
+        "ignored_files": {name: index.ignored_files[:1000] for name, index in splits.items()},
+        "last_run": {"encoded_now": len(rows), "seconds": round(elapsed, 2),
+                     "images_per_s": round(len(rows) / elapsed, 2) if rows else None},
+        "complete": True,
+    }
+    storage.write_json(meta_url(cfg.out), meta)
+    return meta

@@ -1,0 +1,198 @@
+"""Report figures and tables for every stage: pure matplotlib (Agg canvas), no Ray, no pydantic.
+
+Figures are drawn on a private ``Figure`` + ``FigureCanvasAgg`` (no pyplot global state, safe in
+Ray workers and threads, no display needed). PNGs are written atomically to a *local* path: a
+temporary file in the same directory, then ``os.replace``. Callers upload with ``storage``.
+
+Example:
+    >>> import numpy as np, tempfile, os
+    >>> from realfake_ray import plots
+    >>> d = tempfile.mkdtemp()
+    >>> rows = [{"step": 1, "loss": 0.9}, {"step": 2, "loss": 0.5, "mmd": 0.1}]
+    >>> os.path.basename(plots.plot_curves(rows, "step", ["loss", "mmd"], os.path.join(d, "loss.png")))
+    'loss.png'
+    >>> img = np.zeros((32, 32, 3), np.uint8)
+    >>> os.path.basename(plots.image_grid([[img, img]], os.path.join(d, "grid.png"), ["cls0"], ["real", "synthetic"]))
+    'grid.png'
+    >>> print(plots.markdown_table([{"mult": 1, "top1": 0.71234}]))
+    | mult | top1 |
+    | ---: | ---: |
+    | 1 | 0.7123 |
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+_TMP_PREFIX = ".tmp-"  # same marker as storage.atomic_open, so listings skip half-written files
+_DPI = 100
+_CELL_INCHES = 1.6
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=_DPI)
+    FigureCanvasAgg(fig)  # attaches itself as fig.canvas
+    return fig
+
+
+def _save_png(fig: Figure, path: str) -> str:
+    """Render ``fig`` to ``path`` atomically (temp file beside it, then ``os.replace``)."""
+    path = os.fspath(path)
+    if "://" in path:
+        raise ValueError(f"plots write local paths only, got {path!r}; upload the file with realfake_ray.storage")
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".png", dir=parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fig.canvas.print_png(fh)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def plot_curves(
+    rows: list[dict], x: str, ys: list[str], path: str, title: str = "", logy: bool = False
+) -> str:
+    """Plot metric records as one line per key in ``ys`` against key ``x``; write a PNG; return ``path``.
+
+    Rows missing ``x`` or a ``y`` key (or holding a non-numeric value there) are skipped for that
+    curve; points are sorted by ``x``. With no plottable points the PNG says so instead of failing,
+    so a report can always be rendered. ``logy`` uses a log y axis (non-positive values are masked).
+
+    Example:
+        >>> rows = [{"epoch": e, "train_loss": 1 / (e + 1), "val_top1": 0.1 * e} for e in range(5)]
+        >>> plot_curves(rows, "epoch", ["train_loss"], "/tmp/loss.png", title="ResNet-50", logy=True)
+        '/tmp/loss.png'
+    """
+    if isinstance(ys, str):
+        raise TypeError(f"ys must be a list of keys, got the string {ys!r}")
+    fig = _new_figure(6.4, 4.0)
+    ax = fig.add_subplot()
+    plotted = 0
+    for key in ys:
+        points = sorted(
+            (row[x], row[key]) for row in rows if _is_number(row.get(x)) and _is_number(row.get(key))
+        )
+        if not points:
+            continue
+        xs, vals = zip(*points)
+        ax.plot(xs, vals, marker="." if len(points) < 50 else None, label=key)
+        plotted += 1
+    if plotted:
+        ax.legend(loc="best")
+        if logy:
+            ax.set_yscale("log")
+    else:
+        ax.text(0.5, 0.5, f"no data for {', '.join(ys) or '(no keys)'}", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel(x)
+    ax.grid(True, alpha=0.3)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return _save_png(fig, path)
+
+
+def _check_image(img: Any, r: int, c: int) -> np.ndarray:
+    if not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+        desc = f"{type(img).__name__}" if not isinstance(img, np.ndarray) else f"{img.dtype} array of shape {img.shape}"
+        raise ValueError(f"image_grid: images[{r}][{c}] must be a uint8 HxWx3 array, got {desc}")
+    return img
+
+
+def image_grid(
+    images: list[list[np.ndarray]],
+    path: str,
+    row_labels: list[str] | None = None,
+    col_labels: Sequence[str] | None = None,
+) -> str:
+    """Write a grid of uint8 HxWx3 images (``images[row][col]``) to a PNG; return ``path``.
+
+    Rows may have different lengths (missing cells stay blank). Labels, when given, must match the
+    number of rows / the widest row.
+
+    Example:
+        >>> real, fake = np.zeros((64, 64, 3), np.uint8), np.full((64, 64, 3), 255, np.uint8)
+        >>> image_grid([[real, fake], [real, fake]], "/tmp/grid.png", ["tench", "goldfish"], ["real", "synthetic"])
+        '/tmp/grid.png'
+    """
+    if not images or not any(len(row) for row in images):
+        raise ValueError("image_grid: images is empty")
+    n_rows, n_cols = len(images), max(len(row) for row in images)
+    cells = [[_check_image(img, r, c) for c, img in enumerate(row)] for r, row in enumerate(images)]
+    if row_labels is not None and len(row_labels) != n_rows:
+        raise ValueError(f"image_grid: {len(row_labels)} row_labels for {n_rows} rows")
+    if col_labels is not None and len(col_labels) != n_cols:
+        raise ValueError(f"image_grid: {len(col_labels)} col_labels for {n_cols} columns")
+    fig = _new_figure(n_cols * _CELL_INCHES + (0.6 if row_labels else 0), n_rows * _CELL_INCHES)
+    axes = fig.subplots(n_rows, n_cols, squeeze=False)
+    for r in range(n_rows):
+        for c in range(n_cols):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c < len(cells[r]):
+                ax.imshow(cells[r][c], interpolation="nearest")
+            else:
+                ax.set_axis_off()
+            if row_labels is not None and c == 0:
+                ax.set_ylabel(str(row_labels[r]), fontsize=9)
+            if col_labels is not None and r == 0:
+                ax.set_title(str(col_labels[c]), fontsize=9)
+    fig.tight_layout(pad=0.3)
+    return _save_png(fig, path)
+
+
+def _cell(value: Any, floatfmt: str) -> str:
+    if value is None:
+        return ""
+    if _is_number(value) and not isinstance(value, numbers.Integral):
+        return format(float(value), floatfmt)
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(rows: list[dict], columns: list[str] | None = None, floatfmt: str = ".4g") -> str:
+    """Render records as a GitHub-flavoured Markdown table (no trailing newline).
+
+    ``columns`` defaults to every key in order of first appearance. Floats use ``floatfmt``;
+    missing keys and ``None`` give empty cells; ``|`` is escaped. Columns whose present values are
+    all numbers are right-aligned. No columns gives an empty string.
+
+    Example:
+        >>> print(markdown_table([{"stage": "gen", "imgs_per_s": 412.5}, {"stage": "train"}]))
+        | stage | imgs_per_s |
+        | --- | ---: |
+        | gen | 412.5 |
+        | train |  |
+    """
+    if columns is None:
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+    if not columns:
+        return ""
+    numeric = {
+        col: any(col in row and row[col] is not None for row in rows)
+        and all(_is_number(row[col]) for row in rows if row.get(col) is not None)
+        for col in columns
+    }
+    lines = [
+        "| " + " | ".join(_cell(col, floatfmt) for col in columns) + " |",
+        "| " + " | ".join("---:" if numeric[col] else "---" for col in columns) + " |",
+    ]
+    lines += ["| " + " | ".join(_cell(row.get(col), floatfmt) for col in columns) + " |" for row in rows]
+    return "\n".join(lines)
