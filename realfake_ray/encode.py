@@ -53,7 +53,7 @@ def read_meta(out: str) -> dict | None:
 
 def scan_splits(cfg: RunConfig) -> dict[str, ImageFolderIndex]:
     """Scan the train (and val) ImageFolders, with the train split's classes defining the labels."""
-    d = cfg.data
+    d = cfg.require_data()
     common = dict(classes_file=d.classes_file, captions_file=d.captions_file, extensions=d.extensions)
     splits = {"train": scan_image_folder(d.train, **common)}
     if d.val:

@@ -26,6 +26,7 @@ import itertools
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,7 +78,10 @@ def make_scheduler(name: str, base_config: dict):
     import diffusers
 
     class_name, overrides = _SCHEDULER_CLASSES[name]
-    return getattr(diffusers, class_name).from_config(dict(base_config), **overrides)
+    config = dict(base_config)
+    if name == "ddim":  # DDIM's class defaults (clip x0 to [-1, 1], alpha_T = 1) are wrong for SD latents
+        overrides = {"clip_sample": config.get("clip_sample", False), "set_alpha_to_one": config.get("set_alpha_to_one", False)}
+    return getattr(diffusers, class_name).from_config(config, **overrides)
 
 
 @dataclass
@@ -261,6 +265,15 @@ def _set_sdpa(module: torch.nn.Module) -> None:
         module.set_attn_processor(AttnProcessor2_0())
 
 
+def _to_device_dtype(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """Move ``module`` to ``device``; cast only when its dtype differs (avoids diffusers' cast warning)."""
+    module.to(device)
+    param = next(module.parameters(), None)
+    if param is not None and param.dtype != dtype:
+        module.to(dtype)
+    return module
+
+
 def _per_image_randn(generators: list[torch.Generator], shape: tuple[int, ...]) -> Tensor:
     """One standard-normal draw of ``shape`` per generator, stacked (CPU, float32)."""
     return torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
@@ -288,7 +301,7 @@ class Sampler:
         self.vae, self.text_encoder, self.tokenizer = pipe.vae, pipe.text_encoder, pipe.tokenizer
         memory_format = torch.channels_last if self.settings.channels_last else torch.contiguous_format
         for module in (pipe.vae, pipe.unet, pipe.text_encoder):
-            module.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+            _to_device_dtype(module, self.device, self.dtype).eval().requires_grad_(False)
         for module in (pipe.vae, pipe.unet):
             module.to(memory_format=memory_format)
             _set_sdpa(module)
@@ -586,9 +599,10 @@ def _bench_reference_row(pipe, spec, device, iters, warmup, seed, flops_cache) -
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.text_encoder.to(device=device, dtype=dtype)
+    for module in (pipe.vae, pipe.unet, pipe.text_encoder):
+        _to_device_dtype(module, device, dtype)
     for module in (pipe.vae, pipe.unet):
-        module.to(device=device, dtype=dtype, memory_format=torch.contiguous_format)
+        module.to(memory_format=torch.contiguous_format)
         _set_sdpa(module)
     if settings.dtype not in flops_cache:
         flops_cache[settings.dtype] = _model_flops(pipe, device, dtype)
@@ -623,13 +637,34 @@ def _bench_reference_row(pipe, spec, device, iters, warmup, seed, flops_cache) -
     return _result_row(spec, settings, batch_size, seconds, flops, peak_mem, device)
 
 
-def run_grid(pipe, grid: list[dict], device: str | torch.device = "cuda", iters: int = 3, warmup: int = 1, seed: int = 0):
+def _bench_row(pipe, spec, device, iters, warmup, seed, flops_cache) -> dict:
+    """One grid row; a CUDA out-of-memory becomes a row with a note instead of an exception."""
+    if spec.get("compile"):
+        torch._dynamo.reset()  # fresh compile cache per row: avoids silent eager fallback at the recompile limit
+    bench = _bench_reference_row if spec.get("reference") else _bench_sampler_row
+    try:
+        return bench(pipe, spec, device, iters, warmup, seed, flops_cache)
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return {k: spec.get(k, "") for k in _ROW_KEYS} | {"note": "CUDA out of memory"}
+
+
+def run_grid(
+    pipe,
+    grid: list[dict],
+    device: str | torch.device = "cuda",
+    iters: int = 3,
+    warmup: int = 1,
+    seed: int = 0,
+    on_row: Callable[[dict], None] | None = None,
+) -> list[dict]:
     """Time sampling for every grid row (see :func:`make_grid`); returns one result dict per row.
 
     Each row is SamplerSettings fields + ``batch_size`` (+ ``name``; ``reference: True`` times the stock
     diffusers img2img pipeline with CPU offload instead). Rows report images/s, s/batch, TFLOP/img
     (FLOPs counted on this architecture), MFU (known GPUs) and peak CUDA memory. The pipeline's modules
     are cast/moved in place; FLOPs per image follow :func:`realfake_ray.flops.img2img_flops`.
+    ``on_row`` is called with each row as soon as it is measured (progress output, partial CSV).
 
     Example:
         >>> from realfake_ray.models.tiny import build_tiny_pipeline
@@ -644,8 +679,9 @@ def run_grid(pipe, grid: list[dict], device: str | torch.device = "cuda", iters:
     flops_cache: dict[str, dict[str, float]] = {}
     rows = []
     for spec in grid:
-        bench = _bench_reference_row if spec.get("reference") else _bench_sampler_row
-        rows.append(bench(pipe, spec, device, iters, warmup, seed, flops_cache))
+        rows.append(_bench_row(pipe, spec, device, iters, warmup, seed, flops_cache))
+        if on_row is not None:
+            on_row(rows[-1])
     return rows
 
 

@@ -127,11 +127,8 @@ def listdir(url: str) -> list[tuple[str, bool]]:
 
 
 def _unstrip(url: str, fs: fsspec.AbstractFileSystem, path: str) -> str:
-    if url.startswith(EMBEDDED_SCHEME):
-        return url.rstrip("/") + "/" + posixpath.relpath(path, filesystem(url)[1])
-    if "://" not in url:
-        return path
-    return fs.unstrip_protocol(path)
+    """Express a filesystem path found below ``url`` in the caller's own spelling of ``url``."""
+    return url.rstrip("/") + "/" + posixpath.relpath(path, filesystem(url)[1])
 
 
 def open_file(url: str, mode: str = "rb") -> IO:
@@ -220,6 +217,6 @@ def safe_name(name: str, max_len: int = 120) -> str:
     cleaned = _UNSAFE.sub("_", ascii_name).strip("._-")
     cleaned = re.sub(r"_+", "_", cleaned)
     cleaned = re.sub(r"\.{2,}", ".", cleaned)[:max_len]
-    if cleaned != name:  # keep distinct inputs distinct ("a b" vs "a_b")
+    if not cleaned or cleaned != name:  # keep distinct inputs distinct ("a b" vs "a_b")
         cleaned = f"{cleaned}-{hashlib.sha1(name.encode('utf-8')).hexdigest()[:8]}".lstrip("-")
     return cleaned

@@ -200,6 +200,6 @@ def decode_image(data: bytes, resolution: int) -> tuple[np.ndarray, int, int]:
 
 
 def stem(image_id: str) -> str:
-    """A safe file stem from an image id (``n01/x/img_1.JPEG`` → ``x_img_1``-like, traversal-free)."""
+    """A safe file stem from an image id: ``n01/img_1.JPEG`` → ``img_1``; nested or odd names get a hash."""
     without_class = image_id.split("/", 1)[-1]
-    return storage.safe_name(posixpath.splitext(without_class)[0].replace("/", "__"))
+    return storage.safe_name(posixpath.splitext(without_class)[0])

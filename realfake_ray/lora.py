@@ -1,0 +1,166 @@
+"""LoRA adapters on the UNet's attention projections (pure torch/peft/diffusers; no Ray).
+
+The adapter is a stock peft ``LoraConfig`` attached with ``unet.add_adapter``; the saved file is the
+standard diffusers LoRA format (``pytorch_lora_weights.safetensors`` with ``unet.``-prefixed
+``lora.down``/``lora.up`` keys and the adapter config as metadata), so a stock
+``StableDiffusionPipeline.load_lora_weights(directory)`` loads it.
+
+Example:
+    >>> from realfake_ray.models.tiny import build_tiny_pipeline
+    >>> unet = build_tiny_pipeline().unet
+    >>> params = add_lora(unet, rank=4)
+    >>> all(p.requires_grad for p in params), len(params) > 0
+    (True, True)
+    >>> save_lora(unet, "/tmp/tiny-lora")  # doctest: +SKIP
+    '/tmp/tiny-lora/pytorch_lora_weights.safetensors'
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Sequence
+
+import torch
+
+__all__ = [
+    "DEFAULT_TARGETS",
+    "LORA_WEIGHT_NAME",
+    "add_lora",
+    "load_lora",
+    "lora_parameters",
+    "lora_sha256",
+    "lora_state_dict",
+    "save_lora",
+]
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+DEFAULT_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+ADAPTER_NAME = "default"
+
+
+def add_lora(
+    unet: torch.nn.Module,
+    rank: int = 4,
+    alpha: float | None = None,
+    targets: Sequence[str] = DEFAULT_TARGETS,
+) -> list[torch.nn.Parameter]:
+    """Freeze ``unet`` and attach a LoRA adapter to the modules named ``targets``; return its parameters.
+
+    ``alpha`` None means alpha = rank (scale 1). ``lora_A`` is Gaussian-initialised from the current
+    torch RNG (seed it first for reproducibility), ``lora_B`` is zero, so the adapter starts as a no-op.
+    Only the returned LoRA parameters have ``requires_grad``; they are float32 whatever the base dtype.
+
+    Example:
+        >>> from realfake_ray.models.tiny import build_tiny_pipeline
+        >>> unet = build_tiny_pipeline().unet
+        >>> _ = add_lora(unet, rank=2, alpha=4.0, targets=["to_q", "to_v"])
+        >>> sum(p.requires_grad for p in unet.parameters()) == len(lora_parameters(unet))
+        True
+    """
+    from peft import LoraConfig
+
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    if not targets:
+        raise ValueError("LoRA targets: give at least one module name (e.g. to_q)")
+    names = {name for name, _ in unet.named_modules()}
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        raise ValueError(f"LoRA targets {missing} match no module of the UNet (expected names like {list(DEFAULT_TARGETS)})")
+    unet.requires_grad_(False)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=float(alpha if alpha is not None else rank),
+        init_lora_weights="gaussian",
+        target_modules=list(targets),
+    )
+    unet.add_adapter(config)
+    params = lora_parameters(unet)
+    for p in params:
+        p.data = p.data.float()
+    return params
+
+
+def lora_parameters(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The trainable LoRA parameters of ``unet``, in ``named_parameters`` order (stable across processes)."""
+    return [p for name, p in unet.named_parameters() if "lora_" in name and p.requires_grad]
+
+
+def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's weights in the diffusers format (``...to_q.lora.down.weight``), detached, on CPU."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME))
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+
+def save_lora(unet: torch.nn.Module, directory: str) -> str:
+    """Write ``<directory>/pytorch_lora_weights.safetensors`` (local path) atomically; return its path.
+
+    The file is filled in a temporary directory beside ``directory`` and renamed into place, so a
+    reader never sees a partial file. The adapter config (rank, alpha, targets) is stored as metadata.
+
+    Example:
+        >>> save_lora(unet, "/tmp/run/lora")  # doctest: +SKIP
+        '/tmp/run/lora/pytorch_lora_weights.safetensors'
+    """
+    from diffusers import StableDiffusionPipeline
+
+    if "://" in directory:
+        raise ValueError(f"save_lora writes local paths only, got {directory!r}; upload with realfake_ray.storage")
+    directory = os.path.abspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    target = os.path.join(directory, LORA_WEIGHT_NAME)
+    tmp_dir = tempfile.mkdtemp(prefix=f".tmp-{uuid.uuid4().hex[:8]}-", dir=directory)
+    try:
+        metadata = unet.peft_config[ADAPTER_NAME].to_dict()
+        StableDiffusionPipeline.save_lora_weights(
+            save_directory=tmp_dir,
+            unet_lora_layers=lora_state_dict(unet),
+            safe_serialization=True,
+            unet_lora_adapter_metadata=metadata,
+        )
+        os.replace(os.path.join(tmp_dir, LORA_WEIGHT_NAME), target)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return target
+
+
+def load_lora(unet: torch.nn.Module, directory: str) -> None:
+    """Load weights written by :func:`save_lora` into ``unet``'s existing adapter (same rank/targets).
+
+    Used to resume training; reads safetensors only. Raises ValueError on missing or unexpected keys.
+
+    Example:
+        >>> load_lora(unet, "/tmp/run/lora")  # doctest: +SKIP
+    """
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    raw = load_file(os.path.join(directory, LORA_WEIGHT_NAME))
+    state = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in raw.items()})
+    result = set_peft_model_state_dict(unet, state, adapter_name=ADAPTER_NAME)
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    missing = [k for k in (getattr(result, "missing_keys", []) or []) if "lora_" in k]
+    if unexpected or missing:
+        raise ValueError(
+            f"{directory}: LoRA weights do not fit the adapter (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+            "rank or targets differ from the config"
+        )
+
+
+def lora_sha256(directory: str) -> str:
+    """sha256 of ``<directory>/pytorch_lora_weights.safetensors`` (a local path).
+
+    Example:
+        >>> lora_sha256("/tmp/run/lora")  # doctest: +SKIP
+        'e3b0c442...'
+    """
+    with open(os.path.join(directory, LORA_WEIGHT_NAME), "rb") as f:  # a few MB even for SD v1.5
+        return hashlib.sha256(f.read()).hexdigest()

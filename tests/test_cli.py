@@ -1,0 +1,42 @@
+import subprocess
+import sys
+
+import pytest
+
+from realfake_ray.cli import main
+
+
+def test_print_config_resolves_preset_and_overrides(capsys):
+    assert main(["encode", "--preset", "tiny", "--out", "/tmp/x", "--set", "encode.batch_size=3", "--print-config"]) == 0
+    text = capsys.readouterr().out
+    assert "batch_size: 3" in text and "pretrained: preset:tiny" in text and "out: /tmp/x" in text
+
+
+def test_config_error_is_one_clear_line_and_exit_2(capsys):
+    assert main(["encode", "--preset", "tiny", "--set", "encode.resolution=abc"]) == 2
+    err = capsys.readouterr().err
+    assert "encode.resolution" in err and "'abc'" in err and "Traceback" not in err
+
+
+def test_missing_data_is_reported_before_work(capsys, tmp_path):
+    assert main(["encode", "--out", str(tmp_path)]) == 2
+    assert "data.train" in capsys.readouterr().err
+
+
+def test_preset_command_writes_a_stock_loadable_pipeline(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    assert main(["preset", "tiny", "--out", str(tmp_path / "tiny")]) == 0
+    pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "tiny"))
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+
+
+def test_module_entry_point_is_the_same_cli():
+    result = subprocess.run([sys.executable, "-m", "realfake_ray", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "encode" in result.stdout
+
+
+@pytest.mark.parametrize("job", ["encode"])
+def test_job_scripts_forward_to_the_cli(job):
+    result = subprocess.run([sys.executable, f"jobs/{job}.py", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "--preset" in result.stdout

@@ -1,0 +1,80 @@
+import pytest
+
+from realfake_ray.config import ConfigError, RunConfig, dump_config, load_config, parse_override, read_yaml_config
+
+
+def test_defaults_are_the_paper_recipe():
+    cfg = RunConfig()
+    assert cfg.finetune.lora_rank == 4 and cfg.finetune.mmd_weight == 0.003 and cfg.finetune.snr_gamma == 5.0
+    assert (cfg.generate.strength, cfg.generate.steps, cfg.generate.guidance_scale) == (0.75, 30, 2.0)
+    assert cfg.generate.scheduler == "unipc" and cfg.generate.lora_scale == 0.5
+    assert cfg.train.arch == "resnet50" and cfg.train.weight_decay == 5e-4
+
+
+def test_preset_then_yaml_then_flags_then_set(tmp_path):
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("encode:\n  batch_size: 7\n  rows_per_file: 9\nseed: 3\n")
+    cfg = load_config(
+        preset="tiny", config_file=str(yaml_file), overrides=["encode.rows_per_file=11"], seed=5, out="/tmp/x"
+    )
+    assert cfg.encode.resolution == 32  # preset
+    assert cfg.encode.batch_size == 7  # yaml over preset
+    assert cfg.seed == 5  # flag over yaml
+    assert cfg.encode.rows_per_file == 11  # --set over yaml
+    assert cfg.model.pretrained == "preset:tiny"
+    assert cfg.data.train == "embedded:digits/train" and cfg.data.val == "embedded:digits/val"
+
+
+def test_user_data_replaces_embedded_default():
+    cfg = load_config(preset="tiny", data__train="s3://bucket/train")
+    assert cfg.data.train == "s3://bucket/train" and cfg.data.val is None
+
+
+def test_typo_key_is_named():
+    with pytest.raises(ConfigError, match=r"encode\.bach_size: unknown key"):
+        load_config(overrides=["encode.bach_size=3"])
+
+
+def test_impossible_value_names_field_and_value():
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=["generate.strength=1.5"])
+    assert "generate.strength" in str(err.value) and "1.5" in str(err.value)
+
+
+def test_literal_value_lists_allowed():
+    with pytest.raises(ConfigError, match="generate.scheduler.*'unipc'"):
+        load_config(overrides=["generate.scheduler=heun"])
+
+
+def test_unknown_preset_and_bad_override_syntax():
+    with pytest.raises(ConfigError, match="unknown preset"):
+        load_config(preset="huge")
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_override("encode.batch_size")
+
+
+def test_actor_pool_order_checked():
+    with pytest.raises(ConfigError, match="max_size"):
+        load_config(overrides=["encode.actors.min_size=4", "encode.actors.max_size=2"])
+
+
+def test_missing_yaml_and_non_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        read_yaml_config(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        read_yaml_config(str(bad))
+
+
+def test_require_data():
+    with pytest.raises(ConfigError, match="data.train"):
+        RunConfig().require_data()
+
+
+def test_dump_round_trip(tmp_path):
+    cfg = load_config(preset="tiny", out="memory://r", overrides=["generate.mult=3"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(dump_config(cfg))
+    again = load_config(config_file=str(path))
+    assert again == cfg

@@ -1,0 +1,104 @@
+"""Encode stage end to end on the tiny preset (shares one Ray cluster and one encoded bank)."""
+
+import io
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from realfake_ray import storage
+from realfake_ray._internal.shards import part_files, read_parts
+from realfake_ray.config import load_config
+from realfake_ray.encode import bank_dir, decode_batch, read_meta, run_encode
+
+pytestmark = pytest.mark.e2e
+
+
+def _bank_table(out, split):
+    return read_parts(bank_dir(out, split))
+
+
+def test_one_row_per_readable_image_with_shapes_and_dtypes(tiny_bank):
+    meta = read_meta(tiny_bank)
+    assert meta["splits"]["train"]["rows"] == 1437 and meta["splits"]["val"]["rows"] == 360
+    assert meta["latent_shape"] == [4, 16, 16] and meta["resolution"] == 32
+    assert meta["class_names"][0] == "digit zero"
+    table = _bank_table(tiny_bank, "train")
+    assert table.num_rows == 1437 and len(set(table["image_id"].to_pylist())) == 1437
+    import ray.data
+
+    batch = ray.data.read_parquet(bank_dir(tiny_bank, "train")).take_batch(8)
+    assert batch["latent_mean"].shape == (8, 4, 16, 16) and batch["latent_mean"].dtype == np.float16
+    assert batch["latent_std"].dtype == np.float16 and (batch["latent_std"] > 0).all()
+    assert batch["clip_embed"].shape == (8, 32) and batch["clip_embed"].dtype == np.float16
+    assert set(batch["caption"]) == {""}  # the tiny preset runs without captions
+    assert batch["width"].tolist() == [32] * 8
+
+
+def test_latents_match_a_direct_vae_encode(tiny_bank, tiny_model_dir):
+    import torch
+
+    from realfake_ray.data.imagefolder import decode_image
+    from realfake_ray.models.loading import load_vae
+
+    row = _bank_table(tiny_bank, "train").slice(0, 1).to_pylist()[0]
+    pixels, _, _ = decode_image(storage.read_bytes(f"embedded:digits/train/{row['image_id']}"), 32)
+    vae = load_vae(tiny_model_dir)
+    with torch.no_grad():
+        x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 127.5 - 1
+        mean = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+    stored = np.asarray(row["latent_mean"], dtype=np.float32).reshape(mean.shape)
+    np.testing.assert_allclose(stored, mean.numpy(), atol=2e-3, rtol=2e-3)
+
+
+def test_rerun_over_a_complete_bank_does_no_work(tiny_bank):
+    before = sorted(part_files(bank_dir(tiny_bank, "train")))
+    meta = run_encode(load_config(preset="tiny", out=tiny_bank))
+    assert meta["last_run"]["encoded_now"] == 0
+    assert sorted(part_files(bank_dir(tiny_bank, "train"))) == before
+
+
+def test_partial_bank_is_completed_and_corrupt_files_are_listed(ray_cluster, tmp_path):
+    data = tmp_path / "data"
+    for cls in ("a", "b"):
+        (data / cls).mkdir(parents=True)
+        for i in range(5):
+            buf = io.BytesIO()
+            Image.new("RGB", (20 + i, 24), (i * 40, 100, 200)).save(buf, format="PNG")
+            (data / cls / f"{i}.png").write_bytes(buf.getvalue())
+    (data / "b" / "broken.png").write_bytes(b"\x89PNG not really")
+    out = str(tmp_path / "run")
+    cfg = load_config(preset="tiny", out=out, data__train=str(data), overrides=["encode.rows_per_file=4"])
+    first = run_encode(cfg)
+    assert first["splits"]["train"]["rows"] == 10 and first["splits"]["train"]["skipped"] == 1
+    assert first["splits"]["train"]["skipped_files"][0]["image_id"] == "b/broken.png"
+    # Simulate a run killed after some parts were written: drop two parts, rerun, nothing lost or doubled.
+    parts = sorted(part_files(bank_dir(out, "train")))
+    for url in parts[:2]:
+        storage.remove(url)
+    second = run_encode(cfg)
+    assert 0 < second["last_run"]["encoded_now"] < 10
+    ids = _bank_table(out, "train")["image_id"].to_pylist()
+    assert sorted(ids) == sorted(f"{c}/{i}.png" for c in "ab" for i in range(5))
+    assert second["splits"]["train"]["skipped"] == 1
+
+
+def test_bank_from_another_model_is_refused(ray_cluster, tiny_bank, monkeypatch):
+    meta_path = storage.join(bank_dir(tiny_bank), "_meta.json")
+    original = storage.read_text(meta_path)
+    meta = json.loads(original)
+    meta["model"]["vae_sha256"] = "0" * 64
+    storage.write_json(meta_path, meta)
+    try:
+        with pytest.raises(ValueError, match="another VAE"):
+            run_encode(load_config(preset="tiny", out=tiny_bank))
+    finally:
+        storage.write_text(meta_path, original)
+
+
+def test_decode_batch_marks_errors_without_raising():
+    batch = {"url": np.array(["memory://nope.png"], dtype=object), "image_id": np.array(["x"], dtype=object)}
+    out = decode_batch(batch, 8)
+    assert out["error"][0] and out["pixels"].shape == (1, 8, 8, 3)

@@ -1,0 +1,47 @@
+"""FLOP accounting: SD v1.5 constants, counting, peaks and MFU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from realfake_ray.flops import SD15_FLOPS, count_forward_flops, denoising_steps, img2img_flops, mfu, peak_flops
+
+
+def test_reference_img2img_flops():
+    per_image = img2img_flops(30, 0.75, cfg=True)
+    assert denoising_steps(30, 0.75) == 22
+    assert per_image == pytest.approx(22 * 1.61e12 + 2.5e12, rel=1e-3)
+    assert SD15_FLOPS.cfg_step == pytest.approx(1.61e12)
+
+
+def test_img2img_flops_options():
+    assert img2img_flops(30, 0.75, cfg=False, decode=False) == pytest.approx(22 * SD15_FLOPS.unet_fwd)
+    with_encode = img2img_flops(30, 0.75, cfg=True, encode=True)
+    assert with_encode - img2img_flops(30, 0.75, cfg=True) == pytest.approx(1.1e12)
+    assert img2img_flops(10, 1.0, cfg=True, unet_fwd_flops=1.0, vae_decode_flops=5.0) == 25.0
+
+
+@pytest.mark.parametrize(("batch", "n_in", "n_out"), [(1, 8, 4), (3, 16, 5)])
+def test_count_linear_flops(batch, n_in, n_out):
+    layer = torch.nn.Linear(n_in, n_out)
+    assert count_forward_flops(layer, torch.zeros(batch, n_in)) == 2 * n_in * n_out * batch
+
+
+def test_peak_flops_table():
+    assert peak_flops("cuda", "bf16", name="NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops("cuda", "fp16", name="NVIDIA H200") == 989e12
+    assert peak_flops("cuda", "fp16", name="NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak_flops("cuda", "fp32", name="NVIDIA A100-SXM4-80GB") == 156e12
+    assert peak_flops("cuda", "bf16", name="NVIDIA H100 PCIe") == 756e12
+    assert peak_flops("cuda", "bf16", name="Some Future GPU") is None
+    assert peak_flops("cpu") is None
+    with pytest.raises(ValueError, match="dtype"):
+        peak_flops("cpu", "int8")
+
+
+def test_mfu_arithmetic():
+    assert mfu(10.0, 38e12, 989e12) == pytest.approx(380 / 989)
+    assert mfu(2.0, 1e12, 4e12) == 0.5
+    with pytest.raises(ValueError, match="peak"):
+        mfu(1.0, 1.0, 0.0)

@@ -1,0 +1,250 @@
+"""Sampler tests on the tiny preset (fp32, CPU, few steps)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from realfake_ray.models.tiny import build_tiny_pipeline
+from realfake_ray.sampler import (
+    SCHEDULERS,
+    Sampler,
+    SamplerSettings,
+    format_table,
+    latent_hw,
+    make_grid,
+    make_scheduler,
+    run_grid,
+)
+
+FAST = {"steps": 4, "strength": 0.5}  # 2 UNet calls per image batch
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return build_tiny_pipeline()
+
+
+def make_inputs(n: int, seed: int = 0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "prompts": [f"photo of {w}, best quality" for w in ("one", "two", "three", "four")[:n]],
+        "seeds": list(range(100, 100 + n)),
+        "latent_mean": torch.randn(n, 4, 16, 16, generator=gen),
+        "latent_std": 0.1 * torch.rand(n, 4, 16, 16, generator=gen),
+        "guidance_tokens": torch.randn(n, 32, generator=gen),
+    }
+
+
+def pick(inputs: dict, i: int) -> dict:
+    """Image i of a batch as a batch of one."""
+    return {k: v[i : i + 1] for k, v in inputs.items()}
+
+
+class UNetCalls:
+    """Counts UNet forwards and records their batch sizes."""
+
+    def __init__(self, unet):
+        self.batches: list[int] = []
+        self.handle = unet.register_forward_hook(lambda mod, args, out: self.batches.append(args[0].shape[0]))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def test_output_shape_and_dtype(pipe):
+    images = Sampler(pipe, SamplerSettings(**FAST))(**make_inputs(2))
+    assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8
+
+
+def test_same_seeds_identical_different_seed_differs(pipe):
+    sampler = Sampler(pipe, SamplerSettings(**FAST))
+    inputs = make_inputs(2)
+    first, again = sampler(**inputs), sampler(**inputs)
+    np.testing.assert_array_equal(first, again)
+    other = sampler(**(inputs | {"seeds": [7, 8]}))
+    assert not np.array_equal(first, other)
+
+
+def test_image_independent_of_batch(pipe):
+    # Bit-identical on this machine's CPU kernels; a different BLAS may blocking-order the batched
+    # matmuls differently, so allow a 1/255 difference in a few pixels rather than demand bit equality.
+    sampler = Sampler(pipe, SamplerSettings(**FAST))
+    inputs = make_inputs(3)
+    batched = sampler(**inputs)
+    alone = sampler(**pick(inputs, 1))
+    diff = np.abs(batched[1].astype(int) - alone[0].astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+
+
+@pytest.mark.parametrize("scheduler", ["unipc", "ddim"])
+@pytest.mark.parametrize(("steps", "strength", "expected"), [(8, 0.5, 4), (10, 0.75, 7), (3, 1.0, 3)])
+def test_img2img_unet_call_count(pipe, scheduler, steps, strength, expected):
+    sampler = Sampler(pipe, SamplerSettings(scheduler=scheduler, steps=steps, strength=strength))
+    with UNetCalls(pipe.unet) as calls:
+        sampler(**make_inputs(1))
+    assert len(calls.batches) == expected and set(calls.batches) == {2}
+
+
+@pytest.mark.parametrize("scheduler", sorted(SCHEDULERS))
+def test_timesteps_match_diffusers_img2img(pipe, scheduler):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    sampler = Sampler(pipe, SamplerSettings(scheduler=scheduler, steps=30, strength=0.75))
+    ours = sampler._timesteps()
+    ref_pipe = StableDiffusionImg2ImgPipeline(
+        **{k: getattr(pipe, k) for k in ("vae", "text_encoder", "tokenizer", "unet")},
+        scheduler=make_scheduler(scheduler, pipe.scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    ref_pipe.scheduler.set_timesteps(30)
+    theirs, n = ref_pipe.get_timesteps(30, 0.75, "cpu")
+    assert len(ours) == n == 22
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_txt2img(pipe):
+    sampler = Sampler(pipe, SamplerSettings(mode="txt2img", steps=3))
+    inputs = make_inputs(2)
+    del inputs["latent_mean"], inputs["latent_std"]
+    with UNetCalls(pipe.unet) as calls:
+        images = sampler(**inputs)
+    assert images.shape == (2, 32, 32, 3) and len(calls.batches) == 3
+    assert latent_hw(pipe) == (16, 16)
+
+
+def test_guidance_token_changes_output(pipe):
+    sampler = Sampler(pipe, SamplerSettings(**FAST))
+    inputs = make_inputs(1)
+    with_token = sampler(**inputs)
+    text_only = sampler(**(inputs | {"guidance_tokens": None}))
+    assert not np.array_equal(with_token, text_only)
+
+
+def test_sample_posterior_changes_start(pipe):
+    inputs = make_inputs(1) | {"latent_std": torch.ones(1, 4, 16, 16)}
+    posterior = Sampler(pipe, SamplerSettings(**FAST))(**inputs)
+    mean_only = Sampler(pipe, SamplerSettings(**FAST, sample_posterior=False))(**inputs)
+    assert not np.array_equal(posterior, mean_only)
+
+
+def test_guidance_scale_one_skips_uncond_branch(pipe):
+    with UNetCalls(pipe.unet) as calls:
+        Sampler(pipe, SamplerSettings(**FAST, guidance_scale=1.0))(**make_inputs(3))
+    assert calls.batches == [3, 3]
+    with UNetCalls(pipe.unet) as calls:
+        Sampler(pipe, SamplerSettings(**FAST, guidance_scale=2.0))(**make_inputs(3))
+    assert calls.batches == [6, 6]
+
+
+@pytest.mark.parametrize("scheduler", sorted(SCHEDULERS))
+def test_each_scheduler_runs(pipe, scheduler):
+    sampler = Sampler(pipe, SamplerSettings(scheduler=scheduler, **FAST))
+    assert sampler(**make_inputs(1)).shape == (1, 32, 32, 3)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("scheduler", "pndm", "scheduler"),
+        ("mode", "inpaint", "mode"),
+        ("dtype", "fp8", "dtype"),
+        ("steps", 0, "steps"),
+        ("steps", 2.5, "steps"),
+        ("strength", 0.0, "strength"),
+        ("strength", 1.5, "strength"),
+        ("guidance_scale", 0.5, "guidance_scale"),
+        ("guidance_scale", float("nan"), "guidance_scale"),
+    ],
+)
+def test_bad_settings_raise(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        SamplerSettings(**{field: value}).validate()
+
+
+def test_zero_denoising_steps_raise():
+    with pytest.raises(ValueError, match="0 denoising steps"):
+        SamplerSettings(steps=1, strength=0.5).validate()
+
+
+def test_make_scheduler_lists_valid_names(pipe):
+    with pytest.raises(ValueError, match="dpmpp_2m_karras"):
+        make_scheduler("heun", pipe.scheduler.config)
+    dpm = make_scheduler("dpmpp_2m_karras", pipe.scheduler.config)
+    assert dpm.config.use_karras_sigmas and dpm.config.algorithm_type == "dpmsolver++"
+    ddim = make_scheduler("ddim", pipe.scheduler.config)
+    assert not ddim.config.clip_sample and not ddim.config.set_alpha_to_one
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"seeds": [1]}, "seed"),
+        ({"latent_mean": torch.zeros(2, 3, 16, 16)}, "latent_mean"),
+        ({"latent_mean": None}, "latent_mean"),
+        ({"latent_std": torch.zeros(2, 4, 8, 8)}, "latent_std"),
+        ({"guidance_tokens": torch.zeros(2, 16)}, "guidance_tokens"),
+    ],
+)
+def test_bad_inputs_raise(pipe, change, match):
+    sampler = Sampler(pipe, SamplerSettings(**FAST))
+    with pytest.raises(ValueError, match=match):
+        sampler(**(make_inputs(2) | change))
+
+
+def _save_lora(unet, directory) -> None:
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    unet.add_adapter(config)
+    with torch.no_grad():  # peft starts lora_B at zero (a no-op LoRA); make it do something
+        for name, param in unet.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5)
+    StableDiffusionPipeline.save_lora_weights(str(directory), unet_lora_layers=get_peft_model_state_dict(unet))
+
+
+def test_lora_is_fused_and_changes_output(tmp_path):
+    _save_lora(build_tiny_pipeline().unet, tmp_path)
+    inputs = make_inputs(1)
+    base = Sampler(build_tiny_pipeline(), SamplerSettings(**FAST))(**inputs)
+    lora_pipe = build_tiny_pipeline()
+    tuned = Sampler.from_pipeline(lora_pipe, SamplerSettings(**FAST), lora_dir=str(tmp_path), lora_scale=0.5)(**inputs)
+    assert not np.array_equal(base, tuned)
+    assert not any("lora" in name for name, _ in lora_pipe.unet.named_parameters())  # fused, adapters gone
+    q_name = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+    fused_q = dict(lora_pipe.unet.named_parameters())[q_name]
+    assert not torch.equal(fused_q, dict(build_tiny_pipeline().unet.named_parameters())[q_name])
+
+
+def test_lora_shape_mismatch_names_file(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    other = UNet2DConditionModel.from_config(build_tiny_pipeline().unet.config, block_out_channels=(32, 48))
+    _save_lora(other, tmp_path)
+    with pytest.raises(ValueError, match=r"pytorch_lora_weights\.safetensors.*input width 48.*has 64"):
+        Sampler.from_pipeline(build_tiny_pipeline(), SamplerSettings(**FAST), lora_dir=str(tmp_path))
+
+
+def test_missing_lora_dir_raises(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        Sampler.from_pipeline(build_tiny_pipeline(), SamplerSettings(**FAST), lora_dir=str(tmp_path / "nowhere"))
+
+
+def test_run_grid_tiny_cpu(pipe):
+    grid = make_grid(steps=(2,), batch_sizes=(1,), dtypes=("fp32",), strength=1.0)
+    rows = run_grid(pipe, grid, device="cpu", iters=1, warmup=0)
+    assert rows[0]["images_per_s"] > 0 and rows[0]["tflop_per_img"] > 0 and rows[0]["mfu"] is None
+    assert rows[1]["name"] == "reference" and rows[1]["note"].startswith("skipped")
+    assert "images_per_s" in format_table(rows).splitlines()[0]
+    with pytest.raises(ValueError, match="unknown keys"):
+        run_grid(pipe, [{"batch": 2}], device="cpu")
