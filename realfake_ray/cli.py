@@ -34,13 +34,40 @@ class Flag:
 
 
 @dataclass(frozen=True)
+class Arg:
+    """A flag passed to the entry function as a keyword argument (not a config key)."""
+
+    name: str
+    kwarg: str
+    type: Callable = str
+    help: str = ""
+
+
+@dataclass(frozen=True)
 class Stage:
     entry: str  # "module:function" taking a RunConfig (imported lazily: keeps --help fast)
     help: str
     flags: tuple[Flag, ...] = field(default_factory=tuple)
+    args: tuple[Arg, ...] = field(default_factory=tuple)
+
+
+def _stage_list(text: str) -> list[str]:
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+_MULT = Flag("--mult", "generate.mult", int, "synthetic copies per real image (1-10 in the paper)")
 
 
 STAGES: dict[str, Stage] = {
+    "run": Stage(
+        "realfake_ray.run:run_pipeline",
+        "the main job: encode → finetune → generate → train → evaluate (complete stages are skipped)",
+        flags=(_MULT, Flag("--source", "train.source", str, "classifier training data", ("real", "synthetic", "mix"))),
+        args=(
+            Arg("--only", "only", _stage_list, "comma-separated stages to run, e.g. generate,train"),
+            Arg("--from", "from_stage", str, "run from this stage on, e.g. train"),
+        ),
+    ),
     "encode": Stage("realfake_ray.encode:run_encode", "real ImageFolder → latent bank (VAE latents, CLIP embeddings, captions)"),
 }
 
@@ -67,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_common(p)
         for flag in stage.flags:
             p.add_argument(flag.name, type=flag.type, help=flag.help or flag.key, choices=flag.choices)
+        for arg in stage.args:
+            p.add_argument(arg.name, type=arg.type, help=arg.help, dest=arg.kwarg)
     return parser
 
 
@@ -86,7 +115,8 @@ def _run_stage(name: str, args: argparse.Namespace) -> None:
         print(dump_config(cfg), end="")
         return
     module, func = stage.entry.split(":")
-    result = getattr(importlib.import_module(module), func)(cfg)
+    kwargs = {arg.kwarg: getattr(args, arg.kwarg) for arg in stage.args}
+    result = getattr(importlib.import_module(module), func)(cfg, **kwargs)
     if result is not None:
         print(json.dumps(result, indent=2, default=str)[:4000])
 

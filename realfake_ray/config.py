@@ -85,6 +85,8 @@ class EncodeConfig(_Section):
 
 
 class FinetuneConfig(_Section):
+    """LoRA distribution-matching fine-tuning on the latent bank (Ray Train; see docs/finetune.md)."""
+
     num_workers: int = Field(1, ge=1)
     use_gpu: bool | Literal["auto"] = "auto"
     batch_size: int = Field(8, ge=1)  # per worker
@@ -105,8 +107,10 @@ class FinetuneConfig(_Section):
     hflip: bool = True
     guidance: Literal["image", "class_mean", "none"] = "image"
     checkpoint_every: int = Field(500, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)  # newest checkpoints kept under <out>/finetune/finetune
     max_failures: int = Field(0, ge=-1)
     log_every: int = Field(10, ge=1)
+    shuffle_buffer_size: int = Field(1000, ge=0)  # rows per worker's local shuffle buffer; 0: off
 
 
 class GenerateConfig(_Section):
@@ -212,6 +216,7 @@ _PRESET_VALUES: dict[str, dict[str, Any]] = {
             "mixed_precision": "no",
             "checkpoint_every": 20,
             "log_every": 5,
+            "shuffle_buffer_size": 256,
         },
         "generate": {"batch_size": 64, "steps": 10, "dtype": "fp32", "channels_last": False, "jpeg_quality": 90},
         "train": {

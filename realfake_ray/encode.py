@@ -262,4 +262,4 @@ def run_encode(cfg: RunConfig) -> dict:
         "complete": True,
     }
     storage.write_json(meta_url(cfg.out), meta)
-    return meta
+    return {**meta, "skipped": not rows}

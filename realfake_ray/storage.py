@@ -59,6 +59,20 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return url_to_fs(url)
 
 
+def arrow_filesystem(url: str):
+    """``(pyarrow filesystem or None, path)`` for Ray APIs (Ray Train storage, Ray Data readers).
+
+    Local URLs give ``(None, absolute path)``; other schemes wrap this module's fsspec filesystem, so
+    Ray reaches exactly the storage the rest of the package does.
+    """
+    fs, path = filesystem(url)
+    if is_local(url):
+        return None, path
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    return PyFileSystem(FSSpecHandler(fs)), path
+
+
 def protocol(url: str) -> str:
     """``"file"`` for plain paths, ``file://`` and ``embedded:``; the scheme otherwise."""
     if url.startswith(EMBEDDED_SCHEME):

@@ -1,0 +1,66 @@
+"""The main job: encode → finetune → generate → train → evaluate, all below one run URL.
+
+Each stage skips itself when its output is complete, so a resubmitted job resumes where a failed
+one stopped. ``only`` / ``from_stage`` select stages. A report is written after every stage.
+
+Example:
+    >>> from realfake_ray.config import load_config
+    >>> from realfake_ray.run import run_pipeline
+    >>> summary = run_pipeline(load_config(preset="tiny", out="runs/demo"))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+
+from realfake_ray import storage
+from realfake_ray.config import ConfigError, RunConfig, dump_config
+
+STAGE_ENTRIES = {
+    "encode": "realfake_ray.encode:run_encode",
+    "finetune": "realfake_ray.finetune:run_finetune",
+    "generate": "realfake_ray.generate:run_generate",
+    "train": "realfake_ray.train:run_train",
+    "evaluate": "realfake_ray.evaluate:run_evaluate",
+}
+STAGES = tuple(STAGE_ENTRIES)
+
+
+def select_stages(only: list[str] | None = None, from_stage: str | None = None) -> list[str]:
+    """The stages to run, in pipeline order."""
+    for name in [*(only or []), *([from_stage] if from_stage else [])]:
+        if name not in STAGE_ENTRIES:
+            raise ConfigError(f"unknown stage {name!r}; stages are: {', '.join(STAGES)}")
+    if only:
+        return [s for s in STAGES if s in only]
+    start = STAGES.index(from_stage) if from_stage else 0
+    return list(STAGES[start:])
+
+
+def _entry(stage: str):
+    module, func = STAGE_ENTRIES[stage].split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def run_pipeline(cfg: RunConfig, only: list[str] | None = None, from_stage: str | None = None) -> dict:
+    """Run the selected stages in order; returns ``{stage: {"seconds", "skipped", "result"}}``."""
+    from realfake_ray._internal.cluster import init_ray
+    from realfake_ray.report import write_report
+
+    stages = select_stages(only, from_stage)
+    cfg.require_data()
+    entries = {stage: _entry(stage) for stage in stages}  # fail on a missing stage before any work
+    storage.write_text(storage.join(cfg.out, "config.yaml"), dump_config(cfg))
+    init_ray(cfg.ray)
+    summary: dict = {}
+    for stage in stages:
+        print(f"[realfake] stage {stage}: starting", flush=True)
+        started = time.time()
+        result = entries[stage](cfg) or {}
+        seconds = round(time.time() - started, 2)
+        skipped = bool(result.get("skipped", False))
+        summary[stage] = {"seconds": seconds, "skipped": skipped, "result": result}
+        print(f"[realfake] stage {stage}: {'skipped (complete)' if skipped else 'done'} in {seconds:.1f} s", flush=True)
+        write_report(cfg, summary)
+    return summary
