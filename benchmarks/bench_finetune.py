@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -31,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from realfake_ray.flops import mfu, peak_flops  # noqa: E402
+from realfake_ray.flops import count_flops, mfu, peak_flops, time_calls  # noqa: E402
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -111,36 +110,6 @@ class Step:
         return loss.detach()
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure(fn, device: torch.device, iters: int, warmup: int) -> tuple[float, float | None]:
-    """Mean seconds per call after warm-up, and peak CUDA memory (GiB) over the timed calls."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    sync(device)
-    seconds = (time.perf_counter() - start) / iters
-    return seconds, (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)
-
-
-def count_flops(fn) -> float:
-    """FLOPs of one call of ``fn`` (forward + backward), via torch's FlopCounterMode."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter:
-        fn()
-    return float(counter.get_total_flops())
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="tiny preset (32 px) instead of SD v1.5 (CPU smoke)")
@@ -194,7 +163,7 @@ def main(argv=None) -> dict:
     results = {}
     for mode, fn in (("a_latents", from_bank), ("b_vae_encode", from_pixels)):
         flops = count_flops(fn) / args.batch_size
-        seconds, mem = measure(fn, device, args.iters, args.warmup)
+        seconds, mem = time_calls(fn, device, args.iters, args.warmup)
         rate = args.batch_size / seconds
         results[mode] = {"samples_per_s": rate, "s_per_step": seconds, "tflop_per_sample": flops / 1e12,
                          "mfu": mfu(rate, flops, peak) if peak else None, "peak_mem_gib": mem}  # fmt: skip

@@ -69,6 +69,43 @@ STAGES: dict[str, Stage] = {
         ),
     ),
     "encode": Stage("realfake_ray.encode:run_encode", "real ImageFolder → latent bank (VAE latents, CLIP embeddings, captions)"),
+    "finetune": Stage(
+        "realfake_ray.finetune:run_finetune",
+        "latent bank → distribution-matching LoRA on the UNet (Ray Train; resumes from <out>/finetune)",
+        flags=(
+            Flag("--num-workers", "finetune.num_workers", int, "Ray Train workers (one GPU each on GPU clusters)"),
+            Flag("--max-steps", "finetune.max_steps", int, "total optimiser steps (overrides finetune.epochs)"),
+        ),
+    ),
+    "generate": Stage(
+        "realfake_ray.generate:run_generate",
+        "latent bank (+ LoRA) → synthetic ImageFolder + manifest, --mult copies per real image (resumes)",
+        flags=(_MULT,),
+    ),
+    "bench-sampler": Stage(
+        "realfake_ray.bench:run_bench_sampler",
+        "time the sampler on model.pretrained over a grid; table + <out>/bench/sampler.csv",
+        args=(
+            Arg("--schedulers", "schedulers", _stage_list, "comma list (default generate.scheduler)"),
+            Arg("--steps", "steps", _stage_list, "comma list of step counts (default generate.steps)"),
+            Arg("--batch-sizes", "batch_sizes", _stage_list, "comma list (default generate.batch_size)"),
+            Arg("--dtypes", "dtypes", _stage_list, "comma list of fp32,fp16,bf16 (default generate.dtype; CPU fp32)"),
+            Arg("--compile", "compile", _stage_list, "comma list of 0/1 (default generate.compile)"),
+            Arg("--channels-last", "channels_last", _stage_list, "comma list of 0/1 (default generate.channels_last)"),
+            Arg("--iters", "iters", int, "timed batches per grid point (default 3)"),
+            Arg("--warmup", "warmup", int, "untimed batches first (default 1)"),
+            Arg("--reference", "reference", int, "1: add the reference baseline row (default), 0: leave it out"),
+        ),
+    ),
+    "train": Stage(
+        "realfake_ray.train:run_train",
+        "real / synthetic / mixed images → classifier from scratch (Ray Train; resumes from <out>/classifier)",
+        flags=(Flag("--source", "train.source", str, "classifier training data", ("real", "synthetic", "mix")),),
+    ),
+    "evaluate": Stage(
+        "realfake_ray.evaluate:run_evaluate",
+        "trained classifier → top-1/top-5 on val and extra sets, synthetic-vs-real distribution metrics",
+    ),
 }
 
 

@@ -88,7 +88,8 @@ class FinetuneConfig(_Section):
     """LoRA distribution-matching fine-tuning on the latent bank (Ray Train; see docs/finetune.md)."""
 
     num_workers: int = Field(1, ge=1)
-    use_gpu: bool | Literal["auto"] = "auto"
+    use_gpu: bool | Literal["auto"] = "auto"  # auto: GPUs when the cluster has some now
+    cpus_per_worker: float | Literal["auto"] = "auto"  # auto: 1, less on small CPU clusters (one CPU kept for data)
     batch_size: int = Field(8, ge=1)  # per worker
     epochs: int = Field(100, ge=1)
     max_steps: int | None = Field(None, ge=1)  # overrides epochs when set
@@ -111,6 +112,12 @@ class FinetuneConfig(_Section):
     max_failures: int = Field(0, ge=-1)
     log_every: int = Field(10, ge=1)
     shuffle_buffer_size: int = Field(1000, ge=0)  # rows per worker's local shuffle buffer; 0: off
+
+    @model_validator(mode="after")
+    def _positive_cpus(self) -> FinetuneConfig:
+        if self.cpus_per_worker != "auto" and self.cpus_per_worker <= 0:
+            raise ValueError(f"cpus_per_worker must be > 0 or 'auto' (got {self.cpus_per_worker})")
+        return self
 
 
 class GenerateConfig(_Section):
@@ -153,6 +160,10 @@ class TrainConfig(_Section):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool | Literal["auto"] = "auto"
     decode_cpus: float = Field(1.0, gt=0)
+    synthetic: str | None = None  # synthetic ImageFolder URL; None: <out>/synthetic/train (+ its manifest)
+    synthetic_mult: int | None = Field(None, ge=1)  # use copies with copy_idx < N (1x of a 10x set); None: all
+    checkpoint_keep: int = Field(2, ge=1)  # epoch checkpoints kept under <out>/classifier/<run name>/
+    max_failures: int = Field(0, ge=-1)  # worker-group restarts from the latest checkpoint (-1: unlimited)
 
 
 class EvaluateConfig(_Section):
@@ -162,6 +173,8 @@ class EvaluateConfig(_Section):
     mmd_kernel: Literal["linear", "gaussian"] = "gaussian"
     nn_threshold: float = Field(0.05, ge=0)
     max_samples: int = Field(2000, ge=10)
+    distribution_max_images: int = Field(20000, ge=10)  # synthetic images CLIP-embedded (seeded subset)
+    actors: ActorPool = ActorPool()  # classifier / CLIP actors of the evaluation pipelines
 
 
 class RayConfig(_Section):
@@ -222,7 +235,7 @@ _PRESET_VALUES: dict[str, dict[str, Any]] = {
         "train": {
             "arch": "resnet_tiny",
             "image_size": 32,
-            "epochs": 6,
+            "epochs": 4,
             "batch_size": 64,
             "schedule": "cosine",
             "warmup_epochs": 0.5,

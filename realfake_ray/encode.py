@@ -114,21 +114,55 @@ def decode_batch(batch: dict[str, np.ndarray], resolution: int) -> dict[str, np.
     return {**batch, "pixels": pixels, "width": width, "height": height, "error": errors}
 
 
+def _device_and_dtype(name: str):
+    """CUDA when present; the wanted dtype there, fp32 on CPU (fp16 CPU convolutions are slow or missing)."""
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    wanted = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+    return device, wanted if device.type == "cuda" else torch.float32
+
+
+class ClipEmbedder:
+    """Actor (or plain object): the CLIP vision model of the run, loaded once, embeds decoded images.
+
+    The same model and preprocessing serve the latent bank (real images) and the distribution metrics
+    (synthetic images), so both sides of an MMD live in one embedding space. Example::
+
+        embedder = ClipEmbedder(cfg)
+        embeds = embedder.embed(uint8_bhw3)          # float16 [B, D]
+        ds.map_batches(ClipEmbedder, fn_constructor_args=(cfg,), ...)  # "pixels" -> "clip_embed"
+    """
+
+    def __init__(self, cfg: RunConfig, dtype: str | None = None):
+        model_dir = loading.resolve_model_dir(cfg.model.pretrained, cfg.model.revision, cfg.model.hub_timeout_s)
+        clip_dir = loading.clip_vision_dir(model_dir, cfg.model.clip_vision, cfg.model.hub_timeout_s)
+        self.device, self.dtype = _device_and_dtype(dtype or cfg.encode.dtype)
+        self.model, self.processor = loading.load_clip_vision(clip_dir, torch_dtype=self.dtype)
+        self.model.to(self.device)
+
+    def embed(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 ``[B, H, W, 3]`` images → float16 ``[B, D]`` projected CLIP image embeddings."""
+        import torch
+
+        with torch.inference_mode():
+            clip_in = self.processor(images=list(pixels), return_tensors="pt")["pixel_values"]
+            embeds = self.model(pixel_values=clip_in.to(self.device, self.dtype)).image_embeds
+        return embeds.float().cpu().numpy().astype(np.float16)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        pixels = batch.pop("pixels")
+        return {**batch, "clip_embed": self.embed(pixels)}
+
+
 class LatentEncoder:
     """Actor: loads the VAE and the CLIP vision model once, encodes batches of decoded images."""
 
     def __init__(self, cfg: RunConfig):
-        import torch
-
         model_dir = loading.resolve_model_dir(cfg.model.pretrained, cfg.model.revision, cfg.model.hub_timeout_s)
-        clip_dir = loading.clip_vision_dir(model_dir, cfg.model.clip_vision, cfg.model.hub_timeout_s)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        # Half precision only on GPU: CPU kernels for fp16 convolutions are slow or missing.
-        wanted = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.encode.dtype]
-        self.dtype = wanted if self.device.type == "cuda" else torch.float32
+        self.clip = ClipEmbedder(cfg)
+        self.device, self.dtype = self.clip.device, self.clip.dtype
         self.vae = loading.load_vae(model_dir, torch_dtype=self.dtype).to(self.device).eval()
-        self.clip, self.processor = loading.load_clip_vision(clip_dir, torch_dtype=self.dtype)
-        self.clip.to(self.device)
         self.scaling = float(self.vae.config.scaling_factor)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -140,10 +174,7 @@ class LatentEncoder:
             posterior = self.vae.encode(x).latent_dist
             mean = (posterior.mean * self.scaling).float().cpu().numpy().astype(np.float16)
             std = (posterior.std * self.scaling).float().cpu().numpy().astype(np.float16)
-            clip_in = self.processor(images=list(pixels), return_tensors="pt")["pixel_values"]
-            embeds = self.clip(pixel_values=clip_in.to(self.device, self.dtype)).image_embeds
-            embeds = embeds.float().cpu().numpy().astype(np.float16)
-        return {**batch, "latent_mean": mean, "latent_std": std, "clip_embed": embeds}
+        return {**batch, "latent_mean": mean, "latent_std": std, "clip_embed": self.clip.embed(pixels)}
 
 
 class Captioner:

@@ -13,6 +13,8 @@ Example:
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -76,21 +78,59 @@ def img2img_flops(
     return float(total)
 
 
-def count_forward_flops(module: torch.nn.Module, *example_inputs, **example_kwargs) -> float:
-    """FLOPs of one forward of ``module`` on the example inputs, via ``torch.utils.flop_counter``.
+def count_flops(fn: Callable, *args, **kwargs) -> float:
+    """FLOPs of one call ``fn(*args, **kwargs)`` (forward and any backward it runs), via FlopCounterMode.
 
     Counts matmuls, convolutions and attention (multiply-add = 2 FLOPs); elementwise ops are not counted.
+
+    Example:
+        >>> x = torch.zeros(3, 8, requires_grad=True)
+        >>> count_flops(lambda: torch.nn.Linear(8, 4)(x).sum().backward())  # fwd + input grad + weight grad
+        576.0
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn(*args, **kwargs)
+    return float(counter.get_total_flops())
+
+
+def count_forward_flops(module: Callable, *example_inputs, **example_kwargs) -> float:
+    """FLOPs of one forward of ``module`` (or a bound method like ``vae.decode``), under inference mode.
 
     Example:
         >>> count_forward_flops(torch.nn.Linear(8, 4), torch.zeros(3, 8))
         192.0
     """
-    from torch.utils.flop_counter import FlopCounterMode
+    with torch.inference_mode():
+        return count_flops(module, *example_inputs, **example_kwargs)
 
-    counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), counter:
-        module(*example_inputs, **example_kwargs)
-    return float(counter.get_total_flops())
+
+def time_calls(fn: Callable[[], object], device: str | torch.device, iters: int, warmup: int) -> tuple[float, float | None]:
+    """Mean seconds per ``fn()`` over ``iters`` calls after ``warmup`` calls, and peak CUDA GiB (None on CPU).
+
+    CUDA work is synchronised before and after the timed calls.
+
+    Example:
+        >>> seconds, peak_gib = time_calls(lambda: torch.ones(4).sum(), "cpu", iters=2, warmup=1)
+        >>> seconds > 0, peak_gib
+        (True, None)
+    """
+    device = torch.device(device)
+    on_cuda = device.type == "cuda"
+    for _ in range(warmup):
+        fn()
+    if on_cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    if on_cuda:
+        torch.cuda.synchronize(device)
+    seconds = (time.perf_counter() - start) / max(iters, 1)
+    return seconds, (torch.cuda.max_memory_allocated(device) / 2**30 if on_cuda else None)
 
 
 # Dense (no sparsity) tensor-core peaks, FLOP/s: (bf16/fp16, tf32). Order matters: first substring wins.

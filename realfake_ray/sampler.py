@@ -25,7 +25,6 @@ import dataclasses
 import itertools
 import math
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from realfake_ray.flops import count_forward_flops, img2img_flops, mfu, peak_flops
+from realfake_ray.flops import count_forward_flops, img2img_flops, mfu, peak_flops, time_calls
 from realfake_ray.guidance import encode_text
 from realfake_ray.prompts import GENERATION_SUFFIX, NEGATIVE_PROMPT, build_prompt, tokenize
 
@@ -44,6 +43,8 @@ __all__ = [
     "SCHEDULERS",
     "Sampler",
     "SamplerSettings",
+    "apply_lora",
+    "check_lora_fits",
     "format_table",
     "latent_hw",
     "make_grid",
@@ -305,7 +306,6 @@ class Sampler:
         for module in (pipe.vae, pipe.unet):
             module.to(memory_format=memory_format)
             _set_sdpa(module)
-        self.base_unet = pipe.unet
         self.unet = torch.compile(pipe.unet) if self.settings.compile else pipe.unet
         self.scheduler = make_scheduler(self.settings.scheduler, pipe.scheduler.config)
         self.scaling_factor = float(pipe.vae.config.scaling_factor)
@@ -516,27 +516,6 @@ def _model_flops(pipe, device: torch.device, dtype: torch.dtype) -> dict[str, fl
     }
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time_batches(fn, device: torch.device, iters: int, warmup: int) -> tuple[float, float | None]:
-    """Seconds per call of ``fn`` (mean over ``iters`` after ``warmup``) and peak CUDA memory in GiB."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    _sync(device)
-    seconds = (time.perf_counter() - start) / iters
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return seconds, peak
-
-
 def _result_row(spec: dict, settings: SamplerSettings, batch_size: int, seconds: float, flops: float, peak_mem, device):
     """Assemble one output row with throughput, TFLOP/img, MFU (GPU with a known peak) and memory."""
     images_per_s = batch_size / seconds
@@ -572,7 +551,7 @@ def _bench_sampler_row(pipe, spec, device, iters, warmup, seed, flops_cache) -> 
     inputs = _bench_inputs(pipe, batch_size, seed)
     if settings.mode == "txt2img":
         inputs.pop("latent_mean"), inputs.pop("latent_std")
-    seconds, peak_mem = _time_batches(lambda: sampler(**inputs), device, iters, warmup)
+    seconds, peak_mem = time_calls(lambda: sampler(**inputs), device, iters, warmup)
     return _result_row(spec, settings, batch_size, seconds, flops, peak_mem, device)
 
 
@@ -599,6 +578,7 @@ def _bench_reference_row(pipe, spec, device, iters, warmup, seed, flops_cache) -
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    ref.set_progress_bar_config(disable=True)
     for module in (pipe.vae, pipe.unet, pipe.text_encoder):
         _to_device_dtype(module, device, dtype)
     for module in (pipe.vae, pipe.unet):
@@ -626,7 +606,7 @@ def _bench_reference_row(pipe, spec, device, iters, warmup, seed, flops_cache) -
         )
 
     try:
-        seconds, peak_mem = _time_batches(call, device, iters, warmup)
+        seconds, peak_mem = time_calls(call, device, iters, warmup)
     finally:
         ref.remove_all_hooks()
     flops = img2img_flops(

@@ -45,3 +45,22 @@ def test_mfu_arithmetic():
     assert mfu(2.0, 1e12, 4e12) == 0.5
     with pytest.raises(ValueError, match="peak"):
         mfu(1.0, 1.0, 0.0)
+
+
+def test_sd15_architecture_matches_constants():
+    """Count FLOPs of the SD v1.5 UNet/VAE (benchmark architecture) on the meta device: no memory, no compute."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_sampler.py"
+    spec = importlib.util.spec_from_file_location("bench_sampler", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with torch.device("meta"):
+        unet, vae = bench.build_sd15_unet(), bench.build_sd15_vae()
+        latent, text, pixels = torch.zeros(1, 4, 64, 64), torch.zeros(1, 77, 768), torch.zeros(1, 3, 512, 512)
+        unet_fwd = count_forward_flops(unet, latent, torch.tensor(500), encoder_hidden_states=text)
+        decode, encode = count_forward_flops(vae.decode, latent), count_forward_flops(vae.encode, pixels)
+    assert unet_fwd == pytest.approx(SD15_FLOPS.unet_fwd, rel=0.02)
+    assert decode == pytest.approx(SD15_FLOPS.vae_decode, rel=0.02)
+    assert encode == pytest.approx(SD15_FLOPS.vae_encode, rel=0.02)

@@ -248,3 +248,13 @@ def test_run_grid_tiny_cpu(pipe):
     assert "images_per_s" in format_table(rows).splitlines()[0]
     with pytest.raises(ValueError, match="unknown keys"):
         run_grid(pipe, [{"batch": 2}], device="cpu")
+
+
+def test_channels_last_matches_default(pipe):
+    inputs = make_inputs(1)
+    default = Sampler(pipe, SamplerSettings(**FAST))(**inputs)
+    channels_last = Sampler(pipe, SamplerSettings(**FAST, channels_last=True))(**inputs)
+    assert pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert np.abs(default.astype(int) - channels_last.astype(int)).max() <= 1
+    Sampler(pipe, SamplerSettings(**FAST))  # back to the default layout
+    assert pipe.unet.conv_in.weight.is_contiguous()

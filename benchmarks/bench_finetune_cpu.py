@@ -1,0 +1,99 @@
+#!/usr/bin/env python
+"""Fine-tune stage throughput on CPU, tiny preset: the real ``run_finetune`` (Ray Train, DDP over gloo,
+Ray Data streaming of the latent bank) with 1 and 2 workers.
+
+Starts a local Ray cluster (``--num-cpus``, default: all cores), encodes the tiny bank once (or reuses
+``--bank``), then for each worker count fine-tunes a fresh copy for ``--steps`` steps, one checkpoint at
+the end. Reports per worker count:
+
+* ``steady_samples_per_s``: global samples/s over the logged windows after the first (the first holds
+  the data pipeline's start), time-weighted;
+* ``loop_samples_per_s``: the training loop as a whole (from the first batch request to the last step);
+* ``call_s``: the whole ``run_finetune`` call (Ray Train start, model loading, outputs).
+
+    python benchmarks/bench_finetune_cpu.py                    # 1,2 workers, 80 steps
+    python benchmarks/bench_finetune_cpu.py --workers 2 --steps 40 --bank runs/tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def steady_rate(history: list[dict]) -> float:
+    """Time-weighted samples/s over the windows after the first (each window holds equal samples)."""
+    rows = history[1:] or history
+    return len(rows) / sum(1.0 / r["samples_per_s"] for r in rows)
+
+
+def bench(bank: str, workers: int, steps: int, batch: int, log_every: int) -> dict:
+    from realfake_ray import storage
+    from realfake_ray.config import load_config
+    from realfake_ray.finetune import finetune_dir, run_finetune
+
+    out = tempfile.mkdtemp(prefix=f"bench-ft-{workers}w-")
+    shutil.copytree(os.path.join(bank, "latents"), os.path.join(out, "latents"))
+    cfg = load_config(preset="tiny", out=out, overrides=[
+        f"finetune.num_workers={workers}", f"finetune.max_steps={steps}", f"finetune.batch_size={batch}",
+        f"finetune.log_every={log_every}", f"finetune.checkpoint_every={steps}",
+    ])
+    started = time.time()
+    done = run_finetune(cfg)
+    call_s = time.time() - started
+    text = storage.read_text(storage.join(finetune_dir(out), "metrics.jsonl"))
+    history = [json.loads(line) for line in text.splitlines()]
+    shutil.rmtree(out, ignore_errors=True)
+    return {
+        "workers": workers,
+        "global_batch": batch * workers,
+        "steps": steps,
+        "steady_samples_per_s": round(steady_rate(history), 1),
+        "loop_samples_per_s": done["samples_per_s"],
+        "call_s": round(call_s, 1),
+        "final_loss": round(done["final_loss"], 4),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workers", default="1,2", help="comma list of worker counts")
+    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--batch-size", type=int, default=16, help="per worker (the tiny preset's)")
+    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--num-cpus", type=int, default=None, help="local Ray cluster CPUs (default: all cores)")
+    parser.add_argument("--bank", default=None, help="a run directory that already holds the tiny latent bank")
+    args = parser.parse_args()
+
+    import torch
+
+    from realfake_ray._internal.cluster import init_ray
+    from realfake_ray.config import RayConfig, load_config
+    from realfake_ray.encode import run_encode
+    from realfake_ray.plots import markdown_table
+    from bench_train_cpu import machine  # the CPU model line from lscpu
+
+    init_ray(RayConfig(num_cpus=args.num_cpus))
+    bank = args.bank
+    if bank is None:
+        bank = tempfile.mkdtemp(prefix="bench-ft-bank-")
+        run_encode(load_config(preset="tiny", out=bank))
+    rows = [bench(bank, int(w), args.steps, args.batch_size, args.log_every) for w in args.workers.split(",")]
+    print(f"# bench_finetune_cpu: tiny preset (latent 4x16x16), {machine()}, torch {torch.__version__}, "
+          f"Ray cluster of {args.num_cpus or os.cpu_count()} CPUs")
+    print(markdown_table(rows))
+
+
+if __name__ == "__main__":
+    main()

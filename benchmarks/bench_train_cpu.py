@@ -1,0 +1,144 @@
+#!/usr/bin/env python
+"""Classifier training throughput on CPU, tiny preset (resnet_tiny, 32 px, embedded digits).
+
+Measures, on a local Ray cluster (``--num-cpus``, default: all cores):
+
+* ``decode ceiling``: the Ray Data decode stage alone (rows → ``storage.read_bytes`` + PIL decode +
+  resize on CPU tasks, the same ``decoded_dataset`` the trainer consumes), the real train split
+  repeated ``--repeat`` times, iterated to the end: images/s with nothing downstream.
+* ``loop, 1 process``: ``apply_train_transform`` + ``train_step`` on uint8 batches already in memory,
+  one thread, no Ray: what one worker could do with free data.
+* ``run_train`` with 1 and 2 workers (``--workers``): the real stage (Ray Train, DDP over gloo, Ray Data
+  streaming), ``--epochs`` epochs on the real split; images/s from ``metrics.jsonl`` over the epochs
+  after the first (the first holds the pipeline start), plus the whole call's wall time.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_train_cpu.py
+    OMP_NUM_THREADS=1 python benchmarks/bench_train_cpu.py --workers 2 --epochs 3 --write BENCHMARKS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+SECTION = "## Classifier training (CPU)"
+
+
+def machine() -> str:
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("Model name")), "?")
+    except OSError:
+        model = "?"
+    return f"{model}, {os.cpu_count()} cores, no GPU"
+
+
+def decode_ceiling(repeat: int) -> dict:
+    from realfake_ray.config import load_config
+    from realfake_ray.train import decoded_dataset, real_rows, rows_dataset
+
+    cfg = load_config(preset="tiny", out=tempfile.mkdtemp(prefix="bench-train-"))
+    rows = real_rows(cfg.data.train, cfg)[1] * repeat
+    ds = decoded_dataset(rows_dataset(rows), cfg.train.image_size, cfg)
+    began, n = time.time(), 0
+    for batch in ds.iter_batches(batch_size=256, batch_format="numpy"):
+        n += len(batch["label"])
+    seconds = time.time() - began
+    return {"what": "Ray Data decode only", "workers": "-", "images": n, "seconds": round(seconds, 2),
+            "images_per_s": round(n / seconds, 1), "images_per_s_per_worker": None}
+
+
+def loop_one_process(steps: int, batch: int) -> dict:
+    import numpy as np
+    import torch
+
+    from realfake_ray.classifier import apply_train_transform, build_classifier, build_optimizer, train_step
+
+    torch.set_num_threads(1)
+    model = build_classifier("resnet_tiny", 10)
+    opt = build_optimizer(model, 0.05)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
+    labels = torch.from_numpy(rng.integers(0, 10, batch))
+    train_step(model, opt, None, apply_train_transform(images, 32, 0), labels)  # warm-up
+    began = time.time()
+    for step in range(steps):
+        train_step(model, opt, None, apply_train_transform(images, 32, step), labels)
+    seconds = time.time() - began
+    rate = steps * batch / seconds
+    return {"what": "transform + train_step, no Ray (1 thread)", "workers": 1, "images": steps * batch,
+            "seconds": round(seconds, 2), "images_per_s": round(rate, 1), "images_per_s_per_worker": round(rate, 1)}
+
+
+def run_train_rate(workers: int, epochs: int) -> dict:
+    from realfake_ray.config import load_config
+    from realfake_ray.train import read_metrics, run_train
+
+    out = tempfile.mkdtemp(prefix=f"bench-train-{workers}w-")
+    cfg = load_config(preset="tiny", out=out, overrides=[
+        "train.source=real", f"train.num_workers={workers}", f"train.epochs={epochs}",
+        "evaluate.distribution_metrics=false",
+    ])
+    began = time.time()
+    summary = run_train(cfg)
+    call = time.time() - began
+    rows = read_metrics(out)
+    steady = rows[1:] or rows
+    images, seconds = sum(r["train_images"] for r in steady), sum(r["seconds"] for r in steady)
+    return {"what": f"run_train, real, {epochs} epochs (call {call:.0f} s, val top-1 "
+                    f"{summary['evaluation']['sets']['val']['top1']:.3f})",
+            "workers": workers, "images": images, "seconds": round(seconds, 2),
+            "images_per_s": round(images / seconds, 1), "images_per_s_per_worker": round(images / seconds / workers, 1)}
+
+
+def write_section(path: str, text: str) -> None:
+    """Replace this script's section of ``path`` (or append it); other sections stay as they are."""
+    old = Path(path).read_text() if os.path.exists(path) else "# Benchmarks\n"
+    if SECTION in old:
+        head, rest = old.split(SECTION, 1)
+        tail = rest[rest.find("\n## ") + 1:] if "\n## " in rest else ""
+        new = head + text + ("\n" + tail if tail else "")
+    else:
+        new = old.rstrip("\n") + "\n\n" + text
+    Path(path).write_text(new)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workers", default="1,2", help="comma list of Ray Train worker counts")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=4, help="copies of the 1,437-image split for the decode ceiling")
+    parser.add_argument("--num-cpus", type=int, default=None)
+    parser.add_argument("--write", metavar="BENCHMARKS.md", help="write the results as this script's section")
+    args = parser.parse_args()
+
+    import ray
+
+    from realfake_ray._internal.cluster import init_ray
+    from realfake_ray.config import RayConfig
+    from realfake_ray.plots import markdown_table
+
+    init_ray(RayConfig(num_cpus=args.num_cpus or os.cpu_count()))
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    rows = [decode_ceiling(args.repeat), loop_one_process(steps=10, batch=64)]
+    rows += [run_train_rate(int(w), args.epochs) for w in args.workers.split(",")]
+    table = markdown_table(rows, ["what", "workers", "images", "seconds", "images_per_s", "images_per_s_per_worker"])
+    text = (f"{SECTION}\n\nMachine: {machine()} (torch {__import__('torch').__version__}, Ray {ray.__version__}); "
+            f"`OMP_NUM_THREADS=1 python benchmarks/bench_train_cpu.py`. Tiny preset: resnet_tiny at 32 px, "
+            f"batch 64 per worker, embedded digits (1,437 train images).\n\n{table}\n")
+    print(text)
+    if args.write:
+        write_section(args.write, text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,646 @@
+"""Fine-tune stage: LoRA distribution-matching fine-tuning of the UNet on the latent bank (Ray Train).
+
+The driver validates everything first (bank, model widths, bank/VAE compatibility, step target),
+then runs a ``TorchTrainer``: each worker streams its shard of ``<out>/latents/train`` (no VAE is
+loaded: latents are drawn from the stored posterior), trains the LoRA adapter with
+:func:`realfake_ray.losses.finetune_loss` under DDP, and reports checkpoints (LoRA, optimizer, step,
+RNG, metric history) to ``<out>/finetune/finetune``. A new call with the same ``out`` resumes from the
+newest checkpoint. Outputs: ``<out>/lora/pytorch_lora_weights.safetensors`` (diffusers LoRA format),
+``<out>/finetune/{config.yaml, metrics.jsonl, loss.png, _done.json}``.
+
+Example:
+    >>> from realfake_ray.config import load_config
+    >>> from realfake_ray.finetune import run_finetune
+    >>> done = run_finetune(load_config(preset="tiny", out="runs/tiny"))  # doctest: +SKIP
+    >>> done["step"]  # doctest: +SKIP
+    40
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
+
+from realfake_ray import storage
+from realfake_ray.config import FinetuneConfig, RunConfig, build_config, dump_config
+from realfake_ray.encode import bank_dir, meta_url, read_meta
+from realfake_ray.lora import LORA_WEIGHT_NAME, add_lora, load_lora, lora_sha256, save_lora
+from realfake_ray.models import loading
+
+RUN_NAME = "finetune"  # Ray Train run name: checkpoints live in <out>/finetune/finetune/checkpoint_<step>
+CHECKPOINT_PREFIX = "checkpoint_"
+BANK_READ_COLUMNS = ["label", "class_name", "caption", "latent_mean", "latent_std", "clip_embed"]
+METRIC_KEYS = ("loss", "denoise", "dm")
+_OPTIMIZER_FILE, _STATE_FILE, _HISTORY_FILE = "optimizer.pt", "state.pt", "metrics.json"
+
+
+def finetune_dir(out: str) -> str:
+    """``<out>/finetune``: config, metrics, plot, ``_done.json`` and the Ray Train checkpoints."""
+    return storage.join(out, "finetune")
+
+
+def lora_dir(out: str) -> str:
+    """``<out>/lora``: the final ``pytorch_lora_weights.safetensors``."""
+    return storage.join(out, "lora")
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from the run seed and labels (rank, purpose, epoch): stable across processes."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+# ---------------------------------------------------------------------------------- planning
+
+
+@dataclass(frozen=True)
+class FinetunePlan:
+    """What the driver resolved and checked; every worker trains from it (plain data, picklable)."""
+
+    model_dir: str
+    bank_files: tuple[str, ...]
+    rows: int
+    steps_per_epoch: int
+    total_steps: int
+    prediction_type: str
+    num_train_timesteps: int
+    num_classes: int
+    class_means: tuple[tuple[float, ...], ...] | None = None  # only for guidance="class_mean"
+
+
+def _bank_error(out: str, what: str) -> FileNotFoundError:
+    return FileNotFoundError(f"{what} (no usable latent bank at {bank_dir(out)}): run `realfake encode` first with the same --out")
+
+
+def step_target(ft: FinetuneConfig, rows: int) -> tuple[int, int]:
+    """``(steps_per_epoch, total_steps)``: each worker gets ⌊rows / workers⌋ rows per epoch, drops the last partial batch.
+
+    Example:
+        >>> step_target(FinetuneConfig(num_workers=2, batch_size=16, epochs=3), rows=1000)
+        (31, 93)
+    """
+    per_epoch = (rows // ft.num_workers) // ft.batch_size
+    if per_epoch == 0:
+        raise ValueError(
+            f"finetune.batch_size={ft.batch_size} x finetune.num_workers={ft.num_workers} is larger than the "
+            f"{rows} training rows of the bank: lower the batch size or the number of workers"
+        )
+    return per_epoch, ft.max_steps or ft.epochs * per_epoch
+
+
+def _read_bank(cfg: RunConfig) -> tuple[dict, list[str]]:
+    """The bank's ``_meta.json`` and its train part files, or a clear error."""
+    from realfake_ray._internal.shards import part_files
+
+    meta = read_meta(cfg.out)
+    if meta is None:
+        raise _bank_error(cfg.out, f"{meta_url(cfg.out)} not found")
+    files = part_files(bank_dir(cfg.out, "train"))
+    rows = int(meta.get("splits", {}).get("train", {}).get("rows", 0))
+    if not files or rows == 0:
+        raise _bank_error(cfg.out, "the bank has no train rows")
+    return meta, files
+
+
+def _tensor_shape(files: list[str], column: str) -> list[int]:
+    """Shape of one row of a Ray tensor column, read from the Parquet schema (no data read)."""
+    import pyarrow.parquet as pq
+
+    with storage.open_file(files[0]) as f:
+        field = pq.read_schema(f).field(column)
+    if getattr(field.type, "shape", None) is not None:  # Ray's extension type is registered (Ray imported)
+        return [int(d) for d in field.type.shape]
+    raw = (field.metadata or {}).get(b"ARROW:extension:metadata")
+    if raw is None:
+        raise ValueError(f"{files[0]}: column {column!r} is not a tensor column; re-encode the bank")
+    return [int(d) for d in json.loads(raw)]
+
+
+def _read_scheduler_config(model_dir: str) -> dict:
+    path = os.path.join(model_dir, "scheduler", "scheduler_config.json")
+    if not os.path.exists(path):
+        raise loading.ModelLoadError(f"{model_dir}: missing scheduler/scheduler_config.json")
+    with open(path) as f:
+        return json.load(f)
+
+
+def check_model_and_bank(cfg: RunConfig, meta: dict, files: list[str], model_dir: str) -> dict:
+    """Fail before any Ray work when the model cannot train on this bank; returns scheduler facts.
+
+    Example:
+        >>> check_model_and_bank(cfg, read_meta(cfg.out), files, model_dir)  # doctest: +SKIP
+        {'prediction_type': 'epsilon', 'num_train_timesteps': 1000}
+    """
+    unet = loading.read_component_config(model_dir, "unet")
+    text = loading.read_component_config(model_dir, "text_encoder")
+    vae_sha = loading.weights_sha256(os.path.join(model_dir, "vae"))
+    if meta["model"].get("vae_sha256") != vae_sha:
+        raise ValueError(
+            f"the latent bank at {bank_dir(cfg.out)} was encoded with another VAE ({meta['model'].get('pretrained')}) "
+            f"than model.pretrained={cfg.model.pretrained!r}; re-encode with this model (new --out)"
+        )
+    if int(text["hidden_size"]) != int(unet["cross_attention_dim"]):
+        raise ValueError(
+            f"{model_dir}: text encoder width {text['hidden_size']} != UNet cross_attention_dim {unet['cross_attention_dim']}"
+        )
+    channels, *hw = meta["latent_shape"]
+    if channels != int(unet["in_channels"]):
+        raise ValueError(f"bank latents have {channels} channels but the UNet expects in_channels={unet['in_channels']}")
+    size = unet.get("sample_size")
+    if size is not None and hw != [int(size)] * 2:
+        factor = meta["model"]["vae_downsample"]
+        raise ValueError(
+            f"bank latents are {hw[0]}x{hw[1]} (encode.resolution={meta['resolution']}) but the UNet's sample_size is "
+            f"{size}: re-encode with encode.resolution={int(size) * factor}"
+        )
+    if _tensor_shape(files, "latent_mean") != meta["latent_shape"]:
+        raise ValueError(f"{files[0]}: latent_mean shape differs from _meta.json latent_shape {meta['latent_shape']}")
+    if cfg.finetune.guidance != "none":
+        from realfake_ray.guidance import check_guidance_width
+
+        check_guidance_width(int(text["hidden_size"]), _tensor_shape(files, "clip_embed")[0])
+    sched = _read_scheduler_config(model_dir)
+    prediction_type = sched.get("prediction_type", "epsilon")
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"{model_dir}: scheduler prediction_type {prediction_type!r}; supported: epsilon, v_prediction")
+    return {"prediction_type": prediction_type, "num_train_timesteps": int(sched.get("num_train_timesteps", 1000))}
+
+
+def class_mean_embeddings(files: list[str], num_classes: int) -> np.ndarray:
+    """Per-class mean of the bank's ``clip_embed`` [num_classes, D] (float32), streamed file by file.
+
+    Example:
+        >>> class_mean_embeddings(part_files(bank_dir("runs/tiny", "train")), 10).shape  # doctest: +SKIP
+        (10, 32)
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sums, counts = None, np.zeros(num_classes, dtype=np.int64)
+    for url in files:
+        with storage.open_file(url) as f:
+            table = pq.read_table(f, columns=["label", "clip_embed"])
+        column = table.column("clip_embed").combine_chunks()
+        column = column.storage if isinstance(column, pa.ExtensionArray) else column
+        labels = table.column("label").to_numpy()
+        embeds = column.flatten().to_numpy(zero_copy_only=False).astype(np.float64).reshape(len(labels), -1)
+        sums = np.zeros((num_classes, embeds.shape[1])) if sums is None else sums
+        np.add.at(sums, labels, embeds)
+        counts += np.bincount(labels, minlength=num_classes)
+    empty = np.flatnonzero(counts == 0).tolist()
+    if empty:
+        raise ValueError(f"finetune.guidance=class_mean: classes without any bank row: {empty[:20]}")
+    return (sums / counts[:, None]).astype(np.float32)
+
+
+def plan_finetune(cfg: RunConfig, meta: dict, files: list[str], total_steps: int) -> FinetunePlan:
+    """Resolve the model and check it against the bank (no Ray); see :func:`check_model_and_bank`."""
+    model_dir = loading.resolve_model_dir(cfg.model.pretrained, cfg.model.revision, cfg.model.hub_timeout_s)
+    facts = check_model_and_bank(cfg, meta, files, model_dir)
+    num_classes = len(meta["class_dirs"])
+    means = None
+    if cfg.finetune.guidance == "class_mean":
+        means = tuple(tuple(float(v) for v in row) for row in class_mean_embeddings(files, num_classes))
+    per_epoch, _ = step_target(cfg.finetune, int(meta["splits"]["train"]["rows"]))
+    return FinetunePlan(
+        model_dir=model_dir,
+        bank_files=tuple(files),
+        rows=int(meta["splits"]["train"]["rows"]),
+        steps_per_epoch=per_epoch,
+        total_steps=total_steps,
+        num_classes=num_classes,
+        class_means=means,
+        **facts,
+    )
+
+
+def checkpoint_steps(out: str) -> list[int]:
+    """Steps of the checkpoints stored below ``<out>/finetune/finetune`` (sorted).
+
+    Example:
+        >>> checkpoint_steps("runs/tiny")  # doctest: +SKIP
+        [20, 40]
+    """
+    root = storage.join(finetune_dir(out), RUN_NAME)
+    if not storage.exists(root):
+        return []
+    names = [n for n, is_dir in storage.listdir(root) if is_dir and n.startswith(CHECKPOINT_PREFIX)]
+    return sorted(int(n[len(CHECKPOINT_PREFIX) :]) for n in names if n[len(CHECKPOINT_PREFIX) :].isdigit())
+
+
+# ---------------------------------------------------------------------------------- the worker
+
+
+class BankCollate(NumpyBatchCollateFn):
+    """Bank rows (numpy) → tensors: prompt token ids, posterior mean/std, CLIP embedding, label.
+
+    The ``collate_fn`` of ``iter_torch_batches``; Ray moves the returned tensors to the worker's device.
+
+    Example:
+        >>> BankCollate(tokenizer)(shard_batch)["input_ids"].shape  # doctest: +SKIP
+        torch.Size([16, 77])
+    """
+
+    def __init__(self, tokenizer) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        from realfake_ray.prompts import build_prompt, tokenize
+
+        prompts = [build_prompt(str(name), str(caption or "")) for name, caption in zip(batch["class_name"], batch["caption"])]
+        return {
+            "input_ids": tokenize(self.tokenizer, prompts),
+            "latent_mean": torch.as_tensor(np.asarray(batch["latent_mean"], dtype=np.float32)),
+            "latent_std": torch.as_tensor(np.asarray(batch["latent_std"], dtype=np.float32)),
+            "clip_embed": torch.as_tensor(np.asarray(batch["clip_embed"], dtype=np.float32)),
+            "label": torch.as_tensor(np.array(batch["label"], dtype=np.int64)),  # a copy: Ray arrays are read-only
+        }
+
+
+@dataclass
+class _Models:
+    unet: torch.nn.Module  # DDP-wrapped when world size > 1
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler: object
+    params: list
+    weight_dtype: torch.dtype
+
+
+def _weight_dtype(mixed_precision: str, device: torch.device) -> torch.dtype:
+    """Frozen-weight dtype: fp16/bf16 on GPU as configured; always fp32 on CPU."""
+    if device.type != "cuda":
+        return torch.float32
+    return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
+
+
+def _load_models(model_dir: str, ft: FinetuneConfig, seed: int, device: torch.device,
+                 dtype: torch.dtype | None = None) -> _Models:
+    """Tokenizer, frozen text encoder, UNet + LoRA (identically initialised on every rank), DDPM scheduler.
+
+    ``dtype`` (default: from ``ft.mixed_precision`` and the device) is the frozen weights' dtype.
+    """
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    dtype = dtype or _weight_dtype(ft.mixed_precision, device)
+    tokenizer = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", torch_dtype=dtype, use_safetensors=True)
+    text_encoder.requires_grad_(False).eval().to(device)
+    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", torch_dtype=dtype, use_safetensors=True)
+    unet.to(device)
+    torch.manual_seed(derive_seed(seed, "lora-init"))
+    params = add_lora(unet, ft.lora_rank, ft.lora_alpha, ft.lora_targets)
+    scheduler = DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
+    return _Models(unet, text_encoder, tokenizer, scheduler, params, dtype)
+
+
+@dataclass
+class _TrainState:
+    step: int = 0
+    epoch: int = 0
+    history: list | None = None  # one dict per logged step
+    resumed_from: int = 0
+
+
+def _restore(ckpt, models: _Models, optimizer, scaler, generator: torch.Generator, rank: int) -> _TrainState:
+    """Load LoRA, optimizer, step/epoch, this rank's RNG state and the metric history from a checkpoint."""
+    with ckpt.as_directory() as directory:
+        load_lora(models.unet, directory)
+        optimizer.load_state_dict(torch.load(os.path.join(directory, _OPTIMIZER_FILE), map_location="cpu", weights_only=True))
+        state = torch.load(os.path.join(directory, _STATE_FILE), map_location="cpu", weights_only=True)
+        with open(os.path.join(directory, _HISTORY_FILE)) as f:
+            history = json.load(f)
+    rng = state["rng"]
+    if len(rng) > rank:  # same world size: continue each rank's stream exactly
+        generator.set_state(rng[rank])
+    else:  # the world grew: new ranks start a fresh, still seeded stream
+        generator.manual_seed(derive_seed(state["seed"], "rng", rank, state["step"]))
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    return _TrainState(step=int(state["step"]), epoch=int(state["epoch"]), history=history, resumed_from=int(state["step"]))
+
+
+def _save_checkpoint(directory: str, models: _Models, optimizer, scaler, st: _TrainState, rng: list, seed: int) -> None:
+    unet = getattr(models.unet, "module", models.unet)
+    save_lora(unet, directory)
+    torch.save(optimizer.state_dict(), os.path.join(directory, _OPTIMIZER_FILE))
+    state = {"step": st.step, "epoch": st.epoch, "rng": rng, "seed": seed, "scaler": scaler.state_dict() if scaler else {}}
+    torch.save(state, os.path.join(directory, _STATE_FILE))
+    with open(os.path.join(directory, _HISTORY_FILE), "w") as f:
+        json.dump(st.history, f)
+
+
+def _gather_rng(generator: torch.Generator) -> list[torch.Tensor]:
+    """Every rank's generator state (collective), so rank 0's checkpoint can resume all of them."""
+    import torch.distributed as dist
+
+    state = generator.get_state()
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [state]
+    states: list = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return [torch.as_tensor(s) for s in states]
+
+
+def _all_mean(values: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        values = values.clone()
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    return values
+
+
+def _lr_at(ft: FinetuneConfig, step: int) -> float:
+    """Constant learning rate after an optional linear warm-up over ``warmup_steps``."""
+    if ft.warmup_steps and step < ft.warmup_steps:
+        return ft.lr * (step + 1) / ft.warmup_steps
+    return ft.lr
+
+
+def _guidance_token(ft: FinetuneConfig, batch: dict, class_means: torch.Tensor | None) -> torch.Tensor | None:
+    if ft.guidance == "image":
+        return batch["clip_embed"]
+    if ft.guidance == "class_mean":
+        return class_means[batch["label"]]
+    return None
+
+
+def _sample_latents(batch: dict, generator: torch.Generator, hflip: bool) -> torch.Tensor:
+    """Draw from the stored posterior (mean + std·ε) and flip half the batch horizontally."""
+    mean, std = batch["latent_mean"], batch["latent_std"]
+    latents = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device)
+    if hflip:
+        flip = torch.rand(len(latents), generator=generator, device=mean.device) < 0.5
+        latents = torch.where(flip.view(-1, 1, 1, 1), latents.flip(-1), latents)
+    return latents
+
+
+def train_step(models: _Models, batch: dict, generator: torch.Generator, ft: FinetuneConfig, prediction_type: str,
+               class_means: torch.Tensor | None, optimizer, scaler) -> torch.Tensor:
+    """One optimisation step on a local batch; returns the detached ``[loss, denoise, dm]``.
+
+    Example:
+        >>> train_step(models, batch, torch.Generator().manual_seed(0), ft, "epsilon", None, opt, None)  # doctest: +SKIP
+        tensor([1.0312, 0.8470, 61.2331])
+    """
+    from realfake_ray.guidance import encode_text
+    from realfake_ray.losses import finetune_loss
+
+    latents = _sample_latents(batch, generator, ft.hflip)
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device)
+    sched = models.scheduler
+    timesteps = torch.randint(0, sched.config.num_train_timesteps, (len(latents),), generator=generator, device=latents.device)
+    noisy = sched.add_noise(latents, noise, timesteps)
+    target = noise if prediction_type == "epsilon" else sched.get_velocity(latents, noise, timesteps)
+    with torch.no_grad():
+        hidden = encode_text(models.text_encoder, batch["input_ids"], _guidance_token(ft, batch, class_means))
+    device_type = latents.device.type
+    with torch.autocast(device_type, dtype=models.weight_dtype, enabled=models.weight_dtype != torch.float32):
+        pred = models.unet(noisy.to(models.weight_dtype), timesteps, hidden.to(models.weight_dtype), return_dict=False)[0]
+    out = finetune_loss(
+        pred.float(), target.float(), timesteps, sched.alphas_cumprod, gamma=ft.snr_gamma,
+        prediction_type=prediction_type, dm_weight=ft.mmd_weight, dm_kernel=ft.mmd_kernel, dm_scope=ft.mmd_scope,
+    )
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(out["loss"]).backward()
+        scaler.unscale_(optimizer)
+    else:
+        out["loss"].backward()
+    if ft.grad_clip:
+        torch.nn.utils.clip_grad_norm_(models.params, ft.grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return torch.stack([out[k].detach().float() for k in METRIC_KEYS])
+
+
+def _report(st: _TrainState, models, optimizer, scaler, generator, cfg: RunConfig, metrics: dict, rank: int) -> None:
+    """Checkpoint (rank 0 writes, every rank reports) and mirror the metric history to metrics.jsonl."""
+    from ray import train
+
+    rng = _gather_rng(generator)
+    if rank != 0:
+        train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory(prefix="realfake-ft-ckpt-") as tmp:
+        _save_checkpoint(tmp, models, optimizer, scaler, st, rng, cfg.seed)
+        train.report(metrics, checkpoint=train.Checkpoint.from_directory(tmp),
+                     checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{st.step:08d}")
+    write_metrics(cfg.out, st.history)
+
+
+def train_loop(loop_config: dict) -> None:
+    """Ray Train per-worker loop (see the module docstring); ``loop_config = {"cfg": ..., "plan": ...}``."""
+    from ray import train
+    from ray.train.torch import get_device, prepare_model
+
+    cfg, plan = build_config(loop_config["cfg"]), FinetunePlan(**loop_config["plan"])
+    ft = cfg.finetune
+    ctx = train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = get_device()
+    models = _load_models(plan.model_dir, ft, cfg.seed, device)
+    optimizer = torch.optim.AdamW(models.params, lr=ft.lr, weight_decay=ft.weight_decay)
+    use_scaler = device.type == "cuda" and models.weight_dtype == torch.float16
+    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+    generator = torch.Generator(device=device).manual_seed(derive_seed(cfg.seed, "rng", rank, 0))
+    ckpt = train.get_checkpoint()
+    st = _restore(ckpt, models, optimizer, scaler, generator, rank) if ckpt else _TrainState(history=[])
+    models.unet = prepare_model(models.unet)
+    class_means = torch.tensor(plan.class_means, device=device) if plan.class_means else None
+    shard = train.get_dataset_shard("train")
+    collate = BankCollate(models.tokenizer)
+    window = torch.zeros(len(METRIC_KEYS), device=device)
+    window_steps, window_start, run_start, run_steps = 0, time.perf_counter(), time.perf_counter(), 0
+    while st.step < plan.total_steps:
+        batches = shard.iter_torch_batches(
+            batch_size=ft.batch_size, drop_last=True, collate_fn=collate,
+            local_shuffle_buffer_size=ft.shuffle_buffer_size or None,
+            local_shuffle_seed=derive_seed(cfg.seed, "shuffle", rank, st.epoch) % (2**31),
+        )
+        seen = 0
+        for batch in batches:
+            for group in optimizer.param_groups:
+                group["lr"] = _lr_at(ft, st.step)
+            window += train_step(models, batch, generator, ft, plan.prediction_type, class_means, optimizer, scaler)
+            st.step, seen, window_steps, run_steps = st.step + 1, seen + 1, window_steps + 1, run_steps + 1
+            last = st.step >= plan.total_steps
+            if st.step % ft.log_every == 0 or last:
+                means = (_all_mean(window) / window_steps).tolist()
+                elapsed = time.perf_counter() - window_start
+                row = {"step": st.step, **dict(zip(METRIC_KEYS, means)), "lr": _lr_at(ft, st.step - 1),
+                       "samples_per_s": window_steps * ft.batch_size * world / elapsed, "epoch": st.epoch}
+                st.history.append(row)
+                window.zero_()
+                window_steps, window_start = 0, time.perf_counter()
+            if st.step % ft.checkpoint_every == 0 or last:
+                seconds = time.perf_counter() - run_start
+                metrics = {**st.history[-1], "step": st.step, "resumed_from": st.resumed_from, "train_seconds": seconds,
+                           "run_samples_per_s": run_steps * ft.batch_size * world / seconds}
+                _report(st, models, optimizer, scaler, generator, cfg, metrics, rank)
+            if last:
+                break
+        if seen == 0:
+            raise RuntimeError(f"rank {rank}: the bank shard yielded no full batch of {ft.batch_size} rows")
+        if st.step < plan.total_steps:
+            st.epoch += 1
+    if run_steps == 0:  # resumed at the target (e.g. the last run stopped before writing outputs)
+        train.report({"step": st.step, "resumed_from": st.resumed_from, "train_seconds": 0.0, "run_samples_per_s": 0.0})
+
+
+# ---------------------------------------------------------------------------------- the driver
+
+
+def write_metrics(out: str, history: list[dict]) -> None:
+    """``<out>/finetune/metrics.jsonl``: one JSON object per logged step (atomic rewrite).
+
+    Example:
+        >>> write_metrics("memory://run", [{"step": 1, "loss": 0.9}])
+    """
+    text = "".join(json.dumps(row, sort_keys=True) + "\n" for row in history)
+    storage.write_text(storage.join(finetune_dir(out), "metrics.jsonl"), text)
+
+
+def _write_loss_plot(out: str, history: list[dict]) -> None:
+    from realfake_ray.plots import plot_curves
+
+    with tempfile.TemporaryDirectory(prefix="realfake-ft-plot-") as tmp:
+        path = plot_curves(history, "step", list(METRIC_KEYS), os.path.join(tmp, "loss.png"), title="LoRA fine-tuning", logy=True)
+        storage.upload_file(path, storage.join(finetune_dir(out), "loss.png"))
+
+
+def _use_gpu(ft: FinetuneConfig) -> bool:
+    from realfake_ray._internal.cluster import cluster_gpus
+
+    return cluster_gpus() > 0 if ft.use_gpu == "auto" else bool(ft.use_gpu)
+
+
+def _cpus_per_worker(ft: FinetuneConfig, use_gpu: bool) -> float:
+    """``auto``: 1 CPU per worker, but on a CPU cluster smaller than workers + 1 CPUs split what is left
+    after one CPU for the Ray Data reader (a 2-core laptop would otherwise starve the data pipeline)."""
+    import ray
+
+    if ft.cpus_per_worker != "auto":
+        return float(ft.cpus_per_worker)
+    total = float(ray.cluster_resources().get("CPU", 0.0))
+    if use_gpu or total >= ft.num_workers + 1:
+        return 1.0
+    share = (total - 1.0) / ft.num_workers
+    if share < 0.1:
+        raise ValueError(
+            f"finetune.num_workers={ft.num_workers} CPU workers do not fit a cluster with {total:g} CPUs "
+            "(one is kept for reading the bank): use fewer workers or set finetune.cpus_per_worker"
+        )
+    return share
+
+
+def _bank_dataset(files: tuple[str, ...]):
+    """The train bank as a Ray Dataset over its complete part files (temporary files never read)."""
+    import ray.data
+
+    fs, _ = storage.arrow_filesystem(files[0])
+    paths = [storage.filesystem(url)[1] for url in files]
+    return ray.data.read_parquet(paths, filesystem=fs, columns=BANK_READ_COLUMNS)
+
+
+def _fit(cfg: RunConfig, plan: FinetunePlan):
+    """Run the TorchTrainer; returns the Ray Train ``Result``."""
+    from ray import train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    use_gpu = _use_gpu(cfg.finetune)
+    fs, path = storage.arrow_filesystem(finetune_dir(cfg.out))
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "plan": asdict(plan)},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=train.ScalingConfig(
+            num_workers=cfg.finetune.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": _cpus_per_worker(cfg.finetune, use_gpu), **({"GPU": 1} if use_gpu else {})},
+        ),
+        run_config=train.RunConfig(
+            name=RUN_NAME,
+            storage_path=path,
+            storage_filesystem=fs,
+            failure_config=train.FailureConfig(max_failures=cfg.finetune.max_failures),
+            checkpoint_config=train.CheckpointConfig(num_to_keep=cfg.finetune.keep_checkpoints),
+        ),
+        datasets={"train": _bank_dataset(plan.bank_files)},
+    )
+    return trainer.fit()
+
+
+def _finish(cfg: RunConfig, result, started: float) -> dict:
+    """Publish the final LoRA, metrics, plot and ``_done.json`` from the newest checkpoint."""
+    if result.checkpoint is None:
+        raise RuntimeError(f"fine-tuning reported no checkpoint (see the Ray Train logs under {finetune_dir(cfg.out)})")
+    with result.checkpoint.as_directory() as directory:
+        step = int(torch.load(os.path.join(directory, _STATE_FILE), map_location="cpu", weights_only=True)["step"])
+        with open(os.path.join(directory, _HISTORY_FILE)) as f:
+            history = json.load(f)
+        storage.upload_file(os.path.join(directory, LORA_WEIGHT_NAME), storage.join(lora_dir(cfg.out), LORA_WEIGHT_NAME))
+        sha = lora_sha256(directory)
+    write_metrics(cfg.out, history)
+    _write_loss_plot(cfg.out, history)
+    metrics = result.metrics or {}
+    done = {
+        "step": step,
+        "lora": storage.join(lora_dir(cfg.out), LORA_WEIGHT_NAME),
+        "lora_sha256": sha,
+        "wall_seconds": round(time.time() - started, 2),
+        "train_seconds": round(float(metrics.get("train_seconds", 0.0)), 2),
+        "samples_per_s": round(float(metrics.get("run_samples_per_s", 0.0)), 2),
+        "resumed_from": int(metrics.get("resumed_from", 0)),
+        "final_loss": history[-1]["loss"] if history else None,
+        "num_workers": cfg.finetune.num_workers,
+    }
+    storage.write_json(storage.join(finetune_dir(cfg.out), "_done.json"), done)
+    return done
+
+
+def run_finetune(cfg: RunConfig) -> dict:
+    """Fine-tune the LoRA adapter on ``<out>/latents/train``; resume or skip when work already exists.
+
+    Returns the ``_done.json`` record (with ``skipped: True`` when it already matched the step target).
+
+    Example:
+        >>> cfg = load_config(preset="tiny", out="runs/tiny", overrides=["finetune.max_steps=20"])  # doctest: +SKIP
+        >>> run_finetune(cfg)["lora"]  # doctest: +SKIP
+        'runs/tiny/lora/pytorch_lora_weights.safetensors'
+    """
+    from realfake_ray._internal.cluster import init_ray
+
+    started = time.time()
+    meta, files = _read_bank(cfg)
+    _, total = step_target(cfg.finetune, int(meta["splits"]["train"]["rows"]))
+    done_url = storage.join(finetune_dir(cfg.out), "_done.json")
+    if storage.exists(done_url):
+        done = storage.read_json(done_url)
+        if done.get("step") == total and storage.exists(storage.join(lora_dir(cfg.out), LORA_WEIGHT_NAME)):
+            return {**done, "skipped": True}
+    previous = checkpoint_steps(cfg.out)
+    if previous and previous[-1] > total:
+        raise ValueError(
+            f"{finetune_dir(cfg.out)} holds a checkpoint at step {previous[-1]}, beyond the target of {total} steps: "
+            "raise finetune.max_steps/epochs or use a new --out"
+        )
+    plan = plan_finetune(cfg, meta, files, total)
+    storage.write_text(storage.join(finetune_dir(cfg.out), "config.yaml"), dump_config(cfg))
+    init_ray(cfg.ray)
+    result = _fit(cfg, plan)
+    return _finish(cfg, result, started)

@@ -1,0 +1,533 @@
+"""Train stage: a classifier from scratch on real, synthetic or mixed images (Ray Train + Ray Data).
+
+The driver lists ``(url, label)`` rows (real ImageFolder, the synthetic manifest or folder, or both),
+checks them and the config before any Ray work, and hands Ray Data pipelines to a ``TorchTrainer``:
+rows → per-epoch seeded sampling/shuffle → CPU decode tasks → ``get_dataset_shard("train")`` on every
+worker. Each epoch is checkpointed under ``<out>/classifier/<run name>/`` (model, optimizer, scheduler,
+epoch); a rerun with the same settings (``train.epochs`` may grow) resumes from the latest checkpoint.
+Per-epoch metrics go to ``<out>/classifier/metrics.jsonl`` and ``curves.png``; the final weights to
+``model.safetensors``; then :func:`realfake_ray.evaluate.run_evaluate` runs and ``_done.json`` marks
+the run complete (a rerun with the same settings returns at once).
+
+Example:
+    >>> from realfake_ray.config import load_config
+    >>> from realfake_ray.train import run_train
+    >>> summary = run_train(load_config(preset="tiny", out="runs/tiny", **{"train.source": "real"}))  # doctest: +SKIP
+    >>> summary["evaluation"]["sets"]["val"]["top1"]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from realfake_ray import storage
+from realfake_ray.config import ConfigError, RunConfig
+from realfake_ray.data.imagefolder import DatasetError, scan_image_folder
+
+CLASSIFIER_DIR = "classifier"
+STATE_FILE = "state.pt"
+_COPY_RE = re.compile(r"__c(\d+)$")
+_CURVE_KEYS = ["train_loss", "train_acc", "val_top1", "val_top5"]
+
+
+# ------------------------------------------------------------------------------------------ locations
+def classifier_dir(out: str) -> str:
+    """``<out>/classifier``: checkpoints, metrics, curves, final weights and reports."""
+    return storage.join(out, CLASSIFIER_DIR)
+
+
+def synthetic_root(cfg: RunConfig) -> str:
+    """The synthetic ImageFolder: ``train.synthetic`` or ``<out>/synthetic/train``."""
+    return cfg.train.synthetic or storage.join(cfg.out, "synthetic", "train")
+
+
+def synthetic_manifest_dir(cfg: RunConfig) -> str:
+    """The manifest beside the synthetic ImageFolder: ``<synthetic>/../_manifest``."""
+    parent = synthetic_root(cfg).rstrip("/").rsplit("/", 1)[0]
+    return storage.join(parent, "_manifest")
+
+
+def seed_of(*parts: int) -> int:
+    """A 32-bit seed mixed from integers, e.g. ``seed_of(cfg.seed, epoch, rank, step)``."""
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+
+
+# ------------------------------------------------------------------------------------------ row lists
+def real_rows(url: str, cfg: RunConfig, class_dirs: list[str] | None = None):
+    """``(index, rows)`` of a labelled real ImageFolder; ``class_dirs`` fixes the label order."""
+    index = scan_image_folder(
+        url, classes_file=cfg.data.classes_file, extensions=cfg.data.extensions, class_dirs=class_dirs
+    )
+    return index, [{"url": r.url, "label": r.label} for r in index.records]
+
+
+def class_index(class_dirs: list[str]) -> dict[str, int]:
+    """Folder name → real label; synthetic folders are ``storage.safe_name`` of the real folder names."""
+    index = {storage.safe_name(d): i for i, d in enumerate(class_dirs)}
+    index.update({d: i for i, d in enumerate(class_dirs)})
+    return index
+
+
+def unknown_classes_error(where: str, unknown: list[str], class_dirs: list[str]) -> DatasetError:
+    """The error for class folders of ``where`` that are not among the real ``class_dirs``."""
+    shown = ", ".join(map(repr, sorted(unknown)[:10])) + (" ..." if len(unknown) > 10 else "")
+    return DatasetError(
+        f"{where}: class folder(s) {shown} are not among the {len(class_dirs)} real classes "
+        f"({', '.join(class_dirs[:5])}{', ...' if len(class_dirs) > 5 else ''})"
+    )
+
+
+def _manifest_rows(cfg: RunConfig, class_dirs: list[str], table) -> list[dict]:
+    root, lookup = synthetic_root(cfg), class_index(class_dirs)
+    data = {c: table.column(c).to_pylist() for c in table.column_names}
+    unknown = sorted({c for c in data["class_dir"] if c not in lookup})
+    if unknown:
+        raise unknown_classes_error(f"synthetic manifest {synthetic_manifest_dir(cfg)}", unknown, class_dirs)
+    copies = data.get("copy_idx") or [0] * len(data["path"])
+    rows = []
+    for path, label, cdir, copy in zip(data["path"], data["label"], data["class_dir"], copies):
+        if int(label) != lookup[cdir]:
+            raise DatasetError(
+                f"synthetic manifest {synthetic_manifest_dir(cfg)}: {path} has label {label} but class "
+                f"folder {cdir!r} is real label {lookup[cdir]} (generated from another class list?)"
+            )
+        rows.append({"url": storage.join(root, path), "label": int(label), "copy_idx": int(copy)})
+    return rows
+
+
+def _folder_rows(cfg: RunConfig, class_dirs: list[str]) -> list[dict]:
+    root, lookup = synthetic_root(cfg), class_index(class_dirs)
+    if not storage.isdir(root):
+        raise DatasetError(f"no synthetic data at {root} (run `realfake generate` first, or set train.synthetic)")
+    unknown = [name for name, is_dir in storage.listdir(root) if is_dir and name not in lookup]
+    if unknown:
+        raise unknown_classes_error(f"synthetic set {root}", unknown, class_dirs)
+    index = scan_image_folder(root, extensions=cfg.data.extensions)
+    rows = []
+    for rec in index.records:
+        match = _COPY_RE.search(os.path.splitext(rec.url.rsplit("/", 1)[-1])[0])
+        rows.append({"url": rec.url, "label": lookup[rec.class_dir], "copy_idx": int(match.group(1)) if match else 0})
+    return rows
+
+
+def synthetic_rows(cfg: RunConfig, class_dirs: list[str]) -> list[dict]:
+    """Rows ``{url, label, copy_idx}`` of the synthetic set, from its manifest when present (labels from
+    it) else from its folders; only copies ``< train.synthetic_mult`` when that is set.
+
+    Raises :class:`DatasetError` naming folders that are not real classes, or for an empty set.
+    """
+    from realfake_ray._internal.shards import part_files, read_parts
+
+    parts = part_files(synthetic_manifest_dir(cfg))
+    if parts:
+        table = read_parts(synthetic_manifest_dir(cfg))
+        missing = {"path", "label", "class_dir"} - set(table.column_names)
+        if missing:
+            raise DatasetError(f"synthetic manifest {synthetic_manifest_dir(cfg)}: missing column(s) {sorted(missing)}")
+        rows = _manifest_rows(cfg, class_dirs, table)
+    else:
+        rows = _folder_rows(cfg, class_dirs)
+    if cfg.train.synthetic_mult is not None:
+        rows = [r for r in rows if r["copy_idx"] < cfg.train.synthetic_mult]
+    if not rows:
+        raise DatasetError(f"synthetic set {synthetic_root(cfg)} is empty (train.synthetic_mult={cfg.train.synthetic_mult})")
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ planning
+def epoch_composition(n_real: int, n_synth: int, source: str, mix_ratio: float) -> tuple[float, float, int]:
+    """``(real fraction, synthetic fraction, expected images)`` sampled per epoch.
+
+    ``mix``: all real images plus enough synthetic ones that they are ``mix_ratio`` of the epoch; when
+    there are too few synthetic images, all of them plus a real subset. Example::
+
+        epoch_composition(1000, 10000, "mix", 0.5)  # → (1.0, 0.1, 2000)
+    """
+    if source == "real":
+        return 1.0, 0.0, n_real
+    if source == "synthetic":
+        return 0.0, 1.0, n_synth
+    want_synth = n_real * mix_ratio / (1.0 - mix_ratio)
+    if want_synth <= n_synth:
+        return 1.0, want_synth / n_synth, n_real + round(want_synth)
+    want_real = n_synth * (1.0 - mix_ratio) / mix_ratio
+    return want_real / n_real, 1.0, n_synth + round(want_real)
+
+
+@dataclass
+class TrainPlan:
+    """Everything the trainer needs, checked on the driver before any Ray work."""
+
+    class_dirs: list[str]
+    class_names: list[str]
+    real: list[dict]
+    synthetic: list[dict]
+    val: list[dict]
+    real_fraction: float
+    synthetic_fraction: float
+    epoch_images: int
+    steps_per_epoch: int
+    run_name: str
+    missing_synthetic_classes: list[str]
+
+
+def fingerprint(cfg: RunConfig) -> dict:
+    """What identifies a training run (everything but ``train.epochs`` and placement-only settings)."""
+    train = cfg.train.model_dump(mode="json", exclude={"epochs", "use_gpu", "decode_cpus", "checkpoint_keep", "max_failures"})
+    data = cfg.data.model_dump(mode="json", include={"train", "val", "classes_file"})
+    return {"seed": cfg.seed, "train": train, "data": data}
+
+
+def run_name(cfg: RunConfig) -> str:
+    """Ray Train run name: checkpoints of one configuration, so that a rerun resumes only its own run."""
+    digest = hashlib.sha256(json.dumps(fingerprint(cfg), sort_keys=True).encode()).hexdigest()[:10]
+    return f"run-{cfg.train.source}-{storage.safe_name(cfg.train.arch)}-{digest}"
+
+
+def _check_storage(url: str) -> None:
+    if storage.is_local(url):
+        return
+    import pyarrow.fs
+
+    try:
+        pyarrow.fs.FileSystem.from_uri(url)
+    except Exception as exc:
+        raise ConfigError(f"out: Ray Train checkpoints need a pyarrow filesystem (local, s3://, gs://, hdfs://); {url}: {exc}") from None
+
+
+def plan_training(cfg: RunConfig) -> TrainPlan:
+    """Validate data, classes, architecture and batch sizes; list the rows. No Ray work."""
+    from realfake_ray.classifier import build_classifier
+
+    t, data = cfg.train, cfg.require_data()
+    real_index, real = real_rows(data.train, cfg)
+    class_dirs = real_index.class_dirs
+    build_classifier(t.arch, len(class_dirs))  # unknown arch: the classifier's error, with suggestions
+    synth = synthetic_rows(cfg, class_dirs) if t.source in ("synthetic", "mix") else []
+    val = real_rows(data.val, cfg, class_dirs)[1] if data.val else []
+    real_frac, synth_frac, n_epoch = epoch_composition(len(real), len(synth), t.source, t.mix_ratio)
+    global_batch = t.batch_size * t.num_workers
+    if n_epoch < global_batch:
+        raise ConfigError(
+            f"train.batch_size × train.num_workers = {global_batch} exceeds the {n_epoch} images of an epoch "
+            f"(source={t.source}); lower train.batch_size"
+        )
+    _check_storage(classifier_dir(cfg.out))
+    covered = {r["label"] for r in synth}
+    missing = [d for i, d in enumerate(class_dirs) if synth and i not in covered]
+    return TrainPlan(
+        class_dirs, real_index.class_names, real if real_frac > 0 else [], synth, val,
+        real_frac, synth_frac, n_epoch, (n_epoch // t.num_workers) // t.batch_size, run_name(cfg), missing,
+    )
+
+
+# ------------------------------------------------------------------------------------------ Ray Data
+def decode_rows(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+    """CPU task: read + decode + resize to ``size``; drops the ``url`` column and undecodable rows."""
+    from realfake_ray.encode import decode_batch
+
+    decoded = decode_batch(batch, size)
+    ok = decoded["error"] == ""
+    if not ok.all():
+        bad = [f"{u}: {e}" for u, e in zip(batch["url"][~ok], decoded["error"][~ok])]
+        print(f"[realfake] skipped {len(bad)} undecodable image(s): {'; '.join(bad[:3])}")
+    keep = {k: np.asarray(v)[ok] for k, v in batch.items() if k not in ("url", "copy_idx")}
+    return {**keep, "pixels": decoded["pixels"][ok]}
+
+
+def rows_dataset(rows: list[dict], rows_per_block: int = 256):
+    """A Ray Dataset of plain rows (blocks of about ``rows_per_block``)."""
+    import ray.data
+
+    return ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // rows_per_block, 200)))
+
+
+def decoded_dataset(ds, size: int, cfg: RunConfig):
+    """``ds`` (rows with ``url``) → decoded ``pixels`` uint8 [S,S,3] on CPU tasks."""
+    return ds.map_batches(decode_rows, batch_size=64, fn_kwargs={"size": size}, num_cpus=cfg.train.decode_cpus)
+
+
+def train_dataset(plan: TrainPlan, cfg: RunConfig, first_epoch: int = 0):
+    """Per epoch (= per execution): seeded sampling of the mix, seeded global shuffle, then decode."""
+    from ray.data import RandomSeedConfig
+
+    def seeded(tag: int) -> RandomSeedConfig:
+        return RandomSeedConfig(seed=seed_of(cfg.seed, tag, first_epoch), reseed_after_execution=True)
+
+    parts = []
+    for tag, rows, fraction in ((1, plan.real, plan.real_fraction), (2, plan.synthetic, plan.synthetic_fraction)):
+        if rows and fraction > 0:
+            ds = rows_dataset([{"url": r["url"], "label": r["label"]} for r in rows])
+            parts.append(ds if fraction >= 1.0 else ds.random_sample(fraction, seed=seeded(tag)))
+    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    return decoded_dataset(ds.random_shuffle(seed=seeded(3)), cfg.train.image_size, cfg)
+
+
+# ------------------------------------------------------------------------------------------ worker side
+def _amp_setup(device, enabled: bool):
+    """``(autocast dtype, GradScaler)``: bf16 where supported, else fp16 + scaler; none on CPU."""
+    import torch
+
+    if not enabled or device.type != "cuda":
+        return None, None
+    if torch.cuda.is_bf16_supported():
+        return torch.bfloat16, None
+    return torch.float16, torch.amp.GradScaler("cuda")
+
+
+def _all_reduce_sum(values: list[float], device) -> list[float]:
+    import torch
+    import torch.distributed as dist
+
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def _all_gather(obj) -> list:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def _load_state(ckpt, model, optimizer, scheduler, scaler) -> int:
+    """Restore from a Ray checkpoint; returns the next epoch."""
+    import torch
+
+    with ckpt.as_directory() as directory:
+        state = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    return int(state["epoch"]) + 1
+
+
+def _report(row: dict, state: dict | None) -> None:
+    """Every worker reports; rank 0 also hands over the checkpoint (``state`` saved with torch.save)."""
+    import ray.train
+    import torch
+
+    if state is None:
+        ray.train.report(row)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(state, os.path.join(tmp, STATE_FILE))
+        checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(row, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{row['epoch']:04d}")
+
+
+def metrics_url(out: str) -> str:
+    return storage.join(classifier_dir(out), "metrics.jsonl")
+
+
+def read_metrics(out: str) -> list[dict]:
+    """Rows of ``<out>/classifier/metrics.jsonl`` (one per finished epoch)."""
+    url = metrics_url(out)
+    if not storage.exists(url):
+        return []
+    return [json.loads(line) for line in storage.read_text(url).splitlines() if line.strip()]
+
+
+def _write_metrics(out: str, rows: list[dict]) -> None:
+    storage.write_text(metrics_url(out), "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+
+
+def write_curves(out: str, rows: list[dict]) -> str:
+    """``<out>/classifier/curves.png``: train loss/accuracy and val top-1/top-5 per epoch."""
+    from realfake_ray.plots import plot_curves
+
+    url = storage.join(classifier_dir(out), "curves.png")
+    with tempfile.TemporaryDirectory() as tmp:
+        local = plot_curves(rows, "epoch", _CURVE_KEYS, os.path.join(tmp, "curves.png"), title="classifier")
+        storage.upload_file(local, url)
+    return url
+
+
+def _evaluate_shard(model, shard, cfg: RunConfig, num_classes: int, autocast_dtype) -> dict | None:
+    """Val top-1/top-5 over this worker's shard, merged over all workers."""
+    from realfake_ray.classifier import eval_transform, evaluate_batches, merge_evaluations
+
+    if shard is None:
+        return None
+    tf = eval_transform(cfg.train.image_size)
+    batches = ((tf(b["pixels"]), b["label"]) for b in shard.iter_torch_batches(batch_size=cfg.evaluate.batch_size, device="cpu"))
+    local = evaluate_batches(model, batches, num_classes, autocast_dtype=autocast_dtype)
+    return merge_evaluations(_all_gather(local))
+
+
+def _run_epoch(model, optimizer, scheduler, shard, cfg: RunConfig, epoch: int, rank: int, amp) -> list[float]:
+    """One pass over this worker's shard; returns ``[loss sum, correct sum, images, last lr]`` (local)."""
+    from realfake_ray.classifier import apply_train_transform, train_step
+
+    t, sums = cfg.train, [0.0, 0.0, 0.0, optimizer.param_groups[0]["lr"]]
+    batches = shard.iter_torch_batches(batch_size=t.batch_size, drop_last=True, device="cpu")
+    for step, batch in enumerate(batches):
+        x = apply_train_transform(batch["pixels"], t.image_size, seed_of(cfg.seed, epoch, rank, step))
+        stats = train_step(
+            model, optimizer, scheduler, x, batch["label"].long(),
+            label_smoothing=t.label_smoothing, scaler=amp[1], autocast_dtype=amp[0],
+        )
+        n = len(batch["label"])
+        sums = [sums[0] + stats["loss"] * n, sums[1] + stats["acc"] * n, sums[2] + n, stats["lr"]]
+    return sums
+
+
+def _build_training(cfg: RunConfig, num_classes: int, total_steps: int, warmup: int, world: int):
+    import ray.train.torch
+    import torch
+
+    from realfake_ray.classifier import build_classifier, build_optimizer, build_scheduler, scaled_lr
+
+    t = cfg.train
+    torch.manual_seed(cfg.seed)  # the same initial weights on every worker
+    model = ray.train.torch.prepare_model(build_classifier(t.arch, num_classes))
+    lr = scaled_lr(t.base_lr, t.batch_size * world)
+    optimizer = build_optimizer(model, lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    milestones = [int(f * total_steps) for f in sorted(t.milestones)]
+    scheduler = build_scheduler(optimizer, t.schedule, total_steps, warmup, milestones, t.gamma)
+    return model, optimizer, scheduler
+
+
+def train_loop(config: dict) -> None:
+    """Ray Train worker loop (one per worker): resume, then per epoch train, validate, checkpoint, report."""
+    import ray.train
+    import ray.train.torch
+
+    cfg, plan = RunConfig.model_validate(config["cfg"]), config["plan"]
+    t, ctx = cfg.train, ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    total_steps = max(1, t.epochs * plan["steps_per_epoch"])
+    warmup = min(total_steps, round(t.warmup_epochs * plan["steps_per_epoch"]))
+    model, optimizer, scheduler = _build_training(cfg, plan["num_classes"], total_steps, warmup, world)
+    base = getattr(model, "module", model)
+    device = ray.train.torch.get_device()
+    amp = _amp_setup(device, t.amp)
+    ckpt = ray.train.get_checkpoint()
+    start = _load_state(ckpt, base, optimizer, scheduler, amp[1]) if ckpt else 0
+    history = [r for r in read_metrics(cfg.out) if r.get("run") == plan["run_name"] and r["epoch"] < start]
+    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val") if plan["has_val"] else None
+    for epoch in range(start, t.epochs):
+        began = time.time()
+        local = _run_epoch(model, optimizer, scheduler, train_shard, cfg, epoch, rank, amp)
+        seconds = time.time() - began
+        loss, correct, images = _all_reduce_sum(local[:3], device)
+        val = _evaluate_shard(base, val_shard, cfg, plan["num_classes"], amp[0])
+        row = {
+            "run": plan["run_name"], "epoch": epoch, "step": int(scheduler.last_epoch),
+            "train_loss": loss / max(images, 1), "train_acc": correct / max(images, 1), "train_images": int(images),
+            "val_top1": val["top1"] if val else None, "val_top5": val["top5"] if val else None,
+            "lr": local[3], "seconds": round(seconds, 3),
+            "images_per_s": images / seconds, "images_per_s_per_worker": images / seconds / world, "workers": world,
+        }
+        state = None
+        if rank == 0:
+            history.append(row)
+            _write_metrics(cfg.out, history)
+            write_curves(cfg.out, history)
+            print(f"[train] epoch {epoch + 1}/{t.epochs} " + json.dumps({k: row[k] for k in _CURVE_KEYS + ["lr", "images_per_s"]}))
+            state = {"model": base.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "epoch": epoch, "scaler": amp[1].state_dict() if amp[1] else {}}
+        _report(row, state)
+
+
+# ------------------------------------------------------------------------------------------ driver
+def done_url(out: str) -> str:
+    return storage.join(classifier_dir(out), "_done.json")
+
+
+def _trainer(plan: TrainPlan, cfg: RunConfig, first_epoch: int):
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from realfake_ray._internal.cluster import cluster_gpus
+
+    t = cfg.train
+    use_gpu = cluster_gpus() > 0 if t.use_gpu == "auto" else bool(t.use_gpu)
+    out_dir = classifier_dir(cfg.out)
+    loop_plan = {"num_classes": len(plan.class_dirs), "steps_per_epoch": max(1, plan.steps_per_epoch),
+                 "run_name": plan.run_name, "has_val": bool(plan.val)}
+    datasets = {"train": train_dataset(plan, cfg, first_epoch)}
+    if plan.val:
+        datasets["val"] = decoded_dataset(rows_dataset(plan.val), t.image_size, cfg)
+    run_config = ray.train.RunConfig(
+        name=plan.run_name,
+        storage_path=storage.local_path(out_dir) if storage.is_local(out_dir) else out_dir,
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.checkpoint_keep),
+        failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+    )
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "plan": loop_plan},
+        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu),
+        run_config=run_config,
+        datasets=datasets,
+    )
+
+
+def _saved_epochs(cfg: RunConfig, name: str) -> int:
+    """Epochs already checkpointed under this run name (seeds the resumed run's data order)."""
+    run_dir = storage.join(classifier_dir(cfg.out), name)
+    if not storage.isdir(run_dir):
+        return 0
+    epochs = [int(n.split("_")[1]) + 1 for n, is_dir in storage.listdir(run_dir) if is_dir and re.fullmatch(r"epoch_\d+", n)]
+    return max(epochs, default=0)
+
+
+def _final_state(result) -> dict:
+    import torch
+
+    if result.checkpoint is None:
+        raise RuntimeError(f"training finished without a checkpoint (error: {result.error})")
+    with result.checkpoint.as_directory() as directory:
+        return torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
+
+
+def run_train(cfg: RunConfig) -> dict:
+    """Train (or resume, or return the finished run), save ``model.safetensors``, evaluate; return a summary."""
+    from realfake_ray._internal.cluster import init_ray
+    from realfake_ray.evaluate import model_url, run_evaluate, save_classifier
+
+    plan = plan_training(cfg)
+    done = storage.read_json(done_url(cfg.out)) if storage.exists(done_url(cfg.out)) else None
+    if done and done.get("fingerprint") == fingerprint(cfg) and done.get("epochs") == cfg.train.epochs:
+        return done
+    if plan.missing_synthetic_classes:
+        print(f"[train] warning: the synthetic set has no image of class(es) {plan.missing_synthetic_classes[:10]}")
+    started = time.time()
+    init_ray(cfg.ray)
+    first_epoch = _saved_epochs(cfg, plan.run_name)
+    result = _trainer(plan, cfg, first_epoch).fit()
+    state = _final_state(result)
+    if int(state["epoch"]) + 1 > cfg.train.epochs:
+        print(f"[train] note: the latest checkpoint is epoch {int(state['epoch']) + 1} > train.epochs={cfg.train.epochs}; using it")
+    info = {"arch": cfg.train.arch, "image_size": cfg.train.image_size, "source": cfg.train.source,
+            "class_dirs": plan.class_dirs, "class_names": plan.class_names, "epochs": int(state["epoch"]) + 1}
+    save_classifier(model_url(cfg.out), state["model"], info)
+    history = [r for r in read_metrics(cfg.out) if r.get("run") == plan.run_name]
+    if history:
+        write_curves(cfg.out, history)
+    evaluation = run_evaluate(cfg)
+    summary = {
+        "fingerprint": fingerprint(cfg), "epochs": cfg.train.epochs, "run_name": plan.run_name,
+        "source": cfg.train.source, "arch": cfg.train.arch, "epoch_images": plan.epoch_images,
+        "real_images": len(plan.real), "synthetic_images": len(plan.synthetic), "resumed_at_epoch": first_epoch,
+        "seconds": round(time.time() - started, 2), "last_epoch": history[-1] if history else None,
+        "model": model_url(cfg.out), "evaluation": evaluation,
+    }
+    storage.write_json(done_url(cfg.out), summary)
+    return summary

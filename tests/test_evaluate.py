@@ -1,0 +1,190 @@
+"""Evaluate stage: model file, set planning and bad input (fast), then one Ray evaluation (e2e) checked
+against a direct in-process computation, with an OOD class-subset set and distribution metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from realfake_ray import storage
+from realfake_ray._internal import cluster
+from realfake_ray.classifier import build_classifier, eval_transform, evaluate_batches
+from realfake_ray.config import ConfigError, load_config
+from realfake_ray.data.imagefolder import DatasetError, decode_image, scan_image_folder
+from realfake_ray.evaluate import (
+    _markdown,
+    load_classifier,
+    model_url,
+    plan_sets,
+    read_classifier_info,
+    run_evaluate,
+    save_classifier,
+)
+
+from test_train import fabricate_synthetic
+
+CLASS_DIRS = [f"digit_{i}" for i in range(10)]
+VAL = "embedded:digits/val"
+
+
+def _cfg(out, *overrides):
+    return load_config(preset="tiny", out=str(out), overrides=list(overrides))
+
+
+def _fit_head(model: torch.nn.Module) -> None:
+    """Least-squares fit of the last (linear) layer on random-conv features of the real train split:
+    a deterministic, better-than-chance model with varied predictions, in a few seconds."""
+    index = scan_image_folder("embedded:digits/train", check_readable=False)
+    pixels = np.stack([decode_image(storage.read_bytes(r.url), 32)[0] for r in index.records])
+    with torch.no_grad():
+        feats = model[:-1](eval_transform(32)(torch.from_numpy(pixels)))
+    feats = torch.cat([feats, torch.ones(len(feats), 1)], 1)
+    target = torch.nn.functional.one_hot(torch.tensor([r.label for r in index.records]), 10).float()
+    solution = torch.linalg.solve(feats.T @ feats + 1e-2 * torch.eye(feats.shape[1]), feats.T @ target)
+    model[-1].weight.data, model[-1].bias.data = solution[:-1].T.contiguous(), solution[-1].contiguous()
+
+
+def _write_model(out, seed: int = 0, fit: bool = False) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = build_classifier("resnet_tiny", 10).eval()
+    if fit:
+        _fit_head(model)
+    info = {"arch": "resnet_tiny", "image_size": 32, "source": "real", "class_dirs": CLASS_DIRS,
+            "class_names": [f"digit {i}" for i in range(10)], "epochs": 1}
+    save_classifier(model_url(str(out)), model.state_dict(), info)
+    return model
+
+
+def _subset_set(root, classes=("digit_3", "digit_7")) -> str:
+    for d in classes:
+        shutil.copytree(storage.resolve_embedded(f"{VAL}/{d}"), os.path.join(root, d))
+    return str(root)
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    def boom(*_args, **_kwargs):
+        raise AssertionError("Ray work started before the input was checked")
+
+    monkeypatch.setattr(cluster, "init_ray", boom)
+
+
+# ------------------------------------------------------------------------------------ fast
+def test_model_file_round_trip(tmp_path):
+    model = _write_model(tmp_path)
+    loaded, info = load_classifier(model_url(str(tmp_path)))
+    assert info["class_dirs"] == CLASS_DIRS and info["arch"] == "resnet_tiny" and info["image_size"] == 32
+    assert read_classifier_info(storage.read_bytes(model_url(str(tmp_path))))["epochs"] == 1
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+    with pytest.raises(FileNotFoundError, match="run `realfake train` first"):
+        load_classifier(model_url(str(tmp_path / "nothing")))
+
+
+def test_plan_sets_maps_a_class_subset_to_real_indices(tmp_path):
+    sub = _subset_set(tmp_path / "sub")
+    names, rows, subsets = plan_sets(_cfg(tmp_path, f"evaluate.extra_sets={{sub: {sub}}}"), CLASS_DIRS)
+    assert names == ["val", "sub"] and subsets == [None, [3, 7]]
+    sub_rows = [r for r in rows if r["set_idx"] == 1]
+    assert len(sub_rows) == 73 and {r["label"] for r in sub_rows} == {3, 7}
+    assert sum(r["set_idx"] == 0 for r in rows) == 360
+
+
+def test_unknown_folder_in_an_extra_set_is_an_error_before_ray(tmp_path, no_ray):
+    _write_model(tmp_path)
+    sub = _subset_set(tmp_path / "sub")
+    (tmp_path / "sub" / "cat").mkdir()
+    (tmp_path / "sub" / "cat" / "x.png").write_bytes((tmp_path / "sub" / "digit_3").iterdir().__next__().read_bytes())
+    with pytest.raises(DatasetError, match=r"extra_sets\['sub'\].*'cat' are not among the 10 real classes"):
+        run_evaluate(_cfg(tmp_path, f"evaluate.extra_sets={{sub: {sub}}}"))
+
+
+def test_reserved_name_and_missing_model(tmp_path, no_ray):
+    with pytest.raises(FileNotFoundError, match="no trained classifier"):
+        run_evaluate(_cfg(tmp_path))
+    _write_model(tmp_path)
+    with pytest.raises(ConfigError, match="reserved"):
+        run_evaluate(_cfg(tmp_path, f"evaluate.extra_sets={{val: {tmp_path}}}"))
+
+
+def test_markdown_report_has_the_tables():
+    report = {
+        "source": "synthetic", "arch": "resnet_tiny", "num_classes": 2, "image_size": 32, "class_dirs": ["a", "b"],
+        "sets": {"val": {"count": 4, "classes": None, "top1": 0.5, "top5": 1.0, "k": 2, "per_class": {"a": 1.0, "b": 0.0}}},
+        "distribution": {"n_real": 10, "n_synth": 5, "kernel": "gaussian", "mmd2": 0.01, "mean_class_mmd2": 0.02,
+                         "nn": {"count": 1, "fraction": 0.2, "threshold": 0.05, "label_agreement": 1.0},
+                         "per_class_mmd2": {"a": 0.01, "b": None}},
+    }
+    text = _markdown(report)
+    assert "| val | 4 | 2 | 0.5 | 1 | 2 |" in text and "| a | 1 |" in text and "| b | |" in text.replace("|  |", "| |")
+    assert "mean_class_mmd2" in text and "nn_count" in text
+
+
+# ------------------------------------------------------------------------------------ Ray (e2e)
+@pytest.fixture(scope="module")
+def evaluated(tiny_bank, tmp_path_factory):
+    """A fixed (untrained) model, a copy of the tiny bank, a fabricated synthetic set; `realfake evaluate`."""
+    from realfake_ray.cli import main
+
+    out = tmp_path_factory.mktemp("evaluate")
+    shutil.copytree(os.path.join(tiny_bank, "latents"), out / "latents")
+    fabricate_synthetic(str(out), copies=1, per_class=20)
+    model = _write_model(out, seed=3, fit=True)
+    sub = _subset_set(out / "sub")
+    assert main(["evaluate", "--preset", "tiny", "--out", str(out), "--set", f"evaluate.extra_sets.digits_3_7={sub}"]) == 0
+    report = json.loads((out / "classifier" / "metrics.json").read_text())
+    return {"out": out, "model": model, "sub": sub, "report": report}
+
+
+def _direct(model, root, class_subset=None):
+    index = scan_image_folder(root)
+    labels = torch.tensor([CLASS_DIRS.index(r.class_dir) for r in index.records])
+    pixels = np.stack([decode_image(storage.read_bytes(r.url), 32)[0] for r in index.records])
+    return evaluate_batches(model, [(eval_transform(32)(torch.from_numpy(pixels)), labels)], 10, class_subset)
+
+
+@pytest.mark.e2e
+def test_ray_evaluation_equals_a_direct_computation(evaluated):
+    sets = evaluated["report"]["sets"]
+    direct = _direct(evaluated["model"], VAL)
+    assert sets["val"]["count"] == direct["count"] == 360 and sets["val"]["skipped"] == 0
+    assert 0.3 < direct["top1"] < 1.0  # a model with varied predictions, so the comparison means something
+    assert sets["val"]["top1"] == pytest.approx(direct["top1"]) and sets["val"]["top5"] == pytest.approx(direct["top5"])
+    expected = {d: a for d, a in zip(CLASS_DIRS, direct["per_class"])}
+    assert sets["val"]["per_class"] == pytest.approx(expected)
+
+
+@pytest.mark.e2e
+def test_ood_subset_restricts_the_logits(evaluated):
+    ood = evaluated["report"]["sets"]["digits_3_7"]
+    direct = _direct(evaluated["model"], evaluated["sub"], class_subset=[3, 7])
+    assert ood["classes"] == 2 and ood["k"] == 2 and ood["count"] == 73 and ood["top5"] == 1.0
+    assert ood["top1"] == pytest.approx(direct["top1"]) and set(ood["per_class"]) == {"digit_3", "digit_7"}
+    md = (evaluated["out"] / "classifier" / "metrics.md").read_text()
+    assert "| digits_3_7 | 73 | 2 |" in md
+
+
+@pytest.mark.e2e
+def test_distribution_metrics_against_the_bank(evaluated):
+    dist = evaluated["report"]["distribution"]
+    assert dist["n_real"] == 1437 and dist["n_synth"] == 200 and dist["synthetic_embedded"] == 200
+    assert set(dist["per_class_mmd2"]) == set(CLASS_DIRS) and dist["kernel"] == "gaussian"
+    # The fabricated "synthetic" images are JPEG re-saves of real train images: near-copies of them.
+    assert dist["nn"]["label_agreement"] > 0.95 and dist["nn"]["fraction"] > 0.9
+
+
+@pytest.mark.e2e
+def test_clip_embedder_matches_the_bank(tiny_bank):
+    from realfake_ray._internal.shards import read_parts
+    from realfake_ray.encode import ClipEmbedder, bank_dir
+
+    row = read_parts(bank_dir(tiny_bank, "train"), ["image_id", "clip_embed"]).slice(0, 1).to_pylist()[0]
+    pixels, _, _ = decode_image(storage.read_bytes(f"embedded:digits/train/{row['image_id']}"), 32)
+    embed = ClipEmbedder(_cfg(tiny_bank)).embed(pixels[None])
+    np.testing.assert_allclose(embed[0].astype(np.float32), np.asarray(row["clip_embed"], np.float32), atol=2e-3)

@@ -1,0 +1,190 @@
+"""Fine-tune stage: fast validation tests, then two shared 2-worker Ray Train runs on the tiny preset
+(a first run to step 4, and a second call with a larger target that resumes from its checkpoint)."""
+
+import copy
+import json
+import math
+import os
+import shutil
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from realfake_ray import storage
+from realfake_ray.cli import main as cli_main
+from realfake_ray.config import FinetuneConfig, load_config
+from realfake_ray.encode import read_meta
+from realfake_ray.finetune import (
+    check_model_and_bank,
+    checkpoint_steps,
+    class_mean_embeddings,
+    derive_seed,
+    finetune_dir,
+    lora_dir,
+    run_finetune,
+    step_target,
+)
+from realfake_ray.lora import LORA_WEIGHT_NAME, add_lora, lora_state_dict
+from realfake_ray.models.loading import load_pipeline
+
+FIRST, SECOND = 4, 6
+RUN_OVERRIDES = ["finetune.checkpoint_every=2", "finetune.log_every=1"]
+
+
+def _cfg(out, max_steps, *extra):
+    return load_config(preset="tiny", out=out, overrides=[f"finetune.max_steps={max_steps}", *RUN_OVERRIDES, *extra])
+
+
+def _history(out):
+    text = storage.read_text(storage.join(finetune_dir(out), "metrics.jsonl"))
+    return [json.loads(line) for line in text.splitlines()]
+
+
+# ------------------------------------------------------------------------------------ fast
+
+
+def test_step_target_per_worker_rows_and_too_large_batches():
+    assert step_target(FinetuneConfig(num_workers=2, batch_size=16, epochs=3), rows=1437) == (44, 132)
+    assert step_target(FinetuneConfig(num_workers=2, batch_size=16, max_steps=7), rows=1437) == (44, 7)
+    with pytest.raises(ValueError, match="finetune.batch_size=800"):
+        step_target(FinetuneConfig(num_workers=2, batch_size=800), rows=1437)
+
+
+def test_missing_bank_is_a_clear_error_before_any_ray_work(tmp_path, monkeypatch):
+    import realfake_ray._internal.cluster as cluster
+
+    def no_ray(*_args, **_kwargs):
+        raise AssertionError("Ray was started before the input was validated")
+
+    monkeypatch.setattr(cluster, "init_ray", no_ray)
+    with pytest.raises(FileNotFoundError, match=r"run `realfake encode` first"):
+        run_finetune(_cfg(str(tmp_path), 2))
+
+
+def test_derived_seeds_differ_by_label_and_are_stable():
+    assert derive_seed(42, "rng", 0) == derive_seed(42, "rng", 0) != derive_seed(42, "rng", 1)
+
+
+# ------------------------------------------------------------------------------ e2e
+
+
+@pytest.mark.e2e
+def test_model_and_bank_mismatches_are_refused(tiny_bank, tiny_model_dir):
+    from realfake_ray._internal.shards import part_files
+    from realfake_ray.encode import bank_dir
+
+    cfg, meta = _cfg(tiny_bank, 2), read_meta(tiny_bank)
+    files = part_files(bank_dir(tiny_bank, "train"))
+    assert check_model_and_bank(cfg, meta, files, tiny_model_dir)["prediction_type"] == "epsilon"
+    other_vae = copy.deepcopy(meta)
+    other_vae["model"]["vae_sha256"] = "0" * 64
+    with pytest.raises(ValueError, match="another VAE"):
+        check_model_and_bank(cfg, other_vae, files, tiny_model_dir)
+    small = copy.deepcopy(meta)
+    small["latent_shape"] = [4, 8, 8]
+    with pytest.raises(ValueError, match="encode.resolution=32"):
+        check_model_and_bank(cfg, small, files, tiny_model_dir)
+    means = class_mean_embeddings(files, len(meta["class_dirs"]))
+    assert means.shape == (10, 32) and np.isfinite(means).all()
+
+
+@pytest.fixture(scope="module")
+def first_run(tiny_bank, tmp_path_factory):
+    """A fresh run directory holding a copy of the bank, fine-tuned to step FIRST with 2 workers."""
+    out = str(tmp_path_factory.mktemp("finetune") / "run")
+    shutil.copytree(os.path.join(tiny_bank, "latents"), os.path.join(out, "latents"))
+    done = run_finetune(_cfg(out, FIRST))
+    return out, done, _history(out), load_file(os.path.join(lora_dir(out), LORA_WEIGHT_NAME))
+
+
+@pytest.mark.e2e
+def test_two_worker_run_trains_the_lora_and_writes_every_output(first_run, tiny_model_dir):
+    out, done, history, weights = first_run
+    assert done["step"] == FIRST and done["resumed_from"] == 0 and done["samples_per_s"] > 0
+    assert [row["step"] for row in history] == list(range(1, FIRST + 1))
+    for row in history:
+        assert all(math.isfinite(row[k]) for k in ("loss", "denoise", "dm", "samples_per_s"))
+        assert row["lr"] == pytest.approx(1e-3)
+    assert checkpoint_steps(out) == [2, 4]
+    for name in ("config.yaml", "metrics.jsonl", "loss.png", "_done.json"):
+        assert storage.exists(storage.join(finetune_dir(out), name)), name
+    assert load_config(config_file=storage.join(finetune_dir(out), "config.yaml")).finetune.max_steps == FIRST
+
+    # The weights moved away from their (seeded) initial values: lora_A changed, lora_B left zero.
+    cfg = _cfg(out, FIRST)
+    unet = load_pipeline(tiny_model_dir).unet
+    torch.manual_seed(derive_seed(cfg.seed, "lora-init"))
+    add_lora(unet, cfg.finetune.lora_rank, cfg.finetune.lora_alpha, cfg.finetune.lora_targets)
+    init = {f"unet.{k}": v for k, v in lora_state_dict(unet).items()}
+    assert sorted(init) == sorted(weights)
+    assert all(weights[k].abs().max() > 0 for k in weights if ".lora.up." in k)
+    assert any(not torch.equal(weights[k], init[k]) for k in weights if ".lora.down." in k)
+
+    # A stock pipeline loads the file and renders something else than without it.
+    def render(pipe):
+        return pipe("photo of digit one", num_inference_steps=2, height=32, width=32, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    pipe = load_pipeline(tiny_model_dir)
+    baseline = render(pipe)
+    pipe.load_lora_weights(lora_dir(out))
+    assert np.abs(render(pipe) - baseline).max() > 1e-5
+
+
+@pytest.mark.e2e
+def test_larger_target_resumes_from_the_checkpoint_then_skips(first_run, capsys):
+    out, _, first_history, _ = first_run
+    done = run_finetune(_cfg(out, SECOND))
+    history = _history(out)
+    assert done["step"] == SECOND and done["resumed_from"] == FIRST
+    assert [row["step"] for row in history] == list(range(1, SECOND + 1))
+    assert history[:FIRST] == first_history  # restored from the checkpoint, not recomputed
+    assert checkpoint_steps(out) == [FIRST, SECOND]  # keep_checkpoints=2
+
+    started = time.time()
+    again = run_finetune(_cfg(out, SECOND))
+    assert again["skipped"] and again["lora_sha256"] == done["lora_sha256"] and time.time() - started < 5
+    assert cli_main(["finetune", "--preset", "tiny", "--out", out, "--max-steps", str(SECOND)]) == 0
+    assert '"skipped": true' in capsys.readouterr().out
+    with pytest.raises(ValueError, match=f"checkpoint at step {SECOND}"):
+        run_finetune(_cfg(out, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_train_step_updates_fp32_lora_over_a_frozen_base(tiny_model_dir, dtype):
+    """One process, no Ray: the loop's step on bank-shaped rows (bf16 base = the GPU mixed-precision path)."""
+    from realfake_ray.finetune import BankCollate, _load_models, train_step
+
+    ft = FinetuneConfig(batch_size=4, lr=1e-2, mmd_kernel="gaussian", guidance="class_mean")
+    models = _load_models(tiny_model_dir, ft, seed=0, device=torch.device("cpu"), dtype=dtype)
+    rng = np.random.default_rng(0)
+    rows = {
+        "class_name": np.array(["digit one", "digit two"] * 2, dtype=object),
+        "caption": np.array(["", "a digit", "", ""], dtype=object),
+        "latent_mean": rng.standard_normal((4, 4, 16, 16)).astype(np.float16),
+        "latent_std": np.full((4, 4, 16, 16), 0.1, np.float16),
+        "clip_embed": rng.standard_normal((4, 32)).astype(np.float16),
+        "label": np.array([1, 2, 1, 2]),
+    }
+    batch = BankCollate(models.tokenizer)(rows)
+    assert batch["input_ids"].shape == (4, 77) and batch["latent_mean"].dtype == torch.float32
+    before = [p.detach().clone() for p in models.params]
+    optimizer = torch.optim.AdamW(models.params, lr=ft.lr)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        losses = train_step(models, batch, generator, ft, "epsilon", torch.randn(10, 32), optimizer, None)
+        assert losses.shape == (3,) and torch.isfinite(losses).all()
+    assert all(p.dtype == torch.float32 and p.grad is not None for p in models.params)
+    assert any(not torch.equal(a, b) for a, b in zip(before, models.params))
+    frozen = [p for n, p in models.unet.named_parameters() if "lora_" not in n]
+    assert all(p.dtype == dtype and not p.requires_grad for p in frozen)
+
+
+def test_arrow_filesystem_wraps_remote_urls_only(tmp_path):
+    fs, path = storage.arrow_filesystem(str(tmp_path))
+    assert fs is None and path == str(tmp_path)
+    fs, path = storage.arrow_filesystem("memory://bucket/run/finetune")
+    assert type(fs).__name__ == "PyFileSystem" and path.endswith("bucket/run/finetune")

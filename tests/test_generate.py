@@ -1,0 +1,344 @@
+"""Generate stage: fast planner/helper tests, bad-input checks, then end-to-end runs on a 30-image bank.
+
+The e2e runs share one small bank (3 digits per class, tiny preset) and a random LoRA; steps are cut
+to 4 so each run is dominated by actor start-up, not sampling.
+"""
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from realfake_ray import storage
+from realfake_ray._internal.shards import part_files, read_parts, write_part
+from realfake_ray.cli import main as cli_main
+from realfake_ray.config import ConfigError, load_config
+from realfake_ray.encode import bank_dir, meta_url, read_meta
+from realfake_ray.generate import (
+    _stem_collisions,
+    check_generate_config,
+    encode_jpeg,
+    image_seed,
+    images_dir,
+    manifest_dir,
+    plan_units,
+    run_generate,
+    synthetic_dir,
+    synthetic_path,
+)
+from realfake_ray.lora import add_lora, save_lora
+from realfake_ray.models.loading import load_pipeline, read_component_config
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["generate.steps=4", "generate.batch_size=8", "generate.rows_per_manifest_file=16"]
+PER_CLASS = 3
+
+
+def _cfg(out, *overrides, **flags):
+    return load_config(preset="tiny", out=str(out), overrides=[*FAST, *overrides], **flags)
+
+
+def _manifest(out):
+    return read_parts(manifest_dir(str(out)))
+
+
+def _files(out):
+    root = images_dir(str(out))
+    return {storage.relative(u, root): u for u in storage.find(root)}
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Any attempt to start Ray or build the pipeline fails the test: validation must come first."""
+    import realfake_ray._internal.cluster as cluster
+    import realfake_ray.generate as generate
+
+    def boom(*_args, **_kwargs):
+        raise AssertionError("Ray work started before the input was validated")
+
+    monkeypatch.setattr(cluster, "init_ray", boom)
+    monkeypatch.setattr(generate, "build_pipeline", boom)
+
+
+# ------------------------------------------------------------------------------------------ fast
+
+
+def test_seeds_are_stable_63_bit_and_distinct_per_copy():
+    assert image_seed(42, "digit_0/0001.png", 0) == image_seed(42, "digit_0/0001.png", 0)
+    seeds = {image_seed(s, i, c) for s in (1, 2) for i in ("a/x.png", "a/y.png") for c in range(3)}
+    assert len(seeds) == 12 and all(0 <= s < 2**63 for s in seeds)
+
+
+def test_synthetic_paths_are_safe_and_disambiguated():
+    assert synthetic_path("digit_0", "digit_0/0001.png", 2) == "digit_0/0001__c2.jpg"
+    odd = synthetic_path("../evil dir", "../evil dir/sub/x.png", 0)
+    assert ".." not in odd and odd.count("/") == 1 and odd.endswith("__c0.jpg")
+    a, b = synthetic_path("c", "c/x.png", 0, True), synthetic_path("c", "c/x.jpg", 0, True)
+    assert a != b and a.startswith("c/x-") and a.endswith("__c0.jpg")
+    ids = pa.chunked_array([["c/x.png", "c/x.jpg", "c/y.png", "d/x.png"]])
+    assert _stem_collisions(ids, np.ones(4, bool)) == {"c/x.png", "c/x.jpg"}
+    assert _stem_collisions(pa.chunked_array([["c/x.png", "d/x.png"]]), np.ones(2, bool)) == frozenset()
+
+
+def test_jpeg_encoding_and_storage_resize():
+    image = np.random.default_rng(0).integers(0, 255, (32, 48, 3), dtype=np.uint8)
+    assert Image.open(io.BytesIO(encode_jpeg(image, 90))).size == (48, 32)
+    assert Image.open(io.BytesIO(encode_jpeg(image, 90, storage_size=16))).size == (24, 16)
+    assert encode_jpeg(image, 90) == encode_jpeg(image, 90)
+
+
+def test_planner_covers_exactly_the_missing_keys(tmp_path):
+    out = str(tmp_path)
+    ids = [[f"a/{i}.png" for i in range(5)], [f"b/{i}.png" for i in range(3)]]
+    files = [write_part(bank_dir(out, "train"), pa.table({"image_id": chunk})) for chunk in ids]
+    files = sorted(files)
+    done = pa.table({"image_id": ["a/1.png", "b/2.png", "a/0.png"], "copy_idx": [0, 0, 1]})
+    write_part(manifest_dir(out), done)
+    cfg = _cfg(out, "generate.mult=2", "generate.batch_size=2")
+    units, rows, expected, pending, collisions = plan_units(cfg, files)
+    assert (rows, expected, pending, collisions) == (8, 16, 13, frozenset())
+    tables = {f: pq.read_table(f).column("image_id").to_pylist() for f in files}
+    planned = [(tables[u["file"]][r], u["copy_idx"]) for u in units for r in u["rows"]]
+    assert len(planned) == len(set(planned)) == 13
+    every = {(i, c) for chunk in ids for i in chunk for c in range(2)}
+    assert set(planned) == every - {("a/1.png", 0), ("b/2.png", 0), ("a/0.png", 1)}
+    assert [u["copy_idx"] for u in units] == sorted(u["copy_idx"] for u in units)  # copy 0 first
+
+
+def test_bad_generate_values_are_config_errors(tmp_path):
+    for bad, field in (("generate.mult=0", "generate.mult"), ("generate.strength=0", "generate.strength"),
+                       ("generate.strength=1.5", "generate.strength"), ("generate.scheduler=heun", "generate.scheduler")):  # fmt: skip
+        with pytest.raises(ConfigError, match=field):
+            _cfg(tmp_path, bad)
+    cfg = _cfg(tmp_path)
+    for update, field in (({"mult": 0}, "generate.mult"), ({"strength": 1.5}, "generate.strength"),
+                          ({"scheduler": "heun"}, "scheduler='heun'")):  # fmt: skip
+        with pytest.raises(ConfigError, match=field):
+            check_generate_config(cfg.generate.model_copy(update=update))
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
+    assert cli_main(["generate", "--preset", "tiny", "--out", str(tmp_path), "--mult", "0"]) == 2
+    assert "generate.mult" in capsys.readouterr().err
+    assert cli_main(["generate", "--preset", "tiny", "--out", str(tmp_path / "nothing")]) == 2
+    assert "run `realfake encode` first" in capsys.readouterr().err
+
+
+def test_missing_bank_is_a_clear_error(tmp_path, no_ray):
+    with pytest.raises(FileNotFoundError, match="run `realfake encode` first"):
+        run_generate(_cfg(tmp_path))
+
+
+def test_job_script_forwards_to_the_cli():
+    text = (REPO / "jobs" / "generate.py").read_text()
+    assert 'main(["generate", *sys.argv[1:]])' in text
+
+
+# ------------------------------------------------------------------------------------------ e2e
+
+
+@pytest.fixture(scope="module")
+def bank(ray_cluster, tmp_path_factory):
+    """A run dir with a 30-image latent bank (3 per digit) and a random-but-seeded LoRA in <out>/lora."""
+    from realfake_ray.encode import run_encode
+
+    root = storage.resolve_embedded("embedded:digits")
+    data = tmp_path_factory.mktemp("digits-subset")
+    for class_dir in sorted(os.listdir(f"{root}/train")):
+        (data / class_dir).mkdir()
+        for name in sorted(os.listdir(f"{root}/train/{class_dir}"))[:PER_CLASS]:
+            shutil.copy(f"{root}/train/{class_dir}/{name}", data / class_dir / name)
+    out = tmp_path_factory.mktemp("bank")
+    run_encode(load_config(preset="tiny", out=str(out), data__train=str(data), data__classes_file=f"{root}/classes.json"))
+    pipe = load_pipeline(storage.cache_dir("models", "preset-tiny-v1"))
+    torch.manual_seed(1)
+    add_lora(pipe.unet, rank=2)
+    for name, param in pipe.unet.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0.0, 0.5)
+    save_lora(pipe.unet, str(out / "lora"))
+    return out
+
+
+def _new_run(bank, tmp_path_factory, name, lora=True):
+    """A fresh run dir holding a copy of the bank (and of the LoRA)."""
+    out = tmp_path_factory.mktemp(name)
+    shutil.copytree(bank / "latents", out / "latents")
+    if lora:
+        shutil.copytree(bank / "lora", out / "lora")
+    return out
+
+
+def _check_set(out, bank_out, mult):
+    """Exactly mult x rows decodable files; one manifest row per key; paths exist; labels match the bank."""
+    bank_rows = read_parts(bank_dir(str(bank_out), "train"), ["image_id", "label"]).to_pylist()
+    labels = {r["image_id"]: r["label"] for r in bank_rows}
+    manifest = _manifest(out).to_pylist()
+    keys = [(r["image_id"], r["copy_idx"]) for r in manifest]
+    assert len(keys) == len(set(keys)) == mult * len(labels)
+    assert set(keys) == {(i, c) for i in labels for c in range(mult)}
+    files = _files(out)
+    assert set(files) == {r["path"] for r in manifest}
+    for row in manifest:
+        assert row["label"] == labels[row["image_id"]]
+        assert row["path"].endswith(f"__c{row['copy_idx']}.jpg")
+        assert row["path"].split("/")[0] == storage.safe_name(row["class_dir"])
+    for url in files.values():
+        with Image.open(io.BytesIO(storage.read_bytes(url))) as image:
+            image.load()
+            assert image.size == (32, 32)
+    return manifest
+
+
+@pytest.fixture(scope="module")
+def run_a(bank, tmp_path_factory):
+    out = _new_run(bank, tmp_path_factory, "gen-a")
+    summary = run_generate(_cfg(out, "generate.mult=2"))
+    return out, summary
+
+
+@pytest.mark.e2e
+def test_two_copies_per_image_with_a_consistent_manifest(run_a, bank):
+    out, summary = run_a
+    manifest = _check_set(out, bank, 2)
+    assert summary["count"] == summary["expected"] == summary["generated_now"] == 60 and not summary["skipped"]
+    assert summary["failed"] == 0 and summary["complete"] and summary["images_per_s"] > 0
+    on_disk = storage.read_json(synthetic_dir(str(out), "_summary.json"))
+    assert on_disk["count"] == 60 and on_disk["settings"]["steps"] == 4
+    lora_sha = on_disk["settings"]["lora_sha256"]
+    assert lora_sha and {r["lora_sha256"] for r in manifest} == {lora_sha}
+    row = manifest[0]
+    assert row["seed"] == image_seed(42, row["image_id"], row["copy_idx"])
+    assert row["prompt"].startswith("photo of digit ") and row["prompt"].endswith(", best quality")
+    assert (row["strength"], row["steps"], row["scheduler"], row["lora_scale"]) == (0.75, 4, "unipc", 0.5)
+
+
+@pytest.mark.e2e
+def test_copies_differ_and_a_second_run_is_byte_identical(run_a, bank, tmp_path_factory):
+    out_a, _ = run_a
+    files_a = _files(out_a)
+    some = sorted(files_a)[:5]
+    for path in some:
+        other = path.replace("__c0.jpg", "__c1.jpg")
+        if path != other:
+            assert storage.read_bytes(files_a[path]) != storage.read_bytes(files_a[other])
+    out_b = _new_run(bank, tmp_path_factory, "gen-b")
+    run_generate(_cfg(out_b, "generate.mult=2"))
+    files_b = _files(out_b)
+    assert set(files_a) == set(files_b)
+    assert all(storage.read_bytes(files_a[p]) == storage.read_bytes(files_b[p]) for p in files_a)
+
+
+@pytest.mark.e2e
+def test_raising_mult_adds_only_the_new_copy(run_a, bank):
+    out, _ = run_a
+    before = {p: (os.stat(storage.local_path(u)).st_mtime_ns, storage.read_bytes(u)) for p, u in _files(out).items()}
+    parts_before = set(part_files(manifest_dir(str(out))))
+    summary = run_generate(_cfg(out, "generate.mult=3"))
+    assert (summary["generated_now"], summary["already_present"], summary["count"]) == (30, 60, 90)
+    _check_set(out, bank, 3)
+    after = _files(out)
+    for path, (mtime, data) in before.items():
+        assert os.stat(storage.local_path(after[path])).st_mtime_ns == mtime
+        assert storage.read_bytes(after[path]) == data
+    assert parts_before < set(part_files(manifest_dir(str(out))))
+    again = run_generate(_cfg(out, "generate.mult=3"))
+    assert again["skipped"] and again["generated_now"] == 0 and again["count"] == 90
+
+
+@pytest.mark.e2e
+def test_changed_settings_into_the_same_out_are_refused(run_a, no_ray):
+    out, _ = run_a
+    with pytest.raises(ValueError, match="generated with other settings.*steps: 4 → 5"):
+        run_generate(_cfg(out, "generate.steps=5"))
+
+
+@pytest.mark.e2e
+def test_txt2img_without_lora_and_with_class_mean_guidance(bank, tmp_path_factory, run_a):
+    out = _new_run(bank, tmp_path_factory, "gen-t2i")
+    summary = run_generate(_cfg(out, "generate.mode=txt2img", "generate.use_lora=false", "generate.guidance=class_mean"))
+    manifest = _check_set(out, bank, 1)
+    assert summary["settings"]["lora_sha256"] is None and summary["settings"]["mode"] == "txt2img"
+    assert {(r["mode"], r["guidance"], r["lora_sha256"], r["lora_scale"]) for r in manifest} == {
+        ("txt2img", "class_mean", None, None)
+    }
+    out_a, _ = run_a
+    path = manifest[0]["path"]
+    assert storage.read_bytes(_files(out)[path]) != storage.read_bytes(_files(out_a)[path])
+
+
+@pytest.mark.e2e
+def test_img2img_without_a_lora_warns_and_records_none(bank, tmp_path_factory, run_a, capsys):
+    out = _new_run(bank, tmp_path_factory, "gen-nolora", lora=False)
+    summary = run_generate(_cfg(out))  # use_lora is on, but <out>/lora does not exist
+    assert "no LoRA at" in capsys.readouterr().out
+    manifest = _check_set(out, bank, 1)
+    assert summary["settings"]["lora_sha256"] is None and {r["lora_sha256"] for r in manifest} == {None}
+    out_a, _ = run_a
+    files_a, files = _files(out_a), _files(out)
+    assert sum(storage.read_bytes(files[p]) != storage.read_bytes(files_a[p]) for p in files) > len(files) // 2
+
+
+@pytest.mark.e2e
+def test_lora_from_another_base_model_is_refused(bank, tmp_path_factory, no_ray):
+    from diffusers import UNet2DConditionModel
+
+    out = _new_run(bank, tmp_path_factory, "gen-badlora", lora=False)
+    config = dict(read_component_config(storage.cache_dir("models", "preset-tiny-v1"), "unet"))
+    config["cross_attention_dim"] = 64
+    unet = UNet2DConditionModel.from_config(config)
+    add_lora(unet, rank=2)
+    save_lora(unet, str(out / "lora"))
+    with pytest.raises(ValueError, match=r"pytorch_lora_weights.safetensors does not fit this model.*width 64.*has 32"):
+        run_generate(_cfg(out))
+
+
+@pytest.mark.e2e
+def test_bank_from_another_resolution_is_refused(bank, tmp_path_factory, no_ray):
+    out = _new_run(bank, tmp_path_factory, "gen-badres")
+    meta = read_meta(str(out))
+    meta.update(resolution=16, latent_shape=[4, 8, 8])
+    storage.write_json(meta_url(str(out)), meta)
+    with pytest.raises(ValueError, match="latent bank from another VAE resolution.*4x8x8.*encode.resolution=32"):
+        run_generate(_cfg(out))
+
+
+@pytest.mark.e2e
+def test_killed_driver_then_rerun_leaves_no_gap_and_no_duplicate(bank, tmp_path_factory, ray_cluster):
+    out = _new_run(bank, tmp_path_factory, "gen-kill")
+    overrides = ["generate.mult=4", "generate.batch_size=2", "generate.rows_per_manifest_file=4", "generate.steps=10"]
+    env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address, PYTHONPATH=str(REPO))
+    cmd = [sys.executable, str(REPO / "jobs" / "generate.py"), "--preset", "tiny", "--out", str(out)]
+    cmd += [arg for o in overrides for arg in ("--set", o)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while not part_files(manifest_dir(str(out))) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the generate job ended before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    seen, stable_since = -1, time.time()
+    while time.time() - stable_since < 3:  # let the dead driver's workers go before resuming
+        count = len(part_files(manifest_dir(str(out))))
+        if count != seen:
+            seen, stable_since = count, time.time()
+        time.sleep(0.2)
+    partial = _manifest(out).num_rows
+    assert 0 < partial < 120
+    summary = run_generate(_cfg(out, *overrides))
+    assert summary["already_present"] == partial and summary["count"] == 120
+    _check_set(out, bank, 4)

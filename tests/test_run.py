@@ -1,0 +1,162 @@
+"""The main job: stage selection, the report, and `ray job submit` against a local head (127.0.0.1)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from realfake_ray import storage
+from realfake_ray.config import ConfigError, load_config
+from realfake_ray.report import gpu_hours_estimate
+from realfake_ray.run import select_stages
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_stage_selection():
+    assert select_stages() == ["encode", "finetune", "generate", "train", "evaluate"]
+    assert select_stages(from_stage="train") == ["train", "evaluate"]
+    assert select_stages(only=["train", "generate"]) == ["generate", "train"]
+    with pytest.raises(ConfigError, match="unknown stage 'gen'"):
+        select_stages(only=["gen"])
+
+
+def test_imagenet_estimate_uses_the_reference_flops():
+    est = gpu_hours_estimate(load_config(overrides=["generate.mult=10"]))
+    assert est["images"] == 12_811_670
+    assert abs(est["tflop_per_image"] - (22 * 1.61 + 2.5)) < 0.1
+    # 12.8 M images × 37.9 TFLOP / (989 TFLOP/s × 0.4) ≈ 341 GPU-hours
+    assert 300 < est["h100_gpu_hours"] < 380
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def local_head():
+    """A Ray head started with `ray start --head` on 127.0.0.1 (token auth on); yields (address, env)."""
+    bin_dir = os.path.dirname(sys.executable)
+    env = dict(
+        os.environ,
+        PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=secrets.token_hex(32),
+        RAY_USAGE_STATS_ENABLED="0",
+    )
+    env.pop("RAY_ADDRESS", None)
+    temp_dir = tempfile.mkdtemp(prefix="rh-")
+    dash = _free_port()
+    ports = {
+        "--port": _free_port(), "--dashboard-port": dash, "--dashboard-agent-listen-port": _free_port(),
+        "--dashboard-agent-grpc-port": _free_port(), "--runtime-env-agent-port": _free_port(),
+        "--metrics-export-port": _free_port(), "--ray-client-server-port": _free_port(),
+    }
+    cmd = [os.path.join(bin_dir, "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+           "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=4", f"--temp-dir={temp_dir}",
+           "--disable-usage-stats", *(f"{k}={v}" for k, v in ports.items())]
+    head = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    deadline = time.time() + 180
+    while True:  # the job agent comes up some seconds after the head
+        probe = subprocess.run([os.path.join(bin_dir, "ray"), "job", "list", "--address", address],
+                               env=env, capture_output=True, text=True)
+        if probe.returncode == 0 or time.time() > deadline:
+            break
+        time.sleep(2)
+    try:
+        yield address, env
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _submit(address: str, env: dict, *args: str) -> subprocess.CompletedProcess:
+    """`ray job submit` the main job, retrying only while the job agent is not ready yet."""
+    cmd = [os.path.join(os.path.dirname(sys.executable), "ray"), "job", "submit", "--address", address,
+           "--working-dir", str(REPO), "--", "python", "jobs/scale_in1k.py", *args]
+    for _ in range(30):
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
+        if "No available agent" not in result.stdout + result.stderr:
+            return result
+        time.sleep(3)
+    return result
+
+
+def _small_dataset(root: Path) -> tuple[str, str]:
+    """3 digit classes × 12 train / 4 val images copied from the embedded dataset."""
+    for split, count in (("train", 12), ("val", 4)):
+        for cls in ("digit_1", "digit_3", "digit_7"):
+            files = storage.find(f"embedded:digits/{split}/{cls}")[:count]
+            for url in files:
+                target = root / split / cls / url.rsplit("/", 1)[-1]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(storage.read_bytes(url))
+    return str(root / "train"), str(root / "val")
+
+
+@pytest.mark.e2e
+def test_ray_job_submit_runs_resumes_and_skips(local_head, tmp_path):
+    address, env = local_head
+    train, val = _small_dataset(tmp_path / "data")
+    out = str(tmp_path / "run")
+    args = ["--preset", "tiny", "--mult", "2", "--out", out, "--data", train, "--val-data", val,
+            "--set", "data.classes_file=embedded:digits/classes.json",
+            "--set", "finetune.max_steps=4", "--set", "finetune.checkpoint_every=2",
+            "--set", "generate.steps=4", "--set", "train.epochs=2", "--set", "evaluate.max_samples=50"]
+    # 1) Up to generate; then simulate a generate stage killed mid-way (lose a manifest part + the summary).
+    first = _submit(address, env, *args, "--only", "encode,finetune,generate")
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-2000:]
+    manifest = sorted(u for u in storage.find(f"{out}/synthetic/_manifest") if "/part-" in u)
+    assert manifest
+    storage.remove(manifest[0])
+    storage.remove(f"{out}/synthetic/_summary.json")
+
+    # 2) Resubmit the whole job: encode + finetune skip, generate redoes only the lost rows, train/evaluate run.
+    second = _submit(address, env, *args)
+    assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-2000:]
+    stages = storage.read_json(f"{out}/report.json")["stages"]
+    assert stages["encode"].get("skipped_last_run") and stages["finetune"].get("skipped_last_run")
+    assert not stages["generate"]["skipped"] and not stages["train"]["skipped"]
+    summary = storage.read_json(f"{out}/synthetic/_summary.json")
+    assert summary["count"] == 2 * 36 and 0 < summary["generated"] < 72
+    report_md = storage.read_text(f"{out}/report.md")
+    for section in ("## Stages", "## Fine-tuning", "## Synthesis", "## Accuracy", "GPU-hours"):
+        assert section in report_md
+    assert storage.exists(f"{out}/samples.png") and storage.exists(f"{out}/finetune/loss.png")
+    metrics_before = storage.read_text(f"{out}/classifier/synthetic/metrics.json")
+
+    # 3) Resubmit again: every stage skipped, same results.
+    third = _submit(address, env, *args)
+    assert third.returncode == 0, third.stdout[-4000:] + third.stderr[-2000:]
+    for stage in ("encode", "finetune", "generate", "train", "evaluate"):
+        assert f"stage {stage}: skipped" in third.stdout, third.stdout[-3000:]
+    assert storage.read_text(f"{out}/classifier/synthetic/metrics.json") == metrics_before
+
+
+def test_typo_and_impossible_value_rejected_before_any_work(tmp_path):
+    out = tmp_path / "run"
+    for bad in ("generate.strenght=0.5", "generate.mult=0"):
+        result = subprocess.run(
+            [sys.executable, "jobs/scale_in1k.py", "--preset", "tiny", "--out", str(out), "--set", bad],
+            capture_output=True, text=True, cwd=REPO,
+        )
+        assert result.returncode == 2 and bad.split("=")[0] in result.stderr
+        assert not out.exists()  # nothing written, no Ray started
