@@ -15,7 +15,7 @@ import numpy as np
 
 from realfake_ray import storage
 from realfake_ray.config import RunConfig, dump_config
-from realfake_ray.flops import SD15_FLOPS, img2img_flops
+from realfake_ray.flops import img2img_flops
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 H100_BF16_PEAK = 989e12
@@ -78,10 +78,7 @@ def gpu_hours_estimate(cfg: RunConfig, mfu: float = 0.4) -> dict:
     FLOPs per image follow the method notes (UNet step with CFG ≈ 1.61 TFLOP, VAE decode ≈ 2.5 TFLOP).
     """
     g = cfg.generate
-    per_image = img2img_flops(
-        g.steps, g.strength if g.mode == "img2img" else 1.0, cfg=g.guidance_scale > 1.0, decode=True,
-        unet_fwd_flops=SD15_FLOPS["unet_fwd"], vae_decode_flops=SD15_FLOPS["vae_decode"],
-    )
+    per_image = img2img_flops(g.steps, g.strength if g.mode == "img2img" else 1.0, cfg=g.guidance_scale > 1.0)
     images = IMAGENET_TRAIN_IMAGES * g.mult
     seconds = images * per_image / (H100_BF16_PEAK * mfu)
     return {
