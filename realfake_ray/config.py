@@ -164,6 +164,7 @@ class TrainConfig(_Section):
     synthetic_mult: int | None = Field(None, ge=1)  # use copies with copy_idx < N (1x of a 10x set); None: all
     checkpoint_keep: int = Field(2, ge=1)  # epoch checkpoints kept under <out>/classifier/<run name>/
     max_failures: int = Field(0, ge=-1)  # worker-group restarts from the latest checkpoint (-1: unlimited)
+    tag: str | None = None  # outputs in <out>/classifier/<tag>/ (several classifiers per run); None: <out>/classifier/
 
 
 class EvaluateConfig(_Section):

@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 
@@ -32,8 +33,8 @@ from realfake_ray.config import ConfigError, RunConfig
 from realfake_ray.data.imagefolder import DatasetError, scan_image_folder
 from realfake_ray.train import (
     class_index,
-    classifier_dir,
     decoded_dataset,
+    output_dir,
     real_rows,
     rows_dataset,
     synthetic_root,
@@ -45,9 +46,9 @@ VAL_SET = "val"
 
 
 # ------------------------------------------------------------------------------------ model file
-def model_url(out: str) -> str:
-    """``<out>/classifier/model.safetensors`` (weights + arch, image size and classes as metadata)."""
-    return storage.join(classifier_dir(out), "model.safetensors")
+def model_url(cdir: str) -> str:
+    """``<classifier dir>/model.safetensors`` (weights + arch, image size and classes as metadata)."""
+    return storage.join(cdir, "model.safetensors")
 
 
 def save_classifier(url: str, state_dict: dict, info: dict) -> None:
@@ -145,7 +146,7 @@ def plan_sets(cfg: RunConfig, class_dirs: list[str]) -> tuple[list[str], list[di
     return names, rows, subsets
 
 
-def _distribution_inputs(cfg: RunConfig, class_dirs: list[str]) -> tuple[str | None, dict | None, list[dict]]:
+def distribution_inputs(cfg: RunConfig, class_dirs: list[str]) -> tuple[str | None, dict | None, list[dict]]:
     """``(reason skipped, bank meta, synthetic rows)``: checks that the bank and synthetic set exist."""
     from realfake_ray.encode import read_meta
 
@@ -200,7 +201,7 @@ def _bank_embeddings(out: str) -> tuple[np.ndarray, np.ndarray]:
     if isinstance(column, pa.ExtensionArray):  # Ray's tensor extension type: a list array underneath
         column = column.storage
     emb = column.flatten().to_numpy(zero_copy_only=False)
-    return emb.reshape(table.num_rows, -1).astype(np.float32), table.column("label").to_numpy()
+    return emb.reshape(table.num_rows, -1).astype(np.float32), np.array(table.column("label").to_numpy())
 
 
 def _embedding_config(cfg: RunConfig, meta: dict) -> RunConfig:
@@ -259,26 +260,40 @@ def _markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _inputs(cfg: RunConfig, model_bytes: bytes, synth: list[dict]) -> dict:
+    """What a report depends on: a rerun with the same inputs returns the stored report."""
+    return {
+        "model_sha256": hashlib.sha256(model_bytes).hexdigest(), "seed": cfg.seed, "val": cfg.data.val,
+        "evaluate": cfg.evaluate.model_dump(mode="json", exclude={"actors", "batch_size"}),
+        "synthetic": [synthetic_root(cfg), len(synth)] if synth else None,
+    }
+
+
 def run_evaluate(cfg: RunConfig) -> dict:
-    """Score ``<out>/classifier/model.safetensors`` on every set, add distribution metrics, write reports."""
+    """Score ``<out>/classifier[/<tag>]/model.safetensors`` on every set, add distribution metrics, write
+    ``metrics.json`` / ``metrics.md`` beside it; returns the report (``skipped`` when inputs are unchanged)."""
     from realfake_ray._internal.cluster import init_ray
 
-    url = model_url(cfg.out)
+    cdir = output_dir(cfg)
+    url = model_url(cdir)
     if not storage.exists(url):
         raise FileNotFoundError(f"no trained classifier at {url} (run `realfake train` first)")
-    info = read_classifier_info(storage.read_bytes(url))
+    model_bytes = storage.read_bytes(url)
+    info = read_classifier_info(model_bytes)
     class_dirs = info["class_dirs"]
     names, rows, subsets = plan_sets(cfg, class_dirs)
-    skipped, meta, synth = _distribution_inputs(cfg, class_dirs)
+    skipped, meta, synth = distribution_inputs(cfg, class_dirs)
+    inputs, report_url = _inputs(cfg, model_bytes, synth), storage.join(cdir, "metrics.json")
+    if storage.exists(report_url) and storage.read_json(report_url).get("inputs") == inputs:
+        return {**storage.read_json(report_url), "skipped": True}
     init_ray(cfg.ray)
     sets = evaluate_sets(cfg, url, names, rows, subsets, info) if rows else {}
     distribution = {"skipped": skipped} if skipped else distribution_metrics(cfg, meta, synth, class_dirs)
     report = {
         "source": info["source"], "arch": info["arch"], "image_size": info["image_size"], "epochs": info.get("epochs"),
         "num_classes": len(class_dirs), "class_dirs": class_dirs, "class_names": info["class_names"],
-        "sets": sets, "distribution": distribution,
+        "sets": sets, "distribution": distribution, "inputs": inputs,
     }
-    out_dir = classifier_dir(cfg.out)
-    storage.write_json(storage.join(out_dir, "metrics.json"), report)
-    storage.write_text(storage.join(out_dir, "metrics.md"), _markdown(report))
+    storage.write_json(report_url, report)
+    storage.write_text(storage.join(cdir, "metrics.md"), _markdown(report))
     return report

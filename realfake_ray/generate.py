@@ -30,6 +30,7 @@ import hashlib
 import io
 import math
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -156,7 +157,7 @@ def read_bank(out: str) -> tuple[dict, list[str]]:
     return meta, files
 
 
-def _bank_tensor_width(file_url: str, column: str) -> int:
+def _bank_tensor_width(file_url: str, column: str) -> int | None:
     """Elements per row of a tensor column, from the Parquet schema (Ray's tensor extension metadata)."""
     import json
 
@@ -165,7 +166,9 @@ def _bank_tensor_width(file_url: str, column: str) -> int:
     shape = getattr(field.type, "shape", None)
     if shape is None:
         raw = (field.metadata or {}).get(b"ARROW:extension:metadata")
-        shape = json.loads(raw) if raw else [-1]
+        if not raw:
+            return None
+        shape = json.loads(raw)
     return int(np.prod([int(d) for d in shape]))
 
 
@@ -196,7 +199,7 @@ def check_bank_fits_model(meta: dict, model_dir: str, gen: GenerateConfig, first
             )
     if gen.guidance != "none":
         width = _bank_tensor_width(first_file, "clip_embed")
-        if width != int(text["hidden_size"]):
+        if width is not None and width != int(text["hidden_size"]):
             raise ValueError(
                 f"{first_file}: clip_embed width {width} != text encoder width {text['hidden_size']}; "
                 f"the guidance token must match (or set generate.guidance=none)"
@@ -368,14 +371,20 @@ def _stem_collisions(ids: pa.ChunkedArray, keep: np.ndarray) -> frozenset[str]:
     return frozenset(i for group in seen.values() if len(group) > 1 for i in group)
 
 
+def unit_rows(unit: dict) -> np.ndarray:
+    """The bank-file row indices of a load unit."""
+    return np.frombuffer(unit["rows"], dtype=np.int32)
+
+
 def plan_units(cfg: RunConfig, files: list[str]) -> tuple[list[dict], int, int, int, frozenset[str]]:
     """Load units for every ``(image_id, copy_idx < mult)`` key missing from the manifest.
 
     Returns ``(units, bank_rows, expected, pending, stem_collisions)``. A unit is one bank file, one copy and
-    up to ~512 row indices (whole generation batches); units run copy by copy, so an interrupted 10x run
-    holds complete lower copies first. Memory: the bank's image_id column and the manifest's key columns.
+    up to ~512 row indices (whole generation batches; int32 bytes, see :func:`unit_rows`); units run copy
+    by copy, so an interrupted 10x run holds complete lower copies first. Memory: the bank's image_id
+    column and the manifest's key columns (Arrow), 4 bytes per pending image.
     """
-    from realfake_ray._internal.shards import read_parts
+    from realfake_ray._internal.shards import part_files
 
     g = cfg.generate
     tables = _read_tables(files, ["image_id"])
@@ -384,8 +393,9 @@ def plan_units(cfg: RunConfig, files: list[str]) -> tuple[list[dict], int, int, 
     keep = _first_occurrence(ids)
     collisions = _stem_collisions(ids, keep)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
-    done = read_parts(manifest_dir(cfg.out), ["image_id", "copy_idx"])
-    unit_rows = g.batch_size * max(1, math.ceil(_UNIT_TARGET_ROWS / g.batch_size))
+    done_tables = _read_tables(part_files(manifest_dir(cfg.out)), ["image_id", "copy_idx"])
+    done = pa.concat_tables(done_tables) if done_tables else None
+    per_unit = g.batch_size * max(1, math.ceil(_UNIT_TARGET_ROWS / g.batch_size))
     units, pending = [], 0
     for copy_idx in range(g.mult):
         missing = keep.copy()
@@ -398,8 +408,9 @@ def plan_units(cfg: RunConfig, files: list[str]) -> tuple[list[dict], int, int, 
         bounds = np.searchsorted(flat, offsets)
         for f, url in enumerate(files):
             rows = flat[bounds[f] : bounds[f + 1]] - offsets[f]
-            for start in range(0, len(rows), unit_rows):
-                units.append({"file": url, "copy_idx": copy_idx, "rows": rows[start : start + unit_rows].tolist()})
+            for start in range(0, len(rows), per_unit):
+                chunk = rows[start : start + per_unit].astype(np.int32)
+                units.append({"file": url, "copy_idx": copy_idx, "rows": chunk.tobytes()})
     bank_rows = int(keep.sum())
     return units, bank_rows, bank_rows * g.mult, pending, collisions
 
@@ -429,49 +440,50 @@ def _tensor_rows(table: pa.Table, column: str, rows: int) -> np.ndarray:
     return array.flatten().to_numpy(zero_copy_only=False).astype(np.float16, copy=False).reshape(rows, -1)
 
 
-def load_units(units: pa.Table, *, seed: int, batch_size: int, mode: str, guidance: str, collisions: frozenset[str]) -> pa.Table:
-    """CPU task: read each unit's bank rows; emit one row per generation batch (lists + float16 bytes)."""
+_BATCH_SCHEMA = pa.schema(
+    [("copy_idx", pa.int64())]
+    + [(c, pa.list_(pa.string())) for c in ("image_id", "class_dir", "path", "prompt")]
+    + [(c, pa.list_(pa.int64())) for c in ("label", "seed")]
+    + [(c, pa.large_binary()) for c in ("latent_mean", "latent_std", "clip_embed")]
+)
+
+
+def _batch_row(chunk: pa.Table, copy_idx: int, seed: int, collisions: frozenset[str]) -> dict:
+    """One generation batch as one row: per-image lists, and the tensors as float16 bytes (b"" if unused)."""
     from realfake_ray.prompts import GENERATION_SUFFIX, build_prompt
 
+    ids, class_dirs = chunk.column("image_id").to_pylist(), chunk.column("class_dir").to_pylist()
+    names, captions = chunk.column("class_name").to_pylist(), chunk.column("caption").to_pylist()
+    row = {
+        "copy_idx": copy_idx,
+        "image_id": ids,
+        "class_dir": class_dirs,
+        "path": [synthetic_path(c, i, copy_idx, i in collisions) for c, i in zip(class_dirs, ids)],
+        "prompt": [build_prompt(n, c, GENERATION_SUFFIX) for n, c in zip(names, captions)],
+        "label": [int(x) for x in chunk.column("label").to_pylist()],
+        "seed": [image_seed(seed, i, copy_idx) for i in ids],
+    }
+    for column in ("latent_mean", "latent_std", "clip_embed"):
+        present = column in chunk.column_names
+        row[column] = _tensor_rows(chunk, column, chunk.num_rows).tobytes() if present else b""
+    return row
+
+
+def load_units(units: pa.Table, *, seed: int, batch_size: int, mode: str, guidance: str, collisions: frozenset[str]) -> pa.Table:
+    """CPU task: read each unit's bank rows; emit one row per generation batch of ``batch_size`` images."""
     columns = ["image_id", "label", "class_dir", "class_name", "caption"]
     columns += ["latent_mean", "latent_std"] if mode == "img2img" else []
     columns += ["clip_embed"] if guidance == "image" else []
-    out: dict[str, list] = {k: [] for k in ("copy_idx", "image_id", "label", "class_dir", "path", "seed", "prompt")}
-    out.update({"latent_mean": [], "latent_std": [], "clip_embed": []})
-    cache: dict[str, pa.Table] = {}
+    batches, cache = [], {}
     for unit in units.to_pylist():
-        if unit["file"] not in cache:
-            cache.clear()
+        if unit["file"] not in cache:  # units of one file are adjacent: keep only the last file
             with storage.open_file(unit["file"]) as f:
-                cache[unit["file"]] = pq.read_table(f, columns=columns)
-        table, copy_idx = cache[unit["file"]], int(unit["copy_idx"])
-        for start in range(0, len(unit["rows"]), batch_size):
-            chunk = table.take(pa.array(unit["rows"][start : start + batch_size], type=pa.int64()))
-            data = {c: chunk.column(c).to_pylist() for c in ("image_id", "label", "class_dir", "class_name", "caption")}
-            out["copy_idx"].append(copy_idx)
-            out["image_id"].append(data["image_id"])
-            out["label"].append([int(x) for x in data["label"]])
-            out["class_dir"].append(data["class_dir"])
-            out["path"].append(
-                [synthetic_path(c, i, copy_idx, i in collisions) for c, i in zip(data["class_dir"], data["image_id"])]
-            )
-            out["seed"].append([image_seed(seed, i, copy_idx) for i in data["image_id"]])
-            out["prompt"].append([build_prompt(n, c, GENERATION_SUFFIX) for n, c in zip(data["class_name"], data["caption"])])
-            for column in ("latent_mean", "latent_std", "clip_embed"):
-                present = column in columns
-                out[column].append(_tensor_rows(chunk, column, chunk.num_rows).tobytes() if present else b"")
-    return pa.table(
-        {
-            "copy_idx": pa.array(out["copy_idx"], pa.int64()),
-            "image_id": pa.array(out["image_id"], pa.list_(pa.string())),
-            "label": pa.array(out["label"], pa.list_(pa.int64())),
-            "class_dir": pa.array(out["class_dir"], pa.list_(pa.string())),
-            "path": pa.array(out["path"], pa.list_(pa.string())),
-            "seed": pa.array(out["seed"], pa.list_(pa.int64())),
-            "prompt": pa.array(out["prompt"], pa.list_(pa.string())),
-            **{c: pa.array(out[c], pa.large_binary()) for c in ("latent_mean", "latent_std", "clip_embed")},
-        }
-    )
+                cache = {unit["file"]: pq.read_table(f, columns=columns)}
+        rows = unit_rows(unit)
+        for start in range(0, len(rows), batch_size):
+            chunk = cache[unit["file"]].take(pa.array(rows[start : start + batch_size], type=pa.int32()))
+            batches.append(_batch_row(chunk, int(unit["copy_idx"]), seed, collisions))
+    return pa.Table.from_pylist(batches, schema=_BATCH_SCHEMA)
 
 
 def _quiet_loading() -> None:
@@ -514,6 +526,8 @@ class SynthesisActor:
         self.guidance = cfg.generate.guidance
         means = spec.get("class_means")
         self.class_means = torch.from_numpy(np.asarray(means, dtype=np.float32)) if means is not None else None
+        self.lock = threading.Lock()  # the Sampler's scheduler is stateful: one call at a time, even if Ray
+        # Data is configured to run several actor calls concurrently
 
     def _inputs(self, row: dict) -> dict:
         import torch
@@ -533,8 +547,8 @@ class SynthesisActor:
     def _generate(self, row: dict) -> tuple[np.ndarray, str]:
         n = len(row["image_id"])
         try:
-            images = self.sampler(**self._inputs(row))
-            return images, ""
+            with self.lock:
+                return self.sampler(**self._inputs(row)), ""
         except Exception as exc:  # reported per image; the keys stay missing and a rerun retries them
             import torch
 
@@ -545,19 +559,23 @@ class SynthesisActor:
             return np.zeros((n, *self.image_shape), dtype=np.uint8), error
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
-        parts: dict[str, list] = {k: [] for k in ("image", "path", "image_id", "label", "class_dir", "copy_idx", "seed", "prompt", "error")}
+        keys = ("path", "image_id", "label", "class_dir", "copy_idx", "seed", "prompt", "error", "sampler_s")
+        parts: dict[str, list] = {k: [] for k in keys}
+        images = []
         for row in batch.to_pylist():
-            images, error = self._generate(row)
+            started = time.perf_counter()
+            generated, error = self._generate(row)
             n = len(row["image_id"])
-            parts["image"].append(images)
+            images.append(generated)
             for key in ("path", "image_id", "label", "class_dir", "seed", "prompt"):
                 parts[key].extend(row[key])
             parts["copy_idx"].extend([row["copy_idx"]] * n)
             parts["error"].extend([error] * n)
-        out = {k: np.array(v, dtype=object) for k, v in parts.items() if k != "image"}
-        out.update(label=np.array(parts["label"], np.int64), seed=np.array(parts["seed"], np.int64))
-        out["copy_idx"] = np.array(parts["copy_idx"], np.int64)
-        out["image"] = np.concatenate(parts["image"])
+            parts["sampler_s"].extend([(time.perf_counter() - started) / n] * n)  # busy time, per image
+        out = {k: np.array(v, dtype=object) for k, v in parts.items()}
+        for key, dtype in (("label", np.int64), ("seed", np.int64), ("copy_idx", np.int64), ("sampler_s", np.float64)):
+            out[key] = np.array(parts[key], dtype)
+        out["image"] = np.concatenate(images)
         return out
 
 
@@ -615,7 +633,12 @@ def write_manifest(batch: pa.Table, *, directory: str, constants: dict) -> dict[
         pq.write_table(table, buffer)
         storage.write_bytes(storage.join(directory, _part_name(table)), buffer.getvalue())
     first_error = bad.column("error")[0].as_py() if bad.num_rows else ""
-    return {"written": np.array([good.num_rows]), "failed": np.array([bad.num_rows]), "error": np.array([first_error], dtype=object)}
+    return {
+        "written": np.array([good.num_rows]),
+        "failed": np.array([bad.num_rows]),
+        "error": np.array([first_error], dtype=object),
+        "sampler_s": np.array([pc.sum(batch["sampler_s"]).as_py() or 0.0]),
+    }
 
 
 # ------------------------------------------------------------------------------------------ driver
@@ -685,11 +708,13 @@ def _execute(cfg: RunConfig, plan: GeneratePlan) -> dict:
     """Run the pipeline, printing ``done/total, images/s`` as manifest parts land; returns the counts."""
     ds = build_pipeline(cfg, plan, _class_means(cfg, plan))
     written = failed = 0
+    sampler_s = 0.0
     errors: list[str] = []
     started = last = time.time()
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         written += int(batch["written"].sum())
         failed += int(batch["failed"].sum())
+        sampler_s += float(batch["sampler_s"].sum())
         errors += [e for e in batch["error"].tolist() if e][: max(0, 10 - len(errors))]
         now = time.time()
         if now - last >= _PROGRESS_EVERY_S or written + failed == plan.pending:
@@ -701,7 +726,7 @@ def _execute(cfg: RunConfig, plan: GeneratePlan) -> dict:
                 f"this run {written}/{plan.pending} at {rate:.2f} images/s, failed {failed}",
                 flush=True,
             )
-    return {"written": written, "failed": failed, "errors": errors, "seconds": time.time() - started}
+    return {"written": written, "failed": failed, "errors": errors, "seconds": time.time() - started, "sampler_s": sampler_s}
 
 
 def _throughput_settings(cfg: RunConfig) -> dict:
@@ -730,7 +755,7 @@ def run_generate(cfg: RunConfig) -> dict:
         + (f"; LoRA {plan.lora_sha256[:12]}" if plan.lora_sha256 else "; no LoRA"),
         flush=True,
     )
-    result = {"written": 0, "failed": 0, "errors": [], "seconds": 0.0}
+    result = {"written": 0, "failed": 0, "errors": [], "seconds": 0.0, "sampler_s": 0.0}
     if plan.units:
         storage.write_json(synthetic_dir(cfg.out, "_settings.json"), plan.settings)
         init_ray(cfg.ray)
@@ -744,6 +769,8 @@ def run_generate(cfg: RunConfig) -> dict:
         "errors": result["errors"],
         "images_per_s": round(result["written"] / result["seconds"], 3) if result["written"] else None,
         "generation_s": round(result["seconds"], 2),
+        "sampler_s": round(result["sampler_s"], 2),  # actor time inside Sampler calls, summed over actors
+        "sampler_images_per_s": round(result["written"] / result["sampler_s"], 3) if result["sampler_s"] else None,
         "wall_s": round(time.time() - started, 2),
         "bank_rows": plan.bank_rows,
         "mult": cfg.generate.mult,

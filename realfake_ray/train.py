@@ -39,9 +39,17 @@ _CURVE_KEYS = ["train_loss", "train_acc", "val_top1", "val_top5"]
 
 
 # ------------------------------------------------------------------------------------------ locations
-def classifier_dir(out: str) -> str:
-    """``<out>/classifier``: checkpoints, metrics, curves, final weights and reports."""
-    return storage.join(out, CLASSIFIER_DIR)
+def classifier_dir(out: str, tag: str | None = None) -> str:
+    """``<out>/classifier[/<tag>]``: checkpoints, metrics, curves, final weights and reports."""
+    return storage.join(out, CLASSIFIER_DIR, tag) if tag else storage.join(out, CLASSIFIER_DIR)
+
+
+def output_dir(cfg: RunConfig) -> str:
+    """This run's classifier directory (``train.tag`` keeps several classifiers apart in one run URL)."""
+    tag = cfg.train.tag
+    if tag is not None and (not tag or storage.safe_name(tag) != tag):
+        raise ConfigError(f"train.tag: {tag!r} is not a plain folder name (letters, digits, '.', '_', '-')")
+    return classifier_dir(cfg.out, tag)
 
 
 def synthetic_root(cfg: RunConfig) -> str:
@@ -181,7 +189,8 @@ class TrainPlan:
 
 def fingerprint(cfg: RunConfig) -> dict:
     """What identifies a training run (everything but ``train.epochs`` and placement-only settings)."""
-    train = cfg.train.model_dump(mode="json", exclude={"epochs", "use_gpu", "decode_cpus", "checkpoint_keep", "max_failures"})
+    placement = {"epochs", "use_gpu", "decode_cpus", "checkpoint_keep", "max_failures", "tag"}
+    train = cfg.train.model_dump(mode="json", exclude=placement)
     data = cfg.data.model_dump(mode="json", include={"train", "val", "classes_file"})
     return {"seed": cfg.seed, "train": train, "data": data}
 
@@ -220,7 +229,7 @@ def plan_training(cfg: RunConfig) -> TrainPlan:
             f"train.batch_size × train.num_workers = {global_batch} exceeds the {n_epoch} images of an epoch "
             f"(source={t.source}); lower train.batch_size"
         )
-    _check_storage(classifier_dir(cfg.out))
+    _check_storage(output_dir(cfg))
     covered = {r["label"] for r in synth}
     missing = [d for i, d in enumerate(class_dirs) if synth and i not in covered]
     return TrainPlan(
@@ -331,27 +340,27 @@ def _report(row: dict, state: dict | None) -> None:
         ray.train.report(row, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{row['epoch']:04d}")
 
 
-def metrics_url(out: str) -> str:
-    return storage.join(classifier_dir(out), "metrics.jsonl")
+def metrics_url(cdir: str) -> str:
+    return storage.join(cdir, "metrics.jsonl")
 
 
-def read_metrics(out: str) -> list[dict]:
-    """Rows of ``<out>/classifier/metrics.jsonl`` (one per finished epoch)."""
-    url = metrics_url(out)
+def read_metrics(cdir: str) -> list[dict]:
+    """Rows of ``<classifier dir>/metrics.jsonl`` (one per finished epoch)."""
+    url = metrics_url(cdir)
     if not storage.exists(url):
         return []
     return [json.loads(line) for line in storage.read_text(url).splitlines() if line.strip()]
 
 
-def _write_metrics(out: str, rows: list[dict]) -> None:
-    storage.write_text(metrics_url(out), "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+def _write_metrics(cdir: str, rows: list[dict]) -> None:
+    storage.write_text(metrics_url(cdir), "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
 
 
-def write_curves(out: str, rows: list[dict]) -> str:
-    """``<out>/classifier/curves.png``: train loss/accuracy and val top-1/top-5 per epoch."""
+def write_curves(cdir: str, rows: list[dict]) -> str:
+    """``<classifier dir>/curves.png``: train loss/accuracy and val top-1/top-5 per epoch."""
     from realfake_ray.plots import plot_curves
 
-    url = storage.join(classifier_dir(out), "curves.png")
+    url = storage.join(cdir, "curves.png")
     with tempfile.TemporaryDirectory() as tmp:
         local = plot_curves(rows, "epoch", _CURVE_KEYS, os.path.join(tmp, "curves.png"), title="classifier")
         storage.upload_file(local, url)
@@ -419,7 +428,8 @@ def train_loop(config: dict) -> None:
     amp = _amp_setup(device, t.amp)
     ckpt = ray.train.get_checkpoint()
     start = _load_state(ckpt, base, optimizer, scheduler, amp[1]) if ckpt else 0
-    history = [r for r in read_metrics(cfg.out) if r.get("run") == plan["run_name"] and r["epoch"] < start]
+    cdir = output_dir(cfg)
+    history = [r for r in read_metrics(cdir) if r.get("run") == plan["run_name"] and r["epoch"] < start] if rank == 0 else []
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val") if plan["has_val"] else None
     for epoch in range(start, t.epochs):
         began = time.time()
@@ -437,8 +447,8 @@ def train_loop(config: dict) -> None:
         state = None
         if rank == 0:
             history.append(row)
-            _write_metrics(cfg.out, history)
-            write_curves(cfg.out, history)
+            _write_metrics(cdir, history)
+            write_curves(cdir, history)
             print(f"[train] epoch {epoch + 1}/{t.epochs} " + json.dumps({k: row[k] for k in _CURVE_KEYS + ["lr", "images_per_s"]}))
             state = {"model": base.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "epoch": epoch, "scaler": amp[1].state_dict() if amp[1] else {}}
@@ -446,8 +456,19 @@ def train_loop(config: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------ driver
-def done_url(out: str) -> str:
-    return storage.join(classifier_dir(out), "_done.json")
+def done_url(cdir: str) -> str:
+    return storage.join(cdir, "_done.json")
+
+
+def _warn_if_no_cpu_for_data(cfg: RunConfig) -> None:
+    """Training workers hold one CPU each; decode tasks need CPUs beyond those, or the run waits forever."""
+    import ray
+
+    cpus, t = float(ray.cluster_resources().get("CPU", 0.0)), cfg.train
+    if cpus < t.num_workers + t.decode_cpus:
+        print(f"[train] warning: the cluster has {cpus:g} CPUs; train.num_workers={t.num_workers} take "
+              f"{t.num_workers} and Ray Data decode tasks need train.decode_cpus={t.decode_cpus:g} more. Unless the "
+              f"cluster autoscales, add CPUs (ray.num_cpus) or lower train.num_workers, or the run will wait.")
 
 
 def _trainer(plan: TrainPlan, cfg: RunConfig, first_epoch: int):
@@ -457,8 +478,9 @@ def _trainer(plan: TrainPlan, cfg: RunConfig, first_epoch: int):
     from realfake_ray._internal.cluster import cluster_gpus
 
     t = cfg.train
+    _warn_if_no_cpu_for_data(cfg)
     use_gpu = cluster_gpus() > 0 if t.use_gpu == "auto" else bool(t.use_gpu)
-    out_dir = classifier_dir(cfg.out)
+    out_dir = output_dir(cfg)
     loop_plan = {"num_classes": len(plan.class_dirs), "steps_per_epoch": max(1, plan.steps_per_epoch),
                  "run_name": plan.run_name, "has_val": bool(plan.val)}
     datasets = {"train": train_dataset(plan, cfg, first_epoch)}
@@ -481,7 +503,7 @@ def _trainer(plan: TrainPlan, cfg: RunConfig, first_epoch: int):
 
 def _saved_epochs(cfg: RunConfig, name: str) -> int:
     """Epochs already checkpointed under this run name (seeds the resumed run's data order)."""
-    run_dir = storage.join(classifier_dir(cfg.out), name)
+    run_dir = storage.join(output_dir(cfg), name)
     if not storage.isdir(run_dir):
         return 0
     epochs = [int(n.split("_")[1]) + 1 for n, is_dir in storage.listdir(run_dir) if is_dir and re.fullmatch(r"epoch_\d+", n)]
@@ -500,12 +522,15 @@ def _final_state(result) -> dict:
 def run_train(cfg: RunConfig) -> dict:
     """Train (or resume, or return the finished run), save ``model.safetensors``, evaluate; return a summary."""
     from realfake_ray._internal.cluster import init_ray
-    from realfake_ray.evaluate import model_url, run_evaluate, save_classifier
+    from realfake_ray.evaluate import distribution_inputs, model_url, plan_sets, run_evaluate, save_classifier
 
     plan = plan_training(cfg)
-    done = storage.read_json(done_url(cfg.out)) if storage.exists(done_url(cfg.out)) else None
+    plan_sets(cfg, plan.class_dirs)  # the evaluation's inputs too: a bad extra set fails now, not after training
+    distribution_inputs(cfg, plan.class_dirs)
+    cdir = output_dir(cfg)
+    done = storage.read_json(done_url(cdir)) if storage.exists(done_url(cdir)) else None
     if done and done.get("fingerprint") == fingerprint(cfg) and done.get("epochs") == cfg.train.epochs:
-        return done
+        return {**done, "skipped": True}
     if plan.missing_synthetic_classes:
         print(f"[train] warning: the synthetic set has no image of class(es) {plan.missing_synthetic_classes[:10]}")
     started = time.time()
@@ -517,17 +542,17 @@ def run_train(cfg: RunConfig) -> dict:
         print(f"[train] note: the latest checkpoint is epoch {int(state['epoch']) + 1} > train.epochs={cfg.train.epochs}; using it")
     info = {"arch": cfg.train.arch, "image_size": cfg.train.image_size, "source": cfg.train.source,
             "class_dirs": plan.class_dirs, "class_names": plan.class_names, "epochs": int(state["epoch"]) + 1}
-    save_classifier(model_url(cfg.out), state["model"], info)
-    history = [r for r in read_metrics(cfg.out) if r.get("run") == plan.run_name]
+    save_classifier(model_url(cdir), state["model"], info)
+    history = [r for r in read_metrics(cdir) if r.get("run") == plan.run_name]
     if history:
-        write_curves(cfg.out, history)
+        write_curves(cdir, history)
     evaluation = run_evaluate(cfg)
     summary = {
         "fingerprint": fingerprint(cfg), "epochs": cfg.train.epochs, "run_name": plan.run_name,
         "source": cfg.train.source, "arch": cfg.train.arch, "epoch_images": plan.epoch_images,
         "real_images": len(plan.real), "synthetic_images": len(plan.synthetic), "resumed_at_epoch": first_epoch,
         "seconds": round(time.time() - started, 2), "last_epoch": history[-1] if history else None,
-        "model": model_url(cfg.out), "evaluation": evaluation,
+        "model": model_url(cdir), "evaluation": evaluation,
     }
-    storage.write_json(done_url(cfg.out), summary)
+    storage.write_json(done_url(cdir), summary)
     return summary

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -25,6 +26,8 @@ from realfake_ray.evaluate import (
     run_evaluate,
     save_classifier,
 )
+
+from realfake_ray.train import classifier_dir
 
 from test_train import fabricate_synthetic
 
@@ -56,7 +59,7 @@ def _write_model(out, seed: int = 0, fit: bool = False) -> torch.nn.Module:
         _fit_head(model)
     info = {"arch": "resnet_tiny", "image_size": 32, "source": "real", "class_dirs": CLASS_DIRS,
             "class_names": [f"digit {i}" for i in range(10)], "epochs": 1}
-    save_classifier(model_url(str(out)), model.state_dict(), info)
+    save_classifier(model_url(classifier_dir(str(out))), model.state_dict(), info)
     return model
 
 
@@ -77,14 +80,14 @@ def no_ray(monkeypatch):
 # ------------------------------------------------------------------------------------ fast
 def test_model_file_round_trip(tmp_path):
     model = _write_model(tmp_path)
-    loaded, info = load_classifier(model_url(str(tmp_path)))
+    loaded, info = load_classifier(model_url(classifier_dir(str(tmp_path))))
     assert info["class_dirs"] == CLASS_DIRS and info["arch"] == "resnet_tiny" and info["image_size"] == 32
-    assert read_classifier_info(storage.read_bytes(model_url(str(tmp_path))))["epochs"] == 1
+    assert read_classifier_info(storage.read_bytes(model_url(classifier_dir(str(tmp_path)))))["epochs"] == 1
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x))
     with pytest.raises(FileNotFoundError, match="run `realfake train` first"):
-        load_classifier(model_url(str(tmp_path / "nothing")))
+        load_classifier(model_url(classifier_dir(str(tmp_path / "nothing"))))
 
 
 def test_plan_sets_maps_a_class_subset_to_real_indices(tmp_path):
@@ -139,7 +142,9 @@ def evaluated(tiny_bank, tmp_path_factory):
     sub = _subset_set(out / "sub")
     assert main(["evaluate", "--preset", "tiny", "--out", str(out), "--set", f"evaluate.extra_sets.digits_3_7={sub}"]) == 0
     report = json.loads((out / "classifier" / "metrics.json").read_text())
-    return {"out": out, "model": model, "sub": sub, "report": report}
+    began = time.time()  # the same inputs again: the stored report, no Ray work
+    again = run_evaluate(_cfg(out, f"evaluate.extra_sets={{digits_3_7: {sub}}}"))
+    return {"out": out, "model": model, "sub": sub, "report": report, "again": again, "again_s": time.time() - began}
 
 
 def _direct(model, root, class_subset=None):
@@ -158,6 +163,12 @@ def test_ray_evaluation_equals_a_direct_computation(evaluated):
     assert sets["val"]["top1"] == pytest.approx(direct["top1"]) and sets["val"]["top5"] == pytest.approx(direct["top5"])
     expected = {d: a for d, a in zip(CLASS_DIRS, direct["per_class"])}
     assert sets["val"]["per_class"] == pytest.approx(expected)
+
+
+@pytest.mark.e2e
+def test_rerun_with_the_same_inputs_returns_the_stored_report(evaluated):
+    assert evaluated["again"].pop("skipped") is True and evaluated["again_s"] < 5
+    assert evaluated["again"] == evaluated["report"]
 
 
 @pytest.mark.e2e

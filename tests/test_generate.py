@@ -37,6 +37,7 @@ from realfake_ray.generate import (
     run_generate,
     synthetic_dir,
     synthetic_path,
+    unit_rows,
 )
 from realfake_ray.lora import add_lora, save_lora
 from realfake_ray.models.loading import load_pipeline, read_component_config
@@ -110,7 +111,7 @@ def test_planner_covers_exactly_the_missing_keys(tmp_path):
     units, rows, expected, pending, collisions = plan_units(cfg, files)
     assert (rows, expected, pending, collisions) == (8, 16, 13, frozenset())
     tables = {f: pq.read_table(f).column("image_id").to_pylist() for f in files}
-    planned = [(tables[u["file"]][r], u["copy_idx"]) for u in units for r in u["rows"]]
+    planned = [(tables[u["file"]][r], u["copy_idx"]) for u in units for r in unit_rows(u)]
     assert len(planned) == len(set(planned)) == 13
     every = {(i, c) for chunk in ids for i in chunk for c in range(2)}
     assert set(planned) == every - {("a/1.png", 0), ("b/2.png", 0), ("a/0.png", 1)}

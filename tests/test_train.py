@@ -159,6 +159,18 @@ def test_batch_larger_than_an_epoch(tmp_path, no_ray):
         run_train(_cfg(tmp_path, "train.source=synthetic"))
 
 
+def test_bad_evaluation_set_is_reported_before_training(tmp_path, no_ray):
+    (tmp_path / "sketch" / "cat").mkdir(parents=True)
+    shutil.copy(storage.resolve_embedded(f"{VAL}/digit_0/0078.png"), tmp_path / "sketch" / "cat" / "a.png")
+    with pytest.raises(DatasetError, match=r"extra_sets\['sketch'\].*'cat' are not among the 10 real classes"):
+        run_train(_cfg(tmp_path, "train.source=real", f"evaluate.extra_sets={{sketch: {tmp_path / 'sketch'}}}"))
+
+
+def test_tag_must_be_a_plain_folder_name(tmp_path, no_ray):
+    with pytest.raises(ConfigError, match=r"train.tag: '../x' is not a plain folder name"):
+        run_train(_cfg(tmp_path, "train.source=real", "train.tag=../x"))
+
+
 def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
     from realfake_ray.cli import main
 
@@ -190,7 +202,7 @@ def real_run(ray_cluster, tmp_path_factory):
     sets = f"evaluate.extra_sets={{digits_3_7: {subset}}}"
     started = time.time()
     first = run_train(_cfg(out, "train.source=real", f"train.epochs={FIRST_EPOCHS}", sets))
-    first_metrics = read_metrics(str(out))
+    first_metrics = read_metrics(classifier_dir(str(out)))
     second = run_train(_cfg(out, "train.source=real", sets))
     return {"out": out, "first": first, "first_metrics": first_metrics, "second": second,
             "seconds": time.time() - started}
@@ -200,7 +212,7 @@ def real_run(ray_cluster, tmp_path_factory):
 def test_resume_continues_at_the_saved_epoch(real_run):
     assert [r["epoch"] for r in real_run["first_metrics"]] == [0, 1]
     assert real_run["second"]["resumed_at_epoch"] == FIRST_EPOCHS
-    rows = read_metrics(str(real_run["out"]))
+    rows = read_metrics(classifier_dir(str(real_run["out"])))
     assert [r["epoch"] for r in rows] == [0, 1, 2, 3]  # epochs 0-1 from the first call, 2-3 from the second
     assert rows[:2] == real_run["first_metrics"]  # the first call's rows are kept, not recomputed
     assert len({r["run"] for r in rows}) == 1 and all(r["images_per_s"] > 0 for r in rows)
@@ -214,7 +226,7 @@ def test_real_only_run_is_well_above_chance(real_run):
     # Measured on 2 CPU cores: 0.86-0.89 top-1 after 4 epochs (chance is 0.10).
     assert val["top1"] > 0.6 and val["top5"] > 0.9 and val["count"] == 360
     assert len(val["per_class"]) == 10
-    last = read_metrics(str(real_run["out"]))[-1]
+    last = read_metrics(classifier_dir(str(real_run["out"])))[-1]
     assert last["train_loss"] < 1.2 and last["val_top1"] == pytest.approx(val["top1"], abs=0.02)
 
 
@@ -238,33 +250,63 @@ def test_outputs_and_done_marker(real_run):
     assert "| val |" in open(os.path.join(cdir, "metrics.md")).read()
     began = time.time()
     again = run_train(_cfg(out, "train.source=real", f"evaluate.extra_sets={{digits_3_7: {out}/digits_3_7}}"))
-    assert time.time() - began < 5 and again == json.loads(json.dumps(real_run["second"]))
+    assert time.time() - began < 5 and again.pop("skipped") is True
+    assert again == json.loads(json.dumps(real_run["second"]))
+
+
+PER_CLASS = 3
+SMALL = ["train.batch_size=8", "train.epochs=1", "generate.steps=4", "generate.batch_size=8", "generate.mult=2",
+         "generate.use_lora=false"]
 
 
 @pytest.fixture(scope="module")
-def synthetic_out(tmp_path_factory):
-    out = tmp_path_factory.mktemp("train-synth")
-    fabricate_synthetic(str(out), copies=1, per_class=None)
-    return out
+def generated(tiny_bank, tmp_path_factory):
+    """Real generate-stage output: a 30-image real subset (3 per digit), its slice of the tiny bank, and
+    `realfake generate --mult 2` on it (tiny preset, 4 steps): 60 synthetic images + manifest."""
+    from realfake_ray._internal.shards import read_parts
+    from realfake_ray.encode import bank_dir
+    from realfake_ray.generate import run_generate
+
+    out, data = tmp_path_factory.mktemp("train-gen"), tmp_path_factory.mktemp("train-gen-data")
+    keep = set()
+    for class_dir, _ in storage.listdir(REAL):
+        (data / class_dir).mkdir()
+        for name in sorted(os.listdir(storage.resolve_embedded(f"{REAL}/{class_dir}")))[:PER_CLASS]:
+            shutil.copy(storage.resolve_embedded(f"{REAL}/{class_dir}/{name}"), data / class_dir / name)
+            keep.add(f"{class_dir}/{name}")
+    shutil.copytree(os.path.join(tiny_bank, "latents"), out / "latents", ignore=shutil.ignore_patterns("train"))
+    bank = read_parts(bank_dir(tiny_bank, "train"))
+    write_part(bank_dir(str(out), "train"), bank.filter(pa.array([i in keep for i in bank["image_id"].to_pylist()])))
+    run_generate(_cfg(out, *SMALL, data__train=str(data), data__val=VAL))
+    return {"out": out, "data": str(data)}
 
 
 @pytest.mark.e2e
-def test_synthetic_only_run(ray_cluster, synthetic_out):
-    summary = run_train(_cfg(synthetic_out, "train.source=synthetic", "train.epochs=1"))
-    assert summary["synthetic_images"] == 1437 and summary["real_images"] == 0
-    rows = [r for r in read_metrics(str(synthetic_out)) if r["run"] == summary["run_name"]]
-    assert len(rows) == 1 and rows[0]["train_images"] == 1408  # 2 workers × 11 full batches of 64
-    val = summary["evaluation"]["sets"]["val"]
-    assert val["count"] == 360 and 0 <= val["top1"] <= 1 and summary["evaluation"]["source"] == "synthetic"
+def test_synthetic_only_run_on_generated_output(generated):
+    out = generated["out"]
+    summary = run_train(_cfg(out, *SMALL, "train.source=synthetic", "train.tag=synthetic-2x", data__train=generated["data"], data__val=VAL))
+    assert summary["synthetic_images"] == 60 and summary["real_images"] == 0
+    assert summary["model"].endswith("classifier/synthetic-2x/model.safetensors")
+    [row] = read_metrics(classifier_dir(str(out), "synthetic-2x"))
+    assert row["train_images"] == 48 and row["train_loss"] > 0  # 2 workers × 3 full batches of 8
+    report = summary["evaluation"]
+    assert report["source"] == "synthetic" and report["sets"]["val"]["count"] == 360
+    assert 0 <= report["sets"]["val"]["top1"] <= 1
+    dist = report["distribution"]  # the bank of this run (30 real) against the 60 generated images
+    assert dist["n_real"] == 30 and dist["n_synth"] == 60 and dist["mmd2"] is not None
+    assert set(dist["per_class_mmd2"]) == {f"digit_{i}" for i in range(10)}
+    assert os.path.exists(os.path.join(classifier_dir(str(out), "synthetic-2x"), "metrics.md"))
 
 
 @pytest.mark.e2e
-def test_mixed_run(ray_cluster, synthetic_out):
-    cfg = _cfg(synthetic_out, "train.source=mix", "train.mix_ratio=0.25", "train.epochs=1")
+def test_mixed_run(generated):
+    out = generated["out"]
+    cfg = _cfg(out, *SMALL, "train.source=mix", "train.mix_ratio=0.5", "train.tag=mix", "evaluate.distribution_metrics=false",
+               data__train=generated["data"], data__val=VAL)
     plan = plan_training(cfg)
-    assert plan.real_fraction == 1.0 and plan.synthetic_fraction == pytest.approx(479 / 1437, abs=1e-3)
+    assert (plan.real_fraction, plan.synthetic_fraction, plan.epoch_images) == (1.0, 0.5, 60)
     summary = run_train(cfg)
-    assert summary["epoch_images"] == 1916 and summary["source"] == "mix"
-    row = [r for r in read_metrics(str(synthetic_out)) if r["run"] == summary["run_name"]][0]
-    assert 1500 < row["train_images"] <= 1916 + 200  # seeded Bernoulli sample of the synthetic part
+    assert summary["source"] == "mix" and summary["real_images"] == 30 and summary["synthetic_images"] == 60
+    [row] = read_metrics(classifier_dir(str(out), "mix"))
+    assert 32 <= row["train_images"] <= 80  # 30 real + a seeded ~half of the 60 synthetic, full batches of 16
     assert summary["evaluation"]["sets"]["val"]["count"] == 360
