@@ -166,11 +166,13 @@ def _markdown(cfg: RunConfig, report: dict, table) -> str:
         lines += [f"\n## Latent bank\n\n{bank['resolution']} px, latents {bank['latent_shape']}\n",
                   table([{"split": s, **v} for s, v in bank["splits"].items()])]
     if report["finetune"]:
-        lines += ["\n## Fine-tuning\n", table([report["finetune"]])]
+        cols = ["step", "final_loss", "samples_per_s", "train_seconds", "num_workers", "resumed_from"]
+        lines += ["\n## Fine-tuning\n", table([report["finetune"]], cols)]
         if "finetune_loss" in report["pictures"]:
             lines.append("\n![fine-tuning loss](finetune/loss.png)\n")
     if report["synthesis"]:
-        lines += ["\n## Synthesis\n", table([report["synthesis"]])]
+        cols = ["count", "expected", "generated_now", "already_present", "failed", "images_per_s", "wall_s", "mult"]
+        lines += ["\n## Synthesis\n", table([report["synthesis"]], cols)]
     if report["pictures"].get("samples"):
         lines.append("\n![real vs synthetic samples per class](samples.png)\n")
     if report["accuracy"]:

@@ -136,7 +136,7 @@ def test_ray_job_submit_runs_resumes_and_skips(local_head, tmp_path):
     assert stages["encode"].get("skipped_last_run") and stages["finetune"].get("skipped_last_run")
     assert not stages["generate"]["skipped"] and not stages["train"]["skipped"]
     summary = storage.read_json(f"{out}/synthetic/_summary.json")
-    assert summary["count"] == 2 * 36 and 0 < summary["generated"] < 72
+    assert summary["count"] == 2 * 36 and 0 < summary["generated_now"] < 72
     report_md = storage.read_text(f"{out}/report.md")
     for section in ("## Stages", "## Fine-tuning", "## Synthesis", "## Accuracy", "GPU-hours"):
         assert section in report_md
