@@ -99,7 +99,7 @@ def run_train_rate(workers: int, epochs: int) -> dict:
 
     out = tempfile.mkdtemp(prefix=f"bench-train-{workers}w-")
     cfg = load_config(preset="tiny", out=out, overrides=[
-        "train.source=real", f"train.num_workers={workers}", f"train.epochs={epochs}",
+        "train.source=real", f"train.num_workers={workers}", f"train.epochs={epochs}", "train.worker_cpus=1",
         "evaluate.distribution_metrics=false",
     ])
     began = time.time()
@@ -131,7 +131,8 @@ def main() -> None:
     parser.add_argument("--workers", default="1,2", help="comma list of Ray Train worker counts")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=8, help="copies of the 1,437-image split for the decode ceiling")
-    parser.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of the local cluster (default: max(cores, workers + 2))")
+    parser.add_argument("--num-cpus", type=int, default=None,
+                        help="logical CPUs of the local cluster (default: max(cores, workers + 2))")
     parser.add_argument("--write", metavar="BENCHMARKS.md", help="write the results as this script's section")
     args = parser.parse_args()
 

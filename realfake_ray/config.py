@@ -160,6 +160,7 @@ class TrainConfig(_Section):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool | Literal["auto"] = "auto"
     decode_cpus: float = Field(1.0, gt=0)
+    worker_cpus: float = Field(1.0, gt=0)  # Ray CPUs held by each training worker (the rest decode images)
     synthetic: str | None = None  # synthetic ImageFolder URL; None: <out>/synthetic/train (+ its manifest)
     synthetic_mult: int | None = Field(None, ge=1)  # use copies with copy_idx < N (1x of a 10x set); None: all
     checkpoint_keep: int = Field(2, ge=1)  # epoch checkpoints kept under <out>/classifier/<run name>/
@@ -241,6 +242,7 @@ _PRESET_VALUES: dict[str, dict[str, Any]] = {
             "schedule": "cosine",
             "warmup_epochs": 0.5,
             "num_workers": 2,
+            "worker_cpus": 0.5,
             "amp": False,
         },
         "evaluate": {"batch_size": 256, "max_samples": 500},

@@ -30,16 +30,15 @@ import numpy as np
 
 from realfake_ray import storage
 from realfake_ray.config import ConfigError, RunConfig
-from realfake_ray.data.imagefolder import DatasetError, scan_image_folder
+from realfake_ray.data.imagefolder import DatasetError
 from realfake_ray.train import (
-    class_index,
     decoded_dataset,
     output_dir,
     real_rows,
     rows_dataset,
+    scan_mapped_folder,
     synthetic_root,
     synthetic_rows,
-    unknown_classes_error,
 )
 
 VAL_SET = "val"
@@ -101,14 +100,15 @@ class ClassifierActor:
 
         from realfake_ray.classifier import evaluate_batches
 
-        out: dict[str, list] = {k: [] for k in ("set_idx", "correct1", "correct5", "count", "k", "per_class_correct", "per_class_count")}
+        keys = ("correct1", "correct5", "count", "k", "per_class_correct", "per_class_count")
+        out: dict[str, list] = {k: [] for k in ("set_idx", *keys)}
         for s in np.unique(batch["set_idx"]):
             mask = batch["set_idx"] == s
             x = self.transform(torch.from_numpy(np.ascontiguousarray(batch["pixels"][mask])))
             y = torch.from_numpy(np.asarray(batch["label"][mask], dtype=np.int64))
             r = evaluate_batches(self.model, [(x, y)], len(self.info["class_dirs"]), self.subsets[int(s)], self.autocast)
             out["set_idx"].append(int(s))
-            for key in ("correct1", "correct5", "count", "k", "per_class_correct", "per_class_count"):
+            for key in keys:
                 out[key].append(np.asarray(r[key]))
         return {k: np.stack(v) for k, v in out.items()}
 
@@ -117,14 +117,9 @@ class ClassifierActor:
 def extra_set_rows(name: str, url: str, class_dirs: list[str], cfg: RunConfig) -> tuple[list[dict], list[int] | None]:
     """Rows of one extra labelled set, labelled with the *real* class indices, and its class subset
     (``None`` when it covers every real class). A folder that is not a real class is an error."""
-    lookup = class_index(class_dirs)
-    if not storage.isdir(url):
-        raise DatasetError(f"evaluate.extra_sets[{name!r}]: not a directory: {url}")
-    unknown = [n for n, is_dir in storage.listdir(url) if is_dir and n not in lookup]
-    if unknown:
-        raise unknown_classes_error(f"evaluate.extra_sets[{name!r}] {url}", unknown, class_dirs)
-    index = scan_image_folder(url, extensions=cfg.data.extensions)
-    rows = [{"url": r.url, "label": lookup[r.class_dir]} for r in index.records]
+    where = f"evaluate.extra_sets[{name!r}] {url}"
+    found = scan_mapped_folder(url, class_dirs, cfg, where, f"evaluate.extra_sets[{name!r}]: not a directory: {url}")
+    rows = [{"url": u, "label": label} for u, label in found]
     covered = sorted({r["label"] for r in rows})
     return rows, (covered if len(covered) < len(class_dirs) else None)
 
@@ -191,10 +186,11 @@ def evaluate_sets(cfg: RunConfig, url: str, names: list[str], rows: list[dict], 
 
 
 def _bank_embeddings(out: str) -> tuple[np.ndarray, np.ndarray]:
+    """The bank's real train CLIP embeddings (float32 ``[N, D]``) and labels."""
+    import pyarrow as pa
+
     from realfake_ray._internal.shards import read_parts
     from realfake_ray.encode import bank_dir
-
-    import pyarrow as pa
 
     table = read_parts(bank_dir(out, "train"), ["label", "clip_embed"])
     column = table.column("clip_embed").combine_chunks()

@@ -111,18 +111,25 @@ def _manifest_rows(cfg: RunConfig, class_dirs: list[str], table) -> list[dict]:
     return rows
 
 
-def _folder_rows(cfg: RunConfig, class_dirs: list[str]) -> list[dict]:
-    root, lookup = synthetic_root(cfg), class_index(class_dirs)
+def scan_mapped_folder(root: str, class_dirs: list[str], cfg: RunConfig, where: str, missing: str) -> list[tuple[str, int]]:
+    """``(url, real label)`` of an ImageFolder whose class folders must be real classes (by folder name or
+    its ``storage.safe_name``); ``missing`` is the error text when ``root`` is not a directory."""
+    lookup = class_index(class_dirs)
     if not storage.isdir(root):
-        raise DatasetError(f"no synthetic data at {root} (run `realfake generate` first, or set train.synthetic)")
+        raise DatasetError(missing)
     unknown = [name for name, is_dir in storage.listdir(root) if is_dir and name not in lookup]
     if unknown:
-        raise unknown_classes_error(f"synthetic set {root}", unknown, class_dirs)
-    index = scan_image_folder(root, extensions=cfg.data.extensions)
+        raise unknown_classes_error(where, unknown, class_dirs)
+    return [(r.url, lookup[r.class_dir]) for r in scan_image_folder(root, extensions=cfg.data.extensions).records]
+
+
+def _folder_rows(cfg: RunConfig, class_dirs: list[str]) -> list[dict]:
+    root = synthetic_root(cfg)
+    missing = f"no synthetic data at {root} (run `realfake generate` first, or set train.synthetic)"
     rows = []
-    for rec in index.records:
-        match = _COPY_RE.search(os.path.splitext(rec.url.rsplit("/", 1)[-1])[0])
-        rows.append({"url": rec.url, "label": lookup[rec.class_dir], "copy_idx": int(match.group(1)) if match else 0})
+    for url, label in scan_mapped_folder(root, class_dirs, cfg, f"synthetic set {root}", missing):
+        match = _COPY_RE.search(os.path.splitext(url.rsplit("/", 1)[-1])[0])
+        rows.append({"url": url, "label": label, "copy_idx": int(match.group(1)) if match else 0})
     return rows
 
 
@@ -189,7 +196,7 @@ class TrainPlan:
 
 def fingerprint(cfg: RunConfig) -> dict:
     """What identifies a training run (everything but ``train.epochs`` and placement-only settings)."""
-    placement = {"epochs", "use_gpu", "decode_cpus", "checkpoint_keep", "max_failures", "tag"}
+    placement = {"epochs", "use_gpu", "decode_cpus", "worker_cpus", "checkpoint_keep", "max_failures", "tag"}
     train = cfg.train.model_dump(mode="json", exclude=placement)
     data = cfg.data.model_dump(mode="json", include={"train", "val", "classes_file"})
     return {"seed": cfg.seed, "train": train, "data": data}
@@ -209,7 +216,9 @@ def _check_storage(url: str) -> None:
     try:
         pyarrow.fs.FileSystem.from_uri(url)
     except Exception as exc:
-        raise ConfigError(f"out: Ray Train checkpoints need a pyarrow filesystem (local, s3://, gs://, hdfs://); {url}: {exc}") from None
+        raise ConfigError(
+            f"out: Ray Train checkpoints need a pyarrow filesystem (local, s3://, gs://, hdfs://); {url}: {exc}"
+        ) from None
 
 
 def plan_training(cfg: RunConfig) -> TrainPlan:
@@ -429,8 +438,10 @@ def train_loop(config: dict) -> None:
     ckpt = ray.train.get_checkpoint()
     start = _load_state(ckpt, base, optimizer, scheduler, amp[1]) if ckpt else 0
     cdir = output_dir(cfg)
-    history = [r for r in read_metrics(cdir) if r.get("run") == plan["run_name"] and r["epoch"] < start] if rank == 0 else []
-    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val") if plan["has_val"] else None
+    kept = read_metrics(cdir) if rank == 0 else []  # rows of the epochs already checkpointed stay
+    history = [r for r in kept if r.get("run") == plan["run_name"] and r["epoch"] < start]
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val") if plan["has_val"] else None
     for epoch in range(start, t.epochs):
         began = time.time()
         local = _run_epoch(model, optimizer, scheduler, train_shard, cfg, epoch, rank, amp)
@@ -461,14 +472,16 @@ def done_url(cdir: str) -> str:
 
 
 def _warn_if_no_cpu_for_data(cfg: RunConfig) -> None:
-    """Training workers hold one CPU each; decode tasks need CPUs beyond those, or the run waits forever."""
+    """Training workers hold ``worker_cpus`` each; decode tasks need CPUs beyond those, or the run waits forever."""
     import ray
 
     cpus, t = float(ray.cluster_resources().get("CPU", 0.0)), cfg.train
-    if cpus < t.num_workers + t.decode_cpus:
-        print(f"[train] warning: the cluster has {cpus:g} CPUs; train.num_workers={t.num_workers} take "
-              f"{t.num_workers} and Ray Data decode tasks need train.decode_cpus={t.decode_cpus:g} more. Unless the "
-              f"cluster autoscales, add CPUs (ray.num_cpus) or lower train.num_workers, or the run will wait.")
+    held = t.num_workers * t.worker_cpus
+    if cpus < held + t.decode_cpus:
+        print(f"[train] warning: the cluster has {cpus:g} CPUs; {t.num_workers} training workers hold {held:g} "
+              f"(train.worker_cpus={t.worker_cpus:g}) and Ray Data decode tasks need train.decode_cpus="
+              f"{t.decode_cpus:g} more. Unless the cluster autoscales, add CPUs (ray.num_cpus) or lower "
+              f"train.worker_cpus / train.num_workers, or the run will wait.")
 
 
 def _trainer(plan: TrainPlan, cfg: RunConfig, first_epoch: int):
@@ -495,7 +508,9 @@ def _trainer(plan: TrainPlan, cfg: RunConfig, first_epoch: int):
     return TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "plan": loop_plan},
-        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=t.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": t.worker_cpus}
+        ),
         run_config=run_config,
         datasets=datasets,
     )
