@@ -479,7 +479,8 @@ def train_loop(loop_config: dict) -> None:
             window += train_step(models, batch, generator, ft, plan.prediction_type, class_means, optimizer, scaler)
             st.step, seen, window_steps, run_steps = st.step + 1, seen + 1, window_steps + 1, run_steps + 1
             last = st.step >= plan.total_steps
-            if st.step % ft.log_every == 0 or last:
+            checkpoint_now = st.step % ft.checkpoint_every == 0 or last
+            if st.step % ft.log_every == 0 or checkpoint_now:  # a checkpoint always carries a fresh row
                 means = (_all_mean(window) / window_steps).tolist()
                 elapsed = time.perf_counter() - window_start
                 row = {"step": st.step, **dict(zip(METRIC_KEYS, means)), "lr": _lr_at(ft, st.step - 1),
@@ -487,7 +488,7 @@ def train_loop(loop_config: dict) -> None:
                 st.history.append(row)
                 window.zero_()
                 window_steps, window_start = 0, time.perf_counter()
-            if st.step % ft.checkpoint_every == 0 or last:
+            if checkpoint_now:
                 seconds = time.perf_counter() - run_start
                 metrics = {**st.history[-1], "step": st.step, "resumed_from": st.resumed_from, "train_seconds": seconds,
                            "run_samples_per_s": run_steps * ft.batch_size * world / seconds}

@@ -269,5 +269,6 @@ def _gather_worker(rank: int, world: int, init_file: str) -> None:
         dist.destroy_process_group()
 
 
-def test_gather_with_grad_two_gloo_ranks(tmp_path) -> None:
+def test_gather_with_grad_two_gloo_ranks(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")  # loopback only: no dependence on the host's interfaces
     mp.spawn(_gather_worker, args=(2, str(tmp_path / "init")), nprocs=2, join=True)

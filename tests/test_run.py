@@ -141,14 +141,14 @@ def test_ray_job_submit_runs_resumes_and_skips(local_head, tmp_path):
     for section in ("## Stages", "## Fine-tuning", "## Synthesis", "## Accuracy", "GPU-hours"):
         assert section in report_md
     assert storage.exists(f"{out}/samples.png") and storage.exists(f"{out}/finetune/loss.png")
-    metrics_before = storage.read_text(f"{out}/classifier/synthetic/metrics.json")
+    metrics_before = storage.read_text(f"{out}/classifier/metrics.json")
 
     # 3) Resubmit again: every stage skipped, same results.
     third = _submit(address, env, *args)
     assert third.returncode == 0, third.stdout[-4000:] + third.stderr[-2000:]
     for stage in ("encode", "finetune", "generate", "train", "evaluate"):
         assert f"stage {stage}: skipped" in third.stdout, third.stdout[-3000:]
-    assert storage.read_text(f"{out}/classifier/synthetic/metrics.json") == metrics_before
+    assert storage.read_text(f"{out}/classifier/metrics.json") == metrics_before
 
 
 def test_typo_and_impossible_value_rejected_before_any_work(tmp_path):
