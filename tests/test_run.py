@@ -13,9 +13,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from realfake_ray import storage
+from realfake_ray._internal.shards import write_part
 from realfake_ray.config import ConfigError, load_config
 from realfake_ray.report import gpu_hours_estimate
 from realfake_ray.run import select_stages
@@ -120,13 +122,16 @@ def test_ray_job_submit_runs_resumes_and_skips(local_head, tmp_path):
     args = ["--preset", "tiny", "--mult", "2", "--out", out, "--data", train, "--val-data", val,
             "--set", "data.classes_file=embedded:digits/classes.json",
             "--set", "finetune.max_steps=4", "--set", "finetune.checkpoint_every=2",
-            "--set", "generate.steps=4", "--set", "train.epochs=2", "--set", "evaluate.max_samples=50"]
+            "--set", "generate.steps=4", "--set", "train.epochs=2", "--set", "train.batch_size=16",
+            "--set", "evaluate.max_samples=50"]
     # 1) Up to generate; then simulate a generate stage killed mid-way (lose a manifest part + the summary).
     first = _submit(address, env, *args, "--only", "encode,finetune,generate")
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-2000:]
     manifest = sorted(u for u in storage.find(f"{out}/synthetic/_manifest") if "/part-" in u)
     assert manifest
-    storage.remove(manifest[0])
+    table = pq.read_table(storage.open_file(manifest[0]))
+    storage.remove(manifest[0])  # keep half of its rows: the state a kill between two parts leaves
+    write_part(f"{out}/synthetic/_manifest", table.slice(0, table.num_rows // 2))
     storage.remove(f"{out}/synthetic/_summary.json")
 
     # 2) Resubmit the whole job: encode + finetune skip, generate redoes only the lost rows, train/evaluate run.
