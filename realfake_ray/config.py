@@ -233,7 +233,10 @@ _PRESET_VALUES: dict[str, dict[str, Any]] = {
             "log_every": 5,
             "shuffle_buffer_size": 256,
         },
-        "generate": {"batch_size": 64, "steps": 10, "dtype": "fp32", "channels_last": False, "jpeg_quality": 90},
+        "generate": {
+            "batch_size": 64, "steps": 10, "dtype": "fp32", "channels_last": False, "jpeg_quality": 90,
+            "actors": {"min_size": 1, "max_size": 2},
+        },
         "train": {
             "arch": "resnet_tiny",
             "image_size": 32,

@@ -40,7 +40,7 @@ from realfake_ray.generate import (
     unit_rows,
 )
 from realfake_ray.lora import add_lora, save_lora
-from realfake_ray.models.loading import load_pipeline, read_component_config
+from realfake_ray.models.loading import load_pipeline, read_component_config, resolve_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["generate.steps=4", "generate.batch_size=8", "generate.rows_per_manifest_file=16"]
@@ -163,7 +163,7 @@ def bank(ray_cluster, tmp_path_factory):
             shutil.copy(f"{root}/train/{class_dir}/{name}", data / class_dir / name)
     out = tmp_path_factory.mktemp("bank")
     run_encode(load_config(preset="tiny", out=str(out), data__train=str(data), data__classes_file=f"{root}/classes.json"))
-    pipe = load_pipeline(storage.cache_dir("models", "preset-tiny-v1"))
+    pipe = load_pipeline(resolve_model_dir("preset:tiny"))
     torch.manual_seed(1)
     add_lora(pipe.unet, rank=2)
     for name, param in pipe.unet.named_parameters():
@@ -297,7 +297,7 @@ def test_lora_from_another_base_model_is_refused(bank, tmp_path_factory, no_ray)
     from diffusers import UNet2DConditionModel
 
     out = _new_run(bank, tmp_path_factory, "gen-badlora", lora=False)
-    config = dict(read_component_config(storage.cache_dir("models", "preset-tiny-v1"), "unet"))
+    config = dict(read_component_config(resolve_model_dir("preset:tiny"), "unet"))
     config["cross_attention_dim"] = 64
     unet = UNet2DConditionModel.from_config(config)
     add_lora(unet, rank=2)

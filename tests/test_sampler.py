@@ -229,9 +229,11 @@ def test_lora_is_fused_and_changes_output(tmp_path):
 def test_lora_shape_mismatch_names_file(tmp_path):
     from diffusers import UNet2DConditionModel
 
-    other = UNet2DConditionModel.from_config(build_tiny_pipeline().unet.config, block_out_channels=(32, 48))
+    config = build_tiny_pipeline().unet.config
+    width = config.block_out_channels[-1]
+    other = UNet2DConditionModel.from_config(config, block_out_channels=(config.block_out_channels[0], width + 16))
     _save_lora(other, tmp_path)
-    with pytest.raises(ValueError, match=r"pytorch_lora_weights\.safetensors.*input width 48.*has 64"):
+    with pytest.raises(ValueError, match=rf"pytorch_lora_weights\.safetensors.*input width {width + 16}.*has {width}"):
         Sampler.from_pipeline(build_tiny_pipeline(), SamplerSettings(**FAST), lora_dir=str(tmp_path))
 
 
