@@ -17,16 +17,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+from _common import machine  # noqa: E402
 
 
 def make_bank(work: str, per_class: int | None) -> str:
@@ -118,15 +119,6 @@ def torch_threads() -> int:
     import torch
 
     return torch.get_num_threads()
-
-
-def machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        name = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        name = platform.processor() or "unknown CPU"
-    return f"{name}, {os.cpu_count()} cores, no GPU"
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -20,26 +20,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 SECTION = "## Classifier training (CPU)"
 
-
-def machine() -> str:
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("Model name")), "?")
-    except OSError:
-        model = "?"
-    return f"{model}, {os.cpu_count()} cores, no GPU"
+from _common import machine, write_section  # noqa: E402
 
 
 def decode_ceiling(repeat: int) -> list[dict]:
@@ -114,18 +107,6 @@ def run_train_rate(workers: int, epochs: int) -> dict:
             "images_per_s": round(images / seconds, 1), "images_per_s_per_worker": round(images / seconds / workers, 1)}
 
 
-def write_section(path: str, text: str) -> None:
-    """Replace this script's section of ``path`` (or append it); other sections stay as they are."""
-    old = Path(path).read_text() if os.path.exists(path) else "# Benchmarks\n"
-    if SECTION in old:
-        head, rest = old.split(SECTION, 1)
-        tail = rest[rest.find("\n## ") + 1:] if "\n## " in rest else ""
-        new = head + text + ("\n" + tail if tail else "")
-    else:
-        new = old.rstrip("\n") + "\n\n" + text
-    Path(path).write_text(new)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", default="1,2", help="comma list of Ray Train worker counts")
@@ -155,7 +136,7 @@ def main() -> None:
             f"batch 64 per worker, embedded digits (1,437 train images); local Ray cluster of {num_cpus} logical CPUs.\n\n{table}\n")
     print(text)
     if args.write:
-        write_section(args.write, text)
+        write_section(args.write, SECTION, text)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,9 @@ Example::
     model = build_classifier("resnet_tiny", num_classes=10)
     opt = build_optimizer(model, lr=scaled_lr(0.1, global_batch=128))
     sched = build_scheduler(opt, "multistep", total_steps=1000, warmup_steps=50)
-    x = apply_train_transform(uint8_batch, 32, torch.Generator().manual_seed(0))
-    stats = train_step(model, opt, sched, x, labels)          # {"loss", "acc", "lr"}
-    report = evaluate_batches(model, [(eval_transform(32)(val_uint8), val_labels)], num_classes=10)
+    pixels = np.stack([train_view(image, 32, np.random.default_rng(i)) for i, image in enumerate(pil_images)])
+    stats = train_step(model, opt, sched, to_model_input(pixels), labels)   # {"loss", "acc", "lr"}
+    report = evaluate_batches(model, [(to_model_input(val_uint8), val_labels)], num_classes=10)
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock
-from torchvision.transforms import v2
+from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -49,7 +49,7 @@ def available_architectures() -> list[str]:
     return sorted([*torchvision.models.list_models(module=torchvision.models), TINY_ARCH])
 
 
-def resnet_tiny(num_classes: int, width: int = 32) -> nn.Module:
+def resnet_tiny(num_classes: int, width: int = 16) -> nn.Module:
     """A 4-stage ResNet ([1,1,1,1] BasicBlocks, widths w/2w/4w/8w) for 32-px images: 3×3 stride-1 stem, no max-pool.
 
     Example: ``resnet_tiny(10)(torch.zeros(2, 3, 32, 32)).shape`` → ``(2, 10)``.
@@ -89,18 +89,20 @@ def build_classifier(arch: str, num_classes: int) -> nn.Module:
 
 
 # ------------------------------------------------------------------------------------------- transforms
-def _to_uint8_nchw(images: Any) -> torch.Tensor:
-    """[B,H,W,3] or [H,W,3] uint8 (tensor or numpy) → [B,3,H,W] uint8 tensor."""
+# The per-image views are made where the image is decoded (Ray Data CPU tasks): RandomResizedCrop from the
+# whole decoded image + flip for training, resize + centre crop for evaluation. The worker only turns the
+# uint8 batch into normalised floats (:func:`to_model_input`), on its own device.
+def to_model_input(images: Any) -> torch.Tensor:
+    """uint8 ``[B,H,W,3]`` (tensor or numpy, any device) → float32 ``[B,3,H,W]``, ImageNet mean/std normalised.
+
+    Example: ``to_model_input(batch["pixels"].to(device))``.
+    """
     x = torch.as_tensor(images)
     if x.ndim == 3:
         x = x.unsqueeze(0)
     if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8:
         raise ValueError(f"images must be uint8 [B,H,W,3] (channels last), got {x.dtype} {list(x.shape)}")
-    return x.permute(0, 3, 1, 2)
-
-
-def _normalize(x: torch.Tensor) -> torch.Tensor:
-    """uint8 [B,3,S,S] → float32, scaled to [0,1], ImageNet mean/std normalised."""
+    x = x.permute(0, 3, 1, 2)
     return TF.normalize(TF.to_dtype(x, torch.float32, scale=True), list(IMAGENET_MEAN), list(IMAGENET_STD))
 
 
@@ -109,44 +111,21 @@ def train_crop_scale(image_size: int) -> tuple[float, float]:
     return (0.08, 1.0) if image_size >= 128 else (0.35, 1.0)
 
 
-def train_transform(image_size: int) -> v2.Compose:
-    """Random-resized-crop + flip + normalise for uint8 channels-last input → float [B,3,S,S].
-
-    On a batch the random crop/flip is shared by all images; use :func:`apply_train_transform` for
-    per-image, seeded randomness. Example: ``train_transform(224)(np_uint8_hw3)``.
-    """
-    return v2.Compose([
-        v2.Lambda(_to_uint8_nchw),
-        v2.RandomResizedCrop(image_size, scale=train_crop_scale(image_size), ratio=_RATIO, antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.Lambda(_normalize),
-    ])
-
-
-def eval_transform(image_size: int) -> v2.Compose:
-    """Resize short side to S/0.875 and centre-crop S (S <= 64: resize to S×S) + normalise; batch-safe.
-
-    Example: ``eval_transform(224)(uint8_bhw3).shape`` → ``(B, 3, 224, 224)``.
-    """
-    if image_size <= 64:
-        resize: list[Any] = [v2.Resize((image_size, image_size), antialias=True)]
-    else:
-        resize = [v2.Resize(int(round(image_size / 0.875)), antialias=True), v2.CenterCrop(image_size)]
-    return v2.Compose([v2.Lambda(_to_uint8_nchw), *resize, v2.Lambda(_normalize)])
-
-
-def _sample_crop(
-    height: int, width: int, scale: tuple[float, float], generator: torch.Generator
+def random_crop_box(
+    width: int, height: int, scale: tuple[float, float], rng: np.random.Generator
 ) -> tuple[int, int, int, int]:
-    """torchvision's RandomResizedCrop parameter draw (top, left, h, w), on an explicit generator."""
-    area, log_ratio = height * width, (math.log(_RATIO[0]), math.log(_RATIO[1]))
+    """torchvision's RandomResizedCrop draw as ``(left, top, w, h)``, on an explicit numpy generator.
+
+    Example: ``random_crop_box(500, 375, (0.08, 1.0), np.random.default_rng(0))``.
+    """
+    area, log_ratio = width * height, (math.log(_RATIO[0]), math.log(_RATIO[1]))
     for _ in range(10):
-        u = torch.rand(4, generator=generator).tolist()
+        u = rng.random(4)
         target = area * (scale[0] + (scale[1] - scale[0]) * u[0])
         aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u[1])
         w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
         if 0 < w <= width and 0 < h <= height:
-            return int(u[2] * (height - h + 1)), int(u[3] * (width - w + 1)), h, w
+            return int(u[3] * (width - w + 1)), int(u[2] * (height - h + 1)), w, h
     in_ratio = width / height  # fallback: centre crop at the aspect ratio clamped to _RATIO
     if in_ratio < _RATIO[0]:
         w, h = width, int(round(width / _RATIO[0]))
@@ -154,25 +133,34 @@ def _sample_crop(
         w, h = int(round(height * _RATIO[1])), height
     else:
         w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
+    return (width - w) // 2, (height - h) // 2, w, h
 
 
-def apply_train_transform(images: Any, image_size: int, generator: torch.Generator | int) -> torch.Tensor:
-    """Train augmentation with an independent crop/flip per image, reproducible from ``generator``.
+def train_view(image: Image.Image, image_size: int, rng: np.random.Generator) -> np.ndarray:
+    """RandomResizedCrop(S, scale=:func:`train_crop_scale`) + horizontal flip (p = 0.5) of an RGB image →
+    uint8 ``[S,S,3]``, all randomness from ``rng``.
 
-    ``images``: uint8 [B,H,W,3] tensor or numpy; returns float32 [B,3,S,S]. Example::
-
-        x = apply_train_transform(batch, 224, torch.Generator().manual_seed(seed))
+    Example: ``train_view(Image.open(path).convert("RGB"), 224, np.random.default_rng(seed))``.
     """
-    if isinstance(generator, int):
-        generator = torch.Generator().manual_seed(generator)
-    x = _to_uint8_nchw(images)
-    scale, out = train_crop_scale(image_size), []
-    for img in x:
-        top, left, h, w = _sample_crop(img.shape[-2], img.shape[-1], scale, generator)
-        crop = TF.resized_crop(img, top, left, h, w, [image_size, image_size], antialias=True)
-        out.append(TF.horizontal_flip(crop) if torch.rand(1, generator=generator).item() < 0.5 else crop)
-    return _normalize(torch.stack(out))
+    left, top, w, h = random_crop_box(image.width, image.height, train_crop_scale(image_size), rng)
+    view = image.resize((image_size, image_size), Image.BILINEAR, box=(left, top, left + w, top + h))
+    if rng.random() < 0.5:
+        view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.asarray(view, dtype=np.uint8)
+
+
+def eval_view(image: Image.Image, image_size: int) -> np.ndarray:
+    """The standard eval view: short side to S/0.875 (256 for 224) and a centre S×S crop; for S ≤ 64 (the
+    tiny preset's 32-px digits) short side to S and the centre crop. → uint8 ``[S,S,3]``.
+
+    Example: ``eval_view(Image.open(path).convert("RGB"), 224).shape`` → ``(224, 224, 3)``.
+    """
+    short = image_size if image_size <= 64 else int(round(image_size / 0.875))
+    factor = short / min(image.width, image.height)
+    size = (max(short, round(image.width * factor)), max(short, round(image.height * factor)))
+    image = image.resize(size, Image.BILINEAR)
+    left, top = (image.width - image_size) // 2, (image.height - image_size) // 2
+    return np.asarray(image.crop((left, top, left + image_size, top + image_size)), dtype=np.uint8)
 
 
 # ------------------------------------------------------------------------------ optimiser and schedule

@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import difflib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -234,7 +235,7 @@ _PRESET_VALUES: dict[str, dict[str, Any]] = {
             "shuffle_buffer_size": 256,
         },
         "generate": {
-            "batch_size": 64, "steps": 10, "dtype": "fp32", "channels_last": False, "jpeg_quality": 90,
+            "batch_size": 64, "steps": 4, "dtype": "fp32", "channels_last": False, "jpeg_quality": 90,
             "actors": {"min_size": 1, "max_size": 2},
         },
         "train": {
@@ -305,12 +306,30 @@ def read_yaml_config(path: str) -> dict:
     return data
 
 
+def _section_fields(loc: tuple) -> list[str]:
+    """The keys allowed in the section that holds ``loc`` (a pydantic error location)."""
+    model: type[BaseModel] = RunConfig
+    for part in loc[:-1]:
+        annotation = model.model_fields[str(part)].annotation if str(part) in model.model_fields else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _unknown_key(loc: tuple, given: Any) -> str:
+    dotted, allowed = ".".join(map(str, loc)), _section_fields(loc)
+    close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"  {dotted}: unknown key (got {given!r}); {hint}allowed: {', '.join(allowed)}"
+
+
 def _format_errors(exc: ValidationError, raw: dict) -> str:
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
         if err["type"] == "extra_forbidden":
-            lines.append(f"  {loc}: unknown key (typo?); allowed keys are listed in realfake_ray/config.py")
+            lines.append(_unknown_key(err["loc"], err.get("input")))
             continue
         given = err.get("input")
         lines.append(f"  {loc}: {err['msg']} (got {given!r})")

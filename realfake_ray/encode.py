@@ -272,9 +272,13 @@ def run_encode(cfg: RunConfig) -> dict:
     started = time.time()
     splits = scan_splits(cfg)
     identity = model_identity(cfg)
-    _check_bank_compatible(read_meta(cfg.out), identity, cfg.encode.resolution, cfg.out)
+    # _meta.json is written at the end; the identity file guards a bank whose first run was cut off.
+    identity_url = storage.join(bank_dir(cfg.out), "_identity.json")
+    started_with = storage.read_json(identity_url) if storage.exists(identity_url) else None
+    _check_bank_compatible(read_meta(cfg.out) or started_with, identity, cfg.encode.resolution, cfg.out)
     rows = [row for name, index in splits.items() for row in _pending_rows(index, name, cfg.out)]
     if rows:
+        storage.write_json(identity_url, {"model": identity, "resolution": cfg.encode.resolution})
         init_ray(cfg.ray)
         build_pipeline(rows, cfg).materialize()
     elapsed = time.time() - started

@@ -36,6 +36,7 @@ from realfake_ray.train import (
     output_dir,
     real_rows,
     rows_dataset,
+    rows_digest,
     scan_mapped_folder,
     synthetic_root,
     synthetic_rows,
@@ -87,24 +88,22 @@ class ClassifierActor:
     def __init__(self, url: str, subsets: list[list[int] | None]):
         import torch
 
-        from realfake_ray.classifier import eval_transform
-
         model, self.info = load_classifier(url)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = model.to(self.device)
         self.autocast = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-        self.transform, self.subsets = eval_transform(self.info["image_size"]), subsets
+        self.subsets = subsets
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        from realfake_ray.classifier import evaluate_batches
+        from realfake_ray.classifier import evaluate_batches, to_model_input
 
         keys = ("correct1", "correct5", "count", "k", "per_class_correct", "per_class_count")
         out: dict[str, list] = {k: [] for k in ("set_idx", *keys)}
         for s in np.unique(batch["set_idx"]):
             mask = batch["set_idx"] == s
-            x = self.transform(torch.from_numpy(np.ascontiguousarray(batch["pixels"][mask])))
+            x = to_model_input(torch.from_numpy(np.ascontiguousarray(batch["pixels"][mask])).to(self.device))
             y = torch.from_numpy(np.asarray(batch["label"][mask], dtype=np.int64))
             r = evaluate_batches(self.model, [(x, y)], len(self.info["class_dirs"]), self.subsets[int(s)], self.autocast)
             out["set_idx"].append(int(s))
@@ -163,7 +162,7 @@ def evaluate_sets(cfg: RunConfig, url: str, names: list[str], rows: list[dict], 
     from realfake_ray._internal.cluster import actor_pool_kwargs
     from realfake_ray.classifier import merge_evaluations
 
-    ds = decoded_dataset(rows_dataset(rows), info["image_size"], cfg)
+    ds = decoded_dataset(rows_dataset(rows), info["image_size"], cfg, view="eval")
     ds = ds.map_batches(
         ClassifierActor, batch_size=cfg.evaluate.batch_size, fn_constructor_args=(url, subsets),
         **actor_pool_kwargs(cfg.evaluate.actors),
@@ -261,7 +260,7 @@ def _inputs(cfg: RunConfig, model_bytes: bytes, synth: list[dict]) -> dict:
     return {
         "model_sha256": hashlib.sha256(model_bytes).hexdigest(), "seed": cfg.seed, "val": cfg.data.val,
         "evaluate": cfg.evaluate.model_dump(mode="json", exclude={"actors", "batch_size"}),
-        "synthetic": [synthetic_root(cfg), len(synth)] if synth else None,
+        "synthetic": [synthetic_root(cfg), len(synth), rows_digest(synth)] if synth else None,
     }
 
 

@@ -18,7 +18,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -34,6 +33,7 @@ from realfake_ray.config import FinetuneConfig, RunConfig, build_config, dump_co
 from realfake_ray.encode import bank_dir, meta_url, read_meta
 from realfake_ray.lora import LORA_WEIGHT_NAME, add_lora, load_lora, lora_sha256, save_lora
 from realfake_ray.models import loading
+from realfake_ray.seeds import derive_seed
 
 RUN_NAME = "finetune"  # Ray Train run name: checkpoints live in <out>/finetune/finetune/checkpoint_<step>
 CHECKPOINT_PREFIX = "checkpoint_"
@@ -52,9 +52,18 @@ def lora_dir(out: str) -> str:
     return storage.join(out, "lora")
 
 
-def derive_seed(*parts: object) -> int:
-    """A 63-bit seed from the run seed and labels (rank, purpose, epoch): stable across processes."""
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+# Keys that only place or pace the run: they may change between a run and its resume. Everything else in
+# the finetune section shapes the LoRA, so a rerun into the same --out with another value is refused.
+_PLACEMENT_KEYS = {"num_workers", "use_gpu", "cpus_per_worker", "epochs", "max_steps", "checkpoint_every",
+                   "keep_checkpoints", "max_failures", "log_every"}
+
+
+def finetune_settings(cfg: RunConfig) -> dict:
+    """What defines the LoRA of a run (recorded in ``<out>/finetune/_settings.json``)."""
+    return {
+        "model": cfg.model.pretrained, "revision": cfg.model.revision, "seed": cfg.seed,
+        **cfg.finetune.model_dump(mode="json", exclude=_PLACEMENT_KEYS),
+    }
 
 
 # ---------------------------------------------------------------------------------- planning
@@ -626,9 +635,13 @@ def run_finetune(cfg: RunConfig) -> dict:
     """
     from realfake_ray._internal.cluster import init_ray
 
+    from realfake_ray._internal.settings import refuse_changed_settings
+
     started = time.time()
     meta, files = _read_bank(cfg)
     _, total = step_target(cfg.finetune, int(meta["splits"]["train"]["rows"]))
+    settings_url, settings = storage.join(finetune_dir(cfg.out), "_settings.json"), finetune_settings(cfg)
+    refuse_changed_settings(settings_url, settings, f"the fine-tuning run at {finetune_dir(cfg.out)}")
     done_url = storage.join(finetune_dir(cfg.out), "_done.json")
     if storage.exists(done_url):
         done = storage.read_json(done_url)
@@ -641,6 +654,7 @@ def run_finetune(cfg: RunConfig) -> dict:
             "raise finetune.max_steps/epochs or use a new --out"
         )
     plan = plan_finetune(cfg, meta, files, total)
+    storage.write_json(settings_url, settings)
     storage.write_text(storage.join(finetune_dir(cfg.out), "config.yaml"), dump_config(cfg))
     init_ray(cfg.ray)
     result = _fit(cfg, plan)

@@ -45,6 +45,7 @@ from realfake_ray.config import ConfigError, GenerateConfig, RunConfig
 from realfake_ray.data.imagefolder import stem
 from realfake_ray.encode import bank_dir, meta_url, read_meta
 from realfake_ray.models import loading
+from realfake_ray.seeds import derive_seed
 
 SYNTHETIC = "synthetic"
 MANIFEST_COLUMNS = (
@@ -82,8 +83,7 @@ def image_seed(seed: int, image_id: str, copy_idx: int) -> int:
         >>> image_seed(42, "digit_0/0001.png", 0) != image_seed(42, "digit_0/0001.png", 1)
         True
     """
-    digest = hashlib.blake2b(f"{int(seed)}\x1f{image_id}\x1f{int(copy_idx)}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
+    return derive_seed(int(seed), image_id, int(copy_idx))
 
 
 def synthetic_path(class_dir: str, image_id: str, copy_idx: int, disambiguate: bool = False) -> str:
@@ -245,11 +245,12 @@ def local_lora_dir(lora_url: str, sha256: str) -> str:
 
 
 def find_lora(cfg: RunConfig) -> tuple[str | None, str | None]:
-    """``(url, sha256)`` of ``<out>/lora/pytorch_lora_weights.safetensors`` when used, else ``(None, None)``.
+    """``(url, content digest)`` of ``<out>/lora/pytorch_lora_weights.safetensors`` when used, else ``(None, None)``.
 
     ``generate.use_lora`` on but no LoRA there: a warning, and generation runs on the base model.
     """
     from realfake_ray.finetune import lora_dir
+    from realfake_ray.lora import lora_digest
     from realfake_ray.sampler import LORA_WEIGHT_NAME
 
     if not cfg.generate.use_lora:
@@ -262,7 +263,7 @@ def find_lora(cfg: RunConfig) -> tuple[str | None, str | None]:
             flush=True,
         )
         return None, None
-    return url, hashlib.sha256(storage.read_bytes(url)).hexdigest()
+    return url, lora_digest(storage.read_bytes(url))
 
 
 def check_lora(model_dir: str, lora_url: str, sha256: str) -> None:
@@ -302,17 +303,12 @@ def recorded_settings(cfg: RunConfig, meta: dict, lora_sha256: str | None) -> di
 
 def check_settings_unchanged(out: str, settings: dict) -> None:
     """ValueError when ``<out>/synthetic`` was generated with other image-defining settings."""
+    from realfake_ray._internal.settings import refuse_changed_settings
     from realfake_ray._internal.shards import part_files
 
-    url = synthetic_dir(out, "_settings.json")
-    if not storage.exists(url) or not part_files(manifest_dir(out)):
-        return
-    before = storage.read_json(url)
-    changed = [f"{k}: {before.get(k)!r} → {settings.get(k)!r}" for k in _RECORDED if before.get(k) != settings.get(k)]
-    if changed:
-        raise ValueError(
-            f"the synthetic set at {synthetic_dir(out)} was generated with other settings ({'; '.join(changed)}); "
-            "write to a new --out (or delete that folder) to generate with these"
+    if part_files(manifest_dir(out)):
+        refuse_changed_settings(
+            synthetic_dir(out, "_settings.json"), settings, f"the synthetic set at {synthetic_dir(out)}", _RECORDED
         )
 
 
@@ -705,27 +701,37 @@ def _class_means(cfg: RunConfig, plan: GeneratePlan) -> np.ndarray | None:
 
 
 def _execute(cfg: RunConfig, plan: GeneratePlan) -> dict:
-    """Run the pipeline, printing ``done/total, images/s`` as manifest parts land; returns the counts."""
+    """Run the pipeline with a progress bar (images done / total, images/s; on a terminal) or a progress
+    line every few seconds (job logs) as manifest parts land; returns the counts."""
+    import sys
+
+    from tqdm.auto import tqdm
+
     ds = build_pipeline(cfg, plan, _class_means(cfg, plan))
     written = failed = 0
     sampler_s = 0.0
     errors: list[str] = []
+    present = plan.expected - plan.pending
+    bar = tqdm(total=plan.expected, initial=present, unit="img", desc="generate", disable=not sys.stdout.isatty())
     started = last = time.time()
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        written += int(batch["written"].sum())
-        failed += int(batch["failed"].sum())
+        done, lost = int(batch["written"].sum()), int(batch["failed"].sum())
+        written, failed = written + done, failed + lost
         sampler_s += float(batch["sampler_s"].sum())
         errors += [e for e in batch["error"].tolist() if e][: max(0, 10 - len(errors))]
+        bar.update(done)
+        bar.set_postfix(failed=failed, refresh=False)
         now = time.time()
-        if now - last >= _PROGRESS_EVERY_S or written + failed == plan.pending:
+        if bar.disable and (now - last >= _PROGRESS_EVERY_S or written + failed == plan.pending):
             last = now
             rate = written / max(now - started, 1e-9)
-            present = plan.expected - plan.pending + written
             print(
-                f"[generate] {present}/{plan.expected} images ({100 * present / max(plan.expected, 1):.1f}%), "
+                f"[generate] {present + written}/{plan.expected} images "
+                f"({100 * (present + written) / max(plan.expected, 1):.1f}%), "
                 f"this run {written}/{plan.pending} at {rate:.2f} images/s, failed {failed}",
                 flush=True,
             )
+    bar.close()
     return {"written": written, "failed": failed, "errors": errors, "seconds": time.time() - started, "sampler_s": sampler_s}
 
 
@@ -756,9 +762,13 @@ def run_generate(cfg: RunConfig) -> dict:
         flush=True,
     )
     result = {"written": 0, "failed": 0, "errors": [], "seconds": 0.0, "sampler_s": 0.0}
+    gpus = None
     if plan.units:
+        from realfake_ray._internal.cluster import gpus_per_actor
+
         storage.write_json(synthetic_dir(cfg.out, "_settings.json"), plan.settings)
         init_ray(cfg.ray)
+        gpus = gpus_per_actor(cfg.generate.actors)
         result = _execute(cfg, plan)
     summary = {
         "count": plan.expected - plan.pending + result["written"],
@@ -770,7 +780,9 @@ def run_generate(cfg: RunConfig) -> dict:
         "images_per_s": round(result["written"] / result["seconds"], 3) if result["written"] else None,
         "generation_s": round(result["seconds"], 2),
         "sampler_s": round(result["sampler_s"], 2),  # actor time inside Sampler calls, summed over actors
+        # images per second of one actor while sampling = per GPU on GPU clusters (one GPU per actor)
         "sampler_images_per_s": round(result["written"] / result["sampler_s"], 3) if result["sampler_s"] else None,
+        "gpus_per_actor": gpus,
         "wall_s": round(time.time() - started, 2),
         "bank_rows": plan.bank_rows,
         "mult": cfg.generate.mult,

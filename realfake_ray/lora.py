@@ -32,6 +32,7 @@ __all__ = [
     "add_lora",
     "load_lora",
     "lora_parameters",
+    "lora_digest",
     "lora_sha256",
     "lora_state_dict",
     "save_lora",
@@ -156,11 +157,37 @@ def load_lora(unet: torch.nn.Module, directory: str) -> None:
 
 
 def lora_sha256(directory: str) -> str:
-    """sha256 of ``<directory>/pytorch_lora_weights.safetensors`` (a local path).
+    """Content digest of ``<directory>/pytorch_lora_weights.safetensors`` (a local path): see :func:`lora_digest`.
 
     Example:
         >>> lora_sha256("/tmp/run/lora")  # doctest: +SKIP
         'e3b0c442...'
     """
     with open(os.path.join(directory, LORA_WEIGHT_NAME), "rb") as f:  # a few MB even for SD v1.5
-        return hashlib.sha256(f.read()).hexdigest()
+        return lora_digest(f.read())
+
+
+def lora_digest(data: bytes) -> str:
+    """sha256 over a LoRA safetensors file's tensors (sorted by name: name, dtype, shape, bytes) and the
+    adapter's rank, alpha and target modules.
+
+    Not the file's own sha256: safetensors writes its metadata in hash-map order and peft keeps the target
+    modules as a set, so the same adapter saved twice need not give the same bytes; this digest is the
+    same exactly when the weights and the adapter config are.
+    """
+    import json
+    import struct
+
+    from safetensors.torch import load
+
+    (header_len,) = struct.unpack("<Q", data[:8])
+    metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
+    config = {k.removeprefix("unet."): v for k, v in json.loads(metadata.get("lora_adapter_metadata") or "{}").items()}
+    digest = hashlib.sha256()
+    for name, tensor in sorted(load(data).items()):
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    identity = {"r": config.get("r"), "lora_alpha": config.get("lora_alpha"),
+                "target_modules": sorted(config.get("target_modules") or [])}
+    digest.update(json.dumps(identity, sort_keys=True).encode())
+    return digest.hexdigest()

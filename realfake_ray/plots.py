@@ -68,13 +68,13 @@ def _save_png(fig: Figure, path: str) -> str:
 
 
 def plot_curves(
-    rows: list[dict], x: str, ys: list[str], path: str, title: str = "", logy: bool = False
+    rows: list[dict], x: str, ys: list[str], path: str, title: str = "", logy: bool = False, logx: bool = False
 ) -> str:
     """Plot metric records as one line per key in ``ys`` against key ``x``; write a PNG; return ``path``.
 
     Rows missing ``x`` or a ``y`` key (or holding a non-numeric value there) are skipped for that
     curve; points are sorted by ``x``. With no plottable points the PNG says so instead of failing,
-    so a report can always be rendered. ``logy`` uses a log y axis (non-positive values are masked).
+    so a report can always be rendered. ``logy``/``logx`` use log axes (non-positive values are masked).
 
     Example:
         >>> rows = [{"epoch": e, "train_loss": 1 / (e + 1), "val_top1": 0.1 * e} for e in range(5)]
@@ -99,6 +99,8 @@ def plot_curves(
         ax.legend(loc="best")
         if logy:
             ax.set_yscale("log")
+        if logx:
+            ax.set_xscale("log")
     else:
         ax.text(0.5, 0.5, f"no data for {', '.join(ys) or '(no keys)'}", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel(x)

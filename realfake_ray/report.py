@@ -7,7 +7,6 @@ Per-stage wall times of the runs that did the work are kept in ``<out>/_stages.j
 
 from __future__ import annotations
 
-import io
 import os
 import tempfile
 
@@ -72,21 +71,33 @@ def _sample_grid(cfg: RunConfig, meta: dict, local_dir: str) -> str | None:
     return image_grid(rows, os.path.join(local_dir, "samples.png"), row_labels=labels, col_labels=cols)
 
 
-def gpu_hours_estimate(cfg: RunConfig, mfu: float = 0.4) -> dict:
-    """GPU-hours to synthesise ImageNet-1K × mult with SD v1.5 on H100 at an assumed MFU.
+def gpu_hours_estimate(cfg: RunConfig, synthesis: dict | None = None, mfu: float = 0.4) -> dict:
+    """GPU-hours to synthesise ImageNet-1K × ``generate.mult`` images.
 
-    FLOPs per image follow the method notes (UNet step with CFG ≈ 1.61 TFLOP, VAE decode ≈ 2.5 TFLOP).
+    ``measured``: from this run's own per-GPU sampling rate (``sampler_images_per_s`` of a GPU run of a
+    real model). ``flop_model``: always, from counted FLOPs per image at this run's sampler settings and at
+    the paper's (30 UniPC steps at strength 0.75 = 22 CFG UNet calls ≈ 1.61 TFLOP each + VAE decode
+    ≈ 2.5 TFLOP, SD v1.5 at 512²) on an H100 (989 TFLOP/s dense bf16) at an assumed ``mfu``.
     """
     g = cfg.generate
-    per_image = img2img_flops(g.steps, g.strength if g.mode == "img2img" else 1.0, cfg=g.guidance_scale > 1.0)
     images = IMAGENET_TRAIN_IMAGES * g.mult
-    seconds = images * per_image / (H100_BF16_PEAK * mfu)
-    return {
+
+    def hours(tflop: float) -> float:
+        return round(images * tflop * 1e12 / (H100_BF16_PEAK * mfu) / 3600, 1)
+
+    this_run = img2img_flops(g.steps, g.strength if g.mode == "img2img" else 1.0, cfg=g.guidance_scale > 1.0) / 1e12
+    paper = img2img_flops(30, 0.75, cfg=True) / 1e12
+    estimate = {
         "images": images,
-        "tflop_per_image": round(per_image / 1e12, 2),
-        "assumed_mfu": mfu,
-        "h100_gpu_hours": round(seconds / 3600, 1),
+        "flop_model": {"assumed_mfu": mfu, "tflop_per_image": round(this_run, 2), "h100_gpu_hours": hours(this_run),
+                       "paper_tflop_per_image": round(paper, 2), "paper_h100_gpu_hours": hours(paper)},
+        "measured": None,
     }
+    rate, gpus = (synthesis or {}).get("sampler_images_per_s"), (synthesis or {}).get("gpus_per_actor")
+    if rate and gpus and cfg.preset is None:
+        estimate["measured"] = {"images_per_s_per_actor": rate, "gpus_per_actor": gpus,
+                                "gpu_hours": round(images / rate * gpus / 3600, 1)}
+    return estimate
 
 
 def _upload_png(local: str | None, cfg: RunConfig, name: str) -> str | None:
@@ -96,28 +107,70 @@ def _upload_png(local: str | None, cfg: RunConfig, name: str) -> str | None:
     return name
 
 
-def _accuracy_rows(cfg: RunConfig) -> list[dict]:
+def _classifiers(cfg: RunConfig) -> list[tuple[str, dict, dict]]:
+    """``(name, metrics.json, _done.json)`` of every evaluated classifier below ``<out>/classifier``."""
+    root = storage.join(cfg.out, "classifier")
+    found = []
+    for url in storage.find(root):
+        if url.endswith("/metrics.json"):
+            cdir = url.rsplit("/", 1)[0]
+            name = storage.relative(cdir, root)
+            found.append(("default" if name == "." else name, storage.read_json(url),
+                          _read_json(storage.join(cdir, "_done.json")) or {}))
+    return sorted(found, key=lambda item: item[0])
+
+
+def _accuracy_rows(classifiers: list[tuple[str, dict, dict]]) -> list[dict]:
     rows = []
-    for url in storage.find(storage.join(cfg.out, "classifier")):
-        if not url.endswith("/metrics.json"):
-            continue
-        m = storage.read_json(url)
-        for set_name, res in (m.get("sets") or {}).items():
-            rows.append({"source": m.get("source"), "arch": m.get("arch"), "set": set_name,
+    for name, metrics, done in classifiers:
+        for set_name, res in (metrics.get("sets") or {}).items():
+            rows.append({"classifier": name, "source": metrics.get("source"), "arch": metrics.get("arch"),
+                         "real_images": done.get("real_images"), "synthetic_images": done.get("synthetic_images"),
+                         "epochs": metrics.get("epochs"), "set": set_name,
                          "top1": res.get("top1"), "top5": res.get("top5"), "count": res.get("count")})
     return rows
 
 
-def _mmd_rows(cfg: RunConfig) -> list[dict]:
+def _mmd_rows(classifiers: list[tuple[str, dict, dict]]) -> list[dict]:
     rows = []
-    for url in storage.find(storage.join(cfg.out, "classifier")):
-        if url.endswith("/metrics.json"):
-            dist = storage.read_json(url).get("distribution")
-            if dist:
-                nn = dist.get("nn", {})
-                rows.append({"kernel": dist.get("kernel"), "mmd2": dist.get("mmd2"),
-                             "mean_class_mmd2": dist.get("mean_class_mmd2"),
-                             "near_copies": nn.get("count"), "nn_threshold": nn.get("threshold")})
+    for name, metrics, _ in classifiers:
+        dist = metrics.get("distribution")
+        if dist and "skipped" not in dist:
+            nn = dist.get("nn", {})
+            rows.append({"classifier": name, "kernel": dist.get("kernel"), "mmd2": dist.get("mmd2"),
+                         "mean_class_mmd2": dist.get("mean_class_mmd2"), "near_copies": nn.get("count"),
+                         "nn_threshold": nn.get("threshold")})
+    return rows
+
+
+def _scaling_plot(accuracy: list[dict], local_dir: str) -> str | None:
+    """Val top-1 against the training images of each classifier, one line per source (≥ 2 classifiers)."""
+    from realfake_ray.plots import plot_curves
+
+    points = [{"training images": (r["real_images"] or 0) + (r["synthetic_images"] or 0), r["source"]: r["top1"]}
+              for r in accuracy if r["set"] == "val" and r["top1"] is not None]
+    if len(points) < 2:
+        return None
+    sources = sorted({k for p in points for k in p if k != "training images"})
+    return plot_curves(points, "training images", sources, os.path.join(local_dir, "scaling.png"),
+                       title="val top-1 vs training images", logx=True)
+
+
+def _throughput(meta: dict | None, finetune: dict | None, synthesis: dict | None, classifiers: list) -> list[dict]:
+    rows = []
+    if meta and meta.get("last_run", {}).get("images_per_s"):
+        rows.append({"stage": "encode", "rate": meta["last_run"]["images_per_s"], "unit": "images/s"})
+    if finetune and finetune.get("samples_per_s"):
+        rows.append({"stage": "finetune", "rate": finetune["samples_per_s"], "unit": "samples/s (all workers)"})
+    if synthesis and synthesis.get("images_per_s"):
+        rows.append({"stage": "generate", "rate": synthesis["images_per_s"], "unit": "images/s end to end"})
+        if synthesis.get("sampler_images_per_s"):
+            rows.append({"stage": "generate", "rate": synthesis["sampler_images_per_s"], "unit": "images/s per actor while sampling"})
+    for name, _, done in classifiers:
+        last = done.get("last_epoch") or {}
+        if last.get("images_per_s"):
+            rows.append({"stage": f"train ({name})", "rate": round(last["images_per_s"], 1),
+                         "unit": f"images/s, last epoch, {last.get('workers')} workers"})
     return rows
 
 
@@ -137,22 +190,30 @@ def write_report(cfg: RunConfig, summary: dict) -> dict:
     meta = _read_json(storage.join(cfg.out, "latents", "_meta.json"))
     finetune_done = _read_json(storage.join(cfg.out, "finetune", "_done.json"))
     synth = _read_json(storage.join(cfg.out, "synthetic", "_summary.json"))
+    classifiers = _classifiers(cfg)
     report = {
         "out": cfg.out,
         "stages": times,
         "latent_bank": _bank_summary(meta) if meta else None,
         "finetune": finetune_done,
         "synthesis": synth,
-        "accuracy": _accuracy_rows(cfg),
-        "distribution": _mmd_rows(cfg),
-        "imagenet_estimate": gpu_hours_estimate(cfg),
+        "throughput": _throughput(meta, finetune_done, synth, classifiers),
+        "accuracy": _accuracy_rows(classifiers),
+        "distribution": _mmd_rows(classifiers),
+        "imagenet_estimate": gpu_hours_estimate(cfg, synth),
         "pictures": {},
+        "config": cfg.model_dump(mode="json"),
     }
     with tempfile.TemporaryDirectory() as tmp:
         if meta and synth:
             report["pictures"]["samples"] = _upload_png(_sample_grid(cfg, meta, tmp), cfg, "samples.png")
+        report["pictures"]["scaling"] = _upload_png(_scaling_plot(report["accuracy"], tmp), cfg, "scaling.png")
     if storage.exists(storage.join(cfg.out, "finetune", "loss.png")):
         report["pictures"]["finetune_loss"] = "finetune/loss.png"
+    for name, _, _ in classifiers:
+        curves = storage.join(cfg.out, "classifier", "" if name == "default" else name, "curves.png")
+        if storage.exists(curves):
+            report["pictures"][f"curves_{name}"] = storage.relative(curves, cfg.out)
     storage.write_json(storage.join(cfg.out, "report.json"), report)
     storage.write_text(storage.join(cfg.out, "report.md"), _markdown(cfg, report, markdown_table))
     return report
@@ -175,15 +236,34 @@ def _markdown(cfg: RunConfig, report: dict, table) -> str:
         lines += ["\n## Synthesis\n", table([report["synthesis"]], cols)]
     if report["pictures"].get("samples"):
         lines.append("\n![real vs synthetic samples per class](samples.png)\n")
+    if report["throughput"]:
+        lines += ["\n## Throughput (this run's hardware)\n", table(report["throughput"])]
     if report["accuracy"]:
         lines += ["\n## Accuracy\n", table(report["accuracy"])]
+        if report["pictures"].get("scaling"):
+            lines.append("\n![val top-1 vs training images](scaling.png)\n")
+        for key, path in report["pictures"].items():
+            if key.startswith("curves_"):
+                lines.append(f"\n![{key[7:]} classifier curves]({path})\n")
     if report["distribution"]:
         lines += ["\n## Real vs synthetic distribution (CLIP space)\n", table(report["distribution"])]
-    est = report["imagenet_estimate"]
-    lines += [
-        "\n## Cost at ImageNet-1K scale (estimate)\n",
-        f"{est['images']:,} images × {est['tflop_per_image']} TFLOP (SD v1.5, this run's sampler settings) "
-        f"at {est['assumed_mfu']:.0%} MFU on H100 (989 TFLOP/s bf16) ≈ **{est['h100_gpu_hours']} GPU-hours**.\n",
-        "\n## Resolved config\n\n```yaml\n" + dump_config(cfg) + "```\n",
-    ]
+    lines += ["\n## Cost at ImageNet-1K scale (estimate)\n", _cost_text(report["imagenet_estimate"])]
+    lines.append("\n## Resolved config\n\n```yaml\n" + dump_config(cfg) + "```\n")
     return "\n".join(lines)
+
+
+def _cost_text(est: dict) -> str:
+    flops = est["flop_model"]
+    text = (
+        f"{est['images']:,} images (ImageNet-1K × mult). FLOP model, SD v1.5 at 512² on H100 (989 TFLOP/s dense "
+        f"bf16) at an assumed {flops['assumed_mfu']:.0%} MFU: **{flops['h100_gpu_hours']} GPU-hours** at this run's "
+        f"sampler settings ({flops['tflop_per_image']} TFLOP/image), {flops['paper_h100_gpu_hours']} GPU-hours at the "
+        f"paper's ({flops['paper_tflop_per_image']} TFLOP/image).\n"
+    )
+    measured = est.get("measured")
+    if measured:
+        text += (f"\nMeasured in this run: {measured['images_per_s_per_actor']} images/s per actor "
+                 f"({measured['gpus_per_actor']:g} GPU each) → **{measured['gpu_hours']} GPU-hours**.\n")
+    else:
+        text += "\nNo measured figure: this run's synthesis did not run a real model on GPUs.\n"
+    return text

@@ -31,6 +31,7 @@ import numpy as np
 from realfake_ray import storage
 from realfake_ray.config import ConfigError, RunConfig
 from realfake_ray.data.imagefolder import DatasetError, scan_image_folder
+from realfake_ray.seeds import derive_seed
 
 CLASSIFIER_DIR = "classifier"
 STATE_FILE = "state.pt"
@@ -64,8 +65,8 @@ def synthetic_manifest_dir(cfg: RunConfig) -> str:
 
 
 def seed_of(*parts: int) -> int:
-    """A 32-bit seed mixed from integers, e.g. ``seed_of(cfg.seed, epoch, rank, step)``."""
-    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+    """A 32-bit seed (what Ray Data's seeds take) from :func:`~realfake_ray.seeds.derive_seed` of ``parts``."""
+    return derive_seed(*(int(p) for p in parts)) & 0xFFFFFFFF
 
 
 # ------------------------------------------------------------------------------------------ row lists
@@ -192,19 +193,28 @@ class TrainPlan:
     steps_per_epoch: int
     run_name: str
     missing_synthetic_classes: list[str]
+    fingerprint: dict
 
 
-def fingerprint(cfg: RunConfig) -> dict:
-    """What identifies a training run (everything but ``train.epochs`` and placement-only settings)."""
+def rows_digest(rows: list[dict]) -> str:
+    """sha256 of the sorted ``url<TAB>label`` lines: the identity of a labelled image list."""
+    lines = sorted(f"{r['url']}\t{r['label']}" for r in rows)
+    return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
+
+
+def fingerprint(cfg: RunConfig, data_digest: str | None = None) -> dict:
+    """What identifies a training run: everything but ``train.epochs`` and placement-only settings, plus
+    ``data_digest`` (:func:`rows_digest` of the images it samples from), so that a synthetic set that
+    changed (``--mult 10`` after ``--mult 2``) trains a new classifier instead of reusing the old one."""
     placement = {"epochs", "use_gpu", "decode_cpus", "worker_cpus", "checkpoint_keep", "max_failures", "tag"}
     train = cfg.train.model_dump(mode="json", exclude=placement)
     data = cfg.data.model_dump(mode="json", include={"train", "val", "classes_file"})
-    return {"seed": cfg.seed, "train": train, "data": data}
+    return {"seed": cfg.seed, "train": train, "data": data, "rows": data_digest}
 
 
-def run_name(cfg: RunConfig) -> str:
+def run_name(cfg: RunConfig, data_digest: str | None = None) -> str:
     """Ray Train run name: checkpoints of one configuration, so that a rerun resumes only its own run."""
-    digest = hashlib.sha256(json.dumps(fingerprint(cfg), sort_keys=True).encode()).hexdigest()[:10]
+    digest = hashlib.sha256(json.dumps(fingerprint(cfg, data_digest), sort_keys=True).encode()).hexdigest()[:10]
     return f"run-{cfg.train.source}-{storage.safe_name(cfg.train.arch)}-{digest}"
 
 
@@ -241,24 +251,48 @@ def plan_training(cfg: RunConfig) -> TrainPlan:
     _check_storage(output_dir(cfg))
     covered = {r["label"] for r in synth}
     missing = [d for i, d in enumerate(class_dirs) if synth and i not in covered]
+    real = real if real_frac > 0 else []
+    digest = rows_digest(real + synth)
     return TrainPlan(
-        class_dirs, real_index.class_names, real if real_frac > 0 else [], synth, val,
-        real_frac, synth_frac, n_epoch, (n_epoch // t.num_workers) // t.batch_size, run_name(cfg), missing,
+        class_dirs, real_index.class_names, real, synth, val, real_frac, synth_frac, n_epoch,
+        (n_epoch // t.num_workers) // t.batch_size, run_name(cfg, digest), missing, fingerprint(cfg, digest),
     )
 
 
 # ------------------------------------------------------------------------------------------ Ray Data
-def decode_rows(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
-    """CPU task: read + decode + resize to ``size``; drops the ``url`` column and undecodable rows."""
-    from realfake_ray.encode import decode_batch
+VIEWS = ("centre", "train", "eval")
 
-    decoded = decode_batch(batch, size)
-    ok = decoded["error"] == ""
-    if not ok.all():
-        bad = [f"{u}: {e}" for u, e in zip(batch["url"][~ok], decoded["error"][~ok])]
+
+def _view_fn(view: str, size: int):
+    """``fn(image, row index, batch)`` → uint8 ``[size, size, 3]`` for one decoded RGB image."""
+    from realfake_ray.classifier import eval_view, train_view
+    from realfake_ray.data.imagefolder import centre_view
+
+    if view == "train":  # the row's ``aug`` draw (Ray Data, reseeded every epoch) seeds its crop and flip
+        return lambda image, i, batch: train_view(image, size, np.random.default_rng(int(batch["aug"][i] * 2**53)))
+    if view == "eval":
+        return lambda image, i, batch: eval_view(image, size)
+    return lambda image, i, batch: centre_view(image, size)
+
+
+def decode_rows(batch: dict[str, np.ndarray], size: int, view: str = "centre") -> dict[str, np.ndarray]:
+    """CPU task: read + decode each ``url`` and cut its ``view`` (``centre``: the latent bank's resize +
+    centre crop; ``train``: seeded RandomResizedCrop + flip; ``eval``: resize to S/0.875 + centre crop) into
+    ``pixels`` uint8 [S,S,3]. Drops the ``url``/``aug``/``copy_idx`` columns and undecodable rows (named)."""
+    from realfake_ray.data.imagefolder import open_rgb
+
+    make, n = _view_fn(view, size), len(batch["url"])
+    pixels, ok, bad = np.zeros((n, size, size, 3), np.uint8), np.ones(n, bool), []
+    for i, url in enumerate(batch["url"]):
+        try:
+            pixels[i] = make(open_rgb(storage.read_bytes(url)), i, batch)
+        except Exception as exc:  # a bad file is skipped and named, never fatal
+            ok[i] = False
+            bad.append(f"{url}: {type(exc).__name__}: {exc}"[:300])
+    if bad:
         print(f"[realfake] skipped {len(bad)} undecodable image(s): {'; '.join(bad[:3])}")
-    keep = {k: np.asarray(v)[ok] for k, v in batch.items() if k not in ("url", "copy_idx")}
-    return {**keep, "pixels": decoded["pixels"][ok]}
+    keep = {k: np.asarray(v)[ok] for k, v in batch.items() if k not in ("url", "copy_idx", "aug")}
+    return {**keep, "pixels": pixels[ok]}
 
 
 def rows_dataset(rows: list[dict], rows_per_block: int = 256):
@@ -268,25 +302,33 @@ def rows_dataset(rows: list[dict], rows_per_block: int = 256):
     return ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // rows_per_block, 200)))
 
 
-def decoded_dataset(ds, size: int, cfg: RunConfig):
-    """``ds`` (rows with ``url``) → decoded ``pixels`` uint8 [S,S,3] on CPU tasks."""
-    return ds.map_batches(decode_rows, batch_size=64, fn_kwargs={"size": size}, num_cpus=cfg.train.decode_cpus)
+def decoded_dataset(ds, size: int, cfg: RunConfig, view: str = "centre"):
+    """``ds`` (rows with ``url``; ``aug`` for the train view) → ``pixels`` uint8 [S,S,3] on CPU tasks."""
+    if view not in VIEWS:
+        raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
+    return ds.map_batches(decode_rows, batch_size=64, fn_kwargs={"size": size, "view": view}, num_cpus=cfg.train.decode_cpus)
 
 
 def train_dataset(plan: TrainPlan, cfg: RunConfig, first_epoch: int = 0):
-    """Per epoch (= per execution): seeded sampling of the mix, seeded global shuffle, then decode."""
+    """Per epoch (= per execution): seeded sampling of the mix, seeded global shuffle, then decode and
+    augment on CPU tasks. Every random draw is reseeded per execution from seeds derived from the config
+    (and the epoch a resumed run starts at), so a run is reproducible."""
     from ray.data import RandomSeedConfig
+    from ray.data.expressions import random
 
-    def seeded(tag: int) -> RandomSeedConfig:
-        return RandomSeedConfig(seed=seed_of(cfg.seed, tag, first_epoch), reseed_after_execution=True)
+    def seed(tag: int) -> int:
+        return seed_of(cfg.seed, tag, first_epoch)
 
     parts = []
     for tag, rows, fraction in ((1, plan.real, plan.real_fraction), (2, plan.synthetic, plan.synthetic_fraction)):
         if rows and fraction > 0:
             ds = rows_dataset([{"url": r["url"], "label": r["label"]} for r in rows])
-            parts.append(ds if fraction >= 1.0 else ds.random_sample(fraction, seed=seeded(tag)))
+            ds = ds.with_column("aug", random(seed=seed(10 + tag), reseed_after_execution=True))
+            sample_seed = RandomSeedConfig(seed=seed(tag), reseed_after_execution=True)
+            parts.append(ds if fraction >= 1.0 else ds.random_sample(fraction, seed=sample_seed))
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    return decoded_dataset(ds.random_shuffle(seed=seeded(3)), cfg.train.image_size, cfg)
+    shuffled = ds.random_shuffle(seed=RandomSeedConfig(seed=seed(3), reseed_after_execution=True))
+    return decoded_dataset(shuffled, cfg.train.image_size, cfg, view="train")
 
 
 # ------------------------------------------------------------------------------------------ worker side
@@ -378,24 +420,26 @@ def write_curves(cdir: str, rows: list[dict]) -> str:
 
 def _evaluate_shard(model, shard, cfg: RunConfig, num_classes: int, autocast_dtype) -> dict | None:
     """Val top-1/top-5 over this worker's shard, merged over all workers."""
-    from realfake_ray.classifier import eval_transform, evaluate_batches, merge_evaluations
+    from realfake_ray.classifier import evaluate_batches, merge_evaluations, to_model_input
 
     if shard is None:
         return None
-    tf = eval_transform(cfg.train.image_size)
-    batches = ((tf(b["pixels"]), b["label"]) for b in shard.iter_torch_batches(batch_size=cfg.evaluate.batch_size, device="cpu"))
+    device = next(model.parameters()).device
+    batches = ((to_model_input(b["pixels"].to(device)), b["label"])
+               for b in shard.iter_torch_batches(batch_size=cfg.evaluate.batch_size, device="cpu"))
     local = evaluate_batches(model, batches, num_classes, autocast_dtype=autocast_dtype)
     return merge_evaluations(_all_gather(local))
 
 
-def _run_epoch(model, optimizer, scheduler, shard, cfg: RunConfig, epoch: int, rank: int, amp) -> list[float]:
+def _run_epoch(model, optimizer, scheduler, shard, cfg: RunConfig, amp) -> list[float]:
     """One pass over this worker's shard; returns ``[loss sum, correct sum, images, last lr]`` (local)."""
-    from realfake_ray.classifier import apply_train_transform, train_step
+    from realfake_ray.classifier import to_model_input, train_step
 
     t, sums = cfg.train, [0.0, 0.0, 0.0, optimizer.param_groups[0]["lr"]]
+    device = next(model.parameters()).device
     batches = shard.iter_torch_batches(batch_size=t.batch_size, drop_last=True, device="cpu")
-    for step, batch in enumerate(batches):
-        x = apply_train_transform(batch["pixels"], t.image_size, seed_of(cfg.seed, epoch, rank, step))
+    for batch in batches:
+        x = to_model_input(batch["pixels"].to(device, non_blocking=True))  # uint8 over the bus, 4× less than fp32
         stats = train_step(
             model, optimizer, scheduler, x, batch["label"].long(),
             label_smoothing=t.label_smoothing, scaler=amp[1], autocast_dtype=amp[0],
@@ -444,7 +488,7 @@ def train_loop(config: dict) -> None:
     val_shard = ray.train.get_dataset_shard("val") if plan["has_val"] else None
     for epoch in range(start, t.epochs):
         began = time.time()
-        local = _run_epoch(model, optimizer, scheduler, train_shard, cfg, epoch, rank, amp)
+        local = _run_epoch(model, optimizer, scheduler, train_shard, cfg, amp)
         seconds = time.time() - began
         loss, correct, images = _all_reduce_sum(local[:3], device)
         val = _evaluate_shard(base, val_shard, cfg, plan["num_classes"], amp[0])
@@ -498,7 +542,7 @@ def _trainer(plan: TrainPlan, cfg: RunConfig, first_epoch: int):
                  "run_name": plan.run_name, "has_val": bool(plan.val)}
     datasets = {"train": train_dataset(plan, cfg, first_epoch)}
     if plan.val:
-        datasets["val"] = decoded_dataset(rows_dataset(plan.val), t.image_size, cfg)
+        datasets["val"] = decoded_dataset(rows_dataset(plan.val), t.image_size, cfg, view="eval")
     run_config = ray.train.RunConfig(
         name=plan.run_name,
         storage_path=storage.local_path(out_dir) if storage.is_local(out_dir) else out_dir,
@@ -544,8 +588,11 @@ def run_train(cfg: RunConfig) -> dict:
     distribution_inputs(cfg, plan.class_dirs)
     cdir = output_dir(cfg)
     done = storage.read_json(done_url(cdir)) if storage.exists(done_url(cdir)) else None
-    if done and done.get("fingerprint") == fingerprint(cfg) and done.get("epochs") == cfg.train.epochs:
-        return {**done, "skipped": True}
+    if done and done.get("fingerprint") == plan.fingerprint and done.get("epochs") == cfg.train.epochs:
+        # Training is complete; the evaluation is refreshed when its own inputs changed (e.g. a new extra set).
+        evaluation = run_evaluate(cfg)
+        evaluation.pop("skipped", None)
+        return {**done, "evaluation": evaluation, "skipped": True}
     if plan.missing_synthetic_classes:
         print(f"[train] warning: the synthetic set has no image of class(es) {plan.missing_synthetic_classes[:10]}")
     started = time.time()
@@ -563,7 +610,7 @@ def run_train(cfg: RunConfig) -> dict:
         write_curves(cdir, history)
     evaluation = run_evaluate(cfg)
     summary = {
-        "fingerprint": fingerprint(cfg), "epochs": cfg.train.epochs, "run_name": plan.run_name,
+        "fingerprint": plan.fingerprint, "epochs": cfg.train.epochs, "run_name": plan.run_name,
         "source": cfg.train.source, "arch": cfg.train.arch, "epoch_images": plan.epoch_images,
         "real_images": len(plan.real), "synthetic_images": len(plan.synthetic), "resumed_at_epoch": first_epoch,
         "seconds": round(time.time() - started, 2), "last_epoch": history[-1] if history else None,

@@ -45,3 +45,19 @@ def tiny_bank(ray_cluster, tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("bank"))
     run_encode(load_config(preset="tiny", out=out))
     return out
+
+
+def forbid_ray_work(mp: pytest.MonkeyPatch) -> None:
+    """Make any start of Ray fail the test: bad input is reported, and a complete stage returns its
+    stored result, before any Ray work."""
+
+    def boom(*_args, **_kwargs):
+        raise AssertionError("Ray work started (expected: an error before any work, or the stored result)")
+
+    mp.setattr("realfake_ray._internal.cluster.init_ray", boom)
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Fail loudly if the test reaches Ray (see :func:`forbid_ray_work`)."""
+    forbid_ray_work(monkeypatch)

@@ -9,19 +9,24 @@ import pytest
 import torch
 from torch import nn
 
+from PIL import Image
+from torchvision.transforms import v2
+
 from realfake_ray.classifier import (
-    apply_train_transform,
     available_architectures,
     build_classifier,
     build_optimizer,
     build_scheduler,
-    eval_transform,
+    eval_view,
     evaluate_batches,
     merge_evaluations,
+    random_crop_box,
     resnet_tiny,
     scaled_lr,
+    to_model_input,
+    train_crop_scale,
     train_step,
-    train_transform,
+    train_view,
 )
 
 
@@ -53,36 +58,54 @@ def _images(b: int = 4, h: int = 40, w: int = 50, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (b, h, w, 3), dtype=np.uint8)
 
 
-def test_apply_train_transform_shape_and_determinism() -> None:
-    imgs = _images()
-    a = apply_train_transform(imgs, 32, torch.Generator().manual_seed(0))
-    b = apply_train_transform(torch.from_numpy(imgs), 32, torch.Generator().manual_seed(0))
-    c = apply_train_transform(imgs, 32, 1)
-    assert a.shape == (4, 3, 32, 32) and a.dtype == torch.float32
-    assert torch.equal(a, b)
-    assert not torch.allclose(a, c)
+def _photo(w: int = 400, h: int = 300) -> Image.Image:
+    """A smooth RGB image (gradients), so resampling differences stay small and crops differ visibly."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    return Image.fromarray(np.stack([xx * 255 // w, yy * 255 // h, (xx + yy) * 255 // (w + h)], -1).astype(np.uint8))
 
 
-def test_apply_train_transform_is_per_image() -> None:
-    same = np.repeat(_images(1), 4, axis=0)
-    out = apply_train_transform(same, 24, torch.Generator().manual_seed(3))
-    assert not torch.allclose(out[0], out[1]) or not torch.allclose(out[0], out[2])
+def test_random_crop_box_follows_random_resized_crop() -> None:
+    rng = np.random.default_rng(0)
+    scale = train_crop_scale(224)
+    for _ in range(200):
+        left, top, w, h = random_crop_box(400, 300, scale, rng)
+        assert 0 <= left and left + w <= 400 and 0 <= top and top + h <= 300
+        assert scale[0] * 0.9 <= w * h / (400 * 300) <= 1.0 and 3 / 4 - 0.02 <= w / h <= 4 / 3 + 0.02
+    assert random_crop_box(1000, 10, (0.9, 1.0), rng) == (493, 0, 13, 10)  # no draw fits: clamped centre crop
 
 
-def test_train_and_eval_transform_shapes_and_normalisation() -> None:
-    assert train_transform(32)(_images(1)[0]).shape == (1, 3, 32, 32)
-    assert eval_transform(32)(_images(2)).shape == (2, 3, 32, 32)
-    mean_pixel = np.full((2, 300, 400, 3), [124, 116, 104], dtype=np.uint8)  # ≈ ImageNet mean
-    out = eval_transform(224)(mean_pixel)
-    assert out.shape == (2, 3, 224, 224) and out.dtype == torch.float32
-    assert out.abs().max() < 0.02
+def test_train_view_is_seeded_per_image_and_flips() -> None:
+    image = _photo()
+    a = train_view(image, 32, np.random.default_rng(0))
+    assert a.shape == (32, 32, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, train_view(image, 32, np.random.default_rng(0)))
+    views = [train_view(image, 32, np.random.default_rng(seed)) for seed in range(1, 9)]
+    assert len({v.tobytes() for v in views}) == 8  # every seed its own crop
+    flipped = [bool(v[:, 0, 0].mean() > v[:, -1, 0].mean()) for v in views]  # red rises left → right unless flipped
+    assert any(flipped) and not all(flipped)
 
 
-def test_transform_rejects_bad_input() -> None:
+def test_eval_view_is_the_standard_resize_and_centre_crop() -> None:
+    image = _photo()
+    view = eval_view(image, 224)
+    reference = v2.Compose([v2.Resize(256, antialias=True), v2.CenterCrop(224)])(
+        torch.from_numpy(np.array(image)).permute(2, 0, 1)
+    ).permute(1, 2, 0).numpy()
+    assert view.shape == (224, 224, 3)
+    assert np.abs(view.astype(int) - reference.astype(int)).mean() < 1.0
+    small = eval_view(Image.fromarray(_images(1, 32, 32)[0]), 32)  # tiny preset: the 32-px image as it is
+    assert np.array_equal(small, _images(1, 32, 32)[0])
+
+
+def test_to_model_input_normalises_and_rejects_bad_input() -> None:
+    mean_pixel = np.full((2, 8, 8, 3), [124, 116, 104], dtype=np.uint8)  # ≈ ImageNet mean
+    out = to_model_input(mean_pixel)
+    assert out.shape == (2, 3, 8, 8) and out.dtype == torch.float32 and out.abs().max() < 0.02
+    assert torch.equal(to_model_input(torch.from_numpy(mean_pixel[0])), out[:1])
     with pytest.raises(ValueError, match="uint8"):
-        eval_transform(32)(np.zeros((2, 3, 32, 32), dtype=np.uint8))
+        to_model_input(np.zeros((2, 3, 32, 32), dtype=np.uint8))
     with pytest.raises(ValueError, match="uint8"):
-        apply_train_transform(np.zeros((2, 32, 32, 3), dtype=np.float32), 32, 0)
+        to_model_input(np.zeros((2, 32, 32, 3), dtype=np.float32))
 
 
 # --------------------------------------------------------------------------------- optimiser / schedule
@@ -134,8 +157,8 @@ def test_resnet_tiny_learns_separable_toy_problem() -> None:
     labels = rng.integers(0, 2, 64)
     colours = np.where(labels[:, None] == 0, [200, 40, 40], [40, 40, 200])
     imgs = np.clip(colours[:, None, None, :] + rng.normal(0, 40, (64, 16, 16, 3)), 0, 255).astype(np.uint8)
-    x, y = eval_transform(16)(imgs), torch.as_tensor(labels)
-    model = resnet_tiny(2, width=16)  # the default width 32 learns this too; half width keeps the test fast
+    x, y = to_model_input(imgs), torch.as_tensor(labels)
+    model = resnet_tiny(2)
     opt = build_optimizer(model, lr=0.05)
     sched = build_scheduler(opt, "cosine", total_steps=30, warmup_steps=3)
     accs = [train_step(model, opt, sched, x[i % 4 * 16 :][:16], y[i % 4 * 16 :][:16])["acc"] for i in range(30)]

@@ -31,8 +31,13 @@ def test_user_data_replaces_embedded_default():
 
 
 def test_typo_key_is_named():
-    with pytest.raises(ConfigError, match=r"encode\.bach_size: unknown key"):
+    with pytest.raises(ConfigError, match=r"encode\.bach_size: unknown key \(got 3\); did you mean 'batch_size'\?") as err:
         load_config(overrides=["encode.bach_size=3"])
+    assert "allowed: resolution, batch_size, rows_per_file" in str(err.value)
+    with pytest.raises(ConfigError, match=r"encode\.actors\.max: unknown key.*allowed: min_size, max_size"):
+        load_config(overrides=["encode.actors.max=3"])
+    with pytest.raises(ConfigError, match=r"sed: unknown key.*did you mean 'seed'"):
+        load_config(overrides=["sed=3"])
 
 
 def test_impossible_value_names_field_and_value():

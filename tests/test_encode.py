@@ -4,7 +4,6 @@ import io
 import json
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -96,6 +95,14 @@ def test_bank_from_another_model_is_refused(ray_cluster, tiny_bank, monkeypatch)
             run_encode(load_config(preset="tiny", out=tiny_bank))
     finally:
         storage.write_text(meta_path, original)
+
+
+def test_cut_off_first_run_with_another_model_is_refused(tmp_path, no_ray):
+    """No _meta.json yet (the first run died mid-way), but its identity record names another VAE."""
+    storage.write_json(storage.join(bank_dir(str(tmp_path)), "_identity.json"),
+                       {"model": {"vae_sha256": "0" * 64, "pretrained": "other/model"}, "resolution": 32})
+    with pytest.raises(ValueError, match="another VAE or resolution.*other/model"):
+        run_encode(load_config(preset="tiny", out=str(tmp_path)))
 
 
 def test_decode_batch_marks_errors_without_raising():

@@ -6,12 +6,13 @@ import json
 import math
 import os
 import shutil
-import time
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from conftest import forbid_ray_work
 
 from realfake_ray import storage
 from realfake_ray.cli import main as cli_main
@@ -144,13 +145,18 @@ def test_larger_target_resumes_from_the_checkpoint_then_skips(first_run, capsys)
     assert history[:FIRST] == first_history  # restored from the checkpoint, not recomputed
     assert checkpoint_steps(out) == [FIRST, SECOND]  # keep_checkpoints=2
 
-    started = time.time()
-    again = run_finetune(_cfg(out, SECOND))
-    assert again["skipped"] and again["lora_sha256"] == done["lora_sha256"] and time.time() - started < 5
+    with pytest.MonkeyPatch.context() as mp:  # complete: the stored result, no Ray work at all
+        forbid_ray_work(mp)
+        again = run_finetune(_cfg(out, SECOND))
+    assert again["skipped"] and again["lora_sha256"] == done["lora_sha256"]
     assert cli_main(["finetune", "--preset", "tiny", "--out", out, "--max-steps", str(SECOND)]) == 0
     assert '"skipped": true' in capsys.readouterr().out
     with pytest.raises(ValueError, match=f"checkpoint at step {SECOND}"):
         run_finetune(_cfg(out, 3))
+    # A LoRA-shaping setting changed: refused at once, naming the key; nothing is retrained or skipped.
+    with pytest.raises(ValueError, match=r"other settings \(lr: .* → 0\.5\)"):
+        run_finetune(_cfg(out, SECOND, "finetune.lr=0.5"))
+    assert checkpoint_steps(out) == [FIRST, SECOND]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

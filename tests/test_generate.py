@@ -5,7 +5,6 @@ to 4 so each run is dominated by actor start-up, not sampling.
 """
 
 import io
-import json
 import os
 import shutil
 import signal
@@ -20,6 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+
+from conftest import forbid_ray_work
 
 from realfake_ray import storage
 from realfake_ray._internal.shards import part_files, read_parts, write_part
@@ -63,13 +64,12 @@ def _files(out):
 @pytest.fixture
 def no_ray(monkeypatch):
     """Any attempt to start Ray or build the pipeline fails the test: validation must come first."""
-    import realfake_ray._internal.cluster as cluster
     import realfake_ray.generate as generate
 
     def boom(*_args, **_kwargs):
-        raise AssertionError("Ray work started before the input was validated")
+        raise AssertionError("the pipeline was built before the input was validated")
 
-    monkeypatch.setattr(cluster, "init_ray", boom)
+    forbid_ray_work(monkeypatch)
     monkeypatch.setattr(generate, "build_pipeline", boom)
 
 
@@ -262,7 +262,7 @@ def test_raising_mult_adds_only_the_new_copy(run_a, bank):
 @pytest.mark.e2e
 def test_changed_settings_into_the_same_out_are_refused(run_a, no_ray):
     out, _ = run_a
-    with pytest.raises(ValueError, match="generated with other settings.*steps: 4 → 5"):
+    with pytest.raises(ValueError, match="made with other settings.*steps: 4 → 5"):
         run_generate(_cfg(out, "generate.steps=5"))
 
 

@@ -78,7 +78,14 @@ def test_load_lora_restores_weights_and_sha_is_stable(pipe, tiny_model_dir, tmp_
     load_lora(other, str(tmp_path))
     ours = dict(pipe.unet.named_parameters())
     assert all(torch.equal(ours[n], p) for n, p in other.named_parameters() if "lora_" in n)
-    assert lora_sha256(str(tmp_path)) == lora_sha256(str(tmp_path)) and len(lora_sha256(str(tmp_path))) == 64
+    digest = lora_sha256(str(tmp_path))
+    assert len(digest) == 64
+    save_lora(other, str(tmp_path / "same"))  # the same weights from another unet: the same digest
+    assert lora_sha256(str(tmp_path / "same")) == digest
+    with torch.no_grad():
+        next(p for n, p in other.named_parameters() if "lora_B" in n).add_(1e-3)
+    save_lora(other, str(tmp_path / "changed"))
+    assert lora_sha256(str(tmp_path / "changed")) != digest
     wrong_rank = load_pipeline(tiny_model_dir).unet
     add_lora(wrong_rank, rank=3)
     with pytest.raises((ValueError, RuntimeError)):

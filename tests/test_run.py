@@ -35,10 +35,21 @@ def test_stage_selection():
 
 def test_imagenet_estimate_uses_the_reference_flops():
     est = gpu_hours_estimate(load_config(overrides=["generate.mult=10"]))
-    assert est["images"] == 12_811_670
-    assert abs(est["tflop_per_image"] - (22 * 1.61 + 2.5)) < 0.1
+    flops = est["flop_model"]
+    assert est["images"] == 12_811_670 and est["measured"] is None
+    assert abs(flops["tflop_per_image"] - (22 * 1.61 + 2.5)) < 0.1 and flops["paper_tflop_per_image"] == flops["tflop_per_image"]
     # 12.8 M images × 37.9 TFLOP / (989 TFLOP/s × 0.4) ≈ 341 GPU-hours
-    assert 300 < est["h100_gpu_hours"] < 380
+    assert 300 < flops["h100_gpu_hours"] < 380 and flops["paper_h100_gpu_hours"] == flops["h100_gpu_hours"]
+    fewer_steps = gpu_hours_estimate(load_config(overrides=["generate.mult=10", "generate.steps=10"]))["flop_model"]
+    assert fewer_steps["h100_gpu_hours"] < flops["h100_gpu_hours"] == fewer_steps["paper_h100_gpu_hours"]
+
+
+def test_imagenet_estimate_from_a_measured_gpu_run():
+    gpu_run = {"sampler_images_per_s": 10.0, "gpus_per_actor": 1.0}
+    est = gpu_hours_estimate(load_config(overrides=["generate.mult=1"]), gpu_run)
+    assert est["measured"]["gpu_hours"] == round(1_281_167 / 10.0 / 3600, 1)
+    assert gpu_hours_estimate(load_config(preset="tiny"), gpu_run)["measured"] is None  # tiny model: not SD v1.5
+    assert gpu_hours_estimate(load_config(), {**gpu_run, "gpus_per_actor": 0.0})["measured"] is None  # CPU run
 
 
 def _free_port() -> int:
@@ -143,9 +154,16 @@ def test_ray_job_submit_runs_resumes_and_skips(local_head, tmp_path):
     summary = storage.read_json(f"{out}/synthetic/_summary.json")
     assert summary["count"] == 2 * 36 and 0 < summary["generated_now"] < 72
     report_md = storage.read_text(f"{out}/report.md")
-    for section in ("## Stages", "## Fine-tuning", "## Synthesis", "## Accuracy", "GPU-hours"):
+    for section in ("## Stages", "## Latent bank", "## Fine-tuning", "## Synthesis", "## Throughput", "## Accuracy",
+                    "## Real vs synthetic distribution", "GPU-hours", "## Resolved config"):
         assert section in report_md
-    assert storage.exists(f"{out}/samples.png") and storage.exists(f"{out}/finetune/loss.png")
+    report = storage.read_json(f"{out}/report.json")
+    assert report["latent_bank"]["splits"]["train"]["rows"] == 36 and report["config"]["generate"]["mult"] == 2
+    assert {r["set"] for r in report["accuracy"]} == {"val"} and report["accuracy"][0]["synthetic_images"] == 72
+    assert {r["stage"] for r in report["throughput"]} >= {"encode", "finetune", "generate", "train (default)"}
+    assert report["distribution"][0]["mmd2"] is not None
+    for picture in ("samples.png", "finetune/loss.png", "classifier/curves.png"):
+        assert storage.exists(f"{out}/{picture}") and picture in report_md
     metrics_before = storage.read_text(f"{out}/classifier/metrics.json")
 
     # 3) Resubmit again: every stage skipped, same results.

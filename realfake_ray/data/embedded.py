@@ -65,4 +65,6 @@ def materialise(name: str) -> str:
         os.rename(tmp, root)
     except OSError:  # another process on this node won the race; its copy is identical
         shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.isdir(root):
+            raise
     return root

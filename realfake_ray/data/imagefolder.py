@@ -182,21 +182,38 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _open(data: bytes) -> tuple[Image.Image, int, int]:
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        width, height = image.size
+        return _to_rgb(ImageOps.exif_transpose(image) or image), width, height
+
+
+def open_rgb(data: bytes) -> Image.Image:
+    """Decode image bytes of any common mode (see the module docstring) to an upright RGB PIL image.
+
+    Raises ``ValueError``/``OSError`` for undecodable data. Example: ``open_rgb(storage.read_bytes(url))``.
+    """
+    return _open(data)[0]
+
+
 def decode_image(data: bytes, resolution: int) -> tuple[np.ndarray, int, int]:
     """Decode image bytes to RGB uint8 ``[resolution, resolution, 3]``; also the source width and height.
 
     Raises ``ValueError``/``OSError`` for undecodable data (callers count and skip those).
     """
-    with Image.open(io.BytesIO(data)) as image:
-        image.load()
-        width, height = image.size
-        image = _to_rgb(ImageOps.exif_transpose(image) or image)
-    scale = resolution / min(width, height)
+    image, width, height = _open(data)
+    return centre_view(image, resolution), width, height
+
+
+def centre_view(image: Image.Image, resolution: int) -> np.ndarray:
+    """The latent bank's view of an RGB image: short side to ``resolution`` (bicubic), centre square crop →
+    uint8 ``[resolution, resolution, 3]``. Example: ``centre_view(open_rgb(data), 512)``."""
+    scale = resolution / min(image.width, image.height)
     size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
     image = image.resize(size, Image.BICUBIC, reducing_gap=3.0)
     left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
-    image = image.crop((left, top, left + resolution, top + resolution))
-    return np.asarray(image, dtype=np.uint8), width, height
+    return np.asarray(image.crop((left, top, left + resolution, top + resolution)), dtype=np.uint8)
 
 
 def stem(image_id: str) -> str:

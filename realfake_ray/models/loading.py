@@ -27,7 +27,7 @@ from realfake_ray import storage
 
 PRESET_PREFIX = "preset:"
 PRESETS = ("tiny",)
-_PRESET_VERSION = "v2"  # bump whenever the tiny architecture changes (per-node caches)
+_PRESET_VERSION = "v3"  # bump whenever the tiny architecture changes (per-node caches)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 # What a diffusers pipeline needs from the hub: configs, tokenizer files, safetensors weights.
 _HUB_ALLOW = ["*.json", "*.txt", "*.model", "**/*.json", "**/*.txt", "**/*.safetensors", "*.safetensors"]

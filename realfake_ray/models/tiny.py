@@ -117,7 +117,7 @@ def build_tiny_pipeline():
         block_out_channels=(16, 32),
         layers_per_block=1,
         cross_attention_dim=TINY_WIDTH,
-        attention_head_dim=8,
+        attention_head_dim=2,  # diffusers reads this as the number of heads: 2 heads of width 16
         norm_num_groups=8,
     )
     text_encoder = CLIPTextModel(

@@ -1,0 +1,32 @@
+"""Helpers shared by the CPU benchmark scripts: the machine's name and writing a BENCHMARKS.md section."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+
+def machine() -> str:
+    """``<CPU model>, <n> cores, no GPU`` (from ``lscpu``)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        name = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or "unknown CPU"
+    return f"{name}, {os.cpu_count()} cores, no GPU"
+
+
+def write_section(path: str, title: str, text: str) -> None:
+    """Replace the ``title`` section (``## ...`` up to the next ``## ``) of ``path``, or append it; the rest stays."""
+    old = Path(path).read_text() if os.path.exists(path) else "# Benchmarks\n"
+    if title in old:
+        head, rest = old.split(title, 1)
+        tail = rest[rest.find("\n## ") + 1:] if "\n## " in rest else ""
+        new = head + text + ("\n" + tail if tail else "")
+    else:
+        new = old.rstrip("\n") + "\n\n" + text
+    tmp = f"{path}.tmp-{os.getpid()}"
+    Path(tmp).write_text(new)
+    os.replace(tmp, path)
