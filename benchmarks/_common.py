@@ -1,11 +1,17 @@
-"""Helpers shared by the CPU benchmark scripts: the machine's name and writing a BENCHMARKS.md section."""
+"""Shared by the CPU benchmark scripts (imported first): puts the repository root on ``sys.path``, keeps
+Ray quiet, names the machine and writes a BENCHMARKS.md section."""
 
 from __future__ import annotations
 
 import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 
 def machine() -> str:

@@ -3,11 +3,12 @@
 
 Measures, on a local Ray cluster (``--num-cpus``, default: all cores):
 
-* ``decode ceiling``: the Ray Data decode stage alone (rows → ``storage.read_bytes`` + PIL decode +
-  resize on CPU tasks, the same ``decoded_dataset`` the trainer consumes), the real train split
-  repeated ``--repeat`` times, iterated to the end: images/s with nothing downstream.
-* ``loop, 1 process``: ``apply_train_transform`` + ``train_step`` on uint8 batches already in memory,
-  one thread, no Ray: what one worker could do with free data.
+* ``decode ceiling``: the Ray Data decode + augment stage alone (rows → ``storage.read_bytes`` + PIL
+  decode + the seeded train view, RandomResizedCrop + flip, on CPU tasks: the same ``decoded_dataset``
+  the trainer consumes), the real train split repeated ``--repeat`` times, iterated to the end: images/s
+  with nothing downstream.
+* ``loop, 1 process``: ``to_model_input`` + ``train_step`` on uint8 views already in memory, one thread,
+  no Ray: what one worker could do with free data.
 * ``run_train`` with 1 and 2 workers (``--workers``): the real stage (Ray Train, DDP over gloo, Ray Data
   streaming), ``--epochs`` epochs on the real split; images/s from ``metrics.jsonl`` over the epochs
   after the first (the first holds the pipeline start), plus the whole call's wall time.
@@ -20,46 +21,41 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+from _common import machine, write_section  # first: puts the repository on sys.path
 
 SECTION = "## Classifier training (CPU)"
 
-from _common import machine, write_section  # noqa: E402
-
 
 def decode_ceiling(repeat: int) -> list[dict]:
-    """Ray Data decode stage alone (total, and steady = after the first batch), plus one process without Ray."""
+    """Ray Data decode + train-view stage alone (total, and steady = after the first batch), plus one
+    process without Ray."""
     import numpy as np
 
     from realfake_ray.config import load_config
     from realfake_ray.train import decode_rows, decoded_dataset, real_rows, rows_dataset
 
     cfg = load_config(preset="tiny", out=tempfile.mkdtemp(prefix="bench-train-"))
-    rows = real_rows(cfg.data.train, cfg)[1]
+    rng = np.random.default_rng(0)
+    rows = [{**r, "aug": float(rng.random())} for r in real_rows(cfg.data.train, cfg)[1]]
     began = time.time()
-    batch = {"url": np.array([r["url"] for r in rows], dtype=object), "label": np.array([r["label"] for r in rows])}
-    n_local = len(decode_rows(batch, cfg.train.image_size)["label"])
+    batch = {k: np.array([r[k] for r in rows], dtype=object if k == "url" else None) for k in ("url", "label", "aug")}
+    n_local = len(decode_rows(batch, cfg.train.image_size, view="train")["label"])
     local_s = time.time() - began
-    ds = decoded_dataset(rows_dataset(rows * repeat), cfg.train.image_size, cfg)
+    ds = decoded_dataset(rows_dataset(rows * repeat), cfg.train.image_size, cfg, view="train")
     began, first, n = time.time(), None, 0
     for batch in ds.iter_batches(batch_size=256, batch_format="numpy"):
         first = first or time.time()
         n += len(batch["label"])
     seconds, steady = time.time() - began, time.time() - first
     return [
-        {"what": "decode_rows in one process, no Ray", "workers": "-", "images": n_local,
+        {"what": "decode + train view in one process, no Ray", "workers": "-", "images": n_local,
          "seconds": round(local_s, 2), "images_per_s": round(n_local / local_s, 1)},
-        {"what": "Ray Data decode only (total, incl. start)", "workers": "-", "images": n,
+        {"what": "Ray Data decode + train view only (total, incl. start)", "workers": "-", "images": n,
          "seconds": round(seconds, 2), "images_per_s": round(n / seconds, 1)},
-        {"what": "Ray Data decode only (after the first batch)", "workers": "-", "images": n - 256,
+        {"what": "Ray Data decode + train view only (after the first batch)", "workers": "-", "images": n - 256,
          "seconds": round(steady, 2), "images_per_s": round((n - 256) / steady, 1)},
     ]
 
@@ -68,7 +64,7 @@ def loop_one_process(steps: int, batch: int) -> dict:
     import numpy as np
     import torch
 
-    from realfake_ray.classifier import apply_train_transform, build_classifier, build_optimizer, train_step
+    from realfake_ray.classifier import build_classifier, build_optimizer, to_model_input, train_step
 
     torch.set_num_threads(1)
     model = build_classifier("resnet_tiny", 10)
@@ -76,13 +72,13 @@ def loop_one_process(steps: int, batch: int) -> dict:
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
     labels = torch.from_numpy(rng.integers(0, 10, batch))
-    train_step(model, opt, None, apply_train_transform(images, 32, 0), labels)  # warm-up
+    train_step(model, opt, None, to_model_input(images), labels)  # warm-up
     began = time.time()
-    for step in range(steps):
-        train_step(model, opt, None, apply_train_transform(images, 32, step), labels)
+    for _ in range(steps):
+        train_step(model, opt, None, to_model_input(images), labels)
     seconds = time.time() - began
     rate = steps * batch / seconds
-    return {"what": "transform + train_step, no Ray (1 thread)", "workers": 1, "images": steps * batch,
+    return {"what": "to_model_input + train_step, no Ray (1 thread)", "workers": 1, "images": steps * batch,
             "seconds": round(seconds, 2), "images_per_s": round(rate, 1), "images_per_s_per_worker": round(rate, 1)}
 
 

@@ -102,7 +102,7 @@ def to_model_input(images: Any) -> torch.Tensor:
         x = x.unsqueeze(0)
     if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8:
         raise ValueError(f"images must be uint8 [B,H,W,3] (channels last), got {x.dtype} {list(x.shape)}")
-    x = x.permute(0, 3, 1, 2)
+    x = x.permute(0, 3, 1, 2).contiguous()  # NCHW memory, as the model's (and DDP's gradient buckets') layout
     return TF.normalize(TF.to_dtype(x, torch.float32, scale=True), list(IMAGENET_MEAN), list(IMAGENET_STD))
 
 
@@ -136,15 +136,15 @@ def random_crop_box(
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def train_view(image: Image.Image, image_size: int, rng: np.random.Generator) -> np.ndarray:
-    """RandomResizedCrop(S, scale=:func:`train_crop_scale`) + horizontal flip (p = 0.5) of an RGB image →
-    uint8 ``[S,S,3]``, all randomness from ``rng``.
+def train_view(image: Image.Image, image_size: int, rng: np.random.Generator, hflip: bool = True) -> np.ndarray:
+    """RandomResizedCrop(S, scale=:func:`train_crop_scale`) + horizontal flip (p = 0.5, when ``hflip``) of an
+    RGB image → uint8 ``[S,S,3]``, all randomness from ``rng``.
 
     Example: ``train_view(Image.open(path).convert("RGB"), 224, np.random.default_rng(seed))``.
     """
     left, top, w, h = random_crop_box(image.width, image.height, train_crop_scale(image_size), rng)
     view = image.resize((image_size, image_size), Image.BILINEAR, box=(left, top, left + w, top + h))
-    if rng.random() < 0.5:
+    if rng.random() < 0.5 and hflip:
         view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return np.asarray(view, dtype=np.uint8)
 

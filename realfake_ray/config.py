@@ -157,6 +157,7 @@ class TrainConfig(_Section):
     gamma: float = Field(0.2, gt=0, le=1)
     warmup_epochs: float = Field(0.0, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    hflip: bool = True  # random horizontal flips (the tiny preset's digits are not mirror-symmetric: off)
     amp: bool = True
     num_workers: int = Field(1, ge=1)
     use_gpu: bool | Literal["auto"] = "auto"
@@ -212,11 +213,40 @@ class RunConfig(_Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _anchor_local_paths(self) -> RunConfig:
+        """Relative local paths → absolute, once, where the config is made (the driver): Ray workers
+        run in other directories. A model spec is anchored only when it is an existing local directory
+        (``org/name`` is otherwise a Hugging Face id)."""
+        import os
+
+        from realfake_ray.storage import anchor
+
+        def local_dir(spec: str) -> str:
+            return anchor(spec) if "://" not in spec and os.path.isdir(os.path.expanduser(spec)) else spec
+
+        _assign_changed(self, out=anchor(self.out))
+        _assign_changed(self.model, pretrained=local_dir(self.model.pretrained), clip_vision=local_dir(self.model.clip_vision))
+        _assign_changed(self.data, **{k: anchor(v) for k in ("train", "val", "classes_file", "captions_file")
+                                      if (v := getattr(self.data, k))})
+        if self.train.synthetic:
+            _assign_changed(self.train, synthetic=anchor(self.train.synthetic))
+        if any(anchor(u) != u for u in self.evaluate.extra_sets.values()):
+            _assign_changed(self.evaluate, extra_sets={k: anchor(u) for k, u in self.evaluate.extra_sets.items()})
+        return self
+
     def require_data(self) -> DataConfig:
         """The dataset section, or a clear error when no training images were given."""
         if not self.data.train:
             raise ConfigError("data.train: no dataset given; pass --data URL (an ImageFolder) or --preset tiny")
         return self.data
+
+
+def _assign_changed(section: BaseModel, **values: Any) -> None:
+    """Set only the values that differ (assignment re-validates the model, and so re-runs its validators)."""
+    for key, value in values.items():
+        if getattr(section, key) != value:
+            setattr(section, key, value)
 
 
 # Values the tiny preset sets beneath the user's YAML and flags: a laptop-sized end-to-end run.
@@ -248,6 +278,7 @@ _PRESET_VALUES: dict[str, dict[str, Any]] = {
             "num_workers": 2,
             "worker_cpus": 0.5,
             "amp": False,
+            "hflip": False,
         },
         "evaluate": {"batch_size": 256, "max_samples": 500},
     }

@@ -275,8 +275,11 @@ def run_encode(cfg: RunConfig) -> dict:
     # _meta.json is written at the end; the identity file guards a bank whose first run was cut off.
     identity_url = storage.join(bank_dir(cfg.out), "_identity.json")
     started_with = storage.read_json(identity_url) if storage.exists(identity_url) else None
-    _check_bank_compatible(read_meta(cfg.out) or started_with, identity, cfg.encode.resolution, cfg.out)
+    previous = read_meta(cfg.out)
+    _check_bank_compatible(previous or started_with, identity, cfg.encode.resolution, cfg.out)
     rows = [row for name, index in splits.items() for row in _pending_rows(index, name, cfg.out)]
+    if not rows and previous and previous.get("complete"):
+        return {**previous, "skipped": True}  # nothing to do: the record (and its measured rate) stays
     if rows:
         storage.write_json(identity_url, {"model": identity, "resolution": cfg.encode.resolution})
         init_ray(cfg.ray)

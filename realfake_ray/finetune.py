@@ -22,13 +22,14 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from realfake_ray import storage
+from realfake_ray._internal.checkpoints import newest_complete, resume_checkpoint
 from realfake_ray.config import FinetuneConfig, RunConfig, build_config, dump_config
 from realfake_ray.encode import bank_dir, meta_url, read_meta
 from realfake_ray.lora import LORA_WEIGHT_NAME, add_lora, load_lora, lora_sha256, save_lora
@@ -82,6 +83,7 @@ class FinetunePlan:
     num_train_timesteps: int
     num_classes: int
     class_means: tuple[tuple[float, ...], ...] | None = None  # only for guidance="class_mean"
+    resume_dir: str | None = None  # newest complete checkpoint folder found by the driver (see _internal.checkpoints)
 
 
 def _bank_error(out: str, what: str) -> FileNotFoundError:
@@ -467,7 +469,7 @@ def train_loop(loop_config: dict) -> None:
     use_scaler = device.type == "cuda" and models.weight_dtype == torch.float16
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
     generator = torch.Generator(device=device).manual_seed(derive_seed(cfg.seed, "rng", rank, 0))
-    ckpt = train.get_checkpoint()
+    ckpt = resume_checkpoint(plan.resume_dir, CHECKPOINT_PREFIX)
     st = _restore(ckpt, models, optimizer, scaler, generator, rank) if ckpt else _TrainState(history=[])
     models.unet = prepare_model(models.unet)
     class_means = torch.tensor(plan.class_means, device=device) if plan.class_means else None
@@ -653,7 +655,9 @@ def run_finetune(cfg: RunConfig) -> dict:
             f"{finetune_dir(cfg.out)} holds a checkpoint at step {previous[-1]}, beyond the target of {total} steps: "
             "raise finetune.max_steps/epochs or use a new --out"
         )
-    plan = plan_finetune(cfg, meta, files, total)
+    run_dir = storage.join(finetune_dir(cfg.out), RUN_NAME)
+    complete = newest_complete(run_dir, CHECKPOINT_PREFIX, (LORA_WEIGHT_NAME, _OPTIMIZER_FILE, _STATE_FILE, _HISTORY_FILE))
+    plan = replace(plan_finetune(cfg, meta, files, total), resume_dir=complete)
     storage.write_json(settings_url, settings)
     storage.write_text(storage.join(finetune_dir(cfg.out), "config.yaml"), dump_config(cfg))
     init_ray(cfg.ray)

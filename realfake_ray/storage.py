@@ -59,6 +59,20 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return url_to_fs(url)
 
 
+def anchor(url: str) -> str:
+    """A plain relative path made absolute against this process's working directory (``~`` expanded);
+    any other URL unchanged. Ray workers run in other directories, so the driver anchors every local
+    location of a config once (see :class:`realfake_ray.config.RunConfig`).
+
+    Example:
+        >>> anchor("s3://bucket/run"), anchor("/data/run"), anchor("runs/demo") == os.path.abspath("runs/demo")
+        ('s3://bucket/run', '/data/run', True)
+    """
+    if "://" in url or url.startswith(EMBEDDED_SCHEME):
+        return url
+    return os.path.abspath(os.path.expanduser(url))
+
+
 def arrow_filesystem(url: str):
     """``(pyarrow filesystem or None, path)`` for Ray APIs (Ray Train storage, Ray Data readers).
 

@@ -29,12 +29,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from realfake_ray import storage
+from realfake_ray._internal.checkpoints import checkpoint_number, newest_complete, resume_checkpoint
 from realfake_ray.config import ConfigError, RunConfig
 from realfake_ray.data.imagefolder import DatasetError, scan_image_folder
 from realfake_ray.seeds import derive_seed
 
 CLASSIFIER_DIR = "classifier"
 STATE_FILE = "state.pt"
+EPOCH_PREFIX = "epoch_"  # checkpoint folders: <classifier dir>/<run name>/epoch_NNNN (the epoch it ends)
 _COPY_RE = re.compile(r"__c(\d+)$")
 _CURVE_KEYS = ["train_loss", "train_acc", "val_top1", "val_top5"]
 
@@ -263,25 +265,26 @@ def plan_training(cfg: RunConfig) -> TrainPlan:
 VIEWS = ("centre", "train", "eval")
 
 
-def _view_fn(view: str, size: int):
+def _view_fn(view: str, size: int, hflip: bool):
     """``fn(image, row index, batch)`` → uint8 ``[size, size, 3]`` for one decoded RGB image."""
     from realfake_ray.classifier import eval_view, train_view
     from realfake_ray.data.imagefolder import centre_view
 
     if view == "train":  # the row's ``aug`` draw (Ray Data, reseeded every epoch) seeds its crop and flip
-        return lambda image, i, batch: train_view(image, size, np.random.default_rng(int(batch["aug"][i] * 2**53)))
+        return lambda image, i, batch: train_view(image, size, np.random.default_rng(int(batch["aug"][i] * 2**53)), hflip)
     if view == "eval":
         return lambda image, i, batch: eval_view(image, size)
     return lambda image, i, batch: centre_view(image, size)
 
 
-def decode_rows(batch: dict[str, np.ndarray], size: int, view: str = "centre") -> dict[str, np.ndarray]:
+def decode_rows(batch: dict[str, np.ndarray], size: int, view: str = "centre", hflip: bool = True) -> dict[str, np.ndarray]:
     """CPU task: read + decode each ``url`` and cut its ``view`` (``centre``: the latent bank's resize +
-    centre crop; ``train``: seeded RandomResizedCrop + flip; ``eval``: resize to S/0.875 + centre crop) into
-    ``pixels`` uint8 [S,S,3]. Drops the ``url``/``aug``/``copy_idx`` columns and undecodable rows (named)."""
+    centre crop; ``train``: seeded RandomResizedCrop + flip if ``hflip``; ``eval``: resize to S/0.875 +
+    centre crop) into ``pixels`` uint8 [S,S,3]. Drops the ``url``/``aug``/``copy_idx`` columns and
+    undecodable rows (named)."""
     from realfake_ray.data.imagefolder import open_rgb
 
-    make, n = _view_fn(view, size), len(batch["url"])
+    make, n = _view_fn(view, size, hflip), len(batch["url"])
     pixels, ok, bad = np.zeros((n, size, size, 3), np.uint8), np.ones(n, bool), []
     for i, url in enumerate(batch["url"]):
         try:
@@ -306,7 +309,8 @@ def decoded_dataset(ds, size: int, cfg: RunConfig, view: str = "centre"):
     """``ds`` (rows with ``url``; ``aug`` for the train view) → ``pixels`` uint8 [S,S,3] on CPU tasks."""
     if view not in VIEWS:
         raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
-    return ds.map_batches(decode_rows, batch_size=64, fn_kwargs={"size": size, "view": view}, num_cpus=cfg.train.decode_cpus)
+    kwargs = {"size": size, "view": view, "hflip": cfg.train.hflip}
+    return ds.map_batches(decode_rows, batch_size=64, fn_kwargs=kwargs, num_cpus=cfg.train.decode_cpus)
 
 
 def train_dataset(plan: TrainPlan, cfg: RunConfig, first_epoch: int = 0):
@@ -388,7 +392,7 @@ def _report(row: dict, state: dict | None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         torch.save(state, os.path.join(tmp, STATE_FILE))
         checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(row, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{row['epoch']:04d}")
+        ray.train.report(row, checkpoint=checkpoint, checkpoint_dir_name=f"{EPOCH_PREFIX}{row['epoch']:04d}")
 
 
 def metrics_url(cdir: str) -> str:
@@ -479,7 +483,7 @@ def train_loop(config: dict) -> None:
     base = getattr(model, "module", model)
     device = ray.train.torch.get_device()
     amp = _amp_setup(device, t.amp)
-    ckpt = ray.train.get_checkpoint()
+    ckpt = resume_checkpoint(plan["resume_dir"], EPOCH_PREFIX)
     start = _load_state(ckpt, base, optimizer, scheduler, amp[1]) if ckpt else 0
     cdir = output_dir(cfg)
     kept = read_metrics(cdir) if rank == 0 else []  # rows of the epochs already checkpointed stay
@@ -528,7 +532,7 @@ def _warn_if_no_cpu_for_data(cfg: RunConfig) -> None:
               f"train.worker_cpus / train.num_workers, or the run will wait.")
 
 
-def _trainer(plan: TrainPlan, cfg: RunConfig, first_epoch: int):
+def _trainer(plan: TrainPlan, cfg: RunConfig, first_epoch: int, resume_dir: str | None):
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -539,7 +543,7 @@ def _trainer(plan: TrainPlan, cfg: RunConfig, first_epoch: int):
     use_gpu = cluster_gpus() > 0 if t.use_gpu == "auto" else bool(t.use_gpu)
     out_dir = output_dir(cfg)
     loop_plan = {"num_classes": len(plan.class_dirs), "steps_per_epoch": max(1, plan.steps_per_epoch),
-                 "run_name": plan.run_name, "has_val": bool(plan.val)}
+                 "run_name": plan.run_name, "has_val": bool(plan.val), "resume_dir": resume_dir}
     datasets = {"train": train_dataset(plan, cfg, first_epoch)}
     if plan.val:
         datasets["val"] = decoded_dataset(rows_dataset(plan.val), t.image_size, cfg, view="eval")
@@ -560,13 +564,11 @@ def _trainer(plan: TrainPlan, cfg: RunConfig, first_epoch: int):
     )
 
 
-def _saved_epochs(cfg: RunConfig, name: str) -> int:
-    """Epochs already checkpointed under this run name (seeds the resumed run's data order)."""
-    run_dir = storage.join(output_dir(cfg), name)
-    if not storage.isdir(run_dir):
-        return 0
-    epochs = [int(n.split("_")[1]) + 1 for n, is_dir in storage.listdir(run_dir) if is_dir and re.fullmatch(r"epoch_\d+", n)]
-    return max(epochs, default=0)
+def _resume_point(cfg: RunConfig, name: str) -> tuple[int, str | None]:
+    """``(first epoch, newest complete checkpoint folder)`` of this run name (0, None: a fresh run). The
+    first epoch also seeds the resumed run's data order."""
+    newest = newest_complete(storage.join(output_dir(cfg), name), EPOCH_PREFIX, (STATE_FILE,))
+    return (checkpoint_number(newest, EPOCH_PREFIX) + 1, newest) if newest else (0, None)
 
 
 def _final_state(result) -> dict:
@@ -597,8 +599,8 @@ def run_train(cfg: RunConfig) -> dict:
         print(f"[train] warning: the synthetic set has no image of class(es) {plan.missing_synthetic_classes[:10]}")
     started = time.time()
     init_ray(cfg.ray)
-    first_epoch = _saved_epochs(cfg, plan.run_name)
-    result = _trainer(plan, cfg, first_epoch).fit()
+    first_epoch, resume_dir = _resume_point(cfg, plan.run_name)
+    result = _trainer(plan, cfg, first_epoch, resume_dir).fit()
     state = _final_state(result)
     if int(state["epoch"]) + 1 > cfg.train.epochs:
         print(f"[train] note: the latest checkpoint is epoch {int(state['epoch']) + 1} > train.epochs={cfg.train.epochs}; using it")

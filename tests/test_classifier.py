@@ -83,6 +83,8 @@ def test_train_view_is_seeded_per_image_and_flips() -> None:
     assert len({v.tobytes() for v in views}) == 8  # every seed its own crop
     flipped = [bool(v[:, 0, 0].mean() > v[:, -1, 0].mean()) for v in views]  # red rises left → right unless flipped
     assert any(flipped) and not all(flipped)
+    unflipped = [train_view(image, 32, np.random.default_rng(seed), hflip=False) for seed in range(1, 9)]
+    assert not any(bool(v[:, 0, 0].mean() > v[:, -1, 0].mean()) for v in unflipped)
 
 
 def test_eval_view_is_the_standard_resize_and_centre_crop() -> None:

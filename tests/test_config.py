@@ -83,3 +83,20 @@ def test_dump_round_trip(tmp_path):
     path.write_text(dump_config(cfg))
     again = load_config(config_file=str(path))
     assert again == cfg
+
+
+def test_relative_local_paths_are_anchored_where_the_config_is_made(tmp_path, monkeypatch):
+    """Ray workers run in other directories: every plain local path becomes absolute on the driver."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "sd").mkdir(parents=True)
+    cfg = load_config(
+        out="runs/demo", data__train="data/train", overrides=["model.pretrained=models/sd", "train.synthetic=syn/train",
+                                                             "evaluate.extra_sets={sketch: sets/sketch}"],
+    )
+    assert cfg.out == str(tmp_path / "runs" / "demo") and cfg.data.train == str(tmp_path / "data" / "train")
+    assert cfg.model.pretrained == str(tmp_path / "models" / "sd") and cfg.train.synthetic == str(tmp_path / "syn" / "train")
+    assert cfg.evaluate.extra_sets == {"sketch": str(tmp_path / "sets" / "sketch")}
+    remote = load_config(out="s3://bucket/run", preset="tiny")
+    assert remote.out == "s3://bucket/run" and remote.data.train == "embedded:digits/train"
+    assert remote.model.pretrained == "preset:tiny" and RunConfig().model.pretrained.startswith("stable-diffusion-v1-5/")
+    assert load_config(out=cfg.out).out == cfg.out  # anchoring is idempotent

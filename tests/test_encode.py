@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import forbid_ray_work
+
 from realfake_ray import storage
 from realfake_ray._internal.shards import part_files, read_parts
 from realfake_ray.config import load_config
@@ -46,17 +48,20 @@ def test_latents_match_a_direct_vae_encode(tiny_bank, tiny_model_dir):
     pixels, _, _ = decode_image(storage.read_bytes(f"embedded:digits/train/{row['image_id']}"), 32)
     vae = load_vae(tiny_model_dir)
     with torch.no_grad():
-        x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 127.5 - 1
+        x = torch.from_numpy(pixels.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
         mean = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
     stored = np.asarray(row["latent_mean"], dtype=np.float32).reshape(mean.shape)
     np.testing.assert_allclose(stored, mean.numpy(), atol=2e-3, rtol=2e-3)
 
 
-def test_rerun_over_a_complete_bank_does_no_work(tiny_bank):
+def test_rerun_over_a_complete_bank_does_no_work(tiny_bank, monkeypatch):
     before = sorted(part_files(bank_dir(tiny_bank, "train")))
+    recorded = read_meta(tiny_bank)
+    forbid_ray_work(monkeypatch)
     meta = run_encode(load_config(preset="tiny", out=tiny_bank))
-    assert meta["last_run"]["encoded_now"] == 0
-    assert sorted(part_files(bank_dir(tiny_bank, "train"))) == before
+    assert meta.pop("skipped") is True and meta == recorded  # the record, with the encoding run's own rate
+    assert meta["last_run"]["encoded_now"] == 1797 and meta["last_run"]["images_per_s"] > 0
+    assert sorted(part_files(bank_dir(tiny_bank, "train"))) == before and read_meta(tiny_bank) == recorded
 
 
 def test_partial_bank_is_completed_and_corrupt_files_are_listed(ray_cluster, tmp_path):

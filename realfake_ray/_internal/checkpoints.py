@@ -1,0 +1,71 @@
+"""Resuming Ray Train runs from their newest complete checkpoint, even after the driver was killed.
+
+Ray Train restores ``ray.train.get_checkpoint()`` from the controller's snapshot of *registered*
+checkpoints, which is written some reports behind the checkpoint folders themselves. A driver killed
+early (a preempted head, a cancelled job) then leaves complete checkpoint folders that the next run would
+not see, and training would start again from zero. So the driver also looks for the newest folder whose
+files all load (:func:`newest_complete`, a half-copied folder fails that), and each worker resumes from
+whichever of the two is newer (:func:`resume_checkpoint`).
+
+Example:
+    >>> newest_complete("runs/tiny/finetune/finetune", "checkpoint_", ("state.pt",))  # doctest: +SKIP
+    'runs/tiny/finetune/finetune/checkpoint_00000040'
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+
+from realfake_ray import storage
+
+
+def checkpoint_number(url: str, prefix: str) -> int | None:
+    """``12`` for ``.../<prefix>00000012``; None for another name."""
+    match = re.fullmatch(re.escape(prefix) + r"(\d+)", url.rstrip("/").rsplit("/", 1)[-1])
+    return int(match.group(1)) if match else None
+
+
+def _loads(url: str) -> bool:
+    """Whether the file at ``url`` reads back whole (torch ``.pt`` with weights_only, safetensors, JSON)."""
+    import torch
+    from safetensors.torch import load
+
+    try:
+        data = storage.read_bytes(url)
+        if url.endswith(".pt"):
+            torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        elif url.endswith(".safetensors"):
+            load(data)
+        elif url.endswith(".json"):
+            json.loads(data)
+        return len(data) > 0
+    except Exception:  # a truncated or missing file: this folder is not a complete checkpoint
+        return False
+
+
+def newest_complete(run_dir: str, prefix: str, required: tuple[str, ...]) -> str | None:
+    """URL of the newest ``<prefix><number>`` folder below ``run_dir`` whose ``required`` files all load."""
+    if not storage.isdir(run_dir):
+        return None
+    folders = [storage.join(run_dir, name) for name, is_dir in storage.listdir(run_dir) if is_dir]
+    numbered = sorted((n, url) for url in folders if (n := checkpoint_number(url, prefix)) is not None)
+    for _, url in reversed(numbered):
+        if all(_loads(storage.join(url, name)) for name in required):
+            return url
+    return None
+
+
+def resume_checkpoint(fallback: str | None, prefix: str):
+    """In a Ray Train worker: the checkpoint to resume from — Ray's latest registered one, or the driver's
+    ``fallback`` folder (from :func:`newest_complete`) when that one is newer; None for a fresh start."""
+    import ray.train
+
+    registered = ray.train.get_checkpoint()
+    if fallback is None:
+        return registered
+    if registered is not None and (checkpoint_number(registered.path, prefix) or 0) >= (checkpoint_number(fallback, prefix) or 0):
+        return registered
+    fs, path = storage.arrow_filesystem(fallback)
+    return ray.train.Checkpoint(path=path, filesystem=fs)
