@@ -57,7 +57,7 @@ def main() -> None:
             "classifier": tag, "real_images": summary["real_images"], "synthetic_images": summary["synthetic_images"],
             "epoch_images": summary["epoch_images"], "epochs": summary["epochs"],
             "val_top1": ev["sets"]["val"]["top1"], "val_top5": ev["sets"]["val"]["top5"],
-            "mmd2": dist.get("mmd2"), "call_s": round(time.time() - began, 1),
+            "mmd2": dist.get("mmd2") if summary["synthetic_images"] else None, "call_s": round(time.time() - began, 1),
         })
         print(rows[-1], flush=True)
     table = markdown_table(rows)

@@ -21,15 +21,12 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, write_section  # first: puts the repository on sys.path
 
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+SECTION = "## Fine-tuning (CPU, tiny preset)"
 
 
 def steady_rate(history: list[dict]) -> float:
@@ -74,6 +71,7 @@ def main() -> None:
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--num-cpus", type=int, default=None, help="local Ray cluster CPUs (default: all cores)")
     parser.add_argument("--bank", default=None, help="a run directory that already holds the tiny latent bank")
+    parser.add_argument("--write", metavar="BENCHMARKS.md", help="write the results as this script's section")
     args = parser.parse_args()
 
     import torch
@@ -82,7 +80,6 @@ def main() -> None:
     from realfake_ray.config import RayConfig, load_config
     from realfake_ray.encode import run_encode
     from realfake_ray.plots import markdown_table
-    from bench_train_cpu import machine  # the CPU model line from lscpu
 
     init_ray(RayConfig(num_cpus=args.num_cpus))
     bank = args.bank
@@ -90,10 +87,17 @@ def main() -> None:
         bank = tempfile.mkdtemp(prefix="bench-ft-bank-")
         run_encode(load_config(preset="tiny", out=bank))
     rows = [bench(bank, int(w), args.steps, args.batch_size, args.log_every) for w in args.workers.split(",")]
-    print(f"# bench_finetune_cpu: tiny preset (latent 4x16x16), {machine()}, torch {torch.__version__}, "
-          f"Ray cluster of {args.num_cpus or os.cpu_count()} CPUs")
-    print(markdown_table(rows))
-
+    text = (f"{SECTION}\n\n`realfake finetune` end to end (`run_finetune`: Ray Train `TorchTrainer`, DDP over gloo, "
+            f"Ray Data streaming the latent bank, no VAE), tiny preset (latent 4×16×16, LoRA rank 4 on "
+            f"`to_q,to_k,to_v,to_out.0`, batch {args.batch_size} per worker, fp32), {args.steps} steps, one checkpoint "
+            f"at the end. Machine: {machine()}, torch {torch.__version__}, local Ray cluster of "
+            f"{args.num_cpus or os.cpu_count()} CPUs. Command: `python benchmarks/bench_finetune_cpu.py`. "
+            f"*steady*: global samples/s over the logged windows after the first, time-weighted; *loop*: the "
+            f"training loop from the first batch request to the last step; *call_s*: the whole `run_finetune` "
+            f"call (Ray Train start-up, model loading, checkpoint, outputs).\n\n{markdown_table(rows)}\n")
+    print(text)
+    if args.write:
+        write_section(args.write, SECTION, text)
 
 if __name__ == "__main__":
     main()

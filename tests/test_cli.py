@@ -36,7 +36,9 @@ def test_module_entry_point_is_the_same_cli():
     assert result.returncode == 0 and "encode" in result.stdout
 
 
-@pytest.mark.parametrize("job", ["encode"])
-def test_job_scripts_forward_to_the_cli(job):
+@pytest.mark.parametrize(("job", "flag"), [("encode", "--data"), ("finetune", "--max-steps"), ("generate", "--mult"),
+                                           ("train_classifier", "--source"), ("evaluate", "--val-data"),
+                                           ("scale_in1k", "--only")])
+def test_job_scripts_forward_to_the_cli(job, flag):
     result = subprocess.run([sys.executable, f"jobs/{job}.py", "--help"], capture_output=True, text=True)
-    assert result.returncode == 0 and "--preset" in result.stdout
+    assert result.returncode == 0 and "--preset" in result.stdout and flag in result.stdout

@@ -171,15 +171,6 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
     assert "no synthetic data" in err and "Traceback" not in err
 
 
-def test_job_script_forwards_to_the_cli():
-    import subprocess
-    import sys
-
-    for job in ("train_classifier", "evaluate"):
-        result = subprocess.run([sys.executable, f"jobs/{job}.py", "--help"], capture_output=True, text=True)
-        assert result.returncode == 0 and "--preset" in result.stdout
-
-
 # ------------------------------------------------------------------------------------ Ray Train (e2e)
 FIRST_EPOCHS = 2
 
