@@ -146,7 +146,7 @@ def train_view(image: Image.Image, image_size: int, rng: np.random.Generator, hf
     view = image.resize((image_size, image_size), Image.BILINEAR, box=(left, top, left + w, top + h))
     if rng.random() < 0.5 and hflip:
         view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return np.asarray(view, dtype=np.uint8)
+    return np.array(view, dtype=np.uint8)  # a writable copy (torch.from_numpy warns on read-only)
 
 
 def eval_view(image: Image.Image, image_size: int) -> np.ndarray:
@@ -160,7 +160,7 @@ def eval_view(image: Image.Image, image_size: int) -> np.ndarray:
     size = (max(short, round(image.width * factor)), max(short, round(image.height * factor)))
     image = image.resize(size, Image.BILINEAR)
     left, top = (image.width - image_size) // 2, (image.height - image_size) // 2
-    return np.asarray(image.crop((left, top, left + image_size, top + image_size)), dtype=np.uint8)
+    return np.array(image.crop((left, top, left + image_size, top + image_size)), dtype=np.uint8)
 
 
 # ------------------------------------------------------------------------------ optimiser and schedule

@@ -213,7 +213,7 @@ def centre_view(image: Image.Image, resolution: int) -> np.ndarray:
     size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
     image = image.resize(size, Image.BICUBIC, reducing_gap=3.0)
     left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
-    return np.asarray(image.crop((left, top, left + resolution, top + resolution)), dtype=np.uint8)
+    return np.array(image.crop((left, top, left + resolution, top + resolution)), dtype=np.uint8)
 
 
 def stem(image_id: str) -> str:
