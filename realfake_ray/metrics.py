@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from realfake_ray.losses import KERNELS, median_heuristic_bandwidths, mmd2
+from realfake_ray.seeds import derive_seed
 
 #: Cosine distance below which a synthetic image counts as a near-copy of a real one.
 DEFAULT_NN_THRESHOLD = 0.05
@@ -88,7 +89,8 @@ def _per_class_mmd2(
         if len(r) < 2 or len(s) < 2:
             out[c] = None
             continue
-        r, s = r[subsample(len(r), max_samples, seed + c)], s[subsample(len(s), max_samples, seed + c + 1)]
+        r = r[subsample(len(r), max_samples, derive_seed(seed, "real", c))]
+        s = s[subsample(len(s), max_samples, derive_seed(seed, "synthetic", c))]
         out[c] = _mmd2(r, s, kernel, bandwidths, unbiased)
     return out
 
