@@ -107,22 +107,23 @@ def _upload_png(local: str | None, cfg: RunConfig, name: str) -> str | None:
     return name
 
 
-def _classifiers(cfg: RunConfig) -> list[tuple[str, dict, dict]]:
-    """``(name, metrics.json, _done.json)`` of every evaluated classifier below ``<out>/classifier``."""
+def _classifiers(cfg: RunConfig) -> list[tuple[str, str, dict, dict]]:
+    """``(name, directory, metrics.json, _done.json)`` of every evaluated classifier below ``<out>/classifier``
+    (name: its ``train.tag``, or ``default`` for the untagged one)."""
     root = storage.join(cfg.out, "classifier")
     found = []
     for url in storage.find(root):
         if url.endswith("/metrics.json"):
             cdir = url.rsplit("/", 1)[0]
             name = storage.relative(cdir, root)
-            found.append(("default" if name == "." else name, storage.read_json(url),
+            found.append(("default" if name == "." else name, cdir, storage.read_json(url),
                           _read_json(storage.join(cdir, "_done.json")) or {}))
     return sorted(found, key=lambda item: item[0])
 
 
-def _accuracy_rows(classifiers: list[tuple[str, dict, dict]]) -> list[dict]:
+def _accuracy_rows(classifiers: list[tuple[str, str, dict, dict]]) -> list[dict]:
     rows = []
-    for name, metrics, done in classifiers:
+    for name, _, metrics, done in classifiers:
         for set_name, res in (metrics.get("sets") or {}).items():
             rows.append({"classifier": name, "source": metrics.get("source"), "arch": metrics.get("arch"),
                          "real_images": done.get("real_images"), "synthetic_images": done.get("synthetic_images"),
@@ -131,9 +132,9 @@ def _accuracy_rows(classifiers: list[tuple[str, dict, dict]]) -> list[dict]:
     return rows
 
 
-def _mmd_rows(classifiers: list[tuple[str, dict, dict]]) -> list[dict]:
+def _mmd_rows(classifiers: list[tuple[str, str, dict, dict]]) -> list[dict]:
     rows = []
-    for name, metrics, _ in classifiers:
+    for name, _, metrics, _ in classifiers:
         dist = metrics.get("distribution")
         if dist and "skipped" not in dist:
             nn = dist.get("nn", {})
@@ -166,7 +167,7 @@ def _throughput(meta: dict | None, finetune: dict | None, synthesis: dict | None
         rows.append({"stage": "generate", "rate": synthesis["images_per_s"], "unit": "images/s end to end"})
         if synthesis.get("sampler_images_per_s"):
             rows.append({"stage": "generate", "rate": synthesis["sampler_images_per_s"], "unit": "images/s per actor while sampling"})
-    for name, _, done in classifiers:
+    for name, _, _, done in classifiers:
         last = done.get("last_epoch") or {}
         if last.get("images_per_s"):
             rows.append({"stage": f"train ({name})", "rate": round(last["images_per_s"], 1),
@@ -210,8 +211,8 @@ def write_report(cfg: RunConfig, summary: dict) -> dict:
         report["pictures"]["scaling"] = _upload_png(_scaling_plot(report["accuracy"], tmp), cfg, "scaling.png")
     if storage.exists(storage.join(cfg.out, "finetune", "loss.png")):
         report["pictures"]["finetune_loss"] = "finetune/loss.png"
-    for name, _, _ in classifiers:
-        curves = storage.join(cfg.out, "classifier", "" if name == "default" else name, "curves.png")
+    for name, cdir, _, _ in classifiers:
+        curves = storage.join(cdir, "curves.png")
         if storage.exists(curves):
             report["pictures"][f"curves_{name}"] = storage.relative(curves, cfg.out)
     storage.write_json(storage.join(cfg.out, "report.json"), report)

@@ -54,9 +54,7 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """
     if url.startswith(EMBEDDED_SCHEME):
         url = resolve_embedded(url)
-    if "://" not in url:
-        url = os.path.abspath(os.path.expanduser(url))
-    return url_to_fs(url)
+    return url_to_fs(anchor(url))
 
 
 def anchor(url: str) -> str:
