@@ -53,9 +53,9 @@ def pick_loss():
 def build_models(tiny: bool, device: torch.device):
     """(unet, vae, text width, pixel resolution) for SD v1.5 (random weights) or the tiny preset."""
     if tiny:
-        from realfake_ray.models.tiny import TINY_RESOLUTION, build_tiny_pipeline
+        from realfake_ray.models.tiny import TINY_RESOLUTION, build_random_tiny_pipeline
 
-        pipe = build_tiny_pipeline()
+        pipe = build_random_tiny_pipeline()
         return pipe.unet.to(device), pipe.vae.to(device), int(pipe.unet.config.cross_attention_dim), TINY_RESOLUTION
     from bench_sampler import build_sd15_unet, build_sd15_vae
 

@@ -1,15 +1,20 @@
 """Classifier side of Real-Fake: models, transforms, optimiser/schedule, one train step, evaluation.
 
 Pure torch/torchvision (no Ray): the Ray Train loop in ``train.py`` and the evaluation stage call these.
-The reference recipe is ResNet-50 from scratch, SGD (lr 0.1 per 256 images, momentum 0.9, weight decay
-5e-4), multistep decay 0.2, AMP; ``resnet_tiny`` is our 32-px model for the tiny preset and CPU tests.
+The reference recipe (timm 0.9 ``train.py`` as the paper's scripts call it; ``train.recipe=realfake-ref``)
+is ResNet-50 from scratch with zero-initialised last BatchNorms, SGD Nesterov momentum 0.9, lr 0.1 at a
+global batch of 512, weight decay 5e-4 except on BatchNorm and biases, 5 warm-up epochs from 1e-5, ×0.2
+at epochs 50/100/150 of 200, label smoothing 0.1, RandomResizedCrop(0.08–1, random interpolation) + flip +
+ColorJitter 0.4, eval resize 235 bicubic + centre crop 224, AMP fp16. ``resnet_tiny`` is our 32-px model
+for the tiny preset and CPU tests.
 
 Example::
 
     model = build_classifier("resnet_tiny", num_classes=10)
-    opt = build_optimizer(model, lr=scaled_lr(0.1, global_batch=128))
-    sched = build_scheduler(opt, "multistep", total_steps=1000, warmup_steps=50)
-    pixels = np.stack([train_view(image, 32, np.random.default_rng(i)) for i, image in enumerate(pil_images)])
+    opt = build_optimizer(model, lr=scaled_lr(0.1, global_batch=128), nesterov=True, decay_norm_and_bias=False)
+    sched = build_scheduler(opt, "multistep", total_steps=1000, warmup_steps=50, warmup_start=1e-4)
+    view = TrainView(32, crop_scale=(0.08, 1.0), interpolation="random", color_jitter=0.4)
+    pixels = np.stack([view(image, np.random.default_rng(i)) for i, image in enumerate(pil_images)])
     stats = train_step(model, opt, sched, to_model_input(pixels), labels)   # {"loss", "acc", "lr"}
     report = evaluate_batches(model, [(to_model_input(val_uint8), val_labels)], num_classes=10)
 """
@@ -19,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import math
+from dataclasses import dataclass
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -35,8 +41,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TINY_ARCH = "resnet_tiny"
 SCHEDULES = ("cosine", "multistep")
-#: Multistep milestones (fractions of the run) when none are given: epochs 60/120/160 of a 200-epoch run.
-DEFAULT_MILESTONE_FRACTIONS = (0.3, 0.6, 0.8)
+#: Multistep milestones (fractions of the run) when none are given: epochs 50/100/150 of a 200-epoch run.
+DEFAULT_MILESTONE_FRACTIONS = (0.25, 0.5, 0.75)
 _RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
 
@@ -49,9 +55,10 @@ def available_architectures() -> list[str]:
     return sorted([*torchvision.models.list_models(module=torchvision.models), TINY_ARCH])
 
 
-def resnet_tiny(num_classes: int, width: int = 16) -> nn.Module:
+def resnet_tiny(num_classes: int, width: int = 16, zero_init_residual: bool = False) -> nn.Module:
     """A 4-stage ResNet ([1,1,1,1] BasicBlocks, widths w/2w/4w/8w) for 32-px images: 3×3 stride-1 stem, no max-pool.
 
+    ``zero_init_residual``: each block's last BatchNorm starts at zero (the block starts as the identity).
     Example: ``resnet_tiny(10)(torch.zeros(2, 3, 32, 32)).shape`` → ``(2, 10)``.
     """
     layers: list[nn.Module] = [
@@ -63,29 +70,39 @@ def resnet_tiny(num_classes: int, width: int = 16) -> nn.Module:
         down = None
         if stride != 1 or in_ch != out_ch:
             down = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch))
-        layers.append(BasicBlock(in_ch, out_ch, stride, down))
+        block = BasicBlock(in_ch, out_ch, stride, down)
+        if zero_init_residual:
+            nn.init.zeros_(block.bn2.weight)
+        layers.append(block)
         in_ch = out_ch
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(in_ch, num_classes)]
     return nn.Sequential(*layers)
 
 
-def build_classifier(arch: str, num_classes: int) -> nn.Module:
+def build_classifier(arch: str, num_classes: int, zero_init_residual: bool = False) -> nn.Module:
     """A randomly initialised classifier by name (torchvision ``get_model`` or ``resnet_tiny``).
 
-    Raises ValueError naming close matches for an unknown ``arch``. Example::
+    ``zero_init_residual`` zero-initialises the last BatchNorm of each residual block (timm's default for
+    ResNets; torchvision's ``zero_init_residual``); other architectures ignore it. Raises ValueError naming
+    close matches for an unknown ``arch``. Example::
 
-        build_classifier("resnet50", 1000)
+        build_classifier("resnet50", 1000, zero_init_residual=True)
     """
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if arch == TINY_ARCH:
-        return resnet_tiny(num_classes)
+        return resnet_tiny(num_classes, zero_init_residual=zero_init_residual)
     names = available_architectures()
     if arch not in names:
         close = difflib.get_close_matches(arch, names, n=5, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see available_architectures()"
         raise ValueError(f"unknown classifier arch {arch!r}{hint}")
-    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+    residual = {"zero_init_residual": True} if zero_init_residual and _is_resnet(arch) else {}
+    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **residual)
+
+
+def _is_resnet(arch: str) -> bool:
+    return arch.startswith(("resnet", "resnext", "wide_resnet"))
 
 
 # ------------------------------------------------------------------------------------------- transforms
@@ -104,11 +121,6 @@ def to_model_input(images: Any) -> torch.Tensor:
         raise ValueError(f"images must be uint8 [B,H,W,3] (channels last), got {x.dtype} {list(x.shape)}")
     x = x.permute(0, 3, 1, 2).contiguous()  # NCHW memory, as the model's (and DDP's gradient buckets') layout
     return TF.normalize(TF.to_dtype(x, torch.float32, scale=True), list(IMAGENET_MEAN), list(IMAGENET_STD))
-
-
-def train_crop_scale(image_size: int) -> tuple[float, float]:
-    """RandomResizedCrop area range: (0.08, 1) from 128 px up, (0.35, 1) for small images."""
-    return (0.08, 1.0) if image_size >= 128 else (0.35, 1.0)
 
 
 def random_crop_box(
@@ -136,39 +148,71 @@ def random_crop_box(
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def train_view(image: Image.Image, image_size: int, rng: np.random.Generator, hflip: bool = True) -> np.ndarray:
-    """RandomResizedCrop(S, scale=:func:`train_crop_scale`) + horizontal flip (p = 0.5, when ``hflip``) of an
-    RGB image → uint8 ``[S,S,3]``, all randomness from ``rng``.
+_RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 
-    Example: ``train_view(Image.open(path).convert("RGB"), 224, np.random.default_rng(seed))``.
+
+def colour_jitter(image: Image.Image, strength: float, rng: np.random.Generator) -> Image.Image:
+    """torchvision/timm ``ColorJitter(strength, strength, strength)``: brightness, contrast and saturation
+    factors uniform in [1 − s, 1 + s], applied in a random order, all draws from ``rng``.
+
+    Example: ``colour_jitter(image, 0.4, np.random.default_rng(0))``.
     """
-    left, top, w, h = random_crop_box(image.width, image.height, train_crop_scale(image_size), rng)
-    view = image.resize((image_size, image_size), Image.BILINEAR, box=(left, top, left + w, top + h))
-    if rng.random() < 0.5 and hflip:
-        view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return np.array(view, dtype=np.uint8)  # a writable copy (torch.from_numpy warns on read-only)
+    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
+    factors = rng.uniform(max(0.0, 1 - strength), 1 + strength, 3)
+    for i in rng.permutation(3):
+        image = ops[i](image, float(factors[i]))
+    return image
 
 
-def eval_view(image: Image.Image, image_size: int) -> np.ndarray:
-    """The standard eval view: short side to S/0.875 (256 for 224) and a centre S×S crop; for S ≤ 64 (the
-    tiny preset's 32-px digits) short side to S and the centre crop. → uint8 ``[S,S,3]``.
+@dataclass(frozen=True)
+class TrainView:
+    """The training view of one decoded RGB image: RandomResizedCrop(``size``, ``crop_scale``, ratio 3/4–4/3)
+    resized with ``interpolation`` (``random``: bilinear or bicubic per image, as timm), horizontal flip
+    (p = ½, when ``hflip``), ColorJitter(``color_jitter``) → uint8 ``[size, size, 3]``. Every random draw
+    comes from the ``rng`` passed per image.
 
-    Example: ``eval_view(Image.open(path).convert("RGB"), 224).shape`` → ``(224, 224, 3)``.
+    Example: ``TrainView(224)(Image.open(path).convert("RGB"), np.random.default_rng(seed))``.
     """
-    short = image_size if image_size <= 64 else int(round(image_size / 0.875))
+
+    size: int
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    interpolation: str = "random"
+    hflip: bool = True
+    color_jitter: float = 0.0
+
+    def __call__(self, image: Image.Image, rng: np.random.Generator) -> np.ndarray:
+        left, top, w, h = random_crop_box(image.width, image.height, self.crop_scale, rng)
+        mode = self.interpolation if self.interpolation != "random" else ("bilinear", "bicubic")[int(rng.integers(2))]
+        view = image.resize((self.size, self.size), _RESAMPLE[mode], box=(left, top, left + w, top + h))
+        if rng.random() < 0.5 and self.hflip:
+            view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if self.color_jitter > 0:
+            view = colour_jitter(view, self.color_jitter, rng)
+        return np.array(view, dtype=np.uint8)  # a writable copy (torch.from_numpy warns on read-only)
+
+
+def eval_view(image: Image.Image, image_size: int, crop_pct: float = 0.875, interpolation: str = "bilinear") -> np.ndarray:
+    """The standard eval view: short side to ⌊S / crop_pct⌋ and a centre S×S crop → uint8 ``[S,S,3]``
+    (the reference: crop_pct 0.95, bicubic → resize 235, crop 224; crop_pct 1 keeps a square S-px image as is).
+
+    Example: ``eval_view(Image.open(path).convert("RGB"), 224, 0.95, "bicubic").shape`` → ``(224, 224, 3)``.
+    """
+    short = int(math.floor(image_size / crop_pct))
     factor = short / min(image.width, image.height)
     size = (max(short, round(image.width * factor)), max(short, round(image.height * factor)))
-    image = image.resize(size, Image.BILINEAR)
+    if size != image.size:
+        image = image.resize(size, _RESAMPLE[interpolation])
     left, top = (image.width - image_size) // 2, (image.height - image_size) // 2
     return np.array(image.crop((left, top, left + image_size, top + image_size)), dtype=np.uint8)
 
 
 # ------------------------------------------------------------------------------ optimiser and schedule
-def scaled_lr(base_lr: float, global_batch: int) -> float:
-    """Linear scaling rule: ``base_lr × global_batch / 256``. Example: ``scaled_lr(0.1, 512)`` → 0.2."""
-    if base_lr <= 0 or global_batch < 1:
-        raise ValueError(f"need base_lr > 0 and global_batch >= 1, got {base_lr}, {global_batch}")
-    return base_lr * global_batch / 256
+def scaled_lr(base_lr: float, global_batch: int, reference_batch: int = 512) -> float:
+    """Linear scaling rule: ``base_lr × global_batch / reference_batch`` — exactly ``base_lr`` at the
+    reference batch (the paper: 0.1 at 512). Example: ``scaled_lr(0.1, 1024)`` → 0.2."""
+    if base_lr <= 0 or global_batch < 1 or reference_batch < 1:
+        raise ValueError(f"need base_lr > 0 and batches >= 1, got {base_lr}, {global_batch}, {reference_batch}")
+    return base_lr * global_batch / reference_batch
 
 
 def build_optimizer(
@@ -176,16 +220,17 @@ def build_optimizer(
     lr: float,
     momentum: float = 0.9,
     weight_decay: float = 5e-4,
-    nesterov: bool = False,
-    wd_on_norm_bias: bool = True,
+    nesterov: bool = True,
+    decay_norm_and_bias: bool = False,
 ) -> torch.optim.SGD:
-    """SGD over trainable params; ``wd_on_norm_bias=False`` exempts 1-d params (norm weights, biases) from decay.
+    """SGD over trainable params. By default as the reference (timm): Nesterov momentum, and no weight decay
+    on 1-d params (BatchNorm weights and biases, every bias); ``decay_norm_and_bias=True`` decays them too.
 
-    The default (decay on everything) matches the reference recipe. Example: ``build_optimizer(model, 0.1)``.
+    Example: ``build_optimizer(model, 0.1)``.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     groups: list[dict[str, Any]] = [{"params": params, "weight_decay": weight_decay}]
-    if not wd_on_norm_bias:
+    if not decay_norm_and_bias:
         groups = [
             {"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
             {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
@@ -194,14 +239,17 @@ def build_optimizer(
 
 
 def _lr_factor(
-    step: int, schedule: str, total_steps: int, warmup_steps: int, milestones: Sequence[int], gamma: float
+    step: int, schedule: str, total_steps: int, warmup_steps: int, milestones: Sequence[int], gamma: float,
+    warmup_start: float,
 ) -> float:
-    """Multiplier of the base lr at ``step`` (linear warm-up × cosine or multistep)."""
-    warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    """Multiplier of the base lr at ``step``: during warm-up a line from ``warmup_start`` to 1, then cosine
+    to 0 or multistep decay."""
+    if step < warmup_steps:
+        return warmup_start + (1.0 - warmup_start) * step / warmup_steps
     if schedule == "cosine":
-        progress = min(1.0, max(0, step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return warm * 0.5 * (1.0 + math.cos(math.pi * progress))
-    return warm * gamma ** sum(step >= m for m in milestones)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return gamma ** sum(step >= m for m in milestones)
 
 
 def build_scheduler(
@@ -211,10 +259,12 @@ def build_scheduler(
     warmup_steps: int = 0,
     milestones: list[int] | None = None,
     gamma: float = 0.2,
+    warmup_start: float = 0.0,
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step LambdaLR: linear warm-up over ``warmup_steps``, then ``cosine`` to 0 or ``multistep`` decay.
+    """Per-step LambdaLR: linear warm-up over ``warmup_steps`` from ``warmup_start`` × lr (the reference:
+    1e-5 / 0.1), then ``cosine`` to 0 or ``multistep`` decay.
 
-    Multistep ``milestones`` are step indices (default 30/60/80% of ``total_steps``); lr is multiplied by
+    Multistep ``milestones`` are step indices (default 25/50/75% of ``total_steps``); lr is multiplied by
     ``gamma`` at each. Call ``scheduler.step()`` once per optimiser step. Example::
 
         build_scheduler(opt, "cosine", total_steps=10_000, warmup_steps=500)
@@ -229,7 +279,9 @@ def build_scheduler(
         milestones = [int(f * total_steps) for f in DEFAULT_MILESTONE_FRACTIONS]
     if list(milestones) != sorted(milestones) or any(m < 0 for m in milestones):
         raise ValueError(f"milestones must be sorted non-negative step indices, got {milestones}")
-    args = (schedule, total_steps, warmup_steps, list(milestones), gamma)
+    if not 0.0 <= warmup_start <= 1.0:
+        raise ValueError(f"warmup_start must lie in [0, 1], got {warmup_start}")
+    args = (schedule, total_steps, warmup_steps, list(milestones), gamma, warmup_start)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, *args))
 
 

@@ -118,14 +118,21 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. encode.batch_size=64")
     parser.add_argument("--seed", type=int, help="global seed (seed)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--verbose", action="store_true", default=None,
+                        help="Ray Data's own progress bars and execution logs (ray.verbose)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="realfake", description="Real-Fake training-data synthesis on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
-    preset = sub.add_parser("preset", help="write a built-in model preset as a diffusers directory")
+    preset = sub.add_parser("preset", help="write a built-in model preset as a diffusers directory (fp32)")
     preset.add_argument("name", choices=["tiny"])
     preset.add_argument("--out", required=True, help="local directory to write")
+    base = sub.add_parser("pretrain-base", help="retrain the tiny base model from scratch on the printed-digit corpus")
+    base.add_argument("--out", required=True, help="local directory to write the diffusers pipeline to")
+    base.add_argument("--seed", type=int, default=0, help="corpus and initialisation seed (default 0)")
+    for field in ("corpus_size", "vae_steps", "clip_steps", "unet_steps"):
+        base.add_argument(f"--{field.replace('_', '-')}", type=int, dest=field, help=f"default: PretrainConfig.{field}")
     for name, stage in STAGES.items():
         p = sub.add_parser(name, help=stage.help)
         _add_common(p)
@@ -137,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace, stage: Stage) -> RunConfig:
-    flags = {"out": args.out, "seed": args.seed, "data__train": args.data, "data__val": args.val_data}
+    flags = {"out": args.out, "seed": args.seed, "data__train": args.data, "data__val": args.val_data,
+             "ray__verbose": args.verbose}
     for flag in stage.flags:
         flags[flag.key.replace(".", "__")] = getattr(args, flag.name.lstrip("-").replace("-", "_"))
     return load_config(preset=args.preset, config_file=args.config, overrides=args.set, **flags)
@@ -158,13 +166,23 @@ def _run_stage(name: str, args: argparse.Namespace) -> None:
         print(json.dumps(result, indent=2, default=str)[:4000])
 
 
+def _pretrain_base(args: argparse.Namespace) -> None:
+    from realfake_ray.models.pretrain import PretrainConfig, pretrain_base
+
+    given = {k: getattr(args, k) for k in ("corpus_size", "vae_steps", "clip_steps", "unet_steps")}
+    record = pretrain_base(args.out, PretrainConfig(seed=args.seed, **{k: v for k, v in given.items() if v is not None}))
+    print(f"wrote {args.out} in {record['wall_seconds'] / 60:.1f} min; use it with --set model.pretrained={args.out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "preset":
-            from realfake_ray.models.tiny import save_tiny_pipeline
+            from realfake_ray.models.loading import materialise_preset, write_fp32_copy
 
-            print(save_tiny_pipeline(args.out))
+            print(write_fp32_copy(materialise_preset(args.name), args.out))
+        elif args.command == "pretrain-base":
+            _pretrain_base(args)
         else:
             _run_stage(args.command, args)
     except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as exc:

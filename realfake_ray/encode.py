@@ -20,13 +20,14 @@ import pyarrow as pa
 
 from realfake_ray import storage
 from realfake_ray.config import RunConfig
-from realfake_ray.data.imagefolder import ImageFolderIndex, decode_image, scan_image_folder
+from realfake_ray.data.imagefolder import ImageFolderIndex, decode_views, scan_image_folder
 from realfake_ray.models import loading
 
 SPLITS = ("train", "val")
+BANK_FORMAT = 2  # 2: + the fine-tuning view (full_latent_*); banks of format 1 must be re-encoded
 BANK_COLUMNS = (
     "image_id", "label", "class_dir", "class_name", "caption", "latent_mean", "latent_std", "clip_embed",
-    "width", "height",
+    "full_latent_mean", "full_latent_std", "full_latent_h", "full_latent_w", "width", "height",
 )
 
 
@@ -58,6 +59,11 @@ def scan_splits(cfg: RunConfig) -> dict[str, ImageFolderIndex]:
     splits = {"train": scan_image_folder(d.train, **common)}
     if d.val:
         splits["val"] = scan_image_folder(d.val, class_dirs=splits["train"].class_dirs, **common)
+    if not d.classes_file:
+        names = splits["train"].class_names
+        print(f"[encode] warning: no data.classes_file, so the prompts name classes by their folders "
+              f"(\"photo of {names[0]}\"{', ...' if len(names) > 1 else ''}); for readable names pass "
+              "--set data.classes_file=URL (JSON {folder: name} or lines 'folder name')", flush=True)
     return splits
 
 
@@ -76,13 +82,16 @@ def model_identity(cfg: RunConfig) -> dict:
     }
 
 
-def _check_bank_compatible(meta: dict | None, identity: dict, resolution: int, out: str) -> None:
+def _check_bank_compatible(meta: dict | None, identity: dict, cfg: RunConfig) -> None:
     if not meta:
         return
-    if meta["model"]["vae_sha256"] != identity["vae_sha256"] or meta["resolution"] != resolution:
+    view = meta.get("generation_view", "centre")
+    if (meta["model"]["vae_sha256"] != identity["vae_sha256"] or meta["resolution"] != cfg.encode.resolution
+            or meta.get("format", 1) != BANK_FORMAT or view != cfg.encode.generation_view):
         raise ValueError(
-            f"the latent bank at {bank_dir(out)} was encoded with another VAE or resolution "
-            f"({meta['model']['pretrained']} @ {meta['resolution']} px); use a new --out or delete it"
+            f"the latent bank at {bank_dir(cfg.out)} was encoded with another VAE, resolution, view or bank format "
+            f"({meta['model']['pretrained']} @ {meta['resolution']} px, generation view {view}, format "
+            f"{meta.get('format', 1)}); use a new --out or delete it"
         )
 
 
@@ -100,18 +109,30 @@ def _keys(directory: str) -> set[tuple]:
 # --------------------------------------------------------------------------------------- workers
 
 
-def decode_batch(batch: dict[str, np.ndarray], resolution: int) -> dict[str, np.ndarray]:
-    """CPU stage: read + decode + resize; undecodable files get an ``error`` and a blank image."""
+def decode_batch(batch: dict[str, np.ndarray], resolution: int, view: str = "squash", multiple: int = 8) -> dict[str, np.ndarray]:
+    """CPU stage: read + decode each image into its two views (``data.imagefolder.decode_views``): the
+    generation view ``pixels`` [res, res, 3] and the fine-tuning view ``full_pixels`` (uint8 bytes of
+    ``full_h`` × ``full_w`` × 3). Undecodable files get an ``error`` and blank views."""
     n = len(batch["url"])
     pixels = np.zeros((n, resolution, resolution, 3), dtype=np.uint8)
+    full = np.full(n, pixels[0].tobytes(), dtype=object)
+    full_h, full_w = np.full(n, resolution, dtype=np.int32), np.full(n, resolution, dtype=np.int32)
     width, height = np.zeros(n, dtype=np.int32), np.zeros(n, dtype=np.int32)
     errors = np.full(n, "", dtype=object)
     for i, url in enumerate(batch["url"]):
         try:
-            pixels[i], width[i], height[i] = decode_image(storage.read_bytes(url), resolution)
+            pixels[i], whole, width[i], height[i] = decode_views(storage.read_bytes(url), resolution, view, multiple)
+            full[i], (full_h[i], full_w[i]) = whole.tobytes(), whole.shape[:2]
         except Exception as exc:  # a bad file is counted and listed, never fatal
             errors[i] = f"{type(exc).__name__}: {exc}"[:300]
-    return {**batch, "pixels": pixels, "width": width, "height": height, "error": errors}
+    return {**batch, "pixels": pixels, "full_pixels": full, "full_h": full_h, "full_w": full_w, "width": width,
+            "height": height, "error": errors}
+
+
+def full_images(batch: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The fine-tuning views of a decoded batch as uint8 ``[H, W, 3]`` arrays."""
+    return [np.frombuffer(b, np.uint8).reshape(int(h), int(w), 3)
+            for b, h, w in zip(batch["full_pixels"], batch["full_h"], batch["full_w"])]
 
 
 def _device_and_dtype(name: str):
@@ -141,8 +162,9 @@ class ClipEmbedder:
         self.model, self.processor = loading.load_clip_vision(clip_dir, torch_dtype=self.dtype)
         self.model.to(self.device)
 
-    def embed(self, pixels: np.ndarray) -> np.ndarray:
-        """uint8 ``[B, H, W, 3]`` images → float16 ``[B, D]`` projected CLIP image embeddings."""
+    def embed(self, pixels) -> np.ndarray:
+        """uint8 ``[B, H, W, 3]`` images (or a list of ``[H, W, 3]`` of any sizes: the processor resizes and
+        centre-crops each) → float16 ``[B, D]`` projected CLIP image embeddings."""
         import torch
 
         with torch.inference_mode():
@@ -156,7 +178,14 @@ class ClipEmbedder:
 
 
 class LatentEncoder:
-    """Actor: loads the VAE and the CLIP vision model once, encodes batches of decoded images."""
+    """Actor: loads the VAE and the CLIP vision model once, encodes batches of decoded images.
+
+    Per image: the VAE posterior of the generation view (``latent_mean``/``latent_std`` [C, h, w]) and of the
+    fine-tuning view (``full_latent_mean``/``full_latent_std``: float16 bytes of C × ``full_latent_h`` ×
+    ``full_latent_w``; views of one shape are encoded together, and a view equal to the generation view —
+    any square image — reuses its latent), and the CLIP embedding of the fine-tuning view (CLIP's own
+    resize and centre crop, as the reference embeds the original image).
+    """
 
     def __init__(self, cfg: RunConfig):
         model_dir = loading.resolve_model_dir(cfg.model.pretrained, cfg.model.revision, cfg.model.hub_timeout_s)
@@ -165,16 +194,42 @@ class LatentEncoder:
         self.vae = loading.load_vae(model_dir, torch_dtype=self.dtype).to(self.device).eval()
         self.scaling = float(self.vae.config.scaling_factor)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _posterior(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 ``[B, H, W, 3]`` → float16 posterior mean and std × the scaling factor ``[B, C, h, w]``."""
         import torch
 
-        pixels = batch.pop("pixels")
         with torch.inference_mode():
             x = torch.from_numpy(pixels).to(self.device).permute(0, 3, 1, 2).to(self.dtype) / 127.5 - 1.0
             posterior = self.vae.encode(x).latent_dist
             mean = (posterior.mean * self.scaling).float().cpu().numpy().astype(np.float16)
             std = (posterior.std * self.scaling).float().cpu().numpy().astype(np.float16)
-        return {**batch, "latent_mean": mean, "latent_std": std, "clip_embed": self.clip.embed(pixels)}
+        return mean, std
+
+    def _full_latents(self, pixels: np.ndarray, views: list[np.ndarray], mean: np.ndarray, std: np.ndarray):
+        n = len(views)
+        full_mean, full_std = np.empty(n, dtype=object), np.empty(n, dtype=object)
+        shapes = np.zeros((n, 2), dtype=np.int32)
+        todo: dict[tuple, list[int]] = {}
+        for i, view in enumerate(views):
+            if view.shape == pixels[i].shape and np.array_equal(view, pixels[i]):
+                full_mean[i], full_std[i], shapes[i] = mean[i].tobytes(), std[i].tobytes(), mean[i].shape[1:]
+            else:
+                todo.setdefault(view.shape, []).append(i)
+        for group in todo.values():
+            m, s = self._posterior(np.stack([views[i] for i in group]))
+            for j, i in enumerate(group):
+                full_mean[i], full_std[i], shapes[i] = m[j].tobytes(), s[j].tobytes(), m[j].shape[1:]
+        return full_mean, full_std, shapes
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        pixels, views = batch.pop("pixels"), full_images(batch)
+        for key in ("full_pixels", "full_h", "full_w"):
+            batch.pop(key)
+        mean, std = self._posterior(pixels)
+        full_mean, full_std, shapes = self._full_latents(pixels, views, mean, std)
+        return {**batch, "latent_mean": mean, "latent_std": std, "clip_embed": self.clip.embed(views),
+                "full_latent_mean": full_mean, "full_latent_std": full_std,
+                "full_latent_h": shapes[:, 0], "full_latent_w": shapes[:, 1]}
 
 
 class Captioner:
@@ -235,8 +290,8 @@ def write_bank_batch(batch: pa.Table, out: str) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------------------- driver
 
 
-def build_pipeline(rows: list[dict], cfg: RunConfig):
-    """The Ray Data plan for ``rows`` (not executed)."""
+def build_pipeline(rows: list[dict], cfg: RunConfig, multiple: int = 8):
+    """The Ray Data plan for ``rows`` (not executed); ``multiple``: pixels per latent cell."""
     import ray.data
 
     from realfake_ray._internal.cluster import actor_pool_kwargs
@@ -245,7 +300,8 @@ def build_pipeline(rows: list[dict], cfg: RunConfig):
     blocks = max(1, min(len(rows) // max(enc.batch_size, 1), 200))
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
     ds = ds.map_batches(
-        decode_batch, batch_size=enc.batch_size, fn_kwargs={"resolution": enc.resolution}, num_cpus=enc.decode_cpus
+        decode_batch, batch_size=enc.batch_size, num_cpus=enc.decode_cpus,
+        fn_kwargs={"resolution": enc.resolution, "view": enc.generation_view, "multiple": multiple},
     )
     if enc.caption and not cfg.data.captions_file:
         ds = ds.map_batches(
@@ -276,23 +332,28 @@ def run_encode(cfg: RunConfig) -> dict:
     identity_url = storage.join(bank_dir(cfg.out), "_identity.json")
     started_with = storage.read_json(identity_url) if storage.exists(identity_url) else None
     previous = read_meta(cfg.out)
-    _check_bank_compatible(previous or started_with, identity, cfg.encode.resolution, cfg.out)
+    _check_bank_compatible(previous or started_with, identity, cfg)
     rows = [row for name, index in splits.items() for row in _pending_rows(index, name, cfg.out)]
     if not rows and previous and previous.get("complete"):
         return {**previous, "skipped": True}  # nothing to do: the record (and its measured rate) stays
     if rows:
-        storage.write_json(identity_url, {"model": identity, "resolution": cfg.encode.resolution})
+        storage.write_json(identity_url, {"model": identity, "resolution": cfg.encode.resolution, "format": BANK_FORMAT,
+                                          "generation_view": cfg.encode.generation_view})
         init_ray(cfg.ray)
-        build_pipeline(rows, cfg).materialize()
+        build_pipeline(rows, cfg, identity["vae_downsample"]).materialize()
     elapsed = time.time() - started
     train = splits["train"]
     meta = {
+        "format": BANK_FORMAT,
         "model": identity,
         "resolution": cfg.encode.resolution,
+        "generation_view": cfg.encode.generation_view,
         "scaling_factor": identity["scaling_factor"],
         "latent_shape": [identity["latent_channels"], *(2 * [cfg.encode.resolution // identity["vae_downsample"]])],
         "class_dirs": train.class_dirs,
         "class_names": train.class_names,
+        "class_names_from": "classes_file" if cfg.data.classes_file else "folder names",
+        "caption_match": {name: index.caption_match for name, index in splits.items()},
         "splits": {name: _split_summary(cfg.out, name) for name in splits},
         "ignored_files": {name: index.ignored_files[:1000] for name, index in splits.items()},
         "last_run": {"encoded_now": len(rows), "seconds": round(elapsed, 2),

@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -38,7 +39,8 @@ from realfake_ray.seeds import derive_seed
 
 RUN_NAME = "finetune"  # Ray Train run name: checkpoints live in <out>/finetune/finetune/checkpoint_<step>
 CHECKPOINT_PREFIX = "checkpoint_"
-BANK_READ_COLUMNS = ["label", "class_name", "caption", "latent_mean", "latent_std", "clip_embed"]
+BANK_READ_COLUMNS = ["image_id", "label", "class_name", "caption", "clip_embed",
+                     "full_latent_mean", "full_latent_std", "full_latent_h", "full_latent_w"]
 METRIC_KEYS = ("loss", "denoise", "dm")
 _OPTIMIZER_FILE, _STATE_FILE, _HISTORY_FILE = "optimizer.pt", "state.pt", "metrics.json"
 
@@ -84,6 +86,7 @@ class FinetunePlan:
     num_classes: int
     class_means: tuple[tuple[float, ...], ...] | None = None  # only for guidance="class_mean"
     resume_dir: str | None = None  # newest complete checkpoint folder found by the driver (see _internal.checkpoints)
+    first_epoch: int = 0  # the epoch that checkpoint was taken in (seeds the data order, see bank_dataset)
 
 
 def _bank_error(out: str, what: str) -> FileNotFoundError:
@@ -173,6 +176,11 @@ def check_model_and_bank(cfg: RunConfig, meta: dict, files: list[str], model_dir
         )
     if _tensor_shape(files, "latent_mean") != meta["latent_shape"]:
         raise ValueError(f"{files[0]}: latent_mean shape differs from _meta.json latent_shape {meta['latent_shape']}")
+    if meta.get("format", 1) < 2:
+        raise ValueError(
+            f"the latent bank at {bank_dir(cfg.out)} has no fine-tuning view (bank format {meta.get('format', 1)}, "
+            "written before random crops of the whole image were stored): re-encode it into a new --out"
+        )
     if cfg.finetune.guidance != "none":
         from realfake_ray.guidance import check_guidance_width
 
@@ -249,28 +257,57 @@ def checkpoint_steps(out: str) -> list[int]:
 # ---------------------------------------------------------------------------------- the worker
 
 
-class BankCollate(NumpyBatchCollateFn):
-    """Bank rows (numpy) → tensors: prompt token ids, posterior mean/std, CLIP embedding, label.
+def random_latent_crop(mean: bytes, std: bytes, shape: tuple[int, int, int], size: int,
+                       rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A ``size``×``size`` crop at a random latent-cell offset (= 8 px for SD) of a stored fine-tuning view.
 
-    The ``collate_fn`` of ``iter_torch_batches``; Ray moves the returned tensors to the worker's device.
+    ``mean``/``std`` are float16 bytes of ``shape`` = (C, h, w), h or w equal to ``size``: the reference's
+    RandomCrop(512) of the short-side-resized image, taken in latent space. Returns float32 [C, size, size].
 
     Example:
-        >>> BankCollate(tokenizer)(shard_batch)["input_ids"].shape  # doctest: +SKIP
+        >>> m = np.arange(2 * 4 * 6, dtype=np.float16)
+        >>> crop, _ = random_latent_crop(m.tobytes(), m.tobytes(), (2, 4, 6), 4, np.random.default_rng(0))
+        >>> crop.shape
+        (2, 4, 4)
+    """
+    c, h, w = shape
+    top, left = int(rng.integers(h - size + 1)), int(rng.integers(w - size + 1))
+    window = (slice(None), slice(top, top + size), slice(left, left + size))
+    crop = [np.frombuffer(b, np.float16).reshape(c, h, w)[window].astype(np.float32) for b in (mean, std)]
+    return crop[0], crop[1]
+
+
+class BankCollate(NumpyBatchCollateFn):
+    """Bank rows (numpy) → tensors: prompt token ids, a random crop of the fine-tuning view's posterior
+    mean/std, CLIP embedding, label.
+
+    The ``collate_fn`` of ``iter_torch_batches``; Ray moves the returned tensors to the worker's device.
+    Each row's crop offset is seeded by ``(seed, epoch, image_id)``, so it does not depend on batching or
+    on which thread collates.
+
+    Example:
+        >>> BankCollate(tokenizer, size=64, seed=42, epoch=0)(shard_batch)["input_ids"].shape  # doctest: +SKIP
         torch.Size([16, 77])
     """
 
-    def __init__(self, tokenizer) -> None:
+    def __init__(self, tokenizer, size: int, seed: int, epoch: int, channels: int = 4) -> None:
         super().__init__()
-        self.tokenizer = tokenizer
+        self.tokenizer, self.size, self.seed, self.epoch, self.channels = tokenizer, size, seed, epoch, channels
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         from realfake_ray.prompts import build_prompt, tokenize
 
         prompts = [build_prompt(str(name), str(caption or "")) for name, caption in zip(batch["class_name"], batch["caption"])]
+        crops = [
+            random_latent_crop(m, s, (self.channels, int(h), int(w)), self.size,
+                               np.random.default_rng(derive_seed(self.seed, "crop", self.epoch, str(image_id))))
+            for image_id, m, s, h, w in zip(batch["image_id"], batch["full_latent_mean"], batch["full_latent_std"],
+                                            batch["full_latent_h"], batch["full_latent_w"])
+        ]
         return {
             "input_ids": tokenize(self.tokenizer, prompts),
-            "latent_mean": torch.as_tensor(np.asarray(batch["latent_mean"], dtype=np.float32)),
-            "latent_std": torch.as_tensor(np.asarray(batch["latent_std"], dtype=np.float32)),
+            "latent_mean": torch.from_numpy(np.stack([c[0] for c in crops])),
+            "latent_std": torch.from_numpy(np.stack([c[1] for c in crops])),
             "clip_embed": torch.as_tensor(np.asarray(batch["clip_embed"], dtype=np.float32)),
             "label": torch.as_tensor(np.array(batch["label"], dtype=np.int64)),  # a copy: Ray arrays are read-only
         }
@@ -318,12 +355,33 @@ def _load_models(model_dir: str, ft: FinetuneConfig, seed: int, device: torch.de
 class _TrainState:
     step: int = 0
     epoch: int = 0
+    epoch_step: int = 0  # steps already taken in `epoch` (batches of its permutation to skip on resume)
     history: list | None = None  # one dict per logged step
     resumed_from: int = 0
 
 
-def _restore(ckpt, models: _Models, optimizer, scaler, generator: torch.Generator, rank: int) -> _TrainState:
-    """Load LoRA, optimizer, step/epoch, this rank's RNG state and the metric history from a checkpoint."""
+def resume_position(state: dict, steps_per_epoch: int, world: int) -> tuple[int, int]:
+    """``(epoch, batches to skip in it)`` to continue a checkpoint's data order.
+
+    Same world size: the rest of the checkpoint's epoch (its permutation and split are deterministic,
+    see :func:`bank_dataset`). Another world size, or an old checkpoint without ``epoch_step``: the
+    epoch from its start. A checkpoint at the end of an epoch continues with the next one.
+
+    Example:
+        >>> resume_position({"epoch": 2, "epoch_step": 5, "world": 2}, steps_per_epoch=44, world=2)
+        (2, 5)
+        >>> resume_position({"epoch": 2, "epoch_step": 44, "world": 2}, steps_per_epoch=44, world=2)
+        (3, 0)
+    """
+    epoch, done = int(state["epoch"]), int(state.get("epoch_step", 0))
+    if state.get("world") != world:
+        return epoch, 0
+    return (epoch + 1, 0) if done >= steps_per_epoch else (epoch, done)
+
+
+def _restore(ckpt, models: _Models, optimizer, scaler, generator: torch.Generator, rank: int, world: int,
+             steps_per_epoch: int) -> _TrainState:
+    """Load LoRA, optimizer, step/epoch position, this rank's RNG state and the metric history from a checkpoint."""
     with ckpt.as_directory() as directory:
         load_lora(models.unet, directory)
         optimizer.load_state_dict(torch.load(os.path.join(directory, _OPTIMIZER_FILE), map_location="cpu", weights_only=True))
@@ -337,14 +395,16 @@ def _restore(ckpt, models: _Models, optimizer, scaler, generator: torch.Generato
         generator.manual_seed(derive_seed(state["seed"], "rng", rank, state["step"]))
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
-    return _TrainState(step=int(state["step"]), epoch=int(state["epoch"]), history=history, resumed_from=int(state["step"]))
+    epoch, skip = resume_position(state, steps_per_epoch, world)
+    return _TrainState(step=int(state["step"]), epoch=epoch, epoch_step=skip, history=history, resumed_from=int(state["step"]))
 
 
 def _save_checkpoint(directory: str, models: _Models, optimizer, scaler, st: _TrainState, rng: list, seed: int) -> None:
     unet = getattr(models.unet, "module", models.unet)
     save_lora(unet, directory)
     torch.save(optimizer.state_dict(), os.path.join(directory, _OPTIMIZER_FILE))
-    state = {"step": st.step, "epoch": st.epoch, "rng": rng, "seed": seed, "scaler": scaler.state_dict() if scaler else {}}
+    state = {"step": st.step, "epoch": st.epoch, "epoch_step": st.epoch_step, "world": len(rng), "rng": rng,
+             "seed": seed, "scaler": scaler.state_dict() if scaler else {}}
     torch.save(state, os.path.join(directory, _STATE_FILE))
     with open(os.path.join(directory, _HISTORY_FILE), "w") as f:
         json.dump(st.history, f)
@@ -370,6 +430,11 @@ def _all_mean(values: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(values)
         values /= dist.get_world_size()
     return values
+
+
+def _sample_size(unet: torch.nn.Module) -> int:
+    size = getattr(unet, "module", unet).config.sample_size
+    return int(size if isinstance(size, int) else size[0])
 
 
 def _lr_at(ft: FinetuneConfig, step: int) -> float:
@@ -470,25 +535,32 @@ def train_loop(loop_config: dict) -> None:
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
     generator = torch.Generator(device=device).manual_seed(derive_seed(cfg.seed, "rng", rank, 0))
     ckpt = resume_checkpoint(plan.resume_dir, CHECKPOINT_PREFIX)
-    st = _restore(ckpt, models, optimizer, scaler, generator, rank) if ckpt else _TrainState(history=[])
+    steps_per_epoch, _ = step_target(ft, plan.rows)
+    st = _restore(ckpt, models, optimizer, scaler, generator, rank, world, steps_per_epoch) if ckpt else _TrainState(history=[])
     models.unet = prepare_model(models.unet)
     class_means = torch.tensor(plan.class_means, device=device) if plan.class_means else None
     shard = train.get_dataset_shard("train")
-    collate = BankCollate(models.tokenizer)
+    latent_size, channels = _sample_size(models.unet), int(getattr(models.unet, "module", models.unet).config.in_channels)
     window = torch.zeros(len(METRIC_KEYS), device=device)
     window_steps, window_start, run_start, run_steps = 0, time.perf_counter(), time.perf_counter(), 0
     while st.step < plan.total_steps:
+        local_buffer = ft.shuffle_buffer_size if ft.shuffle == "files" else 0
+        collate = BankCollate(models.tokenizer, latent_size, cfg.seed, st.epoch, channels)
         batches = shard.iter_torch_batches(
             batch_size=ft.batch_size, drop_last=True, collate_fn=collate,
-            local_shuffle_buffer_size=ft.shuffle_buffer_size or None,
+            local_shuffle_buffer_size=local_buffer or None,
             local_shuffle_seed=derive_seed(cfg.seed, "shuffle", rank, st.epoch) % (2**31),
         )
-        seen = 0
+        seen, skip = 0, st.epoch_step
         for batch in batches:
+            if skip:  # resumed inside this epoch: its first batches were trained on before the checkpoint
+                skip, seen = skip - 1, seen + 1
+                continue
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(ft, st.step)
             window += train_step(models, batch, generator, ft, plan.prediction_type, class_means, optimizer, scaler)
             st.step, seen, window_steps, run_steps = st.step + 1, seen + 1, window_steps + 1, run_steps + 1
+            st.epoch_step = seen
             last = st.step >= plan.total_steps
             checkpoint_now = st.step % ft.checkpoint_every == 0 or last
             if st.step % ft.log_every == 0 or checkpoint_now:  # a checkpoint always carries a fresh row
@@ -509,7 +581,7 @@ def train_loop(loop_config: dict) -> None:
         if seen == 0:
             raise RuntimeError(f"rank {rank}: the bank shard yielded no full batch of {ft.batch_size} rows")
         if st.step < plan.total_steps:
-            st.epoch += 1
+            st.epoch, st.epoch_step = st.epoch + 1, 0
     if run_steps == 0:  # resumed at the target (e.g. the last run stopped before writing outputs)
         train.report({"step": st.step, "resumed_from": st.resumed_from, "train_seconds": 0.0, "run_samples_per_s": 0.0})
 
@@ -560,13 +632,51 @@ def _cpus_per_worker(ft: FinetuneConfig, use_gpu: bool) -> float:
     return share
 
 
-def _bank_dataset(files: tuple[str, ...]):
-    """The train bank as a Ray Dataset over its complete part files (temporary files never read)."""
+def bank_dataset(files: tuple[str, ...], ft: FinetuneConfig, seed: int, first_epoch: int = 0):
+    """The train bank as a Ray Dataset over its complete part files, in a new seeded order every epoch.
+
+    ``finetune.shuffle=global`` (the reference: a ``DataLoader(shuffle=True)`` over the whole set):
+    ``random_shuffle`` re-seeded at every execution (= every epoch), the execution count starting at
+    ``first_epoch`` so that epoch e is permuted by ``(seed, e)`` whether the run started at epoch 0 or
+    resumed at e. ``files``: part files in a seeded random order per epoch, rows mixed only by each
+    worker's local buffer (cheaper on huge banks; batches are not i.i.d. when the bank is class-sorted).
+
+    Example:
+        >>> ds = bank_dataset(tuple(part_files(bank_dir("runs/tiny", "train"))), FinetuneConfig(), 42)  # doctest: +SKIP
+    """
     import ray.data
+    from ray.data import RandomSeedConfig
 
     fs, _ = storage.arrow_filesystem(files[0])
     paths = [storage.filesystem(url)[1] for url in files]
-    return ray.data.read_parquet(paths, filesystem=fs, columns=BANK_READ_COLUMNS)
+    order = RandomSeedConfig(seed=derive_seed(seed, "finetune-shuffle") % 2**31, reseed_after_execution=True)
+    if ft.shuffle == "files":
+        from ray.data import FileShuffleConfig
+
+        ds = ray.data.read_parquet(paths, filesystem=fs, columns=BANK_READ_COLUMNS,
+                                   shuffle=FileShuffleConfig(seed=order.seed, reseed_after_execution=True))
+    else:
+        ds = ray.data.read_parquet(paths, filesystem=fs, columns=BANK_READ_COLUMNS).random_shuffle(seed=order)
+    # Ray Data re-seeds per execution from (seed, execution index); start the count at the run's epoch.
+    ds.context._execution_idx = first_epoch
+    return ds
+
+
+def _ordered_execution():
+    from ray.data import ExecutionOptions
+
+    options = ExecutionOptions()
+    options.preserve_order = True
+    return options
+
+
+def _checkpoint_epoch(checkpoint_dir: str | None, ft: FinetuneConfig, rows: int) -> int:
+    """The epoch a resume from ``checkpoint_dir`` continues in (0 without one; see :func:`resume_position`)."""
+    if checkpoint_dir is None:
+        return 0
+    state = torch.load(io.BytesIO(storage.read_bytes(storage.join(checkpoint_dir, _STATE_FILE))),
+                       map_location="cpu", weights_only=True)
+    return resume_position(state, step_target(ft, rows)[0], ft.num_workers)[0]
 
 
 def _fit(cfg: RunConfig, plan: FinetunePlan):
@@ -592,7 +702,9 @@ def _fit(cfg: RunConfig, plan: FinetunePlan):
             failure_config=train.FailureConfig(max_failures=cfg.finetune.max_failures),
             checkpoint_config=train.CheckpointConfig(num_to_keep=cfg.finetune.keep_checkpoints),
         ),
-        datasets={"train": _bank_dataset(plan.bank_files)},
+        datasets={"train": bank_dataset(plan.bank_files, cfg.finetune, cfg.seed, plan.first_epoch)},
+        # A deterministic split of the epoch's permutation between the workers (no locality reordering).
+        dataset_config=train.DataConfig(execution_options={"train": _ordered_execution()}),
     )
     return trainer.fit()
 
@@ -657,7 +769,8 @@ def run_finetune(cfg: RunConfig) -> dict:
         )
     run_dir = storage.join(finetune_dir(cfg.out), RUN_NAME)
     complete = newest_complete(run_dir, CHECKPOINT_PREFIX, (LORA_WEIGHT_NAME, _OPTIMIZER_FILE, _STATE_FILE, _HISTORY_FILE))
-    plan = replace(plan_finetune(cfg, meta, files, total), resume_dir=complete)
+    plan = replace(plan_finetune(cfg, meta, files, total), resume_dir=complete,
+                   first_epoch=_checkpoint_epoch(complete, cfg.finetune, int(meta["splits"]["train"]["rows"])))
     storage.write_json(settings_url, settings)
     storage.write_text(storage.join(finetune_dir(cfg.out), "config.yaml"), dump_config(cfg))
     init_ray(cfg.ray)

@@ -54,7 +54,8 @@ MANIFEST_COLUMNS = (
 )  # fmt: skip
 # Settings that change what an image looks like: a synthetic set must not mix two of them.
 _RECORDED = ("model", "vae_sha256", "seed", "mode", "strength", "steps", "scheduler", "guidance_scale", "guidance",
-             "negative_prompt", "sample_posterior", "lora_sha256", "lora_scale", "jpeg_quality", "storage_size")  # fmt: skip
+             "negative_prompt", "negative_guidance_token", "sample_posterior", "lora_sha256", "lora_scale", "jpeg_quality",
+             "storage_size")  # fmt: skip
 _UNIT_TARGET_ROWS = 512  # rows per load unit (rounded up to whole generation batches)
 _PROGRESS_EVERY_S = 10.0
 
@@ -123,6 +124,7 @@ def sampler_settings(gen: GenerateConfig, device_type: str = "cuda"):
         dtype=gen.dtype if device_type == "cuda" else "fp32",
         channels_last=gen.channels_last,
         compile=gen.compile,
+        negative_guidance_token=gen.negative_guidance_token,
     ).validate()
 
 
@@ -247,7 +249,8 @@ def local_lora_dir(lora_url: str, sha256: str) -> str:
 def find_lora(cfg: RunConfig) -> tuple[str | None, str | None]:
     """``(url, content digest)`` of ``<out>/lora/pytorch_lora_weights.safetensors`` when used, else ``(None, None)``.
 
-    ``generate.use_lora`` on but no LoRA there: a warning, and generation runs on the base model.
+    ``generate.use_lora`` on but no LoRA there: FileNotFoundError naming both fixes (the method without
+    its fine-tuning is an ablation, chosen with ``generate.use_lora=false``, never a silent fallback).
     """
     from realfake_ray.finetune import lora_dir
     from realfake_ray.lora import lora_digest
@@ -257,13 +260,31 @@ def find_lora(cfg: RunConfig) -> tuple[str | None, str | None]:
         return None, None
     url = storage.join(lora_dir(cfg.out), LORA_WEIGHT_NAME)
     if not storage.exists(url):
-        print(
-            f"[generate] warning: generate.use_lora=true but there is no LoRA at {url} (run `realfake finetune` "
-            "first); generating with the base model (manifest lora_sha256=null)",
-            flush=True,
+        raise FileNotFoundError(
+            f"generate.use_lora=true but there is no LoRA at {url}: run `realfake finetune` with the same --out "
+            "first, or set generate.use_lora=false to generate with the base model (an ablation)"
         )
-        return None, None
     return url, lora_digest(storage.read_bytes(url))
+
+
+def check_guidance_matches_lora(cfg: RunConfig) -> None:
+    """ConfigError when ``generate.guidance`` differs from the ``finetune.guidance`` the LoRA learnt with.
+
+    A LoRA trained with image tokens and sampled without them (or the other way round) is a silent method
+    change; ``generate.allow_guidance_mismatch=true`` makes it a deliberate one.
+    """
+    from realfake_ray.finetune import finetune_dir
+
+    url = storage.join(finetune_dir(cfg.out), "_settings.json")
+    if cfg.generate.allow_guidance_mismatch or not storage.exists(url):
+        return
+    trained = storage.read_json(url).get("guidance")
+    if trained is not None and trained != cfg.generate.guidance:
+        raise ConfigError(
+            f"generate.guidance={cfg.generate.guidance!r} but the LoRA at {cfg.out} was fine-tuned with "
+            f"finetune.guidance={trained!r}: set generate.guidance={trained}, or generate.allow_guidance_mismatch=true "
+            "to sample it with other conditioning on purpose"
+        )
 
 
 def check_lora(model_dir: str, lora_url: str, sha256: str) -> None:
@@ -293,6 +314,7 @@ def recorded_settings(cfg: RunConfig, meta: dict, lora_sha256: str | None) -> di
         "guidance_scale": g.guidance_scale,
         "guidance": g.guidance,
         "negative_prompt": NEGATIVE_PROMPT,
+        "negative_guidance_token": g.negative_guidance_token if g.guidance != "none" else None,
         "sample_posterior": g.sample_posterior if g.mode == "img2img" else None,
         "lora_sha256": lora_sha256,
         "lora_scale": g.lora_scale if lora_sha256 else None,
@@ -420,6 +442,7 @@ def plan_generate(cfg: RunConfig) -> GeneratePlan:
     lora_url, lora_sha = find_lora(cfg)
     if lora_url:
         check_lora(model_dir, lora_url, lora_sha)
+        check_guidance_matches_lora(cfg)
     settings = recorded_settings(cfg, meta, lora_sha)
     check_settings_unchanged(cfg.out, settings)
     units, bank_rows, expected, pending, collisions = plan_units(cfg, files)

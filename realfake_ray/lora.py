@@ -6,8 +6,8 @@ standard diffusers LoRA format (``pytorch_lora_weights.safetensors`` with ``unet
 ``StableDiffusionPipeline.load_lora_weights(directory)`` loads it.
 
 Example:
-    >>> from realfake_ray.models.tiny import build_tiny_pipeline
-    >>> unet = build_tiny_pipeline().unet
+    >>> from realfake_ray.models.tiny import build_random_tiny_pipeline
+    >>> unet = build_random_tiny_pipeline().unet
     >>> params = add_lora(unet, rank=4)
     >>> all(p.requires_grad for p in params), len(params) > 0
     (True, True)
@@ -56,8 +56,8 @@ def add_lora(
     Only the returned LoRA parameters have ``requires_grad``; they are float32 whatever the base dtype.
 
     Example:
-        >>> from realfake_ray.models.tiny import build_tiny_pipeline
-        >>> unet = build_tiny_pipeline().unet
+        >>> from realfake_ray.models.tiny import build_random_tiny_pipeline
+        >>> unet = build_random_tiny_pipeline().unet
         >>> _ = add_lora(unet, rank=2, alpha=4.0, targets=["to_q", "to_v"])
         >>> sum(p.requires_grad for p in unet.parameters()) == len(lora_parameters(unet))
         True

@@ -2,8 +2,9 @@
 
 The fine-tuning objective is the Min-SNR-weighted denoising loss plus ``dm_weight`` times a
 distribution-matching (MMD) term between the denoiser's predictions and its targets. The reference
-recipe uses a linear-kernel mean match on the global batch; a Gaussian-kernel MMD is offered as the
-generalisation the paper's formula describes.
+recipe uses a linear-kernel mean match on each GPU's own batch (no gather); a Gaussian-kernel MMD is
+offered as the generalisation the paper's formula describes, and a world-size-normalised global scope
+as an option.
 
 Example:
     >>> import torch
@@ -28,6 +29,7 @@ __all__ = [
     "distribution_matching_loss",
     "finetune_loss",
     "gather_with_grad",
+    "global_dm_scale",
     "min_snr_weights",
     "mmd2",
 ]
@@ -314,6 +316,23 @@ def gather_with_grad(x: Tensor) -> Tensor:
     return torch.cat(all_gather(x.contiguous()))
 
 
+def global_dm_scale(kernel: str, world_size: int) -> float:
+    """Factor that puts a DM term computed on the batch of ``world_size`` ranks on the local batch's scale.
+
+    The linear term is ``B²·‖mean_w(pred) − mean_w(target)‖² / positions`` for a batch of B: gathered
+    from W ranks, B becomes W·B and a systematic mismatch of the means would weigh W² times more, so the
+    factor is 1/W². (Independent per-sample errors shrink in the better estimated gathered mean instead:
+    the global term is the less noisy estimate of the same quantity.) The Gaussian MMD² is an average
+    over pairs, already independent of the batch size: factor 1.
+
+    Example:
+        >>> global_dm_scale("linear", 8), global_dm_scale("gaussian", 8)
+        (0.015625, 1.0)
+    """
+    _validate_choice("dm_kernel", kernel, KERNELS)
+    return 1.0 / world_size**2 if kernel == "linear" else 1.0
+
+
 def _validate_choice(name: str, value: str, allowed: Sequence[str]) -> None:
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not supported; expected one of {tuple(allowed)}")
@@ -329,14 +348,17 @@ def finetune_loss(
     prediction_type: str = "epsilon",
     dm_weight: float = 0.003,
     dm_kernel: str = "linear",
-    dm_scope: str = "global",
+    dm_scope: str = "local",
 ) -> dict[str, Tensor]:
     """The distribution-matching fine-tuning loss: Min-SNR denoising + ``dm_weight`` · DM term.
 
-    The denoising loss uses the local batch. The DM term uses the batch gathered from all ranks when
-    ``dm_scope="global"`` (the reference behaviour; identity outside torch.distributed) or the local
-    batch with ``"local"``. With ``dm_weight == 0`` the DM term is still computed (no grad) and
-    reported, but not added. Returns ``{"loss", "denoise", "dm"}``.
+    The denoising loss uses the local batch. The DM term uses the local batch with ``dm_scope="local"``
+    (the reference behaviour: each GPU matches its own batch, whatever the worker count), or the batch
+    gathered from all W ranks with ``"global"`` (identity outside torch.distributed). The linear term
+    is a sum over its batch, so on the gathered batch it is divided by W²: the same ``dm_weight`` then
+    weighs a systematic mismatch equally at any world size (see :func:`global_dm_scale`). With
+    ``dm_weight == 0`` the DM term is still computed (no grad) and reported, but not added. Returns
+    ``{"loss", "denoise", "dm"}``.
 
     Example:
         >>> ac = torch.linspace(0.999, 0.01, 1000)
@@ -352,6 +374,8 @@ def finetune_loss(
         if dm_scope == "global":
             pred, target, weights = gather_with_grad(pred), gather_with_grad(target), gather_with_grad(weights)
         dm = distribution_matching_loss(pred, target, weights, kernel=dm_kernel)
+        if dm_scope == "global":
+            dm = dm * global_dm_scale(dm_kernel, _dist_world_size())
     if dm_weight == 0:
         return {"loss": denoise, "denoise": denoise.detach(), "dm": dm.detach()}
     return {"loss": denoise + dm_weight * dm, "denoise": denoise.detach(), "dm": dm.detach()}

@@ -21,7 +21,7 @@ STAGE_ENTRIES = {
     "encode": "realfake_ray.encode:run_encode",
     "finetune": "realfake_ray.finetune:run_finetune",
     "generate": "realfake_ray.generate:run_generate",
-    "train": "realfake_ray.train:run_train",
+    "train": "realfake_ray.run:train_with_baseline",
     "evaluate": "realfake_ray.evaluate:run_evaluate",
 }
 STAGES = tuple(STAGE_ENTRIES)
@@ -36,6 +36,19 @@ def select_stages(only: list[str] | None = None, from_stage: str | None = None) 
         return [s for s in STAGES if s in only]
     start = STAGES.index(from_stage) if from_stage else 0
     return list(STAGES[start:])
+
+
+def train_with_baseline(cfg: RunConfig) -> dict:
+    """The train stage of the job: the ``train.source`` classifier, and with ``train.real_baseline`` also a
+    real-only one (tag ``real``), so the report sets synthetic and real accuracy side by side."""
+    from realfake_ray.train import run_train
+
+    result = run_train(cfg)
+    if not cfg.train.real_baseline or cfg.train.source == "real":
+        return result
+    real = cfg.train.model_copy(update={"source": "real", "tag": "real", "synthetic_mult": None})
+    baseline = run_train(cfg.model_copy(update={"train": real}))
+    return {**result, "real_baseline": baseline, "skipped": bool(result.get("skipped") and baseline.get("skipped"))}
 
 
 def _entry(stage: str):

@@ -11,9 +11,9 @@ used by ``benchmarks/bench_sampler.py`` and the ``realfake bench-sampler`` CLI.
 
 Example:
     >>> import torch
-    >>> from realfake_ray.models.tiny import build_tiny_pipeline
+    >>> from realfake_ray.models.tiny import build_random_tiny_pipeline
     >>> from realfake_ray.sampler import Sampler, SamplerSettings
-    >>> sampler = Sampler(build_tiny_pipeline(), SamplerSettings(steps=4))
+    >>> sampler = Sampler(build_random_tiny_pipeline(), SamplerSettings(steps=4))
     >>> mean = torch.zeros(2, 4, 16, 16)
     >>> sampler(prompts=["photo of one", "photo of two"], seeds=[0, 1], latent_mean=mean).shape
     (2, 32, 32, 3)
@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from realfake_ray.flops import count_forward_flops, img2img_flops, mfu, peak_flops, time_calls
-from realfake_ray.guidance import encode_text
+from realfake_ray.guidance import encode_text, inject_guidance_token
 from realfake_ray.prompts import GENERATION_SUFFIX, NEGATIVE_PROMPT, build_prompt, tokenize
 
 __all__ = [
@@ -70,8 +70,8 @@ def make_scheduler(name: str, base_config: dict):
     ``base_config`` is a pipeline's ``scheduler.config``; keys the new class does not know are ignored.
 
     Example:
-        >>> from realfake_ray.models.tiny import build_tiny_pipeline
-        >>> make_scheduler("ddim", build_tiny_pipeline().scheduler.config).__class__.__name__
+        >>> from realfake_ray.models.tiny import build_random_tiny_pipeline
+        >>> make_scheduler("ddim", build_random_tiny_pipeline().scheduler.config).__class__.__name__
         'DDIMScheduler'
     """
     if name not in _SCHEDULER_CLASSES:
@@ -91,6 +91,8 @@ class SamplerSettings:
 
     ``sample_posterior``: the img2img start latent is ``mean + std * eps`` (True) or ``mean`` (False).
     ``dtype``: weights/activations of VAE, UNet and text encoder (scheduler math stays fp32).
+    ``negative_guidance_token``: also write the image's guidance token into the negative prompt's last slot
+    (the reference code hands its tokens to an unreleased pipeline, so its choice is unknown; default off).
 
     Example:
         >>> SamplerSettings(steps=30, strength=0.75).validate().denoising_steps
@@ -107,6 +109,7 @@ class SamplerSettings:
     dtype: str = "fp32"
     channels_last: bool = False
     compile: bool = False
+    negative_guidance_token: bool = False
 
     def validate(self) -> SamplerSettings:
         """Raise ValueError naming the first bad field; return self."""
@@ -146,8 +149,8 @@ def latent_hw(pipe) -> tuple[int, int]:
     """The UNet's native latent (height, width), from ``unet.config.sample_size``.
 
     Example:
-        >>> from realfake_ray.models.tiny import build_tiny_pipeline
-        >>> latent_hw(build_tiny_pipeline())
+        >>> from realfake_ray.models.tiny import build_random_tiny_pipeline
+        >>> latent_hw(build_random_tiny_pipeline())
         (16, 16)
     """
     size = pipe.unet.config.sample_size
@@ -288,8 +291,8 @@ class Sampler:
     the negative-prompt embedding.
 
     Example:
-        >>> from realfake_ray.models.tiny import build_tiny_pipeline
-        >>> s = Sampler.from_pipeline(build_tiny_pipeline(), SamplerSettings(mode="txt2img", steps=2))
+        >>> from realfake_ray.models.tiny import build_random_tiny_pipeline
+        >>> s = Sampler.from_pipeline(build_random_tiny_pipeline(), SamplerSettings(mode="txt2img", steps=2))
         >>> s(prompts=["photo of one"], seeds=[7]).dtype
         dtype('uint8')
     """
@@ -379,10 +382,17 @@ class Sampler:
             init = init + latent_std.to(self.device, torch.float32) * eps
         return self.scheduler.add_noise(init, noise, timesteps[:1].repeat(len(init)))
 
-    def _denoise(self, latents: Tensor, timesteps: Tensor, cond: Tensor) -> Tensor:
+    def _negative(self, n: int, guidance_tokens: Tensor | None) -> Tensor:
+        """The CFG branch's embeddings [n, L, D]: the negative prompt, with the guidance token when asked."""
+        negative = self.negative_embeds.expand(n, -1, -1)
+        if self.settings.negative_guidance_token and guidance_tokens is not None:
+            negative = inject_guidance_token(negative, guidance_tokens.to(self.device))
+        return negative
+
+    def _denoise(self, latents: Tensor, timesteps: Tensor, cond: Tensor, negative: Tensor | None) -> Tensor:
         """Run the UNet + scheduler loop; the uncond and cond branches share one UNet call."""
         s, sched = self.settings, self.scheduler
-        embeds = torch.cat([self.negative_embeds.expand(len(cond), -1, -1), cond]) if s.cfg else cond
+        embeds = torch.cat([negative, cond]) if s.cfg else cond
         for t in timesteps:
             x = torch.cat([latents, latents]) if s.cfg else latents
             x = sched.scale_model_input(x, t).to(self.dtype)
@@ -425,7 +435,8 @@ class Sampler:
         cond = self._encode(prompts, guidance_tokens)
         timesteps = self._timesteps()
         latents = self._initial_latents(generators, latent_mean, latent_std, timesteps)
-        latents = self._denoise(latents, timesteps, cond)
+        negative = self._negative(len(prompts), guidance_tokens) if self.settings.cfg else None
+        latents = self._denoise(latents, timesteps, cond, negative)
         return self.decode(latents)
 
 
@@ -647,8 +658,8 @@ def run_grid(
     ``on_row`` is called with each row as soon as it is measured (progress output, partial CSV).
 
     Example:
-        >>> from realfake_ray.models.tiny import build_tiny_pipeline
-        >>> rows = run_grid(build_tiny_pipeline(), make_grid(steps=(4,), batch_sizes=(2,), dtypes=("fp32",)),
+        >>> from realfake_ray.models.tiny import build_random_tiny_pipeline
+        >>> rows = run_grid(build_random_tiny_pipeline(), make_grid(steps=(4,), batch_sizes=(2,), dtypes=("fp32",)),
         ...                 device="cpu", iters=1, warmup=0)
         >>> rows[0]["images_per_s"] > 0, rows[1]["note"].startswith("skipped")
         (True, True)

@@ -208,7 +208,8 @@ def fingerprint(cfg: RunConfig, data_digest: str | None = None) -> dict:
     """What identifies a training run: everything but ``train.epochs`` and placement-only settings, plus
     ``data_digest`` (:func:`rows_digest` of the images it samples from), so that a synthetic set that
     changed (``--mult 10`` after ``--mult 2``) trains a new classifier instead of reusing the old one."""
-    placement = {"epochs", "use_gpu", "decode_cpus", "worker_cpus", "checkpoint_keep", "max_failures", "tag"}
+    placement = {"epochs", "use_gpu", "decode_cpus", "worker_cpus", "checkpoint_keep", "max_failures", "tag",
+                 "real_baseline"}
     train = cfg.train.model_dump(mode="json", exclude=placement)
     data = cfg.data.model_dump(mode="json", include={"train", "val", "classes_file"})
     return {"seed": cfg.seed, "train": train, "data": data, "rows": data_digest}
@@ -231,6 +232,25 @@ def _check_storage(url: str) -> None:
         raise ConfigError(
             f"out: Ray Train checkpoints need a pyarrow filesystem (local, s3://, gs://, hdfs://); {url}: {exc}"
         ) from None
+
+
+def apply_budget(cfg: RunConfig, epoch_images: int) -> RunConfig:
+    """``cfg`` with ``train.epochs`` (and ``warmup_epochs``, in proportion) resolved from ``train.budget_images``.
+
+    With a budget every classifier sees about the same number of images: a 10× synthetic set trains a tenth
+    of the epochs of the 1× one. Without one, ``cfg`` is returned unchanged.
+
+    Example:
+        >>> cfg = load_config(preset="tiny", overrides=["train.budget_images=43110"])  # doctest: +SKIP
+        >>> apply_budget(cfg, 14370).train.epochs  # doctest: +SKIP
+        3
+    """
+    t = cfg.train
+    if t.budget_images is None:
+        return cfg
+    epochs = max(1, round(t.budget_images / max(epoch_images, 1)))
+    train = t.model_copy(update={"epochs": epochs, "warmup_epochs": t.warmup_epochs * epochs / t.epochs})
+    return cfg.model_copy(update={"train": train})
 
 
 def plan_training(cfg: RunConfig) -> TrainPlan:
@@ -265,26 +285,35 @@ def plan_training(cfg: RunConfig) -> TrainPlan:
 VIEWS = ("centre", "train", "eval")
 
 
-def _view_fn(view: str, size: int, hflip: bool):
+def view_settings(cfg: RunConfig) -> dict:
+    """The ``train.*`` values that shape the train and eval views (:func:`decode_rows` keyword arguments)."""
+    t = cfg.train
+    return {"crop_scale": tuple(t.crop_scale), "interpolation": t.interpolation, "hflip": t.hflip,
+            "color_jitter": t.color_jitter, "eval_crop_pct": t.eval_crop_pct, "eval_interpolation": t.eval_interpolation}
+
+
+def _view_fn(view: str, size: int, settings: dict):
     """``fn(image, row index, batch)`` → uint8 ``[size, size, 3]`` for one decoded RGB image."""
-    from realfake_ray.classifier import eval_view, train_view
+    from realfake_ray.classifier import TrainView, eval_view
     from realfake_ray.data.imagefolder import centre_view
 
-    if view == "train":  # the row's ``aug`` draw (Ray Data, reseeded every epoch) seeds its crop and flip
-        return lambda image, i, batch: train_view(image, size, np.random.default_rng(int(batch["aug"][i] * 2**53)), hflip)
+    if view == "train":  # the row's ``aug`` draw (Ray Data, reseeded every epoch) seeds its crop, flip and jitter
+        train_view = TrainView(size, settings["crop_scale"], settings["interpolation"], settings["hflip"],
+                               settings["color_jitter"])
+        return lambda image, i, batch: train_view(image, np.random.default_rng(int(batch["aug"][i] * 2**53)))
     if view == "eval":
-        return lambda image, i, batch: eval_view(image, size)
+        return lambda image, i, batch: eval_view(image, size, settings["eval_crop_pct"], settings["eval_interpolation"])
     return lambda image, i, batch: centre_view(image, size)
 
 
-def decode_rows(batch: dict[str, np.ndarray], size: int, view: str = "centre", hflip: bool = True) -> dict[str, np.ndarray]:
+def decode_rows(batch: dict[str, np.ndarray], size: int, view: str = "centre", settings: dict | None = None) -> dict[str, np.ndarray]:
     """CPU task: read + decode each ``url`` and cut its ``view`` (``centre``: the latent bank's resize +
-    centre crop; ``train``: seeded RandomResizedCrop + flip if ``hflip``; ``eval``: resize to S/0.875 +
-    centre crop) into ``pixels`` uint8 [S,S,3]. Drops the ``url``/``aug``/``copy_idx`` columns and
-    undecodable rows (named)."""
+    centre crop; ``train``: seeded :class:`~realfake_ray.classifier.TrainView`; ``eval``: resize to
+    ⌊S/crop_pct⌋ + centre crop; ``settings`` from :func:`view_settings`) into ``pixels`` uint8 [S,S,3].
+    Drops the ``url``/``aug``/``copy_idx`` columns and undecodable rows (named)."""
     from realfake_ray.data.imagefolder import open_rgb
 
-    make, n = _view_fn(view, size, hflip), len(batch["url"])
+    make, n = _view_fn(view, size, settings or view_settings(RunConfig())), len(batch["url"])
     pixels, ok, bad = np.zeros((n, size, size, 3), np.uint8), np.ones(n, bool), []
     for i, url in enumerate(batch["url"]):
         try:
@@ -309,7 +338,7 @@ def decoded_dataset(ds, size: int, cfg: RunConfig, view: str = "centre"):
     """``ds`` (rows with ``url``; ``aug`` for the train view) → ``pixels`` uint8 [S,S,3] on CPU tasks."""
     if view not in VIEWS:
         raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
-    kwargs = {"size": size, "view": view, "hflip": cfg.train.hflip}
+    kwargs = {"size": size, "view": view, "settings": view_settings(cfg)}
     return ds.map_batches(decode_rows, batch_size=64, fn_kwargs=kwargs, num_cpus=cfg.train.decode_cpus)
 
 
@@ -336,13 +365,14 @@ def train_dataset(plan: TrainPlan, cfg: RunConfig, first_epoch: int = 0):
 
 
 # ------------------------------------------------------------------------------------------ worker side
-def _amp_setup(device, enabled: bool):
-    """``(autocast dtype, GradScaler)``: bf16 where supported, else fp16 + scaler; none on CPU."""
+def _amp_setup(device, enabled: bool, dtype: str = "fp16"):
+    """``(autocast dtype, GradScaler)``: ``fp16`` + a grad scaler (the reference), or ``bf16`` where the GPU
+    supports it (else fp16); none on CPU."""
     import torch
 
     if not enabled or device.type != "cuda":
         return None, None
-    if torch.cuda.is_bf16_supported():
+    if dtype == "bf16" and torch.cuda.is_bf16_supported():
         return torch.bfloat16, None
     return torch.float16, torch.amp.GradScaler("cuda")
 
@@ -461,11 +491,13 @@ def _build_training(cfg: RunConfig, num_classes: int, total_steps: int, warmup: 
 
     t = cfg.train
     torch.manual_seed(cfg.seed)  # the same initial weights on every worker
-    model = ray.train.torch.prepare_model(build_classifier(t.arch, num_classes))
-    lr = scaled_lr(t.base_lr, t.batch_size * world)
-    optimizer = build_optimizer(model, lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    model = ray.train.torch.prepare_model(build_classifier(t.arch, num_classes, t.zero_init_residual))
+    lr = scaled_lr(t.base_lr, t.batch_size * world, t.lr_reference_batch)
+    optimizer = build_optimizer(model, lr, momentum=t.momentum, weight_decay=t.weight_decay, nesterov=t.nesterov,
+                                decay_norm_and_bias=t.decay_norm_and_bias)
     milestones = [int(f * total_steps) for f in sorted(t.milestones)]
-    scheduler = build_scheduler(optimizer, t.schedule, total_steps, warmup, milestones, t.gamma)
+    scheduler = build_scheduler(optimizer, t.schedule, total_steps, warmup, milestones, t.gamma,
+                                warmup_start=min(1.0, t.warmup_lr / lr))
     return model, optimizer, scheduler
 
 
@@ -482,7 +514,7 @@ def train_loop(config: dict) -> None:
     model, optimizer, scheduler = _build_training(cfg, plan["num_classes"], total_steps, warmup, world)
     base = getattr(model, "module", model)
     device = ray.train.torch.get_device()
-    amp = _amp_setup(device, t.amp)
+    amp = _amp_setup(device, t.amp, t.amp_dtype)
     ckpt = resume_checkpoint(plan["resume_dir"], EPOCH_PREFIX)
     start = _load_state(ckpt, base, optimizer, scheduler, amp[1]) if ckpt else 0
     cdir = output_dir(cfg)
@@ -586,6 +618,7 @@ def run_train(cfg: RunConfig) -> dict:
     from realfake_ray.evaluate import distribution_inputs, model_url, plan_sets, run_evaluate, save_classifier
 
     plan = plan_training(cfg)
+    cfg = apply_budget(cfg, plan.epoch_images)
     plan_sets(cfg, plan.class_dirs)  # the evaluation's inputs too: a bad extra set fails now, not after training
     distribution_inputs(cfg, plan.class_dirs)
     cdir = output_dir(cfg)

@@ -20,13 +20,13 @@ from realfake_ray.classifier import (
     eval_view,
     evaluate_batches,
     merge_evaluations,
+    TrainView,
+    colour_jitter,
     random_crop_box,
     resnet_tiny,
     scaled_lr,
     to_model_input,
-    train_crop_scale,
     train_step,
-    train_view,
 )
 
 
@@ -66,7 +66,7 @@ def _photo(w: int = 400, h: int = 300) -> Image.Image:
 
 def test_random_crop_box_follows_random_resized_crop() -> None:
     rng = np.random.default_rng(0)
-    scale = train_crop_scale(224)
+    scale = (0.08, 1.0)
     for _ in range(200):
         left, top, w, h = random_crop_box(400, 300, scale, rng)
         assert 0 <= left and left + w <= 400 and 0 <= top and top + h <= 300
@@ -76,15 +76,32 @@ def test_random_crop_box_follows_random_resized_crop() -> None:
 
 def test_train_view_is_seeded_per_image_and_flips() -> None:
     image = _photo()
-    a = train_view(image, 32, np.random.default_rng(0))
+    view = TrainView(32)
+    a = view(image, np.random.default_rng(0))
     assert a.shape == (32, 32, 3) and a.dtype == np.uint8
-    assert np.array_equal(a, train_view(image, 32, np.random.default_rng(0)))
-    views = [train_view(image, 32, np.random.default_rng(seed)) for seed in range(1, 9)]
+    assert np.array_equal(a, view(image, np.random.default_rng(0)))
+    views = [view(image, np.random.default_rng(seed)) for seed in range(1, 9)]
     assert len({v.tobytes() for v in views}) == 8  # every seed its own crop
     flipped = [bool(v[:, 0, 0].mean() > v[:, -1, 0].mean()) for v in views]  # red rises left → right unless flipped
     assert any(flipped) and not all(flipped)
-    unflipped = [train_view(image, 32, np.random.default_rng(seed), hflip=False) for seed in range(1, 9)]
+    unflipped = [TrainView(32, hflip=False)(image, np.random.default_rng(seed)) for seed in range(1, 9)]
     assert not any(bool(v[:, 0, 0].mean() > v[:, -1, 0].mean()) for v in unflipped)
+
+
+def test_train_view_interpolation_and_colour_jitter_follow_the_rng() -> None:
+    image = _photo()
+    rng_draws = [TrainView(64, (1.0, 1.0), "random", False)(image, np.random.default_rng(s)) for s in range(12)]
+    bilinear = TrainView(64, (1.0, 1.0), "bilinear", False)(image, np.random.default_rng(0))
+    bicubic = TrainView(64, (1.0, 1.0), "bicubic", False)(image, np.random.default_rng(0))
+    kinds = {"bilinear" if np.array_equal(v, bilinear) else "bicubic" if np.array_equal(v, bicubic) else "?"
+             for v in rng_draws}  # scale (1, 1): the crop is the whole image, only the resampling varies
+    assert kinds == {"bilinear", "bicubic"}
+    plain = TrainView(32, (1.0, 1.0), "bilinear", False)(image, np.random.default_rng(3))
+    jittered = TrainView(32, (1.0, 1.0), "bilinear", False, 0.4)(image, np.random.default_rng(3))
+    assert not np.array_equal(plain, jittered)
+    same = colour_jitter(Image.fromarray(plain), 0.4, np.random.default_rng(5))
+    assert np.array_equal(np.array(same), np.array(colour_jitter(Image.fromarray(plain), 0.4, np.random.default_rng(5))))
+    assert np.array_equal(np.array(colour_jitter(Image.fromarray(plain), 0.0, np.random.default_rng(5))), plain)
 
 
 def test_eval_view_is_the_standard_resize_and_centre_crop() -> None:
@@ -95,7 +112,12 @@ def test_eval_view_is_the_standard_resize_and_centre_crop() -> None:
     ).permute(1, 2, 0).numpy()
     assert view.shape == (224, 224, 3)
     assert np.abs(view.astype(int) - reference.astype(int)).mean() < 1.0
-    small = eval_view(Image.fromarray(_images(1, 32, 32)[0]), 32)  # tiny preset: the 32-px image as it is
+    reference_recipe = eval_view(image, 224, 0.95, "bicubic")  # timm at crop_pct 0.95: short side 235, crop 224
+    expected = v2.Compose([v2.Resize(235, interpolation=v2.InterpolationMode.BICUBIC, antialias=True), v2.CenterCrop(224)])(
+        torch.from_numpy(np.array(image)).permute(2, 0, 1)
+    ).permute(1, 2, 0).numpy()
+    assert np.abs(reference_recipe.astype(int) - expected.astype(int)).mean() < 1.5
+    small = eval_view(Image.fromarray(_images(1, 32, 32)[0]), 32, crop_pct=1.0)  # digits: the 32-px image as it is
     assert np.array_equal(small, _images(1, 32, 32)[0])
 
 
@@ -121,19 +143,33 @@ def _lrs(scheduler: torch.optim.lr_scheduler.LambdaLR, steps: int) -> list[float
 
 
 def test_scaled_lr_and_optimizer_groups() -> None:
-    assert scaled_lr(0.1, 512) == pytest.approx(0.2)
+    assert scaled_lr(0.1, 512) == 0.1 and scaled_lr(0.1, 1024) == pytest.approx(0.2)  # the reference: 0.1 at 512
     model = resnet_tiny(4, width=8)
-    opt = build_optimizer(model, 0.1, wd_on_norm_bias=False)
+    opt = build_optimizer(model, 0.1)  # the reference: Nesterov, no decay on BatchNorm weights and biases
     decay, no_decay = opt.param_groups
-    assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
+    assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0 and decay["nesterov"]
     assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
-    assert len(build_optimizer(model, 0.1).param_groups) == 1
+    assert len(build_optimizer(model, 0.1, decay_norm_and_bias=True).param_groups) == 1
+
+
+def test_zero_init_residual_starts_every_block_as_the_identity() -> None:
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    for model in (build_classifier("resnet_tiny", 10, zero_init_residual=True),
+                  build_classifier("resnet18", 10, zero_init_residual=True)):
+        blocks = [m for m in model.modules() if isinstance(m, BasicBlock)]
+        assert blocks and all(float(b.bn2.weight.detach().abs().sum()) == 0 for b in blocks)
+    bottlenecks = [m for m in build_classifier("resnet50", 10, True).modules() if isinstance(m, Bottleneck)]
+    assert all(float(b.bn3.weight.detach().abs().sum()) == 0 for b in bottlenecks)
+    assert all(float(b.bn2.weight.detach().abs().sum()) > 0 for b in build_classifier("resnet_tiny", 10).modules()
+               if isinstance(b, BasicBlock))
+    build_classifier("mobilenet_v3_small", 3, zero_init_residual=True)  # not a ResNet: the flag is ignored
 
 
 def test_cosine_schedule_with_warmup() -> None:
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
     lrs = _lrs(build_scheduler(opt, "cosine", total_steps=100, warmup_steps=10), 101)
-    assert lrs[0] == pytest.approx(0.1) and lrs[4] == pytest.approx(0.5)
+    assert lrs[0] == pytest.approx(0.0) and lrs[5] == pytest.approx(0.5)
     assert lrs[10] == pytest.approx(1.0) and lrs[55] == pytest.approx(0.5)
     assert lrs[100] == pytest.approx(0.0, abs=1e-12)
 
@@ -143,7 +179,14 @@ def test_multistep_schedule() -> None:
     lrs = _lrs(build_scheduler(opt, "multistep", total_steps=100, milestones=[30, 60], gamma=0.2), 100)
     assert lrs[29] == pytest.approx(1.0) and lrs[30] == pytest.approx(0.2) and lrs[60] == pytest.approx(0.04)
     default = _lrs(build_scheduler(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0), "multistep", 100), 100)
-    assert default[29] == 1.0 and default[30] == pytest.approx(0.2) and default[80] == pytest.approx(0.008)
+    assert default[24] == 1.0 and default[25] == pytest.approx(0.2) and default[75] == pytest.approx(0.008)
+
+
+def test_warmup_starts_at_the_reference_lr() -> None:
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    lrs = _lrs(build_scheduler(opt, "multistep", total_steps=200, warmup_steps=5, warmup_start=1e-5 / 0.1), 8)
+    assert lrs[0] == pytest.approx(1e-5) and lrs[5] == pytest.approx(0.1)
+    assert lrs[1] == pytest.approx(1e-5 + (0.1 - 1e-5) / 5)
 
 
 def test_scheduler_rejects_unknown_schedule() -> None:

@@ -24,16 +24,16 @@ def _bank_table(out, split):
 def test_one_row_per_readable_image_with_shapes_and_dtypes(tiny_bank):
     meta = read_meta(tiny_bank)
     assert meta["splits"]["train"]["rows"] == 1437 and meta["splits"]["val"]["rows"] == 360
-    assert meta["latent_shape"] == [4, 16, 16] and meta["resolution"] == 32
+    assert meta["latent_shape"] == [4, 8, 8] and meta["resolution"] == 32
     assert meta["class_names"][0] == "digit zero"
     table = _bank_table(tiny_bank, "train")
     assert table.num_rows == 1437 and len(set(table["image_id"].to_pylist())) == 1437
     import ray.data
 
     batch = ray.data.read_parquet(bank_dir(tiny_bank, "train")).take_batch(8)
-    assert batch["latent_mean"].shape == (8, 4, 16, 16) and batch["latent_mean"].dtype == np.float16
+    assert batch["latent_mean"].shape == (8, 4, 8, 8) and batch["latent_mean"].dtype == np.float16
     assert batch["latent_std"].dtype == np.float16 and (batch["latent_std"] > 0).all()
-    assert batch["clip_embed"].shape == (8, 32) and batch["clip_embed"].dtype == np.float16
+    assert batch["clip_embed"].shape == (8, 64) and batch["clip_embed"].dtype == np.float16
     assert set(batch["caption"]) == {""}  # the tiny preset runs without captions
     assert batch["width"].tolist() == [32] * 8
 
@@ -114,3 +114,16 @@ def test_decode_batch_marks_errors_without_raising():
     batch = {"url": np.array(["memory://nope.png"], dtype=object), "image_id": np.array(["x"], dtype=object)}
     out = decode_batch(batch, 8)
     assert out["error"][0] and out["pixels"].shape == (1, 8, 8, 3)
+
+
+def test_folder_names_as_class_names_are_warned_about_naming_the_fix(tmp_path, capsys):
+    from realfake_ray.encode import scan_splits
+
+    for folder in ("n01440764", "n02102040"):
+        (tmp_path / "data" / folder).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "data" / folder / "a.png")
+    scan_splits(load_config(data__train=str(tmp_path / "data")))
+    out = capsys.readouterr().out
+    assert 'photo of n01440764' in out and "--set data.classes_file=" in out
+    scan_splits(load_config(preset="tiny"))  # the embedded digits come with a classes file: no warning
+    assert "warning" not in capsys.readouterr().out

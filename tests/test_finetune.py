@@ -19,12 +19,14 @@ from realfake_ray.cli import main as cli_main
 from realfake_ray.config import FinetuneConfig, load_config
 from realfake_ray.encode import read_meta
 from realfake_ray.finetune import (
+    bank_dataset,
     check_model_and_bank,
     checkpoint_steps,
     class_mean_embeddings,
     derive_seed,
     finetune_dir,
     lora_dir,
+    resume_position,
     run_finetune,
     step_target,
 )
@@ -65,11 +67,50 @@ def test_missing_bank_is_a_clear_error_before_any_ray_work(tmp_path, monkeypatch
         run_finetune(_cfg(str(tmp_path), 2))
 
 
+def test_resume_position_continues_the_epoch_only_at_the_same_world_size():
+    assert resume_position({"epoch": 1, "epoch_step": 7, "world": 2}, 44, 2) == (1, 7)
+    assert resume_position({"epoch": 1, "epoch_step": 44, "world": 2}, 44, 2) == (2, 0)  # epoch was complete
+    assert resume_position({"epoch": 1, "epoch_step": 7, "world": 2}, 88, 1) == (1, 0)  # another split: restart it
+    assert resume_position({"epoch": 3}, 44, 2) == (3, 0)  # a checkpoint from before epoch_step was recorded
+
+
 def test_derived_seeds_differ_by_label_and_are_stable():
     assert derive_seed(42, "rng", 0) == derive_seed(42, "rng", 0) != derive_seed(42, "rng", 1)
 
 
 # ------------------------------------------------------------------------------ e2e
+
+
+def _epoch_labels(tiny_bank, first_epoch, epochs, **ft):
+    """Labels in the order the trainer's bank dataset yields them, for ``epochs`` executions."""
+    from realfake_ray._internal.shards import part_files
+    from realfake_ray.encode import bank_dir
+
+    ds = bank_dataset(tuple(part_files(bank_dir(tiny_bank, "train"))), FinetuneConfig(**ft), 42, first_epoch)
+    ds.context.execution_options.preserve_order = True  # as the trainer runs it (DataConfig)
+    return [[int(r["label"]) for r in ds.iter_rows()] for _ in range(epochs)]
+
+
+@pytest.mark.e2e
+def test_every_epoch_is_a_seeded_global_permutation_of_the_class_sorted_bank(tiny_bank):
+    from collections import Counter
+
+    epochs = _epoch_labels(tiny_bank, 0, 3)
+    bank = sorted(_bank_labels(tiny_bank))  # the encoder writes its part files class by class
+    for labels in epochs:
+        assert sorted(labels) == bank  # each epoch is a permutation of the whole bank ...
+        first = Counter(labels[:64])  # ... whose first 4 batches of 16 hold every class about equally
+        assert len(first) == 10 and max(first.values()) <= 16, first
+    assert epochs[0] != epochs[1] != epochs[2]
+    # A run resumed in epoch 2 draws epoch 2's permutation, not epoch 0's, and the same seed repeats it.
+    assert _epoch_labels(tiny_bank, 2, 1)[0] == epochs[2]
+
+
+def _bank_labels(out):
+    from realfake_ray._internal.shards import read_parts
+    from realfake_ray.encode import bank_dir
+
+    return read_parts(bank_dir(out, "train"), ["label"]).column("label").to_pylist()
 
 
 @pytest.mark.e2e
@@ -167,26 +208,45 @@ def test_train_step_updates_fp32_lora_over_a_frozen_base(tiny_model_dir, dtype):
     ft = FinetuneConfig(batch_size=4, lr=1e-2, mmd_kernel="gaussian", guidance="class_mean")
     models = _load_models(tiny_model_dir, ft, seed=0, device=torch.device("cpu"), dtype=dtype)
     rng = np.random.default_rng(0)
+    wide = [(4, 8, 8), (4, 8, 10), (4, 11, 8), (4, 8, 8)]  # fine-tuning views: square, 5:4 wide, tall, square
     rows = {
+        "image_id": np.array([f"digit_1/{i}.png" for i in range(4)], dtype=object),
         "class_name": np.array(["digit one", "digit two"] * 2, dtype=object),
         "caption": np.array(["", "a digit", "", ""], dtype=object),
-        "latent_mean": rng.standard_normal((4, 4, 16, 16)).astype(np.float16),
-        "latent_std": np.full((4, 4, 16, 16), 0.1, np.float16),
-        "clip_embed": rng.standard_normal((4, 32)).astype(np.float16),
+        "full_latent_mean": np.array([rng.standard_normal(s).astype(np.float16).tobytes() for s in wide], dtype=object),
+        "full_latent_std": np.array([np.full(s, 0.1, np.float16).tobytes() for s in wide], dtype=object),
+        "full_latent_h": np.array([s[1] for s in wide]), "full_latent_w": np.array([s[2] for s in wide]),
+        "clip_embed": rng.standard_normal((4, 64)).astype(np.float16),
         "label": np.array([1, 2, 1, 2]),
     }
-    batch = BankCollate(models.tokenizer)(rows)
+    batch = BankCollate(models.tokenizer, size=8, seed=0, epoch=0)(rows)
     assert batch["input_ids"].shape == (4, 77) and batch["latent_mean"].dtype == torch.float32
+    assert batch["latent_mean"].shape == (4, 4, 8, 8)
+    again = BankCollate(models.tokenizer, size=8, seed=0, epoch=0)(rows)["latent_mean"]
+    assert torch.equal(again, batch["latent_mean"])  # crops are seeded by (seed, epoch, image id)
     before = [p.detach().clone() for p in models.params]
     optimizer = torch.optim.AdamW(models.params, lr=ft.lr)
     generator = torch.Generator().manual_seed(0)
     for _ in range(2):
-        losses = train_step(models, batch, generator, ft, "epsilon", torch.randn(10, 32), optimizer, None)
+        losses = train_step(models, batch, generator, ft, "epsilon", torch.randn(10, 64), optimizer, None)
         assert losses.shape == (3,) and torch.isfinite(losses).all()
     assert all(p.dtype == torch.float32 and p.grad is not None for p in models.params)
     assert any(not torch.equal(a, b) for a, b in zip(before, models.params))
     frozen = [p for n, p in models.unet.named_parameters() if "lora_" not in n]
     assert all(p.dtype == dtype and not p.requires_grad for p in frozen)
+
+
+def test_random_latent_crops_cover_every_offset_of_the_whole_image():
+    from realfake_ray.finetune import random_latent_crop
+
+    c, h, w, size = 1, 4, 7, 4
+    grid = np.arange(c * h * w, dtype=np.float16).reshape(c, h, w)
+    corners = set()
+    for seed in range(200):
+        crop, std = random_latent_crop(grid.tobytes(), grid.tobytes(), (c, h, w), size, np.random.default_rng(seed))
+        assert crop.shape == (1, 4, 4) and np.array_equal(crop, std)
+        corners.add(int(crop[0, 0, 0]))  # the top-left cell names the offset: column 0..3 of row 0
+    assert corners == {0, 1, 2, 3}  # every stride-1 latent offset (8 px for SD) is drawn
 
 
 def test_arrow_filesystem_wraps_remote_urls_only(tmp_path):

@@ -281,10 +281,13 @@ def test_txt2img_without_lora_and_with_class_mean_guidance(bank, tmp_path_factor
 
 
 @pytest.mark.e2e
-def test_img2img_without_a_lora_warns_and_records_none(bank, tmp_path_factory, run_a, capsys):
+def test_a_missing_lora_is_an_error_unless_use_lora_is_off(bank, tmp_path_factory, run_a, monkeypatch):
     out = _new_run(bank, tmp_path_factory, "gen-nolora", lora=False)
-    summary = run_generate(_cfg(out))  # use_lora is on, but <out>/lora does not exist
-    assert "no LoRA at" in capsys.readouterr().out
+    with monkeypatch.context() as mp:
+        forbid_ray_work(mp)
+        with pytest.raises(FileNotFoundError, match=r"no LoRA at .*lora/pytorch_lora_weights.safetensors.*generate.use_lora=false"):
+            run_generate(_cfg(out))  # use_lora is on, but <out>/lora does not exist
+    summary = run_generate(_cfg(out, "generate.use_lora=false"))
     manifest = _check_set(out, bank, 1)
     assert summary["settings"]["lora_sha256"] is None and {r["lora_sha256"] for r in manifest} == {None}
     out_a, _ = run_a
@@ -298,21 +301,34 @@ def test_lora_from_another_base_model_is_refused(bank, tmp_path_factory, no_ray)
 
     out = _new_run(bank, tmp_path_factory, "gen-badlora", lora=False)
     config = dict(read_component_config(resolve_model_dir("preset:tiny"), "unet"))
-    config["cross_attention_dim"] = 64
+    config["cross_attention_dim"] = 32
     unet = UNet2DConditionModel.from_config(config)
     add_lora(unet, rank=2)
     save_lora(unet, str(out / "lora"))
-    with pytest.raises(ValueError, match=r"pytorch_lora_weights.safetensors does not fit this model.*width 64.*has 32"):
+    with pytest.raises(ValueError, match=r"pytorch_lora_weights.safetensors does not fit this model.*width 32.*has 64"):
         run_generate(_cfg(out))
+
+
+@pytest.mark.e2e
+def test_guidance_other_than_the_loras_is_refused_unless_allowed(bank, tmp_path_factory, no_ray, monkeypatch):
+    out = _new_run(bank, tmp_path_factory, "gen-guidance")
+    storage.write_json(str(out / "finetune" / "_settings.json"), {"guidance": "class_mean"})
+    with pytest.raises(ConfigError, match=r"generate.guidance='image' but the LoRA .* finetune.guidance='class_mean'"):
+        run_generate(_cfg(out))
+    from realfake_ray import generate
+
+    monkeypatch.setattr(generate, "plan_units", lambda *a: (_ for _ in ()).throw(RuntimeError("planned")))
+    with pytest.raises(RuntimeError, match="planned"):  # allowed: the checks pass and planning starts
+        run_generate(_cfg(out, "generate.allow_guidance_mismatch=true"))
 
 
 @pytest.mark.e2e
 def test_bank_from_another_resolution_is_refused(bank, tmp_path_factory, no_ray):
     out = _new_run(bank, tmp_path_factory, "gen-badres")
     meta = read_meta(str(out))
-    meta.update(resolution=16, latent_shape=[4, 8, 8])
+    meta.update(resolution=16, latent_shape=[4, 4, 4])
     storage.write_json(meta_url(str(out)), meta)
-    with pytest.raises(ValueError, match="latent bank from another VAE resolution.*4x8x8.*encode.resolution=32"):
+    with pytest.raises(ValueError, match="latent bank from another VAE resolution.*4x4x4.*encode.resolution=32"):
         run_generate(_cfg(out))
 
 

@@ -98,7 +98,18 @@ def test_classes_file_and_captions(tmp_path):
     index = scan_image_folder(str(tmp_path / "data"), classes_file=str(classes), captions_file=str(captions))
     assert index.class_names == ["tench", "English springer"]
     assert [r.caption for r in index.records] == ["a fish on grass", ""]
+    assert index.caption_match == 0.5
     assert load_class_names(str(classes))["n02102040"] == "English springer"
+
+
+def test_captions_file_for_another_dataset_is_refused_with_its_match_rate(tmp_path):
+    _make_folder(tmp_path / "data", {"a": {f"{i}.png": _png("RGB") for i in range(3)}})
+    captions = tmp_path / "captions.jsonl"
+    # Keys without the class folder (a common mistake) match no image: refused, not silently empty captions.
+    captions.write_text("".join(json.dumps({"image_id": f"{i}.png", "caption": "x"}) + "\n" for i in range(3)))
+    with pytest.raises(DatasetError, match=r"only 0 of 3 images .* have a caption \(0% < 50%\).*'a/0.png'"):
+        scan_image_folder(str(tmp_path / "data"), captions_file=str(captions))
+    assert scan_image_folder(str(tmp_path / "data")).caption_match is None
 
 
 def test_empty_dataset_and_empty_class_are_errors(tmp_path):

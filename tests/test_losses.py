@@ -16,6 +16,7 @@ from realfake_ray.losses import (
     distribution_matching_loss,
     finetune_loss,
     gather_with_grad,
+    global_dm_scale,
     median_heuristic_bandwidths,
     min_snr_weights,
     mmd2,
@@ -217,9 +218,33 @@ def test_finetune_loss_combines_terms() -> None:
     assert out["loss"].item() == pytest.approx((out["denoise"] + 0.5 * out["dm"]).item(), rel=1e-6)
     w = min_snr_weights(t, ac)
     assert out["dm"].item() == pytest.approx(distribution_matching_loss(pred, target, w).item(), rel=1e-6)
-    # Outside torch.distributed the global scope is the local batch.
-    local = finetune_loss(pred, target, t, ac, dm_weight=0.5, dm_scope="local")
-    assert local["loss"].item() == pytest.approx(out["loss"].item())
+    # Outside torch.distributed (world size 1) the global scope is the local batch.
+    world = finetune_loss(pred, target, t, ac, dm_weight=0.5, dm_scope="global")
+    assert world["loss"].item() == pytest.approx(out["loss"].item())
+
+
+def test_finetune_loss_defaults_to_the_reference_local_scope() -> None:
+    import inspect
+
+    assert inspect.signature(finetune_loss).parameters["dm_scope"].default == "local"
+    from realfake_ray.config import FinetuneConfig
+
+    assert FinetuneConfig().mmd_scope == "local"
+
+
+def test_global_dm_scale_keeps_a_shared_bias_equally_strong_at_any_world_size() -> None:
+    # A systematic offset of the predictions: the linear term on W·B samples is W² times the local one;
+    # the scale brings it back, so one mmd_weight means one strength at any worker count.
+    pred, target, t, ac = _finetune_inputs(batch=8)
+    biased = target + 0.3
+    w = torch.ones(8)
+    local = distribution_matching_loss(biased[:2], target[:2], w[:2])
+    gathered = distribution_matching_loss(biased, target, w)  # 4 "ranks" of 2
+    assert gathered.item() == pytest.approx(16 * local.item(), rel=1e-5)
+    assert (gathered * global_dm_scale("linear", 4)).item() == pytest.approx(local.item(), rel=1e-5)
+    assert global_dm_scale("gaussian", 4) == 1.0
+    with pytest.raises(ValueError, match="dm_kernel"):
+        global_dm_scale("cosine", 2)
 
 
 def test_finetune_loss_zero_dm_weight_reports_but_does_not_train() -> None:
@@ -261,11 +286,15 @@ def _gather_worker(rank: int, world: int, init_file: str) -> None:
             (g * coef).sum().backward()
             # Every rank's loss sees this shard: gradients are summed across the 2 ranks.
             assert torch.equal(x.grad, 2 * coef[2 * rank : 2 * rank + 2])
-        # The global DM term equals the single-process term on the concatenated batch.
+        # The global DM term is the single-process term on the concatenated batch, divided by W² (linear);
+        # the default local scope sees only this rank's shard.
         pred, target, t, ac = _finetune_inputs(batch=4, seed=7)
         shard = slice(2 * rank, 2 * rank + 2)
         dm = finetune_loss(pred[shard], target[shard], t[shard], ac, dm_scope="global")["dm"]
-        assert torch.allclose(dm, finetune_loss(pred, target, t, ac, dm_scope="local")["dm"])
+        assert torch.allclose(dm, finetune_loss(pred, target, t, ac)["dm"] / world**2)
+        local = finetune_loss(pred[shard], target[shard], t[shard], ac)["dm"]
+        assert torch.allclose(local, finetune_loss(pred[shard], target[shard], t[shard], ac, dm_scope="local")["dm"])
+        assert not torch.allclose(local, dm)
     finally:
         dist.destroy_process_group()
     # Skip interpreter teardown: gloo's background threads can abort a normal exit ("terminate called

@@ -27,9 +27,9 @@ def test_tiny_preset_loads_with_stock_diffusers_and_our_loader_identically(tiny_
 
 
 def test_preset_is_deterministic(tmp_path, tiny_model_dir):
-    from realfake_ray.models.tiny import save_tiny_pipeline
+    from realfake_ray.models.tiny import save_random_tiny_pipeline
 
-    other = save_tiny_pipeline(str(tmp_path / "again"))
+    other = save_random_tiny_pipeline(str(tmp_path / "again"))
     for component in ("unet", "vae", "text_encoder", "image_encoder"):
         assert loading.weights_sha256(os.path.join(other, component)) == loading.weights_sha256(
             os.path.join(tiny_model_dir, component)

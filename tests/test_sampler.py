@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from realfake_ray.models.tiny import build_tiny_pipeline
+from realfake_ray.models.tiny import build_random_tiny_pipeline
 from realfake_ray.sampler import (
     SCHEDULERS,
     Sampler,
@@ -23,7 +23,7 @@ FAST = {"steps": 4, "strength": 0.5}  # 2 UNet calls per image batch
 
 @pytest.fixture(scope="module")
 def pipe():
-    return build_tiny_pipeline()
+    return build_random_tiny_pipeline()
 
 
 def make_inputs(n: int, seed: int = 0) -> dict:
@@ -31,9 +31,9 @@ def make_inputs(n: int, seed: int = 0) -> dict:
     return {
         "prompts": [f"photo of {w}, best quality" for w in ("one", "two", "three", "four")[:n]],
         "seeds": list(range(100, 100 + n)),
-        "latent_mean": torch.randn(n, 4, 16, 16, generator=gen),
-        "latent_std": 0.1 * torch.rand(n, 4, 16, 16, generator=gen),
-        "guidance_tokens": torch.randn(n, 32, generator=gen),
+        "latent_mean": torch.randn(n, 4, 8, 8, generator=gen),
+        "latent_std": 0.1 * torch.rand(n, 4, 8, 8, generator=gen),
+        "guidance_tokens": torch.randn(n, 64, generator=gen),
     }
 
 
@@ -116,7 +116,7 @@ def test_txt2img(pipe):
     with UNetCalls(pipe.unet) as calls:
         images = sampler(**inputs)
     assert images.shape == (2, 32, 32, 3) and len(calls.batches) == 3
-    assert latent_hw(pipe) == (16, 16)
+    assert latent_hw(pipe) == (8, 8)
 
 
 def test_guidance_token_changes_output(pipe):
@@ -128,7 +128,7 @@ def test_guidance_token_changes_output(pipe):
 
 
 def test_sample_posterior_changes_start(pipe):
-    inputs = make_inputs(1) | {"latent_std": torch.ones(1, 4, 16, 16)}
+    inputs = make_inputs(1) | {"latent_std": torch.ones(1, 4, 8, 8)}
     posterior = Sampler(pipe, SamplerSettings(**FAST))(**inputs)
     mean_only = Sampler(pipe, SamplerSettings(**FAST, sample_posterior=False))(**inputs)
     assert not np.array_equal(posterior, mean_only)
@@ -186,9 +186,9 @@ def test_make_scheduler_lists_valid_names(pipe):
     ("change", "match"),
     [
         ({"seeds": [1]}, "seed"),
-        ({"latent_mean": torch.zeros(2, 3, 16, 16)}, "latent_mean"),
+        ({"latent_mean": torch.zeros(2, 3, 8, 8)}, "latent_mean"),
         ({"latent_mean": None}, "latent_mean"),
-        ({"latent_std": torch.zeros(2, 4, 8, 8)}, "latent_std"),
+        ({"latent_std": torch.zeros(2, 4, 4, 4)}, "latent_std"),
         ({"guidance_tokens": torch.zeros(2, 16)}, "guidance_tokens"),
     ],
 )
@@ -214,32 +214,32 @@ def _save_lora(unet, directory) -> None:
 
 
 def test_lora_is_fused_and_changes_output(tmp_path):
-    _save_lora(build_tiny_pipeline().unet, tmp_path)
+    _save_lora(build_random_tiny_pipeline().unet, tmp_path)
     inputs = make_inputs(1)
-    base = Sampler(build_tiny_pipeline(), SamplerSettings(**FAST))(**inputs)
-    lora_pipe = build_tiny_pipeline()
+    base = Sampler(build_random_tiny_pipeline(), SamplerSettings(**FAST))(**inputs)
+    lora_pipe = build_random_tiny_pipeline()
     tuned = Sampler.from_pipeline(lora_pipe, SamplerSettings(**FAST), lora_dir=str(tmp_path), lora_scale=0.5)(**inputs)
     assert not np.array_equal(base, tuned)
     assert not any("lora" in name for name, _ in lora_pipe.unet.named_parameters())  # fused, adapters gone
     q_name = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"
     fused_q = dict(lora_pipe.unet.named_parameters())[q_name]
-    assert not torch.equal(fused_q, dict(build_tiny_pipeline().unet.named_parameters())[q_name])
+    assert not torch.equal(fused_q, dict(build_random_tiny_pipeline().unet.named_parameters())[q_name])
 
 
 def test_lora_shape_mismatch_names_file(tmp_path):
     from diffusers import UNet2DConditionModel
 
-    config = build_tiny_pipeline().unet.config
+    config = build_random_tiny_pipeline().unet.config
     width = config.block_out_channels[-1]
     other = UNet2DConditionModel.from_config(config, block_out_channels=(config.block_out_channels[0], width + 16))
     _save_lora(other, tmp_path)
     with pytest.raises(ValueError, match=rf"pytorch_lora_weights\.safetensors.*input width {width + 16}.*has {width}"):
-        Sampler.from_pipeline(build_tiny_pipeline(), SamplerSettings(**FAST), lora_dir=str(tmp_path))
+        Sampler.from_pipeline(build_random_tiny_pipeline(), SamplerSettings(**FAST), lora_dir=str(tmp_path))
 
 
 def test_missing_lora_dir_raises(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        Sampler.from_pipeline(build_tiny_pipeline(), SamplerSettings(**FAST), lora_dir=str(tmp_path / "nowhere"))
+        Sampler.from_pipeline(build_random_tiny_pipeline(), SamplerSettings(**FAST), lora_dir=str(tmp_path / "nowhere"))
 
 
 def test_run_grid_tiny_cpu(pipe):
@@ -260,3 +260,20 @@ def test_channels_last_matches_default(pipe):
     assert np.abs(default.astype(int) - channels_last.astype(int)).max() <= 1
     Sampler(pipe, SamplerSettings(**FAST))  # back to the default layout
     assert pipe.unet.conv_in.weight.is_contiguous()
+
+
+@pytest.mark.parametrize("negative_token", [False, True])
+def test_guidance_token_reaches_the_negative_branch_only_when_asked(pipe, negative_token):
+    inputs = make_inputs(2)
+    seen = []
+    handle = pipe.unet.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append(kwargs["encoder_hidden_states"].clone()), with_kwargs=True)
+    try:
+        Sampler(pipe, SamplerSettings(**FAST, negative_guidance_token=negative_token))(**inputs)
+    finally:
+        handle.remove()
+    negative, cond = seen[0].chunk(2)  # one UNet call holds [negative branch, conditional branch]
+    tokens = inputs["guidance_tokens"]
+    assert torch.allclose(cond[:, -1], tokens)
+    assert torch.allclose(negative[:, -1], tokens) == negative_token
+    assert torch.equal(negative[:, :-1], negative[:1, :-1].expand(2, -1, -1))  # the negative prompt's states

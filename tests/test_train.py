@@ -147,7 +147,7 @@ def test_unknown_architecture(tmp_path, no_ray):
 
 def test_batch_larger_than_an_epoch(tmp_path, no_ray):
     fabricate_synthetic(str(tmp_path), per_class=5)
-    with pytest.raises(ConfigError, match=r"train.batch_size × train.num_workers = 128 exceeds the 50 images"):
+    with pytest.raises(ConfigError, match=r"train.batch_size × train.num_workers = 64 exceeds the 50 images"):
         run_train(_cfg(tmp_path, "train.source=synthetic"))
 
 
@@ -295,3 +295,14 @@ def test_mixed_run(generated):
     [row] = read_metrics(classifier_dir(str(out), "mix"))
     assert 32 <= row["train_images"] <= 80  # 30 real + a seeded ~half of the 60 synthetic, full batches of 16
     assert summary["evaluation"]["sets"]["val"]["count"] == 360
+
+
+def test_a_budget_gives_every_set_size_the_same_images_and_schedule_shape():
+    from realfake_ray.train import apply_budget
+
+    cfg = load_config(preset="tiny", overrides=["train.budget_images=43110"])  # 30 epochs of the 1,437 real digits
+    assert cfg.train.epochs == 30 and cfg.train.warmup_epochs == 2.0
+    real, ten_x, mix = apply_budget(cfg, 1437), apply_budget(cfg, 14370), apply_budget(cfg, 2874)
+    assert (real.train.epochs, ten_x.train.epochs, mix.train.epochs) == (30, 3, 15)
+    assert ten_x.train.warmup_epochs == pytest.approx(0.2)  # the same fraction of training warms up
+    assert apply_budget(load_config(preset="tiny"), 14370).train.epochs == 30  # no budget: epochs as given

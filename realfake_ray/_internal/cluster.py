@@ -19,9 +19,10 @@ def init_ray(cfg: RayConfig | None = None) -> None:
 
     Inside ``ray job submit`` the job's driver is already attached to its cluster via ``RAY_ADDRESS``.
     """
+    cfg = cfg or RayConfig()
+    quiet_data(cfg.verbose)
     if ray.is_initialized():
         return
-    cfg = cfg or RayConfig()
     env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
     env.setdefault("REALFAKE_CACHE", storage.cache_dir())
     address = cfg.address or os.environ.get("RAY_ADDRESS")
@@ -36,6 +37,19 @@ def init_ray(cfg: RayConfig | None = None) -> None:
             _node_ip_address="127.0.0.1",
             **common,
         )
+
+
+def quiet_data(verbose: bool = False) -> None:
+    """Ray Data's progress bars and per-execution log lines only when ``verbose``: in a job log (no
+    terminal) every bar update is a new line, thousands per run. Our stages print their own progress."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = verbose
+    ctx.enable_operator_progress_bars = verbose
+    ctx.print_on_execution_start = verbose
+    ctx.enable_auto_log_stats = verbose
+    logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.WARNING)
 
 
 def cluster_gpus() -> float:

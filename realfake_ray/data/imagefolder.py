@@ -47,6 +47,7 @@ class ImageFolderIndex:
     class_names: list[str]
     records: list[ImageRecord]
     ignored_files: list[str] = field(default_factory=list)  # not images, or not inside a class folder
+    caption_match: float | None = None  # fraction of images the captions file has a caption for (None: no file)
 
     @property
     def num_classes(self) -> int:
@@ -93,6 +94,18 @@ def load_captions(url: str) -> dict[str, str]:
     return captions
 
 
+MIN_CAPTION_MATCH = 0.5  # below this, a captions file is taken to describe another dataset
+
+
+def caption_match_error(captions_file: str, root: str, matched: int, total: int, example: str) -> DatasetError:
+    """The error for a captions file whose ``image_id`` keys miss most images of the dataset."""
+    return DatasetError(
+        f"captions file {captions_file}: only {matched} of {total} images of {root} have a caption "
+        f"({matched / max(total, 1):.0%} < {MIN_CAPTION_MATCH:.0%}); its image_id keys must be paths relative to "
+        f"the dataset root, e.g. {example!r}"
+    )
+
+
 def scan_image_folder(
     root: str,
     *,
@@ -102,7 +115,8 @@ def scan_image_folder(
     class_dirs: list[str] | None = None,
     check_readable: bool = True,
 ) -> ImageFolderIndex:
-    """List an ImageFolder and check it: not empty, every class has a readable image.
+    """List an ImageFolder and check it: not empty, every class has a readable image, and a captions file
+    covers at least :data:`MIN_CAPTION_MATCH` of the images (their fraction is ``caption_match``).
 
     ``class_dirs`` fixes the label order (e.g. a validation split must use the train split's classes);
     by default labels follow the sorted class folder names.
@@ -142,6 +156,11 @@ def scan_image_folder(
         for rel, url in sorted(found.get(c, []))
     ]
     index = ImageFolderIndex(root, list(class_dirs), class_names, records, ignored)
+    if captions_file:
+        matched = sum(1 for r in records if r.image_id in captions)
+        index.caption_match = matched / len(records)
+        if index.caption_match < MIN_CAPTION_MATCH:
+            raise caption_match_error(captions_file, root, matched, len(records), records[0].image_id)
     if check_readable:
         _check_each_class_readable(index)
     return index
@@ -207,8 +226,9 @@ def decode_image(data: bytes, resolution: int) -> tuple[np.ndarray, int, int]:
 
 
 def centre_view(image: Image.Image, resolution: int) -> np.ndarray:
-    """The latent bank's view of an RGB image: short side to ``resolution`` (bicubic), centre square crop →
-    uint8 ``[resolution, resolution, 3]``. Example: ``centre_view(open_rgb(data), 512)``."""
+    """Short side to ``resolution`` (bicubic), centre square crop → uint8 ``[resolution, resolution, 3]``.
+
+    Example: ``centre_view(open_rgb(data), 512)``."""
     scale = resolution / min(image.width, image.height)
     size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
     image = image.resize(size, Image.BICUBIC, reducing_gap=3.0)
@@ -220,3 +240,43 @@ def stem(image_id: str) -> str:
     """A safe file stem from an image id: ``n01/img_1.JPEG`` → ``img_1``; nested or odd names get a hash."""
     without_class = image_id.split("/", 1)[-1]
     return storage.safe_name(posixpath.splitext(without_class)[0])
+
+
+def squash_view(image: Image.Image, resolution: int) -> np.ndarray:
+    """The whole image resized to ``resolution``² whatever its aspect (bicubic) — the reference's img2img
+    input. Example: ``squash_view(open_rgb(data), 512).shape`` → ``(512, 512, 3)``."""
+    return np.array(image.resize((resolution, resolution), Image.BICUBIC, reducing_gap=3.0), dtype=np.uint8)
+
+
+GENERATION_VIEWS = {"squash": squash_view, "centre": centre_view}
+MAX_ASPECT = 2.0  # the fine-tuning view keeps at most a 2:1 centre part of a panorama
+
+
+def full_view(image: Image.Image, resolution: int, multiple: int = 8) -> np.ndarray:
+    """The whole image with its short side at ``resolution`` and its long side rounded down to a ``multiple`` of
+    pixels (one latent cell), aspect capped at :data:`MAX_ASPECT` by a centre crop → uint8 ``[H, W, 3]``:
+    what fine-tuning takes random ``resolution``² crops of (the reference: Resize + RandomCrop).
+
+    Example: ``full_view(Image.new("RGB", (640, 480)), 512).shape`` → ``(512, 680, 3)``.
+    """
+    scale = resolution / min(image.width, image.height)
+    long_side = min(int(max(image.width, image.height) * scale / multiple) * multiple, int(resolution * MAX_ASPECT))
+    long_side = max(long_side, resolution)
+    wide = image.width >= image.height
+    crop_long = long_side / scale  # the source extent that maps to long_side pixels (≤ the image's long side)
+    if wide:
+        left = (image.width - crop_long) / 2
+        box, size = (left, 0, left + crop_long, image.height), (long_side, resolution)
+    else:
+        top = (image.height - crop_long) / 2
+        box, size = (0, top, image.width, top + crop_long), (resolution, long_side)
+    return np.array(image.resize(size, Image.BICUBIC, box=box, reducing_gap=3.0), dtype=np.uint8)
+
+
+def decode_views(data: bytes, resolution: int, generation_view: str = "squash", multiple: int = 8):
+    """Decode image bytes into ``(generation view [res, res, 3], fine-tuning view [H, W, 3], width, height)``.
+
+    Raises ``ValueError``/``OSError`` for undecodable data (callers count and skip those).
+    """
+    image, width, height = _open(data)
+    return GENERATION_VIEWS[generation_view](image, resolution), full_view(image, resolution, multiple), width, height

@@ -1,7 +1,8 @@
 """Resolve model specs to local diffusers directories and load components from them.
 
 A spec is a local diffusers directory, a Hugging Face repo id, an fsspec URL of a diffusers directory
-(copied once per node into the local cache) or ``preset:tiny`` (built once per node into the cache).
+(copied once per node into the local cache) or ``preset:tiny`` (the pretrained tiny base shipped in the
+package, written once per node into the cache in fp32).
 All of them end as a local directory loaded by the same ``from_pretrained`` calls, so the tiny preset
 exercises exactly the code path of SD v1.5. Offline with a hub id: a clear error, never a hang.
 
@@ -27,7 +28,7 @@ from realfake_ray import storage
 
 PRESET_PREFIX = "preset:"
 PRESETS = ("tiny",)
-_PRESET_VERSION = "v3"  # bump whenever the tiny architecture changes (per-node caches)
+TINY_BASE_DIR = os.path.join(os.path.dirname(__file__), "tiny_base")  # the shipped weights (fp16 safetensors)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 # What a diffusers pipeline needs from the hub: configs, tokenizer files, safetensors weights.
 _HUB_ALLOW = ["*.json", "*.txt", "*.model", "**/*.json", "**/*.txt", "**/*.safetensors", "*.safetensors"]
@@ -55,13 +56,38 @@ def _atomic_fill(target: str, fill) -> str:
     return target
 
 
+def shipped_base_digest(directory: str = TINY_BASE_DIR) -> str:
+    """sha256 (first 16 hex digits) of the shipped base's weights: its per-node cache key."""
+    if not os.path.isfile(os.path.join(directory, "model_index.json")):
+        raise ModelLoadError(
+            f"the tiny base model is missing from {directory} (a source checkout without its weights?); "
+            "rebuild it with `realfake pretrain-base --out DIR` and pass --set model.pretrained=DIR"
+        )
+    digest = hashlib.sha256()
+    for component in sorted(os.listdir(directory)):
+        if os.path.isdir(os.path.join(directory, component)):
+            digest.update(component.encode() + weights_sha256(os.path.join(directory, component)).encode())
+    return digest.hexdigest()[:16]
+
+
+def write_fp32_copy(source: str, target: str) -> str:
+    """The diffusers pipeline at ``source`` saved to ``target`` in fp32 (with its model card and record)."""
+    import torch
+
+    pipe = load_pipeline(source, torch_dtype=torch.float32)
+    pipe.save_pretrained(target, safe_serialization=True)
+    for name in ("training.json", "README.md"):
+        if os.path.exists(os.path.join(source, name)):
+            shutil.copy(os.path.join(source, name), os.path.join(target, name))
+    return target
+
+
 def materialise_preset(name: str) -> str:
-    """Local directory of a built-in preset pipeline, built deterministically on first use per node."""
+    """Local directory of a built-in preset pipeline: the shipped base in fp32, written once per node."""
     if name not in PRESETS:
         raise ModelLoadError(f"unknown model preset {name!r}; available: {', '.join(PRESETS)}")
-    from realfake_ray.models.tiny import save_tiny_pipeline
-
-    return _atomic_fill(storage.cache_dir("models", f"preset-{name}-{_PRESET_VERSION}"), save_tiny_pipeline)
+    target = storage.cache_dir("models", f"preset-{name}-{shipped_base_digest()}")
+    return _atomic_fill(target, lambda tmp: write_fp32_copy(TINY_BASE_DIR, tmp))
 
 
 def _hub_endpoint() -> tuple[str, int]:

@@ -1,14 +1,21 @@
-"""The tiny preset: a Stable-Diffusion-architecture pipeline small enough for 2 CPU cores.
+"""The tiny architecture: a Stable-Diffusion-shaped pipeline small enough for 2 CPU cores.
 
-Every component is built from config with a fixed seed and saved in the standard diffusers layout,
-so stock ``StableDiffusionPipeline.from_pretrained(dir)`` loads it and our loader treats it exactly
-like SD v1.5. The CLIP tokenizer's vocabulary is built here (byte-level BPE with merges learned
-from a small built-in corpus), so nothing is downloaded.
+SD v1.5's components at toy size — a 32-px AutoencoderKL (4×8×8 latents), a text-conditioned
+UNet2DConditionModel, a CLIP text encoder, a CLIP vision tower whose projection width equals the text
+width (so its embedding fits the guidance-token slot), SD v1.5's noise schedule with UniPC. The CLIP
+tokenizer's vocabulary is built here (byte-level BPE, merges learned from a built-in word list), so
+nothing is downloaded.
+
+This module only defines the architecture. ``--preset tiny`` uses the *pretrained* weights shipped
+in ``realfake_ray/models/tiny_base`` (see :mod:`realfake_ray.models.pretrain`);
+:func:`build_random_tiny_pipeline` gives the same architecture with random weights, for the
+pretraining's starting point and for tests that only need shapes.
 
 Example:
-    >>> from realfake_ray.models.tiny import build_tiny_pipeline
-    >>> pipe = build_tiny_pipeline()
-    >>> pipe.save_pretrained("/tmp/tiny-sd")  # doctest: +SKIP
+    >>> from realfake_ray.models.tiny import build_random_tiny_pipeline
+    >>> pipe = build_random_tiny_pipeline()
+    >>> pipe.unet.config.sample_size, pipe.vae.config.latent_channels
+    (8, 4)
 """
 
 from __future__ import annotations
@@ -20,14 +27,17 @@ import torch
 
 TINY_RESOLUTION = 32
 TINY_SEED = 0
-TINY_WIDTH = 32  # text hidden size == CLIP projection width (768 in SD v1.5)
+TINY_WIDTH = 64  # text hidden size == CLIP projection width (768 in SD v1.5)
 
-# Words the tiny tokenizer learns merges for: prompts, class names and the negative prompt.
+# Words the tiny tokenizer learns merges for: prompts, class names, the negative prompt and the words of
+# the pretraining corpus's captions (realfake_ray.data.corpus).
 _CORPUS = """
 photo of a digit zero one two three four five six seven eight nine best quality handwritten
 distorted unrealistic blurry out frame cropped deformed picture image the and with in on
+scan high low small large tilted left right slanted thick thin strokes sharp dark light contrast
+noisy off centre bold italic serif sans typewriter old style
 """
-_NUM_MERGES = 200
+_NUM_MERGES = 400
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -81,8 +91,8 @@ def build_tiny_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
-def build_tiny_pipeline():
-    """Build the tiny SD pipeline (random weights, fixed seed) with a CLIP image encoder component."""
+def build_random_tiny_pipeline(seed: int = TINY_SEED):
+    """The tiny SD architecture with random weights (seeded) and a CLIP image encoder component."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel, UniPCMultistepScheduler
     from transformers import (
         CLIPImageProcessor,
@@ -94,13 +104,13 @@ def build_tiny_pipeline():
 
     tokenizer = build_tiny_tokenizer()
     vocab_size = len(tokenizer.get_vocab())
-    torch.manual_seed(TINY_SEED)
+    torch.manual_seed(seed)
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 64),
         layers_per_block=1,
         latent_channels=4,
         norm_num_groups=8,
@@ -114,18 +124,18 @@ def build_tiny_pipeline():
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(16, 32),
+        block_out_channels=(64, 128),
         layers_per_block=1,
         cross_attention_dim=TINY_WIDTH,
-        attention_head_dim=2,  # diffusers reads this as the number of heads: 2 heads of width 16
-        norm_num_groups=8,
+        attention_head_dim=4,  # diffusers reads this as the number of heads: 4 heads of width 32
+        norm_num_groups=16,
     )
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             hidden_size=TINY_WIDTH,
-            intermediate_size=64,
+            intermediate_size=4 * TINY_WIDTH,
             num_attention_heads=4,
-            num_hidden_layers=2,
+            num_hidden_layers=3,
             vocab_size=vocab_size,
             max_position_embeddings=77,
             bos_token_id=tokenizer.bos_token_id,
@@ -136,12 +146,12 @@ def build_tiny_pipeline():
     )
     image_encoder = CLIPVisionModelWithProjection(
         CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
+            hidden_size=TINY_WIDTH,
+            intermediate_size=4 * TINY_WIDTH,
             num_attention_heads=4,
-            num_hidden_layers=2,
+            num_hidden_layers=3,
             image_size=TINY_RESOLUTION,
-            patch_size=8,
+            patch_size=4,
             projection_dim=TINY_WIDTH,
         )
     )
@@ -169,7 +179,7 @@ def build_tiny_pipeline():
     )
 
 
-def save_tiny_pipeline(directory: str) -> str:
-    """Write the tiny pipeline to a local ``directory`` in the standard diffusers format."""
-    build_tiny_pipeline().save_pretrained(directory, safe_serialization=True)
+def save_random_tiny_pipeline(directory: str) -> str:
+    """Write the random-weight tiny pipeline to a local ``directory`` in the standard diffusers format."""
+    build_random_tiny_pipeline().save_pretrained(directory, safe_serialization=True)
     return directory

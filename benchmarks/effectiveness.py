@@ -1,0 +1,308 @@
+#!/usr/bin/env python
+"""The paper's ablation on the embedded digits: does each Real-Fake component make the synthetic data better?
+
+Every row is a full run of the stages on the tiny preset's pretrained base (encode → fine-tune where it
+applies → generate → train a classifier → evaluate on the 360 real val digits), repeated over seeds:
+
+    real          the 1,437 real train digits (the baseline)
+    txt2img       base model, "photo of digit k" from noise (plain SD: no latent prior, no LoRA, no token)
+    +prior        base model, img2img at strength 0.75 from each real image's latent
+    +lora         LoRA fine-tuned with λ = 0 (denoising loss only), img2img
+    +mmd λ        LoRA + distribution matching, λ = 0.003 (the paper's) and the best λ of the sweep
+    full Nx       + the CLIP guidance token (= Real-Fake) at 1×, 2×, 5×, 10× synthetic copies
+    mix 1x        real + full Real-Fake 1×
+
+Columns: synthetic images, val top-1 mean ± std over seeds, MMD² and KID between the synthetic images and
+the real val images in the tiny CLIP's embedding space, and the wall time of each stage. Every classifier
+trains on the same number of images (``train.budget_images``: 30 epochs of the real set), whatever its
+set size. λ is chosen on a held-out fifth of the real *train* split (``--sweep``), never on the val digits.
+
+    python benchmarks/effectiveness.py --write BENCHMARKS.md            # the full table (~3 h on 2 cores)
+    python benchmarks/effectiveness.py --quick                          # 1 seed, 1x rows only (~25 min)
+    python benchmarks/effectiveness.py --sweep 0,0.003,0.03,0.3,3       # λ on the hold-out split first
+
+Runs land below ``--out`` (default ``runs/effectiveness``) and every stage resumes, so an interrupted
+benchmark continues where it stopped; results accumulate in ``<out>/results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from _common import machine, write_section  # first: puts the repository on sys.path
+
+SECTION = "## Effectiveness: the paper's ablation on the embedded digits (CPU, tiny base)"
+BUDGET = ["train.budget_images=43110"]  # 30 epochs of the 1,437 real train digits, for every classifier
+DEFAULT_LAMBDA = 0.003
+
+
+def variants(best_lambda: float, mults: tuple[int, ...]) -> list[dict]:
+    """Rows of the table: a name, the run dir they share, the stage overrides and the classifier overrides."""
+    no_token = ["finetune.guidance=none", "generate.guidance=none"]
+    rows = [
+        {"row": "real", "run": "real", "stages": [], "train": ["train.source=real"]},
+        {"row": "txt2img (base)", "run": "txt2img", "stages": ["generate"],
+         "set": ["generate.mode=txt2img", "generate.use_lora=false", "generate.guidance=none"]},
+        {"row": "+ latent prior", "run": "prior", "stages": ["generate"],
+         "set": ["generate.use_lora=false", "generate.guidance=none"]},
+        {"row": "+ LoRA (λ=0)", "run": "lora", "stages": ["finetune", "generate"],
+         "set": ["finetune.mmd_weight=0", *no_token]},
+        {"row": f"+ MMD (λ={DEFAULT_LAMBDA:g})", "run": f"mmd-{DEFAULT_LAMBDA:g}", "stages": ["finetune", "generate"],
+         "set": [f"finetune.mmd_weight={DEFAULT_LAMBDA}", *no_token]},
+    ]
+    if best_lambda != DEFAULT_LAMBDA:
+        rows.append({"row": f"+ MMD (λ={best_lambda:g}, swept)", "run": f"mmd-{best_lambda:g}",
+                     "stages": ["finetune", "generate"], "set": [f"finetune.mmd_weight={best_lambda}", *no_token]})
+    full = [f"finetune.mmd_weight={best_lambda}", f"generate.mult={max(mults)}"]
+    for mult in mults:
+        rows.append({"row": f"+ guidance token = Real-Fake {mult}x", "run": "full", "stages": ["finetune", "generate"],
+                     "set": full, "train": [f"train.synthetic_mult={mult}"]})
+    rows.append({"row": "real + Real-Fake 1x (mix)", "run": "full", "stages": ["finetune", "generate"], "set": full,
+                 "train": ["train.source=mix", "train.synthetic_mult=1"]})
+    return rows
+
+
+def _config(out: Path, seed: int, overrides: list[str], data: dict | None = None):
+    from realfake_ray.config import load_config
+
+    return load_config(preset="tiny", out=str(out), seed=seed, overrides=overrides, **(data or {}))
+
+
+def _shared_bank(root: Path, data: dict | None) -> Path:
+    """Encode the real set once (the bank does not depend on the seed); runs copy it."""
+    from realfake_ray.encode import run_encode
+
+    bank = root / "bank"
+    record = run_encode(_config(bank, 0, [], data))
+    (root / "encode.json").write_text(json.dumps({"seconds": record.get("last_run", {}).get("seconds")}))
+    return bank
+
+
+def _run_dir(root: Path, bank: Path, seed: int, run: str) -> Path:
+    out = root / f"seed{seed}" / run
+    if not (out / "latents").exists():
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(bank / "latents", out / "latents")
+    return out
+
+
+def _embed_images(cfg, urls: list[str]):
+    """Tiny-CLIP embeddings of the given image files (the encoder's own embedder and preprocessing)."""
+    import numpy as np
+    from PIL import Image
+
+    from realfake_ray import storage
+    from realfake_ray.encode import ClipEmbedder
+
+    embedder = ClipEmbedder(cfg)
+    pixels = np.stack([np.array(Image.open(storage.open_file(u)).convert("RGB")) for u in urls])
+    return np.concatenate([embedder.embed(pixels[i : i + 512]) for i in range(0, len(pixels), 512)]).astype(np.float32)
+
+
+def _distances(cfg, summary: dict, val_embeddings) -> dict:
+    """MMD² and KID of (up to 2,000 of) the classifier's synthetic images vs the real val digits."""
+    from realfake_ray.metrics import set_distances, subsample
+    from realfake_ray.train import synthetic_rows
+
+    if not summary["synthetic_images"]:
+        return {}
+    rows = synthetic_rows(cfg, summary_class_dirs(cfg))
+    keep = subsample(len(rows), 2000, cfg.seed).tolist()
+    return set_distances(val_embeddings, _embed_images(cfg, [rows[i]["url"] for i in keep]), seed=cfg.seed)
+
+
+def summary_class_dirs(cfg) -> list[str]:
+    from realfake_ray.encode import read_meta
+
+    return read_meta(cfg.out)["class_dirs"]
+
+
+def _val_embeddings(bank: Path):
+    import numpy as np
+
+    from realfake_ray._internal.shards import read_parts
+    from realfake_ray.encode import bank_dir
+
+    table = read_parts(bank_dir(str(bank), "val"), ["clip_embed"])
+    column = table.column("clip_embed").combine_chunks()
+    column = getattr(column, "storage", column)
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(table.num_rows, -1).astype(np.float32)
+
+
+def run_row(root: Path, bank: Path, variant: dict, seed: int, data: dict | None, val_embeddings) -> dict:
+    """One row for one seed: the stages it needs (each skips itself when complete), then its classifier."""
+    from realfake_ray.finetune import run_finetune
+    from realfake_ray.generate import run_generate
+    from realfake_ray.train import run_train
+
+    out = _run_dir(root, bank, seed, variant["run"])
+    tag = "-".join(o.split("=")[1] for o in variant.get("train", [])) or "synthetic"
+    overrides = [*variant.get("set", []), *BUDGET, f"train.tag={tag}", *variant.get("train", ["train.source=synthetic"])]
+    cfg = _config(out, seed, overrides, data)
+    times = {}
+    if "finetune" in variant["stages"]:
+        times["finetune_s"] = run_finetune(cfg).get("wall_seconds")
+    if "generate" in variant["stages"]:
+        times["generate_s"] = run_generate(cfg).get("wall_s")
+    began = time.time()
+    summary = run_train(cfg)
+    times["train_s"] = summary.get("seconds", round(time.time() - began, 1))
+    val = summary["evaluation"]["sets"]["val"]
+    return {"row": variant["row"], "seed": seed, "synthetic_images": summary["synthetic_images"],
+            "real_images": summary["real_images"], "top1": val["top1"], "per_class": val["per_class"],
+            **_distances(cfg, summary, val_embeddings), **times}
+
+
+def _holdout_split(root: Path) -> dict:
+    """A stratified 4/5 – 1/5 split of the real *train* digits as two ImageFolders (for choosing λ)."""
+    import numpy as np
+
+    from realfake_ray.storage import resolve_embedded
+
+    source = Path(resolve_embedded("embedded:digits"))
+    split = root / "holdout-split"
+    if not (split / "_done").exists():
+        shutil.rmtree(split, ignore_errors=True)
+        rng = np.random.default_rng(0)
+        for class_dir in sorted(os.listdir(source / "train")):
+            files = sorted(os.listdir(source / "train" / class_dir))
+            held = set(rng.choice(len(files), len(files) // 5, replace=False).tolist())
+            for i, name in enumerate(files):
+                target = split / ("holdout" if i in held else "train") / class_dir
+                target.mkdir(parents=True, exist_ok=True)
+                shutil.copy(source / "train" / class_dir / name, target / name)
+        (split / "_done").write_text("")
+    return {"data__train": str(split / "train"), "data__val": str(split / "holdout"),
+            "data__classes_file": str(source / "classes.json")}
+
+
+def sweep(root: Path, lambdas: list[float], seed: int) -> dict:
+    """Synthetic-only top-1 on the hold-out split for each λ (LoRA + MMD, no token, 1×)."""
+    data = _holdout_split(root)
+    sweep_root = root / "sweep"
+    bank = _shared_bank(sweep_root, data)
+    results = {}
+    for lam in lambdas:
+        variant = {"row": f"λ={lam:g}", "run": f"mmd-{lam:g}", "stages": ["finetune", "generate"],
+                   "set": [f"finetune.mmd_weight={lam}", "finetune.guidance=none", "generate.guidance=none"]}
+        row = run_row(sweep_root, bank, variant, seed, data, _val_embeddings(bank))
+        results[f"{lam:g}"] = {k: row.get(k) for k in ("top1", "mmd2", "kid")}
+        print(f"[sweep] λ={lam:g}: hold-out top-1 {row['top1']:.4f}", flush=True)
+    return results
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """Mean ± std over seeds, one line per row name, in first-seen order."""
+    import numpy as np
+
+    table = []
+    for name in dict.fromkeys(r["row"] for r in rows):
+        group = [r for r in rows if r["row"] == name]
+        top1 = np.array([r["top1"] for r in group])
+
+        def mean(key, digits=4):
+            values = [r[key] for r in group if r.get(key) is not None]
+            return round(float(np.mean(values)), digits) if values else None
+
+        table.append({
+            "row": name, "seeds": len(group), "synthetic images": group[0]["synthetic_images"],
+            "val top-1": f"{top1.mean():.4f} ± {top1.std(ddof=1) if len(top1) > 1 else 0:.4f}",
+            "MMD² (CLIP)": mean("mmd2"), "KID (CLIP)": mean("kid"),
+            "finetune s": mean("finetune_s", 0), "generate s": mean("generate_s", 0), "train s": mean("train_s", 0),
+        })
+    return table
+
+
+def bar_chart(table: list[dict], path: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [t["row"] for t in table]
+    means = [float(t["val top-1"].split(" ± ")[0]) for t in table]
+    stds = [float(t["val top-1"].split(" ± ")[1]) for t in table]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    colours = ["#555555" if n == "real" else "#1f77b4" for n in names]
+    ax.barh(range(len(names)), means, xerr=stds, color=colours, capsize=3)
+    ax.axvline(means[names.index("real")] if "real" in names else 0, color="#555555", ls="--", lw=1)
+    ax.set_yticks(range(len(names)), names)
+    ax.invert_yaxis()
+    ax.set_xlim(min(means) - 0.05 if means else 0, 1.0)
+    ax.set_xlabel("val top-1 on the 360 real digits (mean ± std over seeds)")
+    ax.set_title("Real-Fake ablation, embedded digits, tiny base")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="runs/effectiveness")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--quick", action="store_true", help="one seed, 1x rows only")
+    parser.add_argument("--sweep", default="", help="comma list of λ to try on the hold-out split first")
+    parser.add_argument("--lambda", dest="best_lambda", type=float, help="skip the sweep: use this λ for the full rows")
+    parser.add_argument("--write", metavar="BENCHMARKS.md", help="write the results as this script's section")
+    args = parser.parse_args()
+
+    import ray
+    import torch
+
+    from realfake_ray._internal.cluster import init_ray
+    from realfake_ray.config import RayConfig
+    from realfake_ray.plots import markdown_table
+
+    root = Path(args.out)
+    root.mkdir(parents=True, exist_ok=True)
+    results_file = root / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.exists() else {"rows": [], "sweep": {}}
+    init_ray(RayConfig())
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    started = time.time()
+    if args.sweep:
+        results["sweep"] = sweep(root, [float(x) for x in args.sweep.split(",")], seed=0)
+        results_file.write_text(json.dumps(results, indent=1))
+    best = args.best_lambda
+    if best is None:
+        best = max(results["sweep"], key=lambda k: results["sweep"][k]["top1"]) if results["sweep"] else DEFAULT_LAMBDA
+    best = float(best)
+    seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
+    mults = (1,) if args.quick else (1, 2, 5, 10)
+    bank = _shared_bank(root, None)
+    val_embeddings = _val_embeddings(bank)
+    done = {(r["row"], r["seed"]) for r in results["rows"]}
+    for seed in seeds:
+        for variant in variants(best, mults):
+            if (variant["row"], seed) in done:
+                continue
+            row = run_row(root, bank, variant, seed, None, val_embeddings)
+            print(f"[effectiveness] seed {seed} {row['row']}: top-1 {row['top1']:.4f}", flush=True)
+            results["rows"].append(row)
+            results_file.write_text(json.dumps(results, indent=1))
+    names = [v["row"] for v in variants(best, mults)]
+    table = aggregate([r for r in results["rows"] if r["row"] in names and r["seed"] in seeds])
+    chart = bar_chart(table, str(Path(__file__).with_name("effectiveness.png")))
+    encode_s = json.loads((root / "encode.json").read_text()).get("seconds")
+    sweep_text = ", ".join(f"λ={k}: {v['top1']:.4f}" for k, v in results["sweep"].items()) or "not run"
+    text = (f"{SECTION}\n\nMachine: {machine()} (torch {torch.__version__}, Ray {ray.__version__}); "
+            f"`python benchmarks/effectiveness.py{' --quick' if args.quick else ''}`, seeds {seeds}, "
+            f"{(time.time() - started) / 60:.0f} min for the rows run now. Val = the 360 real val digits; every "
+            f"classifier: the `digits-32px` recipe with `{BUDGET[0]}` (the same images seen for every row). "
+            f"Encode (shared by all rows): {encode_s} s. λ sweep on the hold-out fifth of the real train split "
+            f"(synthetic-only top-1): {sweep_text}; λ used for the Real-Fake rows: {best:g}. MMD² and KID: "
+            f"tiny-CLIP embeddings of up to 2,000 synthetic images vs the 360 real val digits.\n\n"
+            f"{markdown_table(table)}\n\n![ablation](benchmarks/{os.path.basename(chart)})\n")
+    print(text)
+    if args.write:
+        write_section(args.write, SECTION, text)
+
+
+if __name__ == "__main__":
+    main()
