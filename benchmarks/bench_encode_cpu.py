@@ -96,7 +96,7 @@ def main() -> None:
     rows.append(encoder_ceiling(batch_size=128))
     table = markdown_table(rows, ["what", "actors", "images", "seconds", "images_per_s"])
     text = (f"{SECTION}\n\nMachine: {machine()} (torch {torch.__version__}, Ray {ray.__version__}); "
-            f"`OMP_NUM_THREADS=1 python benchmarks/bench_encode_cpu.py`. Tiny preset (32 px, VAE to a 4×16×16 "
+            f"`OMP_NUM_THREADS=1 python benchmarks/bench_encode_cpu.py`. Tiny preset (32 px, VAE to a 4×8×8 "
             f"latent, tiny CLIP vision tower), embedded digits (1,437 train + 360 val); local Ray cluster of "
             f"{num_cpus} logical CPUs; each encoder actor holds 1 CPU. *images/s* = images / the whole "
             f"`run_encode` call (listing, Ray start-up of the tasks and actors, model load, writes included).\n\n"

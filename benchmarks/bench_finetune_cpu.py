@@ -88,7 +88,7 @@ def main() -> None:
         run_encode(load_config(preset="tiny", out=bank))
     rows = [bench(bank, int(w), args.steps, args.batch_size, args.log_every) for w in args.workers.split(",")]
     text = (f"{SECTION}\n\n`realfake finetune` end to end (`run_finetune`: Ray Train `TorchTrainer`, DDP over gloo, "
-            f"Ray Data streaming the latent bank, no VAE), tiny preset (latent 4×16×16, LoRA rank 4 on "
+            f"Ray Data streaming the latent bank, no VAE), tiny preset (latent 4×8×8, LoRA rank 4 on "
             f"`to_q,to_k,to_v,to_out.0`, batch {args.batch_size} per worker, fp32), {args.steps} steps, one checkpoint "
             f"at the end. Machine: {machine()}, torch {torch.__version__}, local Ray cluster of "
             f"{args.num_cpus or os.cpu_count()} CPUs. Command: `python benchmarks/bench_finetune_cpu.py`. "

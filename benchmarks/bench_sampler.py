@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.tiny:
         from realfake_ray.models.tiny import build_random_tiny_pipeline
 
-        pipe, arch = build_random_tiny_pipeline(), "tiny preset (32 px, latent 4x16x16)"
+        pipe, arch = build_random_tiny_pipeline(), "tiny architecture, random weights (32 px, latent 4x8x8)"
     else:
         pipe, arch = build_sd15_pipeline(args.device), "SD v1.5 architecture, random weights (512 px, latent 4x64x64)"
     fixed = {"strength": args.strength, "guidance_scale": args.guidance_scale, "mode": args.mode}

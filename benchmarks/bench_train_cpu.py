@@ -35,14 +35,14 @@ def decode_ceiling(repeat: int) -> list[dict]:
     import numpy as np
 
     from realfake_ray.config import load_config
-    from realfake_ray.train import decode_rows, decoded_dataset, real_rows, rows_dataset
+    from realfake_ray.train import decode_rows, decoded_dataset, real_rows, rows_dataset, view_settings
 
     cfg = load_config(preset="tiny", out=tempfile.mkdtemp(prefix="bench-train-"))
     rng = np.random.default_rng(0)
     rows = [{**r, "aug": float(rng.random())} for r in real_rows(cfg.data.train, cfg)[1]]
     began = time.time()
     batch = {k: np.array([r[k] for r in rows], dtype=object if k == "url" else None) for k in ("url", "label", "aug")}
-    n_local = len(decode_rows(batch, cfg.train.image_size, view="train")["label"])
+    n_local = len(decode_rows(batch, cfg.train.image_size, view="train", settings=view_settings(cfg))["label"])
     local_s = time.time() - began
     ds = decoded_dataset(rows_dataset(rows * repeat), cfg.train.image_size, cfg, view="train")
     began, first, n = time.time(), None, 0

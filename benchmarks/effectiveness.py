@@ -14,7 +14,8 @@ applies → generate → train a classifier → evaluate on the 360 real val dig
 
 Columns: synthetic images, val top-1 mean ± std over seeds, MMD² and KID between the synthetic images and
 the real val images in the tiny CLIP's embedding space, and the wall time of each stage. Every classifier
-trains on the same number of images (``train.budget_images``: 30 epochs of the real set), whatever its
+trains on the same number of images (the ``digits-32px`` recipe's ``train.budget_images``: 30 epochs of the
+real set), whatever its
 set size. λ is chosen on a held-out fifth of the real *train* split (``--sweep``), never on the val digits.
 
     python benchmarks/effectiveness.py --write BENCHMARKS.md            # the full table (~3 h on 2 cores)
@@ -37,7 +38,6 @@ from pathlib import Path
 from _common import machine, write_section  # first: puts the repository on sys.path
 
 SECTION = "## Effectiveness: the paper's ablation on the embedded digits (CPU, tiny base)"
-BUDGET = ["train.budget_images=43110"]  # 30 epochs of the 1,437 real train digits, for every classifier
 DEFAULT_LAMBDA = 0.003
 
 
@@ -142,7 +142,7 @@ def run_row(root: Path, bank: Path, variant: dict, seed: int, data: dict | None,
 
     out = _run_dir(root, bank, seed, variant["run"])
     tag = "-".join(o.split("=")[1] for o in variant.get("train", [])) or "synthetic"
-    overrides = [*variant.get("set", []), *BUDGET, f"train.tag={tag}", *variant.get("train", ["train.source=synthetic"])]
+    overrides = [*variant.get("set", []), f"train.tag={tag}", *variant.get("train", ["train.source=synthetic"])]
     cfg = _config(out, seed, overrides, data)
     times = {}
     if "finetune" in variant["stages"]:
@@ -286,6 +286,7 @@ def main() -> None:
             print(f"[effectiveness] seed {seed} {row['row']}: top-1 {row['top1']:.4f}", flush=True)
             results["rows"].append(row)
             results_file.write_text(json.dumps(results, indent=1))
+    budget = _config(root / "bank", 0, []).train.budget_images
     names = [v["row"] for v in variants(best, mults)]
     table = aggregate([r for r in results["rows"] if r["row"] in names and r["seed"] in seeds])
     chart = bar_chart(table, str(Path(__file__).with_name("effectiveness.png")))
@@ -294,7 +295,7 @@ def main() -> None:
     text = (f"{SECTION}\n\nMachine: {machine()} (torch {torch.__version__}, Ray {ray.__version__}); "
             f"`python benchmarks/effectiveness.py{' --quick' if args.quick else ''}`, seeds {seeds}, "
             f"{(time.time() - started) / 60:.0f} min for the rows run now. Val = the 360 real val digits; every "
-            f"classifier: the `digits-32px` recipe with `{BUDGET[0]}` (the same images seen for every row). "
+            f"classifier: the `digits-32px` recipe (budget {budget:,} images: the same images seen for every row). "
             f"Encode (shared by all rows): {encode_s} s. λ sweep on the hold-out fifth of the real train split "
             f"(synthetic-only top-1): {sweep_text}; λ used for the Real-Fake rows: {best:g}. MMD² and KID: "
             f"tiny-CLIP embeddings of up to 2,000 synthetic images vs the 360 real val digits.\n\n"

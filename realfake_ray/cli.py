@@ -176,6 +176,13 @@ def _pretrain_base(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not getattr(args, "verbose", None):  # before the libraries are imported: they read it once
+        import os
+
+        from realfake_ray._internal.quiet import QUIET_ENV
+
+        for key, value in QUIET_ENV.items():
+            os.environ.setdefault(key, value)
     try:
         if args.command == "preset":
             from realfake_ray.models.loading import materialise_preset, write_fp32_copy

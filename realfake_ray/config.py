@@ -74,9 +74,6 @@ class DataConfig(_Section):
 
 class EncodeConfig(_Section):
     resolution: int = Field(512, ge=8)
-    # The img2img start image: "squash" = the whole image resized to resolution² (the reference), "centre" =
-    # short side to resolution + centre crop. Fine-tuning always takes random crops of the whole image.
-    generation_view: Literal["squash", "centre"] = "squash"
     batch_size: int = Field(32, ge=1)
     rows_per_file: int = Field(1024, ge=1)
     dtype: Dtype = "fp16"
@@ -86,6 +83,9 @@ class EncodeConfig(_Section):
     captioner: str = "Salesforce/blip2-opt-2.7b"
     caption_max_tokens: int = Field(30, ge=1)
     caption_batch_size: int = Field(16, ge=1)
+    # The img2img start image: "squash" = the whole image resized to resolution² (the reference), "centre" =
+    # short side to resolution + centre crop. Fine-tuning always takes random crops of the whole image.
+    generation_view: Literal["squash", "centre"] = "squash"
 
 
 class FinetuneConfig(_Section):
@@ -156,7 +156,7 @@ _REFERENCE_RECIPE: dict[str, Any] = {
     "schedule": "multistep", "milestones": (0.25, 0.5, 0.75), "gamma": 0.2, "warmup_epochs": 5.0,
     "warmup_lr": 1e-5, "label_smoothing": 0.1, "crop_scale": (0.08, 1.0), "interpolation": "random",
     "hflip": True, "color_jitter": 0.4, "eval_crop_pct": 0.95, "eval_interpolation": "bicubic",
-    "amp": True, "amp_dtype": "fp16", "zero_init_residual": True,
+    "amp": True, "amp_dtype": "fp16", "zero_init_residual": True, "budget_images": None,
 }
 TRAIN_RECIPES: dict[str, dict[str, Any]] = {
     "realfake-ref": _REFERENCE_RECIPE,
@@ -165,6 +165,7 @@ TRAIN_RECIPES: dict[str, dict[str, Any]] = {
     "digits-32px": {
         **_REFERENCE_RECIPE, "arch": "resnet_tiny", "image_size": 32, "epochs": 30, "schedule": "cosine",
         "warmup_epochs": 2.0, "crop_scale": (0.6, 1.0), "hflip": False, "eval_crop_pct": 1.0,
+        "budget_images": 30 * 1437,  # every classifier sees 30 epochs' worth of the 1,437 real train digits
     },
 }
 
@@ -244,7 +245,7 @@ class EvaluateConfig(_Section):
 
 
 class RayConfig(_Section):
-    address: str | None = None  # None: $RAY_ADDRESS, else a local cluster on 127.0.0.1
+    address: str | None = None  # None: $RAY_ADDRESS, else a new local cluster on 127.0.0.1; "auto": a running one
     num_cpus: int | None = Field(None, ge=1)  # for a local cluster only
     verbose: bool = False  # Ray Data's per-operator progress bars and execution logs (--verbose)
 
@@ -320,14 +321,14 @@ _PRESET_VALUES: dict[str, dict[str, Any]] = {
         "finetune": {
             "num_workers": 2,
             "batch_size": 16,
-            "max_steps": 40,
+            "max_steps": 300,
             "lr": 1e-3,
             "mixed_precision": "no",
-            "checkpoint_every": 20,
-            "log_every": 5,
+            "checkpoint_every": 100,
+            "log_every": 20,
         },
         "generate": {
-            "batch_size": 64, "steps": 4, "dtype": "fp32", "channels_last": False, "jpeg_quality": 90,
+            "batch_size": 64, "steps": 10, "dtype": "fp32", "channels_last": False,
             "actors": {"min_size": 1, "max_size": 2},
         },
         "train": {"recipe": "digits-32px", "batch_size": 64, "num_workers": 1, "worker_cpus": 1.0,

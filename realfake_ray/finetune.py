@@ -517,6 +517,9 @@ def _report(st: _TrainState, models, optimizer, scaler, generator, cfg: RunConfi
         train.report(metrics, checkpoint=train.Checkpoint.from_directory(tmp),
                      checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{st.step:08d}")
     write_metrics(cfg.out, st.history)
+    last = st.history[-1]
+    print(f"[finetune] step {st.step}: loss {last['loss']:.4f} (denoise {last['denoise']:.4f}, dm {last['dm']:.4g}), "
+          f"{last['samples_per_s']:.0f} samples/s, checkpoint saved", flush=True)
 
 
 def train_loop(loop_config: dict) -> None:

@@ -89,6 +89,26 @@ def test_partial_bank_is_completed_and_corrupt_files_are_listed(ray_cluster, tmp
     assert second["splits"]["train"]["skipped"] == 1
 
 
+def test_each_image_stores_its_generation_view_and_its_whole_fine_tuning_view(ray_cluster, tmp_path):
+    import numpy as np
+
+    data = tmp_path / "data" / "a"
+    data.mkdir(parents=True)
+    yy, xx = np.mgrid[0:30, 0:40]
+    Image.fromarray(np.stack([xx * 6, yy * 8, xx + yy], -1).astype(np.uint8)).save(data / "wide.png")  # 4:3
+    Image.fromarray(np.full((30, 30, 3), 90, np.uint8)).save(data / "square.png")
+    out = str(tmp_path / "run")
+    meta = run_encode(load_config(preset="tiny", out=out, data__train=str(tmp_path / "data")))
+    assert meta["format"] == 2 and meta["generation_view"] == "squash" and meta["latent_shape"] == [4, 8, 8]
+    rows = {r["image_id"]: r for r in _bank_table(out, "train").to_pylist()}
+    wide, square = rows["a/wide.png"], rows["a/square.png"]
+    # 40×30 → short side 32 → 32×42.7 px, rounded down to whole latent cells (4 px): 8×10 latents.
+    assert (wide["full_latent_h"], wide["full_latent_w"]) == (8, 10)
+    assert len(wide["full_latent_mean"]) == 4 * 8 * 10 * 2 and np.asarray(wide["latent_mean"]).shape == (4, 8, 8)
+    assert (square["full_latent_h"], square["full_latent_w"]) == (8, 8)
+    assert square["full_latent_mean"] == np.asarray(square["latent_mean"], np.float16).tobytes()  # one view
+
+
 def test_bank_from_another_model_is_refused(ray_cluster, tiny_bank, monkeypatch):
     meta_path = storage.join(bank_dir(tiny_bank), "_meta.json")
     original = storage.read_text(meta_path)
@@ -106,7 +126,7 @@ def test_cut_off_first_run_with_another_model_is_refused(tmp_path, no_ray):
     """No _meta.json yet (the first run died mid-way), but its identity record names another VAE."""
     storage.write_json(storage.join(bank_dir(str(tmp_path)), "_identity.json"),
                        {"model": {"vae_sha256": "0" * 64, "pretrained": "other/model"}, "resolution": 32})
-    with pytest.raises(ValueError, match="another VAE or resolution.*other/model"):
+    with pytest.raises(ValueError, match="another VAE, resolution, view or bank format.*other/model"):
         run_encode(load_config(preset="tiny", out=str(tmp_path)))
 
 

@@ -27,7 +27,7 @@ def _trained_lora(unet, seed=0):
 
 def _unet_out(unet):
     gen = torch.Generator().manual_seed(0)
-    x, text = torch.randn(2, 4, 16, 16, generator=gen), torch.randn(2, 77, 32, generator=gen)
+    x, text = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 77, 64, generator=gen)
     with torch.no_grad():
         return unet(x, torch.tensor([10, 500]), text, return_dict=False)[0]
 

@@ -26,14 +26,32 @@ def test_tiny_preset_loads_with_stock_diffusers_and_our_loader_identically(tiny_
     np.testing.assert_array_equal(outputs[0], outputs[1])
 
 
-def test_preset_is_deterministic(tmp_path, tiny_model_dir):
-    from realfake_ray.models.tiny import save_random_tiny_pipeline
+def test_preset_is_the_shipped_base_in_fp32_and_deterministic(tmp_path, tiny_model_dir):
+    from safetensors.torch import load_file
 
-    other = save_random_tiny_pipeline(str(tmp_path / "again"))
+    from realfake_ray.cli import main as cli_main
+
+    assert cli_main(["preset", "tiny", "--out", str(tmp_path / "again")]) == 0
     for component in ("unet", "vae", "text_encoder", "image_encoder"):
-        assert loading.weights_sha256(os.path.join(other, component)) == loading.weights_sha256(
+        assert loading.weights_sha256(str(tmp_path / "again" / component)) == loading.weights_sha256(
             os.path.join(tiny_model_dir, component)
         )
+    shipped = load_file(os.path.join(loading.TINY_BASE_DIR, "unet", "diffusion_pytorch_model.safetensors"))
+    cached = load_file(os.path.join(tiny_model_dir, "unet", "diffusion_pytorch_model.safetensors"))
+    assert all(cached[k].dtype == torch.float32 and torch.equal(cached[k], v.float()) for k, v in shipped.items())
+    assert os.path.basename(tiny_model_dir) == f"preset-tiny-{loading.shipped_base_digest()}"
+
+
+def test_a_checkout_without_the_shipped_weights_says_how_to_rebuild_them(tmp_path):
+    with pytest.raises(loading.ModelLoadError, match="realfake pretrain-base --out DIR"):
+        loading.shipped_base_digest(str(tmp_path))
+
+
+def test_the_random_weight_architecture_is_deterministic():
+    from realfake_ray.models.tiny import build_random_tiny_pipeline
+
+    a, b = build_random_tiny_pipeline(), build_random_tiny_pipeline()
+    assert all(torch.equal(x, y) for x, y in zip(a.unet.parameters(), b.unet.parameters()))
 
 
 def test_tokenizer_is_built_offline_with_learned_merges():
@@ -47,9 +65,9 @@ def test_clip_components_and_width_check(tiny_model_dir):
     clip_dir = loading.clip_vision_dir(tiny_model_dir, "openai/clip-vit-large-patch14")
     assert clip_dir.endswith("image_encoder")  # the pipeline's own component wins
     model, processor = loading.load_clip_vision(clip_dir)
-    assert model.config.projection_dim == 32 and processor.crop_size["height"] == 32
+    assert model.config.projection_dim == 64 and processor.crop_size["height"] == 32
     info = loading.check_models(tiny_model_dir, clip_dir)
-    assert info["latent_channels"] == 4 and info["vae_downsample"] == 2
+    assert info["latent_channels"] == 4 and info["vae_downsample"] == 4
 
 
 def test_width_mismatch_is_a_clear_error(tmp_path, tiny_model_dir):
@@ -58,7 +76,7 @@ def test_width_mismatch_is_a_clear_error(tmp_path, tiny_model_dir):
     bad = tmp_path / "bad"
     shutil.copytree(tiny_model_dir, bad)
     cfg_path = bad / "image_encoder" / "config.json"
-    cfg_path.write_text(cfg_path.read_text().replace('"projection_dim": 32', '"projection_dim": 64'))
+    cfg_path.write_text(cfg_path.read_text().replace('"projection_dim": 64', '"projection_dim": 32'))
     with pytest.raises(ValueError, match="64.*32|32.*64"):
         loading.check_models(str(bad), str(bad / "image_encoder"))
 

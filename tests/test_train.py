@@ -300,9 +300,10 @@ def test_mixed_run(generated):
 def test_a_budget_gives_every_set_size_the_same_images_and_schedule_shape():
     from realfake_ray.train import apply_budget
 
-    cfg = load_config(preset="tiny", overrides=["train.budget_images=43110"])  # 30 epochs of the 1,437 real digits
-    assert cfg.train.epochs == 30 and cfg.train.warmup_epochs == 2.0
+    cfg = load_config(preset="tiny")  # the digits-32px recipe: 30 epochs of the 1,437 real train digits
+    assert cfg.train.budget_images == 43110 and cfg.train.epochs == 30 and cfg.train.warmup_epochs == 2.0
     real, ten_x, mix = apply_budget(cfg, 1437), apply_budget(cfg, 14370), apply_budget(cfg, 2874)
     assert (real.train.epochs, ten_x.train.epochs, mix.train.epochs) == (30, 3, 15)
     assert ten_x.train.warmup_epochs == pytest.approx(0.2)  # the same fraction of training warms up
-    assert apply_budget(load_config(preset="tiny"), 14370).train.epochs == 30  # no budget: epochs as given
+    no_budget = load_config(preset="tiny", overrides=["train.budget_images=null"])
+    assert apply_budget(no_budget, 14370).train.epochs == 30  # no budget: epochs as given

@@ -8,6 +8,7 @@ import os
 import ray
 
 from realfake_ray import storage
+from realfake_ray._internal.quiet import QUIET_ENV
 from realfake_ray.config import ActorPool, RayConfig
 
 # Environment every worker needs to resolve per-node caches and presets the same way as the driver.
@@ -18,6 +19,7 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     """Connect to ``cfg.address`` / ``$RAY_ADDRESS``, or start a local cluster bound to 127.0.0.1.
 
     Inside ``ray job submit`` the job's driver is already attached to its cluster via ``RAY_ADDRESS``.
+    Without an address a new local cluster always starts (``ray.address: auto`` joins a running one).
     """
     cfg = cfg or RayConfig()
     quiet_data(cfg.verbose)
@@ -25,12 +27,15 @@ def init_ray(cfg: RayConfig | None = None) -> None:
         return
     env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
     env.setdefault("REALFAKE_CACHE", storage.cache_dir())
+    if not cfg.verbose:
+        env.update({k: v for k, v in QUIET_ENV.items() if k not in os.environ})
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     common = dict(runtime_env={"env_vars": env}, logging_level=logging.WARNING, log_to_driver=True)
     if address:
         ray.init(address=address, **common)
     else:
         ray.init(
+            address="local",  # a new local cluster: never attach to (or wait on) one another session left behind
             num_cpus=cfg.num_cpus,
             include_dashboard=False,
             dashboard_host="127.0.0.1",

@@ -1,0 +1,19 @@
+"""Pure torch/diffusers modules stay importable without Ray (a bare GPU box, a notebook, a unit test)."""
+
+import subprocess
+import sys
+
+PURE = (
+    "realfake_ray.losses", "realfake_ray.guidance", "realfake_ray.prompts", "realfake_ray.sampler",
+    "realfake_ray.classifier", "realfake_ray.metrics", "realfake_ray.plots", "realfake_ray.flops",
+    "realfake_ray.seeds", "realfake_ray.lora", "realfake_ray.models.tiny", "realfake_ray.models.pretrain",
+    "realfake_ray.models.base_quality", "realfake_ray.data.corpus", "realfake_ray.data.imagefolder",
+)
+
+
+def test_pure_modules_do_not_import_ray():
+    code = "import sys\n" + "".join(
+        f"import {m}\nassert 'ray' not in sys.modules, '{m} imported ray'\n" for m in PURE
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
