@@ -179,10 +179,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "verbose", None):  # before the libraries are imported: they read it once
         import os
 
-        from realfake_ray._internal.quiet import QUIET_ENV
+        from realfake_ray._internal.quiet import QUIET_ENV, quiet_libraries
 
         for key, value in QUIET_ENV.items():
             os.environ.setdefault(key, value)
+        quiet_libraries()
     try:
         if args.command == "preset":
             from realfake_ray.models.loading import materialise_preset, write_fp32_copy

@@ -163,7 +163,7 @@ TRAIN_RECIPES: dict[str, dict[str, Any]] = {
     # The protocol of every accuracy figure on the embedded 32-px digits (tiny preset, benchmarks): the
     # reference recipe scaled to 1,437 small, upright, not mirror-symmetric images (docs/train_evaluate.md).
     "digits-32px": {
-        **_REFERENCE_RECIPE, "arch": "resnet_tiny", "image_size": 32, "epochs": 30, "schedule": "cosine",
+        **_REFERENCE_RECIPE, "arch": "resnet_tiny", "image_size": 32, "epochs": 30, "base_lr": 0.8, "schedule": "cosine",
         "warmup_epochs": 2.0, "crop_scale": (0.6, 1.0), "hflip": False, "eval_crop_pct": 1.0,
         "budget_images": 30 * 1437,  # every classifier sees 30 epochs' worth of the 1,437 real train digits
     },
@@ -329,7 +329,7 @@ _PRESET_VALUES: dict[str, dict[str, Any]] = {
         },
         "generate": {
             "batch_size": 64, "steps": 10, "dtype": "fp32", "channels_last": False,
-            "actors": {"min_size": 1, "max_size": 2},
+            "actors": {"min_size": 2, "max_size": 2},
         },
         "train": {"recipe": "digits-32px", "batch_size": 64, "num_workers": 1, "worker_cpus": 1.0,
                   "real_baseline": True},

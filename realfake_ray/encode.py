@@ -131,7 +131,7 @@ def decode_batch(batch: dict[str, np.ndarray], resolution: int, view: str = "squ
 
 def full_images(batch: dict[str, np.ndarray]) -> list[np.ndarray]:
     """The fine-tuning views of a decoded batch as uint8 ``[H, W, 3]`` arrays."""
-    return [np.frombuffer(b, np.uint8).reshape(int(h), int(w), 3)
+    return [np.frombuffer(b, np.uint8).reshape(int(h), int(w), 3).copy()  # writable: torch.from_numpy warns otherwise
             for b, h, w in zip(batch["full_pixels"], batch["full_h"], batch["full_w"])]
 
 

@@ -31,6 +31,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from realfake_ray import storage
 from realfake_ray._internal.checkpoints import newest_complete, resume_checkpoint
+from realfake_ray._internal.cluster import train_logging
 from realfake_ray.config import FinetuneConfig, RunConfig, build_config, dump_config
 from realfake_ray.encode import bank_dir, meta_url, read_meta
 from realfake_ray.lora import LORA_WEIGHT_NAME, add_lora, load_lora, lora_sha256, save_lora
@@ -704,6 +705,7 @@ def _fit(cfg: RunConfig, plan: FinetunePlan):
             storage_filesystem=fs,
             failure_config=train.FailureConfig(max_failures=cfg.finetune.max_failures),
             checkpoint_config=train.CheckpointConfig(num_to_keep=cfg.finetune.keep_checkpoints),
+            logging_config=train_logging(cfg.ray.verbose),
         ),
         datasets={"train": bank_dataset(plan.bank_files, cfg.finetune, cfg.seed, plan.first_epoch)},
         # A deterministic split of the epoch's permutation between the workers (no locality reordering).

@@ -41,6 +41,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from realfake_ray import storage
+from realfake_ray._internal.quiet import quiet_libraries
 from realfake_ray.config import ConfigError, GenerateConfig, RunConfig
 from realfake_ray.data.imagefolder import stem
 from realfake_ray.encode import bank_dir, meta_url, read_meta
@@ -57,6 +58,7 @@ _RECORDED = ("model", "vae_sha256", "seed", "mode", "strength", "steps", "schedu
              "negative_prompt", "negative_guidance_token", "sample_posterior", "lora_sha256", "lora_scale", "jpeg_quality",
              "storage_size")  # fmt: skip
 _UNIT_TARGET_ROWS = 512  # rows per load unit (rounded up to whole generation batches)
+LIGHT_TASK_CPUS = 0.25
 _PROGRESS_EVERY_S = 10.0
 
 
@@ -505,15 +507,6 @@ def load_units(units: pa.Table, *, seed: int, batch_size: int, mode: str, guidan
     return pa.Table.from_pylist(batches, schema=_BATCH_SCHEMA)
 
 
-def _quiet_loading() -> None:
-    """No per-component loading bars or LoRA-prefix notices in the actors' logs (one set per actor)."""
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-
 
 class SynthesisActor:
     """Actor: loads the pipeline once, fuses the LoRA, turns each generation-batch row into images.
@@ -531,7 +524,7 @@ class SynthesisActor:
 
         from realfake_ray.sampler import Sampler, latent_hw
 
-        _quiet_loading()
+        quiet_libraries()  # no per-component loading bars or LoRA-prefix notices, one set per actor
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model_dir = loading.resolve_model_dir(cfg.model.pretrained, cfg.model.revision, cfg.model.hub_timeout_s)
         pipe = loading.load_pipeline(model_dir)
@@ -693,7 +686,10 @@ def build_pipeline(cfg: RunConfig, plan: GeneratePlan, class_means: np.ndarray |
     ds = ray.data.from_items(plan.units, override_num_blocks=max(1, min(len(plan.units), 20000)))
     load_kwargs = {"seed": cfg.seed, "batch_size": g.batch_size, "mode": g.mode, "guidance": g.guidance,
                    "collisions": plan.collisions}  # fmt: skip
-    ds = ds.map_batches(load_units, batch_format="pyarrow", batch_size=None, fn_kwargs=load_kwargs)
+    # The CPU tasks around the actors are light (Parquet reads, JPEG writes): a quarter CPU each, so that on a
+    # small CPU machine they do not keep an actor from starting.
+    ds = ds.map_batches(load_units, batch_format="pyarrow", batch_size=None, fn_kwargs=load_kwargs,
+                        num_cpus=LIGHT_TASK_CPUS)
     ds = ds.map_batches(
         SynthesisActor,
         batch_size=1,  # one row = one planned generation batch (fixes batch composition: reproducible bytes)
@@ -704,12 +700,14 @@ def build_pipeline(cfg: RunConfig, plan: GeneratePlan, class_means: np.ndarray |
     ds = ds.map_batches(
         write_images,
         batch_size=None,
+        num_cpus=LIGHT_TASK_CPUS,
         fn_kwargs={"root": images_dir(cfg.out), "quality": g.jpeg_quality, "storage_size": g.storage_size},
     )
     return ds.map_batches(
         write_manifest,
         batch_format="pyarrow",
         batch_size=g.rows_per_manifest_file,
+        num_cpus=LIGHT_TASK_CPUS,
         fn_kwargs={"directory": manifest_dir(cfg.out), "constants": _manifest_constants(cfg, plan)},
     )
 
@@ -784,6 +782,11 @@ def run_generate(cfg: RunConfig) -> dict:
         + (f"; LoRA {plan.lora_sha256[:12]}" if plan.lora_sha256 else "; no LoRA"),
         flush=True,
     )
+    summary_url = synthetic_dir(cfg.out, "_summary.json")
+    if not plan.units and storage.exists(summary_url):
+        stored = storage.read_json(summary_url)
+        if stored.get("count") == plan.expected and stored.get("complete"):
+            return {**stored, "skipped": True}  # nothing to do: the record of the run that did the work stays
     result = {"written": 0, "failed": 0, "errors": [], "seconds": 0.0, "sampler_s": 0.0}
     gpus = None
     if plan.units:

@@ -568,7 +568,7 @@ def _trainer(plan: TrainPlan, cfg: RunConfig, first_epoch: int, resume_dir: str 
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from realfake_ray._internal.cluster import cluster_gpus
+    from realfake_ray._internal.cluster import cluster_gpus, train_logging
 
     t = cfg.train
     _warn_if_no_cpu_for_data(cfg)
@@ -584,6 +584,7 @@ def _trainer(plan: TrainPlan, cfg: RunConfig, first_epoch: int, resume_dir: str 
         storage_path=storage.local_path(out_dir) if storage.is_local(out_dir) else out_dir,
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.checkpoint_keep),
         failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+        logging_config=train_logging(cfg.ray.verbose),
     )
     return TorchTrainer(
         train_loop,

@@ -42,3 +42,10 @@ def test_module_entry_point_is_the_same_cli():
 def test_job_scripts_forward_to_the_cli(job, flag):
     result = subprocess.run([sys.executable, f"jobs/{job}.py", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--preset" in result.stdout and flag in result.stdout
+
+
+def test_verbose_flag_reaches_the_ray_section(capsys):
+    assert main(["encode", "--preset", "tiny", "--print-config"]) == 0
+    assert "verbose: false" in capsys.readouterr().out
+    assert main(["encode", "--preset", "tiny", "--verbose", "--print-config"]) == 0
+    assert "verbose: true" in capsys.readouterr().out

@@ -256,7 +256,8 @@ def test_raising_mult_adds_only_the_new_copy(run_a, bank):
         assert storage.read_bytes(after[path]) == data
     assert parts_before < set(part_files(manifest_dir(str(out))))
     again = run_generate(_cfg(out, "generate.mult=3"))
-    assert again["skipped"] and again["generated_now"] == 0 and again["count"] == 90
+    # Nothing to do: the stored record of the run that generated copy 2 comes back (its measured rate stays).
+    assert again["skipped"] and again["count"] == 90 and again["generated_now"] == 30 and again["images_per_s"] > 0
 
 
 @pytest.mark.e2e

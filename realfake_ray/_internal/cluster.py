@@ -27,6 +27,8 @@ def init_ray(cfg: RayConfig | None = None) -> None:
         return
     env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
     env.setdefault("REALFAKE_CACHE", storage.cache_dir())
+    # Ray Train v2 turns a worker's print() into a log record *and* a print: every line reached the driver twice.
+    env.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     if not cfg.verbose:
         env.update({k: v for k, v in QUIET_ENV.items() if k not in os.environ})
     address = cfg.address or os.environ.get("RAY_ADDRESS")
@@ -37,7 +39,9 @@ def init_ray(cfg: RayConfig | None = None) -> None:
         ray.init(
             address="local",  # a new local cluster: never attach to (or wait on) one another session left behind
             num_cpus=cfg.num_cpus,
-            include_dashboard=False,
+            # The dashboard serves Ray's State API, which Ray Train's placement-group cleaner polls every second
+            # (without it: a warning per second in the job log). It listens on 127.0.0.1 only.
+            include_dashboard=True,
             dashboard_host="127.0.0.1",
             _node_ip_address="127.0.0.1",
             **common,
@@ -55,6 +59,13 @@ def quiet_data(verbose: bool = False) -> None:
     ctx.print_on_execution_start = verbose
     ctx.enable_auto_log_stats = verbose
     logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def train_logging(verbose: bool = False):
+    """Ray Train's own log lines (worker group set-up, every report) only with ``--verbose``."""
+    import ray.train
+
+    return ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING")
 
 
 def cluster_gpus() -> float:

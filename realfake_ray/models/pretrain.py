@@ -366,9 +366,12 @@ def vae_psnr(vae, images: np.ndarray, batch: int = 512) -> float:
 
 def save_base(pipe, out_dir: str, record: dict) -> None:
     """The pipeline in fp16 safetensors (stock diffusers layout), ``training.json`` and a model card."""
-    pipe.to(torch.float16)
+    components = [pipe.vae, pipe.unet, pipe.text_encoder, pipe.image_encoder]
+    for module in components:
+        module.to(torch.float16)
     pipe.save_pretrained(out_dir, safe_serialization=True)
-    pipe.to(torch.float32)
+    for module in components:
+        module.to(torch.float32)
     slim = json.loads(json.dumps(record))
     for phase in slim["phases"].values():
         phase.pop("history", None)
@@ -391,7 +394,7 @@ seen the real handwritten digits of the embedded dataset; Real-Fake adapts it to
 |---|---|---|
 | vae | AutoencoderKL, 32 px → 4×8×8 latents | {c['vae_steps']} steps × {c['vae_batch']}; holdout PSNR {p['vae'].get('holdout_psnr', float('nan')):.2f} dB; scaling factor {p['vae'].get('scaling_factor')} |
 | text_encoder, image_encoder | CLIP text + vision towers, width 64 | contrastive, {c['clip_steps']} steps × {c['clip_batch']}; zero-shot top-1 on held-out corpus {p['clip'].get('holdout_zero_shot', float('nan')):.3f} |
-| unet | UNet2DConditionModel, 8×8 latents, cross-attention width 64 | ε-prediction, Min-SNR-γ {c['snr_gamma']}, caption dropout {c['caption_dropout']}, EMA {c['ema_decay']}; {c['unet_steps']} steps × {c['unet_batch']} |
+| unet | UNet2DConditionModel, 8×8 latents, cross-attention at 4×4 and in the middle block, text width 64 | ε-prediction, Min-SNR-γ {c['snr_gamma']}, caption dropout {c['caption_dropout']}, EMA {c['ema_decay']}; {c['unet_steps']} steps × {c['unet_batch']} |
 | scheduler | UniPC with SD v1.5's scaled-linear β schedule | — |
 
 Corpus: seed {c['seed']}, {c['corpus_size']:,} training + {c['holdout_size']:,} held-out images, {p['corpus']['fonts']} fonts
