@@ -181,6 +181,7 @@ class TrainConfig(_Section):
     image_size: int = Field(224, ge=8)
     epochs: int = Field(200, ge=1)
     # Same images seen whatever the set size: epochs (and warm-up) rescaled to ~budget_images / epoch images.
+    # An explicit `epochs` turns a recipe's budget off.
     budget_images: int | None = Field(None, ge=1)
     batch_size: int = Field(128, ge=1)  # per worker
     base_lr: float = Field(0.1, gt=0)  # the lr at a global batch of lr_reference_batch (linear scaling)
@@ -223,7 +224,10 @@ class TrainConfig(_Section):
         name = data.get("recipe", "realfake-ref")
         if name not in TRAIN_RECIPES:
             return data  # the Literal check names the allowed recipes
-        return {**TRAIN_RECIPES[name], **data}
+        recipe = dict(TRAIN_RECIPES[name])
+        if "epochs" in data and "budget_images" not in data:
+            recipe["budget_images"] = None  # epochs given explicitly: they are what the user asked for
+        return {**recipe, **data}
 
     @model_validator(mode="after")
     def _crop_scale_range(self) -> TrainConfig:

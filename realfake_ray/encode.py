@@ -115,7 +115,8 @@ def decode_batch(batch: dict[str, np.ndarray], resolution: int, view: str = "squ
     ``full_h`` × ``full_w`` × 3). Undecodable files get an ``error`` and blank views."""
     n = len(batch["url"])
     pixels = np.zeros((n, resolution, resolution, 3), dtype=np.uint8)
-    full = np.full(n, pixels[0].tobytes(), dtype=object)
+    full = np.empty(n, dtype=object)
+    full[:] = [pixels[0].tobytes()] * n  # not np.full: it stores a bytes fill value as b""
     full_h, full_w = np.full(n, resolution, dtype=np.int32), np.full(n, resolution, dtype=np.int32)
     width, height = np.zeros(n, dtype=np.int32), np.zeros(n, dtype=np.int32)
     errors = np.full(n, "", dtype=object)

@@ -42,7 +42,9 @@ def _fit_head(model: torch.nn.Module) -> None:
     """Least-squares fit of the last (linear) layer on random-conv features of the real train split:
     a deterministic, better-than-chance model with varied predictions, in a few seconds."""
     index = scan_image_folder("embedded:digits/train", check_readable=False)
-    pixels = np.stack([eval_view(open_rgb(storage.read_bytes(r.url)), 32) for r in index.records])
+    t = load_config(preset="tiny").train  # the eval view of the tiny preset's recipe
+    pixels = np.stack([eval_view(open_rgb(storage.read_bytes(r.url)), 32, t.eval_crop_pct, t.eval_interpolation)
+                       for r in index.records])
     with torch.no_grad():
         feats = model[:-1](to_model_input(pixels))
     feats = torch.cat([feats, torch.ones(len(feats), 1)], 1)
@@ -143,7 +145,9 @@ def evaluated(tiny_bank, tmp_path_factory):
 def _direct(model, root, class_subset=None):
     index = scan_image_folder(root)
     labels = torch.tensor([CLASS_DIRS.index(r.class_dir) for r in index.records])
-    pixels = np.stack([eval_view(open_rgb(storage.read_bytes(r.url)), 32) for r in index.records])
+    t = load_config(preset="tiny").train  # the eval view of the tiny preset's recipe
+    pixels = np.stack([eval_view(open_rgb(storage.read_bytes(r.url)), 32, t.eval_crop_pct, t.eval_interpolation)
+                       for r in index.records])
     return evaluate_batches(model, [(to_model_input(pixels), labels)], 10, class_subset)
 
 

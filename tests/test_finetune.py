@@ -126,11 +126,11 @@ def test_model_and_bank_mismatches_are_refused(tiny_bank, tiny_model_dir):
     with pytest.raises(ValueError, match="another VAE"):
         check_model_and_bank(cfg, other_vae, files, tiny_model_dir)
     small = copy.deepcopy(meta)
-    small["latent_shape"] = [4, 8, 8]
-    with pytest.raises(ValueError, match="encode.resolution=32"):
+    small["latent_shape"] = [4, 4, 4]  # as if encoded at 16 px: the UNet's sample_size is 8
+    with pytest.raises(ValueError, match="re-encode with encode.resolution=32"):
         check_model_and_bank(cfg, small, files, tiny_model_dir)
     means = class_mean_embeddings(files, len(meta["class_dirs"]))
-    assert means.shape == (10, 32) and np.isfinite(means).all()
+    assert means.shape == (10, 64) and np.isfinite(means).all()
 
 
 @pytest.fixture(scope="module")

