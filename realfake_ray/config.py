@@ -333,7 +333,8 @@ _PRESET_VALUES: dict[str, dict[str, Any]] = {
         },
         "generate": {
             "batch_size": 64, "steps": 10, "dtype": "fp32", "channels_last": False,
-            "actors": {"min_size": 2, "max_size": 2},
+            # 2 × 0.75 CPU: on 2 cores both actors start and 0.5 CPU is left for the read/write tasks.
+            "actors": {"min_size": 2, "max_size": 2, "cpus_per_actor": 0.75},
         },
         "train": {"recipe": "digits-32px", "batch_size": 64, "num_workers": 1, "worker_cpus": 1.0,
                   "real_baseline": True},

@@ -306,9 +306,11 @@ def build_pipeline(rows: list[dict], cfg: RunConfig, multiple: int = 8):
     )
     if enc.caption and not cfg.data.captions_file:
         ds = ds.map_batches(
-            Captioner, batch_size=enc.caption_batch_size, fn_constructor_args=(cfg,), **actor_pool_kwargs(enc.actors)
+            Captioner, batch_size=enc.caption_batch_size, fn_constructor_args=(cfg,),
+            **actor_pool_kwargs(enc.actors, "encode.actors"),
         )
-    ds = ds.map_batches(LatentEncoder, batch_size=enc.batch_size, fn_constructor_args=(cfg,), **actor_pool_kwargs(enc.actors))
+    ds = ds.map_batches(LatentEncoder, batch_size=enc.batch_size, fn_constructor_args=(cfg,),
+                        **actor_pool_kwargs(enc.actors, "encode.actors", reserve_cpus=enc.decode_cpus))
     return ds.map_batches(
         write_bank_batch, batch_format="pyarrow", batch_size=enc.rows_per_file, fn_kwargs={"out": cfg.out}
     )

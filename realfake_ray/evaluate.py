@@ -165,7 +165,7 @@ def evaluate_sets(cfg: RunConfig, url: str, names: list[str], rows: list[dict], 
     ds = decoded_dataset(rows_dataset(rows), info["image_size"], cfg, view="eval")
     ds = ds.map_batches(
         ClassifierActor, batch_size=cfg.evaluate.batch_size, fn_constructor_args=(url, subsets),
-        **actor_pool_kwargs(cfg.evaluate.actors),
+        **actor_pool_kwargs(cfg.evaluate.actors, "evaluate.actors"),
     )
     parts: dict[int, list[dict]] = {}
     for r in ds.take_all():
@@ -218,7 +218,7 @@ def distribution_metrics(cfg: RunConfig, meta: dict, synth: list[dict], class_di
     rows = [{"url": synth[i]["url"], "label": synth[i]["label"]} for i in keep]
     ds = decoded_dataset(rows_dataset(rows), int(meta["resolution"]), cfg)
     ds = ds.map_batches(ClipEmbedder, batch_size=ev.batch_size, fn_constructor_args=(_embedding_config(cfg, meta),),
-                        **actor_pool_kwargs(ev.actors))
+                        **actor_pool_kwargs(ev.actors, "evaluate.actors"))
     batch = ds.select_columns(["label", "clip_embed"]).take_batch(len(rows), batch_format="numpy")
     real, real_labels = _bank_embeddings(cfg.out)
     report = distribution_report(

@@ -695,7 +695,7 @@ def build_pipeline(cfg: RunConfig, plan: GeneratePlan, class_means: np.ndarray |
         batch_size=1,  # one row = one planned generation batch (fixes batch composition: reproducible bytes)
         batch_format="pyarrow",
         fn_constructor_args=(cfg, spec),
-        **actor_pool_kwargs(g.actors),
+        **actor_pool_kwargs(g.actors, "generate.actors", reserve_cpus=2 * LIGHT_TASK_CPUS),
     )
     ds = ds.map_batches(
         write_images,

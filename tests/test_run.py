@@ -94,7 +94,7 @@ def local_head():
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
-            head.wait(30)
+            head.wait(5)  # nothing of the head is needed any more: do not wait for a graceful shutdown
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait()

@@ -9,7 +9,7 @@ import ray
 
 from realfake_ray import storage
 from realfake_ray._internal.quiet import QUIET_ENV
-from realfake_ray.config import ActorPool, RayConfig
+from realfake_ray.config import ActorPool, ConfigError, RayConfig
 
 # Environment every worker needs to resolve per-node caches and presets the same way as the driver.
 _FORWARDED_ENV = ("REALFAKE_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "HF_ENDPOINT")
@@ -80,12 +80,41 @@ def gpus_per_actor(pool: ActorPool) -> float:
     return float(pool.gpus_per_actor)
 
 
-def actor_pool_kwargs(pool: ActorPool) -> dict:
-    """``map_batches`` keyword arguments for a callable-class stage on an actor pool."""
+def fit_cpu_pool(pool: ActorPool, cluster_cpus: float, reserve_cpus: float, field: str) -> ActorPool:
+    """A CPU-only pool shrunk to what ``cluster_cpus`` hold next to ``reserve_cpus`` for the stage's tasks.
+
+    Ray Data waits for ``min_size`` actors; if they took every CPU, the stage's read and write tasks
+    would never be scheduled and the stage would hang. Raises ``ConfigError`` when not even one fits.
+
+    Example:
+        >>> fit_cpu_pool(ActorPool(min_size=2, max_size=2, cpus_per_actor=0.75), 2.0, 0.5, "generate.actors").max_size
+        2
+    """
+    if pool.cpus_per_actor <= 0:
+        return pool
+    fit = int((cluster_cpus - reserve_cpus) // pool.cpus_per_actor)
+    if fit >= pool.max_size:
+        return pool
+    if fit < 1:
+        raise ConfigError(
+            f"{field}.cpus_per_actor={pool.cpus_per_actor:g}: the cluster has {cluster_cpus:g} CPUs and the "
+            f"stage's other tasks need {reserve_cpus:g}; lower {field}.cpus_per_actor"
+        )
+    print(f"[ray] {field}: {pool.max_size} actors x {pool.cpus_per_actor:g} CPU would leave no CPU for the "
+          f"stage's other tasks on this {cluster_cpus:g}-CPU cluster; using {fit}", flush=True)
+    return pool.model_copy(update={"min_size": min(pool.min_size, fit), "max_size": fit})
+
+
+def actor_pool_kwargs(pool: ActorPool, field: str, reserve_cpus: float = 0.0) -> dict:
+    """``map_batches`` keyword arguments for a callable-class stage on an actor pool (``field``: its
+    config key, for messages). A CPU-only pool is fitted to the cluster (:func:`fit_cpu_pool`)."""
     from ray.data import ActorPoolStrategy
 
+    gpus = gpus_per_actor(pool)
+    if gpus == 0:
+        pool = fit_cpu_pool(pool, float(ray.cluster_resources().get("CPU", 0.0)), reserve_cpus, field)
     return dict(
         compute=ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size),
-        num_gpus=gpus_per_actor(pool),
+        num_gpus=gpus,
         num_cpus=pool.cpus_per_actor,
     )
