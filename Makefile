@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python jobs/scale_in1k.py --preset tiny --mult 10 --out runs/demo
+	$(BIN)/python jobs/scale_in1k.py --preset tiny --mult 1 --out runs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

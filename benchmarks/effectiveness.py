@@ -55,7 +55,7 @@ def variants(best_lambda: float, mults: tuple[int, ...]) -> list[dict]:
         {"row": f"+ MMD (λ={DEFAULT_LAMBDA:g})", "run": f"mmd-{DEFAULT_LAMBDA:g}", "stages": ["finetune", "generate"],
          "set": [f"finetune.mmd_weight={DEFAULT_LAMBDA}", *no_token]},
     ]
-    if best_lambda != DEFAULT_LAMBDA:
+    if best_lambda not in (DEFAULT_LAMBDA, 0.0):  # λ = 0 is the "+ LoRA" row already
         rows.append({"row": f"+ MMD (λ={best_lambda:g}, swept)", "run": f"mmd-{best_lambda:g}",
                      "stages": ["finetune", "generate"], "set": [f"finetune.mmd_weight={best_lambda}", *no_token]})
     full = [f"finetune.mmd_weight={best_lambda}", f"generate.mult={max(mults)}"]
@@ -141,7 +141,8 @@ def run_row(root: Path, bank: Path, variant: dict, seed: int, data: dict | None,
     from realfake_ray.train import run_train
 
     out = _run_dir(root, bank, seed, variant["run"])
-    tag = "-".join(o.split("=")[1] for o in variant.get("train", [])) or "synthetic"
+    # e.g. "synthetic_mult-1" (a bare "1" would be read as a number)
+    tag = "_".join(o.removeprefix("train.").replace("=", "-") for o in variant.get("train", [])) or "synthetic"
     overrides = [*variant.get("set", []), f"train.tag={tag}", *variant.get("train", ["train.source=synthetic"])]
     cfg = _config(out, seed, overrides, data)
     times = {}
@@ -218,6 +219,21 @@ def aggregate(rows: list[dict]) -> list[dict]:
     return table
 
 
+def stage_minutes(rows: list[dict], names: list[str], seeds: list[int]) -> float:
+    """Minutes of stage work behind the table (a run shared by several rows is counted once)."""
+    seen, total = set(), 0.0
+    for r in rows:
+        if r["row"] not in names or r["seed"] not in seeds:
+            continue
+        for key in ("finetune_s", "generate_s"):
+            run = (r["seed"], key, r.get(key))
+            if r.get(key) and run not in seen:
+                seen.add(run)
+                total += r[key]
+        total += r.get("train_s") or 0
+    return total / 60
+
+
 def bar_chart(table: list[dict], path: str) -> str:
     import matplotlib
 
@@ -265,7 +281,6 @@ def main() -> None:
     results = json.loads(results_file.read_text()) if results_file.exists() else {"rows": [], "sweep": {}}
     init_ray(RayConfig())
     ray.data.DataContext.get_current().enable_progress_bars = False
-    started = time.time()
     if args.sweep:
         results["sweep"] = sweep(root, [float(x) for x in args.sweep.split(",")], seed=0)
         results_file.write_text(json.dumps(results, indent=1))
@@ -294,7 +309,8 @@ def main() -> None:
     sweep_text = ", ".join(f"λ={k}: {v['top1']:.4f}" for k, v in results["sweep"].items()) or "not run"
     text = (f"{SECTION}\n\nMachine: {machine()} (torch {torch.__version__}, Ray {ray.__version__}); "
             f"`python benchmarks/effectiveness.py{' --quick' if args.quick else ''}`, seeds {seeds}, "
-            f"{(time.time() - started) / 60:.0f} min for the rows run now. Val = the 360 real val digits; every "
+            f"{stage_minutes(results['rows'], names, seeds):.0f} min of stage time for the rows (sum of their "
+            f"fine-tune, generate and train times). Val = the 360 real val digits; every "
             f"classifier: the `digits-32px` recipe (budget {budget:,} images: the same images seen for every row). "
             f"Encode (shared by all rows): {encode_s} s. λ sweep on the hold-out fifth of the real train split "
             f"(synthetic-only top-1): {sweep_text}; λ used for the Real-Fake rows: {best:g}. MMD² and KID: "
