@@ -212,7 +212,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
 
         table.append({
             "row": name, "seeds": len(group), "synthetic images": group[0]["synthetic_images"],
-            "val top-1": f"{top1.mean():.4f} ± {top1.std(ddof=1) if len(top1) > 1 else 0:.4f}",
+            "val top-1": f"{top1.mean():.4f} ± {top1.std(ddof=1):.4f}" if len(top1) > 1 else f"{top1[0]:.4f}",
             "MMD² (CLIP)": mean("mmd2"), "KID (CLIP)": mean("kid"),
             "finetune s": mean("finetune_s", 0), "generate s": mean("generate_s", 0), "train s": mean("train_s", 0),
         })
@@ -241,8 +241,9 @@ def bar_chart(table: list[dict], path: str) -> str:
     import matplotlib.pyplot as plt
 
     names = [t["row"] for t in table]
-    means = [float(t["val top-1"].split(" ± ")[0]) for t in table]
-    stds = [float(t["val top-1"].split(" ± ")[1]) for t in table]
+    cells = [t["val top-1"].split(" ± ") for t in table]
+    means = [float(c[0]) for c in cells]
+    stds = [float(c[1]) if len(c) > 1 else 0.0 for c in cells]
     fig, ax = plt.subplots(figsize=(9, 4.5))
     colours = ["#555555" if n == "real" else "#1f77b4" for n in names]
     ax.barh(range(len(names)), means, xerr=stds, color=colours, capsize=3)
@@ -250,7 +251,7 @@ def bar_chart(table: list[dict], path: str) -> str:
     ax.set_yticks(range(len(names)), names)
     ax.invert_yaxis()
     ax.set_xlim(min(means) - 0.05 if means else 0, 1.0)
-    ax.set_xlabel("val top-1 on the 360 real digits (mean ± std over seeds)")
+    ax.set_xlabel("val top-1 on the 360 real digits (mean ± std over seeds, where more than one)")
     ax.set_title("Real-Fake ablation, embedded digits, tiny base")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -31,7 +31,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from realfake_ray import storage
 from realfake_ray._internal.checkpoints import newest_complete, resume_checkpoint
-from realfake_ray._internal.cluster import train_logging
+from realfake_ray._internal.cluster import quiet_train_worker, train_logging
 from realfake_ray.config import FinetuneConfig, RunConfig, build_config, dump_config
 from realfake_ray.encode import bank_dir, meta_url, read_meta
 from realfake_ray.lora import LORA_WEIGHT_NAME, add_lora, load_lora, lora_sha256, save_lora
@@ -529,6 +529,7 @@ def train_loop(loop_config: dict) -> None:
     from ray.train.torch import get_device, prepare_model
 
     cfg, plan = build_config(loop_config["cfg"]), FinetunePlan(**loop_config["plan"])
+    quiet_train_worker(cfg.ray.verbose)
     ft = cfg.finetune
     ctx = train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -506,7 +506,10 @@ def train_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    from realfake_ray._internal.cluster import quiet_train_worker
+
     cfg, plan = RunConfig.model_validate(config["cfg"]), config["plan"]
+    quiet_train_worker(cfg.ray.verbose)
     t, ctx = cfg.train, ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     total_steps = max(1, t.epochs * plan["steps_per_epoch"])

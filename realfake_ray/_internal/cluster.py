@@ -68,6 +68,18 @@ def train_logging(verbose: bool = False):
     return ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING")
 
 
+def quiet_train_worker(verbose: bool = False) -> None:
+    """In a Ray Train worker: the INFO line per ``report`` ("Reporting training result ...") only with
+    ``--verbose``. Ray logs it under its context module's file path, outside ``LoggingConfig``'s reach."""
+    if verbose:
+        return
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: nothing to quiet
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0.0))
 
