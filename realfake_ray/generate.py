@@ -818,10 +818,10 @@ def run_generate(cfg: RunConfig) -> dict:
         "throughput_settings": _throughput_settings(cfg),
     }
     summary["complete"] = summary["count"] == plan.expected
-    storage.write_json(synthetic_dir(cfg.out, "_summary.json"), summary)
+    storage.write_json(summary_url, summary)
     if result["failed"]:
         raise RuntimeError(
             f"generate: {result['failed']} of {plan.pending} images failed (first error: {result['errors'][0]}); "
-            f"see {synthetic_dir(cfg.out, '_summary.json')}; rerun to retry only the missing ones"
+            f"see {summary_url}; rerun to retry only the missing ones"
         )
     return {**summary, "skipped": not plan.units}
