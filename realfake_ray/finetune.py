@@ -32,6 +32,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from realfake_ray import storage
 from realfake_ray._internal.checkpoints import newest_complete, resume_checkpoint
 from realfake_ray._internal.cluster import quiet_train_worker, train_logging
+from realfake_ray._internal.faults import fault_at, kill_driver
 from realfake_ray.config import FinetuneConfig, RunConfig, build_config, dump_config
 from realfake_ray.encode import bank_dir, meta_url, read_meta
 from realfake_ray.lora import LORA_WEIGHT_NAME, add_lora, load_lora, lora_sha256, save_lora
@@ -88,6 +89,7 @@ class FinetunePlan:
     class_means: tuple[tuple[float, ...], ...] | None = None  # only for guidance="class_mean"
     resume_dir: str | None = None  # newest complete checkpoint folder found by the driver (see _internal.checkpoints)
     first_epoch: int = 0  # the epoch that checkpoint was taken in (seeds the data order, see bank_dataset)
+    kill_driver_after: tuple[int, int] | None = None  # (step, driver pid): tests only, see _internal.faults
 
 
 def _bank_error(out: str, what: str) -> FileNotFoundError:
@@ -581,6 +583,8 @@ def train_loop(loop_config: dict) -> None:
                 metrics = {**st.history[-1], "step": st.step, "resumed_from": st.resumed_from, "train_seconds": seconds,
                            "run_samples_per_s": run_steps * ft.batch_size * world / seconds}
                 _report(st, models, optimizer, scaler, generator, cfg, metrics, rank)
+                if plan.kill_driver_after and rank == 0 and st.step == plan.kill_driver_after[0]:
+                    kill_driver(plan.kill_driver_after[1])
             if last:
                 break
         if seen == 0:
@@ -775,8 +779,10 @@ def run_finetune(cfg: RunConfig) -> dict:
         )
     run_dir = storage.join(finetune_dir(cfg.out), RUN_NAME)
     complete = newest_complete(run_dir, CHECKPOINT_PREFIX, (LORA_WEIGHT_NAME, _OPTIMIZER_FILE, _STATE_FILE, _HISTORY_FILE))
+    kill_at = fault_at("finetune.checkpoint")
     plan = replace(plan_finetune(cfg, meta, files, total), resume_dir=complete,
-                   first_epoch=_checkpoint_epoch(complete, cfg.finetune, int(meta["splits"]["train"]["rows"])))
+                   first_epoch=_checkpoint_epoch(complete, cfg.finetune, int(meta["splits"]["train"]["rows"])),
+                   kill_driver_after=(kill_at, os.getpid()) if kill_at else None)
     storage.write_json(settings_url, settings)
     storage.write_text(storage.join(finetune_dir(cfg.out), "config.yaml"), dump_config(cfg))
     init_ray(cfg.ray)

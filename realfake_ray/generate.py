@@ -41,7 +41,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from realfake_ray import storage
+from realfake_ray._internal.faults import fault_at, kill_driver
 from realfake_ray._internal.quiet import quiet_libraries
+from realfake_ray._internal.shards import PART_PREFIX, part_files
 from realfake_ray.config import ConfigError, GenerateConfig, RunConfig
 from realfake_ray.data.imagefolder import stem
 from realfake_ray.encode import bank_dir, meta_url, read_meta
@@ -150,7 +152,6 @@ def _bank_error(out: str, what: str) -> FileNotFoundError:
 
 def read_bank(out: str) -> tuple[dict, list[str]]:
     """The bank's ``_meta.json`` and its train part files, or FileNotFoundError naming ``realfake encode``."""
-    from realfake_ray._internal.shards import part_files
 
     meta = read_meta(out)
     if meta is None:
@@ -328,7 +329,6 @@ def recorded_settings(cfg: RunConfig, meta: dict, lora_sha256: str | None) -> di
 def check_settings_unchanged(out: str, settings: dict) -> None:
     """ValueError when ``<out>/synthetic`` was generated with other image-defining settings."""
     from realfake_ray._internal.settings import refuse_changed_settings
-    from realfake_ray._internal.shards import part_files
 
     if part_files(manifest_dir(out)):
         refuse_changed_settings(
@@ -404,7 +404,6 @@ def plan_units(cfg: RunConfig, files: list[str]) -> tuple[list[dict], int, int, 
     by copy, so an interrupted 10x run holds complete lower copies first. Memory: the bank's image_id
     column and the manifest's key columns (Arrow), 4 bytes per pending image.
     """
-    from realfake_ray._internal.shards import part_files
 
     g = cfg.generate
     tables = _read_tables(files, ["image_id"])
@@ -626,13 +625,13 @@ def _part_name(table: pa.Table) -> str:
     """A part file name derived from its keys: a retried writer task overwrites instead of duplicating."""
     keys = sorted(zip(table.column("image_id").to_pylist(), table.column("copy_idx").to_pylist()))
     digest = hashlib.sha256("\n".join(f"{i}\x1f{c}" for i, c in keys).encode()).hexdigest()[:32]
-    from realfake_ray._internal.shards import PART_PREFIX
-
     return f"{PART_PREFIX}{digest}.parquet"
 
 
-def write_manifest(batch: pa.Table, *, directory: str, constants: dict) -> dict[str, np.ndarray]:
-    """Writer task: the rows whose files were written become one manifest part; returns counts."""
+def write_manifest(batch: pa.Table, *, directory: str, constants: dict,
+                   kill_driver_after: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+    """Writer task: the rows whose files were written become one manifest part; returns counts.
+    ``kill_driver_after=(parts, pid)``: tests only, see ``_internal.faults``."""
     ok = pc.equal(batch["error"], "")
     good, bad = batch.filter(ok), batch.filter(pc.invert(ok))
     if good.num_rows:
@@ -644,6 +643,8 @@ def write_manifest(batch: pa.Table, *, directory: str, constants: dict) -> dict[
         buffer = io.BytesIO()
         pq.write_table(table, buffer)
         storage.write_bytes(storage.join(directory, _part_name(table)), buffer.getvalue())
+        if kill_driver_after and len(part_files(directory)) >= kill_driver_after[0]:
+            kill_driver(kill_driver_after[1])
     first_error = bad.column("error")[0].as_py() if bad.num_rows else ""
     return {
         "written": np.array([good.num_rows]),
@@ -708,7 +709,8 @@ def build_pipeline(cfg: RunConfig, plan: GeneratePlan, class_means: np.ndarray |
         batch_format="pyarrow",
         batch_size=g.rows_per_manifest_file,
         num_cpus=LIGHT_TASK_CPUS,
-        fn_kwargs={"directory": manifest_dir(cfg.out), "constants": _manifest_constants(cfg, plan)},
+        fn_kwargs={"directory": manifest_dir(cfg.out), "constants": _manifest_constants(cfg, plan),
+                   "kill_driver_after": (kill_at, os.getpid()) if (kill_at := fault_at("generate.manifest_part")) else None},
     )
 
 

@@ -14,7 +14,7 @@ Example:
     >>> from realfake_ray.models.tiny import build_random_tiny_pipeline
     >>> from realfake_ray.sampler import Sampler, SamplerSettings
     >>> sampler = Sampler(build_random_tiny_pipeline(), SamplerSettings(steps=4))
-    >>> mean = torch.zeros(2, 4, 16, 16)
+    >>> mean = torch.zeros(2, 4, 8, 8)
     >>> sampler(prompts=["photo of one", "photo of two"], seeds=[0, 1], latent_mean=mean).shape
     (2, 32, 32, 3)
 """
@@ -151,7 +151,7 @@ def latent_hw(pipe) -> tuple[int, int]:
     Example:
         >>> from realfake_ray.models.tiny import build_random_tiny_pipeline
         >>> latent_hw(build_random_tiny_pipeline())
-        (16, 16)
+        (8, 8)
     """
     size = pipe.unet.config.sample_size
     return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))

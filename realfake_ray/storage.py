@@ -237,7 +237,7 @@ def safe_name(name: str, max_len: int = 120) -> str:
     >>> safe_name("n01440764")
     'n01440764'
     >>> safe_name("../../etc/passwd")
-    'etc_passwd-1c8a0bb0'
+    'etc_passwd-936d7c04'
     """
     ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode("ascii")
     cleaned = _UNSAFE.sub("_", ascii_name).strip("._-")

@@ -61,3 +61,32 @@ def forbid_ray_work(mp: pytest.MonkeyPatch) -> None:
 def no_ray(monkeypatch):
     """Fail loudly if the test reaches Ray (see :func:`forbid_ray_work`)."""
     forbid_ray_work(monkeypatch)
+
+
+def run_until_fault(cmd: list[str], env: dict, fault: str, timeout: float = 300) -> None:
+    """Run a stage's job script with ``REALFAKE_FAULT=fault`` (see ``realfake_ray._internal.faults``): its
+    driver must die by SIGKILL at that point. Then wait until Ray has reaped every worker of the dead job,
+    so that nothing of it still writes while the test resumes the run."""
+    import signal
+    import subprocess
+    import time
+
+    from ray.util.state import list_actors, list_jobs, list_tasks
+
+    proc = subprocess.Popen(cmd, env={**env, "REALFAKE_FAULT": fault}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    output, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == -signal.SIGKILL, (
+        f"expected the driver to be killed at {fault}, got exit code {proc.returncode}:\n{output[-4000:]}"
+    )
+    deadline = time.time() + 120
+    while True:
+        jobs = [j for j in list_jobs() if j.driver_info and str(j.driver_info.pid) == str(proc.pid)]
+        busy = []
+        for job in jobs:
+            busy += [a.class_name for a in list_actors(filters=[("job_id", "=", job.job_id), ("state", "!=", "DEAD")])]
+            busy += [t.name for t in list_tasks(filters=[("job_id", "=", job.job_id), ("state", "=", "RUNNING")], limit=10000, raise_on_missing_output=False)]
+        if jobs and all(j.status not in ("PENDING", "RUNNING") for j in jobs) and not busy:
+            return
+        assert time.time() < deadline, f"the killed job still runs after 120 s: {busy}"
+        time.sleep(0.5)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import forbid_ray_work
+from conftest import forbid_ray_work, run_until_fault
 
 from realfake_ray import storage
 from realfake_ray.cli import main as cli_main
@@ -258,36 +258,19 @@ def test_arrow_filesystem_wraps_remote_urls_only(tmp_path):
 
 @pytest.mark.e2e
 def test_killed_driver_resumes_from_its_last_checkpoint(tiny_bank, tmp_path_factory, ray_cluster):
-    """`jobs/finetune.py` killed (SIGKILL, the whole process group) after its first checkpoint; the rerun
-    resumes from the newest checkpoint and ends at the same step count with a gapless history."""
-    import signal
-    import subprocess
+    """`jobs/finetune.py` SIGKILLed right after its checkpoint at step 4 (fault injection); the rerun resumes
+    from exactly that checkpoint and ends at the same step count with a gapless history."""
     import sys
-    import time
 
     out = str(tmp_path_factory.mktemp("finetune-kill") / "run")
     shutil.copytree(os.path.join(tiny_bank, "latents"), os.path.join(out, "latents"))
-    total, every = 60, 4  # ~20 s of steps after the first checkpoint: the job is still training at the kill
+    total, every = 8, 2
     overrides = [f"finetune.max_steps={total}", f"finetune.checkpoint_every={every}", "finetune.log_every=1"]
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address, PYTHONPATH=repo)
     cmd = [sys.executable, os.path.join(repo, "jobs", "finetune.py"), "--preset", "tiny", "--out", out]
-    cmd += [arg for o in overrides for arg in ("--set", o)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 240
-        # Two checkpoint folders: the first one has certainly been registered by then (a folder appears
-        # when its copy starts; Ray Train registers it when the copy is done).
-        while len(checkpoint_steps(out)) < 2 and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.1)
-        assert proc.poll() is None and len(checkpoint_steps(out)) >= 2, "the job ended before it could be killed"
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    time.sleep(3)  # let the dead driver's workers go
-    assert checkpoint_steps(out)[-1] < total and not storage.exists(storage.join(finetune_dir(out), "_done.json"))
+    run_until_fault(cmd + [arg for o in overrides for arg in ("--set", o)], env, "finetune.checkpoint:4")
+    assert checkpoint_steps(out) == [2, 4] and not storage.exists(storage.join(finetune_dir(out), "_done.json"))
     done = run_finetune(load_config(preset="tiny", out=out, overrides=overrides))
-    # Resumed from one of its checkpoints (a copy cut off by the kill is never registered, so not
-    # necessarily the newest folder), not from zero; same end step, every step logged exactly once.
-    assert done["resumed_from"] > 0 and done["resumed_from"] % every == 0 and done["step"] == total
+    assert done["resumed_from"] == 4 and done["step"] == total
     assert [row["step"] for row in _history(out)] == list(range(1, total + 1))

@@ -13,8 +13,8 @@ Image ``i`` of a corpus depends only on ``(seed, i)``, so any slice can be rende
 Example:
     >>> corpus = DigitCorpus(seed=0)
     >>> sample = corpus[3]
-    >>> sample.image.shape, sample.label, sample.caption.startswith("digit ")
-    ((32, 32, 3), 4, True)
+    >>> sample.image.shape, sample.label, "digit three" in sample.caption
+    ((32, 32, 3), 3, True)
 """
 
 from __future__ import annotations

@@ -1,0 +1,49 @@
+"""Fault injection for the kill tests: ``REALFAKE_FAULT=<point>:<n>`` SIGKILLs a stage's driver at an exact
+point, so a test interrupts a run where it means to instead of racing a timer.
+
+Points:
+
+- ``finetune.checkpoint:<step>`` — rank 0 of the Ray Train run kills the driver right after the checkpoint of
+  ``<step>`` is persisted, then waits to die with the job (no further step is checkpointed).
+- ``generate.manifest_part:<n>`` — the writer task that finds ``n`` manifest parts written kills the driver
+  (tasks already running may add a few parts before Ray reaps them).
+
+Unset (production), every check is one environment lookup.
+
+Example:
+    >>> fault_at("finetune.checkpoint", {"REALFAKE_FAULT": "finetune.checkpoint:8"})
+    8
+    >>> fault_at("generate.manifest_part", {"REALFAKE_FAULT": "finetune.checkpoint:8"}) is None
+    True
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Mapping
+from typing import NoReturn
+
+ENV = "REALFAKE_FAULT"
+POINTS = ("finetune.checkpoint", "generate.manifest_part")
+
+
+def fault_at(point: str, environ: Mapping[str, str] | None = None) -> int | None:
+    """The ``n`` of ``REALFAKE_FAULT=<point>:<n>`` when it names ``point``; None otherwise."""
+    spec = (os.environ if environ is None else environ).get(ENV, "")
+    if not spec:
+        return None
+    name, _, count = spec.rpartition(":")
+    if name not in POINTS or not count.isdigit():
+        raise ValueError(f"{ENV}={spec!r}: expected <point>:<n> with point one of {', '.join(POINTS)}")
+    return int(count) if name == point else None
+
+
+def kill_driver(pid: int) -> NoReturn:
+    """SIGKILL the driver process ``pid`` (possibly this one) and never return: a Ray worker calling this
+    dies with the job instead of making more progress."""
+    print(f"[fault] {ENV}: killing the driver (pid {pid})", flush=True)
+    os.kill(pid, signal.SIGKILL)
+    while True:
+        time.sleep(60)
