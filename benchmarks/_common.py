@@ -36,3 +36,25 @@ def write_section(path: str, title: str, text: str) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     Path(tmp).write_text(new)
     os.replace(tmp, path)
+
+
+def prepare_run(out: Path, run: str | None, seed: int) -> None:
+    """A Real-Fake run (latent bank + LoRA) in ``out`` for the audits: copied from ``run`` (its latents, LoRA and
+    fine-tuning settings), or encoded and fine-tuned there (tiny preset, ``seed``)."""
+    import shutil
+
+    from realfake_ray.config import load_config
+    from realfake_ray.encode import run_encode
+    from realfake_ray.finetune import run_finetune
+
+    if (out / "lora").exists():
+        return
+    if run:
+        for name in ("latents", "lora"):
+            shutil.copytree(Path(run) / name, out / name)
+        (out / "finetune").mkdir(parents=True, exist_ok=True)
+        shutil.copy(Path(run) / "finetune" / "_settings.json", out / "finetune" / "_settings.json")
+        return
+    cfg = load_config(preset="tiny", out=str(out), seed=seed)
+    run_encode(cfg)
+    run_finetune(cfg)

@@ -97,6 +97,16 @@ STAGES: dict[str, Stage] = {
             Arg("--reference", "reference", int, "1: add the reference baseline row (default), 0: leave it out"),
         ),
     ),
+    "tune-sampler": Stage(
+        "realfake_ray.tune_sampler:run_tune_sampler",
+        "Ray Tune sweep of sampler settings: images/s x data quality (KID, classifier top-1); Pareto front + "
+        "recommended YAML in <out>/tune_sampler",
+    ),
+    "audit-privacy": Stage(
+        "realfake_ray.audit_privacy:run_audit_privacy",
+        "membership-inference audit (shadow runs, offline LiRA) of real- vs synthetic-trained classifiers + "
+        "synthetic-to-source distances; <out>/audit_privacy",
+    ),
     "train": Stage(
         "realfake_ray.train:run_train",
         "real / synthetic / mixed images → classifier from scratch (Ray Train; resumes from <out>/classifier)",
@@ -194,11 +204,25 @@ def main(argv: list[str] | None = None) -> int:
         else:
             _run_stage(args.command, args)
     except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as exc:
-        if type(exc).__module__.startswith("ray"):
-            raise
+        if not raised_by_us(exc):
+            raise  # torch's, Ray's, a library's: the traceback is the useful part
         print(f"realfake {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def raised_by_us(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised by realfake_ray's own code (a checked, explained error: one line for the
+    user) rather than inside a library (a bug or an environment problem: keep the traceback)."""
+    import os
+
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    package = os.path.dirname(os.path.abspath(__file__))
+    return os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(package + os.sep)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-from pathlib import Path
 from typing import Any, Literal
 
 import yaml
@@ -142,6 +141,7 @@ class GenerateConfig(_Section):
     dtype: Dtype = "fp16"
     channels_last: bool = True
     compile: bool = False
+    accelerator: str = "none"  # none | deepcache[:N] | tomesd[:ratio] (see realfake_ray.accelerators)
     jpeg_quality: int = Field(75, ge=1, le=100)  # 75: PIL's default, what the reference stores
     storage_size: int | None = Field(None, ge=8)  # short side of stored JPEGs; None: the generation resolution
     rows_per_manifest_file: int = Field(512, ge=1)
@@ -248,6 +248,48 @@ class EvaluateConfig(_Section):
     actors: ActorPool = ActorPool()  # classifier / CLIP actors of the evaluation pipelines
 
 
+# The paper's sampler settings: what `realfake tune-sampler` judges every other setting against.
+PAPER_SAMPLER: dict[str, Any] = {"scheduler": "unipc", "steps": 30, "strength": 0.75, "guidance_scale": 2.0,
+                                 "lora_scale": 0.5, "accelerator": "none"}
+
+
+class TuneSamplerConfig(_Section):
+    """``realfake tune-sampler``: every combination of ``axes`` (generate keys), judged against ``reference``.
+
+    Keys a grid does not sweep come from ``reference``, then from the ``generate`` section. Round 1 (every
+    setting): images/s and KID / MMD² of ``proxy_rows`` generated images vs the real val set in CLIP space.
+    Round 2 (the reference + up to ``finalists`` settings of the round-1 front): a classifier trained on
+    ``accuracy_rows`` images generated with the setting, top-1 on the real val set."""
+
+    axes: dict[str, list[Any]] = {  # 32 settings + the reference: ~25 min on 2 CPU cores with the tiny preset
+        "scheduler": ["unipc", "dpmpp_2m_karras", "ddim", "euler"],
+        "steps": [15, 8],
+        "guidance_scale": [2.0, 1.0],
+        "accelerator": ["none", "deepcache:3"],
+    }
+    reference: dict[str, Any] = PAPER_SAMPLER
+    proxy_rows: int = Field(512, ge=8)  # train-bank images generated per setting in round 1
+    finalists: int = Field(3, ge=0)  # round-1 front settings given the classifier round, besides the reference
+    accuracy_rows: int | None = Field(None, ge=8)  # train-bank images per finalist (None: the whole bank = 1x)
+    classifier_budget_images: int = Field(21_555, ge=1)  # images the round-2 classifier sees (15 x 1,437)
+    tolerance: float = Field(0.01, ge=0)  # accuracy a recommendation may lose against the reference (1 point)
+    cpus_per_trial: float | None = Field(None, gt=0)  # None: a GPU trial takes 1 CPU, a CPU trial every CPU of a node
+    gpus_per_trial: float | Literal["auto"] = "auto"  # auto: 1 when the cluster has GPUs, else 0
+
+
+class AuditPrivacyConfig(_Section):
+    """``realfake audit-privacy``: shadow-model membership inference against real- vs synthetic-trained
+    classifiers, and how close synthetic images sit to their sources (docs/audit_privacy.md)."""
+
+    shadows: int = Field(8, ge=4)  # shadow runs per arm (even: every image is in exactly half of them)
+    arms: list[Literal["real", "synthetic"]] = ["real", "synthetic"]
+    classifier_budget_images: int = Field(21_555, ge=1)  # images each shadow's quick classifier sees
+    strengths: list[float] = [0.25, 0.5, 0.75, 1.0]  # generate.strength values of the generator-side study
+    strength_rows: int = Field(256, ge=1)  # train-bank images generated per strength
+    near_copy_threshold: float = Field(0.05, ge=0)  # CLIP cosine distance to its source below which = near-copy
+    cpus_per_task: float = Field(1.0, gt=0)  # Ray CPUs per quick-classifier task
+
+
 class RayConfig(_Section):
     address: str | None = None  # None: $RAY_ADDRESS, else a new local cluster on 127.0.0.1; "auto": a running one
     num_cpus: int | None = Field(None, ge=1)  # for a local cluster only
@@ -267,6 +309,8 @@ class RunConfig(_Section):
     generate: GenerateConfig = GenerateConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    tune_sampler: TuneSamplerConfig = TuneSamplerConfig()
+    audit_privacy: AuditPrivacyConfig = AuditPrivacyConfig()
     ray: RayConfig = RayConfig()
 
     @model_validator(mode="after")
@@ -413,7 +457,7 @@ def _unknown_key(loc: tuple, given: Any) -> str:
     return f"  {dotted}: unknown key (got {given!r}); {hint}allowed: {', '.join(allowed)}"
 
 
-def _format_errors(exc: ValidationError, raw: dict) -> str:
+def _format_errors(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
@@ -430,7 +474,7 @@ def build_config(raw: dict) -> RunConfig:
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, raw)) from None
+        raise ConfigError(_format_errors(exc)) from None
 
 
 def load_config(
@@ -460,8 +504,3 @@ def load_config(
 def dump_config(cfg: RunConfig) -> str:
     """The resolved config as YAML (what each stage writes next to its output)."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-
-
-def config_from_path(path: str | Path) -> RunConfig:
-    """Load a fully resolved config previously written by :func:`dump_config`."""
-    return build_config(read_yaml_config(str(path)))

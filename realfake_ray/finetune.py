@@ -81,10 +81,8 @@ class FinetunePlan:
     model_dir: str
     bank_files: tuple[str, ...]
     rows: int
-    steps_per_epoch: int
     total_steps: int
     prediction_type: str
-    num_train_timesteps: int
     num_classes: int
     class_means: tuple[tuple[float, ...], ...] | None = None  # only for guidance="class_mean"
     resume_dir: str | None = None  # newest complete checkpoint folder found by the driver (see _internal.checkpoints)
@@ -153,7 +151,7 @@ def check_model_and_bank(cfg: RunConfig, meta: dict, files: list[str], model_dir
 
     Example:
         >>> check_model_and_bank(cfg, read_meta(cfg.out), files, model_dir)  # doctest: +SKIP
-        {'prediction_type': 'epsilon', 'num_train_timesteps': 1000}
+        {'prediction_type': 'epsilon'}
     """
     unet = loading.read_component_config(model_dir, "unet")
     text = loading.read_component_config(model_dir, "text_encoder")
@@ -192,7 +190,7 @@ def check_model_and_bank(cfg: RunConfig, meta: dict, files: list[str], model_dir
     prediction_type = sched.get("prediction_type", "epsilon")
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"{model_dir}: scheduler prediction_type {prediction_type!r}; supported: epsilon, v_prediction")
-    return {"prediction_type": prediction_type, "num_train_timesteps": int(sched.get("num_train_timesteps", 1000))}
+    return {"prediction_type": prediction_type}
 
 
 def class_mean_embeddings(files: list[str], num_classes: int) -> np.ndarray:
@@ -230,12 +228,10 @@ def plan_finetune(cfg: RunConfig, meta: dict, files: list[str], total_steps: int
     means = None
     if cfg.finetune.guidance == "class_mean":
         means = tuple(tuple(float(v) for v in row) for row in class_mean_embeddings(files, num_classes))
-    per_epoch, _ = step_target(cfg.finetune, int(meta["splits"]["train"]["rows"]))
     return FinetunePlan(
         model_dir=model_dir,
         bank_files=tuple(files),
         rows=int(meta["splits"]["train"]["rows"]),
-        steps_per_epoch=per_epoch,
         total_steps=total_steps,
         num_classes=num_classes,
         class_means=means,

@@ -34,6 +34,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -42,6 +43,7 @@ import pyarrow.parquet as pq
 
 from realfake_ray import storage
 from realfake_ray._internal.faults import fault_at, kill_driver
+from realfake_ray.accelerators import apply_accelerator, parse_accelerator
 from realfake_ray._internal.quiet import quiet_libraries
 from realfake_ray._internal.shards import PART_PREFIX, part_files
 from realfake_ray.config import ConfigError, GenerateConfig, RunConfig
@@ -58,7 +60,7 @@ MANIFEST_COLUMNS = (
 # Settings that change what an image looks like: a synthetic set must not mix two of them.
 _RECORDED = ("model", "vae_sha256", "seed", "mode", "strength", "steps", "scheduler", "guidance_scale", "guidance",
              "negative_prompt", "negative_guidance_token", "sample_posterior", "lora_sha256", "lora_scale", "jpeg_quality",
-             "storage_size")  # fmt: skip
+             "storage_size", "accelerator")  # fmt: skip
 _UNIT_TARGET_ROWS = 512  # rows per load unit (rounded up to whole generation batches)
 LIGHT_TASK_CPUS = 0.25
 _PROGRESS_EVERY_S = 10.0
@@ -144,6 +146,12 @@ def check_generate_config(gen: GenerateConfig) -> None:
         raise ConfigError(f"generate: {exc}") from None
     if gen.batch_size < 1 or gen.rows_per_manifest_file < 1:
         raise ConfigError("generate.batch_size and generate.rows_per_manifest_file must be >= 1")
+    try:
+        parse_accelerator(gen.accelerator)
+    except ValueError as exc:
+        raise ConfigError(f"generate.{exc}") from None
+    if gen.compile and gen.accelerator != "none":
+        raise ConfigError(f"generate.accelerator={gen.accelerator!r} does not compose with generate.compile=true")
 
 
 def _bank_error(out: str, what: str) -> FileNotFoundError:
@@ -323,6 +331,7 @@ def recorded_settings(cfg: RunConfig, meta: dict, lora_sha256: str | None) -> di
         "lora_scale": g.lora_scale if lora_sha256 else None,
         "jpeg_quality": g.jpeg_quality,
         "storage_size": g.storage_size,
+        "accelerator": g.accelerator if g.accelerator != "none" else None,  # absent (None) in older records
     }
 
 
@@ -530,6 +539,7 @@ class SynthesisActor:
         lora = local_lora_dir(spec["lora_url"], spec["lora_sha256"]) if spec["lora_url"] else None
         settings = sampler_settings(cfg.generate, device)
         self.sampler = Sampler.from_pipeline(pipe, settings, device, lora_dir=lora, lora_scale=cfg.generate.lora_scale)
+        self.undo_accelerator = apply_accelerator(self.sampler, cfg.generate.accelerator)
         self.latent_shape = tuple(int(d) for d in spec["latent_shape"])
         hw = self.latent_shape[1:] if settings.mode == "img2img" else latent_hw(pipe)
         factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
@@ -588,6 +598,39 @@ class SynthesisActor:
             out[key] = np.array(parts[key], dtype)
         out["image"] = np.concatenate(images)
         return out
+
+
+class GeneratedSet(NamedTuple):
+    images: np.ndarray  # uint8 [N, H, W, 3]
+    labels: np.ndarray
+    images_per_s: float
+    actor: Any  # the SynthesisActor that made them (its sampler's settings; FLOP accounting)
+
+
+def generate_in_process(cfg: RunConfig, spec: dict, units: list[dict]) -> GeneratedSet:
+    """``(images, labels, images/s, actor)`` for the bank rows of ``units`` (see :func:`plan_units`), generated in this
+    process with ``cfg.generate`` through the stage's own batching and :class:`SynthesisActor` (``spec`` as the
+    actor's). For sampler tuning and audits; nothing is written. images/s is the median over the largest
+    batches after the first (an untimed warm-up, unless it is the only one), so that one disturbed batch
+    does not move it."""
+    g = cfg.generate
+    batches = load_units(pa.Table.from_pylist(units), seed=cfg.seed, batch_size=g.batch_size, mode=g.mode,
+                         guidance=g.guidance, collisions=frozenset())
+    actor = SynthesisActor(cfg, spec)
+    images, labels, timings = [], [], []
+    for i in range(batches.num_rows):
+        started = time.perf_counter()
+        out = actor(batches.slice(i, 1))
+        timings.append((len(out["image"]), max(time.perf_counter() - started, 1e-9)))
+        errors = [e for e in out["error"].tolist() if e]
+        if errors:
+            raise RuntimeError(f"generation failed: {errors[0]}")
+        images.append(out["image"])
+        labels.append(out["label"])
+    timed = timings[1:] or timings
+    largest = max(n for n, _ in timed)
+    speed = float(np.median([n / s for n, s in timed if n == largest]))
+    return GeneratedSet(np.concatenate(images), np.concatenate(labels), speed, actor)
 
 
 def encode_jpeg(image: np.ndarray, quality: int, storage_size: int | None = None) -> bytes:

@@ -261,32 +261,6 @@ def distribution_matching_loss(
 # ------------------------------------------------------------------------------- distributed
 
 
-class _AllGatherWithGrad(torch.autograd.Function):
-    """All-gather along dim 0; backward sums every rank's gradient for this rank's shard.
-
-    Summing (as torch.distributed.nn does) makes DDP's gradient averaging yield the exact gradient
-    of a loss that every rank computes identically on the gathered batch.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
-        import torch.distributed as dist
-
-        x = x.contiguous()
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x)
-        ctx.rank, ctx.size = dist.get_rank(), x.shape[0]
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
-        import torch.distributed as dist
-
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.size : (ctx.rank + 1) * ctx.size]
-
-
 def _dist_world_size() -> int:
     import torch.distributed as dist
 
@@ -309,10 +283,8 @@ def gather_with_grad(x: Tensor) -> Tensor:
     """
     if _dist_world_size() == 1:
         return x
-    try:
-        from torch.distributed.nn.functional import all_gather
-    except ImportError:  # older/limited torch builds
-        return _AllGatherWithGrad.apply(x)
+    from torch.distributed.nn.functional import all_gather  # sums the ranks' gradients in backward
+
     return torch.cat(all_gather(x.contiguous()))
 
 

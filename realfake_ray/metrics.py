@@ -30,6 +30,8 @@ QUANTILES = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
 
 def _as_embeddings(x: Any, name: str) -> Tensor:
     """[N, D] float32 tensor, rows L2-normalised."""
+    if isinstance(x, np.ndarray) and not x.flags.writeable:  # e.g. read from Ray's object store
+        x = x.copy()
     t = torch.as_tensor(x)
     if t.ndim != 2 or len(t) == 0:
         raise ValueError(f"{name} must be a non-empty [N, D] embedding matrix, got shape {list(t.shape)}")

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
 _TMP_PREFIX = ".tmp-"  # same marker as storage.atomic_open, so listings skip half-written files
 _DPI = 100
@@ -107,6 +108,82 @@ def plot_curves(
     ax.grid(True, alpha=0.3)
     if title:
         ax.set_title(title)
+    fig.tight_layout()
+    return _save_png(fig, path)
+
+
+def pareto_plot(rows: list[dict], path: str, title: str = "realfake tune-sampler") -> str:
+    """Two panels of sampler-tuning rows: images/s vs KID for every setting (round 1, lower KID better),
+    images/s vs classifier top-1 for the finalists (round 2). The reference is a black square, the
+    recommendation a star; the Pareto fronts are drawn as steps. Writes a PNG; returns ``path``.
+
+    Example:
+        >>> rows = [{"name": "ref", "reference": True, "images_per_s": 1.0, "kid": 0.02, "accuracy": 0.8},
+        ...         {"name": "fast", "images_per_s": 3.0, "kid": 0.03, "accuracy": 0.79, "recommended": True}]
+        >>> pareto_plot(rows, "/tmp/pareto.png")
+        '/tmp/pareto.png'
+    """
+    from realfake_ray.tuning import pareto_front
+
+    fig = _new_figure(11.0, 4.2)
+    for i, (y, better) in enumerate((("kid", "lower"), ("accuracy", "higher"))):
+        ax = fig.add_subplot(1, 2, i + 1)
+        points = [r for r in rows if _is_number(r.get("images_per_s")) and _is_number(r.get(y))]
+        if not points:
+            ax.text(0.5, 0.5, f"no {y} measured", ha="center", va="center", transform=ax.transAxes)
+        ax.scatter([r["images_per_s"] for r in points], [r[y] for r in points], s=18, color="tab:blue", alpha=0.7)
+        front = pareto_front(points, "images_per_s", y, higher_y_is_better=better == "higher")
+        if front:
+            ax.step([r["images_per_s"] for r in front], [r[y] for r in front], where="post", color="tab:orange",
+                    label="Pareto front")
+        for r in points:
+            if r.get("reference"):
+                ax.scatter([r["images_per_s"]], [r[y]], marker="s", s=60, color="black", label="reference (paper)")
+            if r.get("recommended"):
+                ax.scatter([r["images_per_s"]], [r[y]], marker="*", s=160, color="tab:red", label="recommended")
+            if r in front or r.get("reference"):
+                ax.annotate(str(r.get("name", "")).replace("reference: ", ""), (r["images_per_s"], r[y]),
+                            fontsize=6, xytext=(3, 3), textcoords="offset points")
+        if any(r["images_per_s"] > 0 for r in points):
+            ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("images/s (log)")
+        ax.set_ylabel(f"{y} ({better} is better)")
+        ax.grid(True, alpha=0.3)
+        ax.set_title(("round 1: every setting" if i == 0 else "round 2: classifier on the finalists"), fontsize=9)
+        if points:
+            ax.legend(loc="best", fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save_png(fig, path)
+
+
+def roc_plot(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str, title: str = "membership inference") -> str:
+    """ROC curves ``{name: (fpr, tpr)}`` on log-log axes (the low-FPR region is what matters for privacy),
+    with the chance diagonal. Writes a PNG; returns ``path``.
+
+    Example:
+        >>> roc_plot({"real": (np.array([0, 0.01, 1.0]), np.array([0, 0.05, 1.0]))}, "/tmp/roc.png")
+        '/tmp/roc.png'
+    """
+    fig = _new_figure(5.0, 4.4)
+    ax = fig.add_subplot()
+    floor = 1e-4
+    grid = np.logspace(np.log10(floor), 0, 50)
+    ax.plot(grid, grid, linestyle="--", color="grey", label="chance")
+    for name, (fpr, tpr) in curves.items():
+        ax.plot(np.maximum(fpr, floor), np.maximum(tpr, floor), label=name)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(floor, 1)
+    ax.set_ylim(floor, 1)
+    ax.set_xlabel("false-positive rate")
+    ax.set_ylabel("true-positive rate")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower right")
+    ax.set_title(title)
     fig.tight_layout()
     return _save_png(fig, path)
 

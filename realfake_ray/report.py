@@ -202,6 +202,7 @@ def write_report(cfg: RunConfig, summary: dict) -> dict:
         "accuracy": _accuracy_rows(classifiers),
         "distribution": _mmd_rows(classifiers),
         "imagenet_estimate": gpu_hours_estimate(cfg, synth),
+        "audit": _read_json(storage.join(cfg.out, "audit_privacy", "summary.json")),  # realfake audit-privacy
         "pictures": {},
         "config": cfg.model_dump(mode="json"),
     }
@@ -248,6 +249,10 @@ def _markdown(cfg: RunConfig, report: dict, table) -> str:
                 lines.append(f"\n![{key[7:]} classifier curves]({path})\n")
     if report["distribution"]:
         lines += ["\n## Real vs synthetic distribution (CLIP space)\n", table(report["distribution"])]
+    audit_md = storage.join(cfg.out, "audit_privacy", "audit.md")
+    if report.get("audit") and storage.exists(audit_md):
+        lines += ["\n## Audit: membership inference (realfake audit-privacy)\n", storage.read_text(audit_md).rstrip(),
+                  "\n![ROC](audit_privacy/roc.png)\n"]
     lines += ["\n## Cost at ImageNet-1K scale (estimate)\n", _cost_text(report["imagenet_estimate"])]
     lines.append("\n## Resolved config\n\n```yaml\n" + dump_config(cfg) + "```\n")
     return "\n".join(lines)

@@ -49,6 +49,8 @@ __all__ = [
     "latent_hw",
     "make_grid",
     "make_scheduler",
+    "model_flops",
+    "sampler_flops",
     "run_grid",
 ]
 
@@ -512,7 +514,7 @@ def _bench_inputs(pipe, batch_size: int, seed: int) -> dict:
     }
 
 
-def _model_flops(pipe, device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+def model_flops(pipe, device: torch.device, dtype: torch.dtype) -> dict[str, float]:
     """Counted FLOPs per image of one UNet forward, one VAE decode and one VAE encode at native size."""
     h, w = latent_hw(pipe)
     unet, vae = pipe.unet, pipe.vae
@@ -549,16 +551,21 @@ def _result_row(spec: dict, settings: SamplerSettings, batch_size: int, seconds:
     }
 
 
+def sampler_flops(settings: SamplerSettings, counted: dict[str, float]) -> float:
+    """FLOPs per image of sampling with ``settings`` (FLOP model, see :func:`~realfake_ray.flops.img2img_flops`),
+    from :func:`model_flops` counts."""
+    strength = 1.0 if settings.mode == "txt2img" else settings.strength
+    return img2img_flops(settings.steps, strength, settings.cfg, True, counted["unet_fwd"], counted["vae_decode"])
+
+
 def _bench_sampler_row(pipe, spec, device, iters, warmup, seed, flops_cache) -> dict:
     """Time our Sampler on one grid row."""
     settings, batch_size = _split_spec(spec)
     sampler = Sampler(pipe, settings, device)
     key = settings.dtype
     if key not in flops_cache:
-        flops_cache[key] = _model_flops(pipe, device, sampler.dtype)
-    counted = flops_cache[key]
-    strength = 1.0 if settings.mode == "txt2img" else settings.strength
-    flops = img2img_flops(settings.steps, strength, settings.cfg, True, counted["unet_fwd"], counted["vae_decode"])
+        flops_cache[key] = model_flops(pipe, device, sampler.dtype)
+    flops = sampler_flops(settings, flops_cache[key])
     inputs = _bench_inputs(pipe, batch_size, seed)
     if settings.mode == "txt2img":
         inputs.pop("latent_mean"), inputs.pop("latent_std")
@@ -596,7 +603,7 @@ def _bench_reference_row(pipe, spec, device, iters, warmup, seed, flops_cache) -
         module.to(memory_format=torch.contiguous_format)
         _set_sdpa(module)
     if settings.dtype not in flops_cache:
-        flops_cache[settings.dtype] = _model_flops(pipe, device, dtype)
+        flops_cache[settings.dtype] = model_flops(pipe, device, dtype)
     counted = flops_cache[settings.dtype]
     ref.enable_model_cpu_offload(gpu_id=device.index or 0)  # the reference: moved to GPU, then offloaded
     h, w = latent_hw(pipe)

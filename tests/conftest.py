@@ -48,13 +48,23 @@ def tiny_bank(ray_cluster, tmp_path_factory) -> str:
 
 
 def forbid_ray_work(mp: pytest.MonkeyPatch) -> None:
-    """Make any start of Ray fail the test: bad input is reported, and a complete stage returns its
-    stored result, before any Ray work."""
+    """Make any Ray work fail the test — starting or joining a cluster, a task or actor, an object put or
+    get, a Ray Data dataset, a Ray Train trainer or a Ray Tune tuner (even on the session's running
+    cluster): bad input is reported, and a complete stage returns its stored result, before any Ray work."""
+    import ray
+    import ray.data
+    import ray.train.torch
+    import ray.tune
 
     def boom(*_args, **_kwargs):
         raise AssertionError("Ray work started (expected: an error before any work, or the stored result)")
 
     mp.setattr("realfake_ray._internal.cluster.init_ray", boom)
+    for name in ("init", "remote", "put", "get"):
+        mp.setattr(ray, name, boom)
+    mp.setattr(ray.data.Dataset, "__init__", boom)
+    mp.setattr(ray.train.torch.TorchTrainer, "__init__", boom)
+    mp.setattr(ray.tune.Tuner, "__init__", boom)
 
 
 @pytest.fixture

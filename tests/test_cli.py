@@ -49,3 +49,23 @@ def test_verbose_flag_reaches_the_ray_section(capsys):
     assert "verbose: false" in capsys.readouterr().out
     assert main(["encode", "--preset", "tiny", "--verbose", "--print-config"]) == 0
     assert "verbose: true" in capsys.readouterr().out
+
+
+def test_a_library_error_keeps_its_traceback_ours_is_one_line(monkeypatch, capsys):
+    import torch
+
+    def torch_fails(cfg):
+        return torch.zeros(2) + torch.zeros(3)  # RuntimeError raised inside torch
+
+    monkeypatch.setattr("realfake_ray.encode.run_encode", torch_fails)
+    with pytest.raises(RuntimeError, match="size of tensor"):
+        main(["encode", "--preset", "tiny"])
+
+    def ours(cfg):
+        from realfake_ray.config import load_config
+
+        load_config(preset="tiny", overrides=["generate.steps=0"])  # raises ConfigError in realfake_ray
+
+    monkeypatch.setattr("realfake_ray.encode.run_encode", ours)
+    assert main(["encode", "--preset", "tiny"]) == 2
+    assert "generate.steps" in capsys.readouterr().err

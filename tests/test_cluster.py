@@ -29,3 +29,15 @@ def test_only_the_upper_end_shrinks_when_the_minimum_fits():
 def test_an_actor_larger_than_the_cluster_is_a_config_error():
     with pytest.raises(ConfigError, match=r"generate.actors.cpus_per_actor=4: the cluster has 2 CPUs"):
         fit_cpu_pool(ActorPool(cpus_per_actor=4), 2.0, 0.5, "generate.actors")
+
+
+def test_the_no_ray_guard_catches_data_train_and_tune_work(no_ray):
+    import ray.data
+    import ray.train.torch
+    import ray.tune
+
+    for work in (lambda: ray.data.from_items([1]), lambda: ray.train.torch.TorchTrainer(lambda: None),
+                 lambda: ray.tune.Tuner(lambda config: None), lambda: ray.init(), lambda: ray.remote(len),
+                 lambda: ray.put(1)):
+        with pytest.raises(AssertionError, match="Ray work started"):
+            work()

@@ -8,6 +8,8 @@ PURE = (
     "realfake_ray.classifier", "realfake_ray.metrics", "realfake_ray.plots", "realfake_ray.flops",
     "realfake_ray.seeds", "realfake_ray.lora", "realfake_ray.models.tiny", "realfake_ray.models.pretrain",
     "realfake_ray.models.base_quality", "realfake_ray.data.corpus", "realfake_ray.data.imagefolder",
+    "realfake_ray.accelerators", "realfake_ray.tuning", "realfake_ray._internal.faults", "realfake_ray.privacy",
+    "realfake_ray.quick_classifier",
 )
 
 

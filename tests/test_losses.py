@@ -11,7 +11,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from realfake_ray.losses import (
-    _AllGatherWithGrad,
     denoising_loss,
     distribution_matching_loss,
     finetune_loss,
@@ -279,13 +278,12 @@ def _gather_worker(rank: int, world: int, init_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         coef = torch.arange(12.0).view(4, 3)
-        for gather in (gather_with_grad, _AllGatherWithGrad.apply):
-            x = torch.full((2, 3), float(rank + 1), requires_grad=True)
-            g = gather(x)
-            assert torch.equal(g, torch.tensor([1.0] * 6 + [2.0] * 6).view(4, 3))
-            (g * coef).sum().backward()
-            # Every rank's loss sees this shard: gradients are summed across the 2 ranks.
-            assert torch.equal(x.grad, 2 * coef[2 * rank : 2 * rank + 2])
+        x = torch.full((2, 3), float(rank + 1), requires_grad=True)
+        g = gather_with_grad(x)
+        assert torch.equal(g, torch.tensor([1.0] * 6 + [2.0] * 6).view(4, 3))
+        (g * coef).sum().backward()
+        # Every rank's loss sees this shard: gradients are summed across the 2 ranks.
+        assert torch.equal(x.grad, 2 * coef[2 * rank : 2 * rank + 2])
         # The global DM term is the single-process term on the concatenated batch, divided by W² (linear);
         # the default local scope sees only this rank's shard.
         pred, target, t, ac = _finetune_inputs(batch=4, seed=7)

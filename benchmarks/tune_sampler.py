@@ -1,0 +1,61 @@
+"""`realfake tune-sampler` on the tiny preset: the default grid, its Pareto front and recommendation (CPU).
+
+Works on a Real-Fake run (latent bank + LoRA): `--run` names one (e.g. the effectiveness benchmark's
+`runs/effectiveness/seed0/full`), or the script encodes and fine-tunes one in `--out` first (tiny preset,
+seed 0, ~2 min). Its latents, LoRA and fine-tuning settings are copied into `--out`; the sweep writes
+`<out>/tune_sampler/` and, with `--write BENCHMARKS.md`, this script's section there.
+
+    python benchmarks/tune_sampler.py --run runs/effectiveness/seed0/full --write BENCHMARKS.md
+"""
+
+from __future__ import annotations
+
+import _common  # noqa: F401  (repository root on sys.path)
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+
+TITLE = "## Sampler tuning (CPU, tiny base): `realfake tune-sampler --preset tiny`"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="runs/tune-sampler")
+    parser.add_argument("--run", help="a Real-Fake run to tune on (its latents + LoRA are copied)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", action="append", default=[], help="extra config overrides, as the CLI's --set")
+    parser.add_argument("--write", metavar="BENCHMARKS.md")
+    args = parser.parse_args()
+
+    from _common import machine, prepare_run, write_section
+
+    from realfake_ray.config import load_config
+    from realfake_ray.tune_sampler import run_tune_sampler, tune_dir
+
+    out = Path(args.out)
+    prepare_run(out, args.run, args.seed)
+    cfg = load_config(preset="tiny", out=str(out), seed=args.seed, overrides=args.set)
+    started = time.time()
+    summary = run_tune_sampler(cfg)
+    minutes = (time.time() - started) / 60
+    table = Path(tune_dir(str(out), "results.md")).read_text()
+    recommended = Path(tune_dir(str(out), "recommended.yaml")).read_text() if summary.get("recommended") else "(none)"
+    command = "python benchmarks/tune_sampler.py" + (f" --run {args.run}" if args.run else "")
+    text = (
+        f"{TITLE}\n\nMachine: {machine()}. `{command}` "
+        f"(seed {args.seed}; the default grid of `tune_sampler.axes`); wall time of the sweep "
+        f"{minutes:.1f} min for {summary['settings']} settings and {summary['finalists']} classifier finalists.\n\n"
+        f"{table}\n"
+        f"Recommendation (`{tune_dir(str(out), 'recommended.yaml')}`):\n\n```yaml\n{recommended}```\n\n"
+        f"![front](benchmarks/tune_sampler.png)\n"
+    )
+    shutil.copy(tune_dir(str(out), "pareto.png"), Path(__file__).with_name("tune_sampler.png"))
+    print(text)
+    if args.write:
+        write_section(args.write, TITLE, text)
+
+
+if __name__ == "__main__":
+    main()

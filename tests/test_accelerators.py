@@ -1,0 +1,70 @@
+import pytest
+import torch
+
+from realfake_ray.accelerators import apply_accelerator, parse_accelerator
+from realfake_ray.config import ConfigError, GenerateConfig
+from realfake_ray.generate import check_generate_config
+from realfake_ray.models.tiny import build_random_tiny_pipeline
+from realfake_ray.sampler import Sampler, SamplerSettings
+
+
+@pytest.mark.parametrize("spec, expected", [("none", ("none", None)), ("deepcache", ("deepcache", 3.0)),
+                                            ("deepcache:5", ("deepcache", 5.0)), ("tomesd:0.25", ("tomesd", 0.25))])
+def test_parse(spec, expected):
+    assert parse_accelerator(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["fastcache", "deepcache:0", "deepcache:2.5", "tomesd:1.5", "none:3", "deepcache:x"])
+def test_bad_specs_are_errors_naming_the_value(spec):
+    with pytest.raises(ValueError, match="accelerator="):
+        parse_accelerator(spec)
+
+
+def test_generate_config_checks_the_accelerator():
+    with pytest.raises(ConfigError, match="generate.accelerator='deepcache:0'"):
+        check_generate_config(GenerateConfig(accelerator="deepcache:0", dtype="fp32"))
+    with pytest.raises(ConfigError, match="does not compose with generate.compile"):
+        check_generate_config(GenerateConfig(accelerator="deepcache", compile=True, dtype="fp32"))
+
+
+def _sampler():
+    torch.manual_seed(0)
+    return Sampler(build_random_tiny_pipeline(), SamplerSettings(steps=8, strength=1.0))
+
+
+def _images(sampler):
+    return sampler(prompts=["a photo of digit one", "a photo of digit two"], seeds=[0, 1], latent_mean=torch.zeros(2, 4, 8, 8))
+
+
+def test_deepcache_runs_the_deep_blocks_every_nth_step_and_undoes_cleanly():
+    sampler = _sampler()
+    baseline = _images(sampler)
+    calls = {"mid": 0}
+    original = sampler.unet.mid_block.forward
+
+    def counting(*args, **kwargs):
+        calls["mid"] += 1
+        return original(*args, **kwargs)
+
+    sampler.unet.mid_block.forward = counting
+    undo = apply_accelerator(sampler, "deepcache:3")
+    cached = _images(sampler)
+    assert calls["mid"] == 3  # denoising steps 0, 3, 6 of 8 run the deep blocks; the others reuse them
+    assert not (cached == baseline).all()
+    undo()
+    sampler.unet.mid_block.forward = original
+    assert (_images(sampler) == baseline).all()
+
+
+def test_tomesd_leaves_a_unet_without_full_resolution_attention_unchanged():
+    sampler = _sampler()
+    baseline = _images(sampler)
+    undo = apply_accelerator(sampler, "tomesd:0.5")
+    assert (_images(sampler) == baseline).all()  # the tiny UNet attends only at 1/2 resolution: nothing merged
+    undo()
+
+
+def test_accelerators_refuse_compile():
+    sampler = Sampler(build_random_tiny_pipeline(), SamplerSettings(steps=4, compile=True))
+    with pytest.raises(ValueError, match="does not compose with compile"):
+        apply_accelerator(sampler, "deepcache")

@@ -1,0 +1,69 @@
+import json
+
+import numpy as np
+import pytest
+
+from conftest import forbid_ray_work
+from realfake_ray import storage
+from realfake_ray.audit_privacy import audit_dir, run_audit_privacy
+from realfake_ray.config import ConfigError, load_config
+
+
+def _cfg(out, *overrides):
+    return load_config(preset="tiny", out=str(out), overrides=[
+        "audit_privacy.shadows=4", "audit_privacy.classifier_budget_images=64", "audit_privacy.strengths=[0.5]",
+        "audit_privacy.strength_rows=8", "generate.steps=2", "generate.use_lora=false", *overrides])
+
+
+def test_an_odd_shadow_count_or_no_arm_is_a_config_error(tmp_path, no_ray):
+    with pytest.raises(ConfigError, match="audit_privacy.shadows=5"):
+        run_audit_privacy(_cfg(tmp_path, "audit_privacy.shadows=5"))
+    with pytest.raises(ConfigError, match="audit_privacy.arms is empty"):
+        run_audit_privacy(_cfg(tmp_path, "audit_privacy.arms=[]"))
+    with pytest.raises(ConfigError, match="audit_privacy.shadows"):
+        load_config(preset="tiny", overrides=["audit_privacy.shadows=2"])
+
+
+def test_a_run_without_a_bank_is_a_clear_error(tmp_path, no_ray):
+    with pytest.raises(FileNotFoundError, match="realfake encode"):
+        run_audit_privacy(_cfg(tmp_path))
+
+
+@pytest.mark.e2e
+def test_tiny_audit_runs_both_arms_on_shadow_halves_and_resumes(tiny_bank, tmp_path, monkeypatch):
+    import shutil
+
+    from realfake_ray._internal.shards import read_parts, write_part
+    from realfake_ray.encode import bank_dir, meta_url
+
+    out = tmp_path / "run"
+    shutil.copytree(f"{tiny_bank}/latents", out / "latents", ignore=shutil.ignore_patterns("part-*"))
+    bank = read_parts(bank_dir(tiny_bank, "train"))
+    write_part(bank_dir(str(out), "train"), bank.slice(0, 120))  # a small bank: the audit's wiring, quickly
+    meta = storage.read_json(meta_url(str(out)))
+    meta["splits"]["train"]["rows"] = 120
+    storage.write_json(meta_url(str(out)), meta)
+    cfg = _cfg(out, "generate.actors.min_size=1", "generate.actors.max_size=1")
+    summary = run_audit_privacy(cfg)
+    bank_ids = set(read_parts(bank_dir(str(out), "train"), ["image_id"]).column("image_id").to_pylist())
+    halves = []
+    for k in range(4):  # each synthetic shadow's pipeline saw only its half of the real train set
+        shadow = audit_dir(str(out), "synthetic", f"shadow_{k}")
+        ids = read_parts(bank_dir(shadow, "train"), ["image_id"]).column("image_id").to_pylist()
+        manifest = read_parts(f"{shadow}/synthetic/_manifest", ["image_id"]).column("image_id").to_pylist()
+        assert set(ids) < bank_ids and sorted(manifest) == sorted(ids) and abs(len(ids) - len(bank_ids) / 2) < 20
+        halves.append(set(ids))
+    assert all(sum(i in h for h in halves) == 2 for i in bank_ids)  # every image in exactly half the shadows
+    for arm in ("real", "synthetic"):
+        result = summary["arms"][arm]
+        assert 0.0 <= result["auc"] <= 1.0 and result["pairs"] > len(bank_ids) and 0 <= result["val_top1_mean"] <= 1
+        phi = np.load(storage.open_file(audit_dir(str(out), arm, "shadow_0.npz")))["phi"]
+        assert phi.shape == (len(bank_ids),) and np.isfinite(phi).all()
+    (strength,) = summary["strengths"]
+    assert strength["strength"] == 0.5 and strength["images"] == 8 and 0 <= strength["near_copy_fraction"] <= 1
+    assert json.loads(storage.read_text(audit_dir(str(out), "summary.json")))["arms"].keys() == {"real", "synthetic"}
+    assert storage.exists(audit_dir(str(out), "roc.png")) and "| arm |" in storage.read_text(audit_dir(str(out), "audit.md"))
+
+    forbid_ray_work(monkeypatch)  # every shadow is stored: the rerun only recomputes the attack from them
+    rerun = run_audit_privacy(cfg.model_copy(update={"audit_privacy": cfg.audit_privacy.model_copy(update={"strengths": []})}))
+    assert rerun["arms"] == summary["arms"]
