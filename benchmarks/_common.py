@@ -58,3 +58,21 @@ def prepare_run(out: Path, run: str | None, seed: int) -> None:
     cfg = load_config(preset="tiny", out=str(out), seed=seed)
     run_encode(cfg)
     run_finetune(cfg)
+
+
+def real_fake_run(doc: str, out_default: str):
+    """``(args, cfg)`` for a script that audits a Real-Fake run: parses ``--out --run --seed --set --write``,
+    prepares the run (:func:`prepare_run`) and resolves its tiny-preset config."""
+    import argparse
+
+    from realfake_ray.config import load_config
+
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--out", default=out_default)
+    parser.add_argument("--run", help="a Real-Fake run to work on (its latents, LoRA and fine-tuning settings are copied)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", action="append", default=[], help="extra config overrides, as the CLI's --set")
+    parser.add_argument("--write", metavar="BENCHMARKS.md")
+    args = parser.parse_args()
+    prepare_run(Path(args.out), args.run, args.seed)
+    return args, load_config(preset="tiny", out=args.out, seed=args.seed, overrides=args.set)

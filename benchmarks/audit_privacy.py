@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import _common  # noqa: F401  (repository root on sys.path)
 
-import argparse
 import shutil
 from pathlib import Path
 
@@ -32,22 +31,12 @@ def goal_reading(arms: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="runs/audit-privacy")
-    parser.add_argument("--run", help="a Real-Fake run to audit (its latents + LoRA are copied)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--set", action="append", default=[], help="extra config overrides, as the CLI's --set")
-    parser.add_argument("--write", metavar="BENCHMARKS.md")
-    args = parser.parse_args()
-
-    from _common import machine, prepare_run, write_section
+    from _common import machine, real_fake_run, write_section
 
     from realfake_ray.audit_privacy import audit_dir, audit_markdown, run_audit_privacy
-    from realfake_ray.config import load_config
 
+    args, cfg = real_fake_run(__doc__, "runs/audit-privacy")
     out = Path(args.out)
-    prepare_run(out, args.run, args.seed)
-    cfg = load_config(preset="tiny", out=str(out), seed=args.seed, overrides=args.set)
     summary = run_audit_privacy(cfg)
     command = "python benchmarks/audit_privacy.py" + (f" --run {args.run}" if args.run else "")
     text = (

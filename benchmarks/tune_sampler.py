@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import _common  # noqa: F401  (repository root on sys.path)
 
-import argparse
 import shutil
 import time
 from pathlib import Path
@@ -21,22 +20,12 @@ TITLE = "## Sampler tuning (CPU, tiny base): `realfake tune-sampler --preset tin
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="runs/tune-sampler")
-    parser.add_argument("--run", help="a Real-Fake run to tune on (its latents + LoRA are copied)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--set", action="append", default=[], help="extra config overrides, as the CLI's --set")
-    parser.add_argument("--write", metavar="BENCHMARKS.md")
-    args = parser.parse_args()
+    from _common import machine, real_fake_run, write_section
 
-    from _common import machine, prepare_run, write_section
-
-    from realfake_ray.config import load_config
     from realfake_ray.tune_sampler import run_tune_sampler, tune_dir
 
+    args, cfg = real_fake_run(__doc__, "runs/tune-sampler")
     out = Path(args.out)
-    prepare_run(out, args.run, args.seed)
-    cfg = load_config(preset="tiny", out=str(out), seed=args.seed, overrides=args.set)
     started = time.time()
     summary = run_tune_sampler(cfg)
     minutes = (time.time() - started) / 60

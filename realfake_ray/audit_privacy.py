@@ -13,7 +13,8 @@ real image, at each ``generate.strength`` of ``audit_privacy.strengths``.
 The quick classifiers train in parallel as Ray tasks; the stages use Ray as they always do. Every shadow
 stores its result as it finishes (``<out>/audit_privacy/<arm>/shadow_<k>.npz``) and every stage of a
 synthetic shadow resumes, so a rerun continues where the last one stopped. Outputs: ``summary.json``,
-``audit.md``, ``roc.png`` under ``<out>/audit_privacy/``; the run report gains an "Audit" section.
+``audit.md``, ``roc.png`` under ``<out>/audit_privacy/``; an existing run report is rewritten with an
+"Audit" section.
 
 Example:
     $ realfake audit-privacy --preset tiny --out runs/tiny     # after `realfake encode` (and finetune) of runs/tiny
@@ -43,6 +44,7 @@ from realfake_ray.generate import find_lora, generate_in_process, images_dir, ma
 from realfake_ray.plots import markdown_table, roc_plot
 from realfake_ray.privacy import attack_summary, copy_distances, copy_summary, lira_offline, roc_points, shadow_masks
 from realfake_ray.quick_classifier import margins, top1, train_quick
+from realfake_ray.report import write_report
 from realfake_ray.seeds import derive_seed
 from realfake_ray.train import real_rows
 
@@ -262,6 +264,8 @@ def _write_outputs(cfg: RunConfig, summary: dict, curves: dict) -> dict:
             storage.write_bytes(audit_dir(cfg.out, "roc.png"), f.read())
     storage.write_text(audit_dir(cfg.out, "audit.md"), audit_markdown(summary) + "\n")
     storage.write_json(audit_dir(cfg.out, "summary.json"), summary)
+    if storage.exists(storage.join(cfg.out, "report.json")):
+        write_report(cfg, {})  # the run's report gains its "Audit" section
     print(audit_markdown(summary), flush=True)
     return summary
 

@@ -35,6 +35,7 @@ def test_tiny_audit_runs_both_arms_on_shadow_halves_and_resumes(tiny_bank, tmp_p
 
     from realfake_ray._internal.shards import read_parts, write_part
     from realfake_ray.encode import bank_dir, meta_url
+    from realfake_ray.report import write_report
 
     out = tmp_path / "run"
     shutil.copytree(f"{tiny_bank}/latents", out / "latents", ignore=shutil.ignore_patterns("part-*"))
@@ -44,7 +45,10 @@ def test_tiny_audit_runs_both_arms_on_shadow_halves_and_resumes(tiny_bank, tmp_p
     meta["splits"]["train"]["rows"] = 120
     storage.write_json(meta_url(str(out)), meta)
     cfg = _cfg(out, "generate.actors.min_size=1", "generate.actors.max_size=1")
+    write_report(cfg, {})  # a run report exists: the audit adds its section to it
     summary = run_audit_privacy(cfg)
+    report = storage.read_text(f"{out}/report.md")
+    assert "## Audit: membership inference" in report and "audit_privacy/roc.png" in report
     bank_ids = set(read_parts(bank_dir(str(out), "train"), ["image_id"]).column("image_id").to_pylist())
     halves = []
     for k in range(4):  # each synthetic shadow's pipeline saw only its half of the real train set
