@@ -35,7 +35,7 @@ from PIL import Image
 
 from realfake_ray import storage
 from realfake_ray._internal.cluster import init_ray
-from realfake_ray._internal.shards import part_files, read_parts, write_part
+from realfake_ray._internal.shards import part_files, read_parts, tensor_column, write_part
 from realfake_ray.config import ConfigError, RunConfig
 from realfake_ray.data.imagefolder import scan_image_folder
 from realfake_ray.encode import ClipEmbedder, bank_dir, meta_url
@@ -90,12 +90,6 @@ def _val(cfg: RunConfig, meta: dict) -> tuple[list[np.ndarray], np.ndarray]:
     return _images([r["url"] for r in rows]), np.array([r["label"] for r in rows], dtype=np.int64)
 
 
-def _clip_embeddings(table: pa.Table) -> np.ndarray:
-    column = table.column("clip_embed").combine_chunks()
-    column = getattr(column, "storage", column)
-    return column.flatten().to_numpy(zero_copy_only=False).reshape(table.num_rows, -1).astype(np.float32)
-
-
 # ---------------------------------------------------------------------------------------------- shadows
 def _shadow_url(cfg: RunConfig, arm: str, k: int) -> str:
     return audit_dir(cfg.out, arm, f"shadow_{k}.npz")
@@ -133,10 +127,9 @@ def _write_shadow_bank(cfg: RunConfig, shadow: RunConfig, bank: pa.Table, mask: 
     if part_files(bank_dir(shadow.out, "train")) and storage.exists(meta_url(shadow.out)):
         return
     write_part(bank_dir(shadow.out, "train"), bank.filter(pa.array(mask)))
-    for name in ("_identity.json",):
-        source = storage.join(bank_dir(cfg.out), name)
-        if storage.exists(source):
-            storage.write_bytes(storage.join(bank_dir(shadow.out), name), storage.read_bytes(source))
+    identity = storage.join(bank_dir(cfg.out), "_identity.json")
+    if storage.exists(identity):
+        storage.write_bytes(storage.join(bank_dir(shadow.out), "_identity.json"), storage.read_bytes(identity))
     meta = storage.read_json(meta_url(cfg.out))
     meta["splits"] = {"train": {**meta["splits"]["train"], "rows": int(mask.sum())}}
     storage.write_json(meta_url(shadow.out), meta)  # written last: a bank is complete once its meta exists
@@ -204,11 +197,11 @@ def _strength_study(cfg: RunConfig, meta: dict, bank: pa.Table) -> list[dict]:
             units.append({"file": url, "copy_idx": 0, "rows": local.astype(np.int32).tobytes()})
     lora_url, lora_sha = find_lora(cfg)
     spec = {"lora_url": lora_url, "lora_sha256": lora_sha, "latent_shape": meta["latent_shape"], "class_means": None}
-    real_embeddings, embedder, out = _clip_embeddings(bank), ClipEmbedder(cfg), []
+    real_embeddings, embedder, out = tensor_column(bank, "clip_embed"), ClipEmbedder(cfg), []
     for strength in ap.strengths:
         scfg = cfg.model_copy(update={"generate": cfg.generate.model_copy(update={"strength": strength})})
         images = generate_in_process(scfg, spec, units).images
-        synthetic = np.concatenate([embedder.embed(images[i : i + 256]) for i in range(0, len(images), 256)])
+        synthetic = embedder.embed(images, batch_size=256)
         distances = copy_distances(synthetic.astype(np.float32), rows, real_embeddings)
         out.append({"strength": strength, "images": len(images), "lora": bool(lora_url),
                     **copy_summary(distances, ap.near_copy_threshold)})

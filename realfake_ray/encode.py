@@ -163,15 +163,20 @@ class ClipEmbedder:
         self.model, self.processor = loading.load_clip_vision(clip_dir, torch_dtype=self.dtype)
         self.model.to(self.device)
 
-    def embed(self, pixels) -> np.ndarray:
+    def embed(self, pixels, batch_size: int | None = None) -> np.ndarray:
         """uint8 ``[B, H, W, 3]`` images (or a list of ``[H, W, 3]`` of any sizes: the processor resizes and
-        centre-crops each) → float16 ``[B, D]`` projected CLIP image embeddings."""
+        centre-crops each) → float16 ``[B, D]`` projected CLIP image embeddings, ``batch_size`` at a time
+        (None: all in one forward)."""
         import torch
 
+        out = []
         with torch.inference_mode():
-            clip_in = self.processor(images=list(pixels), return_tensors="pt")["pixel_values"]
-            embeds = self.model(pixel_values=clip_in.to(self.device, self.dtype)).image_embeds
-        return embeds.float().cpu().numpy().astype(np.float16)
+            step = batch_size or max(len(pixels), 1)
+            for start in range(0, len(pixels), step):
+                chunk = list(pixels[start : start + step])
+                clip_in = self.processor(images=chunk, return_tensors="pt")["pixel_values"]
+                out.append(self.model(pixel_values=clip_in.to(self.device, self.dtype)).image_embeds.float().cpu())
+        return torch.cat(out).numpy().astype(np.float16)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         pixels = batch.pop("pixels")

@@ -45,7 +45,7 @@ from realfake_ray import storage
 from realfake_ray._internal.faults import fault_at, kill_driver
 from realfake_ray.accelerators import apply_accelerator, parse_accelerator
 from realfake_ray._internal.quiet import quiet_libraries
-from realfake_ray._internal.shards import PART_PREFIX, part_files
+from realfake_ray._internal.shards import PART_PREFIX, part_files, tensor_column
 from realfake_ray.config import ConfigError, GenerateConfig, RunConfig
 from realfake_ray.data.imagefolder import stem
 from realfake_ray.encode import bank_dir, meta_url, read_meta
@@ -462,13 +462,6 @@ def plan_generate(cfg: RunConfig) -> GeneratePlan:
 # ------------------------------------------------------------------------------------------ workers
 
 
-def _tensor_rows(table: pa.Table, column: str, rows: int) -> np.ndarray:
-    """A Ray tensor column (or a plain list column) as a float16 ndarray ``[rows, -1]``."""
-    array = table.column(column).combine_chunks()
-    array = array.storage if isinstance(array, pa.ExtensionArray) else array
-    return array.flatten().to_numpy(zero_copy_only=False).astype(np.float16, copy=False).reshape(rows, -1)
-
-
 _BATCH_SCHEMA = pa.schema(
     [("copy_idx", pa.int64())]
     + [(c, pa.list_(pa.string())) for c in ("image_id", "class_dir", "path", "prompt")]
@@ -494,7 +487,7 @@ def _batch_row(chunk: pa.Table, copy_idx: int, seed: int, collisions: frozenset[
     }
     for column in ("latent_mean", "latent_std", "clip_embed"):
         present = column in chunk.column_names
-        row[column] = _tensor_rows(chunk, column, chunk.num_rows).tobytes() if present else b""
+        row[column] = tensor_column(chunk, column, np.float16).tobytes() if present else b""
     return row
 
 

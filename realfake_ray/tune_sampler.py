@@ -35,7 +35,7 @@ from PIL import Image
 
 from realfake_ray import storage
 from realfake_ray._internal.cluster import cluster_gpus, init_ray
-from realfake_ray._internal.shards import part_files, read_parts
+from realfake_ray._internal.shards import part_files, read_parts, tensor_column
 from realfake_ray.config import ConfigError, GenerateConfig, RunConfig
 from realfake_ray.encode import ClipEmbedder, bank_dir
 from realfake_ray.finetune import class_mean_embeddings
@@ -55,6 +55,7 @@ from realfake_ray.sampler import model_flops, sampler_flops
 from realfake_ray.seeds import derive_seed
 from realfake_ray.train import real_rows
 from realfake_ray.tuning import (
+    AXES,
     classifier_accuracy,
     expand_grid,
     pick_finalists,
@@ -66,10 +67,8 @@ from realfake_ray.tuning import (
 
 __all__ = ["run_tune_sampler", "tune_dir"]
 
-_GENERATE_KEYS = ("scheduler", "steps", "strength", "guidance_scale", "lora_scale", "batch_size", "dtype",
-                  "channels_last", "compile", "accelerator")  # fmt: skip
 _COLUMNS = ("name", "reference", "images_per_s", "tflop_per_img", "mfu", "peak_mem_gib", "kid", "kid_std", "mmd2",
-            "accuracy", "finalist", "recommended", "error", *_GENERATE_KEYS)  # fmt: skip
+            "accuracy", "finalist", "recommended", "error", *AXES)  # fmt: skip
 
 
 def tune_dir(out: str, *parts: str) -> str:
@@ -98,10 +97,10 @@ class TunePlan:
 def grid_settings(cfg: RunConfig) -> tuple[list[dict], dict, list[str]]:
     """``(settings, reference, swept keys)``; every setting validated (ConfigError naming it) before any work."""
     ts, g = cfg.tune_sampler, cfg.generate
-    unknown = sorted(set(ts.reference) - set(_GENERATE_KEYS))
+    unknown = sorted(set(ts.reference) - set(AXES))
     if unknown:
-        raise ConfigError(f"tune_sampler.reference: unknown key(s) {unknown}; valid: {list(_GENERATE_KEYS)}")
-    base = {**{k: getattr(g, k) for k in _GENERATE_KEYS}, **ts.reference}
+        raise ConfigError(f"tune_sampler.reference: unknown key(s) {unknown}; valid: {list(AXES)}")
+    base = {**{k: getattr(g, k) for k in AXES}, **ts.reference}
     try:
         settings = expand_grid(ts.axes, base)
     except ValueError as exc:
@@ -110,12 +109,12 @@ def grid_settings(cfg: RunConfig) -> tuple[list[dict], dict, list[str]]:
     unique: dict[str, dict] = {}
     for setting in [reference, *settings]:
         _check_setting(g, setting)
-        unique.setdefault(setting_id({k: setting[k] for k in _GENERATE_KEYS}), setting)
+        unique.setdefault(setting_id({k: setting[k] for k in AXES}), setting)
     return list(unique.values()), reference, list(ts.axes)
 
 
 def _check_setting(g: GenerateConfig, setting: dict) -> None:
-    values = {k: setting[k] for k in _GENERATE_KEYS}
+    values = {k: setting[k] for k in AXES}
     try:
         check_generate_config(GenerateConfig(**{**g.model_dump(), **values}))
     except (ConfigError, ValueError) as exc:
@@ -144,10 +143,7 @@ def _val_set(cfg: RunConfig, meta: dict) -> tuple[np.ndarray, list[np.ndarray], 
             f"tune-sampler scores settings against the real val set: set data.val and run `realfake encode` "
             f"so that {bank_dir(cfg.out, 'val')} exists"
         )
-    table = read_parts(bank_dir(cfg.out, "val"), ["clip_embed"])
-    column = table.column("clip_embed").combine_chunks()
-    column = getattr(column, "storage", column)
-    embeds = column.flatten().to_numpy(zero_copy_only=False).reshape(table.num_rows, -1).astype(np.float32)
+    embeds = tensor_column(read_parts(bank_dir(cfg.out, "val"), ["clip_embed"]), "clip_embed")
     _, rows = real_rows(cfg.data.val, cfg, meta["class_dirs"])
     images = [np.array(Image.open(storage.open_file(r["url"])).convert("RGB")) for r in rows]
     return embeds, images, np.array([r["label"] for r in rows], dtype=np.int64)
@@ -185,21 +181,15 @@ def _spec(plan: TunePlan) -> dict:
             "class_means": plan.class_means}
 
 
-def _embed(cfg: RunConfig, images: np.ndarray) -> np.ndarray:
-
-    embedder = ClipEmbedder(cfg)
-    return np.concatenate([embedder.embed(images[i : i + 256]) for i in range(0, len(images), 256)]).astype(np.float32)
-
-
 def measure(plan: TunePlan, setting: dict, phase: str) -> dict:
     """One trial: round 1 (``proxy``: images/s, KID, MMD²) or round 2 (``accuracy``: classifier top-1)."""
     cfg = RunConfig(**plan.cfg)
-    cfg = cfg.model_copy(update={"generate": cfg.generate.model_copy(update={k: setting[k] for k in _GENERATE_KEYS})})
+    cfg = cfg.model_copy(update={"generate": cfg.generate.model_copy(update={k: setting[k] for k in AXES})})
     if phase == "proxy":
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         made = generate_in_process(cfg, _spec(plan), plan.proxy_units)
-        distances = set_distances(plan.val_embeddings, _embed(cfg, made.images), seed=cfg.seed)
+        distances = set_distances(plan.val_embeddings, ClipEmbedder(cfg).embed(made.images, batch_size=256), seed=cfg.seed)
         return {"images_per_s": made.images_per_s, **_compute_columns(made), "kid": distances["kid"],
                 "kid_std": distances["kid_std"], "mmd2": distances["mmd2"], "proxy_images": len(made.images)}
     images, labels, speed = generate_in_process(cfg, _spec(plan), plan.accuracy_units)[:3]
@@ -221,7 +211,7 @@ def _compute_columns(made) -> dict:
 
 
 def _trial_url(out: str, phase: str, setting: dict, context: dict) -> str:
-    key = setting_id({"setting": {k: setting[k] for k in _GENERATE_KEYS}, "context": context})
+    key = setting_id({"setting": {k: setting[k] for k in AXES}, "context": context})
     return tune_dir(out, "trials", f"{phase}-{key}.json")
 
 
@@ -279,7 +269,7 @@ def _run_round(cfg: RunConfig, plan: TunePlan, settings: list[dict], phase: str)
         url = _trial_url(cfg.out, phase, s, plan.context)
         if not storage.exists(url):
             raise RuntimeError(f"tune-sampler: the {phase} trial of {s} stored no result (see {tune_dir(cfg.out, 'ray_tune')})")
-        rows[setting_id({k: s[k] for k in _GENERATE_KEYS})] = storage.read_json(url)
+        rows[setting_id({k: s[k] for k in AXES})] = storage.read_json(url)
     return rows
 
 
@@ -294,7 +284,7 @@ def _csv(rows: list[dict]) -> str:
 
 def _write_outputs(cfg: RunConfig, rows: list[dict], best: dict | None, reference: dict) -> dict:
     ts = cfg.tune_sampler
-    table = markdown_table([{k: r.get(k) for k in _COLUMNS if k not in _GENERATE_KEYS or k in ts.axes} for r in rows])
+    table = markdown_table([{k: r.get(k) for k in _COLUMNS if k not in AXES or k in ts.axes} for r in rows])
     storage.write_text(tune_dir(cfg.out, "results.csv"), _csv(rows))
     storage.write_text(tune_dir(cfg.out, "results.md"), table + "\n")
     with tempfile.TemporaryDirectory() as tmp:
@@ -331,14 +321,14 @@ def run_tune_sampler(cfg: RunConfig) -> dict:
     proxy = _run_round(cfg, plan, settings, "proxy")
     rows = []
     for s in settings:
-        stored = proxy[setting_id({k: s[k] for k in _GENERATE_KEYS})]
+        stored = proxy[setting_id({k: s[k] for k in AXES})]
         rows.append({**s, **{k: v for k, v in stored.items() if k not in ("phase", "setting")}})
     if rows[0].get("error"):
         raise RuntimeError(f"tune-sampler: the reference setting failed: {rows[0]['error']}")
     finalists = pick_finalists([r for r in rows if not r.get("error")], cfg.tune_sampler.finalists)
     accuracy = _run_round(cfg, plan, finalists, "accuracy")
     for r in rows:
-        stored = accuracy.get(setting_id({k: r[k] for k in _GENERATE_KEYS})) if r in finalists else None
+        stored = accuracy.get(setting_id({k: r[k] for k in AXES})) if r in finalists else None
         if stored is not None:
             r.update(finalist=True, accuracy=stored.get("accuracy"), error=r.get("error") or stored.get("error"))
     best = recommend([r for r in rows if not r.get("error")], cfg.tune_sampler.tolerance)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import uuid
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -46,3 +47,10 @@ def write_part(directory: str, table: pa.Table) -> str:
     pq.write_table(table, buffer)
     storage.write_bytes(url, buffer.getvalue())
     return url
+
+
+def tensor_column(table: pa.Table, column: str, dtype=np.float32) -> np.ndarray:
+    """A Ray tensor column (or a plain list column) as an ndarray ``[rows, -1]`` of ``dtype``."""
+    array = table.column(column).combine_chunks()
+    array = array.storage if isinstance(array, pa.ExtensionArray) else array
+    return array.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False).reshape(table.num_rows, -1)
