@@ -2,7 +2,8 @@
 
 Every input and output location is an fsspec URL: a plain path, ``file://``, ``s3://``, ``gs://``,
 ``memory://`` … Stages never touch ``os``/``open`` for data; they call these helpers, which also make
-every write atomic (write to a temporary name beside the target, then rename).
+every write atomic: on disks a temporary name beside the target, then a rename; on object stores one
+upload, since an object appears only when its upload completes (a rename there is copy + delete).
 
 Example:
     >>> from realfake_ray import storage
@@ -20,8 +21,6 @@ import posixpath
 import re
 import unicodedata
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import IO, Any
 
 import fsspec
@@ -29,6 +28,8 @@ from fsspec.core import url_to_fs
 
 _TMP_MARK = ".tmp-"
 EMBEDDED_SCHEME = "embedded:"
+# Object stores: whole-object uploads are atomic, renames are not, and listings change under other writers.
+OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
 
 
 def cache_dir(*parts: str) -> str:
@@ -54,6 +55,9 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """
     if url.startswith(EMBEDDED_SCHEME):
         url = resolve_embedded(url)
+    if is_object_store(url):
+        # fsspec caches listings per process; stages list what other processes (Ray workers) just wrote.
+        return url_to_fs(url, use_listings_cache=False)
     return url_to_fs(anchor(url))
 
 
@@ -94,6 +98,11 @@ def protocol(url: str) -> str:
 
 def is_local(url: str) -> bool:
     return protocol(url) in ("file", "local")
+
+
+def is_object_store(url: str) -> bool:
+    """``s3://``, ``gs://``, ``az://`` …: written with one upload per object, never temp + rename."""
+    return protocol(url) in OBJECT_STORES
 
 
 def local_path(url: str) -> str:
@@ -175,27 +184,28 @@ def read_json(url: str) -> Any:
     return json.loads(read_text(url))
 
 
-@contextmanager
-def atomic_open(url: str, mode: str = "wb") -> Iterator[IO]:
-    """Open a temporary sibling of ``url`` for writing; rename it into place only on success."""
+def write_bytes(url: str, data: bytes) -> None:
+    """Write ``data`` to ``url`` so that readers see the old object or the whole new one, never a part.
+
+    Object stores: one upload (a single PUT for small objects, a multipart upload completed at the end
+    for large ones). Disks and other filesystems: a temporary sibling, then a rename.
+    """
     fs, path = filesystem(url)
+    if is_object_store(url):
+        fs.pipe_file(path, data)
+        return
     parent = posixpath.dirname(path)
     if parent:
         fs.makedirs(parent, exist_ok=True)
     tmp = posixpath.join(parent, f"{_TMP_MARK}{uuid.uuid4().hex}-{posixpath.basename(path)}")
     try:
-        with fs.open(tmp, mode) as handle:
-            yield handle
+        with fs.open(tmp, "wb") as handle:
+            handle.write(data)
         fs.mv(tmp, path)
     except BaseException:
         if fs.exists(tmp):
             fs.rm(tmp)
         raise
-
-
-def write_bytes(url: str, data: bytes) -> None:
-    with atomic_open(url, "wb") as handle:
-        handle.write(data)
 
 
 def write_text(url: str, text: str) -> None:
@@ -207,7 +217,11 @@ def write_json(url: str, obj: Any) -> None:
 
 
 def upload_file(local: str, url: str) -> None:
-    """Copy a local file to ``url`` atomically."""
+    """Copy a local file to ``url`` atomically (one upload on object stores)."""
+    if is_object_store(url):
+        fs, path = filesystem(url)
+        fs.put_file(local, path)
+        return
     with open(local, "rb") as src:
         write_bytes(url, src.read())
 

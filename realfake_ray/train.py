@@ -582,9 +582,11 @@ def _trainer(plan: TrainPlan, cfg: RunConfig, first_epoch: int, resume_dir: str 
     datasets = {"train": train_dataset(plan, cfg, first_epoch)}
     if plan.val:
         datasets["val"] = decoded_dataset(rows_dataset(plan.val), t.image_size, cfg, view="eval")
+    fs, path = storage.arrow_filesystem(out_dir)  # the same filesystem object as finetune hands Ray Train
     run_config = ray.train.RunConfig(
         name=plan.run_name,
-        storage_path=storage.local_path(out_dir) if storage.is_local(out_dir) else out_dir,
+        storage_path=path,
+        storage_filesystem=fs,
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.checkpoint_keep),
         failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
         logging_config=train_logging(cfg.ray.verbose),

@@ -59,11 +59,13 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def local_head():
-    """A Ray head started with `ray start --head` on 127.0.0.1 (token auth on); yields (address, env)."""
+def local_head(s3_server):
+    """A Ray head started with `ray start --head` on 127.0.0.1 (token auth on); yields (address, env).
+    Its processes reach the session's S3 server (they inherit the endpoint and credentials)."""
     bin_dir = os.path.dirname(sys.executable)
     env = dict(
         os.environ,
+        **s3_server.env,
         PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
         RAY_AUTH_MODE="token",
         RAY_AUTH_TOKEN=secrets.token_hex(32),
@@ -113,23 +115,22 @@ def _submit(address: str, env: dict, *args: str) -> subprocess.CompletedProcess:
     return result
 
 
-def _small_dataset(root: Path) -> tuple[str, str]:
-    """3 digit classes × 12 train / 4 val images copied from the embedded dataset."""
+def _small_dataset(root: str) -> tuple[str, str]:
+    """3 digit classes × 12 train / 4 val images copied from the embedded dataset to ``root`` (any URL)."""
     for split, count in (("train", 12), ("val", 4)):
         for cls in ("digit_1", "digit_3", "digit_7"):
-            files = storage.find(f"embedded:digits/{split}/{cls}")[:count]
-            for url in files:
-                target = root / split / cls / url.rsplit("/", 1)[-1]
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(storage.read_bytes(url))
-    return str(root / "train"), str(root / "val")
+            for url in storage.find(f"embedded:digits/{split}/{cls}")[:count]:
+                storage.write_bytes(storage.join(root, split, cls, url.rsplit("/", 1)[-1]), storage.read_bytes(url))
+    return storage.join(root, "train"), storage.join(root, "val")
 
 
 @pytest.mark.e2e
-def test_ray_job_submit_runs_resumes_and_skips(local_head, tmp_path):
+def test_ray_job_submit_runs_resumes_and_skips_on_object_storage(local_head, s3_bucket):
+    """The tiny job submitted to a cluster, reading its data from and writing its run to S3 (a local
+    S3-compatible server, the real s3fs client): killed mid-generate, resubmitted, resubmitted again."""
     address, env = local_head
-    train, val = _small_dataset(tmp_path / "data")
-    out = str(tmp_path / "run")
+    train, val = _small_dataset(f"{s3_bucket}/data")
+    out = f"{s3_bucket}/run"
     args = ["--preset", "tiny", "--mult", "2", "--out", out, "--data", train, "--val-data", val,
             "--set", "data.classes_file=embedded:digits/classes.json",
             "--set", "finetune.max_steps=4", "--set", "finetune.checkpoint_every=2",

@@ -22,15 +22,47 @@ def test_join_keeps_scheme_and_plain_paths():
     assert storage.protocol("gs://b/x") == "gs" and storage.protocol("/tmp") == "file"
 
 
-def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+def test_atomic_write_leaves_nothing_on_failure(tmp_path, monkeypatch):
     target = str(tmp_path / "out.bin")
+    fs, _ = storage.filesystem(target)
+
+    def killed_mid_rename(*_args, **_kwargs):
+        raise RuntimeError("killed mid-write")
+
+    monkeypatch.setattr(type(fs), "mv", killed_mid_rename)
     with pytest.raises(RuntimeError):
-        with storage.atomic_open(target) as f:
-            f.write(b"partial")
-            raise RuntimeError("killed mid-write")
+        storage.write_bytes(target, b"partial")
     assert os.listdir(tmp_path) == []
+    monkeypatch.undo()
     storage.write_bytes(target, b"full")
     assert os.listdir(tmp_path) == ["out.bin"]
+
+
+def test_object_store_writes_are_one_upload_without_temporary_objects(s3_bucket, s3_server, tmp_path):
+    """On S3 a write is one PUT (an object appears only when it completes): no temp object, copy or delete."""
+    before = {m: s3_server.requests(m) for m in ("PUT", "POST", "DELETE")}
+    storage.write_bytes(f"{s3_bucket}/run/a.bin", b"x" * 1000)
+    storage.write_json(f"{s3_bucket}/run/b.json", {"k": 1})
+    local = tmp_path / "c.bin"
+    local.write_bytes(b"y" * 5000)
+    storage.upload_file(str(local), f"{s3_bucket}/run/c.bin")
+    assert s3_server.requests("PUT") - before["PUT"] == 3
+    assert (s3_server.requests("POST"), s3_server.requests("DELETE")) == (before["POST"], before["DELETE"])
+    assert storage.find(f"{s3_bucket}/run") == [f"{s3_bucket}/run/{n}" for n in ("a.bin", "b.json", "c.bin")]
+    assert storage.read_bytes(f"{s3_bucket}/run/c.bin") == b"y" * 5000
+
+
+def test_object_store_listings_see_other_writers(s3_bucket):
+    """Stages list what Ray workers (other processes, other clients) just wrote: no cached listing."""
+    import fsspec
+
+    storage.write_bytes(f"{s3_bucket}/parts/part-0.parquet", b"0")
+    assert storage.listdir(f"{s3_bucket}/parts") == [("part-0.parquet", False)]
+    assert storage.find(f"{s3_bucket}/parts") == [f"{s3_bucket}/parts/part-0.parquet"]
+    other_process = fsspec.filesystem("s3", skip_instance_cache=True)
+    other_process.pipe_file(f"{s3_bucket[5:]}/parts/part-1.parquet", b"1")
+    assert storage.listdir(f"{s3_bucket}/parts") == [("part-0.parquet", False), ("part-1.parquet", False)]
+    assert storage.find(f"{s3_bucket}/parts") == [f"{s3_bucket}/parts/part-{i}.parquet" for i in (0, 1)]
 
 
 def test_temporary_files_are_invisible(tmp_path):
