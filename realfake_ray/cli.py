@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from realfake_ray import storage
 from realfake_ray.config import ConfigError, RunConfig, load_config
 
 
@@ -169,6 +170,7 @@ def _run_stage(name: str, args: argparse.Namespace) -> None:
     if args.print_config:
         print(dump_config(cfg), end="")
         return
+    storage.check_reachable(cfg.out, cfg.data.train or "", cfg.data.val or "")
     module, func = stage.entry.split(":")
     kwargs = {arg.kwarg: getattr(args, arg.kwarg) for arg in stage.args}
     result = getattr(importlib.import_module(module), func)(cfg, **kwargs)
@@ -203,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             _pretrain_base(args)
         else:
             _run_stage(args.command, args)
-    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (ConfigError, ValueError, OSError, RuntimeError) as exc:
         if not raised_by_us(exc):
             raise  # torch's, Ray's, a library's: the traceback is the useful part
         print(f"realfake {args.command}: error: {exc}", file=sys.stderr)

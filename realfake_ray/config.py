@@ -337,6 +337,7 @@ class RunConfig(_Section):
         def local_dir(spec: str) -> str:
             return anchor(spec) if "://" not in spec and os.path.isdir(os.path.expanduser(spec)) else spec
 
+        self._refuse_relative_out_on_a_remote_cluster()
         _assign_changed(self, out=anchor(self.out))
         _assign_changed(self.model, pretrained=local_dir(self.model.pretrained), clip_vision=local_dir(self.model.clip_vision))
         _assign_changed(self.data, **{k: anchor(v) for k in ("train", "val", "classes_file", "captions_file")
@@ -346,6 +347,20 @@ class RunConfig(_Section):
         if any(anchor(u) != u for u in self.evaluate.extra_sets.values()):
             _assign_changed(self.evaluate, extra_sets={k: anchor(u) for k, u in self.evaluate.extra_sets.items()})
         return self
+
+    def _refuse_relative_out_on_a_remote_cluster(self) -> None:
+        import os
+
+        from realfake_ray._internal.addresses import is_remote_address
+
+        address = self.ray.address or os.environ.get("RAY_ADDRESS")
+        relative = "://" not in self.out and not self.out.startswith(("/", "~", "embedded:"))
+        if relative and is_remote_address(address):
+            raise ConfigError(
+                f"out={self.out!r} is a relative local path, but Ray runs on a remote cluster ({address}): its "
+                "workers would write below their own working directories, on their own disks. Give --out a "
+                "storage URL (s3://bucket/run, gs://...) or an absolute path on storage every node mounts"
+            )
 
     def require_data(self) -> DataConfig:
         """The dataset section, or a clear error when no training images were given."""

@@ -31,7 +31,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from realfake_ray import storage
 from realfake_ray._internal.checkpoints import newest_complete, resume_checkpoint
-from realfake_ray._internal.cluster import quiet_train_worker, train_logging
+from realfake_ray._internal.cluster import check_fits_a_node, quiet_train_worker, train_logging
 from realfake_ray._internal.faults import fault_at, kill_driver
 from realfake_ray.config import FinetuneConfig, RunConfig, build_config, dump_config
 from realfake_ray.encode import bank_dir, meta_url, read_meta
@@ -690,6 +690,8 @@ def _fit(cfg: RunConfig, plan: FinetunePlan):
     from ray.train.torch import TorchConfig, TorchTrainer
 
     use_gpu = _use_gpu(cfg.finetune)
+    worker = {"CPU": _cpus_per_worker(cfg.finetune, use_gpu), **({"GPU": 1} if use_gpu else {})}
+    check_fits_a_node(worker, "finetune.use_gpu")
     fs, path = storage.arrow_filesystem(finetune_dir(cfg.out))
     trainer = TorchTrainer(
         train_loop,
@@ -698,7 +700,7 @@ def _fit(cfg: RunConfig, plan: FinetunePlan):
         scaling_config=train.ScalingConfig(
             num_workers=cfg.finetune.num_workers,
             use_gpu=use_gpu,
-            resources_per_worker={"CPU": _cpus_per_worker(cfg.finetune, use_gpu), **({"GPU": 1} if use_gpu else {})},
+            resources_per_worker=worker,
         ),
         run_config=train.RunConfig(
             name=RUN_NAME,

@@ -62,8 +62,9 @@ def run_pipeline(cfg: RunConfig, only: list[str] | None = None, from_stage: str 
     from realfake_ray.report import write_report
 
     stages = select_stages(only, from_stage)
-    cfg.require_data()
+    data = cfg.require_data()
     entries = {stage: _entry(stage) for stage in stages}  # fail on a missing stage before any work
+    storage.check_reachable(cfg.out, data.train, data.val or "")
     storage.write_text(storage.join(cfg.out, "config.yaml"), dump_config(cfg))
     init_ray(cfg.ray)
     summary: dict = {}

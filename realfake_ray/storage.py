@@ -19,6 +19,7 @@ import json
 import os
 import posixpath
 import re
+import time
 import unicodedata
 import uuid
 from typing import IO, Any
@@ -30,6 +31,10 @@ _TMP_MARK = ".tmp-"
 EMBEDDED_SCHEME = "embedded:"
 # Object stores: whole-object uploads are atomic, renames are not, and listings change under other writers.
 OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
+
+
+class StorageError(OSError):
+    """A storage location that cannot be used (unreachable, refused, not found), named in the message."""
 
 
 def cache_dir(*parts: str) -> str:
@@ -87,6 +92,40 @@ def arrow_filesystem(url: str):
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
     return PyFileSystem(FSSpecHandler(fs)), path
+
+
+def check_reachable(*urls: str, timeout_s: float = 20.0) -> None:
+    """Fail fast, naming the URL, when a remote location does not answer or refuses us (a wrong endpoint, no
+    network, no credentials): object-store clients would otherwise retry for minutes inside a stage.
+    Local paths are not probed. All URLs are probed at once; a probe still waiting after ``timeout_s`` fails.
+
+    Example:
+        >>> check_reachable("/tmp", "memory://x")
+    """
+    import threading
+
+    remote = list(dict.fromkeys(u for u in urls if u and not is_local(u)))
+    errors: dict[str, BaseException] = {}
+
+    def probe(url: str) -> None:
+        try:
+            fs, path = filesystem(url)
+            fs.exists(path)
+        except BaseException as exc:  # reported below, with the URL
+            errors[url] = exc
+
+    threads = {url: threading.Thread(target=probe, args=(url,), daemon=True) for url in remote}
+    for thread in threads.values():
+        thread.start()
+    deadline = time.monotonic() + timeout_s
+    for url, thread in threads.items():
+        thread.join(max(0.0, deadline - time.monotonic()))
+        if thread.is_alive():
+            raise StorageError(f"{url}: storage did not answer within {timeout_s:g} s (endpoint, network or "
+                               "credentials?); nothing was started")
+        if url in errors:
+            exc = errors[url]
+            raise StorageError(f"{url}: storage refused the first request: {type(exc).__name__}: {exc}") from exc
 
 
 def protocol(url: str) -> str:

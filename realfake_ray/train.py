@@ -571,11 +571,12 @@ def _trainer(plan: TrainPlan, cfg: RunConfig, first_epoch: int, resume_dir: str 
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from realfake_ray._internal.cluster import cluster_gpus, train_logging
+    from realfake_ray._internal.cluster import check_fits_a_node, cluster_gpus, train_logging
 
     t = cfg.train
     _warn_if_no_cpu_for_data(cfg)
     use_gpu = cluster_gpus() > 0 if t.use_gpu == "auto" else bool(t.use_gpu)
+    check_fits_a_node({"CPU": t.worker_cpus, **({"GPU": 1} if use_gpu else {})}, "train.use_gpu")
     out_dir = output_dir(cfg)
     loop_plan = {"num_classes": len(plan.class_dirs), "steps_per_epoch": max(1, plan.steps_per_epoch),
                  "run_name": plan.run_name, "has_val": bool(plan.val), "resume_dir": resume_dir}

@@ -102,56 +102,12 @@ def run_until_fault(cmd: list[str], env: dict, fault: str, timeout: float = 300)
         time.sleep(0.5)
 
 
-class S3Server:
-    """An S3-compatible server on 127.0.0.1 (moto's server mode, a separate process) for real s3fs clients.
-
-    ``env`` holds what a client process needs (endpoint, dummy credentials, region); ``requests(method)``
-    counts the requests the server has logged so far."""
-
-    def __init__(self, log_path: str) -> None:
-        import socket
-        import subprocess
-        import sys
-        import time
-        import urllib.request
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.log_path = log_path
-        self.endpoint = f"http://127.0.0.1:{port}"
-        self.env = {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "testing",
-                    "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-        server = os.path.join(os.path.dirname(sys.executable), "moto_server")
-        self._log = open(log_path, "w")
-        self.proc = subprocess.Popen([server, "-H", "127.0.0.1", "-p", str(port)], stdout=self._log,
-                                     stderr=subprocess.STDOUT)
-        deadline = time.time() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=2)
-                return
-            except OSError:
-                assert self.proc.poll() is None and time.time() < deadline, "moto_server did not start"
-                time.sleep(0.2)
-
-    def requests(self, method: str | None = None) -> int:
-        """Requests logged so far (``"PUT /bkt/..."`` lines), of one HTTP method if given."""
-        with open(self.log_path) as log:
-            lines = [line for line in log if '"' in line and " HTTP/1.1" in line]
-        methods = [line.split('"', 2)[1].split(" ", 1)[0].lstrip("\x1b[0123456789;m") for line in lines]
-        return sum(1 for m in methods if method is None or m == method)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
-        self._log.close()
-
-
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """One local S3 server per session; this process's s3fs clients point at it while it runs."""
-    server = S3Server(str(tmp_path_factory.mktemp("s3") / "requests.log"))
+    from realfake_ray._internal.local_s3 import LocalS3
+
+    server = LocalS3(str(tmp_path_factory.mktemp("s3") / "requests.log"))
     saved = {k: os.environ.get(k) for k in server.env}
     os.environ.update(server.env)
     yield server

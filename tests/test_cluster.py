@@ -1,8 +1,8 @@
-"""Actor pools fitted to the cluster (``_internal/cluster.py``): no Ray needed."""
+"""Connecting to Ray and fitting work to the cluster (``_internal/cluster.py``)."""
 
 import pytest
 
-from realfake_ray._internal.cluster import fit_cpu_pool
+from realfake_ray._internal.cluster import check_fits_a_node, fit_cpu_pool
 from realfake_ray.config import ActorPool, ConfigError
 
 
@@ -41,3 +41,68 @@ def test_the_no_ray_guard_catches_data_train_and_tune_work(no_ray):
                  lambda: ray.put(1)):
         with pytest.raises(AssertionError, match="Ray work started"):
             work()
+
+
+def test_a_gpu_request_no_node_of_a_static_cluster_has_is_refused_naming_the_key(ray_cluster):
+    """The session's cluster is CPU-only: a pool of 1-GPU actors would wait forever."""
+    with pytest.raises(ConfigError, match=r"generate.actors.gpus_per_actor: one actor needs \{CPU: 1, GPU: 1\} but no "
+                                          r"node type of this cluster has that much \(node [^:]+: \{CPU: 4\}\)"):
+        check_fits_a_node({"GPU": 1, "CPU": 1}, "generate.actors.gpus_per_actor")
+    check_fits_a_node({"CPU": 1}, "generate.actors.gpus_per_actor")  # CPU pools are fitted, not refused
+
+
+def _autoscaler_v2_config(*groups):
+    from ray.core.generated import autoscaler_pb2
+
+    config = autoscaler_pb2.ClusterConfig()
+    for name, resources, max_count in groups:
+        group = config.node_group_configs.add(name=name, max_count=max_count)
+        group.resources.update(resources)
+    return config
+
+
+def test_node_types_of_an_autoscaler_v2_decide_before_any_node_exists(ray_cluster, monkeypatch):
+    from ray._private.state import state
+
+    config = _autoscaler_v2_config(("head", {"CPU": 0}, 1), ("gpu_worker", {"CPU": 8, "GPU": 1}, 3),
+                                   ("big_gpu", {"CPU": 8, "GPU": 8}, 0))  # max_count 0: never launched
+    monkeypatch.setattr(state, "get_cluster_config", lambda: config)
+    check_fits_a_node({"GPU": 1, "CPU": 1}, "generate.actors.gpus_per_actor")  # no GPU node now, but one can come
+    with pytest.raises(ConfigError, match=r"finetune.use_gpu: one worker needs \{CPU: 1, GPU: 2\} .*gpu_worker: \{CPU: 8, GPU: 1\}"):
+        check_fits_a_node({"GPU": 2, "CPU": 1}, "finetune.use_gpu")
+
+
+def test_a_v1_autoscaler_is_left_to_judge(ray_cluster, monkeypatch):
+    """Ray's v1 autoscaler does not publish its node types: never refuse what it may launch."""
+    import json
+
+    import ray.experimental.internal_kv as kv
+    from ray._private.state import state
+
+    monkeypatch.setattr(state, "get_cluster_config", lambda: None)
+    report = {"autoscaler_report": {"node_type_mapping": {"ab12": "ray.head.default", "cd34": "gpu_worker"}}}
+    monkeypatch.setattr(kv, "_internal_kv_get", lambda key, *a, **k: json.dumps(report).encode())
+    check_fits_a_node({"GPU": 8}, "generate.actors.gpus_per_actor")
+
+
+def test_no_address_starts_a_new_local_cluster_even_after_a_head_died_without_ray_stop():
+    """Ray's own discovery reads the last `ray start` address from its temp directory; a run given no
+    address must not attach to (or wait on) that dead head."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    temp = Path(tempfile.mkdtemp(prefix="rt-"))  # short: Ray's socket paths live below it
+    (temp / "ray").mkdir(parents=True)
+    (temp / "ray" / "ray_current_cluster").write_text("127.0.0.1:9")  # a head that is gone
+    script = ("import ray; from realfake_ray._internal.cluster import init_ray; from realfake_ray.config import RayConfig; "
+              "init_ray(RayConfig(num_cpus=1)); print('GCS', ray.get_runtime_context().gcs_address); ray.shutdown()")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": str(temp)}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    gcs = [line for line in result.stdout.splitlines() if line.startswith("GCS ")]
+    assert gcs and not gcs[0].endswith(":9"), result.stdout
+    shutil.rmtree(temp, ignore_errors=True)

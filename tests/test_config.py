@@ -100,3 +100,19 @@ def test_relative_local_paths_are_anchored_where_the_config_is_made(tmp_path, mo
     assert remote.out == "s3://bucket/run" and remote.data.train == "embedded:digits/train"
     assert remote.model.pretrained == "preset:tiny" and RunConfig().model.pretrained.startswith("stable-diffusion-v1-5/")
     assert load_config(out=cfg.out).out == cfg.out  # anchoring is idempotent
+
+
+@pytest.mark.parametrize("address", ["ray://10.255.255.1:10001", "10.255.255.1:6379"])
+def test_a_relative_out_on_a_remote_cluster_is_refused(monkeypatch, address):
+    """Workers on other machines would write below their own working directories: refuse, naming both."""
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    with pytest.raises(ConfigError, match=rf"out='runs/x' is a relative local path, but Ray runs on a remote cluster \({address}\)"):
+        load_config(preset="tiny", out="runs/x")
+    for out in ("s3://bucket/run", "/shared/run"):  # storage every node reaches: fine
+        assert load_config(preset="tiny", out=out).out == out
+
+
+def test_a_relative_out_on_this_machine_is_anchored(monkeypatch):
+    for address in ("127.0.0.1:6379", "auto", "ray://localhost:10001"):
+        monkeypatch.setenv("RAY_ADDRESS", address)
+        assert load_config(preset="tiny", out="runs/x").out.endswith("/runs/x")

@@ -91,3 +91,27 @@ def test_embedded_urls_resolve_locally():
     files = storage.find("embedded:digits/val")
     assert len(files) == 360 and files[0].startswith("embedded:digits/val/")
     assert storage.read_bytes(files[0])[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_an_unreachable_object_store_is_named_before_any_work(monkeypatch):
+    """A wrong endpoint fails in seconds with the URL in the message, not after minutes of client retries."""
+    import socket
+
+    import s3fs
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        with pytest.raises(storage.StorageError, match=r"s3://nowhere/run: storage (did not answer|refused)"):
+            storage.check_reachable("/tmp/local-is-not-probed", "s3://nowhere/run", timeout_s=5)
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_a_reachable_object_store_passes_the_check(s3_bucket):
+    storage.check_reachable(f"{s3_bucket}/run", "embedded:digits/train", timeout_s=30)

@@ -92,6 +92,70 @@ def gpus_per_actor(pool: ActorPool) -> float:
     return float(pool.gpus_per_actor)
 
 
+_V1_AUTOSCALER_STATUS_KEY = b"__autoscaling_status"  # written by the v1 monitor every update
+
+
+def _v1_autoscaler_runs() -> bool:
+    """A v1 autoscaler with node types of its own: its report maps nodes to type names from a cluster
+    config. Without one (a plain ``ray start`` / local cluster) the same monitor runs read-only and
+    names every node type after the node (``node_<id>``)."""
+    import json
+
+    from ray.autoscaler._private.util import format_readonly_node_type
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    raw = _internal_kv_get(_V1_AUTOSCALER_STATUS_KEY)
+    mapping = (json.loads(raw).get("autoscaler_report") or {}).get("node_type_mapping") if raw else None
+    return any(name != format_readonly_node_type(node) for node, name in (mapping or {}).items())
+
+
+def node_types() -> dict[str, dict[str, float]] | None:
+    """The node shapes this cluster can ever have: ``{name: resources}``.
+
+    With an autoscaler v2 (KubeRay, ``RAY_enable_autoscaler_v2=1``): its node types, launched or not.
+    Without an autoscaler: the nodes alive now. None when a v1 autoscaler runs, whose node types Ray
+    does not publish (it then reports an infeasible request itself).
+    """
+    from ray._private.state import state
+
+    config = state.get_cluster_config()
+    if config is not None and config.node_group_configs:
+        return {g.name or f"type {i}": {k: float(v) for k, v in g.resources.items()}
+                for i, g in enumerate(config.node_group_configs) if g.max_count != 0}
+    if _v1_autoscaler_runs():
+        return None
+    shapes: dict[str, dict[str, float]] = {}
+    for node in ray.nodes():
+        if node.get("Alive"):
+            res = {k: float(v) for k, v in node["Resources"].items() if k in ("CPU", "GPU") or k.startswith("accelerator_type")}
+            shapes.setdefault(f"node {node.get('NodeManagerAddress', '?')}", res)
+    return shapes
+
+
+def check_fits_a_node(request: dict[str, float], field: str) -> None:
+    """Refuse, before a stage starts, a per-actor / per-worker ``request`` (e.g. ``{"GPU": 2, "CPU": 1}``)
+    that no node type of the cluster can ever hold: Ray would wait for it forever.
+
+    Example:
+        >>> check_fits_a_node({"GPU": 8}, "generate.actors.gpus_per_actor")  # doctest: +SKIP
+        ConfigError: generate.actors.gpus_per_actor: one actor needs {GPU: 8} but no node type of this cluster ...
+    """
+    if not request.get("GPU"):
+        return  # CPU-only pools are fitted to the cluster (fit_cpu_pool)
+    types = node_types()
+    if types is None or any(all(res.get(k, 0.0) >= v for k, v in request.items()) for res in types.values()):
+        return
+    listing = "; ".join(f"{name}: {_fmt(res)}" for name, res in types.items()) or "none"
+    raise ConfigError(
+        f"{field}: one {'actor' if 'actors' in field else 'worker'} needs {_fmt(request)} but no node type of this "
+        f"cluster has that much ({listing}); lower {field} or add a node type that has it"
+    )
+
+
+def _fmt(resources: dict[str, float]) -> str:
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(resources.items()) if v) + "}"
+
+
 def fit_cpu_pool(pool: ActorPool, cluster_cpus: float, reserve_cpus: float, field: str) -> ActorPool:
     """A CPU-only pool shrunk to what ``cluster_cpus`` hold next to ``reserve_cpus`` for the stage's tasks.
 
@@ -123,6 +187,7 @@ def actor_pool_kwargs(pool: ActorPool, field: str, reserve_cpus: float = 0.0) ->
     from ray.data import ActorPoolStrategy
 
     gpus = gpus_per_actor(pool)
+    check_fits_a_node({"GPU": gpus, "CPU": pool.cpus_per_actor}, f"{field}.gpus_per_actor")
     if gpus == 0:
         pool = fit_cpu_pool(pool, float(ray.cluster_resources().get("CPU", 0.0)), reserve_cpus, field)
     return dict(

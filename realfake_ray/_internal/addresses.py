@@ -1,0 +1,33 @@
+"""Whether a Ray address points at this machine (no Ray import: config validation uses it).
+
+Example:
+    >>> is_remote_address("ray://10.0.0.5:10001"), is_remote_address("127.0.0.1:6379"), is_remote_address("auto")
+    (True, False, False)
+"""
+
+from __future__ import annotations
+
+import socket
+from functools import cache
+from urllib.parse import urlparse
+
+
+@cache
+def _this_host() -> frozenset[str]:
+    names = {"localhost", socket.gethostname(), socket.getfqdn()}
+    try:
+        names |= set(socket.gethostbyname_ex(socket.gethostname())[2])
+    except OSError:  # an unresolvable host name: loopback and the names above still count as local
+        pass
+    return frozenset(names)
+
+
+def is_remote_address(address: str | None) -> bool:
+    """True for a Ray address (``host:port``, ``ray://host:port``, ``http://host:port``) on another machine;
+    False for none, ``auto``, ``local`` and loopback or this machine's own names and addresses."""
+    if not address or address in ("auto", "local"):
+        return False
+    host = urlparse(address if "://" in address else f"//{address}").hostname
+    if not host or host.startswith("127.") or host == "::1":
+        return False
+    return host not in _this_host()
