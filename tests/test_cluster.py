@@ -106,3 +106,42 @@ def test_no_address_starts_a_new_local_cluster_even_after_a_head_died_without_ra
     gcs = [line for line in result.stdout.splitlines() if line.startswith("GCS ")]
     assert gcs and not gcs[0].endswith(":9"), result.stdout
     shutil.rmtree(temp, ignore_errors=True)
+
+
+_LISTENERS_SCRIPT = """
+import json, os, urllib.error, urllib.request
+import psutil, ray
+from realfake_ray._internal.cluster import init_ray
+from realfake_ray.config import RayConfig
+init_ray(RayConfig(num_cpus=1))
+ray.get(ray.remote(lambda: 1).remote())  # a worker process too
+cluster = {os.getpid()} | {p.pid for p in psutil.Process().children(recursive=True)}
+listening = [(c.laddr.ip, c.laddr.port, psutil.Process(c.pid).name()) for c in psutil.net_connections("tcp")
+             if c.status == psutil.CONN_LISTEN and c.pid in cluster]
+try:
+    dashboard = urllib.request.urlopen("http://127.0.0.1:8265/api/jobs/", timeout=10).status
+except urllib.error.HTTPError as exc:
+    dashboard = exc.code
+print("RESULT", json.dumps({"listening": listening, "dashboard_without_token": dashboard}))
+ray.shutdown()
+"""
+
+
+def test_a_local_run_listens_on_loopback_only_and_its_job_api_wants_the_token():
+    """`ss -ltnp` during a local run: every socket of every process of the cluster (GCS, raylet, agents,
+    dashboard, workers, the driver) is bound to 127.0.0.1; the job API refuses a client without the token."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    result = subprocess.run([sys.executable, "-c", _LISTENERS_SCRIPT], env=env, capture_output=True, text=True, timeout=180)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    assert result.returncode == 0 and lines, result.stderr[-3000:]
+    found = json.loads(lines[0][len("RESULT "):])
+    names = {name for _, _, name in found["listening"]}
+    assert {"gcs_server", "raylet"} <= names, found  # the probe sees the cluster's processes
+    exposed = [item for item in found["listening"] if not item[0].removeprefix("::ffff:").startswith("127.")]
+    assert exposed == [], f"listening beyond loopback: {exposed}"
+    assert found["dashboard_without_token"] == 401

@@ -129,6 +129,10 @@ def test_ray_job_submit_runs_resumes_and_skips_on_object_storage(local_head, s3_
     """The tiny job submitted to a cluster, reading its data from and writing its run to S3 (a local
     S3-compatible server, the real s3fs client): killed mid-generate, resubmitted, resubmitted again."""
     address, env = local_head
+    no_token = {k: v for k, v in env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    refused = subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "job", "list", "--address", address],
+                             env=no_token, capture_output=True, text=True)
+    assert refused.returncode != 0, "the head's job API answered a client without the token"
     train, val = _small_dataset(f"{s3_bucket}/data")
     out = f"{s3_bucket}/run"
     args = ["--preset", "tiny", "--mult", "2", "--out", out, "--data", train, "--val-data", val,

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 
 import ray
 
 from realfake_ray import storage
 from realfake_ray._internal.quiet import QUIET_ENV
 from realfake_ray.config import ActorPool, ConfigError, RayConfig
+
+# Ray's switch for a single-machine cluster: its processes take 127.0.0.1 as the node address and bind their
+# servers to it (otherwise Ray swaps 127.0.0.1 for the host's reachable address and listens on all interfaces).
+_LOOPBACK_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 # Environment every worker needs to resolve per-node caches and presets the same way as the driver.
 _FORWARDED_ENV = ("REALFAKE_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "HF_ENDPOINT")
@@ -36,16 +41,39 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     if address:
         ray.init(address=address, **common)
     else:
-        ray.init(
-            address="local",  # a new local cluster: never attach to (or wait on) one another session left behind
-            num_cpus=cfg.num_cpus,
-            # The dashboard serves Ray's State API, which Ray Train's placement-group cleaner polls every second
-            # (without it: a warning per second in the job log). It listens on 127.0.0.1 only.
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            _node_ip_address="127.0.0.1",
-            **common,
-        )
+        with _loopback_only():
+            ray.init(
+                address="local",  # a new local cluster: never attach to (or wait on) one another session left behind
+                num_cpus=cfg.num_cpus,
+                # The dashboard serves Ray's State API, which Ray Train's placement-group cleaner polls every
+                # second (without it: a warning per second in the job log).
+                include_dashboard=True,
+                dashboard_host="127.0.0.1",
+                _node_ip_address="127.0.0.1",
+                **common,
+            )
+
+
+@contextmanager
+def _loopback_only():
+    """While a new local cluster starts: every Ray process of it (GCS, raylet, agents, workers, this driver)
+    takes 127.0.0.1 as its node address and listens on loopback only. Ray reads the switch when a process
+    imports it: the processes ray.init starts inherit the variable (workers inherit it from the raylet),
+    this already-imported driver gets the constant. Both are restored afterwards, so a later connection to
+    a real cluster from this process is unaffected."""
+    from ray._private import ray_constants
+
+    saved_env, saved_constant = os.environ.get(_LOOPBACK_ONLY_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_LOOPBACK_ONLY_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_constant
+        if saved_env is None:
+            os.environ.pop(_LOOPBACK_ONLY_ENV, None)
+        else:
+            os.environ[_LOOPBACK_ONLY_ENV] = saved_env
 
 
 def quiet_data(verbose: bool = False) -> None:
