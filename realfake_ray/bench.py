@@ -113,12 +113,13 @@ def run_bench_sampler(
     """
     import torch
 
+    from realfake_ray.devices import torch_device
     from realfake_ray.sampler import format_table, run_grid
 
     iters, warmup = 3 if iters is None else iters, 1 if warmup is None else warmup
     if iters < 1 or warmup < 0:
         raise ConfigError(f"--iters must be >= 1 and --warmup >= 0 (got {iters}, {warmup})")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch_device()
     grid = bench_grid(cfg, device.type, schedulers, steps, batch_sizes, dtypes, compile, channels_last, reference != 0)
     model_dir = loading.resolve_model_dir(cfg.model.pretrained, cfg.model.revision, cfg.model.hub_timeout_s)
     pipe = loading.load_pipeline(model_dir)

@@ -140,7 +140,9 @@ def _device_and_dtype(name: str):
     """CUDA when present; the wanted dtype there, fp32 on CPU (fp16 CPU convolutions are slow or missing)."""
     import torch
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from realfake_ray.devices import torch_device
+
+    device = torch_device()
     wanted = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
     return device, wanted if device.type == "cuda" else torch.float32
 
@@ -245,8 +247,10 @@ class Captioner:
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
+        from realfake_ray.devices import torch_device
+
         model_dir = loading.resolve_model_dir(cfg.encode.captioner, None, cfg.model.hub_timeout_s)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = torch_device()
         dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.processor = AutoProcessor.from_pretrained(model_dir)
         self.model = AutoModelForImageTextToText.from_pretrained(model_dir, torch_dtype=dtype).to(self.device).eval()

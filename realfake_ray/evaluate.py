@@ -88,8 +88,10 @@ class ClassifierActor:
     def __init__(self, url: str, subsets: list[list[int] | None]):
         import torch
 
+        from realfake_ray.devices import torch_device
+
         model, self.info = load_classifier(url)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = torch_device()
         self.model = model.to(self.device)
         self.autocast = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else None
         self.subsets = subsets

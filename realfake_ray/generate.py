@@ -523,10 +523,11 @@ class SynthesisActor:
     def __init__(self, cfg: RunConfig, spec: dict):
         import torch
 
+        from realfake_ray.devices import torch_device
         from realfake_ray.sampler import Sampler, latent_hw
 
         quiet_libraries()  # no per-component loading bars or LoRA-prefix notices, one set per actor
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch_device().type
         model_dir = loading.resolve_model_dir(cfg.model.pretrained, cfg.model.revision, cfg.model.hub_timeout_s)
         pipe = loading.load_pipeline(model_dir)
         lora = local_lora_dir(spec["lora_url"], spec["lora_sha256"]) if spec["lora_url"] else None
@@ -766,6 +767,8 @@ def _execute(cfg: RunConfig, plan: GeneratePlan) -> dict:
 
     from tqdm.auto import tqdm
 
+    from realfake_ray._internal.cluster import ClusterTimeline, nodes_requested_for
+
     ds = build_pipeline(cfg, plan, _class_means(cfg, plan))
     written = failed = 0
     sampler_s = 0.0
@@ -773,25 +776,30 @@ def _execute(cfg: RunConfig, plan: GeneratePlan) -> dict:
     present = plan.expected - plan.pending
     bar = tqdm(total=plan.expected, initial=present, unit="img", desc="generate", disable=not sys.stdout.isatty())
     started = last = time.time()
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        done, lost = int(batch["written"].sum()), int(batch["failed"].sum())
-        written, failed = written + done, failed + lost
-        sampler_s += float(batch["sampler_s"].sum())
-        errors += [e for e in batch["error"].tolist() if e][: max(0, 10 - len(errors))]
-        bar.update(done)
-        bar.set_postfix(failed=failed, refresh=False)
-        now = time.time()
-        if bar.disable and (now - last >= _PROGRESS_EVERY_S or written + failed == plan.pending):
-            last = now
-            rate = written / max(now - started, 1e-9)
-            print(
-                f"[generate] {present + written}/{plan.expected} images "
-                f"({100 * (present + written) / max(plan.expected, 1):.1f}%), "
-                f"this run {written}/{plan.pending} at {rate:.2f} images/s, failed {failed}",
-                flush=True,
-            )
+    progress = {"written": 0}
+    timeline = ClusterTimeline(lambda: progress["written"])
+    with nodes_requested_for(cfg.generate.actors):
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            done, lost = int(batch["written"].sum()), int(batch["failed"].sum())
+            written, failed = written + done, failed + lost
+            sampler_s += float(batch["sampler_s"].sum())
+            errors += [e for e in batch["error"].tolist() if e][: max(0, 10 - len(errors))]
+            bar.update(done)
+            bar.set_postfix(failed=failed, refresh=False)
+            progress["written"] = written
+            now = time.time()
+            if bar.disable and (now - last >= _PROGRESS_EVERY_S or written + failed == plan.pending):
+                last = now
+                rate = written / max(now - started, 1e-9)
+                print(
+                    f"[generate] {present + written}/{plan.expected} images "
+                    f"({100 * (present + written) / max(plan.expected, 1):.1f}%), "
+                    f"this run {written}/{plan.pending} at {rate:.2f} images/s, failed {failed}",
+                    flush=True,
+                )
     bar.close()
-    return {"written": written, "failed": failed, "errors": errors, "seconds": time.time() - started, "sampler_s": sampler_s}
+    return {"written": written, "failed": failed, "errors": errors, "seconds": time.time() - started,
+            "sampler_s": sampler_s, "timeline": timeline.stop()}
 
 
 def _throughput_settings(cfg: RunConfig) -> dict:
@@ -854,6 +862,8 @@ def run_generate(cfg: RunConfig) -> dict:
         "manifest": manifest_dir(cfg.out),
         "settings": plan.settings,
         "throughput_settings": _throughput_settings(cfg),
+        # (seconds, images written, alive nodes, alive synthesis actors) while this run generated
+        "timeline": result.get("timeline", []),
     }
     summary["complete"] = summary["count"] == plan.expected
     storage.write_json(summary_url, summary)

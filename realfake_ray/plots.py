@@ -160,6 +160,39 @@ def pareto_plot(rows: list[dict], path: str, title: str = "realfake tune-sampler
     return _save_png(fig, path)
 
 
+def timeline_plot(points: list[dict], path: str, title: str = "generate: cluster and throughput") -> str:
+    """A stage's scaling timeline: alive nodes and actors (steps, left axis) and images/s between samples
+    (right axis) over seconds. ``points``: ``{"t", "images", "nodes", "actors"}`` dicts. Writes a PNG.
+
+    Example:
+        >>> timeline_plot([{"t": 0, "images": 0, "nodes": 1, "actors": 1},
+        ...                {"t": 10, "images": 40, "nodes": 3, "actors": 2}], "/tmp/timeline.png")
+        '/tmp/timeline.png'
+    """
+    t = np.array([p["t"] for p in points], dtype=float)
+    fig = _new_figure(6.4, 3.6)
+    ax = fig.add_subplot()
+    ax.step(t, [p["nodes"] for p in points], where="post", label="nodes alive", color="tab:blue")
+    if all(p.get("actors") is not None for p in points):
+        ax.step(t, [p["actors"] for p in points], where="post", label="actors alive", color="tab:orange")
+    ax.set_xlabel("seconds since the stage started")
+    ax.set_ylabel("count")
+    ax.set_ylim(bottom=0)
+    rates = ax.twinx()
+    images = np.array([p["images"] for p in points], dtype=float)
+    if len(t) > 1:
+        rate = np.diff(images) / np.maximum(np.diff(t), 1e-9)
+        rates.plot((t[1:] + t[:-1]) / 2, rate, color="tab:green", marker=".", label="images/s")
+    rates.set_ylabel("images/s", color="tab:green")
+    rates.set_ylim(bottom=0)
+    lines = ax.get_legend_handles_labels()
+    extra = rates.get_legend_handles_labels()
+    ax.legend(lines[0] + extra[0], lines[1] + extra[1], loc="upper left", fontsize="small")
+    ax.set_title(title)
+    fig.tight_layout()
+    return _save_png(fig, path)
+
+
 def roc_plot(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str, title: str = "membership inference") -> str:
     """ROC curves ``{name: (fpr, tpr)}`` on log-log axes (the low-FPR region is what matters for privacy),
     with the chance diagonal. Writes a PNG; returns ``path``.

@@ -46,24 +46,22 @@ def _thumbnail(url: str, size: int) -> np.ndarray:
 
 
 def _sample_grid(cfg: RunConfig, meta: dict, local_dir: str) -> str | None:
-    """Per class: a few real images then a few synthetic images of the same class."""
+    """Per class: a few real images, then the synthetic images generated from them (column "synthetic i"
+    is a copy of "real i"). The manifest names each source: no listing of the training folder."""
     from realfake_ray._internal.shards import read_parts
-    from realfake_ray.data.imagefolder import scan_image_folder
     from realfake_ray.plots import image_grid
 
-    manifest = read_parts(storage.join(cfg.out, "synthetic", "_manifest"), ["path", "label"])
+    manifest = read_parts(storage.join(cfg.out, "synthetic", "_manifest"), ["path", "label", "image_id", "copy_idx"])
     if manifest is None:
         return None
-    real = scan_image_folder(cfg.data.train, check_readable=False, class_dirs=meta["class_dirs"])
     size = min(cfg.encode.resolution, 128)
     rows, labels = [], []
-    synth_paths = manifest["path"].to_pylist()
-    synth_labels = manifest["label"].to_pylist()
+    entries = sorted(zip(manifest["copy_idx"].to_pylist(), manifest["path"].to_pylist(),
+                         manifest["label"].to_pylist(), manifest["image_id"].to_pylist()))
     for label, name in list(enumerate(meta["class_names"]))[:GRID_MAX_CLASSES]:
-        reals = [r.url for r in real.records if r.label == label][:GRID_PER_CLASS]
-        fakes = sorted(p for p, lab in zip(synth_paths, synth_labels) if lab == label)[:GRID_PER_CLASS]
-        cells = [_thumbnail(u, size) for u in reals]
-        cells += [_thumbnail(storage.join(cfg.out, "synthetic", "train", p), size) for p in fakes]
+        fakes = [(path, source) for _, path, lab, source in entries if lab == label][:GRID_PER_CLASS]
+        cells = [_thumbnail(storage.join(cfg.data.train, source), size) for _, source in fakes]
+        cells += [_thumbnail(storage.join(cfg.out, "synthetic", "train", path), size) for path, _ in fakes]
         if cells:
             rows.append(cells)
             labels.append(name)
@@ -210,6 +208,11 @@ def write_report(cfg: RunConfig, summary: dict) -> dict:
         if meta and synth:
             report["pictures"]["samples"] = _upload_png(_sample_grid(cfg, meta, tmp), cfg, "samples.png")
         report["pictures"]["scaling"] = _upload_png(_scaling_plot(report["accuracy"], tmp), cfg, "scaling.png")
+        if synth and len(synth.get("timeline") or []) > 1:
+            from realfake_ray.plots import timeline_plot
+
+            local = timeline_plot(synth["timeline"], os.path.join(tmp, "synthesis_timeline.png"))
+            report["pictures"]["synthesis_timeline"] = _upload_png(local, cfg, "synthesis_timeline.png")
     if storage.exists(storage.join(cfg.out, "finetune", "loss.png")):
         report["pictures"]["finetune_loss"] = "finetune/loss.png"
     for name, cdir, _, _ in classifiers:
@@ -236,6 +239,8 @@ def _markdown(cfg: RunConfig, report: dict, table) -> str:
     if report["synthesis"]:
         cols = ["count", "expected", "generated_now", "already_present", "failed", "images_per_s", "wall_s", "mult"]
         lines += ["\n## Synthesis\n", table([report["synthesis"]], cols)]
+        if report["pictures"].get("synthesis_timeline"):
+            lines.append("\n![nodes, actors and images/s while generating](synthesis_timeline.png)\n")
     if report["pictures"].get("samples"):
         lines.append("\n![real vs synthetic samples per class](samples.png)\n")
     if report["throughput"]:

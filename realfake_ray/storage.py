@@ -31,6 +31,9 @@ _TMP_MARK = ".tmp-"
 EMBEDDED_SCHEME = "embedded:"
 # Object stores: whole-object uploads are atomic, renames are not, and listings change under other writers.
 OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
+# s3fs reads a whole object with a HEAD (its size, to split large ones into concurrent ranges) and then a
+# GET; our reads are images and small files, so one GET each (2 → 1 request per image read).
+_CLIENT_OPTIONS = {"s3": {"max_concurrency": 1}, "s3a": {"max_concurrency": 1}}
 
 
 class StorageError(OSError):
@@ -62,7 +65,7 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
         url = resolve_embedded(url)
     if is_object_store(url):
         # fsspec caches listings per process; stages list what other processes (Ray workers) just wrote.
-        return url_to_fs(url, use_listings_cache=False)
+        return url_to_fs(url, use_listings_cache=False, **_CLIENT_OPTIONS.get(protocol(url), {}))
     return url_to_fs(anchor(url))
 
 

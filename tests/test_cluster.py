@@ -1,9 +1,13 @@
 """Connecting to Ray and fitting work to the cluster (``_internal/cluster.py``)."""
 
+from pathlib import Path
+
 import pytest
 
 from realfake_ray._internal.cluster import check_fits_a_node, fit_cpu_pool
 from realfake_ray.config import ActorPool, ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_a_cpu_pool_that_would_take_every_cpu_is_shrunk_and_says_so(capsys):
@@ -77,9 +81,12 @@ def test_a_v1_autoscaler_is_left_to_judge(ray_cluster, monkeypatch):
     import json
 
     import ray.experimental.internal_kv as kv
+
+    from realfake_ray._internal import cluster
     from ray._private.state import state
 
     monkeypatch.setattr(state, "get_cluster_config", lambda: None)
+    monkeypatch.setattr(cluster, "_started_here", False)  # a cluster this process joined, not started
     report = {"autoscaler_report": {"node_type_mapping": {"ab12": "ray.head.default", "cd34": "gpu_worker"}}}
     monkeypatch.setattr(kv, "_internal_kv_get", lambda key, *a, **k: json.dumps(report).encode())
     check_fits_a_node({"GPU": 8}, "generate.actors.gpus_per_actor")
@@ -145,3 +152,58 @@ def test_a_local_run_listens_on_loopback_only_and_its_job_api_wants_the_token():
     exposed = [item for item in found["listening"] if not item[0].removeprefix("::ffff:").startswith("127.")]
     assert exposed == [], f"listening beyond loopback: {exposed}"
     assert found["dashboard_without_token"] == 401
+
+
+_WAIT_FOR_SCALE_DOWN = """
+import sys, time, ray
+ray.init(address=sys.argv[1], logging_level="WARNING")
+deadline = time.time() + float(sys.argv[2])
+while time.time() < deadline:
+    alive = sum(1 for n in ray.nodes() if n["Alive"])
+    if alive == 1:
+        break
+    time.sleep(1)
+print("ALIVE", alive)
+"""
+
+
+@pytest.mark.e2e
+def test_generate_on_an_autoscaling_cluster_grows_its_pool_as_gpu_nodes_join_and_idle_nodes_go(tiny_bank, tmp_path):
+    """A head without CPUs and a 1-GPU worker type from 0 to 3 nodes (Ray's autoscaler, fake nodes): the
+    generate stage asks for 1-GPU actors, the autoscaler launches nodes, the actor pool grows from
+    min_size towards max_size, the stage completes, and the idle nodes are terminated afterwards. The
+    actors run on CPU (the nodes advertise a GPU that torch cannot see): ``devices.torch_device``."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from realfake_ray import storage
+    from realfake_ray._internal.fake_autoscaler import FakeAutoscalingCluster
+
+    out = tmp_path / "run"
+    shutil.copytree(os.path.join(tiny_bank, "latents"), out / "latents")  # the embedded digits, encoded once
+    cluster = FakeAutoscalingCluster({"gpu_worker": {"resources": {"CPU": 1, "GPU": 1}, "min_workers": 0,
+                                                     "max_workers": 3}})
+    cluster.start()
+    try:
+        env = {**os.environ, **cluster.env, "RAY_ADDRESS": cluster.address}
+        cmd = [sys.executable, "jobs/scale_in1k.py", "--only", "generate", "--preset", "tiny", "--out", str(out), "--mult", "1",
+               "--set", "generate.use_lora=false", "--set", "generate.steps=2",
+               "--set", "generate.actors.gpus_per_actor=1", "--set", "generate.actors.cpus_per_actor=0.5",
+               "--set", "generate.actors.min_size=1", "--set", "generate.actors.max_size=3"]
+        job = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        summary = storage.read_json(str(out / "synthetic" / "_summary.json"))
+        assert summary["complete"] and summary["count"] == 1437 and summary["gpus_per_actor"] == 1
+        timeline = summary["timeline"]
+        assert timeline[0]["nodes"] <= 2, timeline  # the head (+ at most the node the first actor asked for)
+        print("\n".join(map(str, timeline)))
+        assert max(p["nodes"] for p in timeline) >= 3 and max(p["actors"] for p in timeline) >= 2, timeline
+        assert "![nodes, actors and images/s while generating](synthesis_timeline.png)" in (out / "report.md").read_text()
+        assert (out / "synthesis_timeline.png").stat().st_size > 0
+        waited = subprocess.run([sys.executable, "-c", _WAIT_FOR_SCALE_DOWN, cluster.address, "120"], env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert "ALIVE 1" in waited.stdout, waited.stdout + waited.stderr[-2000:]
+    finally:
+        cluster.shutdown()

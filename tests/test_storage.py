@@ -115,3 +115,11 @@ def test_an_unreachable_object_store_is_named_before_any_work(monkeypatch):
 
 def test_a_reachable_object_store_passes_the_check(s3_bucket):
     storage.check_reachable(f"{s3_bucket}/run", "embedded:digits/train", timeout_s=30)
+
+
+def test_reading_an_object_is_one_request(s3_bucket, s3_server):
+    """Encode, train and the report read every image once: one GET, no HEAD before it."""
+    storage.write_bytes(f"{s3_bucket}/img/a.jpg", b"\xff\xd8" + b"x" * 3000)
+    before = s3_server.requests()
+    assert storage.read_bytes(f"{s3_bucket}/img/a.jpg")[:2] == b"\xff\xd8"
+    assert s3_server.requests() - before == 1

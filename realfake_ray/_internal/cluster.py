@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from contextlib import contextmanager
 
 import ray
@@ -26,6 +27,7 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     Inside ``ray job submit`` the job's driver is already attached to its cluster via ``RAY_ADDRESS``.
     Without an address a new local cluster always starts (``ray.address: auto`` joins a running one).
     """
+    global _started_here
     cfg = cfg or RayConfig()
     quiet_data(cfg.verbose)
     if ray.is_initialized():
@@ -52,6 +54,7 @@ def init_ray(cfg: RayConfig | None = None) -> None:
                 _node_ip_address="127.0.0.1",
                 **common,
             )
+        _started_here = True
 
 
 @contextmanager
@@ -123,26 +126,32 @@ def gpus_per_actor(pool: ActorPool) -> float:
 _V1_AUTOSCALER_STATUS_KEY = b"__autoscaling_status"  # written by the v1 monitor every update
 
 
-def _v1_autoscaler_runs() -> bool:
-    """A v1 autoscaler with node types of its own: its report maps nodes to type names from a cluster
-    config. Without one (a plain ``ray start`` / local cluster) the same monitor runs read-only and
-    names every node type after the node (``node_<id>``)."""
+_started_here = False  # whether init_ray started this process's cluster (a local one: no autoscaler)
+
+
+def _static_cluster() -> bool:
+    """Whether the cluster's nodes are all it will ever have: one this process started, or one whose
+    monitor runs read-only (a plain ``ray start`` head: the monitor then names every node type after its
+    node, ``node_<id>``). A v1 autoscaler's report maps nodes to the type names of its cluster config; no
+    report yet (a head that just started) is not taken as evidence either way."""
     import json
 
     from ray.autoscaler._private.util import format_readonly_node_type
     from ray.experimental.internal_kv import _internal_kv_get
 
+    if _started_here:
+        return True
     raw = _internal_kv_get(_V1_AUTOSCALER_STATUS_KEY)
     mapping = (json.loads(raw).get("autoscaler_report") or {}).get("node_type_mapping") if raw else None
-    return any(name != format_readonly_node_type(node) for node, name in (mapping or {}).items())
+    return bool(mapping) and all(name == format_readonly_node_type(node) for node, name in mapping.items())
 
 
 def node_types() -> dict[str, dict[str, float]] | None:
     """The node shapes this cluster can ever have: ``{name: resources}``.
 
-    With an autoscaler v2 (KubeRay, ``RAY_enable_autoscaler_v2=1``): its node types, launched or not.
-    Without an autoscaler: the nodes alive now. None when a v1 autoscaler runs, whose node types Ray
-    does not publish (it then reports an infeasible request itself).
+    With an autoscaler v2 (KubeRay, ``RAY_enable_autoscaler_v2=1``): its node types, launched or not. On a
+    static cluster: the nodes alive now. None when that is unknown — a v1 autoscaler runs (Ray does not
+    publish its node types and reports an infeasible request itself) or the head has not reported yet.
     """
     from ray._private.state import state
 
@@ -150,7 +159,7 @@ def node_types() -> dict[str, dict[str, float]] | None:
     if config is not None and config.node_group_configs:
         return {g.name or f"type {i}": {k: float(v) for k, v in g.resources.items()}
                 for i, g in enumerate(config.node_group_configs) if g.max_count != 0}
-    if _v1_autoscaler_runs():
+    if not _static_cluster():
         return None
     shapes: dict[str, dict[str, float]] = {}
     for node in ray.nodes():
@@ -182,6 +191,29 @@ def check_fits_a_node(request: dict[str, float], field: str) -> None:
 
 def _fmt(resources: dict[str, float]) -> str:
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(resources.items()) if v) + "}"
+
+
+@contextmanager
+def nodes_requested_for(pool: ActorPool):
+    """While a stage runs a GPU actor pool: ask the cluster's autoscaler for the whole pool at once
+    (``max_size`` bundles of one actor's resources), then withdraw the request.
+
+    Ray Data grows a pool only into resources the cluster already has, and asks the autoscaler for more
+    one step at a time as it sees a backlog: nodes would join one by one, late. With the request they
+    launch together at the start, and the pool grows as they join. On a cluster without an autoscaler
+    the request changes nothing. Idle nodes are released when the request is withdrawn (also on errors).
+    """
+    gpus = gpus_per_actor(pool)
+    if gpus <= 0 or pool.max_size <= 1:
+        yield
+        return
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=[{"GPU": gpus, "CPU": pool.cpus_per_actor}] * pool.max_size)
+    try:
+        yield
+    finally:
+        request_resources(bundles=[])
 
 
 def fit_cpu_pool(pool: ActorPool, cluster_cpus: float, reserve_cpus: float, field: str) -> ActorPool:
@@ -223,3 +255,49 @@ def actor_pool_kwargs(pool: ActorPool, field: str, reserve_cpus: float = 0.0) ->
         num_gpus=gpus,
         num_cpus=pool.cpus_per_actor,
     )
+
+
+
+class ClusterTimeline:
+    """Samples, every ``every_s`` seconds on a background thread while a stage runs, the cluster's alive
+    nodes, the stage's actors of ``actor_class`` alive and still pending (waiting for a node, or in their
+    constructor; Ray's State API, None without a dashboard) and ``progress()`` (e.g. images written).
+    ``stop()`` returns the points: ``{"t", "images", "nodes", "actors", "actors_pending"}``.
+    """
+
+    def __init__(self, progress, actor_class: str = "SynthesisActor", every_s: float = 2.0) -> None:
+        import threading
+
+        self._progress, self._actor_class, self._every_s = progress, actor_class, every_s
+        self._started = time.time()
+        self._job = ray.get_runtime_context().get_job_id()
+        self.points: list[dict] = []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="cluster-timeline")
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            self.points.append(self._sample())
+            if self._done.wait(self._every_s):
+                return
+
+    def _sample(self) -> dict:
+        nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+        try:
+            from ray.util.state import list_actors
+
+            listed = list_actors(filters=[("state", "!=", "DEAD"), ("job_id", "=", self._job)], limit=10_000,
+                                 raise_on_missing_output=False, timeout=5)
+            ours = [a.state for a in listed if self._actor_class in (a.class_name or "")]
+            actors, pending = ours.count("ALIVE"), sum(1 for state in ours if state != "ALIVE")
+        except Exception:  # no dashboard (State API) on this cluster: the node count still tells the story
+            actors = pending = None
+        return {"t": round(time.time() - self._started, 1), "images": int(self._progress()), "nodes": nodes,
+                "actors": actors, "actors_pending": pending}
+
+    def stop(self) -> list[dict]:
+        self._done.set()
+        self._thread.join()
+        self.points.append(self._sample())
+        return self.points

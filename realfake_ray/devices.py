@@ -1,0 +1,32 @@
+"""Where torch runs inside a stage's Ray actors and workers: one policy for every stage.
+
+Example:
+    >>> torch_device().type in ("cpu", "cuda")
+    True
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+_warned = False
+
+
+def torch_device() -> torch.device:
+    """``cuda`` when torch sees a GPU, else ``cpu``.
+
+    Ray assigning a GPU to an actor (``num_gpus=1`` sets ``CUDA_VISIBLE_DEVICES``) does not make one usable:
+    the fake nodes of an autoscaling test cluster only *advertise* ``{"GPU": 1}``, and a node's CUDA driver
+    can be broken. Such an actor runs on CPU and says so once, instead of failing on its first CUDA call.
+    """
+    global _warned
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    assigned = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    if assigned and not _warned:
+        _warned = True
+        print(f"[device] Ray assigned GPU {assigned} to this process but torch sees no CUDA device: running on CPU",
+              flush=True)
+    return torch.device("cpu")
