@@ -767,7 +767,7 @@ def _execute(cfg: RunConfig, plan: GeneratePlan) -> dict:
 
     from tqdm.auto import tqdm
 
-    from realfake_ray._internal.cluster import ClusterTimeline, nodes_requested_for
+    from realfake_ray._internal.cluster import ClusterTimeline
 
     ds = build_pipeline(cfg, plan, _class_means(cfg, plan))
     written = failed = 0
@@ -778,25 +778,24 @@ def _execute(cfg: RunConfig, plan: GeneratePlan) -> dict:
     started = last = time.time()
     progress = {"written": 0}
     timeline = ClusterTimeline(lambda: progress["written"])
-    with nodes_requested_for(cfg.generate.actors):
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            done, lost = int(batch["written"].sum()), int(batch["failed"].sum())
-            written, failed = written + done, failed + lost
-            sampler_s += float(batch["sampler_s"].sum())
-            errors += [e for e in batch["error"].tolist() if e][: max(0, 10 - len(errors))]
-            bar.update(done)
-            bar.set_postfix(failed=failed, refresh=False)
-            progress["written"] = written
-            now = time.time()
-            if bar.disable and (now - last >= _PROGRESS_EVERY_S or written + failed == plan.pending):
-                last = now
-                rate = written / max(now - started, 1e-9)
-                print(
-                    f"[generate] {present + written}/{plan.expected} images "
-                    f"({100 * (present + written) / max(plan.expected, 1):.1f}%), "
-                    f"this run {written}/{plan.pending} at {rate:.2f} images/s, failed {failed}",
-                    flush=True,
-                )
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        done, lost = int(batch["written"].sum()), int(batch["failed"].sum())
+        written, failed = written + done, failed + lost
+        sampler_s += float(batch["sampler_s"].sum())
+        errors += [e for e in batch["error"].tolist() if e][: max(0, 10 - len(errors))]
+        bar.update(done)
+        bar.set_postfix(failed=failed, refresh=False)
+        progress["written"] = written
+        now = time.time()
+        if bar.disable and (now - last >= _PROGRESS_EVERY_S or written + failed == plan.pending):
+            last = now
+            rate = written / max(now - started, 1e-9)
+            print(
+                f"[generate] {present + written}/{plan.expected} images "
+                f"({100 * (present + written) / max(plan.expected, 1):.1f}%), "
+                f"this run {written}/{plan.pending} at {rate:.2f} images/s, failed {failed}",
+                flush=True,
+            )
     bar.close()
     return {"written": written, "failed": failed, "errors": errors, "seconds": time.time() - started,
             "sampler_s": sampler_s, "timeline": timeline.stop()}

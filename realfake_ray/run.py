@@ -1,7 +1,8 @@
 """The main job: encode → finetune → generate → train → evaluate, all below one run URL.
 
 Each stage skips itself when its output is complete, so a resubmitted job resumes where a failed
-one stopped. ``only`` / ``from_stage`` select stages. A report is written after every stage.
+one stopped. ``only`` / ``from_stage`` select stages. The report is rewritten after every stage that did
+work, and after the last one.
 
 Example:
     >>> from realfake_ray.config import load_config
@@ -76,5 +77,6 @@ def run_pipeline(cfg: RunConfig, only: list[str] | None = None, from_stage: str 
         skipped = bool(result.get("skipped", False))
         summary[stage] = {"seconds": seconds, "skipped": skipped, "result": result}
         print(f"[realfake] stage {stage}: {'skipped (complete)' if skipped else 'done'} in {seconds:.1f} s", flush=True)
-        write_report(cfg, summary)
+        if not skipped or stage == stages[-1]:  # a skipped stage changes nothing the report shows
+            write_report(cfg, summary)
     return summary

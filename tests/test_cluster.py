@@ -170,9 +170,9 @@ print("ALIVE", alive)
 @pytest.mark.e2e
 def test_generate_on_an_autoscaling_cluster_grows_its_pool_as_gpu_nodes_join_and_idle_nodes_go(tiny_bank, tmp_path):
     """A head without CPUs and a 1-GPU worker type from 0 to 3 nodes (Ray's autoscaler, fake nodes): the
-    generate stage asks for 1-GPU actors, the autoscaler launches nodes, the actor pool grows from
-    min_size towards max_size, the stage completes, and the idle nodes are terminated afterwards. The
-    actors run on CPU (the nodes advertise a GPU that torch cannot see): ``devices.torch_device``."""
+    generate stage asks for its 1-GPU actors, the autoscaler launches nodes, the pool's live actors grow
+    as the nodes join, the stage completes, and the idle nodes are terminated afterwards. The actors run
+    on CPU (the nodes advertise a GPU that torch cannot see): ``devices.torch_device``."""
     import os
     import shutil
     import subprocess
@@ -189,7 +189,7 @@ def test_generate_on_an_autoscaling_cluster_grows_its_pool_as_gpu_nodes_join_and
     try:
         env = {**os.environ, **cluster.env, "RAY_ADDRESS": cluster.address}
         cmd = [sys.executable, "jobs/scale_in1k.py", "--only", "generate", "--preset", "tiny", "--out", str(out), "--mult", "1",
-               "--set", "generate.use_lora=false", "--set", "generate.steps=2",
+               "--set", "generate.use_lora=false", "--set", "generate.steps=4",
                "--set", "generate.actors.gpus_per_actor=1", "--set", "generate.actors.cpus_per_actor=0.5",
                "--set", "generate.actors.min_size=1", "--set", "generate.actors.max_size=3"]
         job = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
@@ -198,7 +198,6 @@ def test_generate_on_an_autoscaling_cluster_grows_its_pool_as_gpu_nodes_join_and
         assert summary["complete"] and summary["count"] == 1437 and summary["gpus_per_actor"] == 1
         timeline = summary["timeline"]
         assert timeline[0]["nodes"] <= 2, timeline  # the head (+ at most the node the first actor asked for)
-        print("\n".join(map(str, timeline)))
         assert max(p["nodes"] for p in timeline) >= 3 and max(p["actors"] for p in timeline) >= 2, timeline
         assert "![nodes, actors and images/s while generating](synthesis_timeline.png)" in (out / "report.md").read_text()
         assert (out / "synthesis_timeline.png").stat().st_size > 0

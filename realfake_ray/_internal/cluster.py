@@ -193,29 +193,6 @@ def _fmt(resources: dict[str, float]) -> str:
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(resources.items()) if v) + "}"
 
 
-@contextmanager
-def nodes_requested_for(pool: ActorPool):
-    """While a stage runs a GPU actor pool: ask the cluster's autoscaler for the whole pool at once
-    (``max_size`` bundles of one actor's resources), then withdraw the request.
-
-    Ray Data grows a pool only into resources the cluster already has, and asks the autoscaler for more
-    one step at a time as it sees a backlog: nodes would join one by one, late. With the request they
-    launch together at the start, and the pool grows as they join. On a cluster without an autoscaler
-    the request changes nothing. Idle nodes are released when the request is withdrawn (also on errors).
-    """
-    gpus = gpus_per_actor(pool)
-    if gpus <= 0 or pool.max_size <= 1:
-        yield
-        return
-    from ray.autoscaler.sdk import request_resources
-
-    request_resources(bundles=[{"GPU": gpus, "CPU": pool.cpus_per_actor}] * pool.max_size)
-    try:
-        yield
-    finally:
-        request_resources(bundles=[])
-
-
 def fit_cpu_pool(pool: ActorPool, cluster_cpus: float, reserve_cpus: float, field: str) -> ActorPool:
     """A CPU-only pool shrunk to what ``cluster_cpus`` hold next to ``reserve_cpus`` for the stage's tasks.
 
@@ -250,8 +227,12 @@ def actor_pool_kwargs(pool: ActorPool, field: str, reserve_cpus: float = 0.0) ->
     check_fits_a_node({"GPU": gpus, "CPU": pool.cpus_per_actor}, f"{field}.gpus_per_actor")
     if gpus == 0:
         pool = fit_cpu_pool(pool, float(ray.cluster_resources().get("CPU", 0.0)), reserve_cpus, field)
+    # A GPU pool asks for all its actors at once: on an autoscaling cluster their pending resources make
+    # the autoscaler launch the GPU nodes together, and the pool's live actors grow as the nodes join
+    # (Ray Data would otherwise add one actor at a time, each only once a node for it exists).
+    initial = pool.max_size if gpus > 0 else None
     return dict(
-        compute=ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size),
+        compute=ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size, initial_size=initial),
         num_gpus=gpus,
         num_cpus=pool.cpus_per_actor,
     )
