@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import ray
 
@@ -41,7 +41,10 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     common = dict(runtime_env={"env_vars": env}, logging_level=logging.WARNING, log_to_driver=True)
     if address:
-        ray.init(address=address, **common)
+        # A cluster on this machine's loopback (another realfake process's, a test's): attach as a loopback
+        # process too, or Ray swaps 127.0.0.1 for the host address, where that cluster does not listen.
+        with _loopback_only() if _is_loopback(address) else nullcontext():
+            ray.init(address=address, **common)
     else:
         with _loopback_only():
             ray.init(
@@ -55,6 +58,14 @@ def init_ray(cfg: RayConfig | None = None) -> None:
                 **common,
             )
         _started_here = True
+
+
+def _is_loopback(address: str) -> bool:
+    """``127.x.x.x:port`` / ``localhost:port`` (optionally ``ray://``-prefixed)."""
+    from urllib.parse import urlparse
+
+    host = urlparse(address if "://" in address else f"//{address}").hostname or ""
+    return host == "localhost" or host.startswith("127.")
 
 
 @contextmanager
