@@ -168,6 +168,7 @@ print("ALIVE", alive)
 
 
 @pytest.mark.e2e
+@pytest.mark.cluster_sim
 def test_generate_on_an_autoscaling_cluster_grows_its_pool_as_gpu_nodes_join_and_idle_nodes_go(tiny_bank, tmp_path):
     """A head without CPUs and a 1-GPU worker type from 0 to 3 nodes (Ray's autoscaler, fake nodes): the
     generate stage asks for its 1-GPU actors, the autoscaler launches nodes, the pool's live actors grow
@@ -189,7 +190,7 @@ def test_generate_on_an_autoscaling_cluster_grows_its_pool_as_gpu_nodes_join_and
     try:
         env = {**os.environ, **cluster.env, "RAY_ADDRESS": cluster.address}
         cmd = [sys.executable, "jobs/scale_in1k.py", "--only", "generate", "--preset", "tiny", "--out", str(out), "--mult", "1",
-               "--set", "generate.use_lora=false", "--set", "generate.steps=4",
+               "--set", "generate.use_lora=false",
                "--set", "generate.actors.gpus_per_actor=1", "--set", "generate.actors.cpus_per_actor=0.5",
                "--set", "generate.actors.min_size=1", "--set", "generate.actors.max_size=3"]
         job = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
