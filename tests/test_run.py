@@ -6,7 +6,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from realfake_ray import storage
+from realfake_ray._internal.addresses import free_port
 from realfake_ray._internal.shards import write_part
 from realfake_ray.config import ConfigError, load_config
 from realfake_ray.report import gpu_hours_estimate
@@ -52,12 +52,6 @@ def test_imagenet_estimate_from_a_measured_gpu_run():
     assert gpu_hours_estimate(load_config(), {**gpu_run, "gpus_per_actor": 0.0})["measured"] is None  # CPU run
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def local_head(s3_server):
     """A Ray head started with `ray start --head` on 127.0.0.1 (token auth on); yields (address, env).
@@ -73,11 +67,11 @@ def local_head(s3_server):
     )
     env.pop("RAY_ADDRESS", None)
     temp_dir = tempfile.mkdtemp(prefix="rh-")
-    dash = _free_port()
+    dash = free_port()
     ports = {
-        "--port": _free_port(), "--dashboard-port": dash, "--dashboard-agent-listen-port": _free_port(),
-        "--dashboard-agent-grpc-port": _free_port(), "--runtime-env-agent-port": _free_port(),
-        "--metrics-export-port": _free_port(), "--ray-client-server-port": _free_port(),
+        "--port": free_port(), "--dashboard-port": dash, "--dashboard-agent-listen-port": free_port(),
+        "--dashboard-agent-grpc-port": free_port(), "--runtime-env-agent-port": free_port(),
+        "--metrics-export-port": free_port(), "--ray-client-server-port": free_port(),
     }
     cmd = [os.path.join(bin_dir, "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
            "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=4", f"--temp-dir={temp_dir}",

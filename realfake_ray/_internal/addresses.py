@@ -1,4 +1,5 @@
-"""Whether a Ray address points at this machine (no Ray import: config validation uses it).
+"""Addresses on this machine: whether a Ray address points here, a free local port (no Ray import: config
+validation uses it).
 
 Example:
     >>> is_remote_address("ray://10.0.0.5:10001"), is_remote_address("127.0.0.1:6379"), is_remote_address("auto")
@@ -22,12 +23,28 @@ def _this_host() -> frozenset[str]:
     return frozenset(names)
 
 
+def _host(address: str) -> str:
+    return urlparse(address if "://" in address else f"//{address}").hostname or ""
+
+
+def is_loopback_address(address: str) -> bool:
+    """``127.x.x.x:port`` / ``localhost:port`` / ``::1`` (optionally with a scheme)."""
+    host = _host(address)
+    return host == "localhost" or host.startswith("127.") or host == "::1"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def is_remote_address(address: str | None) -> bool:
     """True for a Ray address (``host:port``, ``ray://host:port``, ``http://host:port``) on another machine;
     False for none, ``auto``, ``local`` and loopback or this machine's own names and addresses."""
     if not address or address in ("auto", "local"):
         return False
-    host = urlparse(address if "://" in address else f"//{address}").hostname
-    if not host or host.startswith("127.") or host == "::1":
+    if not _host(address) or is_loopback_address(address):
         return False
-    return host not in _this_host()
+    return _host(address) not in _this_host()

@@ -10,6 +10,7 @@ from contextlib import contextmanager, nullcontext
 import ray
 
 from realfake_ray import storage
+from realfake_ray._internal.addresses import is_loopback_address
 from realfake_ray._internal.quiet import QUIET_ENV
 from realfake_ray.config import ActorPool, ConfigError, RayConfig
 
@@ -43,7 +44,7 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     if address:
         # A cluster on this machine's loopback (another realfake process's, a test's): attach as a loopback
         # process too, or Ray swaps 127.0.0.1 for the host address, where that cluster does not listen.
-        with _loopback_only() if _is_loopback(address) else nullcontext():
+        with _loopback_only() if is_loopback_address(address) else nullcontext():
             ray.init(address=address, **common)
     else:
         with _loopback_only():
@@ -58,14 +59,6 @@ def init_ray(cfg: RayConfig | None = None) -> None:
                 **common,
             )
         _started_here = True
-
-
-def _is_loopback(address: str) -> bool:
-    """``127.x.x.x:port`` / ``localhost:port`` (optionally ``ray://``-prefixed)."""
-    from urllib.parse import urlparse
-
-    host = urlparse(address if "://" in address else f"//{address}").hostname or ""
-    return host == "localhost" or host.startswith("127.")
 
 
 @contextmanager

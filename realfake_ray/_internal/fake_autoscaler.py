@@ -21,23 +21,18 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
+from realfake_ray._internal.addresses import free_port
 
 class FakeAutoscalingCluster:
     """``worker_types``: autoscaler node types (``resources``, ``min_workers``, ``max_workers``)."""
 
     def __init__(self, worker_types: dict, *, idle_timeout_minutes: float = 0.1, head_cpus: int = 0) -> None:
-        self.port, self.dashboard_port = _free_port(), _free_port()
+        self.port, self.dashboard_port = free_port(), free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
         self.dir = tempfile.mkdtemp(prefix="rfa-")  # short: Ray's socket paths live below it

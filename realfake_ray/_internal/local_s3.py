@@ -13,12 +13,13 @@ Example:
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from collections import Counter
+
+from realfake_ray._internal.addresses import free_port
 
 
 class LocalS3:
@@ -28,9 +29,7 @@ class LocalS3:
     counts the requests the server has logged so far."""
 
     def __init__(self, log_path: str) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         self.log_path = log_path
         self.endpoint = f"http://127.0.0.1:{port}"
         self.env = {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "testing",
