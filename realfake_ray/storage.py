@@ -33,6 +33,7 @@ EMBEDDED_SCHEME = "embedded:"
 OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
 # s3fs reads a whole object with a HEAD (its size, to split large ones into concurrent ranges) and then a
 # GET; our reads are images and small files, so one GET each (2 → 1 request per image read).
+# s3fs >= 2024.6 (the extra's floor) knows max_concurrency; older releases hand it to botocore and fail.
 _CLIENT_OPTIONS = {"s3": {"max_concurrency": 1}, "s3a": {"max_concurrency": 1}}
 
 

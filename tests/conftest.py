@@ -14,6 +14,17 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 
 @pytest.fixture(scope="session")
+def pyproject() -> dict:
+    """The repository's parsed ``pyproject.toml``."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    with open(os.path.join(os.path.dirname(__file__), os.pardir, "pyproject.toml"), "rb") as fh:
+        return tomllib.load(fh)
+
+
+@pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray cluster (127.0.0.1) shared by every test that needs Ray."""
     import ray

@@ -20,11 +20,6 @@ import jsonschema
 import pytest
 import yaml
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
-
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
 AUTOSCALER_FILES = ["aws.yaml", "gcp.yaml"]
@@ -37,10 +32,8 @@ def load(name: str) -> dict[str, Any]:
         return yaml.safe_load(fh)
 
 
-def pinned_ray_version() -> str:
+def pinned_ray_version(deps: list[str]) -> str:
     """The exact version in pyproject's ``ray[...]==X`` dependency (fails if it is not an exact pin)."""
-    with open(ROOT / "pyproject.toml", "rb") as fh:
-        deps = tomllib.load(fh)["project"]["dependencies"]
     pins = [m.group(1) for d in deps if (m := re.fullmatch(r"ray(?:\[[^\]]*\])?\s*==\s*([\w.]+)", d.strip()))]
     assert len(pins) == 1, f"pyproject.toml must pin Ray exactly once as ray[...]==X, got {deps}"
     return pins[0]
@@ -105,8 +98,8 @@ def autoscaler_problems(raw: dict[str, Any], version: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def version() -> str:
-    return pinned_ray_version()
+def version(pyproject: dict) -> str:
+    return pinned_ray_version(pyproject["project"]["dependencies"])
 
 
 def test_pyproject_pins_the_installed_ray(version: str) -> None:

@@ -123,3 +123,16 @@ def test_reading_an_object_is_one_request(s3_bucket, s3_server):
     before = s3_server.requests()
     assert storage.read_bytes(f"{s3_bucket}/img/a.jpg")[:2] == b"\xff\xd8"
     assert s3_server.requests() - before == 1
+
+
+def test_object_store_extras_have_the_fsspec_floor(pyproject):
+    """Without a floor, a fresh resolve picks s3fs 0.4.2 (pre-aiobotocore, no max_concurrency): it happened in CI."""
+    from packaging.requirements import Requirement
+
+    project = pyproject["project"]
+    fsspec_floor = next(Requirement(r) for r in project["dependencies"] if r.startswith("fsspec")).specifier
+    backends = [Requirement(r) for extra in project["optional-dependencies"].values() for r in extra]
+    backends = [r for r in backends if r.name in ("s3fs", "gcsfs", "adlfs")]
+    assert {r.name for r in backends} >= {"s3fs", "gcsfs"}
+    for requirement in backends:
+        assert str(requirement.specifier) == str(fsspec_floor), requirement
