@@ -112,7 +112,7 @@ class FinetuneConfig(_Section):
     guidance: Literal["image", "class_mean", "none"] = "image"
     checkpoint_every: int = Field(500, ge=1)
     keep_checkpoints: int = Field(2, ge=1)  # newest checkpoints kept under <out>/finetune/finetune
-    max_failures: int = Field(0, ge=-1)
+    max_failures: int = Field(3, ge=-1)  # restarts after a lost worker, from the newest checkpoint (-1: unlimited)
     log_every: int = Field(10, ge=1)
     shuffle: Literal["global", "files"] = "global"  # global: a seeded permutation of the bank every epoch (reference)
     shuffle_buffer_size: int = Field(1000, ge=0)  # shuffle=files only: rows per worker's local shuffle buffer
@@ -212,7 +212,7 @@ class TrainConfig(_Section):
     synthetic: str | None = None  # synthetic ImageFolder URL; None: <out>/synthetic/train (+ its manifest)
     synthetic_mult: int | None = Field(None, ge=1)  # use copies with copy_idx < N (1x of a 10x set); None: all
     checkpoint_keep: int = Field(2, ge=1)  # epoch checkpoints kept under <out>/classifier/<run name>/
-    max_failures: int = Field(0, ge=-1)  # worker-group restarts from the latest checkpoint (-1: unlimited)
+    max_failures: int = Field(3, ge=-1)  # restarts after a lost worker, from the newest checkpoint (-1: unlimited)
     tag: str | None = None  # outputs in <out>/classifier/<tag>/ (several classifiers per run); None: <out>/classifier/
     real_baseline: bool = False  # `realfake run` also trains a real-only classifier (tag "real") to compare with
 

@@ -30,9 +30,10 @@ import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from realfake_ray import storage
-from realfake_ray._internal.checkpoints import newest_complete, resume_checkpoint
+from realfake_ray._internal.checkpoints import newest_complete, prune_checkpoints, resume_checkpoint
 from realfake_ray._internal.cluster import check_fits_a_node, quiet_train_worker, train_logging
-from realfake_ray._internal.faults import fault_at, kill_driver
+from realfake_ray._internal.faults import fault_at, hold, kill_driver
+from realfake_ray._internal.trainer import fit_with_restarts
 from realfake_ray.config import FinetuneConfig, RunConfig, build_config, dump_config
 from realfake_ray.encode import bank_dir, meta_url, read_meta
 from realfake_ray.lora import LORA_WEIGHT_NAME, add_lora, load_lora, lora_sha256, save_lora
@@ -88,6 +89,7 @@ class FinetunePlan:
     resume_dir: str | None = None  # newest complete checkpoint folder found by the driver (see _internal.checkpoints)
     first_epoch: int = 0  # the epoch that checkpoint was taken in (seeds the data order, see bank_dataset)
     kill_driver_after: tuple[int, int] | None = None  # (step, driver pid): tests only, see _internal.faults
+    hold_after: int | None = None  # step: tests only (a node-loss test removes the worker's node there)
 
 
 def _bank_error(out: str, what: str) -> FileNotFoundError:
@@ -581,6 +583,8 @@ def train_loop(loop_config: dict) -> None:
                 _report(st, models, optimizer, scaler, generator, cfg, metrics, rank)
                 if plan.kill_driver_after and rank == 0 and st.step == plan.kill_driver_after[0]:
                     kill_driver(plan.kill_driver_after[1])
+                if rank == 0 and st.step == plan.hold_after:
+                    hold(f"finetune step {st.step}")
             if last:
                 break
         if seen == 0:
@@ -706,7 +710,7 @@ def _fit(cfg: RunConfig, plan: FinetunePlan):
             name=RUN_NAME,
             storage_path=path,
             storage_filesystem=fs,
-            failure_config=train.FailureConfig(max_failures=cfg.finetune.max_failures),
+            failure_config=train.FailureConfig(max_failures=0),  # restarts go through the driver (_internal.trainer)
             checkpoint_config=train.CheckpointConfig(num_to_keep=cfg.finetune.keep_checkpoints),
             logging_config=train_logging(cfg.ray.verbose),
         ),
@@ -717,7 +721,7 @@ def _fit(cfg: RunConfig, plan: FinetunePlan):
     return trainer.fit()
 
 
-def _finish(cfg: RunConfig, result, started: float) -> dict:
+def _finish(cfg: RunConfig, result, started: float, restarts: int) -> dict:
     """Publish the final LoRA, metrics, plot and ``_done.json`` from the newest checkpoint."""
     if result.checkpoint is None:
         raise RuntimeError(f"fine-tuning reported no checkpoint (see the Ray Train logs under {finetune_dir(cfg.out)})")
@@ -729,6 +733,7 @@ def _finish(cfg: RunConfig, result, started: float) -> dict:
         sha = lora_sha256(directory)
     write_metrics(cfg.out, history)
     _write_loss_plot(cfg.out, history)
+    prune_checkpoints(storage.join(finetune_dir(cfg.out), RUN_NAME), CHECKPOINT_PREFIX, cfg.finetune.keep_checkpoints)
     metrics = result.metrics or {}
     done = {
         "step": step,
@@ -738,6 +743,7 @@ def _finish(cfg: RunConfig, result, started: float) -> dict:
         "train_seconds": round(float(metrics.get("train_seconds", 0.0)), 2),
         "samples_per_s": round(float(metrics.get("run_samples_per_s", 0.0)), 2),
         "resumed_from": int(metrics.get("resumed_from", 0)),
+        "restarts": restarts,
         "final_loss": history[-1]["loss"] if history else None,
         "num_workers": cfg.finetune.num_workers,
     }
@@ -775,14 +781,22 @@ def run_finetune(cfg: RunConfig) -> dict:
             f"{finetune_dir(cfg.out)} holds a checkpoint at step {previous[-1]}, beyond the target of {total} steps: "
             "raise finetune.max_steps/epochs or use a new --out"
         )
-    run_dir = storage.join(finetune_dir(cfg.out), RUN_NAME)
-    complete = newest_complete(run_dir, CHECKPOINT_PREFIX, (LORA_WEIGHT_NAME, _OPTIMIZER_FILE, _STATE_FILE, _HISTORY_FILE))
-    kill_at = fault_at("finetune.checkpoint")
-    plan = replace(plan_finetune(cfg, meta, files, total), resume_dir=complete,
-                   first_epoch=_checkpoint_epoch(complete, cfg.finetune, int(meta["splits"]["train"]["rows"])),
-                   kill_driver_after=(kill_at, os.getpid()) if kill_at else None)
+    plan = _plan_from_newest(cfg, meta, files, total)
     storage.write_json(settings_url, settings)
     storage.write_text(storage.join(finetune_dir(cfg.out), "config.yaml"), dump_config(cfg))
     init_ray(cfg.ray)
-    result = _fit(cfg, plan)
-    return _finish(cfg, result, started)
+    result, restarts = fit_with_restarts(
+        lambda restart: _fit(cfg, _plan_from_newest(cfg, meta, files, total) if restart else plan),
+        cfg.finetune.max_failures, "finetune")
+    return _finish(cfg, result, started, restarts)
+
+
+def _plan_from_newest(cfg: RunConfig, meta: dict, files: tuple[str, ...], total: int) -> FinetunePlan:
+    """The plan of one fit: resume from the newest complete checkpoint (none: a fresh start)."""
+    run_dir = storage.join(finetune_dir(cfg.out), RUN_NAME)
+    complete = newest_complete(run_dir, CHECKPOINT_PREFIX, (LORA_WEIGHT_NAME, _OPTIMIZER_FILE, _STATE_FILE, _HISTORY_FILE))
+    kill_at = fault_at("finetune.checkpoint")
+    return replace(plan_finetune(cfg, meta, files, total), resume_dir=complete,
+                   first_epoch=_checkpoint_epoch(complete, cfg.finetune, int(meta["splits"]["train"]["rows"])),
+                   kill_driver_after=(kill_at, os.getpid()) if kill_at else None,
+                   hold_after=fault_at("finetune.checkpoint_hold"))

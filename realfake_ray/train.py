@@ -29,7 +29,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from realfake_ray import storage
-from realfake_ray._internal.checkpoints import checkpoint_number, newest_complete, resume_checkpoint
+from realfake_ray._internal.checkpoints import checkpoint_number, newest_complete, prune_checkpoints, resume_checkpoint
+from realfake_ray._internal.faults import fault_at, hold
+from realfake_ray._internal.trainer import fit_with_restarts
 from realfake_ray.config import ConfigError, RunConfig
 from realfake_ray.data.imagefolder import DatasetError, scan_image_folder
 from realfake_ray.seeds import derive_seed
@@ -547,6 +549,8 @@ def train_loop(config: dict) -> None:
             state = {"model": base.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "epoch": epoch, "scaler": amp[1].state_dict() if amp[1] else {}}
         _report(row, state)
+        if rank == 0 and epoch == plan.get("hold_after"):
+            hold(f"train epoch {epoch}")
 
 
 # ------------------------------------------------------------------------------------------ driver
@@ -579,7 +583,8 @@ def _trainer(plan: TrainPlan, cfg: RunConfig, first_epoch: int, resume_dir: str 
     check_fits_a_node({"CPU": t.worker_cpus, **({"GPU": 1} if use_gpu else {})}, "train.use_gpu")
     out_dir = output_dir(cfg)
     loop_plan = {"num_classes": len(plan.class_dirs), "steps_per_epoch": max(1, plan.steps_per_epoch),
-                 "run_name": plan.run_name, "has_val": bool(plan.val), "resume_dir": resume_dir}
+                 "run_name": plan.run_name, "has_val": bool(plan.val), "resume_dir": resume_dir,
+                 "hold_after": fault_at("train.checkpoint_hold")}
     datasets = {"train": train_dataset(plan, cfg, first_epoch)}
     if plan.val:
         datasets["val"] = decoded_dataset(rows_dataset(plan.val), t.image_size, cfg, view="eval")
@@ -589,7 +594,7 @@ def _trainer(plan: TrainPlan, cfg: RunConfig, first_epoch: int, resume_dir: str 
         storage_path=path,
         storage_filesystem=fs,
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.checkpoint_keep),
-        failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+        failure_config=ray.train.FailureConfig(max_failures=0),  # restarts go through the driver (_internal.trainer)
         logging_config=train_logging(cfg.ray.verbose),
     )
     return TorchTrainer(
@@ -639,9 +644,11 @@ def run_train(cfg: RunConfig) -> dict:
         print(f"[train] warning: the synthetic set has no image of class(es) {plan.missing_synthetic_classes[:10]}")
     started = time.time()
     init_ray(cfg.ray)
-    first_epoch, resume_dir = _resume_point(cfg, plan.run_name)
-    result = _trainer(plan, cfg, first_epoch, resume_dir).fit()
+    first_epoch = _resume_point(cfg, plan.run_name)[0]
+    result, restarts = fit_with_restarts(lambda _: _trainer(plan, cfg, *_resume_point(cfg, plan.run_name)).fit(),
+                                         cfg.train.max_failures, "train")
     state = _final_state(result)
+    prune_checkpoints(storage.join(output_dir(cfg), plan.run_name), EPOCH_PREFIX, cfg.train.checkpoint_keep)
     if int(state["epoch"]) + 1 > cfg.train.epochs:
         print(f"[train] note: the latest checkpoint is epoch {int(state['epoch']) + 1} > train.epochs={cfg.train.epochs}; using it")
     info = {"arch": cfg.train.arch, "image_size": cfg.train.image_size, "source": cfg.train.source,
@@ -655,6 +662,7 @@ def run_train(cfg: RunConfig) -> dict:
         "fingerprint": plan.fingerprint, "epochs": cfg.train.epochs, "run_name": plan.run_name,
         "source": cfg.train.source, "arch": cfg.train.arch, "epoch_images": plan.epoch_images,
         "real_images": len(plan.real), "synthetic_images": len(plan.synthetic), "resumed_at_epoch": first_epoch,
+        "restarts": restarts,
         "seconds": round(time.time() - started, 2), "last_epoch": history[-1] if history else None,
         "model": model_url(cdir), "evaluation": evaluation,
     }

@@ -113,6 +113,27 @@ def run_until_fault(cmd: list[str], env: dict, fault: str, timeout: float = 300)
         time.sleep(0.5)
 
 
+def run_with_node_loss(stage: str, out: str, overrides: list[str], at: int, workers: int = 2,
+                       fault: str | None = None) -> dict:
+    """``tests/node_loss.py``: ``stage`` on its own cluster (a head and ``workers`` 1-CPU nodes), the node
+    hosting the stage's actor removed once it reaches ``at``; returns the script's RESULT record."""
+    import json
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "REALFAKE_FAULT")}
+    env |= {"PYTHONPATH": os.path.dirname(here), **({"REALFAKE_FAULT": fault} if fault else {})}
+    result = subprocess.run([sys.executable, os.path.join(here, "node_loss.py"), stage, out, json.dumps(overrides),
+                             str(at), str(workers)], env=env, capture_output=True, text=True, timeout=600)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    assert result.returncode == 0 and lines, result.stdout[-3000:] + result.stderr[-3000:]
+    found = json.loads(lines[0][len("RESULT "):])
+    assert found["removed"].get("node"), f"no node hosting the stage's actor was removed: {found}"
+    assert found["alive"] == workers, found  # the head and all but one worker remain
+    return found
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """One local S3 server per session; this process's s3fs clients point at it while it runs."""

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import forbid_ray_work, run_until_fault
+from conftest import forbid_ray_work, run_until_fault, run_with_node_loss
 
 from realfake_ray import storage
 from realfake_ray.cli import main as cli_main
@@ -254,6 +254,22 @@ def test_arrow_filesystem_wraps_remote_urls_only(tmp_path):
     assert fs is None and path == str(tmp_path)
     fs, path = storage.arrow_filesystem("memory://bucket/run/finetune")
     assert type(fs).__name__ == "PyFileSystem" and path.endswith("bucket/run/finetune")
+
+
+@pytest.mark.e2e
+def test_losing_the_node_of_the_training_worker_restarts_from_its_checkpoint(tiny_bank, tmp_path_factory):
+    """A head and three 1-CPU workers; the worker holds after its checkpoint at step 4 and its node is
+    removed. The driver restarts the run from that checkpoint (one restart) and it ends at step 8 with a
+    gapless history, as an undisturbed run does."""
+    out = str(tmp_path_factory.mktemp("finetune-node-loss") / "run")
+    shutil.copytree(os.path.join(tiny_bank, "latents"), os.path.join(out, "latents"))
+    overrides = ["finetune.max_steps=8", "finetune.checkpoint_every=2", "finetune.log_every=1",
+                 "finetune.num_workers=1", "finetune.cpus_per_worker=1"]
+    found = run_with_node_loss("finetune", out, overrides, at=4, workers=3, fault="finetune.checkpoint_hold:4")
+    assert found["removed"]["at"] == 4
+    assert (found["step"], found["resumed_from"], found["restarts"]) == (8, 4, 1)
+    assert found["checkpoints"] == [6, 8]  # keep_checkpoints=2, also across the restart
+    assert [row["step"] for row in _history(out)] == list(range(1, 9))
 
 
 @pytest.mark.e2e

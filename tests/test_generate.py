@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import forbid_ray_work, run_until_fault
+from conftest import forbid_ray_work, run_until_fault, run_with_node_loss
 
 from realfake_ray import storage
 from realfake_ray._internal.shards import part_files, read_parts, write_part
@@ -346,68 +346,16 @@ def test_killed_driver_then_rerun_leaves_no_gap_and_no_duplicate(bank, tmp_path_
     _check_set(out, bank, 4)
 
 
-_NODE_LOSS_SCRIPT = r"""
-import json, socket, sys, threading, time
-import ray
-from ray.cluster_utils import Cluster
-from ray.util.state import list_actors
-from realfake_ray import storage
-from realfake_ray._internal.shards import part_files
-from realfake_ray.config import load_config
-from realfake_ray.generate import manifest_dir, run_generate
-
-out, parts_before_loss, overrides = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
-with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    dashboard_port = s.getsockname()[1]
-store = 200 * 1024 * 1024
-cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": store,
-                  "include_dashboard": True, "dashboard_port": dashboard_port})
-workers = [cluster.add_node(num_cpus=1, object_store_memory=store) for _ in range(2)]
-cluster.wait_for_nodes()
-ray.init(address=cluster.address, logging_level="WARNING")
-removed = {}
-
-def remove_an_actor_node():
-    while len(part_files(manifest_dir(out))) < parts_before_loss:
-        time.sleep(0.1)
-    for actor in list_actors(filters=[("state", "=", "ALIVE")], detail=True, raise_on_missing_output=False):
-        node = next((w for w in workers if w.node_id == actor.node_id), None)
-        if "SynthesisActor" in (actor.class_name or "") and node is not None:
-            removed["parts"] = len(part_files(manifest_dir(out)))
-            removed["node"] = node.node_id
-            cluster.remove_node(node, allow_graceful=False)
-            return
-
-killer = threading.Thread(target=remove_an_actor_node, daemon=True)
-killer.start()
-summary = run_generate(load_config(preset="tiny", out=out, overrides=overrides))
-print("RESULT", json.dumps({"removed": removed, "count": summary["count"], "failed": summary["failed"],
-                            "complete": summary["complete"], "alive": sum(n["Alive"] for n in ray.nodes())}))
-ray.shutdown()
-cluster.shutdown()
-"""
-
-
 @pytest.mark.e2e
 def test_losing_a_node_that_hosts_a_generate_actor_loses_and_duplicates_nothing(bank, tmp_path_factory):
     """A cluster of a head and two 1-CPU workers; once 3 manifest parts exist, the worker hosting a
     SynthesisActor is removed (its raylet, actors and objects gone). The stage still completes with one
     manifest row and one valid image per (image_id, copy): Ray Data restarts the actor and retries the lost
     tasks, and a retried writer rewrites the same paths and the same part names."""
-    import json
-    import subprocess
-
     out = _new_run(bank, tmp_path_factory, "gen-node-loss")
     overrides = ["generate.mult=4", "generate.batch_size=2", "generate.rows_per_manifest_file=4", "generate.steps=10",
                  "generate.actors.min_size=1", "generate.actors.max_size=2", "generate.actors.cpus_per_actor=0.25"]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, "-c", _NODE_LOSS_SCRIPT, str(out), "3", json.dumps(overrides)], env=env,
-                            capture_output=True, text=True, timeout=600)
-    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
-    assert result.returncode == 0 and lines, result.stdout[-3000:] + result.stderr[-3000:]
-    found = json.loads(lines[0][len("RESULT "):])
-    assert found["removed"].get("node"), f"no node hosting a SynthesisActor was removed: {found}"
-    assert found["removed"]["parts"] < 30 and found["alive"] == 2  # mid-run; the head and one worker remain
+    found = run_with_node_loss("generate", str(out), overrides, at=3)
+    assert found["removed"]["at"] < 30  # mid-run: 30 parts in all
     assert (found["count"], found["failed"], found["complete"]) == (120, 0, True)
     _check_set(out, bank, 4)

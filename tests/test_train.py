@@ -14,7 +14,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from conftest import forbid_ray_work
+from conftest import forbid_ray_work, run_with_node_loss
 
 from realfake_ray import storage
 from realfake_ray._internal.shards import write_part
@@ -190,6 +190,20 @@ def real_run(ray_cluster, tmp_path_factory):
     second = run_train(_cfg(out, "train.source=real", SHORT, f"train.epochs={EPOCHS}", sets))
     return {"out": out, "first": first, "first_metrics": first_metrics, "second": second,
             "seconds": time.time() - started}
+
+
+@pytest.mark.e2e
+def test_losing_the_node_of_the_training_worker_restarts_from_its_epoch_checkpoint(tiny_bank, tmp_path_factory):
+    """A head and three 1-CPU workers; the worker holds after its epoch-1 checkpoint and its node is removed.
+    The driver restarts the run from that checkpoint (one restart) and it trains epoch 2 only, ending at 3
+    epochs with one metrics row per epoch."""
+    out = tmp_path_factory.mktemp("train-node-loss") / "run"
+    shutil.copytree(os.path.join(tiny_bank, "latents"), out / "latents")
+    overrides = ["train.source=real", "train.budget_images=null", "train.epochs=3", SHORT]
+    found = run_with_node_loss("train", str(out), overrides, at=1, workers=3, fault="train.checkpoint_hold:1")
+    assert found["removed"]["at"] == 1
+    assert (found["epochs"], found["restarts"], found["metric_epochs"]) == (3, 1, [0, 1, 2])
+    assert found["top1"] > 0.1  # the evaluation ran on the restarted run's model (chance: 0.1)
 
 
 @pytest.mark.e2e

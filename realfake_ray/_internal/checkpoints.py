@@ -3,9 +3,9 @@
 Ray Train restores ``ray.train.get_checkpoint()`` from the controller's snapshot of *registered*
 checkpoints, which is written some reports behind the checkpoint folders themselves. A driver killed
 early (a preempted head, a cancelled job) then leaves complete checkpoint folders that the next run would
-not see, and training would start again from zero. So the driver also looks for the newest folder whose
-files all load (:func:`newest_complete`, a half-copied folder fails that), and each worker resumes from
-whichever of the two is newer (:func:`resume_checkpoint`).
+not see, and training would start again from zero. So the driver looks for the newest folder whose files
+all load (:func:`newest_complete`, a half-copied folder fails that), plans the run from it, and every worker
+resumes from exactly that folder (:func:`resume_checkpoint`).
 
 Example:
     >>> newest_complete("runs/tiny/finetune/finetune", "checkpoint_", ("state.pt",))  # doctest: +SKIP
@@ -19,6 +19,7 @@ import json
 import re
 
 from realfake_ray import storage
+from realfake_ray._internal.trainer import RestoreFromDriver
 
 
 def checkpoint_number(url: str, prefix: str) -> int | None:
@@ -57,15 +58,33 @@ def newest_complete(run_dir: str, prefix: str, required: tuple[str, ...]) -> str
     return None
 
 
-def resume_checkpoint(fallback: str | None, prefix: str):
-    """In a Ray Train worker: the checkpoint to resume from — Ray's latest registered one, or the driver's
-    ``fallback`` folder (from :func:`newest_complete`) when that one is newer; None for a fresh start."""
+def prune_checkpoints(run_dir: str, prefix: str, keep: int) -> list[str]:
+    """Delete all but the newest ``keep`` ``<prefix><number>`` folders below ``run_dir``; returns those deleted.
+    Called after a run ends: a run restarted after a lost worker knows only the checkpoints in Ray's snapshot,
+    so its ``num_to_keep`` misses the ones written after the snapshot."""
+    if not storage.isdir(run_dir):
+        return []
+    numbered = sorted((n, storage.join(run_dir, name)) for name, is_dir in storage.listdir(run_dir)
+                      if is_dir and (n := checkpoint_number(name, prefix)) is not None)
+    stale = [url for _, url in numbered[:-keep]] if keep > 0 else []
+    for url in stale:
+        storage.remove(url, recursive=True)
+    return stale
+
+
+def resume_checkpoint(planned: str | None, prefix: str):
+    """In a Ray Train worker: the checkpoint the driver planned to resume from (a folder URL from
+    :func:`newest_complete`; None: a fresh start). Raises ``RestoreFromDriver`` when Ray Train restored this
+    worker from a newer checkpoint than that: the run's datasets were planned for the older one (see
+    ``_internal.trainer``)."""
     import ray.train
 
     registered = ray.train.get_checkpoint()
-    if fallback is None:
-        return registered
-    if registered is not None and (checkpoint_number(registered.path, prefix) or 0) >= (checkpoint_number(fallback, prefix) or 0):
-        return registered
-    fs, path = storage.arrow_filesystem(fallback)
+    planned_number = checkpoint_number(planned, prefix) if planned else -1
+    if registered is not None and (checkpoint_number(registered.path, prefix) or 0) > planned_number:
+        raise RestoreFromDriver(f"restored by Ray Train from {registered.path}, planned from {planned}: "
+                                "the driver restarts the run from there")
+    if planned is None:
+        return None
+    fs, path = storage.arrow_filesystem(planned)
     return ray.train.Checkpoint(path=path, filesystem=fs)

@@ -1,10 +1,13 @@
-"""Fault injection for the kill tests: ``REALFAKE_FAULT=<point>:<n>`` SIGKILLs a stage's driver at an exact
+"""Fault injection for the kill and node-loss tests: ``REALFAKE_FAULT=<point>:<n>`` stops a stage at an exact
 point, so a test interrupts a run where it means to instead of racing a timer.
 
 Points:
 
 - ``finetune.checkpoint:<step>`` — rank 0 of the Ray Train run kills the driver right after the checkpoint of
   ``<step>`` is persisted, then waits to die with the job (no further step is checkpointed).
+- ``finetune.checkpoint_hold:<step>``, ``train.checkpoint_hold:<epoch>`` — rank 0 of the Ray Train run stops
+  (sleeps) right after the checkpoint of ``<step>`` / ``<epoch>`` is persisted, so a test can remove its
+  node while it is known to be there; a run restored from that checkpoint never reaches it again.
 - ``generate.manifest_part:<n>`` — the writer task that finds ``n`` manifest parts written kills the driver
   (tasks already running may add a few parts before Ray reaps them).
 
@@ -26,7 +29,7 @@ from collections.abc import Mapping
 from typing import NoReturn
 
 ENV = "REALFAKE_FAULT"
-POINTS = ("finetune.checkpoint", "generate.manifest_part")
+POINTS = ("finetune.checkpoint", "finetune.checkpoint_hold", "train.checkpoint_hold", "generate.manifest_part")
 
 
 def fault_at(point: str, environ: Mapping[str, str] | None = None) -> int | None:
@@ -45,5 +48,12 @@ def kill_driver(pid: int) -> NoReturn:
     dies with the job instead of making more progress."""
     print(f"[fault] {ENV}: killing the driver (pid {pid})", flush=True)
     os.kill(pid, signal.SIGKILL)
+    while True:
+        time.sleep(60)
+
+
+def hold(point: str) -> NoReturn:
+    """Stop here until this process is killed from outside (a test removes its node)."""
+    print(f"[fault] {ENV}: holding at {point} until this worker is killed", flush=True)
     while True:
         time.sleep(60)

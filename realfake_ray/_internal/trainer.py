@@ -1,0 +1,68 @@
+"""Ray Train runs that survive a lost worker the way a resubmitted job does: through the driver.
+
+finetune and train seed every epoch's data order from the epoch a run starts at (Ray Data reseeds per
+execution, counting from there). A restart inside Ray Train (``FailureConfig.max_failures``, and node
+preemptions, which Ray Train 2.60 retries without limit) re-runs the datasets from the epoch the driver
+planned, so a worker restored from a later checkpoint would train on another epoch's order — and skip the
+wrong batches when it resumes inside an epoch. So:
+
+- Ray Train gets ``max_failures=0``: a failed worker group comes back to the driver;
+- a worker that Ray Train restores from a checkpoint newer than the one the driver planned refuses to
+  train (:class:`RestoreFromDriver`, raised by ``checkpoints.resume_checkpoint``);
+- :func:`fit_with_restarts` then re-plans from the newest complete checkpoint and fits again, up to
+  ``max_restarts`` times — for lost workers only (a dead actor or node, a failed health check, a refused
+  in-run restore); an error in the training code fails at once.
+
+A restarted run therefore trains on exactly the data an undisturbed run would have, and ends at the same
+step.
+
+Example:
+    >>> result, restarts = fit_with_restarts(lambda restart: make_trainer().fit(), 3, "finetune")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+class RestoreFromDriver(RuntimeError):
+    """Raised in a Ray Train worker that was restored from a checkpoint the driver did not plan with."""
+
+
+def is_lost_worker(error: BaseException) -> bool:
+    """Whether one worker's failure means its process or node went away (worth a restart), as opposed to an
+    error in the training code (which would fail again)."""
+    from ray.exceptions import NodeDiedError, RayActorError
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+
+    return isinstance(error, (RestoreFromDriver, RayActorError, NodeDiedError, WorkerHealthCheckFailedError))
+
+
+def lost_workers(error: BaseException) -> list[int]:
+    """Ranks whose failure in a Ray Train ``WorkerGroupError`` is a lost worker; [] for any other error."""
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    if not isinstance(error, WorkerGroupError):
+        return []
+    return sorted(rank for rank, failure in error.worker_failures.items() if is_lost_worker(failure))
+
+
+def fit_with_restarts(fit: Callable[[int], T], max_restarts: int, what: str) -> tuple[T, int]:
+    """``fit(restart)`` (restart 0 = the first fit; every later one must plan from the newest checkpoint),
+    called again after a lost worker, at most ``max_restarts`` times (-1: without limit); returns its result
+    and the restarts used. Any other error propagates at once."""
+    restarts = 0
+    while True:
+        try:
+            return fit(restarts), restarts
+        except Exception as error:
+            ranks = lost_workers(error)
+            if not ranks or restarts == max_restarts:
+                raise
+            restarts += 1
+            limit = "unlimited" if max_restarts < 0 else max_restarts
+            print(f"[{what}] lost worker(s) {ranks}; restarting from the newest checkpoint ({restarts}/{limit})",
+                  flush=True)
