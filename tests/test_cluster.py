@@ -154,6 +154,56 @@ def test_a_local_run_listens_on_loopback_only_and_its_job_api_wants_the_token():
     assert found["dashboard_without_token"] == 401
 
 
+_NEWER_CLUSTER = """
+import sys
+from ray.cluster_utils import Cluster
+from realfake_ray._internal.addresses import free_port
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True,
+                                                        "dashboard_port": free_port()})
+print("READY", flush=True)
+sys.stdin.read()  # until the test closes it
+cluster.shutdown()
+"""
+
+
+@pytest.mark.e2e
+def test_state_api_calls_reach_this_cluster_while_a_newer_one_runs(ray_cluster):
+    """Ray's State API finds "the" cluster by discovery: the newest one on the machine. With another cluster
+    started after ours, Ray Train's placement-group cleaner looked its controller up there, found nothing
+    and removed the live run's placement group (seen: a benchmark's fine-tune died when a test cluster
+    started). Our driver and our workers must ask their own cluster."""
+    import os
+    import subprocess
+    import sys
+
+    from ray.util.state import get_actor
+
+    @ray_cluster.remote(num_cpus=0)
+    class Marker:
+        def ready(self) -> bool:
+            return True
+
+    @ray_cluster.remote(num_cpus=0)
+    def state_of(actor_id: str) -> str | None:
+        from ray.util.state import get_actor
+
+        found = get_actor(actor_id, timeout=10)
+        return found.state if found else None
+
+    marker = Marker.remote()
+    ray_cluster.get(marker.ready.remote())
+    actor_id = marker._actor_id.hex()
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    newer = subprocess.Popen([sys.executable, "-c", _NEWER_CLUSTER], env={**env, "PYTHONPATH": str(REPO)},
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert newer.stdout.readline().strip() == "READY"
+        assert ray_cluster.get(state_of.remote(actor_id)) == "ALIVE"  # a worker's State API call
+        assert get_actor(actor_id, timeout=10).state == "ALIVE"  # the driver's
+    finally:
+        newer.communicate("", timeout=120)
+
+
 _WAIT_FOR_SCALE_DOWN = """
 import sys, time, ray
 ray.init(address=sys.argv[1], logging_level="WARNING")

@@ -10,7 +10,7 @@ from contextlib import contextmanager, nullcontext
 import ray
 
 from realfake_ray import storage
-from realfake_ray._internal.addresses import is_loopback_address
+from realfake_ray._internal.addresses import free_port, is_loopback_address
 from realfake_ray._internal.quiet import QUIET_ENV
 from realfake_ray.config import ActorPool, ConfigError, RayConfig
 
@@ -20,6 +20,12 @@ _LOOPBACK_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 # Environment every worker needs to resolve per-node caches and presets the same way as the driver.
 _FORWARDED_ENV = ("REALFAKE_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "HF_ENDPOINT")
+
+# Where Ray's State API calls go. Without it a process finds "the" cluster by discovery — the newest one
+# started on this machine, not the one it belongs to. With two clusters on one machine (two local runs, a
+# test's cluster), Ray Train's placement-group cleaner then looked up its controller in the other
+# cluster, found nothing, and removed the live run's placement group: the training workers died.
+_STATE_API_ENV = "RAY_API_SERVER_ADDRESS"
 
 
 def init_ray(cfg: RayConfig | None = None) -> None:
@@ -47,6 +53,8 @@ def init_ray(cfg: RayConfig | None = None) -> None:
         with _loopback_only() if is_loopback_address(address) else nullcontext():
             ray.init(address=address, **common)
     else:
+        dashboard_port = free_port()
+        env.setdefault(_STATE_API_ENV, os.environ.get(_STATE_API_ENV, f"http://127.0.0.1:{dashboard_port}"))
         with _loopback_only():
             ray.init(
                 address="local",  # a new local cluster: never attach to (or wait on) one another session left behind
@@ -55,10 +63,25 @@ def init_ray(cfg: RayConfig | None = None) -> None:
                 # second (without it: a warning per second in the job log).
                 include_dashboard=True,
                 dashboard_host="127.0.0.1",
+                dashboard_port=dashboard_port,
                 _node_ip_address="127.0.0.1",
                 **common,
             )
         _started_here = True
+    _point_state_api_here()
+
+
+_state_api_set_here: str | None = None
+
+
+def _point_state_api_here() -> None:
+    """This driver's State API calls go to the cluster it is connected to (see ``_STATE_API_ENV``), unless
+    the user set the variable."""
+    global _state_api_set_here
+    current = os.environ.get(_STATE_API_ENV)
+    url = ray._private.worker.get_dashboard_url()
+    if url and current in (None, _state_api_set_here):
+        _state_api_set_here = os.environ[_STATE_API_ENV] = "http://" + url.removeprefix("http://")
 
 
 @contextmanager
