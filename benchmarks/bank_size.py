@@ -42,11 +42,11 @@ def _bytes_per_group(bank: str) -> dict[str, float]:
     import pyarrow.parquet as pq
 
     from realfake_ray._internal.shards import part_files
-    from realfake_ray.encode import bank_dir
+    from realfake_ray.layout import RunLayout
 
     totals: dict[str, float] = {g: 0.0 for g in GROUPS} | {"other columns": 0.0}
     rows = 0
-    for url in part_files(bank_dir(bank, "train")):
+    for url in part_files(RunLayout(bank).bank_dir("train")):
         meta = pq.ParquetFile(url).metadata
         rows += meta.num_rows
         for g in range(meta.num_row_groups):

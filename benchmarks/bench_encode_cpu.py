@@ -28,9 +28,9 @@ def encoder_ceiling(batch_size: int) -> dict:
     import numpy as np
     import torch
 
+    from realfake_ray.classifier_data import real_rows
     from realfake_ray.config import load_config
     from realfake_ray.encode import LatentEncoder, decode_batch
-    from realfake_ray.train import real_rows
 
     torch.set_num_threads(1)
     cfg = load_config(preset="tiny", out=tempfile.mkdtemp(prefix="bench-encode-"))

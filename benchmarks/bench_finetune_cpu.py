@@ -38,7 +38,8 @@ def steady_rate(history: list[dict]) -> float:
 def bench(bank: str, workers: int, steps: int, batch: int, log_every: int) -> dict:
     from realfake_ray import storage
     from realfake_ray.config import load_config
-    from realfake_ray.finetune import finetune_dir, run_finetune
+    from realfake_ray.finetune import run_finetune
+    from realfake_ray.layout import RunLayout
 
     out = tempfile.mkdtemp(prefix=f"bench-ft-{workers}w-")
     shutil.copytree(os.path.join(bank, "latents"), os.path.join(out, "latents"))
@@ -49,7 +50,7 @@ def bench(bank: str, workers: int, steps: int, batch: int, log_every: int) -> di
     started = time.time()
     done = run_finetune(cfg)
     call_s = time.time() - started
-    text = storage.read_text(storage.join(finetune_dir(out), "metrics.jsonl"))
+    text = storage.read_text(storage.join(RunLayout(out).finetune_dir(), "metrics.jsonl"))
     history = [json.loads(line) for line in text.splitlines()]
     shutil.rmtree(out, ignore_errors=True)
     return {

@@ -34,8 +34,8 @@ def decode_ceiling(repeat: int) -> list[dict]:
     process without Ray."""
     import numpy as np
 
+    from realfake_ray.classifier_data import decode_rows, decoded_dataset, real_rows, rows_dataset, view_settings
     from realfake_ray.config import load_config
-    from realfake_ray.train import decode_rows, decoded_dataset, real_rows, rows_dataset, view_settings
 
     cfg = load_config(preset="tiny", out=tempfile.mkdtemp(prefix="bench-train-"))
     rng = np.random.default_rng(0)
@@ -84,7 +84,8 @@ def loop_one_process(steps: int, batch: int) -> dict:
 
 def run_train_rate(workers: int, epochs: int) -> dict:
     from realfake_ray.config import load_config
-    from realfake_ray.train import classifier_dir, read_metrics, run_train
+    from realfake_ray.layout import RunLayout
+    from realfake_ray.train import read_metrics, run_train
 
     out = tempfile.mkdtemp(prefix=f"bench-train-{workers}w-")
     cfg = load_config(preset="tiny", out=out, overrides=[
@@ -94,7 +95,7 @@ def run_train_rate(workers: int, epochs: int) -> dict:
     began = time.time()
     summary = run_train(cfg)
     call = time.time() - began
-    rows = read_metrics(classifier_dir(out))
+    rows = read_metrics(RunLayout(out).classifier_dir())
     steady = rows[1:] or rows
     images, seconds = sum(r["train_images"] for r in steady), sum(r["seconds"] for r in steady)
     return {"what": f"run_train, real, {epochs} epochs (call {call:.0f} s, val top-1 "

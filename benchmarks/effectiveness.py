@@ -97,7 +97,7 @@ def _embed_images(cfg, urls: list[str]):
     from PIL import Image
 
     from realfake_ray import storage
-    from realfake_ray.encode import ClipEmbedder
+    from realfake_ray.embeddings import ClipEmbedder
 
     embedder = ClipEmbedder(cfg)
     pixels = np.stack([np.array(Image.open(storage.open_file(u)).convert("RGB")) for u in urls])
@@ -106,8 +106,8 @@ def _embed_images(cfg, urls: list[str]):
 
 def _distances(cfg, summary: dict, val_embeddings) -> dict:
     """MMD² and KID of (up to 2,000 of) the classifier's synthetic images vs the real val digits."""
+    from realfake_ray.classifier_data import synthetic_rows
     from realfake_ray.metrics import set_distances, subsample
-    from realfake_ray.train import synthetic_rows
 
     if not summary["synthetic_images"]:
         return {}
@@ -117,7 +117,7 @@ def _distances(cfg, summary: dict, val_embeddings) -> dict:
 
 
 def summary_class_dirs(cfg) -> list[str]:
-    from realfake_ray.encode import read_meta
+    from realfake_ray.bank import read_meta
 
     return read_meta(cfg.out)["class_dirs"]
 
@@ -126,9 +126,9 @@ def _val_embeddings(bank: Path):
     import numpy as np
 
     from realfake_ray._internal.shards import read_parts
-    from realfake_ray.encode import bank_dir
+    from realfake_ray.layout import RunLayout
 
-    table = read_parts(bank_dir(str(bank), "val"), ["clip_embed"])
+    table = read_parts(RunLayout(str(bank)).bank_dir("val"), ["clip_embed"])
     column = table.column("clip_embed").combine_chunks()
     column = getattr(column, "storage", column)
     return column.flatten().to_numpy(zero_copy_only=False).reshape(table.num_rows, -1).astype(np.float32)

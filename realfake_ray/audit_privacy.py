@@ -36,17 +36,19 @@ from PIL import Image
 from realfake_ray import storage
 from realfake_ray._internal.cluster import init_ray
 from realfake_ray._internal.shards import part_files, read_parts, tensor_column, write_part
+from realfake_ray.bank import read_bank
+from realfake_ray.classifier_data import real_rows
 from realfake_ray.config import ConfigError, RunConfig
 from realfake_ray.data.imagefolder import scan_image_folder
-from realfake_ray.encode import ClipEmbedder, bank_dir, meta_url
+from realfake_ray.embeddings import ClipEmbedder
 from realfake_ray.finetune import run_finetune
-from realfake_ray.generate import find_lora, generate_in_process, images_dir, manifest_dir, read_bank, run_generate
+from realfake_ray.generate import find_lora, generate_in_process, run_generate
+from realfake_ray.layout import RunLayout
 from realfake_ray.plots import markdown_table, roc_plot
 from realfake_ray.privacy import attack_summary, copy_distances, copy_summary, lira_offline, roc_points, shadow_masks
 from realfake_ray.quick_classifier import margins, top1, train_quick
 from realfake_ray.report import write_report
 from realfake_ray.seeds import derive_seed
-from realfake_ray.train import real_rows
 
 __all__ = ["audit_dir", "run_audit_privacy"]
 
@@ -60,7 +62,7 @@ def audit_dir(out: str, *parts: str) -> str:
 def _bank(cfg: RunConfig) -> tuple[dict, pa.Table]:
     """The bank's meta and its whole train split (row order = the audit's example order)."""
     meta, _ = read_bank(cfg.out)
-    return meta, read_parts(bank_dir(cfg.out, "train"))
+    return meta, read_parts(RunLayout(cfg.out).bank_dir("train"))
 
 
 def _images(urls: list[str]) -> list[np.ndarray]:
@@ -124,15 +126,15 @@ def _shadow_cfg(cfg: RunConfig, k: int) -> RunConfig:
 
 def _write_shadow_bank(cfg: RunConfig, shadow: RunConfig, bank: pa.Table, mask: np.ndarray) -> None:
     """``<shadow>/latents``: the bank's rows in ``mask`` (train) — the only real data the shadow pipeline sees."""
-    if part_files(bank_dir(shadow.out, "train")) and storage.exists(meta_url(shadow.out)):
+    if part_files(RunLayout(shadow.out).bank_dir("train")) and storage.exists(RunLayout(shadow.out).meta_url()):
         return
-    write_part(bank_dir(shadow.out, "train"), bank.filter(pa.array(mask)))
-    identity = storage.join(bank_dir(cfg.out), "_identity.json")
+    write_part(RunLayout(shadow.out).bank_dir("train"), bank.filter(pa.array(mask)))
+    identity = storage.join(RunLayout(cfg.out).bank_dir(), "_identity.json")
     if storage.exists(identity):
-        storage.write_bytes(storage.join(bank_dir(shadow.out), "_identity.json"), storage.read_bytes(identity))
-    meta = storage.read_json(meta_url(cfg.out))
+        storage.write_bytes(storage.join(RunLayout(shadow.out).bank_dir(), "_identity.json"), storage.read_bytes(identity))
+    meta = storage.read_json(RunLayout(cfg.out).meta_url())
     meta["splits"] = {"train": {**meta["splits"]["train"], "rows": int(mask.sum())}}
-    storage.write_json(meta_url(shadow.out), meta)  # written last: a bank is complete once its meta exists
+    storage.write_json(RunLayout(shadow.out).meta_url(), meta)  # written last: a bank is complete once its meta exists
 
 
 def _synthetic_set(shadow: RunConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -140,9 +142,9 @@ def _synthetic_set(shadow: RunConfig) -> tuple[np.ndarray, np.ndarray]:
     if shadow.generate.use_lora:
         run_finetune(shadow)
     run_generate(shadow)
-    manifest = read_parts(manifest_dir(shadow.out), ["path", "label"])
+    manifest = read_parts(RunLayout(shadow.out).manifest_dir(), ["path", "label"])
     paths = manifest.column("path").to_pylist()
-    return np.stack(_images([storage.join(images_dir(shadow.out), p) for p in paths])), \
+    return np.stack(_images([storage.join(RunLayout(shadow.out).images_dir(), p) for p in paths])), \
         pc.cast(manifest.column("label"), pa.int64()).to_numpy()
 
 
@@ -185,7 +187,7 @@ def _run_arm(cfg: RunConfig, arm: str, masks: np.ndarray, bank: pa.Table, real: 
 def _strength_study(cfg: RunConfig, meta: dict, bank: pa.Table) -> list[dict]:
     """Distances of generated images to their source and to the closest other real image, per strength."""
     ap = cfg.audit_privacy
-    files = part_files(bank_dir(cfg.out, "train"))
+    files = part_files(RunLayout(cfg.out).bank_dir("train"))
     lengths = [pq.ParquetFile(storage.open_file(f)).metadata.num_rows for f in files]
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     rows = np.sort(np.random.default_rng(derive_seed(cfg.seed, "audit-strength") % 2**63)

@@ -30,3 +30,11 @@ def torch_device() -> torch.device:
         print(f"[device] Ray assigned GPU {assigned} to this process but torch sees no CUDA device: running on CPU",
               flush=True)
     return torch.device("cpu")
+
+
+def device_and_dtype(name: str) -> tuple[torch.device, torch.dtype]:
+    """:func:`torch_device`, and the wanted dtype (``fp32``/``fp16``/``bf16``) there; fp32 on CPU (fp16 CPU
+    convolutions are slow or missing)."""
+    device = torch_device()
+    wanted = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+    return device, wanted if device.type == "cuda" else torch.float32

@@ -19,8 +19,11 @@ import numpy as np
 import pyarrow as pa
 
 from realfake_ray import storage
+from realfake_ray.bank import read_meta
 from realfake_ray.config import RunConfig
 from realfake_ray.data.imagefolder import ImageFolderIndex, decode_views, scan_image_folder
+from realfake_ray.embeddings import ClipEmbedder
+from realfake_ray.layout import RunLayout
 from realfake_ray.models import loading
 
 SPLITS = ("train", "val")
@@ -29,24 +32,6 @@ BANK_COLUMNS = (
     "image_id", "label", "class_dir", "class_name", "caption", "latent_mean", "latent_std", "clip_embed",
     "full_latent_mean", "full_latent_std", "full_latent_h", "full_latent_w", "width", "height",
 )
-
-
-def bank_dir(out: str, split: str | None = None) -> str:
-    """``<out>/latents`` or one split's table below it."""
-    return storage.join(out, "latents", split) if split else storage.join(out, "latents")
-
-
-def skipped_dir(out: str, split: str) -> str:
-    return storage.join(out, "latents", "_skipped", split)
-
-
-def meta_url(out: str) -> str:
-    return storage.join(bank_dir(out), "_meta.json")
-
-
-def read_meta(out: str) -> dict | None:
-    url = meta_url(out)
-    return storage.read_json(url) if storage.exists(url) else None
 
 
 # --------------------------------------------------------------------------------------- planning
@@ -89,14 +74,14 @@ def _check_bank_compatible(meta: dict | None, identity: dict, cfg: RunConfig) ->
     if (meta["model"]["vae_sha256"] != identity["vae_sha256"] or meta["resolution"] != cfg.encode.resolution
             or meta.get("format", 1) != BANK_FORMAT or view != cfg.encode.generation_view):
         raise ValueError(
-            f"the latent bank at {bank_dir(cfg.out)} was encoded with another VAE, resolution, view or bank format "
+            f"the latent bank at {RunLayout(cfg.out).bank_dir()} was encoded with another VAE, resolution, view or bank format "
             f"({meta['model']['pretrained']} @ {meta['resolution']} px, generation view {view}, format "
             f"{meta.get('format', 1)}); use a new --out or delete it"
         )
 
 
 def _pending_rows(index: ImageFolderIndex, split: str, out: str) -> list[dict]:
-    done = {k[0] for k in _keys(bank_dir(out, split))} | {k[0] for k in _keys(skipped_dir(out, split))}
+    done = {k[0] for k in _keys(RunLayout(out).bank_dir(split))} | {k[0] for k in _keys(RunLayout(out).skipped_dir(split))}
     return [dict(asdict(r), split=split) for r in index.records if r.image_id not in done]
 
 
@@ -134,55 +119,6 @@ def full_images(batch: dict[str, np.ndarray]) -> list[np.ndarray]:
     """The fine-tuning views of a decoded batch as uint8 ``[H, W, 3]`` arrays."""
     return [np.frombuffer(b, np.uint8).reshape(int(h), int(w), 3).copy()  # writable: torch.from_numpy warns otherwise
             for b, h, w in zip(batch["full_pixels"], batch["full_h"], batch["full_w"])]
-
-
-def _device_and_dtype(name: str):
-    """CUDA when present; the wanted dtype there, fp32 on CPU (fp16 CPU convolutions are slow or missing)."""
-    import torch
-
-    from realfake_ray.devices import torch_device
-
-    device = torch_device()
-    wanted = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
-    return device, wanted if device.type == "cuda" else torch.float32
-
-
-class ClipEmbedder:
-    """Actor (or plain object): the CLIP vision model of the run, loaded once, embeds decoded images.
-
-    The same model and preprocessing serve the latent bank (real images) and the distribution metrics
-    (synthetic images), so both sides of an MMD live in one embedding space. Example::
-
-        embedder = ClipEmbedder(cfg)
-        embeds = embedder.embed(uint8_bhw3)          # float16 [B, D]
-        ds.map_batches(ClipEmbedder, fn_constructor_args=(cfg,), ...)  # "pixels" -> "clip_embed"
-    """
-
-    def __init__(self, cfg: RunConfig, dtype: str | None = None):
-        model_dir = loading.resolve_model_dir(cfg.model.pretrained, cfg.model.revision, cfg.model.hub_timeout_s)
-        clip_dir = loading.clip_vision_dir(model_dir, cfg.model.clip_vision, cfg.model.hub_timeout_s)
-        self.device, self.dtype = _device_and_dtype(dtype or cfg.encode.dtype)
-        self.model, self.processor = loading.load_clip_vision(clip_dir, torch_dtype=self.dtype)
-        self.model.to(self.device)
-
-    def embed(self, pixels, batch_size: int | None = None) -> np.ndarray:
-        """uint8 ``[B, H, W, 3]`` images (or a list of ``[H, W, 3]`` of any sizes: the processor resizes and
-        centre-crops each) → float16 ``[B, D]`` projected CLIP image embeddings, ``batch_size`` at a time
-        (None: all in one forward)."""
-        import torch
-
-        out = []
-        with torch.inference_mode():
-            step = batch_size or max(len(pixels), 1)
-            for start in range(0, len(pixels), step):
-                chunk = list(pixels[start : start + step])
-                clip_in = self.processor(images=chunk, return_tensors="pt")["pixel_values"]
-                out.append(self.model(pixel_values=clip_in.to(self.device, self.dtype)).image_embeds.float().cpu())
-        return torch.cat(out).numpy().astype(np.float16)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        pixels = batch.pop("pixels")
-        return {**batch, "clip_embed": self.embed(pixels)}
 
 
 class LatentEncoder:
@@ -286,9 +222,9 @@ def write_bank_batch(batch: pa.Table, out: str) -> dict[str, np.ndarray]:
         ok = pc.equal(rows["error"], "")
         good, bad = rows.filter(ok), rows.filter(pc.invert(ok))
         if good.num_rows:
-            write_part(bank_dir(out, split), good.select(list(BANK_COLUMNS)))
+            write_part(RunLayout(out).bank_dir(split), good.select(list(BANK_COLUMNS)))
         if bad.num_rows:
-            write_part(skipped_dir(out, split), bad.select(["image_id", "url", "error"]))
+            write_part(RunLayout(out).skipped_dir(split), bad.select(["image_id", "url", "error"]))
         written.append((split, good.num_rows, bad.num_rows))
     return {
         "split": np.array([w[0] for w in written], dtype=object),
@@ -328,9 +264,9 @@ def build_pipeline(rows: list[dict], cfg: RunConfig, multiple: int = 8):
 def _split_summary(out: str, split: str) -> dict:
     from realfake_ray._internal.shards import read_parts
 
-    skipped = read_parts(skipped_dir(out, split), ["image_id", "error"])
+    skipped = read_parts(RunLayout(out).skipped_dir(split), ["image_id", "error"])
     skipped_rows = skipped.to_pylist() if skipped is not None else []
-    return {"rows": len(_keys(bank_dir(out, split))), "skipped": len(skipped_rows), "skipped_files": skipped_rows}
+    return {"rows": len(_keys(RunLayout(out).bank_dir(split))), "skipped": len(skipped_rows), "skipped_files": skipped_rows}
 
 
 def run_encode(cfg: RunConfig) -> dict:
@@ -341,7 +277,7 @@ def run_encode(cfg: RunConfig) -> dict:
     splits = scan_splits(cfg)
     identity = model_identity(cfg)
     # _meta.json is written at the end; the identity file guards a bank whose first run was cut off.
-    identity_url = storage.join(bank_dir(cfg.out), "_identity.json")
+    identity_url = storage.join(RunLayout(cfg.out).bank_dir(), "_identity.json")
     started_with = storage.read_json(identity_url) if storage.exists(identity_url) else None
     previous = read_meta(cfg.out)
     _check_bank_compatible(previous or started_with, identity, cfg)
@@ -372,5 +308,5 @@ def run_encode(cfg: RunConfig) -> dict:
                      "images_per_s": round(len(rows) / elapsed, 2) if rows else None},
         "complete": True,
     }
-    storage.write_json(meta_url(cfg.out), meta)
+    storage.write_json(RunLayout(cfg.out).meta_url(), meta)
     return {**meta, "skipped": not rows}

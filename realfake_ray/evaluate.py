@@ -29,9 +29,7 @@ import struct
 import numpy as np
 
 from realfake_ray import storage
-from realfake_ray.config import ConfigError, RunConfig
-from realfake_ray.data.imagefolder import DatasetError
-from realfake_ray.train import (
+from realfake_ray.classifier_data import (
     decoded_dataset,
     output_dir,
     real_rows,
@@ -41,6 +39,9 @@ from realfake_ray.train import (
     synthetic_root,
     synthetic_rows,
 )
+from realfake_ray.config import ConfigError, RunConfig
+from realfake_ray.data.imagefolder import DatasetError
+from realfake_ray.layout import RunLayout
 
 VAL_SET = "val"
 
@@ -144,7 +145,7 @@ def plan_sets(cfg: RunConfig, class_dirs: list[str]) -> tuple[list[str], list[di
 
 def distribution_inputs(cfg: RunConfig, class_dirs: list[str]) -> tuple[str | None, dict | None, list[dict]]:
     """``(reason skipped, bank meta, synthetic rows)``: checks that the bank and synthetic set exist."""
-    from realfake_ray.encode import read_meta
+    from realfake_ray.bank import read_meta
 
     if not cfg.evaluate.distribution_metrics:
         return "evaluate.distribution_metrics is false", None, []
@@ -191,9 +192,8 @@ def _bank_embeddings(out: str) -> tuple[np.ndarray, np.ndarray]:
     import pyarrow as pa
 
     from realfake_ray._internal.shards import read_parts
-    from realfake_ray.encode import bank_dir
 
-    table = read_parts(bank_dir(out, "train"), ["label", "clip_embed"])
+    table = read_parts(RunLayout(out).bank_dir("train"), ["label", "clip_embed"])
     column = table.column("clip_embed").combine_chunks()
     if isinstance(column, pa.ExtensionArray):  # Ray's tensor extension type: a list array underneath
         column = column.storage
@@ -212,7 +212,7 @@ def _embedding_config(cfg: RunConfig, meta: dict) -> RunConfig:
 def distribution_metrics(cfg: RunConfig, meta: dict, synth: list[dict], class_dirs: list[str]) -> dict:
     """CLIP embeddings of a seeded subset of synthetic images vs the bank → ``distribution_report``."""
     from realfake_ray._internal.cluster import actor_pool_kwargs
-    from realfake_ray.encode import ClipEmbedder
+    from realfake_ray.embeddings import ClipEmbedder
     from realfake_ray.metrics import distribution_report, subsample
 
     ev = cfg.evaluate

@@ -34,8 +34,9 @@ from realfake_ray._internal.checkpoints import newest_complete, prune_checkpoint
 from realfake_ray._internal.cluster import check_fits_a_node, quiet_train_worker, train_logging
 from realfake_ray._internal.faults import fault_at, hold, kill_driver
 from realfake_ray._internal.trainer import fit_with_restarts
+from realfake_ray.bank import class_mean_embeddings, read_bank
 from realfake_ray.config import FinetuneConfig, RunConfig, build_config, dump_config
-from realfake_ray.encode import bank_dir, meta_url, read_meta
+from realfake_ray.layout import RunLayout
 from realfake_ray.lora import LORA_WEIGHT_NAME, add_lora, load_lora, lora_sha256, save_lora
 from realfake_ray.models import loading
 from realfake_ray.seeds import derive_seed
@@ -46,16 +47,6 @@ BANK_READ_COLUMNS = ["image_id", "label", "class_name", "caption", "clip_embed",
                      "full_latent_mean", "full_latent_std", "full_latent_h", "full_latent_w"]
 METRIC_KEYS = ("loss", "denoise", "dm")
 _OPTIMIZER_FILE, _STATE_FILE, _HISTORY_FILE = "optimizer.pt", "state.pt", "metrics.json"
-
-
-def finetune_dir(out: str) -> str:
-    """``<out>/finetune``: config, metrics, plot, ``_done.json`` and the Ray Train checkpoints."""
-    return storage.join(out, "finetune")
-
-
-def lora_dir(out: str) -> str:
-    """``<out>/lora``: the final ``pytorch_lora_weights.safetensors``."""
-    return storage.join(out, "lora")
 
 
 # Keys that only place or pace the run: they may change between a run and its resume. Everything else in
@@ -92,10 +83,6 @@ class FinetunePlan:
     hold_after: int | None = None  # step: tests only (a node-loss test removes the worker's node there)
 
 
-def _bank_error(out: str, what: str) -> FileNotFoundError:
-    return FileNotFoundError(f"{what} (no usable latent bank at {bank_dir(out)}): run `realfake encode` first with the same --out")
-
-
 def step_target(ft: FinetuneConfig, rows: int) -> tuple[int, int]:
     """``(steps_per_epoch, total_steps)``: each worker gets ⌊rows / workers⌋ rows per epoch, drops the last partial batch.
 
@@ -110,20 +97,6 @@ def step_target(ft: FinetuneConfig, rows: int) -> tuple[int, int]:
             f"{rows} training rows of the bank: lower the batch size or the number of workers"
         )
     return per_epoch, ft.max_steps or ft.epochs * per_epoch
-
-
-def _read_bank(cfg: RunConfig) -> tuple[dict, list[str]]:
-    """The bank's ``_meta.json`` and its train part files, or a clear error."""
-    from realfake_ray._internal.shards import part_files
-
-    meta = read_meta(cfg.out)
-    if meta is None:
-        raise _bank_error(cfg.out, f"{meta_url(cfg.out)} not found")
-    files = part_files(bank_dir(cfg.out, "train"))
-    rows = int(meta.get("splits", {}).get("train", {}).get("rows", 0))
-    if not files or rows == 0:
-        raise _bank_error(cfg.out, "the bank has no train rows")
-    return meta, files
 
 
 def _tensor_shape(files: list[str], column: str) -> list[int]:
@@ -160,7 +133,7 @@ def check_model_and_bank(cfg: RunConfig, meta: dict, files: list[str], model_dir
     vae_sha = loading.weights_sha256(os.path.join(model_dir, "vae"))
     if meta["model"].get("vae_sha256") != vae_sha:
         raise ValueError(
-            f"the latent bank at {bank_dir(cfg.out)} was encoded with another VAE ({meta['model'].get('pretrained')}) "
+            f"the latent bank at {RunLayout(cfg.out).bank_dir()} was encoded with another VAE ({meta['model'].get('pretrained')}) "
             f"than model.pretrained={cfg.model.pretrained!r}; re-encode with this model (new --out)"
         )
     if int(text["hidden_size"]) != int(unet["cross_attention_dim"]):
@@ -181,7 +154,7 @@ def check_model_and_bank(cfg: RunConfig, meta: dict, files: list[str], model_dir
         raise ValueError(f"{files[0]}: latent_mean shape differs from _meta.json latent_shape {meta['latent_shape']}")
     if meta.get("format", 1) < 2:
         raise ValueError(
-            f"the latent bank at {bank_dir(cfg.out)} has no fine-tuning view (bank format {meta.get('format', 1)}, "
+            f"the latent bank at {RunLayout(cfg.out).bank_dir()} has no fine-tuning view (bank format {meta.get('format', 1)}, "
             "written before random crops of the whole image were stored): re-encode it into a new --out"
         )
     if cfg.finetune.guidance != "none":
@@ -193,33 +166,6 @@ def check_model_and_bank(cfg: RunConfig, meta: dict, files: list[str], model_dir
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"{model_dir}: scheduler prediction_type {prediction_type!r}; supported: epsilon, v_prediction")
     return {"prediction_type": prediction_type}
-
-
-def class_mean_embeddings(files: list[str], num_classes: int) -> np.ndarray:
-    """Per-class mean of the bank's ``clip_embed`` [num_classes, D] (float32), streamed file by file.
-
-    Example:
-        >>> class_mean_embeddings(part_files(bank_dir("runs/tiny", "train")), 10).shape  # doctest: +SKIP
-        (10, 32)
-    """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    sums, counts = None, np.zeros(num_classes, dtype=np.int64)
-    for url in files:
-        with storage.open_file(url) as f:
-            table = pq.read_table(f, columns=["label", "clip_embed"])
-        column = table.column("clip_embed").combine_chunks()
-        column = column.storage if isinstance(column, pa.ExtensionArray) else column
-        labels = table.column("label").to_numpy()
-        embeds = column.flatten().to_numpy(zero_copy_only=False).astype(np.float64).reshape(len(labels), -1)
-        sums = np.zeros((num_classes, embeds.shape[1])) if sums is None else sums
-        np.add.at(sums, labels, embeds)
-        counts += np.bincount(labels, minlength=num_classes)
-    empty = np.flatnonzero(counts == 0).tolist()
-    if empty:
-        raise ValueError(f"finetune.guidance=class_mean: classes without any bank row: {empty[:20]}")
-    return (sums / counts[:, None]).astype(np.float32)
 
 
 def plan_finetune(cfg: RunConfig, meta: dict, files: list[str], total_steps: int) -> FinetunePlan:
@@ -248,7 +194,7 @@ def checkpoint_steps(out: str) -> list[int]:
         >>> checkpoint_steps("runs/tiny")  # doctest: +SKIP
         [20, 40]
     """
-    root = storage.join(finetune_dir(out), RUN_NAME)
+    root = storage.join(RunLayout(out).finetune_dir(), RUN_NAME)
     if not storage.exists(root):
         return []
     names = [n for n, is_dir in storage.listdir(root) if is_dir and n.startswith(CHECKPOINT_PREFIX)]
@@ -605,7 +551,7 @@ def write_metrics(out: str, history: list[dict]) -> None:
         >>> write_metrics("memory://run", [{"step": 1, "loss": 0.9}])
     """
     text = "".join(json.dumps(row, sort_keys=True) + "\n" for row in history)
-    storage.write_text(storage.join(finetune_dir(out), "metrics.jsonl"), text)
+    storage.write_text(storage.join(RunLayout(out).finetune_dir(), "metrics.jsonl"), text)
 
 
 def _write_loss_plot(out: str, history: list[dict]) -> None:
@@ -613,7 +559,7 @@ def _write_loss_plot(out: str, history: list[dict]) -> None:
 
     with tempfile.TemporaryDirectory(prefix="realfake-ft-plot-") as tmp:
         path = plot_curves(history, "step", list(METRIC_KEYS), os.path.join(tmp, "loss.png"), title="LoRA fine-tuning", logy=True)
-        storage.upload_file(path, storage.join(finetune_dir(out), "loss.png"))
+        storage.upload_file(path, storage.join(RunLayout(out).finetune_dir(), "loss.png"))
 
 
 def _use_gpu(ft: FinetuneConfig) -> bool:
@@ -651,7 +597,7 @@ def bank_dataset(files: tuple[str, ...], ft: FinetuneConfig, seed: int, first_ep
     worker's local buffer (cheaper on huge banks; batches are not i.i.d. when the bank is class-sorted).
 
     Example:
-        >>> ds = bank_dataset(tuple(part_files(bank_dir("runs/tiny", "train"))), FinetuneConfig(), 42)  # doctest: +SKIP
+        >>> ds = bank_dataset(tuple(part_files(RunLayout("runs/tiny").bank_dir("train"))), FinetuneConfig(), 42)  # doctest: +SKIP
     """
     import ray.data
     from ray.data import RandomSeedConfig
@@ -696,7 +642,7 @@ def _fit(cfg: RunConfig, plan: FinetunePlan):
     use_gpu = _use_gpu(cfg.finetune)
     worker = {"CPU": _cpus_per_worker(cfg.finetune, use_gpu), **({"GPU": 1} if use_gpu else {})}
     check_fits_a_node(worker, "finetune.use_gpu")
-    fs, path = storage.arrow_filesystem(finetune_dir(cfg.out))
+    fs, path = storage.arrow_filesystem(RunLayout(cfg.out).finetune_dir())
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "plan": asdict(plan)},
@@ -724,20 +670,20 @@ def _fit(cfg: RunConfig, plan: FinetunePlan):
 def _finish(cfg: RunConfig, result, started: float, restarts: int) -> dict:
     """Publish the final LoRA, metrics, plot and ``_done.json`` from the newest checkpoint."""
     if result.checkpoint is None:
-        raise RuntimeError(f"fine-tuning reported no checkpoint (see the Ray Train logs under {finetune_dir(cfg.out)})")
+        raise RuntimeError(f"fine-tuning reported no checkpoint (see the Ray Train logs under {RunLayout(cfg.out).finetune_dir()})")
     with result.checkpoint.as_directory() as directory:
         step = int(torch.load(os.path.join(directory, _STATE_FILE), map_location="cpu", weights_only=True)["step"])
         with open(os.path.join(directory, _HISTORY_FILE)) as f:
             history = json.load(f)
-        storage.upload_file(os.path.join(directory, LORA_WEIGHT_NAME), storage.join(lora_dir(cfg.out), LORA_WEIGHT_NAME))
+        storage.upload_file(os.path.join(directory, LORA_WEIGHT_NAME), storage.join(RunLayout(cfg.out).lora_dir(), LORA_WEIGHT_NAME))
         sha = lora_sha256(directory)
     write_metrics(cfg.out, history)
     _write_loss_plot(cfg.out, history)
-    prune_checkpoints(storage.join(finetune_dir(cfg.out), RUN_NAME), CHECKPOINT_PREFIX, cfg.finetune.keep_checkpoints)
+    prune_checkpoints(storage.join(RunLayout(cfg.out).finetune_dir(), RUN_NAME), CHECKPOINT_PREFIX, cfg.finetune.keep_checkpoints)
     metrics = result.metrics or {}
     done = {
         "step": step,
-        "lora": storage.join(lora_dir(cfg.out), LORA_WEIGHT_NAME),
+        "lora": storage.join(RunLayout(cfg.out).lora_dir(), LORA_WEIGHT_NAME),
         "lora_sha256": sha,
         "wall_seconds": round(time.time() - started, 2),
         "train_seconds": round(float(metrics.get("train_seconds", 0.0)), 2),
@@ -747,7 +693,7 @@ def _finish(cfg: RunConfig, result, started: float, restarts: int) -> dict:
         "final_loss": history[-1]["loss"] if history else None,
         "num_workers": cfg.finetune.num_workers,
     }
-    storage.write_json(storage.join(finetune_dir(cfg.out), "_done.json"), done)
+    storage.write_json(storage.join(RunLayout(cfg.out).finetune_dir(), "_done.json"), done)
     return done
 
 
@@ -762,28 +708,27 @@ def run_finetune(cfg: RunConfig) -> dict:
         'runs/tiny/lora/pytorch_lora_weights.safetensors'
     """
     from realfake_ray._internal.cluster import init_ray
-
     from realfake_ray._internal.settings import refuse_changed_settings
 
     started = time.time()
-    meta, files = _read_bank(cfg)
+    meta, files = read_bank(cfg.out)
     _, total = step_target(cfg.finetune, int(meta["splits"]["train"]["rows"]))
-    settings_url, settings = storage.join(finetune_dir(cfg.out), "_settings.json"), finetune_settings(cfg)
-    refuse_changed_settings(settings_url, settings, f"the fine-tuning run at {finetune_dir(cfg.out)}")
-    done_url = storage.join(finetune_dir(cfg.out), "_done.json")
+    settings_url, settings = storage.join(RunLayout(cfg.out).finetune_dir(), "_settings.json"), finetune_settings(cfg)
+    refuse_changed_settings(settings_url, settings, f"the fine-tuning run at {RunLayout(cfg.out).finetune_dir()}")
+    done_url = storage.join(RunLayout(cfg.out).finetune_dir(), "_done.json")
     if storage.exists(done_url):
         done = storage.read_json(done_url)
-        if done.get("step") == total and storage.exists(storage.join(lora_dir(cfg.out), LORA_WEIGHT_NAME)):
+        if done.get("step") == total and storage.exists(storage.join(RunLayout(cfg.out).lora_dir(), LORA_WEIGHT_NAME)):
             return {**done, "skipped": True}
     previous = checkpoint_steps(cfg.out)
     if previous and previous[-1] > total:
         raise ValueError(
-            f"{finetune_dir(cfg.out)} holds a checkpoint at step {previous[-1]}, beyond the target of {total} steps: "
+            f"{RunLayout(cfg.out).finetune_dir()} holds a checkpoint at step {previous[-1]}, beyond the target of {total} steps: "
             "raise finetune.max_steps/epochs or use a new --out"
         )
     plan = _plan_from_newest(cfg, meta, files, total)
     storage.write_json(settings_url, settings)
-    storage.write_text(storage.join(finetune_dir(cfg.out), "config.yaml"), dump_config(cfg))
+    storage.write_text(storage.join(RunLayout(cfg.out).finetune_dir(), "config.yaml"), dump_config(cfg))
     init_ray(cfg.ray)
     result, restarts = fit_with_restarts(
         lambda restart: _fit(cfg, _plan_from_newest(cfg, meta, files, total) if restart else plan),
@@ -793,7 +738,7 @@ def run_finetune(cfg: RunConfig) -> dict:
 
 def _plan_from_newest(cfg: RunConfig, meta: dict, files: tuple[str, ...], total: int) -> FinetunePlan:
     """The plan of one fit: resume from the newest complete checkpoint (none: a fresh start)."""
-    run_dir = storage.join(finetune_dir(cfg.out), RUN_NAME)
+    run_dir = storage.join(RunLayout(cfg.out).finetune_dir(), RUN_NAME)
     complete = newest_complete(run_dir, CHECKPOINT_PREFIX, (LORA_WEIGHT_NAME, _OPTIMIZER_FILE, _STATE_FILE, _HISTORY_FILE))
     kill_at = fault_at("finetune.checkpoint")
     return replace(plan_finetune(cfg, meta, files, total), resume_dir=complete,

@@ -43,12 +43,13 @@ import pyarrow.parquet as pq
 
 from realfake_ray import storage
 from realfake_ray._internal.faults import fault_at, kill_driver
-from realfake_ray.accelerators import apply_accelerator, parse_accelerator
 from realfake_ray._internal.quiet import quiet_libraries
 from realfake_ray._internal.shards import PART_PREFIX, part_files, tensor_column
+from realfake_ray.accelerators import apply_accelerator, parse_accelerator
+from realfake_ray.bank import class_mean_embeddings, read_bank
 from realfake_ray.config import ConfigError, GenerateConfig, RunConfig
 from realfake_ray.data.imagefolder import stem
-from realfake_ray.encode import bank_dir, meta_url, read_meta
+from realfake_ray.layout import RunLayout
 from realfake_ray.models import loading
 from realfake_ray.seeds import derive_seed
 
@@ -64,21 +65,6 @@ _RECORDED = ("model", "vae_sha256", "seed", "mode", "strength", "steps", "schedu
 _UNIT_TARGET_ROWS = 512  # rows per load unit (rounded up to whole generation batches)
 LIGHT_TASK_CPUS = 0.25
 _PROGRESS_EVERY_S = 10.0
-
-
-def synthetic_dir(out: str, *parts: str) -> str:
-    """``<out>/synthetic`` or a path below it."""
-    return storage.join(out, SYNTHETIC, *parts)
-
-
-def images_dir(out: str) -> str:
-    """``<out>/synthetic/train``: the synthetic ImageFolder (``<class>/<stem>__c<copy>.jpg``)."""
-    return synthetic_dir(out, "train")
-
-
-def manifest_dir(out: str) -> str:
-    """``<out>/synthetic/_manifest``: Parquet parts, one row per written image."""
-    return synthetic_dir(out, "_manifest")
 
 
 def image_seed(seed: int, image_id: str, copy_idx: int) -> int:
@@ -152,22 +138,6 @@ def check_generate_config(gen: GenerateConfig) -> None:
         raise ConfigError(f"generate.{exc}") from None
     if gen.compile and gen.accelerator != "none":
         raise ConfigError(f"generate.accelerator={gen.accelerator!r} does not compose with generate.compile=true")
-
-
-def _bank_error(out: str, what: str) -> FileNotFoundError:
-    return FileNotFoundError(f"{what}: no usable latent bank at {bank_dir(out)}; run `realfake encode` first with the same --out")
-
-
-def read_bank(out: str) -> tuple[dict, list[str]]:
-    """The bank's ``_meta.json`` and its train part files, or FileNotFoundError naming ``realfake encode``."""
-
-    meta = read_meta(out)
-    if meta is None:
-        raise _bank_error(out, f"{meta_url(out)} not found")
-    files = part_files(bank_dir(out, "train"))
-    if not files:
-        raise _bank_error(out, f"{bank_dir(out, 'train')} has no part files")
-    return meta, files
 
 
 def _bank_tensor_width(file_url: str, column: str) -> int | None:
@@ -263,13 +233,13 @@ def find_lora(cfg: RunConfig) -> tuple[str | None, str | None]:
     ``generate.use_lora`` on but no LoRA there: FileNotFoundError naming both fixes (the method without
     its fine-tuning is an ablation, chosen with ``generate.use_lora=false``, never a silent fallback).
     """
-    from realfake_ray.finetune import lora_dir
+
     from realfake_ray.lora import lora_digest
     from realfake_ray.sampler import LORA_WEIGHT_NAME
 
     if not cfg.generate.use_lora:
         return None, None
-    url = storage.join(lora_dir(cfg.out), LORA_WEIGHT_NAME)
+    url = storage.join(RunLayout(cfg.out).lora_dir(), LORA_WEIGHT_NAME)
     if not storage.exists(url):
         raise FileNotFoundError(
             f"generate.use_lora=true but there is no LoRA at {url}: run `realfake finetune` with the same --out "
@@ -284,9 +254,8 @@ def check_guidance_matches_lora(cfg: RunConfig) -> None:
     A LoRA trained with image tokens and sampled without them (or the other way round) is a silent method
     change; ``generate.allow_guidance_mismatch=true`` makes it a deliberate one.
     """
-    from realfake_ray.finetune import finetune_dir
 
-    url = storage.join(finetune_dir(cfg.out), "_settings.json")
+    url = storage.join(RunLayout(cfg.out).finetune_dir(), "_settings.json")
     if cfg.generate.allow_guidance_mismatch or not storage.exists(url):
         return
     trained = storage.read_json(url).get("guidance")
@@ -339,9 +308,9 @@ def check_settings_unchanged(out: str, settings: dict) -> None:
     """ValueError when ``<out>/synthetic`` was generated with other image-defining settings."""
     from realfake_ray._internal.settings import refuse_changed_settings
 
-    if part_files(manifest_dir(out)):
+    if part_files(RunLayout(out).manifest_dir()):
         refuse_changed_settings(
-            synthetic_dir(out, "_settings.json"), settings, f"the synthetic set at {synthetic_dir(out)}", _RECORDED
+            RunLayout(out).synthetic_dir("_settings.json"), settings, f"the synthetic set at {RunLayout(out).synthetic_dir()}", _RECORDED
         )
 
 
@@ -421,7 +390,7 @@ def plan_units(cfg: RunConfig, files: list[str]) -> tuple[list[dict], int, int, 
     keep = _first_occurrence(ids)
     collisions = _stem_collisions(ids, keep)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
-    done_tables = _read_tables(part_files(manifest_dir(cfg.out)), ["image_id", "copy_idx"])
+    done_tables = _read_tables(part_files(RunLayout(cfg.out).manifest_dir()), ["image_id", "copy_idx"])
     done = pa.concat_tables(done_tables) if done_tables else None
     per_unit = g.batch_size * max(1, math.ceil(_UNIT_TARGET_ROWS / g.batch_size))
     units, pending = [], 0
@@ -506,7 +475,6 @@ def load_units(units: pa.Table, *, seed: int, batch_size: int, mode: str, guidan
             chunk = cache[unit["file"]].take(pa.array(rows[start : start + batch_size], type=pa.int32()))
             batches.append(_batch_row(chunk, int(unit["copy_idx"]), seed, collisions))
     return pa.Table.from_pylist(batches, schema=_BATCH_SCHEMA)
-
 
 
 class SynthesisActor:
@@ -739,14 +707,14 @@ def build_pipeline(cfg: RunConfig, plan: GeneratePlan, class_means: np.ndarray |
         write_images,
         batch_size=None,
         num_cpus=LIGHT_TASK_CPUS,
-        fn_kwargs={"root": images_dir(cfg.out), "quality": g.jpeg_quality, "storage_size": g.storage_size},
+        fn_kwargs={"root": RunLayout(cfg.out).images_dir(), "quality": g.jpeg_quality, "storage_size": g.storage_size},
     )
     return ds.map_batches(
         write_manifest,
         batch_format="pyarrow",
         batch_size=g.rows_per_manifest_file,
         num_cpus=LIGHT_TASK_CPUS,
-        fn_kwargs={"directory": manifest_dir(cfg.out), "constants": _manifest_constants(cfg, plan),
+        fn_kwargs={"directory": RunLayout(cfg.out).manifest_dir(), "constants": _manifest_constants(cfg, plan),
                    "kill_driver_after": (kill_at, os.getpid()) if (kill_at := fault_at("generate.manifest_part")) else None},
     )
 
@@ -755,7 +723,6 @@ def _class_means(cfg: RunConfig, plan: GeneratePlan) -> np.ndarray | None:
     """Per-class mean CLIP embedding of the bank (``generate.guidance=class_mean``), computed once here."""
     if cfg.generate.guidance != "class_mean":
         return None
-    from realfake_ray.finetune import class_mean_embeddings
 
     return class_mean_embeddings(plan.files, len(plan.meta["class_dirs"]))
 
@@ -827,7 +794,7 @@ def run_generate(cfg: RunConfig) -> dict:
         + (f"; LoRA {plan.lora_sha256[:12]}" if plan.lora_sha256 else "; no LoRA"),
         flush=True,
     )
-    summary_url = synthetic_dir(cfg.out, "_summary.json")
+    summary_url = RunLayout(cfg.out).synthetic_dir("_summary.json")
     if not plan.units and storage.exists(summary_url):
         stored = storage.read_json(summary_url)
         if stored.get("count") == plan.expected and stored.get("complete"):
@@ -837,7 +804,7 @@ def run_generate(cfg: RunConfig) -> dict:
     if plan.units:
         from realfake_ray._internal.cluster import gpus_per_actor
 
-        storage.write_json(synthetic_dir(cfg.out, "_settings.json"), plan.settings)
+        storage.write_json(RunLayout(cfg.out).synthetic_dir("_settings.json"), plan.settings)
         init_ray(cfg.ray)
         gpus = gpus_per_actor(cfg.generate.actors)
         result = _execute(cfg, plan)
@@ -857,8 +824,8 @@ def run_generate(cfg: RunConfig) -> dict:
         "wall_s": round(time.time() - started, 2),
         "bank_rows": plan.bank_rows,
         "mult": cfg.generate.mult,
-        "images": images_dir(cfg.out),
-        "manifest": manifest_dir(cfg.out),
+        "images": RunLayout(cfg.out).images_dir(),
+        "manifest": RunLayout(cfg.out).manifest_dir(),
         "settings": plan.settings,
         "throughput_settings": _throughput_settings(cfg),
         # (seconds, images written, alive nodes, alive synthesis actors) while this run generated

@@ -27,6 +27,8 @@ from typing import IO, Any
 import fsspec
 from fsspec.core import url_to_fs
 
+from realfake_ray.data import embedded
+
 _TMP_MARK = ".tmp-"
 EMBEDDED_SCHEME = "embedded:"
 # Object stores: whole-object uploads are atomic, renames are not, and listings change under other writers.
@@ -49,10 +51,8 @@ def cache_dir(*parts: str) -> str:
 
 def resolve_embedded(url: str) -> str:
     """Local path of an ``embedded:<name>/<sub/path>`` URL (materialising the dataset if needed)."""
-    from realfake_ray.data import embedded
-
     name, _, sub = url[len(EMBEDDED_SCHEME) :].partition("/")
-    root = embedded.materialise(name)
+    root = embedded.materialise(name, cache_dir("datasets"))
     return os.path.join(root, *sub.split("/")) if sub else root
 
 

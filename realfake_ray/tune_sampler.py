@@ -36,24 +36,24 @@ from PIL import Image
 from realfake_ray import storage
 from realfake_ray._internal.cluster import cluster_gpus, init_ray
 from realfake_ray._internal.shards import part_files, read_parts, tensor_column
+from realfake_ray.bank import class_mean_embeddings, read_bank
+from realfake_ray.classifier_data import real_rows
 from realfake_ray.config import ConfigError, GenerateConfig, RunConfig
-from realfake_ray.encode import ClipEmbedder, bank_dir
-from realfake_ray.finetune import class_mean_embeddings
+from realfake_ray.embeddings import ClipEmbedder
+from realfake_ray.flops import mfu, peak_flops
 from realfake_ray.generate import (
     check_generate_config,
     check_guidance_matches_lora,
     check_lora,
     find_lora,
     generate_in_process,
-    read_bank,
 )
-from realfake_ray.flops import mfu, peak_flops
+from realfake_ray.layout import RunLayout
 from realfake_ray.metrics import set_distances
 from realfake_ray.models import loading
 from realfake_ray.plots import markdown_table, pareto_plot
 from realfake_ray.sampler import model_flops, sampler_flops
 from realfake_ray.seeds import derive_seed
-from realfake_ray.train import real_rows
 from realfake_ray.tuning import (
     AXES,
     classifier_accuracy,
@@ -138,12 +138,12 @@ def _select_rows(files: list[str], count: int, seed: int) -> list[dict]:
 
 def _val_set(cfg: RunConfig, meta: dict) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
     """Real val CLIP embeddings (from the bank) and real val images + labels (from ``data.val``)."""
-    if not cfg.data.val or not part_files(bank_dir(cfg.out, "val")):
+    if not cfg.data.val or not part_files(RunLayout(cfg.out).bank_dir("val")):
         raise FileNotFoundError(
             f"tune-sampler scores settings against the real val set: set data.val and run `realfake encode` "
-            f"so that {bank_dir(cfg.out, 'val')} exists"
+            f"so that {RunLayout(cfg.out).bank_dir('val')} exists"
         )
-    embeds = tensor_column(read_parts(bank_dir(cfg.out, "val"), ["clip_embed"]), "clip_embed")
+    embeds = tensor_column(read_parts(RunLayout(cfg.out).bank_dir("val"), ["clip_embed"]), "clip_embed")
     _, rows = real_rows(cfg.data.val, cfg, meta["class_dirs"])
     images = [np.array(Image.open(storage.open_file(r["url"])).convert("RGB")) for r in rows]
     return embeds, images, np.array([r["label"] for r in rows], dtype=np.int64)

@@ -30,13 +30,14 @@ from realfake_ray._internal.addresses import free_port
 from realfake_ray._internal.checkpoints import checkpoint_number, newest_complete
 from realfake_ray._internal.shards import part_files
 from realfake_ray.config import load_config
+from realfake_ray.layout import RunLayout
 
 
 def generate(cfg):
-    from realfake_ray.generate import manifest_dir, run_generate
+    from realfake_ray.generate import run_generate
 
     def progress() -> int:
-        return len(part_files(manifest_dir(cfg.out)))
+        return len(part_files(RunLayout(cfg.out).manifest_dir()))
 
     def run() -> dict:
         summary = run_generate(cfg)
@@ -46,9 +47,9 @@ def generate(cfg):
 
 
 def finetune(cfg):
-    from realfake_ray.finetune import CHECKPOINT_PREFIX, RUN_NAME, checkpoint_steps, finetune_dir, run_finetune
+    from realfake_ray.finetune import CHECKPOINT_PREFIX, RUN_NAME, checkpoint_steps, run_finetune
 
-    run_dir = storage.join(finetune_dir(cfg.out), RUN_NAME)
+    run_dir = storage.join(RunLayout(cfg.out).finetune_dir(), RUN_NAME)
 
     def progress() -> int:
         newest = newest_complete(run_dir, CHECKPOINT_PREFIX, ("state.pt",))
@@ -62,7 +63,8 @@ def finetune(cfg):
 
 
 def train(cfg):
-    from realfake_ray.train import EPOCH_PREFIX, STATE_FILE, output_dir, plan_training, read_metrics, run_train
+    from realfake_ray.classifier_data import output_dir
+    from realfake_ray.train import EPOCH_PREFIX, STATE_FILE, plan_training, read_metrics, run_train
 
     run_dir = storage.join(output_dir(cfg), plan_training(cfg).run_name)
 

@@ -2,11 +2,12 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import forbid_ray_work
+
 from realfake_ray import storage
 from realfake_ray.audit_privacy import audit_dir, run_audit_privacy
 from realfake_ray.config import ConfigError, load_config
+from realfake_ray.layout import RunLayout
 
 
 def _cfg(out, *overrides):
@@ -34,26 +35,25 @@ def test_tiny_audit_runs_both_arms_on_shadow_halves_and_resumes(tiny_bank, tmp_p
     import shutil
 
     from realfake_ray._internal.shards import read_parts, write_part
-    from realfake_ray.encode import bank_dir, meta_url
     from realfake_ray.report import write_report
 
     out = tmp_path / "run"
     shutil.copytree(f"{tiny_bank}/latents", out / "latents", ignore=shutil.ignore_patterns("part-*"))
-    bank = read_parts(bank_dir(tiny_bank, "train"))
-    write_part(bank_dir(str(out), "train"), bank.slice(0, 120))  # a small bank: the audit's wiring, quickly
-    meta = storage.read_json(meta_url(str(out)))
+    bank = read_parts(RunLayout(tiny_bank).bank_dir("train"))
+    write_part(RunLayout(str(out)).bank_dir("train"), bank.slice(0, 120))  # a small bank: the audit's wiring, quickly
+    meta = storage.read_json(RunLayout(str(out)).meta_url())
     meta["splits"]["train"]["rows"] = 120
-    storage.write_json(meta_url(str(out)), meta)
+    storage.write_json(RunLayout(str(out)).meta_url(), meta)
     cfg = _cfg(out, "generate.actors.min_size=1", "generate.actors.max_size=1")
     write_report(cfg, {})  # a run report exists: the audit adds its section to it
     summary = run_audit_privacy(cfg)
     report = storage.read_text(f"{out}/report.md")
     assert "## Audit: membership inference" in report and "audit_privacy/roc.png" in report
-    bank_ids = set(read_parts(bank_dir(str(out), "train"), ["image_id"]).column("image_id").to_pylist())
+    bank_ids = set(read_parts(RunLayout(str(out)).bank_dir("train"), ["image_id"]).column("image_id").to_pylist())
     halves = []
     for k in range(4):  # each synthetic shadow's pipeline saw only its half of the real train set
         shadow = audit_dir(str(out), "synthetic", f"shadow_{k}")
-        ids = read_parts(bank_dir(shadow, "train"), ["image_id"]).column("image_id").to_pylist()
+        ids = read_parts(RunLayout(shadow).bank_dir("train"), ["image_id"]).column("image_id").to_pylist()
         manifest = read_parts(f"{shadow}/synthetic/_manifest", ["image_id"]).column("image_id").to_pylist()
         assert set(ids) < bank_ids and sorted(manifest) == sorted(ids) and abs(len(ids) - len(bank_ids) / 2) < 20
         halves.append(set(ids))

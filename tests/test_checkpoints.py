@@ -4,7 +4,6 @@ import io
 
 import pytest
 import ray.train
-
 import torch
 from safetensors.torch import save
 

@@ -7,21 +7,20 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
 from PIL import Image
+from torch import nn
 from torchvision.transforms import v2
 
 from realfake_ray.classifier import (
+    TrainView,
     available_architectures,
     build_classifier,
     build_optimizer,
     build_scheduler,
+    colour_jitter,
     eval_view,
     evaluate_batches,
     merge_evaluations,
-    TrainView,
-    colour_jitter,
     random_crop_box,
     resnet_tiny,
     scaled_lr,

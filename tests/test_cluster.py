@@ -81,9 +81,9 @@ def test_a_v1_autoscaler_is_left_to_judge(ray_cluster, monkeypatch):
     import json
 
     import ray.experimental.internal_kv as kv
+    from ray._private.state import state
 
     from realfake_ray._internal import cluster
-    from ray._private.state import state
 
     monkeypatch.setattr(state, "get_cluster_config", lambda: None)
     monkeypatch.setattr(cluster, "_started_here", False)  # a cluster this process joined, not started
@@ -126,7 +126,7 @@ cluster = {os.getpid()} | {p.pid for p in psutil.Process().children(recursive=Tr
 listening = [(c.laddr.ip, c.laddr.port, psutil.Process(c.pid).name()) for c in psutil.net_connections("tcp")
              if c.status == psutil.CONN_LISTEN and c.pid in cluster]
 try:
-    dashboard = urllib.request.urlopen("http://127.0.0.1:8265/api/jobs/", timeout=10).status
+    dashboard = urllib.request.urlopen(os.environ["RAY_API_SERVER_ADDRESS"] + "/api/jobs/", timeout=10).status
 except urllib.error.HTTPError as exc:
     dashboard = exc.code
 print("RESULT", json.dumps({"listening": listening, "dashboard_without_token": dashboard}))
@@ -257,3 +257,16 @@ def test_generate_on_an_autoscaling_cluster_grows_its_pool_as_gpu_nodes_join_and
         assert "ALIVE 1" in waited.stdout, waited.stdout + waited.stderr[-2000:]
     finally:
         cluster.shutdown()
+
+
+def test_free_port_takes_the_preferred_port_only_when_nothing_holds_it():
+    import socket
+
+    from realfake_ray._internal.addresses import free_port
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        taken = held.getsockname()[1]
+        assert free_port(preferred=taken) != taken
+    assert free_port(preferred=taken) == taken  # released

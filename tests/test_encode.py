@@ -5,20 +5,21 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import forbid_ray_work
+from PIL import Image
 
 from realfake_ray import storage
 from realfake_ray._internal.shards import part_files, read_parts
+from realfake_ray.bank import read_meta
 from realfake_ray.config import load_config
-from realfake_ray.encode import bank_dir, decode_batch, read_meta, run_encode
+from realfake_ray.encode import decode_batch, run_encode
+from realfake_ray.layout import RunLayout
 
 pytestmark = pytest.mark.e2e
 
 
 def _bank_table(out, split):
-    return read_parts(bank_dir(out, split))
+    return read_parts(RunLayout(out).bank_dir(split))
 
 
 def test_one_row_per_readable_image_with_shapes_and_dtypes(tiny_bank):
@@ -30,7 +31,7 @@ def test_one_row_per_readable_image_with_shapes_and_dtypes(tiny_bank):
     assert table.num_rows == 1437 and len(set(table["image_id"].to_pylist())) == 1437
     import ray.data
 
-    batch = ray.data.read_parquet(bank_dir(tiny_bank, "train")).take_batch(8)
+    batch = ray.data.read_parquet(RunLayout(tiny_bank).bank_dir("train")).take_batch(8)
     assert batch["latent_mean"].shape == (8, 4, 8, 8) and batch["latent_mean"].dtype == np.float16
     assert batch["latent_std"].dtype == np.float16 and (batch["latent_std"] > 0).all()
     assert batch["clip_embed"].shape == (8, 64) and batch["clip_embed"].dtype == np.float16
@@ -55,13 +56,13 @@ def test_latents_match_a_direct_vae_encode(tiny_bank, tiny_model_dir):
 
 
 def test_rerun_over_a_complete_bank_does_no_work(tiny_bank, monkeypatch):
-    before = sorted(part_files(bank_dir(tiny_bank, "train")))
+    before = sorted(part_files(RunLayout(tiny_bank).bank_dir("train")))
     recorded = read_meta(tiny_bank)
     forbid_ray_work(monkeypatch)
     meta = run_encode(load_config(preset="tiny", out=tiny_bank))
     assert meta.pop("skipped") is True and meta == recorded  # the record, with the encoding run's own rate
     assert meta["last_run"]["encoded_now"] == 1797 and meta["last_run"]["images_per_s"] > 0
-    assert sorted(part_files(bank_dir(tiny_bank, "train"))) == before and read_meta(tiny_bank) == recorded
+    assert sorted(part_files(RunLayout(tiny_bank).bank_dir("train"))) == before and read_meta(tiny_bank) == recorded
 
 
 def test_partial_bank_is_completed_and_corrupt_files_are_listed(ray_cluster, tmp_path):
@@ -79,7 +80,7 @@ def test_partial_bank_is_completed_and_corrupt_files_are_listed(ray_cluster, tmp
     assert first["splits"]["train"]["rows"] == 10 and first["splits"]["train"]["skipped"] == 1
     assert first["splits"]["train"]["skipped_files"][0]["image_id"] == "b/broken.png"
     # Simulate a run killed after some parts were written: drop two parts, rerun, nothing lost or doubled.
-    parts = sorted(part_files(bank_dir(out, "train")))
+    parts = sorted(part_files(RunLayout(out).bank_dir("train")))
     for url in parts[:2]:
         storage.remove(url)
     second = run_encode(cfg)
@@ -110,7 +111,7 @@ def test_each_image_stores_its_generation_view_and_its_whole_fine_tuning_view(ra
 
 
 def test_bank_from_another_model_is_refused(ray_cluster, tiny_bank, monkeypatch):
-    meta_path = storage.join(bank_dir(tiny_bank), "_meta.json")
+    meta_path = storage.join(RunLayout(tiny_bank).bank_dir(), "_meta.json")
     original = storage.read_text(meta_path)
     meta = json.loads(original)
     meta["model"]["vae_sha256"] = "0" * 64
@@ -124,7 +125,7 @@ def test_bank_from_another_model_is_refused(ray_cluster, tiny_bank, monkeypatch)
 
 def test_cut_off_first_run_with_another_model_is_refused(tmp_path, no_ray):
     """No _meta.json yet (the first run died mid-way), but its identity record names another VAE."""
-    storage.write_json(storage.join(bank_dir(str(tmp_path)), "_identity.json"),
+    storage.write_json(storage.join(RunLayout(str(tmp_path)).bank_dir(), "_identity.json"),
                        {"model": {"vae_sha256": "0" * 64, "pretrained": "other/model"}, "resolution": 32})
     with pytest.raises(ValueError, match="another VAE, resolution, view or bank format.*other/model"):
         run_encode(load_config(preset="tiny", out=str(tmp_path)))

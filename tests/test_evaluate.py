@@ -10,6 +10,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import forbid_ray_work
+from test_train import fabricate_synthetic
 
 from realfake_ray import storage
 from realfake_ray.classifier import build_classifier, eval_view, evaluate_batches, to_model_input
@@ -24,11 +26,7 @@ from realfake_ray.evaluate import (
     run_evaluate,
     save_classifier,
 )
-
-from realfake_ray.train import classifier_dir
-
-from conftest import forbid_ray_work
-from test_train import fabricate_synthetic
+from realfake_ray.layout import RunLayout
 
 CLASS_DIRS = [f"digit_{i}" for i in range(10)]
 VAL = "embedded:digits/val"
@@ -60,7 +58,7 @@ def _write_model(out, seed: int = 0, fit: bool = False) -> torch.nn.Module:
         _fit_head(model)
     info = {"arch": "resnet_tiny", "image_size": 32, "source": "real", "class_dirs": CLASS_DIRS,
             "class_names": [f"digit {i}" for i in range(10)], "epochs": 1}
-    save_classifier(model_url(classifier_dir(str(out))), model.state_dict(), info)
+    save_classifier(model_url(RunLayout(str(out)).classifier_dir()), model.state_dict(), info)
     return model
 
 
@@ -73,14 +71,14 @@ def _subset_set(root, classes=("digit_3", "digit_7")) -> str:
 # ------------------------------------------------------------------------------------ fast
 def test_model_file_round_trip(tmp_path):
     model = _write_model(tmp_path)
-    loaded, info = load_classifier(model_url(classifier_dir(str(tmp_path))))
+    loaded, info = load_classifier(model_url(RunLayout(str(tmp_path)).classifier_dir()))
     assert info["class_dirs"] == CLASS_DIRS and info["arch"] == "resnet_tiny" and info["image_size"] == 32
-    assert read_classifier_info(storage.read_bytes(model_url(classifier_dir(str(tmp_path)))))["epochs"] == 1
+    assert read_classifier_info(storage.read_bytes(model_url(RunLayout(str(tmp_path)).classifier_dir())))["epochs"] == 1
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x))
     with pytest.raises(FileNotFoundError, match="run `realfake train` first"):
-        load_classifier(model_url(classifier_dir(str(tmp_path / "nothing"))))
+        load_classifier(model_url(RunLayout(str(tmp_path / "nothing")).classifier_dir()))
 
 
 def test_plan_sets_maps_a_class_subset_to_real_indices(tmp_path):
@@ -190,9 +188,9 @@ def test_distribution_metrics_against_the_bank(evaluated):
 @pytest.mark.e2e
 def test_clip_embedder_matches_the_bank(tiny_bank):
     from realfake_ray._internal.shards import read_parts
-    from realfake_ray.encode import ClipEmbedder, bank_dir
+    from realfake_ray.embeddings import ClipEmbedder
 
-    row = read_parts(bank_dir(tiny_bank, "train"), ["image_id", "clip_embed"]).slice(0, 1).to_pylist()[0]
+    row = read_parts(RunLayout(tiny_bank).bank_dir("train"), ["image_id", "clip_embed"]).slice(0, 1).to_pylist()[0]
     pixels, _, _ = decode_image(storage.read_bytes(f"embedded:digits/train/{row['image_id']}"), 32)
     embed = ClipEmbedder(_cfg(tiny_bank)).embed(pixels[None])
     np.testing.assert_allclose(embed[0].astype(np.float32), np.asarray(row["clip_embed"], np.float32), atol=2e-3)

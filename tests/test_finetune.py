@@ -10,26 +10,23 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import forbid_ray_work, run_until_fault, run_with_node_loss
 from safetensors.torch import load_file
 
-from conftest import forbid_ray_work, run_until_fault, run_with_node_loss
-
 from realfake_ray import storage
+from realfake_ray.bank import class_mean_embeddings, read_meta
 from realfake_ray.cli import main as cli_main
 from realfake_ray.config import FinetuneConfig, load_config
-from realfake_ray.encode import read_meta
 from realfake_ray.finetune import (
     bank_dataset,
     check_model_and_bank,
     checkpoint_steps,
-    class_mean_embeddings,
     derive_seed,
-    finetune_dir,
-    lora_dir,
     resume_position,
     run_finetune,
     step_target,
 )
+from realfake_ray.layout import RunLayout
 from realfake_ray.lora import LORA_WEIGHT_NAME, add_lora, lora_state_dict
 from realfake_ray.models.loading import load_pipeline
 
@@ -42,7 +39,7 @@ def _cfg(out, max_steps, *extra):
 
 
 def _history(out):
-    text = storage.read_text(storage.join(finetune_dir(out), "metrics.jsonl"))
+    text = storage.read_text(storage.join(RunLayout(out).finetune_dir(), "metrics.jsonl"))
     return [json.loads(line) for line in text.splitlines()]
 
 
@@ -84,9 +81,8 @@ def test_derived_seeds_differ_by_label_and_are_stable():
 def _epoch_labels(tiny_bank, first_epoch, epochs, **ft):
     """Labels in the order the trainer's bank dataset yields them, for ``epochs`` executions."""
     from realfake_ray._internal.shards import part_files
-    from realfake_ray.encode import bank_dir
 
-    ds = bank_dataset(tuple(part_files(bank_dir(tiny_bank, "train"))), FinetuneConfig(**ft), 42, first_epoch)
+    ds = bank_dataset(tuple(part_files(RunLayout(tiny_bank).bank_dir("train"))), FinetuneConfig(**ft), 42, first_epoch)
     ds.context.execution_options.preserve_order = True  # as the trainer runs it (DataConfig)
     return [[int(r["label"]) for r in ds.iter_rows()] for _ in range(epochs)]
 
@@ -108,18 +104,17 @@ def test_every_epoch_is_a_seeded_global_permutation_of_the_class_sorted_bank(tin
 
 def _bank_labels(out):
     from realfake_ray._internal.shards import read_parts
-    from realfake_ray.encode import bank_dir
 
-    return read_parts(bank_dir(out, "train"), ["label"]).column("label").to_pylist()
+    return read_parts(RunLayout(out).bank_dir("train"), ["label"]).column("label").to_pylist()
 
 
 @pytest.mark.e2e
 def test_model_and_bank_mismatches_are_refused(tiny_bank, tiny_model_dir):
     from realfake_ray._internal.shards import part_files
-    from realfake_ray.encode import bank_dir
+
 
     cfg, meta = _cfg(tiny_bank, 2), read_meta(tiny_bank)
-    files = part_files(bank_dir(tiny_bank, "train"))
+    files = part_files(RunLayout(tiny_bank).bank_dir("train"))
     assert check_model_and_bank(cfg, meta, files, tiny_model_dir)["prediction_type"] == "epsilon"
     other_vae = copy.deepcopy(meta)
     other_vae["model"]["vae_sha256"] = "0" * 64
@@ -139,7 +134,7 @@ def first_run(tiny_bank, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("finetune") / "run")
     shutil.copytree(os.path.join(tiny_bank, "latents"), os.path.join(out, "latents"))
     done = run_finetune(_cfg(out, FIRST))
-    return out, done, _history(out), load_file(os.path.join(lora_dir(out), LORA_WEIGHT_NAME))
+    return out, done, _history(out), load_file(os.path.join(RunLayout(out).lora_dir(), LORA_WEIGHT_NAME))
 
 
 @pytest.mark.e2e
@@ -152,8 +147,8 @@ def test_two_worker_run_trains_the_lora_and_writes_every_output(first_run, tiny_
         assert row["lr"] == pytest.approx(1e-3)
     assert checkpoint_steps(out) == [2, 4]
     for name in ("config.yaml", "metrics.jsonl", "loss.png", "_done.json"):
-        assert storage.exists(storage.join(finetune_dir(out), name)), name
-    assert load_config(config_file=storage.join(finetune_dir(out), "config.yaml")).finetune.max_steps == FIRST
+        assert storage.exists(storage.join(RunLayout(out).finetune_dir(), name)), name
+    assert load_config(config_file=storage.join(RunLayout(out).finetune_dir(), "config.yaml")).finetune.max_steps == FIRST
 
     # The weights moved away from their (seeded) initial values: lora_A changed, lora_B left zero.
     cfg = _cfg(out, FIRST)
@@ -172,7 +167,7 @@ def test_two_worker_run_trains_the_lora_and_writes_every_output(first_run, tiny_
 
     pipe = load_pipeline(tiny_model_dir)
     baseline = render(pipe)
-    pipe.load_lora_weights(lora_dir(out))
+    pipe.load_lora_weights(RunLayout(out).lora_dir())
     assert np.abs(render(pipe) - baseline).max() > 1e-5
 
 
@@ -286,7 +281,7 @@ def test_killed_driver_resumes_from_its_last_checkpoint(tiny_bank, tmp_path_fact
     env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address, PYTHONPATH=repo)
     cmd = [sys.executable, os.path.join(repo, "jobs", "finetune.py"), "--preset", "tiny", "--out", out]
     run_until_fault(cmd + [arg for o in overrides for arg in ("--set", o)], env, "finetune.checkpoint:4")
-    assert checkpoint_steps(out) == [2, 4] and not storage.exists(storage.join(finetune_dir(out), "_done.json"))
+    assert checkpoint_steps(out) == [2, 4] and not storage.exists(storage.join(RunLayout(out).finetune_dir(), "_done.json"))
     done = run_finetune(load_config(preset="tiny", out=out, overrides=overrides))
     assert done["resumed_from"] == 4 and done["step"] == total
     assert [row["step"] for row in _history(out)] == list(range(1, total + 1))

@@ -15,28 +15,25 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image
-
 from conftest import forbid_ray_work, run_until_fault, run_with_node_loss
+from PIL import Image
 
 from realfake_ray import storage
 from realfake_ray._internal.shards import part_files, read_parts, write_part
+from realfake_ray.bank import read_meta
 from realfake_ray.cli import main as cli_main
 from realfake_ray.config import ConfigError, load_config
-from realfake_ray.encode import bank_dir, meta_url, read_meta
 from realfake_ray.generate import (
     _stem_collisions,
     check_generate_config,
     encode_jpeg,
     image_seed,
-    images_dir,
-    manifest_dir,
     plan_units,
     run_generate,
-    synthetic_dir,
     synthetic_path,
     unit_rows,
 )
+from realfake_ray.layout import RunLayout
 from realfake_ray.lora import add_lora, save_lora
 from realfake_ray.models.loading import load_pipeline, read_component_config, resolve_model_dir
 
@@ -50,11 +47,11 @@ def _cfg(out, *overrides, **flags):
 
 
 def _manifest(out):
-    return read_parts(manifest_dir(str(out)))
+    return read_parts(RunLayout(str(out)).manifest_dir())
 
 
 def _files(out):
-    root = images_dir(str(out))
+    root = RunLayout(str(out)).images_dir()
     return {storage.relative(u, root): u for u in storage.find(root)}
 
 
@@ -100,10 +97,10 @@ def test_jpeg_encoding_and_storage_resize():
 def test_planner_covers_exactly_the_missing_keys(tmp_path):
     out = str(tmp_path)
     ids = [[f"a/{i}.png" for i in range(5)], [f"b/{i}.png" for i in range(3)]]
-    files = [write_part(bank_dir(out, "train"), pa.table({"image_id": chunk})) for chunk in ids]
+    files = [write_part(RunLayout(out).bank_dir("train"), pa.table({"image_id": chunk})) for chunk in ids]
     files = sorted(files)
     done = pa.table({"image_id": ["a/1.png", "b/2.png", "a/0.png"], "copy_idx": [0, 0, 1]})
-    write_part(manifest_dir(out), done)
+    write_part(RunLayout(out).manifest_dir(), done)
     cfg = _cfg(out, "generate.mult=2", "generate.batch_size=2")
     units, rows, expected, pending, collisions = plan_units(cfg, files)
     assert (rows, expected, pending, collisions) == (8, 16, 13, frozenset())
@@ -181,7 +178,7 @@ def _new_run(bank, tmp_path_factory, name, lora=True):
 
 def _check_set(out, bank_out, mult):
     """Exactly mult x rows decodable files; one manifest row per key; paths exist; labels match the bank."""
-    bank_rows = read_parts(bank_dir(str(bank_out), "train"), ["image_id", "label"]).to_pylist()
+    bank_rows = read_parts(RunLayout(str(bank_out)).bank_dir("train"), ["image_id", "label"]).to_pylist()
     labels = {r["image_id"]: r["label"] for r in bank_rows}
     manifest = _manifest(out).to_pylist()
     keys = [(r["image_id"], r["copy_idx"]) for r in manifest]
@@ -213,7 +210,7 @@ def test_two_copies_per_image_with_a_consistent_manifest(run_a, bank):
     manifest = _check_set(out, bank, 2)
     assert summary["count"] == summary["expected"] == summary["generated_now"] == 60 and not summary["skipped"]
     assert summary["failed"] == 0 and summary["complete"] and summary["images_per_s"] > 0
-    on_disk = storage.read_json(synthetic_dir(str(out), "_summary.json"))
+    on_disk = storage.read_json(RunLayout(str(out)).synthetic_dir("_summary.json"))
     assert on_disk["count"] == 60 and on_disk["settings"]["steps"] == 4
     lora_sha = on_disk["settings"]["lora_sha256"]
     assert lora_sha and {r["lora_sha256"] for r in manifest} == {lora_sha}
@@ -243,7 +240,7 @@ def test_copies_differ_and_a_second_run_is_byte_identical(run_a, bank, tmp_path_
 def test_raising_mult_adds_only_the_new_copy(run_a, bank):
     out, _ = run_a
     before = {p: (os.stat(storage.local_path(u)).st_mtime_ns, storage.read_bytes(u)) for p, u in _files(out).items()}
-    parts_before = set(part_files(manifest_dir(str(out))))
+    parts_before = set(part_files(RunLayout(str(out)).manifest_dir()))
     summary = run_generate(_cfg(out, "generate.mult=3"))
     assert (summary["generated_now"], summary["already_present"], summary["count"]) == (30, 60, 90)
     _check_set(out, bank, 3)
@@ -251,7 +248,7 @@ def test_raising_mult_adds_only_the_new_copy(run_a, bank):
     for path, (mtime, data) in before.items():
         assert os.stat(storage.local_path(after[path])).st_mtime_ns == mtime
         assert storage.read_bytes(after[path]) == data
-    assert parts_before < set(part_files(manifest_dir(str(out))))
+    assert parts_before < set(part_files(RunLayout(str(out)).manifest_dir()))
     again = run_generate(_cfg(out, "generate.mult=3"))
     # Nothing to do: the stored record of the run that generated copy 2 comes back (its measured rate stays).
     assert again["skipped"] and again["count"] == 90 and again["generated_now"] == 30 and again["images_per_s"] > 0
@@ -325,7 +322,7 @@ def test_bank_from_another_resolution_is_refused(bank, tmp_path_factory, no_ray)
     out = _new_run(bank, tmp_path_factory, "gen-badres")
     meta = read_meta(str(out))
     meta.update(resolution=16, latent_shape=[4, 4, 4])
-    storage.write_json(meta_url(str(out)), meta)
+    storage.write_json(RunLayout(str(out)).meta_url(), meta)
     with pytest.raises(ValueError, match="latent bank from another VAE resolution.*4x4x4.*encode.resolution=32"):
         run_generate(_cfg(out))
 

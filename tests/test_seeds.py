@@ -1,9 +1,9 @@
 """The seed hash is part of every output's identity: a change to it silently changes every synthetic image,
 shuffle and initialisation. These pinned values catch that."""
 
+from realfake_ray.classifier_data import seed_of
 from realfake_ray.generate import image_seed
 from realfake_ray.seeds import derive_seed
-from realfake_ray.train import seed_of
 
 
 def test_pinned_values_of_the_seed_hash():

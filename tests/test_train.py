@@ -12,25 +12,16 @@ import time
 
 import pyarrow as pa
 import pytest
-from PIL import Image
-
 from conftest import forbid_ray_work, run_with_node_loss
+from PIL import Image
 
 from realfake_ray import storage
 from realfake_ray._internal.shards import write_part
+from realfake_ray.classifier_data import seed_of, synthetic_rows
 from realfake_ray.config import ConfigError, load_config
 from realfake_ray.data.imagefolder import DatasetError, scan_image_folder, stem
-from realfake_ray.train import (
-    classifier_dir,
-    epoch_composition,
-    fingerprint,
-    plan_training,
-    read_metrics,
-    run_name,
-    run_train,
-    seed_of,
-    synthetic_rows,
-)
+from realfake_ray.layout import RunLayout
+from realfake_ray.train import epoch_composition, fingerprint, plan_training, read_metrics, run_name, run_train
 
 REAL = "embedded:digits/train"
 
@@ -186,7 +177,7 @@ def real_run(ray_cluster, tmp_path_factory):
     sets = f"evaluate.extra_sets={{digits_3_7: {subset}}}"
     started = time.time()
     first = run_train(_cfg(out, "train.source=real", SHORT, f"train.epochs={FIRST_EPOCHS}", sets))
-    first_metrics = read_metrics(classifier_dir(str(out)))
+    first_metrics = read_metrics(RunLayout(str(out)).classifier_dir())
     second = run_train(_cfg(out, "train.source=real", SHORT, f"train.epochs={EPOCHS}", sets))
     return {"out": out, "first": first, "first_metrics": first_metrics, "second": second,
             "seconds": time.time() - started}
@@ -210,11 +201,11 @@ def test_losing_the_node_of_the_training_worker_restarts_from_its_epoch_checkpoi
 def test_resume_continues_at_the_saved_epoch(real_run):
     assert [r["epoch"] for r in real_run["first_metrics"]] == [0, 1]
     assert real_run["second"]["resumed_at_epoch"] == FIRST_EPOCHS
-    rows = read_metrics(classifier_dir(str(real_run["out"])))
+    rows = read_metrics(RunLayout(str(real_run["out"])).classifier_dir())
     assert [r["epoch"] for r in rows] == [0, 1, 2, 3]  # epochs 0-1 from the first call, 2-3 from the second
     assert rows[:2] == real_run["first_metrics"]  # the first call's rows are kept, not recomputed
     assert len({r["run"] for r in rows}) == 1 and all(r["images_per_s"] > 0 for r in rows)
-    run_dir = os.path.join(classifier_dir(str(real_run["out"])), rows[0]["run"])
+    run_dir = os.path.join(RunLayout(str(real_run["out"])).classifier_dir(), rows[0]["run"])
     assert "epoch_0003" in os.listdir(run_dir)
 
 
@@ -225,7 +216,7 @@ def test_real_only_run_is_well_above_chance(real_run):
     # and train loss 1.93 after 4 epochs (chance: 0.10 and ln 10 = 2.30); 30 epochs reach 0.99.
     assert val["top1"] > 0.25 and val["top5"] > 0.6 and val["count"] == 360
     assert len(val["per_class"]) == 10
-    last = read_metrics(classifier_dir(str(real_run["out"])))[-1]
+    last = read_metrics(RunLayout(str(real_run["out"])).classifier_dir())[-1]
     assert last["train_loss"] < 2.15 and last["val_top1"] == pytest.approx(val["top1"], abs=0.02)
 
 
@@ -246,7 +237,7 @@ def test_ood_set_with_a_class_subset(real_run):
 @pytest.mark.e2e
 def test_outputs_and_done_marker(real_run):
     out = str(real_run["out"])
-    cdir = classifier_dir(out)
+    cdir = RunLayout(out).classifier_dir()
     for name in ("model.safetensors", "curves.png", "metrics.json", "metrics.md", "_done.json", "metrics.jsonl"):
         assert os.path.exists(os.path.join(cdir, name)), name
     report = json.loads(open(os.path.join(cdir, "metrics.json")).read())
@@ -271,7 +262,6 @@ def generated(tiny_bank, tmp_path_factory):
     """Real generate-stage output: a 30-image real subset (3 per digit), its slice of the tiny bank, and
     `realfake generate --mult 2` on it (tiny preset, 4 steps): 60 synthetic images + manifest."""
     from realfake_ray._internal.shards import read_parts
-    from realfake_ray.encode import bank_dir
     from realfake_ray.generate import run_generate
 
     out, data = tmp_path_factory.mktemp("train-gen"), tmp_path_factory.mktemp("train-gen-data")
@@ -282,8 +272,8 @@ def generated(tiny_bank, tmp_path_factory):
             shutil.copy(storage.resolve_embedded(f"{REAL}/{class_dir}/{name}"), data / class_dir / name)
             keep.add(f"{class_dir}/{name}")
     shutil.copytree(os.path.join(tiny_bank, "latents"), out / "latents", ignore=shutil.ignore_patterns("train"))
-    bank = read_parts(bank_dir(tiny_bank, "train"))
-    write_part(bank_dir(str(out), "train"), bank.filter(pa.array([i in keep for i in bank["image_id"].to_pylist()])))
+    bank = read_parts(RunLayout(tiny_bank).bank_dir("train"))
+    write_part(RunLayout(str(out)).bank_dir("train"), bank.filter(pa.array([i in keep for i in bank["image_id"].to_pylist()])))
     run_generate(_cfg(out, *SMALL, data__train=str(data), data__val=VAL))
     return {"out": out, "data": str(data)}
 
@@ -295,7 +285,7 @@ def test_synthetic_only_run_on_generated_output(generated):
     summary = run_train(cfg)
     assert summary["synthetic_images"] == 60 and summary["real_images"] == 0
     assert summary["model"].endswith("classifier/synthetic-2x/model.safetensors")
-    [row] = read_metrics(classifier_dir(str(out), "synthetic-2x"))
+    [row] = read_metrics(RunLayout(str(out)).classifier_dir("synthetic-2x"))
     assert row["train_images"] == 56 and row["train_loss"] > 0  # 1 worker × 7 full batches of 8
     report = summary["evaluation"]
     assert report["source"] == "synthetic" and report["sets"]["val"]["count"] == 360
@@ -303,7 +293,7 @@ def test_synthetic_only_run_on_generated_output(generated):
     dist = report["distribution"]  # the bank of this run (30 real) against the 60 generated images
     assert dist["n_real"] == 30 and dist["n_synth"] == 60 and dist["mmd2"] is not None
     assert set(dist["per_class_mmd2"]) == {f"digit_{i}" for i in range(10)}
-    assert os.path.exists(os.path.join(classifier_dir(str(out), "synthetic-2x"), "metrics.md"))
+    assert os.path.exists(os.path.join(RunLayout(str(out)).classifier_dir("synthetic-2x"), "metrics.md"))
 
 
 @pytest.mark.e2e
@@ -315,7 +305,7 @@ def test_mixed_run(generated):
     assert (plan.real_fraction, plan.synthetic_fraction, plan.epoch_images) == (1.0, 0.5, 60)
     summary = run_train(cfg)
     assert summary["source"] == "mix" and summary["real_images"] == 30 and summary["synthetic_images"] == 60
-    [row] = read_metrics(classifier_dir(str(out), "mix"))
+    [row] = read_metrics(RunLayout(str(out)).classifier_dir("mix"))
     assert 32 <= row["train_images"] <= 80  # 30 real + a seeded ~half of the 60 synthetic, full batches of 8
     assert summary["evaluation"]["sets"]["val"]["count"] == 360
 

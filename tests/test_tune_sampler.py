@@ -3,8 +3,8 @@ import io
 import json
 
 import pytest
-
 from conftest import forbid_ray_work
+
 from realfake_ray import storage
 from realfake_ray.config import ConfigError, load_config
 from realfake_ray.tune_sampler import grid_settings, run_tune_sampler, tune_dir

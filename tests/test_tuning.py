@@ -90,7 +90,7 @@ def test_quick_classifier_learns_the_real_digits_and_is_seeded():
     from PIL import Image
 
     from realfake_ray import storage
-    from realfake_ray.train import real_rows
+    from realfake_ray.classifier_data import real_rows
 
     cfg = load_config(preset="tiny")
 

@@ -53,7 +53,7 @@ def init_ray(cfg: RayConfig | None = None) -> None:
         with _loopback_only() if is_loopback_address(address) else nullcontext():
             ray.init(address=address, **common)
     else:
-        dashboard_port = free_port()
+        dashboard_port = free_port(preferred=8265)  # Ray's usual port unless another cluster holds it
         env.setdefault(_STATE_API_ENV, os.environ.get(_STATE_API_ENV, f"http://127.0.0.1:{dashboard_port}"))
         with _loopback_only():
             ray.init(

@@ -5,7 +5,7 @@ split and a classes file. It is materialised once per node into the local cache,
 and addressed as ``embedded:digits/train``, ``embedded:digits/val`` and ``embedded:digits/classes.json``.
 
 Example:
-    >>> root = materialise("digits")  # doctest: +SKIP
+    >>> root = materialise("digits", "/tmp/realfake-cache/datasets")  # doctest: +SKIP
     >>> sorted(os.listdir(root))       # doctest: +SKIP
     ['classes.json', 'train', 'val']
 """
@@ -50,13 +50,12 @@ def _export_digits(root: str) -> None:
         json.dump(classes, f, indent=2)
 
 
-def materialise(name: str) -> str:
-    """Local directory of embedded dataset ``name``, exported on first use (atomic rename)."""
-    from realfake_ray.storage import cache_dir
-
+def materialise(name: str, cache: str) -> str:
+    """Local directory of embedded dataset ``name`` below the ``cache`` directory, exported on first use
+    (atomic rename)."""
     if name not in DATASETS:
         raise ValueError(f"unknown embedded dataset {name!r}; available: {', '.join(DATASETS)}")
-    root = cache_dir("datasets", f"{name}-{_VERSION}")
+    root = os.path.join(cache, f"{name}-{_VERSION}")
     if os.path.isdir(root):
         return root
     tmp = f"{root}.tmp-{uuid.uuid4().hex}"

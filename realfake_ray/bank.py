@@ -1,0 +1,65 @@
+"""The latent bank of a run (``<out>/latents``, written by encode): its metadata, its train part files and
+the per-class mean of its CLIP embeddings — what fine-tuning, generation and the tools read from it.
+
+Example:
+    >>> meta, files = read_bank("runs/tiny")  # doctest: +SKIP
+    >>> meta["class_dirs"][:2], len(files)  # doctest: +SKIP
+    (['digit_0', 'digit_1'], 10)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from realfake_ray import storage
+from realfake_ray._internal.shards import part_files, tensor_column
+from realfake_ray.layout import RunLayout
+
+
+def read_meta(out: str) -> dict | None:
+    """The bank's ``_meta.json`` (classes, splits and row counts, the models that made it); None if absent."""
+    url = RunLayout(out).meta_url()
+    return storage.read_json(url) if storage.exists(url) else None
+
+
+def read_bank(out: str) -> tuple[dict, list[str]]:
+    """The bank's ``_meta.json`` and its train part files, or FileNotFoundError naming ``realfake encode``."""
+    layout = RunLayout(out)
+    meta = read_meta(out)
+    if meta is None:
+        raise _bank_error(out, f"{layout.meta_url()} not found")
+    files = part_files(layout.bank_dir("train"))
+    if not files:
+        raise _bank_error(out, f"{layout.bank_dir('train')} has no part files")
+    if int(meta.get("splits", {}).get("train", {}).get("rows", 0)) == 0:
+        raise _bank_error(out, "the bank has no train rows")
+    return meta, files
+
+
+def _bank_error(out: str, what: str) -> FileNotFoundError:
+    return FileNotFoundError(f"{what}: no usable latent bank at {RunLayout(out).bank_dir()}; "
+                             "run `realfake encode` first with the same --out")
+
+
+def class_mean_embeddings(files: list[str], num_classes: int) -> np.ndarray:
+    """Per-class mean of the bank's ``clip_embed`` [num_classes, D] (float32), streamed file by file.
+
+    Example:
+        >>> class_mean_embeddings(part_files(RunLayout("runs/tiny").bank_dir("train")), 10).shape  # doctest: +SKIP
+        (10, 32)
+    """
+    import pyarrow.parquet as pq
+
+    sums, counts = None, np.zeros(num_classes, dtype=np.int64)
+    for url in files:
+        with storage.open_file(url) as f:
+            table = pq.read_table(f, columns=["label", "clip_embed"])
+        labels = table.column("label").to_numpy()
+        embeds = tensor_column(table, "clip_embed", np.float64)
+        sums = np.zeros((num_classes, embeds.shape[1])) if sums is None else sums
+        np.add.at(sums, labels, embeds)
+        counts += np.bincount(labels, minlength=num_classes)
+    empty = np.flatnonzero(counts == 0).tolist()
+    if empty:
+        raise ValueError(f"finetune.guidance=class_mean: classes without any bank row: {empty[:20]}")
+    return (sums / counts[:, None]).astype(np.float32)
