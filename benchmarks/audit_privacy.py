@@ -33,7 +33,8 @@ def goal_reading(arms: dict) -> str:
 def main() -> None:
     from _common import machine, real_fake_run, write_section
 
-    from realfake_ray.audit_privacy import audit_dir, audit_markdown, run_audit_privacy
+    from realfake_ray.audit_privacy import audit_markdown, run_audit_privacy
+    from realfake_ray.layout import RunLayout
 
     args, cfg = real_fake_run(__doc__, "runs/audit-privacy")
     out = Path(args.out)
@@ -46,7 +47,7 @@ def main() -> None:
         f"(a rerun on stored shadows only recomputes the attack).\n\n{audit_markdown(summary)}\n\n"
         f"{goal_reading(summary['arms'])}\n\n![ROC](benchmarks/audit_privacy_roc.png)\n"
     )
-    shutil.copy(audit_dir(str(out), "roc.png"), Path(__file__).with_name("audit_privacy_roc.png"))
+    shutil.copy(RunLayout(str(out)).audit_dir("roc.png"), Path(__file__).with_name("audit_privacy_roc.png"))
     print(text)
     if args.write:
         write_section(args.write, TITLE, text)

@@ -22,25 +22,26 @@ TITLE = "## Sampler tuning (CPU, tiny base): `realfake tune-sampler --preset tin
 def main() -> None:
     from _common import machine, real_fake_run, write_section
 
-    from realfake_ray.tune_sampler import run_tune_sampler, tune_dir
+    from realfake_ray.layout import RunLayout
+    from realfake_ray.tune_sampler import run_tune_sampler
 
     args, cfg = real_fake_run(__doc__, "runs/tune-sampler")
     out = Path(args.out)
     started = time.time()
     summary = run_tune_sampler(cfg)
     minutes = (time.time() - started) / 60
-    table = Path(tune_dir(str(out), "results.md")).read_text()
-    recommended = Path(tune_dir(str(out), "recommended.yaml")).read_text() if summary.get("recommended") else "(none)"
+    table = Path(RunLayout(str(out)).tune_dir("results.md")).read_text()
+    recommended = Path(RunLayout(str(out)).tune_dir("recommended.yaml")).read_text() if summary.get("recommended") else "(none)"
     command = "python benchmarks/tune_sampler.py" + (f" --run {args.run}" if args.run else "")
     text = (
         f"{TITLE}\n\nMachine: {machine()}. `{command}` "
         f"(seed {args.seed}; the default grid of `tune_sampler.axes`); wall time of the sweep "
         f"{minutes:.1f} min for {summary['settings']} settings and {summary['finalists']} classifier finalists.\n\n"
         f"{table}\n"
-        f"Recommendation (`{tune_dir(str(out), 'recommended.yaml')}`):\n\n```yaml\n{recommended}```\n\n"
+        f"Recommendation (`{RunLayout(str(out)).tune_dir('recommended.yaml')}`):\n\n```yaml\n{recommended}```\n\n"
         f"![front](benchmarks/tune_sampler.png)\n"
     )
-    shutil.copy(tune_dir(str(out), "pareto.png"), Path(__file__).with_name("tune_sampler.png"))
+    shutil.copy(RunLayout(str(out)).tune_dir("pareto.png"), Path(__file__).with_name("tune_sampler.png"))
     print(text)
     if args.write:
         write_section(args.write, TITLE, text)

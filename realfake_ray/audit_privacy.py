@@ -50,12 +50,7 @@ from realfake_ray.quick_classifier import margins, top1, train_quick
 from realfake_ray.report import write_report
 from realfake_ray.seeds import derive_seed
 
-__all__ = ["audit_dir", "run_audit_privacy"]
-
-
-def audit_dir(out: str, *parts: str) -> str:
-    """``<out>/audit_privacy[/parts...]``."""
-    return storage.join(out, "audit_privacy", *parts)
+__all__ = ["run_audit_privacy"]
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -94,7 +89,7 @@ def _val(cfg: RunConfig, meta: dict) -> tuple[list[np.ndarray], np.ndarray]:
 
 # ---------------------------------------------------------------------------------------------- shadows
 def _shadow_url(cfg: RunConfig, arm: str, k: int) -> str:
-    return audit_dir(cfg.out, arm, f"shadow_{k}.npz")
+    return RunLayout(cfg.out).audit_dir(arm, f"shadow_{k}.npz")
 
 
 def _save(url: str, **arrays) -> None:
@@ -118,7 +113,7 @@ def _judge(train_images, train_labels, real_images, real_labels, val_images, val
 
 def _shadow_cfg(cfg: RunConfig, k: int) -> RunConfig:
     """The config of synthetic shadow ``k``: its own run folder and seed, mult 1, the run's other settings."""
-    out = audit_dir(cfg.out, "synthetic", f"shadow_{k}")
+    out = RunLayout(cfg.out).audit_dir("synthetic", f"shadow_{k}")
     generate = cfg.generate.model_copy(update={"mult": 1})
     return cfg.model_copy(update={"out": out, "seed": derive_seed(cfg.seed, "audit-shadow", k) % 2**31,
                                   "generate": generate})
@@ -256,10 +251,10 @@ def _write_outputs(cfg: RunConfig, summary: dict, curves: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         png = roc_plot(curves, os.path.join(tmp, "roc.png"))
         with open(png, "rb") as f:
-            storage.write_bytes(audit_dir(cfg.out, "roc.png"), f.read())
-    storage.write_text(audit_dir(cfg.out, "audit.md"), audit_markdown(summary) + "\n")
-    storage.write_json(audit_dir(cfg.out, "summary.json"), summary)
-    if storage.exists(storage.join(cfg.out, "report.json")):
+            storage.write_bytes(RunLayout(cfg.out).audit_dir("roc.png"), f.read())
+    storage.write_text(RunLayout(cfg.out).audit_dir("audit.md"), audit_markdown(summary) + "\n")
+    storage.write_json(RunLayout(cfg.out).audit_dir("summary.json"), summary)
+    if storage.exists(RunLayout(cfg.out).report_url("json")):
         write_report(cfg, {})  # the run's report gains its "Audit" section
     print(audit_markdown(summary), flush=True)
     return summary

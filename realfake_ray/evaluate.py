@@ -151,7 +151,7 @@ def distribution_inputs(cfg: RunConfig, class_dirs: list[str]) -> tuple[str | No
         return "evaluate.distribution_metrics is false", None, []
     meta = read_meta(cfg.out)
     if meta is None:
-        return f"no latent bank at {storage.join(cfg.out, 'latents')} (run `realfake encode`)", None, []
+        return f"no latent bank at {RunLayout(cfg.out).bank_dir()} (run `realfake encode`)", None, []
     if list(meta["class_dirs"]) != list(class_dirs):
         raise DatasetError(f"the latent bank at {cfg.out}/latents has other classes than the classifier")
     if not storage.exists(synthetic_root(cfg)):

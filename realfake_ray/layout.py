@@ -69,7 +69,19 @@ class RunLayout:
         """``<out>/classifier[/<tag>]``: checkpoints, metrics, curves, final weights and reports."""
         return self._at("classifier", tag) if tag else self._at("classifier")
 
-    # report
+    # the run's report and the tools on top of a run
     def report_url(self, suffix: str = "json") -> str:
         """``<out>/report.json`` / ``report.md``."""
         return self._at(f"report.{suffix}")
+
+    def file(self, name: str) -> str:
+        """A file the report writes at the top of the run (``_stages.json``, its PNGs)."""
+        return self._at(name)
+
+    def audit_dir(self, *parts: str) -> str:
+        """``<out>/audit_privacy[/parts...]``: the privacy audit's shadow runs and results."""
+        return self._at("audit_privacy", *parts)
+
+    def tune_dir(self, *parts: str) -> str:
+        """``<out>/tune_sampler[/parts...]``: the sampler-tuning trials and results."""
+        return self._at("tune_sampler", *parts)

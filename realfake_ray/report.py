@@ -15,6 +15,7 @@ import numpy as np
 from realfake_ray import storage
 from realfake_ray.config import RunConfig, dump_config
 from realfake_ray.flops import img2img_flops
+from realfake_ray.layout import RunLayout
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 H100_BF16_PEAK = 989e12
@@ -28,7 +29,7 @@ def _read_json(url: str) -> dict | None:
 
 def _stage_times(cfg: RunConfig, summary: dict) -> dict:
     """Merge this run's stage timings into ``_stages.json`` (skipped stages keep the earlier timing)."""
-    url = storage.join(cfg.out, "_stages.json")
+    url = RunLayout(cfg.out).file("_stages.json")
     times = _read_json(url) or {}
     for stage, info in summary.items():
         if not info["skipped"] or stage not in times:
@@ -51,7 +52,7 @@ def _sample_grid(cfg: RunConfig, meta: dict, local_dir: str) -> str | None:
     from realfake_ray._internal.shards import read_parts
     from realfake_ray.plots import image_grid
 
-    manifest = read_parts(storage.join(cfg.out, "synthetic", "_manifest"), ["path", "label", "image_id", "copy_idx"])
+    manifest = read_parts(RunLayout(cfg.out).manifest_dir(), ["path", "label", "image_id", "copy_idx"])
     if manifest is None:
         return None
     size = min(cfg.encode.resolution, 128)
@@ -61,7 +62,7 @@ def _sample_grid(cfg: RunConfig, meta: dict, local_dir: str) -> str | None:
     for label, name in list(enumerate(meta["class_names"]))[:GRID_MAX_CLASSES]:
         fakes = [(path, source) for _, path, lab, source in entries if lab == label][:GRID_PER_CLASS]
         cells = [_thumbnail(storage.join(cfg.data.train, source), size) for _, source in fakes]
-        cells += [_thumbnail(storage.join(cfg.out, "synthetic", "train", path), size) for path, _ in fakes]
+        cells += [_thumbnail(storage.join(RunLayout(cfg.out).images_dir(), path), size) for path, _ in fakes]
         if cells:
             rows.append(cells)
             labels.append(name)
@@ -101,14 +102,14 @@ def gpu_hours_estimate(cfg: RunConfig, synthesis: dict | None = None, mfu: float
 def _upload_png(local: str | None, cfg: RunConfig, name: str) -> str | None:
     if not local or not os.path.exists(local):
         return None
-    storage.upload_file(local, storage.join(cfg.out, name))
+    storage.upload_file(local, RunLayout(cfg.out).file(name))
     return name
 
 
 def _classifiers(cfg: RunConfig) -> list[tuple[str, str, dict, dict]]:
     """``(name, directory, metrics.json, _done.json)`` of every evaluated classifier below ``<out>/classifier``
     (name: its ``train.tag``, or ``default`` for the untagged one)."""
-    root = storage.join(cfg.out, "classifier")
+    root = RunLayout(cfg.out).classifier_dir()
     found = []
     for url in storage.find(root):
         if url.endswith("/metrics.json"):
@@ -186,9 +187,9 @@ def write_report(cfg: RunConfig, summary: dict) -> dict:
     from realfake_ray.plots import markdown_table
 
     times = _stage_times(cfg, summary)
-    meta = _read_json(storage.join(cfg.out, "latents", "_meta.json"))
-    finetune_done = _read_json(storage.join(cfg.out, "finetune", "_done.json"))
-    synth = _read_json(storage.join(cfg.out, "synthetic", "_summary.json"))
+    meta = _read_json(RunLayout(cfg.out).meta_url())
+    finetune_done = _read_json(storage.join(RunLayout(cfg.out).finetune_dir(), "_done.json"))
+    synth = _read_json(RunLayout(cfg.out).synthetic_dir("_summary.json"))
     classifiers = _classifiers(cfg)
     report = {
         "out": cfg.out,
@@ -200,7 +201,7 @@ def write_report(cfg: RunConfig, summary: dict) -> dict:
         "accuracy": _accuracy_rows(classifiers),
         "distribution": _mmd_rows(classifiers),
         "imagenet_estimate": gpu_hours_estimate(cfg, synth),
-        "audit": _read_json(storage.join(cfg.out, "audit_privacy", "summary.json")),  # realfake audit-privacy
+        "audit": _read_json(RunLayout(cfg.out).audit_dir("summary.json")),  # realfake audit-privacy
         "pictures": {},
         "config": cfg.model_dump(mode="json"),
     }
@@ -213,14 +214,14 @@ def write_report(cfg: RunConfig, summary: dict) -> dict:
 
             local = timeline_plot(synth["timeline"], os.path.join(tmp, "synthesis_timeline.png"))
             report["pictures"]["synthesis_timeline"] = _upload_png(local, cfg, "synthesis_timeline.png")
-    if storage.exists(storage.join(cfg.out, "finetune", "loss.png")):
+    if storage.exists(storage.join(RunLayout(cfg.out).finetune_dir(), "loss.png")):
         report["pictures"]["finetune_loss"] = "finetune/loss.png"
     for name, cdir, _, _ in classifiers:
         curves = storage.join(cdir, "curves.png")
         if storage.exists(curves):
             report["pictures"][f"curves_{name}"] = storage.relative(curves, cfg.out)
-    storage.write_json(storage.join(cfg.out, "report.json"), report)
-    storage.write_text(storage.join(cfg.out, "report.md"), _markdown(cfg, report, markdown_table))
+    storage.write_json(RunLayout(cfg.out).report_url("json"), report)
+    storage.write_text(RunLayout(cfg.out).report_url("md"), _markdown(cfg, report, markdown_table))
     return report
 
 
@@ -254,7 +255,7 @@ def _markdown(cfg: RunConfig, report: dict, table) -> str:
                 lines.append(f"\n![{key[7:]} classifier curves]({path})\n")
     if report["distribution"]:
         lines += ["\n## Real vs synthetic distribution (CLIP space)\n", table(report["distribution"])]
-    audit_md = storage.join(cfg.out, "audit_privacy", "audit.md")
+    audit_md = RunLayout(cfg.out).audit_dir("audit.md")
     if report.get("audit") and storage.exists(audit_md):
         lines += ["\n## Audit: membership inference (realfake audit-privacy)\n", storage.read_text(audit_md).rstrip(),
                   "\n![ROC](audit_privacy/roc.png)\n"]

@@ -65,15 +65,10 @@ from realfake_ray.tuning import (
     setting_name,
 )
 
-__all__ = ["run_tune_sampler", "tune_dir"]
+__all__ = ["run_tune_sampler"]
 
 _COLUMNS = ("name", "reference", "images_per_s", "tflop_per_img", "mfu", "peak_mem_gib", "kid", "kid_std", "mmd2",
             "accuracy", "finalist", "recommended", "error", *AXES)  # fmt: skip
-
-
-def tune_dir(out: str, *parts: str) -> str:
-    """``<out>/tune_sampler[/parts...]``."""
-    return storage.join(out, "tune_sampler", *parts)
 
 
 @dataclass
@@ -212,7 +207,7 @@ def _compute_columns(made) -> dict:
 
 def _trial_url(out: str, phase: str, setting: dict, context: dict) -> str:
     key = setting_id({"setting": {k: setting[k] for k in AXES}, "context": context})
-    return tune_dir(out, "trials", f"{phase}-{key}.json")
+    return RunLayout(out).tune_dir("trials", f"{phase}-{key}.json")
 
 
 def _trial(config: dict, plan: TunePlan) -> dict:
@@ -252,9 +247,9 @@ def _run_round(cfg: RunConfig, plan: TunePlan, settings: list[dict], phase: str)
           f"{len(missing)} to run", flush=True)
     if missing:
         init_ray(cfg.ray)
-        fs, path = storage.arrow_filesystem(tune_dir(cfg.out, "ray_tune"))
+        fs, path = storage.arrow_filesystem(RunLayout(cfg.out).tune_dir("ray_tune"))
         name = f"{phase}-{time.strftime('%Y%m%d-%H%M%S')}"
-        print(f"[tune-sampler] Ray Tune experiment {tune_dir(cfg.out, 'ray_tune', name)}", flush=True)
+        print(f"[tune-sampler] Ray Tune experiment {RunLayout(cfg.out).tune_dir('ray_tune', name)}", flush=True)
         trainable = tune.with_resources(tune.with_parameters(_trial, plan=plan), _trial_resources(cfg))
         tuner = tune.Tuner(
             trainable,
@@ -268,7 +263,7 @@ def _run_round(cfg: RunConfig, plan: TunePlan, settings: list[dict], phase: str)
     for s in settings:
         url = _trial_url(cfg.out, phase, s, plan.context)
         if not storage.exists(url):
-            raise RuntimeError(f"tune-sampler: the {phase} trial of {s} stored no result (see {tune_dir(cfg.out, 'ray_tune')})")
+            raise RuntimeError(f"tune-sampler: the {phase} trial of {s} stored no result (see {RunLayout(cfg.out).tune_dir('ray_tune')})")
         rows[setting_id({k: s[k] for k in AXES})] = storage.read_json(url)
     return rows
 
@@ -285,14 +280,14 @@ def _csv(rows: list[dict]) -> str:
 def _write_outputs(cfg: RunConfig, rows: list[dict], best: dict | None, reference: dict) -> dict:
     ts = cfg.tune_sampler
     table = markdown_table([{k: r.get(k) for k in _COLUMNS if k not in AXES or k in ts.axes} for r in rows])
-    storage.write_text(tune_dir(cfg.out, "results.csv"), _csv(rows))
-    storage.write_text(tune_dir(cfg.out, "results.md"), table + "\n")
+    storage.write_text(RunLayout(cfg.out).tune_dir("results.csv"), _csv(rows))
+    storage.write_text(RunLayout(cfg.out).tune_dir("results.md"), table + "\n")
     with tempfile.TemporaryDirectory() as tmp:
         png = pareto_plot(rows, os.path.join(tmp, "pareto.png"))
-        storage.write_bytes(tune_dir(cfg.out, "pareto.png"), open(png, "rb").read())
+        storage.write_bytes(RunLayout(cfg.out).tune_dir("pareto.png"), open(png, "rb").read())
     summary = {"settings": len(rows), "finalists": sum(bool(r.get("finalist")) for r in rows),
                "reference": reference.get("name"), "recommended": best and best["name"],
-               "tolerance": ts.tolerance, "results": tune_dir(cfg.out, "results.md")}
+               "tolerance": ts.tolerance, "results": RunLayout(cfg.out).tune_dir("results.md")}
     if best is not None:
         ref = next(r for r in rows if r.get("reference"))
         summary.update(speedup=round(best["images_per_s"] / ref["images_per_s"], 3),
@@ -300,9 +295,9 @@ def _write_outputs(cfg: RunConfig, rows: list[dict], best: dict | None, referenc
         comment = (f"realfake tune-sampler: {best['images_per_s']:.3g} images/s = {summary['speedup']:.2f}x the "
                    f"paper's settings, classifier top-1 {best['accuracy']:.4f} vs {ref['accuracy']:.4f} "
                    f"(tolerance {ts.tolerance}); model {cfg.model.pretrained}, out {cfg.out}")
-        storage.write_text(tune_dir(cfg.out, "recommended.yaml"), recommendation_yaml(best, comment) + "\n")
-        summary["recommended_yaml"] = tune_dir(cfg.out, "recommended.yaml")
-    storage.write_json(tune_dir(cfg.out, "summary.json"), summary)
+        storage.write_text(RunLayout(cfg.out).tune_dir("recommended.yaml"), recommendation_yaml(best, comment) + "\n")
+        summary["recommended_yaml"] = RunLayout(cfg.out).tune_dir("recommended.yaml")
+    storage.write_json(RunLayout(cfg.out).tune_dir("summary.json"), summary)
     print("\n" + table, flush=True)
     return summary
 

@@ -5,7 +5,7 @@ import pytest
 from conftest import forbid_ray_work
 
 from realfake_ray import storage
-from realfake_ray.audit_privacy import audit_dir, run_audit_privacy
+from realfake_ray.audit_privacy import run_audit_privacy
 from realfake_ray.config import ConfigError, load_config
 from realfake_ray.layout import RunLayout
 
@@ -52,7 +52,7 @@ def test_tiny_audit_runs_both_arms_on_shadow_halves_and_resumes(tiny_bank, tmp_p
     bank_ids = set(read_parts(RunLayout(str(out)).bank_dir("train"), ["image_id"]).column("image_id").to_pylist())
     halves = []
     for k in range(4):  # each synthetic shadow's pipeline saw only its half of the real train set
-        shadow = audit_dir(str(out), "synthetic", f"shadow_{k}")
+        shadow = RunLayout(str(out)).audit_dir("synthetic", f"shadow_{k}")
         ids = read_parts(RunLayout(shadow).bank_dir("train"), ["image_id"]).column("image_id").to_pylist()
         manifest = read_parts(f"{shadow}/synthetic/_manifest", ["image_id"]).column("image_id").to_pylist()
         assert set(ids) < bank_ids and sorted(manifest) == sorted(ids) and abs(len(ids) - len(bank_ids) / 2) < 20
@@ -61,12 +61,12 @@ def test_tiny_audit_runs_both_arms_on_shadow_halves_and_resumes(tiny_bank, tmp_p
     for arm in ("real", "synthetic"):
         result = summary["arms"][arm]
         assert 0.0 <= result["auc"] <= 1.0 and result["pairs"] > len(bank_ids) and 0 <= result["val_top1_mean"] <= 1
-        phi = np.load(storage.open_file(audit_dir(str(out), arm, "shadow_0.npz")))["phi"]
+        phi = np.load(storage.open_file(RunLayout(str(out)).audit_dir(arm, "shadow_0.npz")))["phi"]
         assert phi.shape == (len(bank_ids),) and np.isfinite(phi).all()
     (strength,) = summary["strengths"]
     assert strength["strength"] == 0.5 and strength["images"] == 8 and 0 <= strength["near_copy_fraction"] <= 1
-    assert json.loads(storage.read_text(audit_dir(str(out), "summary.json")))["arms"].keys() == {"real", "synthetic"}
-    assert storage.exists(audit_dir(str(out), "roc.png")) and "| arm |" in storage.read_text(audit_dir(str(out), "audit.md"))
+    assert json.loads(storage.read_text(RunLayout(str(out)).audit_dir("summary.json")))["arms"].keys() == {"real", "synthetic"}
+    assert storage.exists(RunLayout(str(out)).audit_dir("roc.png")) and "| arm |" in storage.read_text(RunLayout(str(out)).audit_dir("audit.md"))
 
     forbid_ray_work(monkeypatch)  # every shadow is stored: the rerun only recomputes the attack from them
     rerun = run_audit_privacy(cfg.model_copy(update={"audit_privacy": cfg.audit_privacy.model_copy(update={"strengths": []})}))

@@ -7,7 +7,8 @@ from conftest import forbid_ray_work
 
 from realfake_ray import storage
 from realfake_ray.config import ConfigError, load_config
-from realfake_ray.tune_sampler import grid_settings, run_tune_sampler, tune_dir
+from realfake_ray.layout import RunLayout
+from realfake_ray.tune_sampler import grid_settings, run_tune_sampler
 
 _REFERENCE = json.dumps({"scheduler": "unipc", "steps": 6, "strength": 0.75, "guidance_scale": 2.0, "lora_scale": 0.5,
                          "accelerator": "none"})
@@ -42,7 +43,7 @@ def test_tiny_sweep_writes_table_front_and_recommendation_then_reruns_nothing(ti
     shutil.copytree(f"{tiny_bank}/latents", out / "latents")
     cfg = _cfg(out, 'tune_sampler.axes={"accelerator": ["deepcache:2"]}')
     summary = run_tune_sampler(cfg)
-    rows = list(csv.DictReader(io.StringIO(storage.read_text(tune_dir(str(out), "results.csv")))))
+    rows = list(csv.DictReader(io.StringIO(storage.read_text(RunLayout(str(out)).tune_dir("results.csv")))))
     assert [r["name"] for r in rows][:1] == ["reference: none"] and len(rows) == 2
     for row in rows:
         assert not row["error"] and float(row["images_per_s"]) > 0 and float(row["kid_std"]) >= 0
@@ -50,9 +51,9 @@ def test_tiny_sweep_writes_table_front_and_recommendation_then_reruns_nothing(ti
     assert 0.0 <= float(reference["accuracy"]) <= 1.0 and reference["finalist"] == "True"
     recommended = [r for r in rows if r["recommended"] == "True"]
     assert len(recommended) == 1 and summary["recommended"] == recommended[0]["name"]
-    loaded = load_config(preset="tiny", config_file=tune_dir(str(out), "recommended.yaml")).generate
+    loaded = load_config(preset="tiny", config_file=RunLayout(str(out)).tune_dir("recommended.yaml")).generate
     assert loaded.accelerator == recommended[0]["accelerator"] and loaded.steps == 6
-    assert storage.exists(tune_dir(str(out), "pareto.png")) and "| name |" in storage.read_text(tune_dir(str(out), "results.md"))
+    assert storage.exists(RunLayout(str(out)).tune_dir("pareto.png")) and "| name |" in storage.read_text(RunLayout(str(out)).tune_dir("results.md"))
 
     forbid_ray_work(monkeypatch)  # every trial is stored: the rerun only rebuilds the outputs
     assert run_tune_sampler(cfg)["recommended"] == summary["recommended"]
