@@ -50,7 +50,7 @@ def bare_loop(cfg) -> dict:
     import torch
 
     from realfake_ray.bank import read_bank
-    from realfake_ray.generate import image_seed, plan_units, sampler_settings, unit_rows
+    from realfake_ray.generate_plan import image_seed, plan_units, sampler_settings, unit_rows
     from realfake_ray.models import loading
     from realfake_ray.prompts import GENERATION_SUFFIX, build_prompt
     from realfake_ray.sampler import Sampler

@@ -42,13 +42,15 @@ from realfake_ray.config import ConfigError, RunConfig
 from realfake_ray.data.imagefolder import scan_image_folder
 from realfake_ray.embeddings import ClipEmbedder
 from realfake_ray.finetune import run_finetune
-from realfake_ray.generate import find_lora, generate_in_process, run_generate
+from realfake_ray.generate import run_generate
+from realfake_ray.generate_plan import find_lora
 from realfake_ray.layout import RunLayout
 from realfake_ray.plots import markdown_table, roc_plot
 from realfake_ray.privacy import attack_summary, copy_distances, copy_summary, lira_offline, roc_points, shadow_masks
 from realfake_ray.quick_classifier import margins, top1, train_quick
 from realfake_ray.report import write_report
 from realfake_ray.seeds import derive_seed
+from realfake_ray.synthesis import generate_in_process
 
 __all__ = ["run_audit_privacy"]
 

@@ -34,157 +34,30 @@ from realfake_ray._internal.checkpoints import newest_complete, prune_checkpoint
 from realfake_ray._internal.cluster import check_fits_a_node, quiet_train_worker, train_logging
 from realfake_ray._internal.faults import fault_at, hold, kill_driver
 from realfake_ray._internal.trainer import fit_with_restarts
-from realfake_ray.bank import class_mean_embeddings, read_bank
+from realfake_ray.bank import read_bank
 from realfake_ray.config import FinetuneConfig, RunConfig, build_config, dump_config
+from realfake_ray.finetune_plan import FinetunePlan, finetune_settings, plan_finetune, step_target
+from realfake_ray.finetune_step import (
+    METRIC_KEYS,
+    FinetuneModels,
+    _lr_at,
+    _sample_size,
+    load_models,
+    random_latent_crop,
+    train_step,
+)
 from realfake_ray.layout import RunLayout
-from realfake_ray.lora import LORA_WEIGHT_NAME, add_lora, load_lora, lora_sha256, save_lora
-from realfake_ray.models import loading
+from realfake_ray.lora import LORA_WEIGHT_NAME, load_lora, lora_sha256, save_lora
 from realfake_ray.seeds import derive_seed
 
 RUN_NAME = "finetune"  # Ray Train run name: checkpoints live in <out>/finetune/finetune/checkpoint_<step>
 CHECKPOINT_PREFIX = "checkpoint_"
 BANK_READ_COLUMNS = ["image_id", "label", "class_name", "caption", "clip_embed",
                      "full_latent_mean", "full_latent_std", "full_latent_h", "full_latent_w"]
-METRIC_KEYS = ("loss", "denoise", "dm")
 _OPTIMIZER_FILE, _STATE_FILE, _HISTORY_FILE = "optimizer.pt", "state.pt", "metrics.json"
 
 
-# Keys that only place or pace the run: they may change between a run and its resume. Everything else in
-# the finetune section shapes the LoRA, so a rerun into the same --out with another value is refused.
-_PLACEMENT_KEYS = {"num_workers", "use_gpu", "cpus_per_worker", "epochs", "max_steps", "checkpoint_every",
-                   "keep_checkpoints", "max_failures", "log_every"}
-
-
-def finetune_settings(cfg: RunConfig) -> dict:
-    """What defines the LoRA of a run (recorded in ``<out>/finetune/_settings.json``)."""
-    return {
-        "model": cfg.model.pretrained, "revision": cfg.model.revision, "seed": cfg.seed,
-        **cfg.finetune.model_dump(mode="json", exclude=_PLACEMENT_KEYS),
-    }
-
-
 # ---------------------------------------------------------------------------------- planning
-
-
-@dataclass(frozen=True)
-class FinetunePlan:
-    """What the driver resolved and checked; every worker trains from it (plain data, picklable)."""
-
-    model_dir: str
-    bank_files: tuple[str, ...]
-    rows: int
-    total_steps: int
-    prediction_type: str
-    num_classes: int
-    class_means: tuple[tuple[float, ...], ...] | None = None  # only for guidance="class_mean"
-    resume_dir: str | None = None  # newest complete checkpoint folder found by the driver (see _internal.checkpoints)
-    first_epoch: int = 0  # the epoch that checkpoint was taken in (seeds the data order, see bank_dataset)
-    kill_driver_after: tuple[int, int] | None = None  # (step, driver pid): tests only, see _internal.faults
-    hold_after: int | None = None  # step: tests only (a node-loss test removes the worker's node there)
-
-
-def step_target(ft: FinetuneConfig, rows: int) -> tuple[int, int]:
-    """``(steps_per_epoch, total_steps)``: each worker gets ⌊rows / workers⌋ rows per epoch, drops the last partial batch.
-
-    Example:
-        >>> step_target(FinetuneConfig(num_workers=2, batch_size=16, epochs=3), rows=1000)
-        (31, 93)
-    """
-    per_epoch = (rows // ft.num_workers) // ft.batch_size
-    if per_epoch == 0:
-        raise ValueError(
-            f"finetune.batch_size={ft.batch_size} x finetune.num_workers={ft.num_workers} is larger than the "
-            f"{rows} training rows of the bank: lower the batch size or the number of workers"
-        )
-    return per_epoch, ft.max_steps or ft.epochs * per_epoch
-
-
-def _tensor_shape(files: list[str], column: str) -> list[int]:
-    """Shape of one row of a Ray tensor column, read from the Parquet schema (no data read)."""
-    import pyarrow.parquet as pq
-
-    with storage.open_file(files[0]) as f:
-        field = pq.read_schema(f).field(column)
-    if getattr(field.type, "shape", None) is not None:  # Ray's extension type is registered (Ray imported)
-        return [int(d) for d in field.type.shape]
-    raw = (field.metadata or {}).get(b"ARROW:extension:metadata")
-    if raw is None:
-        raise ValueError(f"{files[0]}: column {column!r} is not a tensor column; re-encode the bank")
-    return [int(d) for d in json.loads(raw)]
-
-
-def _read_scheduler_config(model_dir: str) -> dict:
-    path = os.path.join(model_dir, "scheduler", "scheduler_config.json")
-    if not os.path.exists(path):
-        raise loading.ModelLoadError(f"{model_dir}: missing scheduler/scheduler_config.json")
-    with open(path) as f:
-        return json.load(f)
-
-
-def check_model_and_bank(cfg: RunConfig, meta: dict, files: list[str], model_dir: str) -> dict:
-    """Fail before any Ray work when the model cannot train on this bank; returns scheduler facts.
-
-    Example:
-        >>> check_model_and_bank(cfg, read_meta(cfg.out), files, model_dir)  # doctest: +SKIP
-        {'prediction_type': 'epsilon'}
-    """
-    unet = loading.read_component_config(model_dir, "unet")
-    text = loading.read_component_config(model_dir, "text_encoder")
-    vae_sha = loading.weights_sha256(os.path.join(model_dir, "vae"))
-    if meta["model"].get("vae_sha256") != vae_sha:
-        raise ValueError(
-            f"the latent bank at {RunLayout(cfg.out).bank_dir()} was encoded with another VAE ({meta['model'].get('pretrained')}) "
-            f"than model.pretrained={cfg.model.pretrained!r}; re-encode with this model (new --out)"
-        )
-    if int(text["hidden_size"]) != int(unet["cross_attention_dim"]):
-        raise ValueError(
-            f"{model_dir}: text encoder width {text['hidden_size']} != UNet cross_attention_dim {unet['cross_attention_dim']}"
-        )
-    channels, *hw = meta["latent_shape"]
-    if channels != int(unet["in_channels"]):
-        raise ValueError(f"bank latents have {channels} channels but the UNet expects in_channels={unet['in_channels']}")
-    size = unet.get("sample_size")
-    if size is not None and hw != [int(size)] * 2:
-        factor = meta["model"]["vae_downsample"]
-        raise ValueError(
-            f"bank latents are {hw[0]}x{hw[1]} (encode.resolution={meta['resolution']}) but the UNet's sample_size is "
-            f"{size}: re-encode with encode.resolution={int(size) * factor}"
-        )
-    if _tensor_shape(files, "latent_mean") != meta["latent_shape"]:
-        raise ValueError(f"{files[0]}: latent_mean shape differs from _meta.json latent_shape {meta['latent_shape']}")
-    if meta.get("format", 1) < 2:
-        raise ValueError(
-            f"the latent bank at {RunLayout(cfg.out).bank_dir()} has no fine-tuning view (bank format {meta.get('format', 1)}, "
-            "written before random crops of the whole image were stored): re-encode it into a new --out"
-        )
-    if cfg.finetune.guidance != "none":
-        from realfake_ray.guidance import check_guidance_width
-
-        check_guidance_width(int(text["hidden_size"]), _tensor_shape(files, "clip_embed")[0])
-    sched = _read_scheduler_config(model_dir)
-    prediction_type = sched.get("prediction_type", "epsilon")
-    if prediction_type not in ("epsilon", "v_prediction"):
-        raise ValueError(f"{model_dir}: scheduler prediction_type {prediction_type!r}; supported: epsilon, v_prediction")
-    return {"prediction_type": prediction_type}
-
-
-def plan_finetune(cfg: RunConfig, meta: dict, files: list[str], total_steps: int) -> FinetunePlan:
-    """Resolve the model and check it against the bank (no Ray); see :func:`check_model_and_bank`."""
-    model_dir = loading.resolve_model_dir(cfg.model.pretrained, cfg.model.revision, cfg.model.hub_timeout_s)
-    facts = check_model_and_bank(cfg, meta, files, model_dir)
-    num_classes = len(meta["class_dirs"])
-    means = None
-    if cfg.finetune.guidance == "class_mean":
-        means = tuple(tuple(float(v) for v in row) for row in class_mean_embeddings(files, num_classes))
-    return FinetunePlan(
-        model_dir=model_dir,
-        bank_files=tuple(files),
-        rows=int(meta["splits"]["train"]["rows"]),
-        total_steps=total_steps,
-        num_classes=num_classes,
-        class_means=means,
-        **facts,
-    )
 
 
 def checkpoint_steps(out: str) -> list[int]:
@@ -202,26 +75,6 @@ def checkpoint_steps(out: str) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------- the worker
-
-
-def random_latent_crop(mean: bytes, std: bytes, shape: tuple[int, int, int], size: int,
-                       rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """A ``size``×``size`` crop at a random latent-cell offset (= 8 px for SD) of a stored fine-tuning view.
-
-    ``mean``/``std`` are float16 bytes of ``shape`` = (C, h, w), h or w equal to ``size``: the reference's
-    RandomCrop(512) of the short-side-resized image, taken in latent space. Returns float32 [C, size, size].
-
-    Example:
-        >>> m = np.arange(2 * 4 * 6, dtype=np.float16)
-        >>> crop, _ = random_latent_crop(m.tobytes(), m.tobytes(), (2, 4, 6), 4, np.random.default_rng(0))
-        >>> crop.shape
-        (2, 4, 4)
-    """
-    c, h, w = shape
-    top, left = int(rng.integers(h - size + 1)), int(rng.integers(w - size + 1))
-    window = (slice(None), slice(top, top + size), slice(left, left + size))
-    crop = [np.frombuffer(b, np.float16).reshape(c, h, w)[window].astype(np.float32) for b in (mean, std)]
-    return crop[0], crop[1]
 
 
 class BankCollate(NumpyBatchCollateFn):
@@ -261,44 +114,6 @@ class BankCollate(NumpyBatchCollateFn):
 
 
 @dataclass
-class _Models:
-    unet: torch.nn.Module  # DDP-wrapped when world size > 1
-    text_encoder: torch.nn.Module
-    tokenizer: object
-    scheduler: object
-    params: list
-    weight_dtype: torch.dtype
-
-
-def _weight_dtype(mixed_precision: str, device: torch.device) -> torch.dtype:
-    """Frozen-weight dtype: fp16/bf16 on GPU as configured; always fp32 on CPU."""
-    if device.type != "cuda":
-        return torch.float32
-    return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
-
-
-def _load_models(model_dir: str, ft: FinetuneConfig, seed: int, device: torch.device,
-                 dtype: torch.dtype | None = None) -> _Models:
-    """Tokenizer, frozen text encoder, UNet + LoRA (identically initialised on every rank), DDPM scheduler.
-
-    ``dtype`` (default: from ``ft.mixed_precision`` and the device) is the frozen weights' dtype.
-    """
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    dtype = dtype or _weight_dtype(ft.mixed_precision, device)
-    tokenizer = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", torch_dtype=dtype, use_safetensors=True)
-    text_encoder.requires_grad_(False).eval().to(device)
-    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", torch_dtype=dtype, use_safetensors=True)
-    unet.to(device)
-    torch.manual_seed(derive_seed(seed, "lora-init"))
-    params = add_lora(unet, ft.lora_rank, ft.lora_alpha, ft.lora_targets)
-    scheduler = DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
-    return _Models(unet, text_encoder, tokenizer, scheduler, params, dtype)
-
-
-@dataclass
 class _TrainState:
     step: int = 0
     epoch: int = 0
@@ -326,7 +141,7 @@ def resume_position(state: dict, steps_per_epoch: int, world: int) -> tuple[int,
     return (epoch + 1, 0) if done >= steps_per_epoch else (epoch, done)
 
 
-def _restore(ckpt, models: _Models, optimizer, scaler, generator: torch.Generator, rank: int, world: int,
+def _restore(ckpt, models: FinetuneModels, optimizer, scaler, generator: torch.Generator, rank: int, world: int,
              steps_per_epoch: int) -> _TrainState:
     """Load LoRA, optimizer, step/epoch position, this rank's RNG state and the metric history from a checkpoint."""
     with ckpt.as_directory() as directory:
@@ -346,7 +161,7 @@ def _restore(ckpt, models: _Models, optimizer, scaler, generator: torch.Generato
     return _TrainState(step=int(state["step"]), epoch=epoch, epoch_step=skip, history=history, resumed_from=int(state["step"]))
 
 
-def _save_checkpoint(directory: str, models: _Models, optimizer, scaler, st: _TrainState, rng: list, seed: int) -> None:
+def _save_checkpoint(directory: str, models: FinetuneModels, optimizer, scaler, st: _TrainState, rng: list, seed: int) -> None:
     unet = getattr(models.unet, "module", models.unet)
     save_lora(unet, directory)
     torch.save(optimizer.state_dict(), os.path.join(directory, _OPTIMIZER_FILE))
@@ -379,78 +194,6 @@ def _all_mean(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def _sample_size(unet: torch.nn.Module) -> int:
-    size = getattr(unet, "module", unet).config.sample_size
-    return int(size if isinstance(size, int) else size[0])
-
-
-def _lr_at(ft: FinetuneConfig, step: int) -> float:
-    """Constant learning rate after an optional linear warm-up over ``warmup_steps``."""
-    if ft.warmup_steps and step < ft.warmup_steps:
-        return ft.lr * (step + 1) / ft.warmup_steps
-    return ft.lr
-
-
-def _guidance_token(ft: FinetuneConfig, batch: dict, class_means: torch.Tensor | None) -> torch.Tensor | None:
-    if ft.guidance == "image":
-        return batch["clip_embed"]
-    if ft.guidance == "class_mean":
-        return class_means[batch["label"]]
-    return None
-
-
-def _sample_latents(batch: dict, generator: torch.Generator, hflip: bool) -> torch.Tensor:
-    """Draw from the stored posterior (mean + std·ε) and flip half the batch horizontally."""
-    mean, std = batch["latent_mean"], batch["latent_std"]
-    latents = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device)
-    if hflip:
-        flip = torch.rand(len(latents), generator=generator, device=mean.device) < 0.5
-        latents = torch.where(flip.view(-1, 1, 1, 1), latents.flip(-1), latents)
-    return latents
-
-
-def train_step(models: _Models, batch: dict, generator: torch.Generator, ft: FinetuneConfig, prediction_type: str,
-               class_means: torch.Tensor | None, optimizer, scaler) -> torch.Tensor:
-    """One optimisation step on a local batch; returns the detached ``[loss, denoise, dm]``.
-
-    Example:
-        >>> train_step(models, batch, torch.Generator().manual_seed(0), ft, "epsilon", None, opt, None)  # doctest: +SKIP
-        tensor([1.0312, 0.8470, 61.2331])
-    """
-    from realfake_ray.guidance import encode_text
-    from realfake_ray.losses import finetune_loss
-
-    latents = _sample_latents(batch, generator, ft.hflip)
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device)
-    sched = models.scheduler
-    timesteps = torch.randint(0, sched.config.num_train_timesteps, (len(latents),), generator=generator, device=latents.device)
-    noisy = sched.add_noise(latents, noise, timesteps)
-    target = noise if prediction_type == "epsilon" else sched.get_velocity(latents, noise, timesteps)
-    with torch.no_grad():
-        hidden = encode_text(models.text_encoder, batch["input_ids"], _guidance_token(ft, batch, class_means))
-    device_type = latents.device.type
-    with torch.autocast(device_type, dtype=models.weight_dtype, enabled=models.weight_dtype != torch.float32):
-        pred = models.unet(noisy.to(models.weight_dtype), timesteps, hidden.to(models.weight_dtype), return_dict=False)[0]
-    out = finetune_loss(
-        pred.float(), target.float(), timesteps, sched.alphas_cumprod, gamma=ft.snr_gamma,
-        prediction_type=prediction_type, dm_weight=ft.mmd_weight, dm_kernel=ft.mmd_kernel, dm_scope=ft.mmd_scope,
-    )
-    optimizer.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(out["loss"]).backward()
-        scaler.unscale_(optimizer)
-    else:
-        out["loss"].backward()
-    if ft.grad_clip:
-        torch.nn.utils.clip_grad_norm_(models.params, ft.grad_clip)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    return torch.stack([out[k].detach().float() for k in METRIC_KEYS])
-
-
 def _report(st: _TrainState, models, optimizer, scaler, generator, cfg: RunConfig, metrics: dict, rank: int) -> None:
     """Checkpoint (rank 0 writes, every rank reports) and mirror the metric history to metrics.jsonl."""
     from ray import train
@@ -480,7 +223,7 @@ def train_loop(loop_config: dict) -> None:
     ctx = train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = get_device()
-    models = _load_models(plan.model_dir, ft, cfg.seed, device)
+    models = load_models(plan.model_dir, ft, cfg.seed, device)
     optimizer = torch.optim.AdamW(models.params, lr=ft.lr, weight_decay=ft.weight_decay)
     use_scaler = device.type == "cuda" and models.weight_dtype == torch.float16
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None

@@ -30,11 +30,14 @@ __all__ = [
     "DEFAULT_TARGETS",
     "LORA_WEIGHT_NAME",
     "add_lora",
+    "apply_lora",
+    "check_lora_fits",
     "load_lora",
     "lora_parameters",
     "lora_digest",
     "lora_sha256",
     "lora_state_dict",
+    "lora_weight_file",
     "save_lora",
 ]
 
@@ -191,3 +194,108 @@ def lora_digest(data: bytes) -> str:
                 "target_modules": sorted(config.get("target_modules") or [])}
     digest.update(json.dumps(identity, sort_keys=True).encode())
     return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------- LoRA files in a pipeline
+
+
+def lora_weight_file(lora_dir: str) -> str:
+    """The LoRA safetensors file: ``lora_dir`` itself, or the one (default-named) file inside it."""
+    if os.path.isfile(lora_dir):
+        return lora_dir
+    if not os.path.isdir(lora_dir):
+        raise FileNotFoundError(f"LoRA directory or file not found: {lora_dir}")
+    default = os.path.join(lora_dir, LORA_WEIGHT_NAME)
+    if os.path.isfile(default):
+        return default
+    found = sorted(f for f in os.listdir(lora_dir) if f.endswith(".safetensors"))
+    if len(found) != 1:
+        raise FileNotFoundError(f"no {LORA_WEIGHT_NAME} (nor exactly one *.safetensors) in {lora_dir}; found {found}")
+    return os.path.join(lora_dir, found[0])
+
+
+# (suffix, is_down): diffusers / peft / kohya-after-conversion spellings of the two LoRA factors.
+_LORA_SUFFIXES = (
+    (".lora_A.weight", True),
+    (".lora.down.weight", True),
+    (".lora_down.weight", True),
+    (".lora_B.weight", False),
+    (".lora.up.weight", False),
+    (".lora_up.weight", False),
+)
+
+
+def _lora_target_dims(module: torch.nn.Module) -> tuple[int, int] | None:
+    """(in, out) features of a Linear / Conv2d that LoRA can wrap, else None."""
+    if isinstance(module, torch.nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, torch.nn.Conv2d):
+        return module.in_channels, module.out_channels
+    return None
+
+
+def check_lora_fits(unet: torch.nn.Module, text_encoder: torch.nn.Module | None, lora_file: str) -> int:
+    """Raise ValueError naming ``lora_file`` and the first LoRA factor whose shape does not fit the model.
+
+    Checks keys ``unet.<module>.lora_{A,B}.weight`` (and the ``lora.down/up`` spellings) against the
+    Linear/Conv2d modules of ``unet`` and ``text_encoder`` (meta-device models built from their configs
+    will do: only shapes are read). Returns the number of factors checked.
+
+    Example:
+        >>> check_lora_fits(pipe.unet, pipe.text_encoder, "/runs/x/lora/pytorch_lora_weights.safetensors")  # doctest: +SKIP
+        128
+    """
+    from diffusers import StableDiffusionPipeline
+
+    state_dict, _ = StableDiffusionPipeline.lora_state_dict(lora_file)  # diffusers' reader: kohya etc. converted
+    components = {"unet": unet, "text_encoder": text_encoder}
+    checked = 0
+    for key, tensor in state_dict.items():
+        match = next(((key[: -len(s)], down) for s, down in _LORA_SUFFIXES if key.endswith(s)), None)
+        if match is None:
+            continue
+        path, down = match
+        prefix, _, sub = path.partition(".")
+        root = components.get(prefix)
+        if root is None:
+            continue
+        try:
+            module = root.get_submodule(sub)
+        except AttributeError:
+            raise ValueError(f"LoRA file {lora_file}: key {key!r} names no module of the {prefix}") from None
+        dims = _lora_target_dims(module)
+        if dims is None:
+            raise ValueError(f"LoRA file {lora_file}: key {key!r} targets a {type(module).__name__}, not Linear/Conv2d")
+        want, got = (dims[0], tensor.shape[1]) if down else (dims[1], tensor.shape[0])
+        if want != got:
+            side = "input" if down else "output"
+            raise ValueError(
+                f"LoRA file {lora_file} does not fit this model: {key} has {side} width {got}, "
+                f"but {prefix}.{sub} has {want} (shape {tuple(tensor.shape)}); was it trained on another base model?"
+            )
+        checked += 1
+    if state_dict and not checked:
+        example = next(iter(state_dict))
+        raise ValueError(f"LoRA file {lora_file}: no key matches a UNet/text-encoder module (e.g. {example!r})")
+    return checked
+
+
+def apply_lora(pipe, lora_dir: str, lora_scale: float = 0.5) -> str:
+    """Check, load and fuse a LoRA into ``pipe`` at ``lora_scale``, then drop the unfused adapters.
+
+    Returns the weight file used. Raises ValueError (naming the file) when the LoRA does not fit.
+
+    Example:
+        >>> apply_lora(pipe, "/runs/x/lora", lora_scale=0.5)  # doctest: +SKIP
+        '/runs/x/lora/pytorch_lora_weights.safetensors'
+    """
+    lora_file = lora_weight_file(lora_dir)
+    check_lora_fits(pipe.unet, getattr(pipe, "text_encoder", None), lora_file)
+    try:
+        pipe.load_lora_weights(os.path.dirname(lora_file) or ".", weight_name=os.path.basename(lora_file))
+    except (RuntimeError, KeyError) as err:
+        first_line = str(err).strip().splitlines()[:2]
+        raise ValueError(f"LoRA file {lora_file} could not be loaded into this model: {' '.join(first_line)}") from err
+    pipe.fuse_lora(lora_scale=lora_scale)
+    pipe.unload_lora_weights()
+    return lora_file

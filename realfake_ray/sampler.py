@@ -21,21 +21,16 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
-import itertools
 import math
-import os
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from realfake_ray.flops import count_forward_flops, img2img_flops, mfu, peak_flops, time_calls
 from realfake_ray.guidance import encode_text, inject_guidance_token
-from realfake_ray.prompts import GENERATION_SUFFIX, NEGATIVE_PROMPT, build_prompt, tokenize
+from realfake_ray.lora import apply_lora
+from realfake_ray.prompts import NEGATIVE_PROMPT, tokenize
 
 __all__ = [
     "DTYPES",
@@ -43,15 +38,8 @@ __all__ = [
     "SCHEDULERS",
     "Sampler",
     "SamplerSettings",
-    "apply_lora",
-    "check_lora_fits",
-    "format_table",
     "latent_hw",
-    "make_grid",
     "make_scheduler",
-    "model_flops",
-    "sampler_flops",
-    "run_grid",
 ]
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -63,7 +51,6 @@ _SCHEDULER_CLASSES = {
     "euler": ("EulerDiscreteScheduler", {}),
 }
 SCHEDULERS = frozenset(_SCHEDULER_CLASSES)
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
 def make_scheduler(name: str, base_config: dict):
@@ -159,108 +146,9 @@ def latent_hw(pipe) -> tuple[int, int]:
     return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
-def _vae_factor(vae) -> int:
+def vae_factor(vae) -> int:
     """Pixels per latent cell: 2 ** (number of VAE down blocks - 1)."""
     return 2 ** (len(vae.config.block_out_channels) - 1)
-
-
-def _lora_weight_file(lora_dir: str) -> str:
-    """The LoRA safetensors file: ``lora_dir`` itself, or the one (default-named) file inside it."""
-    if os.path.isfile(lora_dir):
-        return lora_dir
-    if not os.path.isdir(lora_dir):
-        raise FileNotFoundError(f"LoRA directory or file not found: {lora_dir}")
-    default = os.path.join(lora_dir, LORA_WEIGHT_NAME)
-    if os.path.isfile(default):
-        return default
-    found = sorted(f for f in os.listdir(lora_dir) if f.endswith(".safetensors"))
-    if len(found) != 1:
-        raise FileNotFoundError(f"no {LORA_WEIGHT_NAME} (nor exactly one *.safetensors) in {lora_dir}; found {found}")
-    return os.path.join(lora_dir, found[0])
-
-
-# (suffix, is_down): diffusers / peft / kohya-after-conversion spellings of the two LoRA factors.
-_LORA_SUFFIXES = (
-    (".lora_A.weight", True),
-    (".lora.down.weight", True),
-    (".lora_down.weight", True),
-    (".lora_B.weight", False),
-    (".lora.up.weight", False),
-    (".lora_up.weight", False),
-)
-
-
-def _lora_target_dims(module: torch.nn.Module) -> tuple[int, int] | None:
-    """(in, out) features of a Linear / Conv2d that LoRA can wrap, else None."""
-    if isinstance(module, torch.nn.Linear):
-        return module.in_features, module.out_features
-    if isinstance(module, torch.nn.Conv2d):
-        return module.in_channels, module.out_channels
-    return None
-
-
-def check_lora_fits(pipe, lora_file: str) -> int:
-    """Raise ValueError naming ``lora_file`` and the first LoRA factor whose shape does not fit ``pipe``.
-
-    Checks keys ``unet.<module>.lora_{A,B}.weight`` (and the ``lora.down/up`` spellings) against the
-    Linear/Conv2d modules of the UNet and text encoder. Returns the number of factors checked.
-
-    Example:
-        >>> check_lora_fits(pipe, "/runs/x/lora/pytorch_lora_weights.safetensors")  # doctest: +SKIP
-        128
-    """
-    state_dict, _ = type(pipe).lora_state_dict(lora_file)
-    components = {"unet": pipe.unet, "text_encoder": getattr(pipe, "text_encoder", None)}
-    checked = 0
-    for key, tensor in state_dict.items():
-        match = next(((key[: -len(s)], down) for s, down in _LORA_SUFFIXES if key.endswith(s)), None)
-        if match is None:
-            continue
-        path, down = match
-        prefix, _, sub = path.partition(".")
-        root = components.get(prefix)
-        if root is None:
-            continue
-        try:
-            module = root.get_submodule(sub)
-        except AttributeError:
-            raise ValueError(f"LoRA file {lora_file}: key {key!r} names no module of the {prefix}") from None
-        dims = _lora_target_dims(module)
-        if dims is None:
-            raise ValueError(f"LoRA file {lora_file}: key {key!r} targets a {type(module).__name__}, not Linear/Conv2d")
-        want, got = (dims[0], tensor.shape[1]) if down else (dims[1], tensor.shape[0])
-        if want != got:
-            side = "input" if down else "output"
-            raise ValueError(
-                f"LoRA file {lora_file} does not fit this model: {key} has {side} width {got}, "
-                f"but {prefix}.{sub} has {want} (shape {tuple(tensor.shape)}); was it trained on another base model?"
-            )
-        checked += 1
-    if state_dict and not checked:
-        example = next(iter(state_dict))
-        raise ValueError(f"LoRA file {lora_file}: no key matches a UNet/text-encoder module (e.g. {example!r})")
-    return checked
-
-
-def apply_lora(pipe, lora_dir: str, lora_scale: float = 0.5) -> str:
-    """Check, load and fuse a LoRA into ``pipe`` at ``lora_scale``, then drop the unfused adapters.
-
-    Returns the weight file used. Raises ValueError (naming the file) when the LoRA does not fit.
-
-    Example:
-        >>> apply_lora(pipe, "/runs/x/lora", lora_scale=0.5)  # doctest: +SKIP
-        '/runs/x/lora/pytorch_lora_weights.safetensors'
-    """
-    lora_file = _lora_weight_file(lora_dir)
-    check_lora_fits(pipe, lora_file)
-    try:
-        pipe.load_lora_weights(os.path.dirname(lora_file) or ".", weight_name=os.path.basename(lora_file))
-    except (RuntimeError, KeyError) as err:
-        first_line = str(err).strip().splitlines()[:2]
-        raise ValueError(f"LoRA file {lora_file} could not be loaded into this model: {' '.join(first_line)}") from err
-    pipe.fuse_lora(lora_scale=lora_scale)
-    pipe.unload_lora_weights()
-    return lora_file
 
 
 def _set_sdpa(module: torch.nn.Module) -> None:
@@ -440,267 +328,3 @@ class Sampler:
         negative = self._negative(len(prompts), guidance_tokens) if self.settings.cfg else None
         latents = self._denoise(latents, timesteps, cond, negative)
         return self.decode(latents)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Throughput benchmark (used by benchmarks/bench_sampler.py and the `realfake bench-sampler` CLI).
-# ----------------------------------------------------------------------------------------------------
-
-_SETTING_FIELDS = {f.name for f in dataclasses.fields(SamplerSettings)}
-_ROW_KEYS = (
-    "name", "scheduler", "steps", "strength", "batch_size", "dtype", "compile", "channels_last",
-    "images_per_s", "s_per_batch", "tflop_per_img", "mfu", "peak_mem_gib", "note",
-)  # fmt: skip
-REFERENCE_ROW = {
-    "name": "reference",
-    "reference": True,
-    "scheduler": "unipc",
-    "steps": 30,
-    "strength": 0.75,
-    "batch_size": 24,
-    "dtype": "fp16",
-}
-
-
-def make_grid(
-    schedulers=("unipc",),
-    steps=(30,),
-    batch_sizes=(24,),
-    dtypes=("fp16",),
-    compile=(False,),
-    channels_last=(False,),
-    reference: bool = True,
-    **fixed: Any,
-) -> list[dict]:
-    """The cartesian product of the given lists as grid rows, plus the reference row last.
-
-    ``fixed`` holds settings shared by every row (e.g. ``strength=0.75``, ``guidance_scale=2.0``).
-
-    Example:
-        >>> len(make_grid(batch_sizes=(8, 24), dtypes=("fp16", "bf16"), reference=False))
-        4
-    """
-    rows = [
-        {"scheduler": sc, "steps": st, "batch_size": b, "dtype": d, "compile": c, "channels_last": cl, **fixed}
-        for sc, st, b, d, c, cl in itertools.product(schedulers, steps, batch_sizes, dtypes, compile, channels_last)
-    ]
-    return rows + ([dict(REFERENCE_ROW)] if reference else [])
-
-
-def _split_spec(spec: dict) -> tuple[SamplerSettings, int]:
-    """Grid row -> (validated settings, batch size); ValueError naming an unknown key."""
-    extra = set(spec) - _SETTING_FIELDS - {"batch_size", "name", "reference"}
-    if extra:
-        raise ValueError(f"grid row has unknown keys {sorted(extra)}; allowed: {sorted(_SETTING_FIELDS)} + batch_size")
-    settings = SamplerSettings(**{k: v for k, v in spec.items() if k in _SETTING_FIELDS}).validate()
-    batch_size = int(spec.get("batch_size", 1))
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1")
-    return settings, batch_size
-
-
-def _bench_inputs(pipe, batch_size: int, seed: int) -> dict:
-    """Random-but-seeded sampler inputs shaped like a latent-bank batch."""
-    gen = torch.Generator("cpu").manual_seed(seed)
-    h, w = latent_hw(pipe)
-    shape = (batch_size, int(pipe.unet.config.in_channels), h, w)
-    width = int(pipe.text_encoder.config.hidden_size)
-    return {
-        "prompts": [build_prompt("tench", f"a fish number {i}", GENERATION_SUFFIX) for i in range(batch_size)],
-        "seeds": list(range(seed, seed + batch_size)),
-        "latent_mean": torch.randn(shape, generator=gen),
-        "latent_std": 0.1 * torch.rand(shape, generator=gen),
-        "guidance_tokens": torch.randn(batch_size, width, generator=gen),
-    }
-
-
-def model_flops(pipe, device: torch.device, dtype: torch.dtype) -> dict[str, float]:
-    """Counted FLOPs per image of one UNet forward, one VAE decode and one VAE encode at native size."""
-    h, w = latent_hw(pipe)
-    unet, vae = pipe.unet, pipe.vae
-    latent = torch.zeros(1, int(unet.config.in_channels), h, w, device=device, dtype=dtype)
-    text = torch.zeros(1, pipe.tokenizer.model_max_length, int(unet.config.cross_attention_dim), device=device, dtype=dtype)
-    factor = _vae_factor(vae)
-    pixels = torch.zeros(1, 3, h * factor, w * factor, device=device, dtype=dtype)
-    return {
-        "unet_fwd": count_forward_flops(unet, latent, torch.tensor(500, device=device), encoder_hidden_states=text),
-        "vae_decode": count_forward_flops(vae.decode, latent),
-        "vae_encode": count_forward_flops(vae.encode, pixels),
-    }
-
-
-def _result_row(spec: dict, settings: SamplerSettings, batch_size: int, seconds: float, flops: float, peak_mem, device):
-    """Assemble one output row with throughput, TFLOP/img, MFU (GPU with a known peak) and memory."""
-    images_per_s = batch_size / seconds
-    peak = peak_flops(device, settings.dtype)
-    return {
-        "name": spec.get("name", ""),
-        "scheduler": settings.scheduler,
-        "steps": settings.steps,
-        "strength": settings.strength,
-        "batch_size": batch_size,
-        "dtype": settings.dtype,
-        "compile": settings.compile,
-        "channels_last": settings.channels_last,
-        "images_per_s": images_per_s,
-        "s_per_batch": seconds,
-        "tflop_per_img": flops / 1e12,
-        "mfu": mfu(images_per_s, flops, peak) if peak else None,
-        "peak_mem_gib": peak_mem,
-        "note": spec.get("note", ""),
-    }
-
-
-def sampler_flops(settings: SamplerSettings, counted: dict[str, float]) -> float:
-    """FLOPs per image of sampling with ``settings`` (FLOP model, see :func:`~realfake_ray.flops.img2img_flops`),
-    from :func:`model_flops` counts."""
-    strength = 1.0 if settings.mode == "txt2img" else settings.strength
-    return img2img_flops(settings.steps, strength, settings.cfg, True, counted["unet_fwd"], counted["vae_decode"])
-
-
-def _bench_sampler_row(pipe, spec, device, iters, warmup, seed, flops_cache) -> dict:
-    """Time our Sampler on one grid row."""
-    settings, batch_size = _split_spec(spec)
-    sampler = Sampler(pipe, settings, device)
-    key = settings.dtype
-    if key not in flops_cache:
-        flops_cache[key] = model_flops(pipe, device, sampler.dtype)
-    flops = sampler_flops(settings, flops_cache[key])
-    inputs = _bench_inputs(pipe, batch_size, seed)
-    if settings.mode == "txt2img":
-        inputs.pop("latent_mean"), inputs.pop("latent_std")
-    seconds, peak_mem = time_calls(lambda: sampler(**inputs), device, iters, warmup)
-    return _result_row(spec, settings, batch_size, seconds, flops, peak_mem, device)
-
-
-def _bench_reference_row(pipe, spec, device, iters, warmup, seed, flops_cache) -> dict:
-    """The reference code's way: stock img2img pipeline, fp16, ``enable_model_cpu_offload()``, VAE encode."""
-    settings, batch_size = _split_spec(spec)
-    skipped = {k: spec.get(k, "") for k in _ROW_KEYS} | {"name": spec.get("name", "reference")}
-    if device.type != "cuda":
-        return skipped | {"note": "skipped: the reference row (enable_model_cpu_offload) needs CUDA"}
-    try:
-        import accelerate  # noqa: F401  (enable_model_cpu_offload needs it)
-    except ImportError:
-        return skipped | {"note": "skipped: enable_model_cpu_offload needs `accelerate` (pip install accelerate)"}
-    from diffusers import StableDiffusionImg2ImgPipeline
-
-    dtype = DTYPES[settings.dtype]
-    ref = StableDiffusionImg2ImgPipeline(
-        vae=pipe.vae,
-        text_encoder=pipe.text_encoder,
-        tokenizer=pipe.tokenizer,
-        unet=pipe.unet,
-        scheduler=make_scheduler(settings.scheduler, pipe.scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    ref.set_progress_bar_config(disable=True)
-    for module in (pipe.vae, pipe.unet, pipe.text_encoder):
-        _to_device_dtype(module, device, dtype)
-    for module in (pipe.vae, pipe.unet):
-        module.to(memory_format=torch.contiguous_format)
-        _set_sdpa(module)
-    if settings.dtype not in flops_cache:
-        flops_cache[settings.dtype] = model_flops(pipe, device, dtype)
-    counted = flops_cache[settings.dtype]
-    ref.enable_model_cpu_offload(gpu_id=device.index or 0)  # the reference: moved to GPU, then offloaded
-    h, w = latent_hw(pipe)
-    factor = _vae_factor(pipe.vae)
-    gen = torch.Generator("cpu").manual_seed(seed)
-    images = torch.rand(batch_size, 3, h * factor, w * factor, generator=gen)
-    prompts = _bench_inputs(pipe, batch_size, seed)["prompts"]
-
-    def call():
-        ref(
-            prompt=prompts,
-            negative_prompt=[settings.negative_prompt] * batch_size,
-            image=images,
-            strength=settings.strength,
-            num_inference_steps=settings.steps,
-            guidance_scale=settings.guidance_scale,
-            output_type="np",
-        )
-
-    try:
-        seconds, peak_mem = time_calls(call, device, iters, warmup)
-    finally:
-        ref.remove_all_hooks()
-    flops = img2img_flops(
-        settings.steps, settings.strength, settings.cfg, True, counted["unet_fwd"], counted["vae_decode"],
-        encode=True, vae_encode_flops=counted["vae_encode"],
-    )  # fmt: skip
-    spec = spec | {"note": spec.get("note") or "stock img2img + enable_model_cpu_offload, VAE-encodes pixels"}
-    return _result_row(spec, settings, batch_size, seconds, flops, peak_mem, device)
-
-
-def _bench_row(pipe, spec, device, iters, warmup, seed, flops_cache) -> dict:
-    """One grid row; a CUDA out-of-memory becomes a row with a note instead of an exception."""
-    if spec.get("compile"):
-        torch._dynamo.reset()  # fresh compile cache per row: avoids silent eager fallback at the recompile limit
-    bench = _bench_reference_row if spec.get("reference") else _bench_sampler_row
-    try:
-        return bench(pipe, spec, device, iters, warmup, seed, flops_cache)
-    except torch.cuda.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        return {k: spec.get(k, "") for k in _ROW_KEYS} | {"note": "CUDA out of memory"}
-
-
-def run_grid(
-    pipe,
-    grid: list[dict],
-    device: str | torch.device = "cuda",
-    iters: int = 3,
-    warmup: int = 1,
-    seed: int = 0,
-    on_row: Callable[[dict], None] | None = None,
-) -> list[dict]:
-    """Time sampling for every grid row (see :func:`make_grid`); returns one result dict per row.
-
-    Each row is SamplerSettings fields + ``batch_size`` (+ ``name``; ``reference: True`` times the stock
-    diffusers img2img pipeline with CPU offload instead). Rows report images/s, s/batch, TFLOP/img
-    (FLOPs counted on this architecture), MFU (known GPUs) and peak CUDA memory. The pipeline's modules
-    are cast/moved in place; FLOPs per image follow :func:`realfake_ray.flops.img2img_flops`.
-    ``on_row`` is called with each row as soon as it is measured (progress output, partial CSV).
-
-    Example:
-        >>> from realfake_ray.models.tiny import build_random_tiny_pipeline
-        >>> rows = run_grid(build_random_tiny_pipeline(), make_grid(steps=(4,), batch_sizes=(2,), dtypes=("fp32",)),
-        ...                 device="cpu", iters=1, warmup=0)
-        >>> rows[0]["images_per_s"] > 0, rows[1]["note"].startswith("skipped")
-        (True, True)
-    """
-    device = torch.device(device)
-    for spec in grid:  # fail on a bad row before any timing
-        _split_spec(spec)
-    flops_cache: dict[str, dict[str, float]] = {}
-    rows = []
-    for spec in grid:
-        rows.append(_bench_row(pipe, spec, device, iters, warmup, seed, flops_cache))
-        if on_row is not None:
-            on_row(rows[-1])
-    return rows
-
-
-def _fmt(value) -> str:
-    """Table cell: floats to 3 significant figures, None as '-'."""
-    if value is None or value == "":
-        return "-"
-    if isinstance(value, bool):
-        return "y" if value else "n"
-    if isinstance(value, float):
-        return f"{value:.3g}"
-    return str(value)
-
-
-def format_table(rows: list[dict]) -> str:
-    """Fixed-width text table of :func:`run_grid` rows.
-
-    Example:
-        >>> print(format_table([{"name": "a", "images_per_s": 1.5}]).splitlines()[0].split()[:2])
-        ['name', 'scheduler']
-    """
-    cells = [list(_ROW_KEYS)] + [[_fmt(row.get(k)) for k in _ROW_KEYS] for row in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(_ROW_KEYS))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in cells)

@@ -28,7 +28,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
@@ -37,23 +36,18 @@ from realfake_ray import storage
 from realfake_ray._internal.cluster import cluster_gpus, init_ray
 from realfake_ray._internal.shards import part_files, read_parts, tensor_column
 from realfake_ray.bank import class_mean_embeddings, read_bank
+from realfake_ray.bench import model_flops, sampler_flops
 from realfake_ray.classifier_data import real_rows
 from realfake_ray.config import ConfigError, GenerateConfig, RunConfig
 from realfake_ray.embeddings import ClipEmbedder
 from realfake_ray.flops import mfu, peak_flops
-from realfake_ray.generate import (
-    check_generate_config,
-    check_guidance_matches_lora,
-    check_lora,
-    find_lora,
-    generate_in_process,
-)
+from realfake_ray.generate_plan import check_generate_config, check_guidance_matches_lora, check_lora, find_lora
 from realfake_ray.layout import RunLayout
 from realfake_ray.metrics import set_distances
 from realfake_ray.models import loading
 from realfake_ray.plots import markdown_table, pareto_plot
-from realfake_ray.sampler import model_flops, sampler_flops
 from realfake_ray.seeds import derive_seed
+from realfake_ray.synthesis import generate_in_process
 from realfake_ray.tuning import (
     AXES,
     classifier_accuracy,

@@ -3,7 +3,7 @@ import torch
 
 from realfake_ray.accelerators import apply_accelerator, parse_accelerator
 from realfake_ray.config import ConfigError, GenerateConfig
-from realfake_ray.generate import check_generate_config
+from realfake_ray.generate_plan import check_generate_config
 from realfake_ray.models.tiny import build_random_tiny_pipeline
 from realfake_ray.sampler import Sampler, SamplerSettings
 

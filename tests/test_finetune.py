@@ -17,15 +17,8 @@ from realfake_ray import storage
 from realfake_ray.bank import class_mean_embeddings, read_meta
 from realfake_ray.cli import main as cli_main
 from realfake_ray.config import FinetuneConfig, load_config
-from realfake_ray.finetune import (
-    bank_dataset,
-    check_model_and_bank,
-    checkpoint_steps,
-    derive_seed,
-    resume_position,
-    run_finetune,
-    step_target,
-)
+from realfake_ray.finetune import bank_dataset, checkpoint_steps, derive_seed, resume_position, run_finetune
+from realfake_ray.finetune_plan import check_model_and_bank, step_target
 from realfake_ray.layout import RunLayout
 from realfake_ray.lora import LORA_WEIGHT_NAME, add_lora, lora_state_dict
 from realfake_ray.models.loading import load_pipeline
@@ -198,10 +191,11 @@ def test_larger_target_resumes_from_the_checkpoint_then_skips(first_run, capsys)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_train_step_updates_fp32_lora_over_a_frozen_base(tiny_model_dir, dtype):
     """One process, no Ray: the loop's step on bank-shaped rows (bf16 base = the GPU mixed-precision path)."""
-    from realfake_ray.finetune import BankCollate, _load_models, train_step
+    from realfake_ray.finetune import BankCollate
+    from realfake_ray.finetune_step import load_models, train_step
 
     ft = FinetuneConfig(batch_size=4, lr=1e-2, mmd_kernel="gaussian", guidance="class_mean")
-    models = _load_models(tiny_model_dir, ft, seed=0, device=torch.device("cpu"), dtype=dtype)
+    models = load_models(tiny_model_dir, ft, seed=0, device=torch.device("cpu"), dtype=dtype)
     rng = np.random.default_rng(0)
     wide = [(4, 8, 8), (4, 8, 10), (4, 11, 8), (4, 8, 8)]  # fine-tuning views: square, 5:4 wide, tall, square
     rows = {
@@ -232,7 +226,7 @@ def test_train_step_updates_fp32_lora_over_a_frozen_base(tiny_model_dir, dtype):
 
 
 def test_random_latent_crops_cover_every_offset_of_the_whole_image():
-    from realfake_ray.finetune import random_latent_crop
+    from realfake_ray.finetune_step import random_latent_crop
 
     c, h, w, size = 1, 4, 7, 4
     grid = np.arange(c * h * w, dtype=np.float16).reshape(c, h, w)

@@ -23,19 +23,19 @@ from realfake_ray._internal.shards import part_files, read_parts, write_part
 from realfake_ray.bank import read_meta
 from realfake_ray.cli import main as cli_main
 from realfake_ray.config import ConfigError, load_config
-from realfake_ray.generate import (
+from realfake_ray.generate import run_generate
+from realfake_ray.generate_plan import (
     _stem_collisions,
     check_generate_config,
-    encode_jpeg,
     image_seed,
     plan_units,
-    run_generate,
     synthetic_path,
     unit_rows,
 )
 from realfake_ray.layout import RunLayout
 from realfake_ray.lora import add_lora, save_lora
 from realfake_ray.models.loading import load_pipeline, read_component_config, resolve_model_dir
+from realfake_ray.synthesis import encode_jpeg
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["generate.steps=4", "generate.batch_size=8", "generate.rows_per_manifest_file=16"]

@@ -9,7 +9,10 @@ PURE = (
     "realfake_ray.seeds", "realfake_ray.lora", "realfake_ray.models.tiny", "realfake_ray.models.pretrain",
     "realfake_ray.models.base_quality", "realfake_ray.data.corpus", "realfake_ray.data.imagefolder",
     "realfake_ray.accelerators", "realfake_ray.tuning", "realfake_ray._internal.faults", "realfake_ray.privacy",
-    "realfake_ray.quick_classifier",
+    "realfake_ray.quick_classifier", "realfake_ray.layout", "realfake_ray.bank", "realfake_ray.embeddings",
+    "realfake_ray.devices", "realfake_ray.bench", "realfake_ray.classifier_data", "realfake_ray.storage",
+    "realfake_ray.config", "realfake_ray._internal.trainer", "realfake_ray._internal.checkpoints",
+    "realfake_ray.generate_plan", "realfake_ray.synthesis", "realfake_ray.finetune_step", "realfake_ray.finetune_plan",
 )
 
 

@@ -2,7 +2,7 @@
 shuffle and initialisation. These pinned values catch that."""
 
 from realfake_ray.classifier_data import seed_of
-from realfake_ray.generate import image_seed
+from realfake_ray.generate_plan import image_seed
 from realfake_ray.seeds import derive_seed
 
 

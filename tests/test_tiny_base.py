@@ -96,7 +96,7 @@ def test_a_short_finetune_with_the_mmd_term_lowers_the_mmd_it_matches(pipe):
     """Same batches, noise and steps, λ > 0 vs λ = 0: the distribution-matching term between the denoiser's
     predictions and targets ends lower with it (a sign error or a detached term would not)."""
     from realfake_ray.config import FinetuneConfig
-    from realfake_ray.finetune import _load_models, train_step
+    from realfake_ray.finetune_step import load_models, train_step
     from realfake_ray.losses import distribution_matching_loss, min_snr_weights
     from realfake_ray.models.pretrain import encode_latent_means
 
@@ -106,7 +106,7 @@ def test_a_short_finetune_with_the_mmd_term_lowers_the_mmd_it_matches(pipe):
 
     def run(weight: float) -> float:
         ft = FinetuneConfig(batch_size=16, lr=1e-3, mmd_weight=weight, guidance="none", hflip=False)
-        models = _load_models(model_dir, ft, seed=0, device=torch.device("cpu"))
+        models = load_models(model_dir, ft, seed=0, device=torch.device("cpu"))
         optimizer = torch.optim.AdamW(models.params, lr=ft.lr)
         gen = torch.Generator().manual_seed(0)
         ids = pipe.tokenizer([f"photo of digit {n}" for n in ("zero one two three four five six seven eight nine".split())],
