@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 import time
 
 import numpy as np
@@ -250,10 +249,8 @@ def run_audit_privacy(cfg: RunConfig) -> dict:
 
 
 def _write_outputs(cfg: RunConfig, summary: dict, curves: dict) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        png = roc_plot(curves, os.path.join(tmp, "roc.png"))
-        with open(png, "rb") as f:
-            storage.write_bytes(RunLayout(cfg.out).audit_dir("roc.png"), f.read())
+    with storage.written_from_local(RunLayout(cfg.out).audit_dir("roc.png")) as png:
+        roc_plot(curves, png)
     storage.write_text(RunLayout(cfg.out).audit_dir("audit.md"), audit_markdown(summary) + "\n")
     storage.write_json(RunLayout(cfg.out).audit_dir("summary.json"), summary)
     if storage.exists(RunLayout(cfg.out).report_url("json")):

@@ -33,7 +33,7 @@ from realfake_ray import storage
 from realfake_ray._internal.checkpoints import newest_complete, prune_checkpoints, resume_checkpoint
 from realfake_ray._internal.cluster import check_fits_a_node, quiet_train_worker, train_logging
 from realfake_ray._internal.faults import fault_at, hold, kill_driver
-from realfake_ray._internal.trainer import fit_with_restarts
+from realfake_ray._internal.trainer import all_gather_objects, all_reduce_sum, fit_with_restarts, write_curves, write_metrics
 from realfake_ray.bank import read_bank
 from realfake_ray.config import FinetuneConfig, RunConfig, build_config, dump_config
 from realfake_ray.finetune_plan import FinetunePlan, finetune_settings, plan_finetune, step_target
@@ -174,24 +174,7 @@ def _save_checkpoint(directory: str, models: FinetuneModels, optimizer, scaler, 
 
 def _gather_rng(generator: torch.Generator) -> list[torch.Tensor]:
     """Every rank's generator state (collective), so rank 0's checkpoint can resume all of them."""
-    import torch.distributed as dist
-
-    state = generator.get_state()
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [state]
-    states: list = [None] * dist.get_world_size()
-    dist.all_gather_object(states, state)
-    return [torch.as_tensor(s) for s in states]
-
-
-def _all_mean(values: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        values = values.clone()
-        dist.all_reduce(values)
-        values /= dist.get_world_size()
-    return values
+    return [torch.as_tensor(state) for state in all_gather_objects(generator.get_state())]
 
 
 def _report(st: _TrainState, models, optimizer, scaler, generator, cfg: RunConfig, metrics: dict, rank: int) -> None:
@@ -206,7 +189,7 @@ def _report(st: _TrainState, models, optimizer, scaler, generator, cfg: RunConfi
         _save_checkpoint(tmp, models, optimizer, scaler, st, rng, cfg.seed)
         train.report(metrics, checkpoint=train.Checkpoint.from_directory(tmp),
                      checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{st.step:08d}")
-    write_metrics(cfg.out, st.history)
+    write_metrics(_metrics_url(cfg.out), st.history)
     last = st.history[-1]
     print(f"[finetune] step {st.step}: loss {last['loss']:.4f} (denoise {last['denoise']:.4f}, dm {last['dm']:.4g}), "
           f"{last['samples_per_s']:.0f} samples/s, checkpoint saved", flush=True)
@@ -258,7 +241,7 @@ def train_loop(loop_config: dict) -> None:
             last = st.step >= plan.total_steps
             checkpoint_now = st.step % ft.checkpoint_every == 0 or last
             if st.step % ft.log_every == 0 or checkpoint_now:  # a checkpoint always carries a fresh row
-                means = (_all_mean(window) / window_steps).tolist()
+                means = (all_reduce_sum(window) / (world * window_steps)).tolist()
                 elapsed = time.perf_counter() - window_start
                 row = {"step": st.step, **dict(zip(METRIC_KEYS, means)), "lr": _lr_at(ft, st.step - 1),
                        "samples_per_s": window_steps * ft.batch_size * world / elapsed, "epoch": st.epoch}
@@ -287,22 +270,15 @@ def train_loop(loop_config: dict) -> None:
 # ---------------------------------------------------------------------------------- the driver
 
 
-def write_metrics(out: str, history: list[dict]) -> None:
-    """``<out>/finetune/metrics.jsonl``: one JSON object per logged step (atomic rewrite).
-
-    Example:
-        >>> write_metrics("memory://run", [{"step": 1, "loss": 0.9}])
-    """
-    text = "".join(json.dumps(row, sort_keys=True) + "\n" for row in history)
-    storage.write_text(storage.join(RunLayout(out).finetune_dir(), "metrics.jsonl"), text)
+def _metrics_url(out: str) -> str:
+    return storage.join(RunLayout(out).finetune_dir(), "metrics.jsonl")
 
 
-def _write_loss_plot(out: str, history: list[dict]) -> None:
-    from realfake_ray.plots import plot_curves
-
-    with tempfile.TemporaryDirectory(prefix="realfake-ft-plot-") as tmp:
-        path = plot_curves(history, "step", list(METRIC_KEYS), os.path.join(tmp, "loss.png"), title="LoRA fine-tuning", logy=True)
-        storage.upload_file(path, storage.join(RunLayout(out).finetune_dir(), "loss.png"))
+def _write_outputs(out: str, history: list[dict]) -> None:
+    """``<out>/finetune/metrics.jsonl`` (one row per logged step) and ``loss.png``."""
+    write_metrics(_metrics_url(out), history)
+    write_curves(storage.join(RunLayout(out).finetune_dir(), "loss.png"), history, "step", list(METRIC_KEYS),
+                 "LoRA fine-tuning", logy=True)
 
 
 def _use_gpu(ft: FinetuneConfig) -> bool:
@@ -420,8 +396,7 @@ def _finish(cfg: RunConfig, result, started: float, restarts: int) -> dict:
             history = json.load(f)
         storage.upload_file(os.path.join(directory, LORA_WEIGHT_NAME), storage.join(RunLayout(cfg.out).lora_dir(), LORA_WEIGHT_NAME))
         sha = lora_sha256(directory)
-    write_metrics(cfg.out, history)
-    _write_loss_plot(cfg.out, history)
+    _write_outputs(cfg.out, history)
     prune_checkpoints(storage.join(RunLayout(cfg.out).finetune_dir(), RUN_NAME), CHECKPOINT_PREFIX, cfg.finetune.keep_checkpoints)
     metrics = result.metrics or {}
     done = {

@@ -19,9 +19,12 @@ import json
 import os
 import posixpath
 import re
+import tempfile
 import time
 import unicodedata
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import IO, Any
 
 import fsspec
@@ -267,6 +270,23 @@ def upload_file(local: str, url: str) -> None:
         return
     with open(local, "rb") as src:
         write_bytes(url, src.read())
+
+
+@contextmanager
+def written_from_local(url: str) -> Iterator[str]:
+    """A local temporary path to write (a plot, an archive); uploaded to ``url`` when the block ends
+    without an error (atomically, see :func:`upload_file`).
+
+    Example:
+        >>> with written_from_local("memory://run/plot.txt") as path:
+        ...     _ = open(path, "w").write("hello")
+        >>> read_text("memory://run/plot.txt")
+        'hello'
+    """
+    with tempfile.TemporaryDirectory(prefix="realfake-") as tmp:
+        local = os.path.join(tmp, posixpath.basename(url.rstrip("/")) or "file")
+        yield local
+        upload_file(local, url)
 
 
 def remove(url: str, recursive: bool = False) -> None:

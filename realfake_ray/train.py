@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from realfake_ray import storage
 from realfake_ray._internal.checkpoints import checkpoint_number, newest_complete, prune_checkpoints, resume_checkpoint
 from realfake_ray._internal.faults import fault_at, hold
-from realfake_ray._internal.trainer import fit_with_restarts
+from realfake_ray._internal import trainer
 from realfake_ray.classifier_data import (
     decoded_dataset,
     output_dir,
@@ -204,26 +204,6 @@ def _amp_setup(device, enabled: bool, dtype: str = "fp16"):
     return torch.float16, torch.amp.GradScaler("cuda")
 
 
-def _all_reduce_sum(values: list[float], device) -> list[float]:
-    import torch
-    import torch.distributed as dist
-
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor)
-    return tensor.tolist()
-
-
-def _all_gather(obj) -> list:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return [obj]
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
-    return gathered
-
-
 def _load_state(ckpt, model, optimizer, scheduler, scaler) -> int:
     """Restore from a Ray checkpoint; returns the next epoch."""
     import torch
@@ -253,30 +233,18 @@ def _report(row: dict, state: dict | None) -> None:
 
 
 def metrics_url(cdir: str) -> str:
+    """``<classifier dir>/metrics.jsonl``: one row per finished epoch."""
     return storage.join(cdir, "metrics.jsonl")
 
 
 def read_metrics(cdir: str) -> list[dict]:
     """Rows of ``<classifier dir>/metrics.jsonl`` (one per finished epoch)."""
-    url = metrics_url(cdir)
-    if not storage.exists(url):
-        return []
-    return [json.loads(line) for line in storage.read_text(url).splitlines() if line.strip()]
-
-
-def _write_metrics(cdir: str, rows: list[dict]) -> None:
-    storage.write_text(metrics_url(cdir), "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    return trainer.read_metrics(metrics_url(cdir))
 
 
 def write_curves(cdir: str, rows: list[dict]) -> str:
     """``<classifier dir>/curves.png``: train loss/accuracy and val top-1/top-5 per epoch."""
-    from realfake_ray.plots import plot_curves
-
-    url = storage.join(cdir, "curves.png")
-    with tempfile.TemporaryDirectory() as tmp:
-        local = plot_curves(rows, "epoch", _CURVE_KEYS, os.path.join(tmp, "curves.png"), title="classifier")
-        storage.upload_file(local, url)
-    return url
+    return trainer.write_curves(storage.join(cdir, "curves.png"), rows, "epoch", _CURVE_KEYS, "classifier")
 
 
 def _evaluate_shard(model, shard, cfg: RunConfig, num_classes: int, autocast_dtype) -> dict | None:
@@ -289,7 +257,7 @@ def _evaluate_shard(model, shard, cfg: RunConfig, num_classes: int, autocast_dty
     batches = ((to_model_input(b["pixels"].to(device)), b["label"])
                for b in shard.iter_torch_batches(batch_size=cfg.evaluate.batch_size, device="cpu"))
     local = evaluate_batches(model, batches, num_classes, autocast_dtype=autocast_dtype)
-    return merge_evaluations(_all_gather(local))
+    return merge_evaluations(trainer.all_gather_objects(local))
 
 
 def _run_epoch(model, optimizer, scheduler, shard, cfg: RunConfig, amp) -> list[float]:
@@ -332,6 +300,7 @@ def train_loop(config: dict) -> None:
     """Ray Train worker loop (one per worker): resume, then per epoch train, validate, checkpoint, report."""
     import ray.train
     import ray.train.torch
+    import torch
 
     from realfake_ray._internal.cluster import quiet_train_worker
 
@@ -356,7 +325,7 @@ def train_loop(config: dict) -> None:
         began = time.time()
         local = _run_epoch(model, optimizer, scheduler, train_shard, cfg, amp)
         seconds = time.time() - began
-        loss, correct, images = _all_reduce_sum(local[:3], device)
+        loss, correct, images = trainer.all_reduce_sum(torch.tensor(local[:3], dtype=torch.float64, device=device)).tolist()
         val = _evaluate_shard(base, val_shard, cfg, plan["num_classes"], amp[0])
         row = {
             "run": plan["run_name"], "epoch": epoch, "step": int(scheduler.last_epoch),
@@ -368,7 +337,7 @@ def train_loop(config: dict) -> None:
         state = None
         if rank == 0:
             history.append(row)
-            _write_metrics(cdir, history)
+            trainer.write_metrics(metrics_url(cdir), history)
             write_curves(cdir, history)
             print(f"[train] epoch {epoch + 1}/{t.epochs} " + json.dumps({k: row[k] for k in _CURVE_KEYS + ["lr", "images_per_s"]}))
             state = {"model": base.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -470,7 +439,7 @@ def run_train(cfg: RunConfig) -> dict:
     started = time.time()
     init_ray(cfg.ray)
     first_epoch = _resume_point(cfg, plan.run_name)[0]
-    result, restarts = fit_with_restarts(lambda _: _trainer(plan, cfg, *_resume_point(cfg, plan.run_name)).fit(),
+    result, restarts = trainer.fit_with_restarts(lambda _: _trainer(plan, cfg, *_resume_point(cfg, plan.run_name)).fit(),
                                          cfg.train.max_failures, "train")
     state = _final_state(result)
     prune_checkpoints(storage.join(output_dir(cfg), plan.run_name), EPOCH_PREFIX, cfg.train.checkpoint_keep)

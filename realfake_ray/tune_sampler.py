@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -276,9 +274,8 @@ def _write_outputs(cfg: RunConfig, rows: list[dict], best: dict | None, referenc
     table = markdown_table([{k: r.get(k) for k in _COLUMNS if k not in AXES or k in ts.axes} for r in rows])
     storage.write_text(RunLayout(cfg.out).tune_dir("results.csv"), _csv(rows))
     storage.write_text(RunLayout(cfg.out).tune_dir("results.md"), table + "\n")
-    with tempfile.TemporaryDirectory() as tmp:
-        png = pareto_plot(rows, os.path.join(tmp, "pareto.png"))
-        storage.write_bytes(RunLayout(cfg.out).tune_dir("pareto.png"), open(png, "rb").read())
+    with storage.written_from_local(RunLayout(cfg.out).tune_dir("pareto.png")) as png:
+        pareto_plot(rows, png)
     summary = {"settings": len(rows), "finalists": sum(bool(r.get("finalist")) for r in rows),
                "reference": reference.get("name"), "recommended": best and best["name"],
                "tolerance": ts.tolerance, "results": RunLayout(cfg.out).tune_dir("results.md")}

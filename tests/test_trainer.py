@@ -54,3 +54,25 @@ def test_an_error_in_the_training_code_is_not_retried():
     with pytest.raises(KeyError):
         fit_with_restarts(fit, 3, "train")
     assert calls == [0]
+
+
+def test_metrics_rows_round_trip_and_plot_to_any_url(tmp_path):
+    import torch
+
+    from realfake_ray import storage
+    from realfake_ray._internal.trainer import (
+        all_gather_objects,
+        all_reduce_sum,
+        read_metrics,
+        write_curves,
+        write_metrics,
+    )
+
+    rows = [{"step": 1, "loss": 0.9}, {"step": 2, "loss": 0.5}]
+    write_metrics("memory://trainer-test/metrics.jsonl", rows)
+    assert read_metrics("memory://trainer-test/metrics.jsonl") == rows
+    assert read_metrics("memory://trainer-test/absent.jsonl") == []
+    url = write_curves("memory://trainer-test/loss.png", rows, "step", ["loss"], "loss", logy=True)
+    assert storage.read_bytes(url)[:8] == b"\x89PNG\r\n\x1a\n"
+    assert all_gather_objects({"a": 1}) == [{"a": 1}]  # outside a worker group: this process only
+    assert all_reduce_sum(torch.tensor([1.0, 2.0])).tolist() == [1.0, 2.0]

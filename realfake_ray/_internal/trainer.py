@@ -22,8 +22,11 @@ Example:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import TypeVar
+
+from realfake_ray import storage
 
 T = TypeVar("T")
 
@@ -66,3 +69,54 @@ def fit_with_restarts(fit: Callable[[int], T], max_restarts: int, what: str) -> 
             limit = "unlimited" if max_restarts < 0 else max_restarts
             print(f"[{what}] lost worker(s) {ranks}; restarting from the newest checkpoint ({restarts}/{limit})",
                   flush=True)
+
+
+# ------------------------------------------------------------------ helpers both Ray Train loops share
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_sum(values):
+    """A tensor summed over every worker of the group (itself outside a multi-worker group)."""
+    import torch.distributed as dist
+
+    if _distributed():
+        values = values.clone()
+        dist.all_reduce(values)
+    return values
+
+
+def all_gather_objects(obj) -> list:
+    """``obj`` of every worker, in rank order (``[obj]`` outside a multi-worker group)."""
+    import torch.distributed as dist
+
+    if not _distributed():
+        return [obj]
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def write_metrics(url: str, rows: list[dict]) -> None:
+    """``rows`` as JSON lines at ``url`` (an atomic rewrite)."""
+    storage.write_text(url, "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
+
+
+def read_metrics(url: str) -> list[dict]:
+    """The rows of a JSON-lines file written by :func:`write_metrics`; [] when there is none yet."""
+    if not storage.exists(url):
+        return []
+    return [json.loads(line) for line in storage.read_text(url).splitlines() if line.strip()]
+
+
+def write_curves(url: str, rows: list[dict], x: str, keys: list[str], title: str, logy: bool = False) -> str:
+    """A PNG of ``keys`` over ``x`` from metric rows, written to ``url``."""
+    from realfake_ray.plots import plot_curves
+
+    with storage.written_from_local(url) as local:
+        plot_curves(rows, x, keys, local, title=title, logy=logy)
+    return url
