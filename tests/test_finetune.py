@@ -188,17 +188,10 @@ def test_larger_target_resumes_from_the_checkpoint_then_skips(first_run, capsys)
     assert checkpoint_steps(out) == [FIRST, SECOND]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_train_step_updates_fp32_lora_over_a_frozen_base(tiny_model_dir, dtype):
-    """One process, no Ray: the loop's step on bank-shaped rows (bf16 base = the GPU mixed-precision path)."""
-    from realfake_ray.finetune import BankCollate
-    from realfake_ray.finetune_step import load_models, train_step
-
-    ft = FinetuneConfig(batch_size=4, lr=1e-2, mmd_kernel="gaussian", guidance="class_mean")
-    models = load_models(tiny_model_dir, ft, seed=0, device=torch.device("cpu"), dtype=dtype)
-    rng = np.random.default_rng(0)
-    wide = [(4, 8, 8), (4, 8, 10), (4, 11, 8), (4, 8, 8)]  # fine-tuning views: square, 5:4 wide, tall, square
-    rows = {
+def _bank_rows(rng) -> dict:
+    """Four bank rows as the trainer's dataset yields them (fine-tuning views: square, 5:4 wide, tall, square)."""
+    wide = [(4, 8, 8), (4, 8, 10), (4, 11, 8), (4, 8, 8)]
+    return {
         "image_id": np.array([f"digit_1/{i}.png" for i in range(4)], dtype=object),
         "class_name": np.array(["digit one", "digit two"] * 2, dtype=object),
         "caption": np.array(["", "a digit", "", ""], dtype=object),
@@ -208,6 +201,17 @@ def test_train_step_updates_fp32_lora_over_a_frozen_base(tiny_model_dir, dtype):
         "clip_embed": rng.standard_normal((4, 64)).astype(np.float16),
         "label": np.array([1, 2, 1, 2]),
     }
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_train_step_updates_fp32_lora_over_a_frozen_base(tiny_model_dir, dtype):
+    """One process, no Ray: the loop's step on bank-shaped rows (bf16 base = the GPU mixed-precision path)."""
+    from realfake_ray.finetune import BankCollate
+    from realfake_ray.finetune_step import load_models, train_step
+
+    ft = FinetuneConfig(batch_size=4, lr=1e-2, mmd_kernel="gaussian", guidance="class_mean")
+    models = load_models(tiny_model_dir, ft, seed=0, device=torch.device("cpu"), dtype=dtype)
+    rows = _bank_rows(np.random.default_rng(0))
     batch = BankCollate(models.tokenizer, size=8, seed=0, epoch=0)(rows)
     assert batch["input_ids"].shape == (4, 77) and batch["latent_mean"].dtype == torch.float32
     assert batch["latent_mean"].shape == (4, 4, 8, 8)
@@ -223,6 +227,36 @@ def test_train_step_updates_fp32_lora_over_a_frozen_base(tiny_model_dir, dtype):
     assert any(not torch.equal(a, b) for a, b in zip(before, models.params))
     frozen = [p for n, p in models.unet.named_parameters() if "lora_" not in n]
     assert all(p.dtype == dtype and not p.requires_grad for p in frozen)
+
+
+@pytest.mark.parametrize("guidance", ["image", "none"])
+def test_the_image_guidance_token_reaches_the_unet_in_train_step(tiny_model_dir, guidance):
+    """guidance=image: each row's own CLIP embedding is the token, so other embeddings give another loss
+    (same weights, same noise); guidance=none: the embeddings are not used at all."""
+    from realfake_ray.finetune import BankCollate
+    from realfake_ray.finetune_step import load_models, train_step
+
+    ft = FinetuneConfig(batch_size=4, lr=1e-2, guidance=guidance)
+    models = load_models(tiny_model_dir, ft, seed=0, device=torch.device("cpu"))
+    frozen = torch.optim.SGD(models.params, lr=0.0)  # the step changes nothing: both calls see the same weights
+    rows = _bank_rows(np.random.default_rng(0))
+    other = dict(rows, clip_embed=np.random.default_rng(1).standard_normal((4, 64)).astype(np.float16))
+    losses = [train_step(models, BankCollate(models.tokenizer, size=8, seed=0, epoch=0)(r), torch.Generator().manual_seed(0),
+                         ft, "epsilon", None, frozen, None) for r in (rows, other)]
+    assert torch.equal(losses[0], losses[1]) == (guidance == "none")
+
+
+def test_v_prediction_trains_on_the_velocity_target(tiny_model_dir):
+    from realfake_ray.finetune import BankCollate
+    from realfake_ray.finetune_step import load_models, train_step
+
+    ft = FinetuneConfig(batch_size=4, lr=1e-2, guidance="none", snr_gamma=None)
+    models = load_models(tiny_model_dir, ft, seed=0, device=torch.device("cpu"))
+    frozen = torch.optim.SGD(models.params, lr=0.0)
+    batch = BankCollate(models.tokenizer, size=8, seed=0, epoch=0)(_bank_rows(np.random.default_rng(0)))
+    eps, v = (train_step(models, batch, torch.Generator().manual_seed(0), ft, kind, None, frozen, None)
+              for kind in ("epsilon", "v_prediction"))
+    assert torch.isfinite(v).all() and not torch.equal(eps, v)  # same prediction, another target
 
 
 def test_random_latent_crops_cover_every_offset_of_the_whole_image():
