@@ -36,6 +36,21 @@ def read_bank(out: str) -> tuple[dict, list[str]]:
     return meta, files
 
 
+def tensor_shape(file_url: str, column: str) -> list[int] | None:
+    """Shape of one row of a tensor column, from the Parquet schema of ``file_url`` (no data read): Ray's
+    tensor extension type, registered or not; None when the column is not a tensor column."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    with storage.open_file(file_url) as f:
+        field = pq.read_schema(f).field(column)
+    if getattr(field.type, "shape", None) is not None:  # Ray's extension type is registered (Ray imported)
+        return [int(d) for d in field.type.shape]
+    raw = (field.metadata or {}).get(b"ARROW:extension:metadata")
+    return [int(d) for d in json.loads(raw)] if raw else None
+
+
 def _bank_error(out: str, what: str) -> FileNotFoundError:
     return FileNotFoundError(f"{what}: no usable latent bank at {RunLayout(out).bank_dir()}; "
                              "run `realfake encode` first with the same --out")

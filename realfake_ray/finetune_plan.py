@@ -11,8 +11,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from realfake_ray import storage
-from realfake_ray.bank import class_mean_embeddings
+from realfake_ray.bank import class_mean_embeddings, tensor_shape
 from realfake_ray.config import FinetuneConfig, RunConfig
 from realfake_ray.layout import RunLayout
 from realfake_ray.models import loading
@@ -65,17 +64,10 @@ def step_target(ft: FinetuneConfig, rows: int) -> tuple[int, int]:
 
 
 def _tensor_shape(files: list[str], column: str) -> list[int]:
-    """Shape of one row of a Ray tensor column, read from the Parquet schema (no data read)."""
-    import pyarrow.parquet as pq
-
-    with storage.open_file(files[0]) as f:
-        field = pq.read_schema(f).field(column)
-    if getattr(field.type, "shape", None) is not None:  # Ray's extension type is registered (Ray imported)
-        return [int(d) for d in field.type.shape]
-    raw = (field.metadata or {}).get(b"ARROW:extension:metadata")
-    if raw is None:
+    shape = tensor_shape(files[0], column)
+    if shape is None:
         raise ValueError(f"{files[0]}: column {column!r} is not a tensor column; re-encode the bank")
-    return [int(d) for d in json.loads(raw)]
+    return shape
 
 
 def _read_scheduler_config(model_dir: str) -> dict:

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from realfake_ray import storage
 from realfake_ray._internal.shards import part_files
 from realfake_ray.accelerators import parse_accelerator
-from realfake_ray.bank import read_bank
+from realfake_ray.bank import read_bank, tensor_shape
 from realfake_ray.config import ConfigError, GenerateConfig, RunConfig
 from realfake_ray.data.imagefolder import stem
 from realfake_ray.layout import RunLayout
@@ -117,21 +117,6 @@ def check_generate_config(gen: GenerateConfig) -> None:
         raise ConfigError(f"generate.accelerator={gen.accelerator!r} does not compose with generate.compile=true")
 
 
-def _bank_tensor_width(file_url: str, column: str) -> int | None:
-    """Elements per row of a tensor column, from the Parquet schema (Ray's tensor extension metadata)."""
-    import json
-
-    with storage.open_file(file_url) as f:
-        field = pq.read_schema(f).field(column)
-    shape = getattr(field.type, "shape", None)
-    if shape is None:
-        raw = (field.metadata or {}).get(b"ARROW:extension:metadata")
-        if not raw:
-            return None
-        shape = json.loads(raw)
-    return int(np.prod([int(d) for d in shape]))
-
-
 def check_bank_fits_model(meta: dict, model_dir: str, gen: GenerateConfig, first_file: str) -> None:
     """ValueError when the bank's latents or CLIP embeddings cannot drive this model (before any Ray work)."""
     unet = loading.read_component_config(model_dir, "unet")
@@ -158,7 +143,8 @@ def check_bank_fits_model(meta: dict, model_dir: str, gen: GenerateConfig, first
                 "re-encode with this model into a new --out"
             )
     if gen.guidance != "none":
-        width = _bank_tensor_width(first_file, "clip_embed")
+        shape = tensor_shape(first_file, "clip_embed")
+        width = int(np.prod(shape)) if shape is not None else None
         if width is not None and width != int(text["hidden_size"]):
             raise ValueError(
                 f"{first_file}: clip_embed width {width} != text encoder width {text['hidden_size']}; "
