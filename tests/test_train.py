@@ -185,15 +185,15 @@ def real_run(ray_cluster, tmp_path_factory):
 
 @pytest.mark.e2e
 def test_losing_the_node_of_the_training_worker_restarts_from_its_epoch_checkpoint(tiny_bank, tmp_path_factory):
-    """A head and three 1-CPU workers; the worker holds after its epoch-1 checkpoint and its node is removed.
-    The driver restarts the run from that checkpoint (one restart) and it trains epoch 2 only, ending at 3
+    """A head and three 1-CPU workers; the worker holds after its epoch-0 checkpoint and its node is removed.
+    The driver restarts the run from that checkpoint (one restart) and it trains epoch 1 only, ending at 2
     epochs with one metrics row per epoch."""
     out = tmp_path_factory.mktemp("train-node-loss") / "run"
     shutil.copytree(os.path.join(tiny_bank, "latents"), out / "latents")
-    overrides = ["train.source=real", "train.budget_images=null", "train.epochs=3", SHORT]
-    found = run_with_node_loss("train", str(out), overrides, at=1, workers=3, fault="train.checkpoint_hold:1")
-    assert found["removed"]["at"] == 1
-    assert (found["epochs"], found["restarts"], found["metric_epochs"]) == (3, 1, [0, 1, 2])
+    overrides = ["train.source=real", "train.budget_images=null", "train.epochs=2", SHORT]
+    found = run_with_node_loss("train", str(out), overrides, at=0, workers=3, fault="train.checkpoint_hold:0")
+    assert found["removed"]["at"] == 0
+    assert (found["epochs"], found["restarts"], found["metric_epochs"]) == (2, 1, [0, 1])
     assert found["top1"] > 0.1  # the evaluation ran on the restarted run's model (chance: 0.1)
 
 
