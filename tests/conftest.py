@@ -122,7 +122,7 @@ def run_with_node_loss(stage: str, out: str, overrides: list[str], at: int, work
     import sys
 
     here = os.path.dirname(os.path.abspath(__file__))
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "REALFAKE_FAULT")}
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "REALFAKE_FAULT")}
     env |= {"PYTHONPATH": os.path.dirname(here), **({"REALFAKE_FAULT": fault} if fault else {})}
     result = subprocess.run([sys.executable, os.path.join(here, "node_loss.py"), stage, out, json.dumps(overrides),
                              str(at), str(workers)], env=env, capture_output=True, text=True, timeout=600)

@@ -96,7 +96,9 @@ def main() -> None:
     def remove_an_actor_node() -> None:
         while progress() < n:
             time.sleep(0.1)
-        for actor in list_actors(filters=[("state", "=", "ALIVE")], detail=True, raise_on_missing_output=False):
+        alive = list_actors(filters=[("state", "=", "ALIVE")], detail=True, raise_on_missing_output=False,
+                            address="http://" + cluster.webui_url)
+        for actor in alive:
             node = next((w for w in workers if w.node_id == actor.node_id), None)
             if actor_class in (actor.class_name or "") and node is not None:
                 removed.update(node=node.node_id, at=progress())

@@ -118,7 +118,7 @@ def test_no_address_starts_a_new_local_cluster_even_after_a_head_died_without_ra
 _LISTENERS_SCRIPT = """
 import json, os, urllib.error, urllib.request
 import psutil, ray
-from realfake_ray._internal.cluster import init_ray
+from realfake_ray._internal.cluster import init_ray, state_api_address
 from realfake_ray.config import RayConfig
 init_ray(RayConfig(num_cpus=1))
 ray.get(ray.remote(lambda: 1).remote())  # a worker process too
@@ -126,7 +126,7 @@ cluster = {os.getpid()} | {p.pid for p in psutil.Process().children(recursive=Tr
 listening = [(c.laddr.ip, c.laddr.port, psutil.Process(c.pid).name()) for c in psutil.net_connections("tcp")
              if c.status == psutil.CONN_LISTEN and c.pid in cluster]
 try:
-    dashboard = urllib.request.urlopen(os.environ["RAY_API_SERVER_ADDRESS"] + "/api/jobs/", timeout=10).status
+    dashboard = urllib.request.urlopen(state_api_address() + "/api/jobs/", timeout=10).status
 except urllib.error.HTTPError as exc:
     dashboard = exc.code
 print("RESULT", json.dumps({"listening": listening, "dashboard_without_token": dashboard}))
@@ -171,12 +171,15 @@ def test_state_api_calls_reach_this_cluster_while_a_newer_one_runs(ray_cluster):
     """Ray's State API finds "the" cluster by discovery: the newest one on the machine. With another cluster
     started after ours, Ray Train's placement-group cleaner looked its controller up there, found nothing
     and removed the live run's placement group (seen: a benchmark's fine-tune died when a test cluster
-    started). Our driver and our workers must ask their own cluster."""
+    started). Our workers must ask their own cluster, and so must the driver's own State API calls
+    (``state_api_address``) — without leaving the address in its environment for processes it starts."""
     import os
     import subprocess
     import sys
 
     from ray.util.state import get_actor
+
+    from realfake_ray._internal.cluster import state_api_address
 
     @ray_cluster.remote(num_cpus=0)
     class Marker:
@@ -199,7 +202,8 @@ def test_state_api_calls_reach_this_cluster_while_a_newer_one_runs(ray_cluster):
     try:
         assert newer.stdout.readline().strip() == "READY"
         assert ray_cluster.get(state_of.remote(actor_id)) == "ALIVE"  # a worker's State API call
-        assert get_actor(actor_id, timeout=10).state == "ALIVE"  # the driver's
+        assert get_actor(actor_id, timeout=10, address=state_api_address()).state == "ALIVE"  # the driver's
+        assert "RAY_API_SERVER_ADDRESS" not in os.environ  # a cluster this process starts must not inherit it
     finally:
         newer.communicate("", timeout=120)
 

@@ -24,7 +24,10 @@ _FORWARDED_ENV = ("REALFAKE_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "HF_ENDPOINT")
 # Where Ray's State API calls go. Without it a process finds "the" cluster by discovery — the newest one
 # started on this machine, not the one it belongs to. With two clusters on one machine (two local runs, a
 # test's cluster), Ray Train's placement-group cleaner then looked up its controller in the other
-# cluster, found nothing, and removed the live run's placement group: the training workers died.
+# cluster, found nothing, and removed the live run's placement group: the training workers died. So a
+# local cluster's workers get the variable in their runtime environment; the driver's own State API
+# calls name the address (state_api_address()). The driver's os.environ is left alone: a process it
+# starts (another Ray cluster, a job) must not inherit an address of this cluster.
 _STATE_API_ENV = "RAY_API_SERVER_ADDRESS"
 
 
@@ -54,7 +57,7 @@ def init_ray(cfg: RayConfig | None = None) -> None:
             ray.init(address=address, **common)
     else:
         dashboard_port = free_port(preferred=8265)  # Ray's usual port unless another cluster holds it
-        env.setdefault(_STATE_API_ENV, os.environ.get(_STATE_API_ENV, f"http://127.0.0.1:{dashboard_port}"))
+        env[_STATE_API_ENV] = f"http://127.0.0.1:{dashboard_port}"
         with _loopback_only():
             ray.init(
                 address="local",  # a new local cluster: never attach to (or wait on) one another session left behind
@@ -68,20 +71,13 @@ def init_ray(cfg: RayConfig | None = None) -> None:
                 **common,
             )
         _started_here = True
-    _point_state_api_here()
 
 
-_state_api_set_here: str | None = None
-
-
-def _point_state_api_here() -> None:
-    """This driver's State API calls go to the cluster it is connected to (see ``_STATE_API_ENV``), unless
-    the user set the variable."""
-    global _state_api_set_here
-    current = os.environ.get(_STATE_API_ENV)
-    url = ray._private.worker.get_dashboard_url()
-    if url and current in (None, _state_api_set_here):
-        _state_api_set_here = os.environ[_STATE_API_ENV] = "http://" + url.removeprefix("http://")
+def state_api_address() -> str | None:
+    """The State API (dashboard) URL of the cluster this process is connected to; None without one.
+    Pass it as ``address=`` to ``ray.util.state`` calls (see ``_STATE_API_ENV``)."""
+    url = ray._private.worker.get_dashboard_url() if ray.is_initialized() else None
+    return "http://" + url.removeprefix("http://") if url else None
 
 
 @contextmanager
@@ -296,7 +292,7 @@ class ClusterTimeline:
             from ray.util.state import list_actors
 
             listed = list_actors(filters=[("state", "!=", "DEAD"), ("job_id", "=", self._job)], limit=10_000,
-                                 raise_on_missing_output=False, timeout=5)
+                                 raise_on_missing_output=False, timeout=5, address=state_api_address())
             ours = [a.state for a in listed if self._actor_class in (a.class_name or "")]
             actors, pending = ours.count("ALIVE"), sum(1 for state in ours if state != "ALIVE")
         except Exception:  # no dashboard (State API) on this cluster: the node count still tells the story
