@@ -94,6 +94,9 @@ def run_until_fault(cmd: list[str], env: dict, fault: str, timeout: float = 300)
 
     from ray.util.state import list_actors, list_jobs, list_tasks
 
+    from realfake_ray._internal.cluster import state_api_address
+
+    here = {"address": state_api_address()}  # this session's cluster, whatever else runs on the machine
     proc = subprocess.Popen(cmd, env={**env, "REALFAKE_FAULT": fault}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     output, _ = proc.communicate(timeout=timeout)
@@ -102,11 +105,13 @@ def run_until_fault(cmd: list[str], env: dict, fault: str, timeout: float = 300)
     )
     deadline = time.time() + 120
     while True:
-        jobs = [j for j in list_jobs() if j.driver_info and str(j.driver_info.pid) == str(proc.pid)]
+        jobs = [j for j in list_jobs(**here) if j.driver_info and str(j.driver_info.pid) == str(proc.pid)]
         busy = []
         for job in jobs:
-            busy += [a.class_name for a in list_actors(filters=[("job_id", "=", job.job_id), ("state", "!=", "DEAD")])]
-            busy += [t.name for t in list_tasks(filters=[("job_id", "=", job.job_id), ("state", "=", "RUNNING")], limit=10000, raise_on_missing_output=False)]
+            busy += [a.class_name for a in list_actors(filters=[("job_id", "=", job.job_id), ("state", "!=", "DEAD")],
+                                                        **here)]
+            busy += [t.name for t in list_tasks(filters=[("job_id", "=", job.job_id), ("state", "=", "RUNNING")],
+                                                limit=10000, raise_on_missing_output=False, **here)]
         if jobs and all(j.status not in ("PENDING", "RUNNING") for j in jobs) and not busy:
             return
         assert time.time() < deadline, f"the killed job still runs after 120 s: {busy}"

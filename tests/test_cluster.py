@@ -274,3 +274,21 @@ def test_free_port_takes_the_preferred_port_only_when_nothing_holds_it():
         taken = held.getsockname()[1]
         assert free_port(preferred=taken) != taken
     assert free_port(preferred=taken) == taken  # released
+
+
+def test_attached_workers_find_their_clusters_state_api_through_the_given_address(monkeypatch):
+    """Attached to a GCS address (``ray job submit``, the kill tests' drivers), the job's workers get it as
+    RAY_ADDRESS: without it, Ray Train's placement-group cleaner asked whichever cluster discovery found."""
+    import ray
+
+    from realfake_ray._internal import cluster
+    from realfake_ray.config import RayConfig
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    for address in ("10.0.0.5:6379", "auto", "ray://head:10001"):
+        cluster.init_ray(RayConfig(address=address))
+    sent = [call["runtime_env"]["env_vars"].get("RAY_ADDRESS") for call in calls]
+    assert sent == ["10.0.0.5:6379", None, None]  # discovery and Ray Client addresses are not GCS addresses

@@ -310,9 +310,9 @@ def test_guidance_other_than_the_loras_is_refused_unless_allowed(bank, tmp_path_
     storage.write_json(str(out / "finetune" / "_settings.json"), {"guidance": "class_mean"})
     with pytest.raises(ConfigError, match=r"generate.guidance='image' but the LoRA .* finetune.guidance='class_mean'"):
         run_generate(_cfg(out))
-    from realfake_ray import generate
+    from realfake_ray import generate_plan
 
-    monkeypatch.setattr(generate, "plan_units", lambda *a: (_ for _ in ()).throw(RuntimeError("planned")))
+    monkeypatch.setattr(generate_plan, "plan_units", lambda *a: (_ for _ in ()).throw(RuntimeError("planned")))
     with pytest.raises(RuntimeError, match="planned"):  # allowed: the checks pass and planning starts
         run_generate(_cfg(out, "generate.allow_guidance_mismatch=true"))
 

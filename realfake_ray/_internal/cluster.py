@@ -25,8 +25,9 @@ _FORWARDED_ENV = ("REALFAKE_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "HF_ENDPOINT")
 # started on this machine, not the one it belongs to. With two clusters on one machine (two local runs, a
 # test's cluster), Ray Train's placement-group cleaner then looked up its controller in the other
 # cluster, found nothing, and removed the live run's placement group: the training workers died. So a
-# local cluster's workers get the variable in their runtime environment; the driver's own State API
-# calls name the address (state_api_address()). The driver's os.environ is left alone: a process it
+# local cluster's workers get the variable in their runtime environment (attached to a given GCS address,
+# they get RAY_ADDRESS, which the State API resolves the same way); the driver's own State API calls name
+# the address (state_api_address()). The driver's os.environ is left alone: a process it
 # starts (another Ray cluster, a job) must not inherit an address of this cluster.
 _STATE_API_ENV = "RAY_API_SERVER_ADDRESS"
 
@@ -51,6 +52,8 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     common = dict(runtime_env={"env_vars": env}, logging_level=logging.WARNING, log_to_driver=True)
     if address:
+        if "://" not in address and address not in ("auto", "local"):
+            env["RAY_ADDRESS"] = address  # the workers' State API calls find this cluster's dashboard through it
         # A cluster on this machine's loopback (another realfake process's, a test's): attach as a loopback
         # process too, or Ray swaps 127.0.0.1 for the host address, where that cluster does not listen.
         with _loopback_only() if is_loopback_address(address) else nullcontext():
