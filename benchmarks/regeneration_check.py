@@ -1,0 +1,61 @@
+#!/usr/bin/env python
+"""Did a change move what generate produces? Regenerate the first load unit (up to 512 images) of a stored
+tiny-preset run with the current code and compare the JPEG bytes with the run's files.
+
+    python benchmarks/regeneration_check.py runs/effectiveness/seed0/full     # RESULT 512/512 identical
+
+The run's latents, LoRA and recorded generate settings are reused (the LoRA digest must match); nothing is
+written into the run. A change that keeps every image byte-identical leaves the effectiveness rows as
+they are.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+
+import _common  # noqa: F401  (repository root on sys.path)
+
+# Recorded settings (``<run>/synthetic/_settings.json``) that are ``generate.*`` keys of the same name.
+_KEYS = ("mode", "strength", "steps", "scheduler", "guidance_scale", "guidance", "lora_scale", "jpeg_quality",
+         "sample_posterior", "negative_guidance_token", "storage_size")
+
+
+def identical(run: str) -> tuple[int, int]:
+    """``(identical, compared)`` JPEGs of the first load unit of ``run``."""
+    import pyarrow as pa
+
+    from realfake_ray import storage
+    from realfake_ray.bank import class_mean_embeddings, read_bank
+    from realfake_ray.config import load_config
+    from realfake_ray.generate_plan import find_lora, plan_units
+    from realfake_ray.synthesis import encode_jpeg, generate_in_process, load_units
+
+    recorded = storage.read_json(f"{run}/synthetic/_settings.json")
+    tmp = tempfile.mkdtemp(prefix="regen-")
+    shutil.copytree(f"{run}/latents", f"{tmp}/latents")
+    shutil.copytree(f"{run}/lora", f"{tmp}/lora")
+    overrides = ["generate.mult=1"] + [f"generate.{k}={recorded[k]}" for k in _KEYS if recorded.get(k) is not None]
+    cfg = load_config(preset="tiny", out=tmp, seed=recorded["seed"], overrides=overrides)
+    meta, files = read_bank(tmp)
+    units = plan_units(cfg, files)[0][:1]
+    lora_url, sha = find_lora(cfg)
+    if sha != recorded["lora_sha256"]:
+        raise SystemExit(f"{run}: its LoRA digest {sha} differs from the recorded {recorded['lora_sha256']}")
+    means = class_mean_embeddings(files, len(meta["class_dirs"])) if cfg.generate.guidance == "class_mean" else None
+    spec = {"lora_url": lora_url, "lora_sha256": sha, "latent_shape": meta["latent_shape"], "class_means": means}
+    images = generate_in_process(cfg, spec, units).images
+    g = cfg.generate
+    batches = load_units(pa.Table.from_pylist(units), seed=cfg.seed, batch_size=g.batch_size, mode=g.mode,
+                         guidance=g.guidance, collisions=frozenset())
+    paths = [p for row in batches.column("path").to_pylist() for p in row]
+    same = sum(encode_jpeg(image, g.jpeg_quality, g.storage_size) == storage.read_bytes(f"{run}/synthetic/train/{p}")
+               for image, p in zip(images, paths))
+    shutil.rmtree(tmp, ignore_errors=True)
+    return same, len(paths)
+
+
+if __name__ == "__main__":
+    same, total = identical(sys.argv[1])
+    print(f"RESULT {same}/{total} identical")
