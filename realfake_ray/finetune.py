@@ -30,7 +30,13 @@ import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from realfake_ray import storage
-from realfake_ray._internal.checkpoints import newest_complete, prune_checkpoints, resume_checkpoint
+from realfake_ray._internal.checkpoints import (
+    checkpoint_number,
+    newest_complete,
+    numbered_folders,
+    prune_checkpoints,
+    resume_checkpoint,
+)
 from realfake_ray._internal.cluster import check_fits_a_node, quiet_train_worker, train_logging
 from realfake_ray._internal.faults import fault_at, hold, kill_driver
 from realfake_ray._internal.trainer import all_gather_objects, all_reduce_sum, fit_with_restarts, write_curves, write_metrics
@@ -68,10 +74,7 @@ def checkpoint_steps(out: str) -> list[int]:
         [20, 40]
     """
     root = storage.join(RunLayout(out).finetune_dir(), RUN_NAME)
-    if not storage.exists(root):
-        return []
-    names = [n for n, is_dir in storage.listdir(root) if is_dir and n.startswith(CHECKPOINT_PREFIX)]
-    return sorted(int(n[len(CHECKPOINT_PREFIX) :]) for n in names if n[len(CHECKPOINT_PREFIX) :].isdigit())
+    return [checkpoint_number(url, CHECKPOINT_PREFIX) for url in numbered_folders(root, CHECKPOINT_PREFIX)]
 
 
 # ---------------------------------------------------------------------------------- the worker

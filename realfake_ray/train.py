@@ -438,9 +438,11 @@ def run_train(cfg: RunConfig) -> dict:
         print(f"[train] warning: the synthetic set has no image of class(es) {plan.missing_synthetic_classes[:10]}")
     started = time.time()
     init_ray(cfg.ray)
-    first_epoch = _resume_point(cfg, plan.run_name)[0]
-    result, restarts = trainer.fit_with_restarts(lambda _: _trainer(plan, cfg, *_resume_point(cfg, plan.run_name)).fit(),
-                                         cfg.train.max_failures, "train")
+    first = _resume_point(cfg, plan.run_name)  # a restart re-plans from the newest checkpoint
+    result, restarts = trainer.fit_with_restarts(
+        lambda restart: _trainer(plan, cfg, *(_resume_point(cfg, plan.run_name) if restart else first)).fit(),
+        cfg.train.max_failures, "train")
+    first_epoch = first[0]
     state = _final_state(result)
     prune_checkpoints(storage.join(output_dir(cfg), plan.run_name), EPOCH_PREFIX, cfg.train.checkpoint_keep)
     if int(state["epoch"]) + 1 > cfg.train.epochs:

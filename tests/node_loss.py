@@ -33,6 +33,12 @@ from realfake_ray.config import load_config
 from realfake_ray.layout import RunLayout
 
 
+def _newest_checkpoint(run_dir: str, prefix: str, state_file: str) -> int:
+    """The number of the newest complete checkpoint below ``run_dir``; -1 before the first."""
+    newest = newest_complete(run_dir, prefix, (state_file,))
+    return checkpoint_number(newest, prefix) if newest else -1
+
+
 def generate(cfg):
     from realfake_ray.generate import run_generate
 
@@ -52,8 +58,7 @@ def finetune(cfg):
     run_dir = storage.join(RunLayout(cfg.out).finetune_dir(), RUN_NAME)
 
     def progress() -> int:
-        newest = newest_complete(run_dir, CHECKPOINT_PREFIX, ("state.pt",))
-        return checkpoint_number(newest, CHECKPOINT_PREFIX) if newest else -1
+        return _newest_checkpoint(run_dir, CHECKPOINT_PREFIX, "state.pt")
 
     def run() -> dict:
         done = run_finetune(cfg)
@@ -69,8 +74,7 @@ def train(cfg):
     run_dir = storage.join(output_dir(cfg), plan_training(cfg).run_name)
 
     def progress() -> int:
-        newest = newest_complete(run_dir, EPOCH_PREFIX, (STATE_FILE,))
-        return checkpoint_number(newest, EPOCH_PREFIX) if newest else -1
+        return _newest_checkpoint(run_dir, EPOCH_PREFIX, STATE_FILE)
 
     def run() -> dict:
         summary = run_train(cfg)

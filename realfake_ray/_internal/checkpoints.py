@@ -46,13 +46,18 @@ def _loads(url: str) -> bool:
         return False
 
 
-def newest_complete(run_dir: str, prefix: str, required: tuple[str, ...]) -> str | None:
-    """URL of the newest ``<prefix><number>`` folder below ``run_dir`` whose ``required`` files all load."""
+def numbered_folders(run_dir: str, prefix: str) -> list[str]:
+    """URLs of the ``<prefix><number>`` folders below ``run_dir``, oldest first ([] when there is none)."""
     if not storage.isdir(run_dir):
-        return None
+        return []
     folders = [storage.join(run_dir, name) for name, is_dir in storage.listdir(run_dir) if is_dir]
     numbered = sorted((n, url) for url in folders if (n := checkpoint_number(url, prefix)) is not None)
-    for _, url in reversed(numbered):
+    return [url for _, url in numbered]
+
+
+def newest_complete(run_dir: str, prefix: str, required: tuple[str, ...]) -> str | None:
+    """URL of the newest ``<prefix><number>`` folder below ``run_dir`` whose ``required`` files all load."""
+    for url in reversed(numbered_folders(run_dir, prefix)):
         if all(_loads(storage.join(url, name)) for name in required):
             return url
     return None
@@ -62,11 +67,7 @@ def prune_checkpoints(run_dir: str, prefix: str, keep: int) -> list[str]:
     """Delete all but the newest ``keep`` ``<prefix><number>`` folders below ``run_dir``; returns those deleted.
     Called after a run ends: a run restarted after a lost worker knows only the checkpoints in Ray's snapshot,
     so its ``num_to_keep`` misses the ones written after the snapshot."""
-    if not storage.isdir(run_dir):
-        return []
-    numbered = sorted((n, storage.join(run_dir, name)) for name, is_dir in storage.listdir(run_dir)
-                      if is_dir and (n := checkpoint_number(name, prefix)) is not None)
-    stale = [url for _, url in numbered[:-keep]] if keep > 0 else []
+    stale = numbered_folders(run_dir, prefix)[:-keep] if keep > 0 else []
     for url in stale:
         storage.remove(url, recursive=True)
     return stale
