@@ -17,6 +17,8 @@ from __future__ import annotations
 import types
 from collections.abc import Callable
 
+__all__ = ["ACCELERATORS", "parse_accelerator", "apply_accelerator"]
+
 ACCELERATORS = ("none", "deepcache", "tomesd")
 
 

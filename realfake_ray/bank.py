@@ -15,6 +15,8 @@ from realfake_ray import storage
 from realfake_ray._internal.shards import part_files, tensor_column
 from realfake_ray.layout import RunLayout
 
+__all__ = ["read_meta", "read_bank", "tensor_shape", "class_mean_embeddings"]
+
 
 def read_meta(out: str) -> dict | None:
     """The bank's ``_meta.json`` (classes, splits and row counts, the models that made it); None if absent."""

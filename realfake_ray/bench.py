@@ -24,6 +24,7 @@ import torch
 
 from realfake_ray import storage
 from realfake_ray.config import ConfigError, RunConfig
+from realfake_ray.devices import torch_device
 from realfake_ray.flops import count_forward_flops, img2img_flops, mfu, peak_flops, time_calls
 from realfake_ray.models import loading
 from realfake_ray.prompts import GENERATION_SUFFIX, build_prompt
@@ -37,6 +38,11 @@ from realfake_ray.sampler import (
     make_scheduler,
     vae_factor,
 )
+
+__all__ = [
+    "bench_grid", "rows_to_csv", "run_bench_sampler", "REFERENCE_ROW", "make_grid", "model_flops", "sampler_flops",
+    "run_grid", "format_table",
+]
 
 _TRUE, _FALSE = ("1", "true", "y", "yes"), ("0", "false", "n", "no")
 
@@ -130,7 +136,6 @@ def run_bench_sampler(
     """
     import torch
 
-    from realfake_ray.devices import torch_device
 
     iters, warmup = 3 if iters is None else iters, 1 if warmup is None else warmup
     if iters < 1 or warmup < 0:

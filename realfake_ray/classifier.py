@@ -37,6 +37,13 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock
 from torchvision.transforms.v2 import functional as TF
 
+__all__ = [
+    "IMAGENET_MEAN", "IMAGENET_STD", "TINY_ARCH", "SCHEDULES", "DEFAULT_MILESTONE_FRACTIONS",
+    "available_architectures", "resnet_tiny", "build_classifier", "to_model_input", "random_crop_box",
+    "colour_jitter", "TrainView", "eval_view", "scaled_lr", "build_optimizer", "build_scheduler", "train_step",
+    "evaluate_batches", "merge_evaluations",
+]
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TINY_ARCH = "resnet_tiny"

@@ -15,10 +15,18 @@ import re
 import numpy as np
 
 from realfake_ray import storage
+from realfake_ray._internal.shards import part_files, read_parts
+from realfake_ray.classifier import TrainView, eval_view
 from realfake_ray.config import ConfigError, RunConfig
-from realfake_ray.data.imagefolder import DatasetError, scan_image_folder
+from realfake_ray.data.imagefolder import DatasetError, centre_view, open_rgb, scan_image_folder
 from realfake_ray.layout import RunLayout
 from realfake_ray.seeds import derive_seed
+
+__all__ = [
+    "output_dir", "synthetic_root", "synthetic_manifest_dir", "seed_of", "real_rows", "class_index",
+    "unknown_classes_error", "scan_mapped_folder", "synthetic_rows", "rows_digest", "VIEWS", "view_settings",
+    "decode_rows", "rows_dataset", "decoded_dataset",
+]
 
 _COPY_RE = re.compile(r"__c(\d+)$")
 
@@ -117,7 +125,6 @@ def synthetic_rows(cfg: RunConfig, class_dirs: list[str]) -> list[dict]:
 
     Raises :class:`DatasetError` naming folders that are not real classes, or for an empty set.
     """
-    from realfake_ray._internal.shards import part_files, read_parts
 
     parts = part_files(synthetic_manifest_dir(cfg))
     if parts:
@@ -153,8 +160,6 @@ def view_settings(cfg: RunConfig) -> dict:
 
 def _view_fn(view: str, size: int, settings: dict):
     """``fn(image, row index, batch)`` → uint8 ``[size, size, 3]`` for one decoded RGB image."""
-    from realfake_ray.classifier import TrainView, eval_view
-    from realfake_ray.data.imagefolder import centre_view
 
     if view == "train":  # the row's ``aug`` draw (Ray Data, reseeded every epoch) seeds its crop, flip and jitter
         train_view = TrainView(size, settings["crop_scale"], settings["interpolation"], settings["hflip"],
@@ -170,7 +175,6 @@ def decode_rows(batch: dict[str, np.ndarray], size: int, view: str = "centre", s
     centre crop; ``train``: seeded :class:`~realfake_ray.classifier.TrainView`; ``eval``: resize to
     ⌊S/crop_pct⌋ + centre crop; ``settings`` from :func:`view_settings`) into ``pixels`` uint8 [S,S,3].
     Drops the ``url``/``aug``/``copy_idx`` columns and undecodable rows (named)."""
-    from realfake_ray.data.imagefolder import open_rgb
 
     make, n = _view_fn(view, size, settings or view_settings(RunConfig())), len(batch["url"])
     pixels, ok, bad = np.zeros((n, size, size, 3), np.uint8), np.ones(n, bool), []

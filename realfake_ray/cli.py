@@ -20,7 +20,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from realfake_ray import storage
-from realfake_ray.config import ConfigError, RunConfig, load_config
+from realfake_ray._internal.quiet import QUIET_ENV, quiet_libraries
+from realfake_ray.config import ConfigError, RunConfig, dump_config, load_config
+from realfake_ray.models.loading import materialise_preset, write_fp32_copy
+from realfake_ray.models.pretrain import PretrainConfig, pretrain_base
+
+__all__ = ["main"]
 
 
 @dataclass(frozen=True)
@@ -142,8 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     base = sub.add_parser("pretrain-base", help="retrain the tiny base model from scratch on the printed-digit corpus")
     base.add_argument("--out", required=True, help="local directory to write the diffusers pipeline to")
     base.add_argument("--seed", type=int, default=0, help="corpus and initialisation seed (default 0)")
-    for field in ("corpus_size", "vae_steps", "clip_steps", "unet_steps"):
-        base.add_argument(f"--{field.replace('_', '-')}", type=int, dest=field, help=f"default: PretrainConfig.{field}")
+    for option in ("corpus_size", "vae_steps", "clip_steps", "unet_steps"):
+        base.add_argument(f"--{option.replace('_', '-')}", type=int, dest=option, help=f"default: PretrainConfig.{option}")
     for name, stage in STAGES.items():
         p = sub.add_parser(name, help=stage.help)
         _add_common(p)
@@ -163,7 +168,6 @@ def config_from_args(args: argparse.Namespace, stage: Stage) -> RunConfig:
 
 
 def _run_stage(name: str, args: argparse.Namespace) -> None:
-    from realfake_ray.config import dump_config
 
     stage = STAGES[name]
     cfg = config_from_args(args, stage)
@@ -179,7 +183,6 @@ def _run_stage(name: str, args: argparse.Namespace) -> None:
 
 
 def _pretrain_base(args: argparse.Namespace) -> None:
-    from realfake_ray.models.pretrain import PretrainConfig, pretrain_base
 
     given = {k: getattr(args, k) for k in ("corpus_size", "vae_steps", "clip_steps", "unet_steps")}
     record = pretrain_base(args.out, PretrainConfig(seed=args.seed, **{k: v for k, v in given.items() if v is not None}))
@@ -191,14 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "verbose", None):  # before the libraries are imported: they read it once
         import os
 
-        from realfake_ray._internal.quiet import QUIET_ENV, quiet_libraries
 
         for key, value in QUIET_ENV.items():
             os.environ.setdefault(key, value)
         quiet_libraries()
     try:
         if args.command == "preset":
-            from realfake_ray.models.loading import materialise_preset, write_fp32_copy
 
             print(write_fp32_copy(materialise_preset(args.name), args.out))
         elif args.command == "pretrain-base":

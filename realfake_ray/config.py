@@ -19,6 +19,17 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from realfake_ray import storage
+from realfake_ray._internal.addresses import is_remote_address
+from realfake_ray.storage import anchor
+
+__all__ = [
+    "Dtype", "PRESETS", "EMBEDDED_DATASET", "ConfigError", "ActorPool", "ModelConfig", "DataConfig", "EncodeConfig",
+    "FinetuneConfig", "GenerateConfig", "TRAIN_RECIPES", "TrainConfig", "EvaluateConfig", "PAPER_SAMPLER",
+    "TuneSamplerConfig", "AuditPrivacyConfig", "RayConfig", "RunConfig", "deep_merge", "parse_override",
+    "read_yaml_config", "build_config", "load_config", "dump_config",
+]
+
 Dtype = Literal["fp32", "fp16", "bf16"]
 PRESETS = ("tiny",)
 EMBEDDED_DATASET = "embedded:digits"  # train/, val/ and classes.json below it
@@ -332,7 +343,6 @@ class RunConfig(_Section):
         (``org/name`` is otherwise a Hugging Face id)."""
         import os
 
-        from realfake_ray.storage import anchor
 
         def local_dir(spec: str) -> str:
             return anchor(spec) if "://" not in spec and os.path.isdir(os.path.expanduser(spec)) else spec
@@ -351,7 +361,6 @@ class RunConfig(_Section):
     def _refuse_relative_out_on_a_remote_cluster(self) -> None:
         import os
 
-        from realfake_ray._internal.addresses import is_remote_address
 
         address = self.ray.address or os.environ.get("RAY_ADDRESS")
         relative = "://" not in self.out and not self.out.startswith(("/", "~", "embedded:"))
@@ -441,7 +450,6 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 def read_yaml_config(path: str) -> dict:
     """Read a YAML config file (any fsspec URL) into a dict."""
-    from realfake_ray import storage
 
     if not storage.exists(path):
         raise ConfigError(f"--config: file not found: {path}")

@@ -11,6 +11,8 @@ import os
 
 import torch
 
+__all__ = ["torch_device", "device_and_dtype"]
+
 _warned = False
 
 

@@ -13,6 +13,8 @@ from realfake_ray.config import RunConfig
 from realfake_ray.devices import device_and_dtype
 from realfake_ray.models import loading
 
+__all__ = ["ClipEmbedder"]
+
 
 class ClipEmbedder:
     """Actor (or plain object): the CLIP vision model of the run, loaded once, embeds decoded images.

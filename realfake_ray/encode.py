@@ -19,12 +19,17 @@ import numpy as np
 import pyarrow as pa
 
 from realfake_ray import storage
+from realfake_ray._internal.cluster import actor_pool_kwargs, init_ray
+from realfake_ray._internal.shards import existing_keys, read_parts, write_part
 from realfake_ray.bank import read_meta
 from realfake_ray.config import RunConfig
 from realfake_ray.data.imagefolder import ImageFolderIndex, decode_views, scan_image_folder
+from realfake_ray.devices import torch_device
 from realfake_ray.embeddings import ClipEmbedder
 from realfake_ray.layout import RunLayout
 from realfake_ray.models import loading
+
+__all__ = ["run_encode"]
 
 SPLITS = ("train", "val")
 BANK_FORMAT = 2  # 2: + the fine-tuning view (full_latent_*); banks of format 1 must be re-encoded
@@ -86,7 +91,6 @@ def _pending_rows(index: ImageFolderIndex, split: str, out: str) -> list[dict]:
 
 
 def _keys(directory: str) -> set[tuple]:
-    from realfake_ray._internal.shards import existing_keys
 
     return existing_keys(directory, ["image_id"])
 
@@ -183,7 +187,6 @@ class Captioner:
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        from realfake_ray.devices import torch_device
 
         model_dir = loading.resolve_model_dir(cfg.encode.captioner, None, cfg.model.hub_timeout_s)
         self.device = torch_device()
@@ -212,7 +215,6 @@ def write_bank_batch(batch: pa.Table, out: str) -> dict[str, np.ndarray]:
     """Writer task: one part file per split present in the batch (bank rows and skipped rows)."""
     import pyarrow.compute as pc
 
-    from realfake_ray._internal.shards import write_part
 
     written = []
     for split in SPLITS:
@@ -240,7 +242,6 @@ def build_pipeline(rows: list[dict], cfg: RunConfig, multiple: int = 8):
     """The Ray Data plan for ``rows`` (not executed); ``multiple``: pixels per latent cell."""
     import ray.data
 
-    from realfake_ray._internal.cluster import actor_pool_kwargs
 
     enc = cfg.encode
     blocks = max(1, min(len(rows) // max(enc.batch_size, 1), 200))
@@ -262,7 +263,6 @@ def build_pipeline(rows: list[dict], cfg: RunConfig, multiple: int = 8):
 
 
 def _split_summary(out: str, split: str) -> dict:
-    from realfake_ray._internal.shards import read_parts
 
     skipped = read_parts(RunLayout(out).skipped_dir(split), ["image_id", "error"])
     skipped_rows = skipped.to_pylist() if skipped is not None else []
@@ -271,7 +271,6 @@ def _split_summary(out: str, split: str) -> dict:
 
 def run_encode(cfg: RunConfig) -> dict:
     """Encode every real image not yet in the bank; write ``_meta.json``; return the summary."""
-    from realfake_ray._internal.cluster import init_ray
 
     started = time.time()
     splits = scan_splits(cfg)

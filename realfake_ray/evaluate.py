@@ -29,6 +29,10 @@ import struct
 import numpy as np
 
 from realfake_ray import storage
+from realfake_ray._internal.cluster import actor_pool_kwargs, init_ray
+from realfake_ray._internal.shards import read_parts
+from realfake_ray.bank import read_meta
+from realfake_ray.classifier import build_classifier, evaluate_batches, merge_evaluations, to_model_input
 from realfake_ray.classifier_data import (
     decoded_dataset,
     output_dir,
@@ -41,7 +45,13 @@ from realfake_ray.classifier_data import (
 )
 from realfake_ray.config import ConfigError, RunConfig
 from realfake_ray.data.imagefolder import DatasetError
+from realfake_ray.devices import torch_device
+from realfake_ray.embeddings import ClipEmbedder
 from realfake_ray.layout import RunLayout
+from realfake_ray.metrics import distribution_report, subsample
+from realfake_ray.plots import markdown_table
+
+__all__ = ["run_evaluate"]
 
 VAL_SET = "val"
 
@@ -71,7 +81,6 @@ def load_classifier(url: str):
     """``(model in eval mode, info)`` from a :func:`save_classifier` file at any URL."""
     from safetensors.torch import load
 
-    from realfake_ray.classifier import build_classifier
 
     if not storage.exists(url):
         raise FileNotFoundError(f"no trained classifier at {url} (run `realfake train` first)")
@@ -89,7 +98,6 @@ class ClassifierActor:
     def __init__(self, url: str, subsets: list[list[int] | None]):
         import torch
 
-        from realfake_ray.devices import torch_device
 
         model, self.info = load_classifier(url)
         self.device = torch_device()
@@ -100,7 +108,6 @@ class ClassifierActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        from realfake_ray.classifier import evaluate_batches, to_model_input
 
         keys = ("correct1", "correct5", "count", "k", "per_class_correct", "per_class_count")
         out: dict[str, list] = {k: [] for k in ("set_idx", *keys)}
@@ -145,7 +152,6 @@ def plan_sets(cfg: RunConfig, class_dirs: list[str]) -> tuple[list[str], list[di
 
 def distribution_inputs(cfg: RunConfig, class_dirs: list[str]) -> tuple[str | None, dict | None, list[dict]]:
     """``(reason skipped, bank meta, synthetic rows)``: checks that the bank and synthetic set exist."""
-    from realfake_ray.bank import read_meta
 
     if not cfg.evaluate.distribution_metrics:
         return "evaluate.distribution_metrics is false", None, []
@@ -162,8 +168,6 @@ def distribution_inputs(cfg: RunConfig, class_dirs: list[str]) -> tuple[str | No
 # ------------------------------------------------------------------------------------ execution
 def evaluate_sets(cfg: RunConfig, url: str, names: list[str], rows: list[dict], subsets: list, info: dict) -> dict:
     """Run the decode → classifier-actor pipeline; merged result per set name."""
-    from realfake_ray._internal.cluster import actor_pool_kwargs
-    from realfake_ray.classifier import merge_evaluations
 
     ds = decoded_dataset(rows_dataset(rows), info["image_size"], cfg, view="eval")
     ds = ds.map_batches(
@@ -191,7 +195,6 @@ def _bank_embeddings(out: str) -> tuple[np.ndarray, np.ndarray]:
     """The bank's real train CLIP embeddings (float32 ``[N, D]``) and labels."""
     import pyarrow as pa
 
-    from realfake_ray._internal.shards import read_parts
 
     table = read_parts(RunLayout(out).bank_dir("train"), ["label", "clip_embed"])
     column = table.column("clip_embed").combine_chunks()
@@ -211,9 +214,6 @@ def _embedding_config(cfg: RunConfig, meta: dict) -> RunConfig:
 
 def distribution_metrics(cfg: RunConfig, meta: dict, synth: list[dict], class_dirs: list[str]) -> dict:
     """CLIP embeddings of a seeded subset of synthetic images vs the bank → ``distribution_report``."""
-    from realfake_ray._internal.cluster import actor_pool_kwargs
-    from realfake_ray.embeddings import ClipEmbedder
-    from realfake_ray.metrics import distribution_report, subsample
 
     ev = cfg.evaluate
     keep = subsample(len(synth), ev.distribution_max_images, cfg.seed).tolist()
@@ -234,7 +234,6 @@ def distribution_metrics(cfg: RunConfig, meta: dict, synth: list[dict], class_di
 
 # ------------------------------------------------------------------------------------ reports
 def _markdown(report: dict) -> str:
-    from realfake_ray.plots import markdown_table
 
     sets = report["sets"]
     lines = [f"# Classifier evaluation\n\nsource: `{report['source']}`, arch: `{report['arch']}`, "
@@ -269,7 +268,6 @@ def _inputs(cfg: RunConfig, model_bytes: bytes, synth: list[dict]) -> dict:
 def run_evaluate(cfg: RunConfig) -> dict:
     """Score ``<out>/classifier[/<tag>]/model.safetensors`` on every set, add distribution metrics, write
     ``metrics.json`` / ``metrics.md`` beside it; returns the report (``skipped`` when inputs are unchanged)."""
-    from realfake_ray._internal.cluster import init_ray
 
     cdir = output_dir(cfg)
     url = model_url(cdir)

@@ -37,9 +37,16 @@ from realfake_ray._internal.checkpoints import (
     prune_checkpoints,
     resume_checkpoint,
 )
-from realfake_ray._internal.cluster import check_fits_a_node, quiet_train_worker, train_logging
+from realfake_ray._internal.cluster import check_fits_a_node, cluster_gpus, init_ray, quiet_train_worker, train_logging
 from realfake_ray._internal.faults import fault_at, hold, kill_driver
-from realfake_ray._internal.trainer import all_gather_objects, all_reduce_sum, fit_with_restarts, write_curves, write_metrics
+from realfake_ray._internal.settings import refuse_changed_settings
+from realfake_ray._internal.trainer import (
+    all_gather_objects,
+    all_reduce_sum,
+    fit_with_restarts,
+    write_curves,
+    write_metrics,
+)
 from realfake_ray.bank import read_bank
 from realfake_ray.config import FinetuneConfig, RunConfig, build_config, dump_config
 from realfake_ray.finetune_plan import FinetunePlan, finetune_settings, plan_finetune, step_target
@@ -54,7 +61,10 @@ from realfake_ray.finetune_step import (
 )
 from realfake_ray.layout import RunLayout
 from realfake_ray.lora import LORA_WEIGHT_NAME, load_lora, lora_sha256, save_lora
+from realfake_ray.prompts import build_prompt, tokenize
 from realfake_ray.seeds import derive_seed
+
+__all__ = ["run_finetune"]
 
 RUN_NAME = "finetune"  # Ray Train run name: checkpoints live in <out>/finetune/finetune/checkpoint_<step>
 CHECKPOINT_PREFIX = "checkpoint_"
@@ -98,7 +108,6 @@ class BankCollate(NumpyBatchCollateFn):
         self.tokenizer, self.size, self.seed, self.epoch, self.channels = tokenizer, size, seed, epoch, channels
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        from realfake_ray.prompts import build_prompt, tokenize
 
         prompts = [build_prompt(str(name), str(caption or "")) for name, caption in zip(batch["class_name"], batch["caption"])]
         crops = [
@@ -285,7 +294,6 @@ def _write_outputs(out: str, history: list[dict]) -> None:
 
 
 def _use_gpu(ft: FinetuneConfig) -> bool:
-    from realfake_ray._internal.cluster import cluster_gpus
 
     return cluster_gpus() > 0 if ft.use_gpu == "auto" else bool(ft.use_gpu)
 
@@ -428,8 +436,6 @@ def run_finetune(cfg: RunConfig) -> dict:
         >>> run_finetune(cfg)["lora"]  # doctest: +SKIP
         'runs/tiny/lora/pytorch_lora_weights.safetensors'
     """
-    from realfake_ray._internal.cluster import init_ray
-    from realfake_ray._internal.settings import refuse_changed_settings
 
     started = time.time()
     meta, files = read_bank(cfg.out)

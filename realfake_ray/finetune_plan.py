@@ -13,8 +13,11 @@ from dataclasses import dataclass
 
 from realfake_ray.bank import class_mean_embeddings, tensor_shape
 from realfake_ray.config import FinetuneConfig, RunConfig
+from realfake_ray.guidance import check_guidance_width
 from realfake_ray.layout import RunLayout
 from realfake_ray.models import loading
+
+__all__ = ["finetune_settings", "FinetunePlan", "step_target", "check_model_and_bank", "plan_finetune"]
 
 # Keys that only place or pace the run: they may change between a run and its resume. Everything else in
 # the finetune section shapes the LoRA, so a rerun into the same --out with another value is refused.
@@ -115,7 +118,6 @@ def check_model_and_bank(cfg: RunConfig, meta: dict, files: list[str], model_dir
             "written before random crops of the whole image were stored): re-encode it into a new --out"
         )
     if cfg.finetune.guidance != "none":
-        from realfake_ray.guidance import check_guidance_width
 
         check_guidance_width(int(text["hidden_size"]), _tensor_shape(files, "clip_embed")[0])
     sched = _read_scheduler_config(model_dir)

@@ -15,8 +15,12 @@ import numpy as np
 import torch
 
 from realfake_ray.config import FinetuneConfig
+from realfake_ray.guidance import encode_text
 from realfake_ray.lora import add_lora
+from realfake_ray.losses import finetune_loss
 from realfake_ray.seeds import derive_seed
+
+__all__ = ["METRIC_KEYS", "random_latent_crop", "FinetuneModels", "load_models", "train_step"]
 
 METRIC_KEYS = ("loss", "denoise", "dm")
 
@@ -117,8 +121,6 @@ def train_step(models: FinetuneModels, batch: dict, generator: torch.Generator, 
         >>> train_step(models, batch, torch.Generator().manual_seed(0), ft, "epsilon", None, opt, None)  # doctest: +SKIP
         tensor([1.0312, 0.8470, 61.2331])
     """
-    from realfake_ray.guidance import encode_text
-    from realfake_ray.losses import finetune_loss
 
     latents = _sample_latents(batch, generator, ft.hflip)
     noise = torch.randn(latents.shape, generator=generator, device=latents.device)

@@ -19,6 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
+__all__ = [
+    "TFLOP", "SDFlops", "SD15_FLOPS", "denoising_steps", "img2img_flops", "count_flops", "count_forward_flops",
+    "time_calls", "peak_flops", "mfu",
+]
+
 TFLOP = 1e12
 
 

@@ -35,12 +35,15 @@ import time
 import numpy as np
 
 from realfake_ray import storage
+from realfake_ray._internal.cluster import ClusterTimeline, actor_pool_kwargs, gpus_per_actor, init_ray
 from realfake_ray._internal.faults import fault_at
 from realfake_ray.bank import class_mean_embeddings
 from realfake_ray.config import RunConfig
 from realfake_ray.generate_plan import GeneratePlan, plan_generate
 from realfake_ray.layout import RunLayout
 from realfake_ray.synthesis import SynthesisActor, load_units, write_images, write_manifest
+
+__all__ = ["run_generate"]
 
 SYNTHETIC = "synthetic"
 LIGHT_TASK_CPUS = 0.25
@@ -77,7 +80,6 @@ def build_pipeline(cfg: RunConfig, plan: GeneratePlan, class_means: np.ndarray |
     """The Ray Data plan for ``plan.units`` (not executed)."""
     import ray.data
 
-    from realfake_ray._internal.cluster import actor_pool_kwargs
 
     g = cfg.generate
     spec = {
@@ -131,7 +133,6 @@ def _execute(cfg: RunConfig, plan: GeneratePlan) -> dict:
 
     from tqdm.auto import tqdm
 
-    from realfake_ray._internal.cluster import ClusterTimeline
 
     ds = build_pipeline(cfg, plan, _class_means(cfg, plan))
     written = failed = 0
@@ -181,7 +182,6 @@ def run_generate(cfg: RunConfig) -> dict:
         >>> run_generate(load_config(preset="tiny", out="runs/tiny"))["count"]  # doctest: +SKIP
         1437
     """
-    from realfake_ray._internal.cluster import init_ray
 
     started = time.time()
     plan = plan_generate(cfg)
@@ -199,7 +199,6 @@ def run_generate(cfg: RunConfig) -> dict:
     result = {"written": 0, "failed": 0, "errors": [], "seconds": 0.0, "sampler_s": 0.0}
     gpus = None
     if plan.units:
-        from realfake_ray._internal.cluster import gpus_per_actor
 
         storage.write_json(RunLayout(cfg.out).synthetic_dir("_settings.json"), plan.settings)
         init_ray(cfg.ray)

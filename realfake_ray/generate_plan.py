@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from realfake_ray import storage
+from realfake_ray._internal.settings import refuse_changed_settings
 from realfake_ray._internal.shards import part_files
 from realfake_ray.accelerators import parse_accelerator
 from realfake_ray.bank import read_bank, tensor_shape
@@ -30,7 +31,16 @@ from realfake_ray.data.imagefolder import stem
 from realfake_ray.layout import RunLayout
 from realfake_ray.lora import LORA_WEIGHT_NAME, check_lora_fits, lora_digest
 from realfake_ray.models import loading
+from realfake_ray.prompts import NEGATIVE_PROMPT
+from realfake_ray.sampler import SamplerSettings
 from realfake_ray.seeds import derive_seed
+
+__all__ = [
+    "MANIFEST_COLUMNS", "image_seed", "synthetic_path", "sampler_settings", "check_generate_config",
+    "check_bank_fits_model", "meta_url_hint", "local_lora_dir", "find_lora", "check_guidance_matches_lora",
+    "check_lora", "recorded_settings", "check_settings_unchanged", "GeneratePlan", "unit_rows", "plan_units",
+    "plan_generate",
+]
 
 MANIFEST_COLUMNS = (
     "path", "image_id", "label", "class_dir", "copy_idx", "seed", "prompt", "mode", "guidance", "strength",
@@ -81,7 +91,6 @@ def sampler_settings(gen: GenerateConfig, device_type: str = "cuda"):
         >>> sampler_settings(GenerateConfig(steps=4), "cpu").dtype
         'fp32'
     """
-    from realfake_ray.sampler import SamplerSettings
 
     return SamplerSettings(
         scheduler=gen.scheduler,
@@ -229,7 +238,6 @@ def check_lora(model_dir: str, lora_url: str, sha256: str) -> None:
 
 def recorded_settings(cfg: RunConfig, meta: dict, lora_sha256: str | None) -> dict:
     """The settings that define the look of the synthetic set (stored in ``_settings.json``)."""
-    from realfake_ray.prompts import NEGATIVE_PROMPT
 
     g = cfg.generate
     return {
@@ -255,7 +263,6 @@ def recorded_settings(cfg: RunConfig, meta: dict, lora_sha256: str | None) -> di
 
 def check_settings_unchanged(out: str, settings: dict) -> None:
     """ValueError when ``<out>/synthetic`` was generated with other image-defining settings."""
-    from realfake_ray._internal.settings import refuse_changed_settings
 
     if part_files(RunLayout(out).manifest_dir()):
         refuse_changed_settings(

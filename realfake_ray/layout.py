@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 from realfake_ray import storage
 
+__all__ = ["RunLayout"]
+
 
 @dataclass(frozen=True)
 class RunLayout:

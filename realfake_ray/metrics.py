@@ -23,6 +23,11 @@ from torch import Tensor
 from realfake_ray.losses import KERNELS, median_heuristic_bandwidths, mmd2
 from realfake_ray.seeds import derive_seed
 
+__all__ = [
+    "DEFAULT_NN_THRESHOLD", "QUANTILES", "subsample", "nearest_neighbor_distances", "distribution_report",
+    "set_distances",
+]
+
 #: Cosine distance below which a synthetic image counts as a near-copy of a real one.
 DEFAULT_NN_THRESHOLD = 0.05
 QUANTILES = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)

@@ -33,6 +33,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
+from realfake_ray.tuning import pareto_front
+
+__all__ = ["plot_curves", "pareto_plot", "timeline_plot", "roc_plot", "image_grid", "markdown_table"]
+
 _TMP_PREFIX = ".tmp-"  # same marker as storage.atomic_open, so listings skip half-written files
 _DPI = 100
 _CELL_INCHES = 1.6
@@ -123,7 +127,6 @@ def pareto_plot(rows: list[dict], path: str, title: str = "realfake tune-sampler
         >>> pareto_plot(rows, "/tmp/pareto.png")
         '/tmp/pareto.png'
     """
-    from realfake_ray.tuning import pareto_front
 
     fig = _new_figure(11.0, 4.2)
     for i, (y, better) in enumerate((("kid", "lower"), ("accuracy", "higher"))):

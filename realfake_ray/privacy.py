@@ -25,6 +25,11 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
+__all__ = [
+    "FPR_POINTS", "shadow_masks", "lira_offline", "tpr_at_fpr", "attack_summary", "roc_points", "copy_distances",
+    "copy_summary",
+]
+
 FPR_POINTS = (0.001, 0.01)  # the low-FPR operating points the audit reports (0.1 %, 1 %)
 _MIN_STD = 1e-6
 

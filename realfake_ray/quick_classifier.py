@@ -36,6 +36,8 @@ from realfake_ray.classifier import (
     train_step,
 )
 
+__all__ = ["train_quick", "top1", "margins"]
+
 _EVAL_BATCH = 256
 
 

@@ -13,9 +13,14 @@ import tempfile
 import numpy as np
 
 from realfake_ray import storage
+from realfake_ray._internal.shards import read_parts
 from realfake_ray.config import RunConfig, dump_config
+from realfake_ray.data.imagefolder import decode_image
 from realfake_ray.flops import img2img_flops
 from realfake_ray.layout import RunLayout
+from realfake_ray.plots import image_grid, markdown_table, plot_curves, timeline_plot
+
+__all__ = ["write_report"]
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 H100_BF16_PEAK = 989e12
@@ -41,7 +46,6 @@ def _stage_times(cfg: RunConfig, summary: dict) -> dict:
 
 
 def _thumbnail(url: str, size: int) -> np.ndarray:
-    from realfake_ray.data.imagefolder import decode_image
 
     return decode_image(storage.read_bytes(url), size)[0]
 
@@ -49,8 +53,6 @@ def _thumbnail(url: str, size: int) -> np.ndarray:
 def _sample_grid(cfg: RunConfig, meta: dict, local_dir: str) -> str | None:
     """Per class: a few real images, then the synthetic images generated from them (column "synthetic i"
     is a copy of "real i"). The manifest names each source: no listing of the training folder."""
-    from realfake_ray._internal.shards import read_parts
-    from realfake_ray.plots import image_grid
 
     manifest = read_parts(RunLayout(cfg.out).manifest_dir(), ["path", "label", "image_id", "copy_idx"])
     if manifest is None:
@@ -145,7 +147,6 @@ def _mmd_rows(classifiers: list[tuple[str, str, dict, dict]]) -> list[dict]:
 
 def _scaling_plot(accuracy: list[dict], local_dir: str) -> str | None:
     """Val top-1 against the training images of each classifier, one line per source (≥ 2 classifiers)."""
-    from realfake_ray.plots import plot_curves
 
     points = [{"training images": (r["real_images"] or 0) + (r["synthetic_images"] or 0), r["source"]: r["top1"]}
               for r in accuracy if r["set"] == "val" and r["top1"] is not None]
@@ -184,7 +185,6 @@ def _bank_summary(meta: dict) -> dict:
 
 def write_report(cfg: RunConfig, summary: dict) -> dict:
     """Write ``report.md``/``report.json`` (and PNGs) below ``cfg.out``; returns the JSON report."""
-    from realfake_ray.plots import markdown_table
 
     times = _stage_times(cfg, summary)
     meta = _read_json(RunLayout(cfg.out).meta_url())
@@ -210,7 +210,6 @@ def write_report(cfg: RunConfig, summary: dict) -> dict:
             report["pictures"]["samples"] = _upload_png(_sample_grid(cfg, meta, tmp), cfg, "samples.png")
         report["pictures"]["scaling"] = _upload_png(_scaling_plot(report["accuracy"], tmp), cfg, "scaling.png")
         if synth and len(synth.get("timeline") or []) > 1:
-            from realfake_ray.plots import timeline_plot
 
             local = timeline_plot(synth["timeline"], os.path.join(tmp, "synthesis_timeline.png"))
             report["pictures"]["synthesis_timeline"] = _upload_png(local, cfg, "synthesis_timeline.png")

@@ -16,7 +16,12 @@ import importlib
 import time
 
 from realfake_ray import storage
+from realfake_ray._internal.cluster import init_ray
 from realfake_ray.config import ConfigError, RunConfig, dump_config
+from realfake_ray.report import write_report
+from realfake_ray.train import run_train
+
+__all__ = ["run_pipeline", "select_stages", "STAGES"]
 
 STAGE_ENTRIES = {
     "encode": "realfake_ray.encode:run_encode",
@@ -42,7 +47,6 @@ def select_stages(only: list[str] | None = None, from_stage: str | None = None) 
 def train_with_baseline(cfg: RunConfig) -> dict:
     """The train stage of the job: the ``train.source`` classifier, and with ``train.real_baseline`` also a
     real-only one (tag ``real``), so the report sets synthetic and real accuracy side by side."""
-    from realfake_ray.train import run_train
 
     result = run_train(cfg)
     if not cfg.train.real_baseline or cfg.train.source == "real":
@@ -59,8 +63,6 @@ def _entry(stage: str):
 
 def run_pipeline(cfg: RunConfig, only: list[str] | None = None, from_stage: str | None = None) -> dict:
     """Run the selected stages in order; returns ``{stage: {"seconds", "skipped", "result"}}``."""
-    from realfake_ray._internal.cluster import init_ray
-    from realfake_ray.report import write_report
 
     stages = select_stages(only, from_stage)
     data = cfg.require_data()

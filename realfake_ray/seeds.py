@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 
+__all__ = ["derive_seed"]
+
 
 def derive_seed(*parts: object) -> int:
     """A 63-bit seed from the run seed and labels (image id, copy, rank, epoch …): blake2b of their repr.

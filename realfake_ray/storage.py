@@ -32,6 +32,14 @@ from fsspec.core import url_to_fs
 
 from realfake_ray.data import embedded
 
+__all__ = [
+    "EMBEDDED_SCHEME", "OBJECT_STORES", "StorageError", "cache_dir", "resolve_embedded", "filesystem", "anchor",
+    "arrow_filesystem", "check_reachable", "protocol", "is_local", "is_object_store", "local_path", "join",
+    "relative", "exists", "isdir", "makedirs", "find", "listdir", "open_file", "read_bytes", "read_text",
+    "read_json", "write_bytes", "write_text", "write_json", "upload_file", "written_from_local", "remove",
+    "copy_tree_to_local", "safe_name",
+]
+
 _TMP_MARK = ".tmp-"
 EMBEDDED_SCHEME = "embedded:"
 # Object stores: whole-object uploads are atomic, renames are not, and listings change under other writers.

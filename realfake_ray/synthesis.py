@@ -28,6 +28,7 @@ from realfake_ray._internal.quiet import quiet_libraries
 from realfake_ray._internal.shards import PART_PREFIX, part_files, tensor_column
 from realfake_ray.accelerators import apply_accelerator
 from realfake_ray.config import RunConfig
+from realfake_ray.devices import torch_device
 from realfake_ray.generate_plan import (
     MANIFEST_COLUMNS,
     image_seed,
@@ -37,6 +38,13 @@ from realfake_ray.generate_plan import (
     unit_rows,
 )
 from realfake_ray.models import loading
+from realfake_ray.prompts import GENERATION_SUFFIX, build_prompt
+from realfake_ray.sampler import Sampler, latent_hw
+
+__all__ = [
+    "load_units", "SynthesisActor", "GeneratedSet", "generate_in_process", "encode_jpeg", "write_images",
+    "write_manifest",
+]
 
 _BATCH_SCHEMA = pa.schema(
     [("copy_idx", pa.int64())]
@@ -48,7 +56,6 @@ _BATCH_SCHEMA = pa.schema(
 
 def _batch_row(chunk: pa.Table, copy_idx: int, seed: int, collisions: frozenset[str]) -> dict:
     """One generation batch as one row: per-image lists, and the tensors as float16 bytes (b"" if unused)."""
-    from realfake_ray.prompts import GENERATION_SUFFIX, build_prompt
 
     ids, class_dirs = chunk.column("image_id").to_pylist(), chunk.column("class_dir").to_pylist()
     names, captions = chunk.column("class_name").to_pylist(), chunk.column("caption").to_pylist()
@@ -98,8 +105,6 @@ class SynthesisActor:
     def __init__(self, cfg: RunConfig, spec: dict):
         import torch
 
-        from realfake_ray.devices import torch_device
-        from realfake_ray.sampler import Sampler, latent_hw
 
         quiet_libraries()  # no per-component loading bars or LoRA-prefix notices, one set per actor
         device = torch_device().type

@@ -26,9 +26,20 @@ import time
 from dataclasses import dataclass
 
 from realfake_ray import storage
-from realfake_ray._internal.checkpoints import checkpoint_number, newest_complete, prune_checkpoints, resume_checkpoint
-from realfake_ray._internal.faults import fault_at, hold
 from realfake_ray._internal import trainer
+from realfake_ray._internal.checkpoints import checkpoint_number, newest_complete, prune_checkpoints, resume_checkpoint
+from realfake_ray._internal.cluster import check_fits_a_node, cluster_gpus, init_ray, quiet_train_worker, train_logging
+from realfake_ray._internal.faults import fault_at, hold
+from realfake_ray.classifier import (
+    build_classifier,
+    build_optimizer,
+    build_scheduler,
+    evaluate_batches,
+    merge_evaluations,
+    scaled_lr,
+    to_model_input,
+    train_step,
+)
 from realfake_ray.classifier_data import (
     decoded_dataset,
     output_dir,
@@ -39,6 +50,9 @@ from realfake_ray.classifier_data import (
     synthetic_rows,
 )
 from realfake_ray.config import ConfigError, RunConfig
+from realfake_ray.evaluate import distribution_inputs, model_url, plan_sets, run_evaluate, save_classifier
+
+__all__ = ["run_train"]
 
 STATE_FILE = "state.pt"
 EPOCH_PREFIX = "epoch_"  # checkpoint folders: <classifier dir>/<run name>/epoch_NNNN (the epoch it ends)
@@ -140,7 +154,6 @@ def apply_budget(cfg: RunConfig, epoch_images: int) -> RunConfig:
 
 def plan_training(cfg: RunConfig) -> TrainPlan:
     """Validate data, classes, architecture and batch sizes; list the rows. No Ray work."""
-    from realfake_ray.classifier import build_classifier
 
     t, data = cfg.train, cfg.require_data()
     real_index, real = real_rows(data.train, cfg)
@@ -249,7 +262,6 @@ def write_curves(cdir: str, rows: list[dict]) -> str:
 
 def _evaluate_shard(model, shard, cfg: RunConfig, num_classes: int, autocast_dtype) -> dict | None:
     """Val top-1/top-5 over this worker's shard, merged over all workers."""
-    from realfake_ray.classifier import evaluate_batches, merge_evaluations, to_model_input
 
     if shard is None:
         return None
@@ -262,7 +274,6 @@ def _evaluate_shard(model, shard, cfg: RunConfig, num_classes: int, autocast_dty
 
 def _run_epoch(model, optimizer, scheduler, shard, cfg: RunConfig, amp) -> list[float]:
     """One pass over this worker's shard; returns ``[loss sum, correct sum, images, last lr]`` (local)."""
-    from realfake_ray.classifier import to_model_input, train_step
 
     t, sums = cfg.train, [0.0, 0.0, 0.0, optimizer.param_groups[0]["lr"]]
     device = next(model.parameters()).device
@@ -282,7 +293,6 @@ def _build_training(cfg: RunConfig, num_classes: int, total_steps: int, warmup: 
     import ray.train.torch
     import torch
 
-    from realfake_ray.classifier import build_classifier, build_optimizer, build_scheduler, scaled_lr
 
     t = cfg.train
     torch.manual_seed(cfg.seed)  # the same initial weights on every worker
@@ -302,7 +312,6 @@ def train_loop(config: dict) -> None:
     import ray.train.torch
     import torch
 
-    from realfake_ray._internal.cluster import quiet_train_worker
 
     cfg, plan = RunConfig.model_validate(config["cfg"]), config["plan"]
     quiet_train_worker(cfg.ray.verbose)
@@ -369,7 +378,6 @@ def _trainer(plan: TrainPlan, cfg: RunConfig, first_epoch: int, resume_dir: str 
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from realfake_ray._internal.cluster import check_fits_a_node, cluster_gpus, train_logging
 
     t = cfg.train
     _warn_if_no_cpu_for_data(cfg)
@@ -420,8 +428,6 @@ def _final_state(result) -> dict:
 
 def run_train(cfg: RunConfig) -> dict:
     """Train (or resume, or return the finished run), save ``model.safetensors``, evaluate; return a summary."""
-    from realfake_ray._internal.cluster import init_ray
-    from realfake_ray.evaluate import distribution_inputs, model_url, plan_sets, run_evaluate, save_classifier
 
     plan = plan_training(cfg)
     cfg = apply_budget(cfg, plan.epoch_images)

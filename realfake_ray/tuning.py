@@ -33,6 +33,11 @@ import numpy as np
 
 from realfake_ray.quick_classifier import top1, train_quick
 
+__all__ = [
+    "AXES", "expand_grid", "setting_id", "setting_name", "pareto_front", "pick_finalists", "recommend",
+    "recommendation_yaml", "classifier_accuracy",
+]
+
 # Generate keys a grid may vary (each is a `generate.<key>`; see GenerateConfig).
 AXES = ("scheduler", "steps", "strength", "guidance_scale", "lora_scale", "batch_size", "dtype", "channels_last",
         "compile", "accelerator")  # fmt: skip

@@ -12,6 +12,8 @@ import socket
 from functools import cache
 from urllib.parse import urlparse
 
+__all__ = ["is_loopback_address", "free_port", "is_remote_address"]
+
 
 @cache
 def _this_host() -> frozenset[str]:

@@ -21,6 +21,8 @@ import re
 from realfake_ray import storage
 from realfake_ray._internal.trainer import RestoreFromDriver
 
+__all__ = ["checkpoint_number", "numbered_folders", "newest_complete", "prune_checkpoints", "resume_checkpoint"]
+
 
 def checkpoint_number(url: str, prefix: str) -> int | None:
     """``12`` for ``.../<prefix>00000012``; None for another name."""

@@ -14,6 +14,11 @@ from realfake_ray._internal.addresses import free_port, is_loopback_address
 from realfake_ray._internal.quiet import QUIET_ENV
 from realfake_ray.config import ActorPool, ConfigError, RayConfig
 
+__all__ = [
+    "init_ray", "state_api_address", "quiet_data", "train_logging", "quiet_train_worker", "cluster_gpus",
+    "gpus_per_actor", "node_types", "check_fits_a_node", "fit_cpu_pool", "actor_pool_kwargs", "ClusterTimeline",
+]
+
 # Ray's switch for a single-machine cluster: its processes take 127.0.0.1 as the node address and bind their
 # servers to it (otherwise Ray swaps 127.0.0.1 for the host's reachable address and listens on all interfaces).
 _LOOPBACK_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"

@@ -28,6 +28,9 @@ import time
 
 from realfake_ray._internal.addresses import free_port
 
+__all__ = ["FakeAutoscalingCluster"]
+
+
 class FakeAutoscalingCluster:
     """``worker_types``: autoscaler node types (``resources``, ``min_workers``, ``max_workers``)."""
 

@@ -28,6 +28,8 @@ import time
 from collections.abc import Mapping
 from typing import NoReturn
 
+__all__ = ["ENV", "POINTS", "fault_at", "kill_driver", "hold"]
+
 ENV = "REALFAKE_FAULT"
 POINTS = ("finetune.checkpoint", "finetune.checkpoint_hold", "train.checkpoint_hold", "generate.manifest_part")
 

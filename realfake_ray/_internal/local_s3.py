@@ -21,6 +21,8 @@ from collections import Counter
 
 from realfake_ray._internal.addresses import free_port
 
+__all__ = ["LocalS3"]
+
 
 class LocalS3:
     """An S3-compatible server on 127.0.0.1 (moto's server mode, a separate process) for real s3fs clients.

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import warnings
 
+__all__ = ["QUIET_ENV", "quiet_libraries"]
+
 # No model-loading progress bars, advisory logs, deprecation notices or per-execution Ray Data info lines
 # from the libraries, in the driver and in every worker (one copy per actor and per Ray Train worker in the
 # job log); warnings that matter and errors still print.

@@ -12,6 +12,8 @@ from collections.abc import Iterable
 
 from realfake_ray import storage
 
+__all__ = ["settings_changes", "refuse_changed_settings"]
+
 
 def settings_changes(before: dict, now: dict, keys: Iterable[str] | None = None) -> list[str]:
     """``key: old → new`` for every key (of ``keys``, default: of either side) whose value differs."""

@@ -16,6 +16,8 @@ import pyarrow.parquet as pq
 
 from realfake_ray import storage
 
+__all__ = ["PART_PREFIX", "part_files", "read_parts", "existing_keys", "write_part", "tensor_column"]
+
 PART_PREFIX = "part-"
 
 

@@ -27,6 +27,12 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from realfake_ray import storage
+from realfake_ray.plots import plot_curves
+
+__all__ = [
+    "T", "RestoreFromDriver", "is_lost_worker", "lost_workers", "fit_with_restarts", "all_reduce_sum",
+    "all_gather_objects", "write_metrics", "read_metrics", "write_curves",
+]
 
 T = TypeVar("T")
 
@@ -115,7 +121,6 @@ def read_metrics(url: str) -> list[dict]:
 
 def write_curves(url: str, rows: list[dict], x: str, keys: list[str], title: str, logy: bool = False) -> str:
     """A PNG of ``keys`` over ``x`` from metric rows, written to ``url``."""
-    from realfake_ray.plots import plot_curves
 
     with storage.written_from_local(url) as local:
         plot_curves(rows, x, keys, local, title=title, logy=logy)

@@ -19,6 +19,8 @@ import uuid
 
 import numpy as np
 
+__all__ = ["DATASETS", "materialise"]
+
 DATASETS = ("digits",)
 _VERSION = "v1"
 _SIZE = 32

@@ -23,6 +23,12 @@ from PIL import Image, ImageOps
 
 from realfake_ray import storage
 
+__all__ = [
+    "DEFAULT_EXTENSIONS", "DatasetError", "ImageRecord", "ImageFolderIndex", "load_class_names", "load_captions",
+    "MIN_CAPTION_MATCH", "caption_match_error", "scan_image_folder", "open_rgb", "decode_image", "centre_view",
+    "stem", "squash_view", "GENERATION_VIEWS", "MAX_ASPECT", "full_view", "decode_views",
+]
+
 DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm")
 
 

@@ -19,7 +19,9 @@ import torch.nn.functional as F
 
 from realfake_ray.classifier import resnet_tiny, to_model_input
 from realfake_ray.data.corpus import CLASS_NAMES
+from realfake_ray.models.pretrain import render_corpus
 from realfake_ray.prompts import GENERATION_SUFFIX, build_prompt
+from realfake_ray.sampler import Sampler, SamplerSettings
 from realfake_ray.seeds import derive_seed
 
 __all__ = ["per_class_recognition", "train_corpus_judge", "txt2img_per_class"]
@@ -29,7 +31,6 @@ def train_corpus_judge(seed: int = 0, images: int = 6000, steps: int = 400, batc
                        start: int = 10_000_000) -> torch.nn.Module:
     """A small ResNet trained on corpus images ``start..start+images`` (far from any pretraining slice):
     the judge of which digit a generated image shows. Deterministic for a seed."""
-    from realfake_ray.models.pretrain import render_corpus
 
     pixels, labels, _ = render_corpus(seed, start, start + images)
     torch.manual_seed(derive_seed(seed, "judge") % 2**63)
@@ -59,7 +60,6 @@ def per_class_recognition(judge: torch.nn.Module, images: np.ndarray, labels: np
 
 def txt2img_per_class(pipe, per_class: int = 10, steps: int = 20, guidance_scale: float = 2.0, seed: int = 0) -> np.ndarray:
     """``per_class`` txt2img samples of "photo of digit k, best quality" for k = 0..9, class-major, uint8 NHWC."""
-    from realfake_ray.sampler import Sampler, SamplerSettings
 
     sampler = Sampler(pipe, SamplerSettings(mode="txt2img", steps=steps, guidance_scale=guidance_scale))
     prompts = [build_prompt(name, "", GENERATION_SUFFIX) for name in CLASS_NAMES for _ in range(per_class)]

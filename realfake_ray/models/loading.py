@@ -25,6 +25,14 @@ import uuid
 from urllib.parse import urlparse
 
 from realfake_ray import storage
+from realfake_ray.guidance import check_guidance_width
+
+__all__ = [
+    "PRESET_PREFIX", "PRESETS", "TINY_BASE_DIR", "ModelLoadError", "shipped_base_digest", "write_fp32_copy",
+    "materialise_preset", "hub_reachable", "hub_snapshot", "resolve_model_dir", "read_component_config",
+    "has_component", "clip_vision_dir", "guidance_widths", "check_models", "weights_sha256", "load_vae",
+    "load_clip_vision", "load_pipeline",
+]
 
 PRESET_PREFIX = "preset:"
 PRESETS = ("tiny",)
@@ -198,7 +206,6 @@ def guidance_widths(model_dir: str, clip_dir: str) -> tuple[int, int]:
 
 def check_models(model_dir: str, clip_dir: str) -> dict:
     """Validate a pipeline + CLIP pair before work starts; returns a small identity record."""
-    from realfake_ray.guidance import check_guidance_width
 
     for component in ("vae", "unet", "text_encoder"):
         read_component_config(model_dir, component)

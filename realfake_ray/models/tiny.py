@@ -25,6 +25,11 @@ import re
 
 import torch
 
+__all__ = [
+    "TINY_RESOLUTION", "TINY_SEED", "TINY_WIDTH", "build_tiny_tokenizer", "build_random_tiny_pipeline",
+    "save_random_tiny_pipeline",
+]
+
 TINY_RESOLUTION = 32
 TINY_SEED = 0
 TINY_WIDTH = 64  # text hidden size == CLIP projection width (768 in SD v1.5)
