@@ -136,7 +136,6 @@ def run_bench_sampler(
     """
     import torch
 
-
     iters, warmup = 3 if iters is None else iters, 1 if warmup is None else warmup
     if iters < 1 or warmup < 0:
         raise ConfigError(f"--iters must be >= 1 and --warmup >= 0 (got {iters}, {warmup})")

@@ -194,7 +194,6 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "verbose", None):  # before the libraries are imported: they read it once
         import os
 
-
         for key, value in QUIET_ENV.items():
             os.environ.setdefault(key, value)
         quiet_libraries()

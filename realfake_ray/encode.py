@@ -187,7 +187,6 @@ class Captioner:
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-
         model_dir = loading.resolve_model_dir(cfg.encode.captioner, None, cfg.model.hub_timeout_s)
         self.device = torch_device()
         dtype = torch.float16 if self.device.type == "cuda" else torch.float32
@@ -215,7 +214,6 @@ def write_bank_batch(batch: pa.Table, out: str) -> dict[str, np.ndarray]:
     """Writer task: one part file per split present in the batch (bank rows and skipped rows)."""
     import pyarrow.compute as pc
 
-
     written = []
     for split in SPLITS:
         rows = batch.filter(pc.equal(batch["split"], split))
@@ -241,7 +239,6 @@ def write_bank_batch(batch: pa.Table, out: str) -> dict[str, np.ndarray]:
 def build_pipeline(rows: list[dict], cfg: RunConfig, multiple: int = 8):
     """The Ray Data plan for ``rows`` (not executed); ``multiple``: pixels per latent cell."""
     import ray.data
-
 
     enc = cfg.encode
     blocks = max(1, min(len(rows) // max(enc.batch_size, 1), 200))

@@ -81,7 +81,6 @@ def load_classifier(url: str):
     """``(model in eval mode, info)`` from a :func:`save_classifier` file at any URL."""
     from safetensors.torch import load
 
-
     if not storage.exists(url):
         raise FileNotFoundError(f"no trained classifier at {url} (run `realfake train` first)")
     data = storage.read_bytes(url)
@@ -98,7 +97,6 @@ class ClassifierActor:
     def __init__(self, url: str, subsets: list[list[int] | None]):
         import torch
 
-
         model, self.info = load_classifier(url)
         self.device = torch_device()
         self.model = model.to(self.device)
@@ -107,7 +105,6 @@ class ClassifierActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
-
 
         keys = ("correct1", "correct5", "count", "k", "per_class_correct", "per_class_count")
         out: dict[str, list] = {k: [] for k in ("set_idx", *keys)}
@@ -194,7 +191,6 @@ def evaluate_sets(cfg: RunConfig, url: str, names: list[str], rows: list[dict], 
 def _bank_embeddings(out: str) -> tuple[np.ndarray, np.ndarray]:
     """The bank's real train CLIP embeddings (float32 ``[N, D]``) and labels."""
     import pyarrow as pa
-
 
     table = read_parts(RunLayout(out).bank_dir("train"), ["label", "clip_embed"])
     column = table.column("clip_embed").combine_chunks()

@@ -80,7 +80,6 @@ def build_pipeline(cfg: RunConfig, plan: GeneratePlan, class_means: np.ndarray |
     """The Ray Data plan for ``plan.units`` (not executed)."""
     import ray.data
 
-
     g = cfg.generate
     spec = {
         "lora_url": plan.lora_url,
@@ -132,7 +131,6 @@ def _execute(cfg: RunConfig, plan: GeneratePlan) -> dict:
     import sys
 
     from tqdm.auto import tqdm
-
 
     ds = build_pipeline(cfg, plan, _class_means(cfg, plan))
     written = failed = 0

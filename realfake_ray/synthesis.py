@@ -105,7 +105,6 @@ class SynthesisActor:
     def __init__(self, cfg: RunConfig, spec: dict):
         import torch
 
-
         quiet_libraries()  # no per-component loading bars or LoRA-prefix notices, one set per actor
         device = torch_device().type
         model_dir = loading.resolve_model_dir(cfg.model.pretrained, cfg.model.revision, cfg.model.hub_timeout_s)

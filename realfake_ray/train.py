@@ -293,7 +293,6 @@ def _build_training(cfg: RunConfig, num_classes: int, total_steps: int, warmup: 
     import ray.train.torch
     import torch
 
-
     t = cfg.train
     torch.manual_seed(cfg.seed)  # the same initial weights on every worker
     model = ray.train.torch.prepare_model(build_classifier(t.arch, num_classes, t.zero_init_residual))
@@ -311,7 +310,6 @@ def train_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
     import torch
-
 
     cfg, plan = RunConfig.model_validate(config["cfg"]), config["plan"]
     quiet_train_worker(cfg.ray.verbose)
@@ -377,7 +375,6 @@ def _warn_if_no_cpu_for_data(cfg: RunConfig) -> None:
 def _trainer(plan: TrainPlan, cfg: RunConfig, first_epoch: int, resume_dir: str | None):
     import ray.train
     from ray.train.torch import TorchTrainer
-
 
     t = cfg.train
     _warn_if_no_cpu_for_data(cfg)
