@@ -20,7 +20,7 @@ Example:
 
 from __future__ import annotations
 
-import collections
+import json
 import re
 
 import torch
@@ -59,29 +59,19 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def _learn_merges(words: list[str], num_merges: int) -> list[tuple[str, str]]:
-    """Plain BPE: repeatedly merge the most frequent adjacent symbol pair (ties broken by the pair)."""
-    byte_map = _bytes_to_unicode()
-    seqs = []
-    for w in words:
-        symbols = [byte_map[b] for b in w.encode("utf-8")]
-        symbols[-1] += "</w>"
-        seqs.append(symbols)
-    merges: list[tuple[str, str]] = []
-    for _ in range(num_merges):
-        counts: collections.Counter = collections.Counter()
-        for s in seqs:
-            counts.update(zip(s, s[1:]))
-        if not counts:
-            break
-        pair = min(counts, key=lambda p: (-counts[p], p))
-        merges.append(pair)
-        for s in seqs:
-            i = 0
-            while i < len(s) - 1:
-                if (s[i], s[i + 1]) == pair:
-                    s[i : i + 2] = [s[i] + s[i + 1]]
-                i += 1
-    return merges
+    """BPE merges (CLIP style: ``</w>`` marks a word's end) learned by ``tokenizers``' trainer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    byte_chars = list(_bytes_to_unicode().values())
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(
+        vocab_size=2 * len(byte_chars) + num_merges, initial_alphabet=byte_chars, end_of_word_suffix="</w>",
+        show_progress=False,
+    )
+    bpe.train_from_iterator([" ".join(words)], trainer)
+    merges = json.loads(bpe.to_str())["model"]["merges"]
+    return [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in merges][:num_merges]
 
 
 def build_tiny_tokenizer():
