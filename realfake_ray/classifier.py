@@ -245,20 +245,6 @@ def build_optimizer(
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
 
 
-def _lr_factor(
-    step: int, schedule: str, total_steps: int, warmup_steps: int, milestones: Sequence[int], gamma: float,
-    warmup_start: float,
-) -> float:
-    """Multiplier of the base lr at ``step``: during warm-up a line from ``warmup_start`` to 1, then cosine
-    to 0 or multistep decay."""
-    if step < warmup_steps:
-        return warmup_start + (1.0 - warmup_start) * step / warmup_steps
-    if schedule == "cosine":
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    return gamma ** sum(step >= m for m in milestones)
-
-
 def build_scheduler(
     optimizer: torch.optim.Optimizer,
     schedule: str,
@@ -267,8 +253,8 @@ def build_scheduler(
     milestones: list[int] | None = None,
     gamma: float = 0.2,
     warmup_start: float = 0.0,
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step LambdaLR: linear warm-up over ``warmup_steps`` from ``warmup_start`` × lr (the reference:
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-step torch schedule: linear warm-up over ``warmup_steps`` from ``warmup_start`` × lr (the reference:
     1e-5 / 0.1), then ``cosine`` to 0 or ``multistep`` decay.
 
     Multistep ``milestones`` are step indices (default 25/50/75% of ``total_steps``); lr is multiplied by
@@ -288,8 +274,18 @@ def build_scheduler(
         raise ValueError(f"milestones must be sorted non-negative step indices, got {milestones}")
     if not 0.0 <= warmup_start <= 1.0:
         raise ValueError(f"warmup_start must lie in [0, 1], got {warmup_start}")
-    args = (schedule, total_steps, warmup_steps, list(milestones), gamma, warmup_start)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, *args))
+    sched = torch.optim.lr_scheduler
+    decay = (
+        sched.CosineAnnealingLR(optimizer, T_max=max(1, total_steps - warmup_steps))
+        if schedule == "cosine"
+        # counted from the end of warm-up; a milestone inside warm-up applies when it ends
+        else sched.MultiStepLR(optimizer, [max(0, m - warmup_steps) for m in milestones], gamma)
+    )
+    if warmup_steps == 0:
+        return decay
+    # LinearLR needs a factor > 0: a warm-up "from 0" starts at 1e-12 × lr
+    ramp = sched.LinearLR(optimizer, start_factor=max(warmup_start, 1e-12), end_factor=1.0, total_iters=warmup_steps)
+    return sched.SequentialLR(optimizer, [ramp, decay], milestones=[warmup_steps])
 
 
 # ------------------------------------------------------------------------------------- train / evaluate

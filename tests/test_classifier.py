@@ -132,7 +132,7 @@ def test_to_model_input_normalises_and_rejects_bad_input() -> None:
 
 
 # --------------------------------------------------------------------------------- optimiser / schedule
-def _lrs(scheduler: torch.optim.lr_scheduler.LambdaLR, steps: int) -> list[float]:
+def _lrs(scheduler: torch.optim.lr_scheduler.LRScheduler, steps: int) -> list[float]:
     out = []
     for _ in range(steps):
         out.append(scheduler.get_last_lr()[0])
@@ -186,6 +186,41 @@ def test_warmup_starts_at_the_reference_lr() -> None:
     lrs = _lrs(build_scheduler(opt, "multistep", total_steps=200, warmup_steps=5, warmup_start=1e-5 / 0.1), 8)
     assert lrs[0] == pytest.approx(1e-5) and lrs[5] == pytest.approx(0.1)
     assert lrs[1] == pytest.approx(1e-5 + (0.1 - 1e-5) / 5)
+
+
+def _closed_form(step, schedule, total, warmup, milestones, gamma, start) -> float:
+    if step < warmup:
+        return start + (1.0 - start) * step / warmup
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    return gamma ** sum(step >= m for m in milestones)
+
+
+@pytest.mark.parametrize("schedule,warmup,milestones,start", [
+    ("cosine", 0, None, 0.0), ("cosine", 7, None, 1e-4), ("multistep", 0, [10, 20], 0.0),
+    ("multistep", 5, [3, 30, 31], 0.0),  # a milestone inside warm-up applies when warm-up ends
+])
+def test_torch_schedules_follow_the_closed_form(schedule, warmup, milestones, start) -> None:
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    lrs = _lrs(build_scheduler(opt, schedule, 40, warmup, milestones, 0.5, start), 41)
+    expected = [_closed_form(i, schedule, 40, warmup, milestones or [10, 20, 30], 0.5, start) for i in range(41)]
+    assert lrs == pytest.approx(expected, abs=1e-9)
+
+
+def test_a_restored_schedule_continues_where_it_stopped() -> None:
+    def fresh():
+        opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+        return opt, build_scheduler(opt, "multistep", 40, 5, [10, 20], 0.5, 1e-3)
+
+    opt, sched = fresh()
+    for _ in range(12):
+        opt.step()
+        sched.step()
+    state = sched.state_dict()
+    opt2, sched2 = fresh()
+    sched2.load_state_dict(state)
+    opt2.param_groups[0]["lr"] = sched2.get_last_lr()[0]
+    assert _lrs(sched2, 10) == pytest.approx(_lrs(sched, 10))
 
 
 def test_scheduler_rejects_unknown_schedule() -> None:
