@@ -199,7 +199,6 @@ def main(argv: list[str] | None = None) -> int:
         quiet_libraries()
     try:
         if args.command == "preset":
-
             print(write_fp32_copy(materialise_preset(args.name), args.out))
         elif args.command == "pretrain-base":
             _pretrain_base(args)

@@ -118,7 +118,6 @@ def check_model_and_bank(cfg: RunConfig, meta: dict, files: list[str], model_dir
             "written before random crops of the whole image were stored): re-encode it into a new --out"
         )
     if cfg.finetune.guidance != "none":
-
         check_guidance_width(int(text["hidden_size"]), _tensor_shape(files, "clip_embed")[0])
     sched = _read_scheduler_config(model_dir)
     prediction_type = sched.get("prediction_type", "epsilon")

@@ -86,6 +86,7 @@ def build_pipeline(cfg: RunConfig, plan: GeneratePlan, class_means: np.ndarray |
         "lora_sha256": plan.lora_sha256,
         "latent_shape": plan.meta["latent_shape"],
         "class_means": class_means,
+        "fail_copy": fault_at("generate.sampler_error"),
     }
     ds = ray.data.from_items(plan.units, override_num_blocks=max(1, min(len(plan.units), 20000)))
     load_kwargs = {"seed": cfg.seed, "batch_size": g.batch_size, "mode": g.mode, "guidance": g.guidance,
@@ -197,7 +198,6 @@ def run_generate(cfg: RunConfig) -> dict:
     result = {"written": 0, "failed": 0, "errors": [], "seconds": 0.0, "sampler_s": 0.0}
     gpus = None
     if plan.units:
-
         storage.write_json(RunLayout(cfg.out).synthetic_dir("_settings.json"), plan.settings)
         init_ray(cfg.ray)
         gpus = gpus_per_actor(cfg.generate.actors)

@@ -120,6 +120,7 @@ class SynthesisActor:
         self.guidance = cfg.generate.guidance
         means = spec.get("class_means")
         self.class_means = torch.from_numpy(np.asarray(means, dtype=np.float32)) if means is not None else None
+        self.fail_copy = spec.get("fail_copy")  # tests only: _internal.faults generate.sampler_error
         self.lock = threading.Lock()  # the Sampler's scheduler is stateful: one call at a time, even if Ray
         # Data is configured to run several actor calls concurrently
 
@@ -141,6 +142,8 @@ class SynthesisActor:
     def _generate(self, row: dict) -> tuple[np.ndarray, str]:
         n = len(row["image_id"])
         try:
+            if row["copy_idx"] == self.fail_copy:
+                raise RuntimeError(f"injected sampler error (REALFAKE_FAULT=generate.sampler_error:{self.fail_copy})")
             with self.lock:
                 return self.sampler(**self._inputs(row)), ""
         except Exception as exc:  # reported per image; the keys stay missing and a rerun retries them

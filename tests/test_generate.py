@@ -35,7 +35,7 @@ from realfake_ray.generate_plan import (
 from realfake_ray.layout import RunLayout
 from realfake_ray.lora import add_lora, save_lora
 from realfake_ray.models.loading import load_pipeline, read_component_config, resolve_model_dir
-from realfake_ray.synthesis import encode_jpeg
+from realfake_ray.synthesis import encode_jpeg, write_images, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["generate.steps=4", "generate.batch_size=8", "generate.rows_per_manifest_file=16"]
@@ -92,6 +92,44 @@ def test_jpeg_encoding_and_storage_resize():
     assert Image.open(io.BytesIO(encode_jpeg(image, 90))).size == (48, 32)
     assert Image.open(io.BytesIO(encode_jpeg(image, 90, storage_size=16))).size == (24, 16)
     assert encode_jpeg(image, 90) == encode_jpeg(image, 90)
+
+
+def _generated_batch(n: int, copy_idx: int = 0, error: str = "") -> dict[str, np.ndarray]:
+    """What the generate actor hands the writers: n images with their keys."""
+    ids = [f"img{i}" for i in range(n)]
+    return {
+        "path": np.array([f"0/{i}__c{copy_idx}.jpg" for i in ids], dtype=object),
+        "image_id": np.array(ids, dtype=object), "label": np.zeros(n, np.int64),
+        "class_dir": np.array(["0"] * n, dtype=object), "copy_idx": np.full(n, copy_idx, np.int64),
+        "seed": np.arange(n, dtype=np.int64), "prompt": np.array(["photo of digit zero"] * n, dtype=object),
+        "error": np.array([error] * n, dtype=object), "sampler_s": np.full(n, 0.1),
+        "image": np.zeros((n, 8, 8, 3), np.uint8),
+    }
+
+
+def test_a_failed_write_or_batch_gets_no_manifest_row_so_a_rerun_retries_it(tmp_path, monkeypatch):
+    root, manifest = str(tmp_path / "images"), str(tmp_path / "manifest")
+    write_bytes = storage.write_bytes
+
+    def flaky(url, data):
+        if url.endswith("img1__c0.jpg"):
+            raise OSError("connection reset")
+        write_bytes(url, data)
+
+    monkeypatch.setattr(storage, "write_bytes", flaky)
+    written = write_images(_generated_batch(3), root=root, quality=90, storage_size=None)
+    assert "image" not in written and written["error"].tolist() == ["", "write 0/img1__c0.jpg: OSError: connection reset", ""]
+    assert sorted(os.listdir(tmp_path / "images" / "0")) == ["img0__c0.jpg", "img2__c0.jpg"]
+    failed_batch = write_images(_generated_batch(2, 1, "RuntimeError: CUDA out of memory"), root=root, quality=90,
+                                storage_size=None)  # the actor's failure: nothing written
+    assert sorted(os.listdir(tmp_path / "images" / "0")) == ["img0__c0.jpg", "img2__c0.jpg"]
+    constants = {"mode": "img2img", "guidance": "image", "strength": 0.75, "steps": 4, "scheduler": "unipc",
+                 "guidance_scale": 2.0, "lora_scale": 0.5, "lora_sha256": "ab"}
+    counts = [write_manifest(pa.table(batch), directory=manifest, constants=constants) for batch in (written, failed_batch)]
+    assert [(c["written"][0], c["failed"][0]) for c in counts] == [(2, 1), (0, 2)]
+    assert counts[1]["error"][0] == "RuntimeError: CUDA out of memory"
+    rows = read_parts(manifest).to_pylist()
+    assert sorted((r["image_id"], r["copy_idx"]) for r in rows) == [("img0", 0), ("img2", 0)]
 
 
 def test_planner_covers_exactly_the_missing_keys(tmp_path):
@@ -252,6 +290,24 @@ def test_raising_mult_adds_only_the_new_copy(run_a, bank):
     again = run_generate(_cfg(out, "generate.mult=3"))
     # Nothing to do: the stored record of the run that generated copy 2 comes back (its measured rate stays).
     assert again["skipped"] and again["count"] == 90 and again["generated_now"] == 30 and again["images_per_s"] > 0
+
+
+@pytest.mark.e2e
+def test_failed_batches_are_counted_then_a_rerun_generates_only_them(bank, tmp_path_factory, monkeypatch):
+    """Every batch of copy 1 raises in the actor (fault injection): the run completes copy 0, counts copy 1 as
+    failed, writes no file or manifest row for it and is not complete; the rerun generates exactly copy 1."""
+    out = _new_run(bank, tmp_path_factory, "gen-failures")
+    monkeypatch.setenv("REALFAKE_FAULT", "generate.sampler_error:1")
+    with pytest.raises(RuntimeError, match=r"30 of 60 images failed \(first error: RuntimeError: injected sampler"):
+        run_generate(_cfg(out, "generate.mult=2"))
+    first = storage.read_json(RunLayout(str(out)).synthetic_dir("_summary.json"))
+    assert (first["generated_now"], first["failed"], first["count"], first["complete"]) == (30, 30, 30, False)
+    assert {r["copy_idx"] for r in _manifest(out).to_pylist()} == {0}
+    assert not [p for p in _files(out) if p.endswith("__c1.jpg")]
+    monkeypatch.delenv("REALFAKE_FAULT")
+    second = run_generate(_cfg(out, "generate.mult=2"))
+    assert (second["generated_now"], second["already_present"], second["failed"], second["complete"]) == (30, 30, 0, True)
+    _check_set(out, bank, 2)
 
 
 @pytest.mark.e2e

@@ -10,6 +10,8 @@ Points:
   node while it is known to be there; a run restored from that checkpoint never reaches it again.
 - ``generate.manifest_part:<n>`` — the writer task that finds ``n`` manifest parts written kills the driver
   (tasks already running may add a few parts before Ray reaps them).
+- ``generate.sampler_error:<copy>`` — the generate actor's sampler raises on every batch of copy ``<copy>``
+  (as a CUDA OOM would), so those images are failed rows that a rerun retries.
 
 Unset (production), every check is one environment lookup.
 
@@ -31,7 +33,8 @@ from typing import NoReturn
 __all__ = ["ENV", "POINTS", "fault_at", "kill_driver", "hold"]
 
 ENV = "REALFAKE_FAULT"
-POINTS = ("finetune.checkpoint", "finetune.checkpoint_hold", "train.checkpoint_hold", "generate.manifest_part")
+POINTS = ("finetune.checkpoint", "finetune.checkpoint_hold", "train.checkpoint_hold", "generate.manifest_part",
+          "generate.sampler_error")
 
 
 def fault_at(point: str, environ: Mapping[str, str] | None = None) -> int | None:
