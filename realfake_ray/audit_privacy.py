@@ -66,7 +66,6 @@ def _images(urls: list[str]) -> list[np.ndarray]:
 
 
 def _real_train_images(cfg: RunConfig, meta: dict, image_ids: list[str]) -> np.ndarray:
-
     index = scan_image_folder(cfg.require_data().train, classes_file=cfg.data.classes_file,
                               extensions=cfg.data.extensions, class_dirs=meta["class_dirs"])
     urls = {r.image_id: r.url for r in index.records}
@@ -81,7 +80,6 @@ def _real_train_images(cfg: RunConfig, meta: dict, image_ids: list[str]) -> np.n
 
 
 def _val(cfg: RunConfig, meta: dict) -> tuple[list[np.ndarray], np.ndarray]:
-
     if not cfg.data.val:
         raise ConfigError("audit-privacy reports each arm's val accuracy: set data.val")
     _, rows = real_rows(cfg.data.val, cfg, meta["class_dirs"])

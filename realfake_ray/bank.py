@@ -10,12 +10,13 @@ Example:
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 
 from realfake_ray import storage
 from realfake_ray._internal.shards import part_files, tensor_column
 from realfake_ray.layout import RunLayout
 
-__all__ = ["read_meta", "read_bank", "tensor_shape", "class_mean_embeddings"]
+__all__ = ["read_meta", "read_bank", "tensor_shape", "class_mean_embeddings", "with_arrow_tensors"]
 
 
 def read_meta(out: str) -> dict | None:
@@ -38,16 +39,36 @@ def read_bank(out: str) -> tuple[dict, list[str]]:
     return meta, files
 
 
+def with_arrow_tensors(table: pa.Table) -> pa.Table:
+    """``table`` with every fixed-shape tensor column (Ray Data's tensor extension) stored as Arrow's own
+    ``arrow.fixed_shape_tensor``, so that any Parquet reader gets each row's shape, Ray imported or not.
+
+    Example:
+        >>> t = with_arrow_tensors(pa.table({"x": pa.FixedShapeTensorArray.from_numpy_ndarray(np.zeros((2, 3, 4)))}))
+        >>> t.schema.field("x").type.shape
+        [3, 4]
+    """
+    for i, field in enumerate(table.schema):
+        shape = getattr(field.type, "shape", None)
+        if shape is None or isinstance(field.type, pa.FixedShapeTensorType):
+            continue
+        values = tensor_column(table, field.name, field.type.storage_type.value_type.to_pandas_dtype())
+        tensors = pa.FixedShapeTensorArray.from_numpy_ndarray(values.reshape(table.num_rows, *shape))
+        table = table.set_column(i, field.name, tensors)
+    return table
+
+
 def tensor_shape(file_url: str, column: str) -> list[int] | None:
-    """Shape of one row of a tensor column, from the Parquet schema of ``file_url`` (no data read): Ray's
-    tensor extension type, registered or not; None when the column is not a tensor column."""
+    """Shape of one row of a tensor column, from the Parquet schema of ``file_url`` (no data read); None when
+    the column is not a tensor column. Arrow's ``fixed_shape_tensor``, or Ray's tensor extension (banks
+    written before this version), registered or not."""
     import json
 
     import pyarrow.parquet as pq
 
     with storage.open_file(file_url) as f:
         field = pq.read_schema(f).field(column)
-    if getattr(field.type, "shape", None) is not None:  # Ray's extension type is registered (Ray imported)
+    if getattr(field.type, "shape", None) is not None:  # Arrow's type, or Ray's registered (Ray imported)
         return [int(d) for d in field.type.shape]
     raw = (field.metadata or {}).get(b"ARROW:extension:metadata")
     return [int(d) for d in json.loads(raw)] if raw else None

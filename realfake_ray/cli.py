@@ -168,7 +168,6 @@ def config_from_args(args: argparse.Namespace, stage: Stage) -> RunConfig:
 
 
 def _run_stage(name: str, args: argparse.Namespace) -> None:
-
     stage = STAGES[name]
     cfg = config_from_args(args, stage)
     if args.print_config:
@@ -183,7 +182,6 @@ def _run_stage(name: str, args: argparse.Namespace) -> None:
 
 
 def _pretrain_base(args: argparse.Namespace) -> None:
-
     given = {k: getattr(args, k) for k in ("corpus_size", "vae_steps", "clip_steps", "unet_steps")}
     record = pretrain_base(args.out, PretrainConfig(seed=args.seed, **{k: v for k, v in given.items() if v is not None}))
     print(f"wrote {args.out} in {record['wall_seconds'] / 60:.1f} min; use it with --set model.pretrained={args.out}")

@@ -21,7 +21,7 @@ import pyarrow as pa
 from realfake_ray import storage
 from realfake_ray._internal.cluster import actor_pool_kwargs, init_ray
 from realfake_ray._internal.shards import existing_keys, read_parts, write_part
-from realfake_ray.bank import read_meta
+from realfake_ray.bank import read_meta, with_arrow_tensors
 from realfake_ray.config import RunConfig
 from realfake_ray.data.imagefolder import ImageFolderIndex, decode_views, scan_image_folder
 from realfake_ray.devices import torch_device
@@ -91,7 +91,6 @@ def _pending_rows(index: ImageFolderIndex, split: str, out: str) -> list[dict]:
 
 
 def _keys(directory: str) -> set[tuple]:
-
     return existing_keys(directory, ["image_id"])
 
 
@@ -222,7 +221,7 @@ def write_bank_batch(batch: pa.Table, out: str) -> dict[str, np.ndarray]:
         ok = pc.equal(rows["error"], "")
         good, bad = rows.filter(ok), rows.filter(pc.invert(ok))
         if good.num_rows:
-            write_part(RunLayout(out).bank_dir(split), good.select(list(BANK_COLUMNS)))
+            write_part(RunLayout(out).bank_dir(split), with_arrow_tensors(good.select(list(BANK_COLUMNS))))
         if bad.num_rows:
             write_part(RunLayout(out).skipped_dir(split), bad.select(["image_id", "url", "error"]))
         written.append((split, good.num_rows, bad.num_rows))
@@ -260,7 +259,6 @@ def build_pipeline(rows: list[dict], cfg: RunConfig, multiple: int = 8):
 
 
 def _split_summary(out: str, split: str) -> dict:
-
     skipped = read_parts(RunLayout(out).skipped_dir(split), ["image_id", "error"])
     skipped_rows = skipped.to_pylist() if skipped is not None else []
     return {"rows": len(_keys(RunLayout(out).bank_dir(split))), "skipped": len(skipped_rows), "skipped_files": skipped_rows}

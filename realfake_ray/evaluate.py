@@ -230,7 +230,6 @@ def distribution_metrics(cfg: RunConfig, meta: dict, synth: list[dict], class_di
 
 # ------------------------------------------------------------------------------------ reports
 def _markdown(report: dict) -> str:
-
     sets = report["sets"]
     lines = [f"# Classifier evaluation\n\nsource: `{report['source']}`, arch: `{report['arch']}`, "
              f"{report['num_classes']} classes, {report['image_size']} px\n", "## Accuracy\n"]

@@ -108,7 +108,6 @@ class BankCollate(NumpyBatchCollateFn):
         self.tokenizer, self.size, self.seed, self.epoch, self.channels = tokenizer, size, seed, epoch, channels
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-
         prompts = [build_prompt(str(name), str(caption or "")) for name, caption in zip(batch["class_name"], batch["caption"])]
         crops = [
             random_latent_crop(m, s, (self.channels, int(h), int(w)), self.size,
@@ -294,7 +293,6 @@ def _write_outputs(out: str, history: list[dict]) -> None:
 
 
 def _use_gpu(ft: FinetuneConfig) -> bool:
-
     return cluster_gpus() > 0 if ft.use_gpu == "auto" else bool(ft.use_gpu)
 
 

@@ -46,7 +46,6 @@ def _stage_times(cfg: RunConfig, summary: dict) -> dict:
 
 
 def _thumbnail(url: str, size: int) -> np.ndarray:
-
     return decode_image(storage.read_bytes(url), size)[0]
 
 

@@ -4,6 +4,8 @@ import io
 import json
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from conftest import forbid_ray_work
 from PIL import Image
@@ -29,6 +31,10 @@ def test_one_row_per_readable_image_with_shapes_and_dtypes(tiny_bank):
     assert meta["class_names"][0] == "digit zero"
     table = _bank_table(tiny_bank, "train")
     assert table.num_rows == 1437 and len(set(table["image_id"].to_pylist())) == 1437
+    # Arrow's own tensor type: any Parquet reader gets each row's shape, with or without Ray
+    schema = pq.read_schema(part_files(RunLayout(tiny_bank).bank_dir("train"))[0])
+    for column, shape in (("latent_mean", [4, 8, 8]), ("latent_std", [4, 8, 8]), ("clip_embed", [64])):
+        assert isinstance(schema.field(column).type, pa.FixedShapeTensorType) and schema.field(column).type.shape == shape
     import ray.data
 
     batch = ray.data.read_parquet(RunLayout(tiny_bank).bank_dir("train")).take_batch(8)
