@@ -34,6 +34,7 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
 from torchvision.models.resnet import BasicBlock
 from torchvision.transforms.v2 import functional as TF
 
@@ -376,9 +377,8 @@ def evaluate_batches(
     model.eval()
     subset = None if class_subset is None else torch.as_tensor(class_subset, dtype=torch.long, device=device)
     k = min(5, num_classes if subset is None else len(subset))
-    correct1 = correctk = count = 0
-    pc_correct = torch.zeros(num_classes, dtype=torch.long, device=device)
-    pc_count = torch.zeros_like(pc_correct)
+    # per-class hit counts (tp) and misses (fn) at top-1 and top-k; summing them gives the overall counts
+    top1, topk = (MulticlassAccuracy(num_classes, top_k=n, average=None).to(device) for n in (1, k))
     for images, labels in batches:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with _autocast(device, autocast_dtype):
@@ -387,16 +387,13 @@ def evaluate_batches(
             if not torch.isin(labels, subset).all():
                 bad = labels[~torch.isin(labels, subset)].unique().tolist()
                 raise ValueError(f"labels {bad[:10]} are not in class_subset")
-            logits = logits[:, subset]
-        topk = logits.topk(k, dim=1).indices
-        if subset is not None:
-            topk = subset[topk]
-        hit1 = topk[:, 0] == labels
-        correct1 += int(hit1.sum())
-        correctk += int((topk == labels[:, None]).any(1).sum())
-        count += len(labels)
-        pc_count += torch.bincount(labels, minlength=num_classes)
-        pc_correct += torch.bincount(labels[hit1], minlength=num_classes)
+            outside = torch.ones(num_classes, dtype=torch.bool, device=device)
+            outside[subset] = False
+            logits = logits.masked_fill(outside, float("-inf"))  # predictions only among the subset
+        top1.update(logits, labels)
+        topk.update(logits, labels)
+    pc_correct, pc_count = top1.tp, top1.tp + top1.fn
+    correct1, correctk, count = int(pc_correct.sum()), int(topk.tp.sum()), int(pc_count.sum())
     return _finalize(correct1, correctk, count, k, pc_correct.tolist(), pc_count.tolist())
 
 
