@@ -280,6 +280,7 @@ def test_arrow_filesystem_wraps_remote_urls_only(tmp_path):
 
 
 @pytest.mark.e2e
+@pytest.mark.cluster_sim  # `make test-cluster`; in CI, test_trainer.py tests the restart logic without nodes
 def test_losing_the_node_of_the_training_worker_restarts_from_its_checkpoint(tiny_bank, tmp_path_factory):
     """A head and three 1-CPU workers; the worker holds after its checkpoint at step 4 and its node is
     removed. The driver restarts the run from that checkpoint (one restart) and it ends at step 8 with a

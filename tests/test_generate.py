@@ -400,6 +400,7 @@ def test_killed_driver_then_rerun_leaves_no_gap_and_no_duplicate(bank, tmp_path_
 
 
 @pytest.mark.e2e
+@pytest.mark.cluster_sim  # `make test-cluster` (a 4-node simulated cluster: ~100 s, too much for CI's 20 minutes)
 def test_losing_a_node_that_hosts_a_generate_actor_loses_and_duplicates_nothing(bank, tmp_path_factory):
     """A cluster of a head and two 1-CPU workers; once 3 manifest parts exist, the worker hosting a
     SynthesisActor is removed (its raylet, actors and objects gone). The stage still completes with one

@@ -184,7 +184,7 @@ def real_run(ray_cluster, tmp_path_factory):
 
 
 @pytest.mark.e2e
-@pytest.mark.cluster_sim  # `make test-cluster`: CI's 20 minutes have no room (the finetune node-loss test covers the mechanism)
+@pytest.mark.cluster_sim  # `make test-cluster`: CI's 20 minutes have no room (test_trainer.py tests the restart logic)
 def test_losing_the_node_of_the_training_worker_restarts_from_its_epoch_checkpoint(tiny_bank, tmp_path_factory):
     """A head and three 1-CPU workers; the worker holds after its epoch-0 checkpoint and its node is removed.
     The driver restarts the run from that checkpoint (one restart) and it trains epoch 1 only, ending at 2
