@@ -123,15 +123,10 @@ def summary_class_dirs(cfg) -> list[str]:
 
 
 def _val_embeddings(bank: Path):
-    import numpy as np
-
-    from realfake_ray._internal.shards import read_parts
+    from realfake_ray._internal.shards import read_parts, tensor_column
     from realfake_ray.layout import RunLayout
 
-    table = read_parts(RunLayout(str(bank)).bank_dir("val"), ["clip_embed"])
-    column = table.column("clip_embed").combine_chunks()
-    column = getattr(column, "storage", column)
-    return column.flatten().to_numpy(zero_copy_only=False).reshape(table.num_rows, -1).astype(np.float32)
+    return tensor_column(read_parts(RunLayout(str(bank)).bank_dir("val"), ["clip_embed"]), "clip_embed")
 
 
 def run_row(root: Path, bank: Path, variant: dict, seed: int, data: dict | None, val_embeddings) -> dict:

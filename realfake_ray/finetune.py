@@ -44,6 +44,7 @@ from realfake_ray._internal.trainer import (
     all_gather_objects,
     all_reduce_sum,
     fit_with_restarts,
+    ordered_data_config,
     write_curves,
     write_metrics,
 )
@@ -345,14 +346,6 @@ def bank_dataset(files: tuple[str, ...], ft: FinetuneConfig, seed: int, first_ep
     return ds
 
 
-def _ordered_execution():
-    from ray.data import ExecutionOptions
-
-    options = ExecutionOptions()
-    options.preserve_order = True
-    return options
-
-
 def _checkpoint_epoch(checkpoint_dir: str | None, ft: FinetuneConfig, rows: int) -> int:
     """The epoch a resume from ``checkpoint_dir`` continues in (0 without one; see :func:`resume_position`)."""
     if checkpoint_dir is None:
@@ -389,8 +382,7 @@ def _fit(cfg: RunConfig, plan: FinetunePlan):
             logging_config=train_logging(cfg.ray.verbose),
         ),
         datasets={"train": bank_dataset(plan.bank_files, cfg.finetune, cfg.seed, plan.first_epoch)},
-        # A deterministic split of the epoch's permutation between the workers (no locality reordering).
-        dataset_config=train.DataConfig(execution_options={"train": _ordered_execution()}),
+        dataset_config=ordered_data_config("train"),
     )
     return trainer.fit()
 

@@ -185,12 +185,13 @@ def plan_training(cfg: RunConfig) -> TrainPlan:
 def train_dataset(plan: TrainPlan, cfg: RunConfig, first_epoch: int = 0):
     """Per epoch (= per execution): seeded sampling of the mix, seeded global shuffle, then decode and
     augment on CPU tasks. Every random draw is reseeded per execution from seeds derived from the config
-    (and the epoch a resumed run starts at), so a run is reproducible."""
+    and the execution index, which starts at ``first_epoch``: epoch e draws the same sample, order and
+    augmentations whether the run started at epoch 0 or resumed at e (a resumed run equals an uninterrupted one)."""
     from ray.data import RandomSeedConfig
     from ray.data.expressions import random
 
     def seed(tag: int) -> int:
-        return seed_of(cfg.seed, tag, first_epoch)
+        return seed_of(cfg.seed, tag, 0)  # the 0 keeps the seeds (and results) of runs made before resume was exact
 
     parts = []
     for tag, rows, fraction in ((1, plan.real, plan.real_fraction), (2, plan.synthetic, plan.synthetic_fraction)):
@@ -201,7 +202,9 @@ def train_dataset(plan: TrainPlan, cfg: RunConfig, first_epoch: int = 0):
             parts.append(ds if fraction >= 1.0 else ds.random_sample(fraction, seed=sample_seed))
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     shuffled = ds.random_shuffle(seed=RandomSeedConfig(seed=seed(3), reseed_after_execution=True))
-    return decoded_dataset(shuffled, cfg.train.image_size, cfg, view="train")
+    decoded = decoded_dataset(shuffled, cfg.train.image_size, cfg, view="train")
+    decoded.context._execution_idx = first_epoch  # Ray Data reseeds from (seed, execution index)
+    return decoded
 
 
 # ------------------------------------------------------------------------------------------ worker side
@@ -404,6 +407,7 @@ def _trainer(plan: TrainPlan, cfg: RunConfig, first_epoch: int, resume_dir: str 
         ),
         run_config=run_config,
         datasets=datasets,
+        dataset_config=trainer.ordered_data_config("train"),
     )
 
 

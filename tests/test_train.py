@@ -10,6 +10,7 @@ import os
 import shutil
 import time
 
+import numpy as np
 import pyarrow as pa
 import pytest
 from conftest import forbid_ray_work, run_with_node_loss
@@ -21,7 +22,15 @@ from realfake_ray.classifier_data import seed_of, synthetic_rows
 from realfake_ray.config import ConfigError, load_config
 from realfake_ray.data.imagefolder import DatasetError, scan_image_folder, stem
 from realfake_ray.layout import RunLayout
-from realfake_ray.train import epoch_composition, fingerprint, plan_training, read_metrics, run_name, run_train
+from realfake_ray.train import (
+    epoch_composition,
+    fingerprint,
+    plan_training,
+    read_metrics,
+    run_name,
+    run_train,
+    train_dataset,
+)
 
 REAL = "embedded:digits/train"
 
@@ -196,6 +205,29 @@ def test_losing_the_node_of_the_training_worker_restarts_from_its_epoch_checkpoi
     assert found["removed"]["at"] == 0
     assert (found["epochs"], found["restarts"], found["metric_epochs"]) == (2, 1, [0, 1])
     assert found["top1"] > 0.1  # the evaluation ran on the restarted run's model (chance: 0.1)
+
+
+@pytest.mark.e2e
+def test_a_resumed_run_draws_each_epoch_as_an_uninterrupted_run_does(ray_cluster, tmp_path):
+    """Epoch e's sample order and augmentations depend on (seed, e) only: a run resumed at epoch 2 gets the
+    batches an uninterrupted run gets in its third epoch (the benchmark's seed-2 baseline once did not)."""
+    cfg = _cfg(tmp_path, "train.source=real")
+    plan = plan_training(cfg)
+
+    def first_batches(first_epoch: int, epochs: int) -> list[dict]:
+        ds = train_dataset(plan, cfg, first_epoch)
+        ds.context.execution_options.preserve_order = True  # as the trainer runs it (its DataConfig)
+        epochs_seen = []
+        for _ in range(epochs):  # one whole execution per epoch
+            batches = list(ds.iter_batches(batch_size=256))
+            epochs_seen.append({k: np.concatenate([b[k] for b in batches]) for k in ("label", "pixels")})
+        return epochs_seen
+
+    uninterrupted = first_batches(0, 3)
+    assert uninterrupted[0]["label"].tolist() != uninterrupted[1]["label"].tolist() != uninterrupted[2]["label"].tolist()
+    resumed = first_batches(2, 1)[0]
+    assert resumed["label"].tolist() == uninterrupted[2]["label"].tolist()
+    assert np.array_equal(resumed["pixels"], uninterrupted[2]["pixels"])  # the same crops, flips and jitter
 
 
 @pytest.mark.e2e

@@ -31,7 +31,7 @@ from realfake_ray.plots import plot_curves
 
 __all__ = [
     "T", "RestoreFromDriver", "is_lost_worker", "lost_workers", "fit_with_restarts", "all_reduce_sum",
-    "all_gather_objects", "write_metrics", "read_metrics", "write_curves",
+    "all_gather_objects", "write_metrics", "read_metrics", "write_curves", "ordered_data_config",
 ]
 
 T = TypeVar("T")
@@ -125,3 +125,15 @@ def write_curves(url: str, rows: list[dict], x: str, keys: list[str], title: str
     with storage.written_from_local(url) as local:
         plot_curves(rows, x, keys, local, title=title, logy=logy)
     return url
+
+
+def ordered_data_config(dataset: str = "train"):
+    """A Ray Train ``DataConfig`` that keeps ``dataset``'s order: each epoch's seeded permutation is split
+    between the workers the same way every time (no reordering by task completion), so a run is reproducible
+    and a resumed run sees what an uninterrupted one sees."""
+    from ray.data import ExecutionOptions
+    from ray.train import DataConfig
+
+    options = ExecutionOptions()
+    options.preserve_order = True
+    return DataConfig(execution_options={dataset: options})
