@@ -47,12 +47,7 @@ def test_step_target_per_worker_rows_and_too_large_batches():
 
 
 def test_missing_bank_is_a_clear_error_before_any_ray_work(tmp_path, monkeypatch):
-    import realfake_ray._internal.cluster as cluster
-
-    def no_ray(*_args, **_kwargs):
-        raise AssertionError("Ray was started before the input was validated")
-
-    monkeypatch.setattr(cluster, "init_ray", no_ray)
+    forbid_ray_work(monkeypatch)
     with pytest.raises(FileNotFoundError, match=r"run `realfake encode` first"):
         run_finetune(_cfg(str(tmp_path), 2))
 
