@@ -1,7 +1,7 @@
 """Encode stage: fast checks, then end to end on the tiny preset (one shared Ray cluster and encoded bank)."""
 
 import io
-import json
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -119,17 +119,15 @@ def test_each_image_stores_its_generation_view_and_its_whole_fine_tuning_view(ra
 
 
 @pytest.mark.e2e
-def test_bank_from_another_model_is_refused(ray_cluster, tiny_bank, monkeypatch):
-    meta_path = storage.join(RunLayout(tiny_bank).bank_dir(), "_meta.json")
-    original = storage.read_text(meta_path)
-    meta = json.loads(original)
+def test_bank_from_another_model_is_refused(ray_cluster, tiny_bank, tmp_path):
+    out = str(tmp_path / "run")  # a copy: the session's bank stays as it is
+    shutil.copytree(RunLayout(tiny_bank).bank_dir(), RunLayout(out).bank_dir())
+    meta_path = RunLayout(out).meta_url()
+    meta = storage.read_json(meta_path)
     meta["model"]["vae_sha256"] = "0" * 64
     storage.write_json(meta_path, meta)
-    try:
-        with pytest.raises(ValueError, match="another VAE"):
-            run_encode(load_config(preset="tiny", out=tiny_bank))
-    finally:
-        storage.write_text(meta_path, original)
+    with pytest.raises(ValueError, match="another VAE"):
+        run_encode(load_config(preset="tiny", out=out))
 
 
 def test_cut_off_first_run_with_another_model_is_refused(tmp_path, no_ray):
