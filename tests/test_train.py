@@ -22,15 +22,8 @@ from realfake_ray.classifier_data import seed_of, synthetic_rows
 from realfake_ray.config import ConfigError, load_config
 from realfake_ray.data.imagefolder import DatasetError, scan_image_folder, stem
 from realfake_ray.layout import RunLayout
-from realfake_ray.train import (
-    epoch_composition,
-    fingerprint,
-    plan_training,
-    read_metrics,
-    run_name,
-    run_train,
-    train_dataset,
-)
+from realfake_ray.train import read_metrics, run_train, train_dataset
+from realfake_ray.train_plan import apply_budget, epoch_composition, fingerprint, plan_training, run_name
 
 REAL = "embedded:digits/train"
 
@@ -343,7 +336,6 @@ def test_mixed_run(generated):
 
 
 def test_a_budget_gives_every_set_size_the_same_images_and_schedule_shape():
-    from realfake_ray.train import apply_budget
 
     cfg = load_config(preset="tiny")  # the digits-32px recipe: 30 epochs of the 1,437 real train digits
     assert cfg.train.budget_images == 43110 and cfg.train.epochs == 30 and cfg.train.warmup_epochs == 2.0
