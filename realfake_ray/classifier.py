@@ -34,7 +34,6 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
 from torchvision.models.resnet import BasicBlock
 from torchvision.transforms.v2 import functional as TF
 
@@ -373,6 +372,8 @@ def evaluate_batches(
 
         evaluate_batches(model, loader, 1000, class_subset=imagenet_r_indices)["top1"]
     """
+    from torchmetrics.classification import MulticlassAccuracy  # here: importing it loads scipy and pyplot
+
     device = _device(model)
     model.eval()
     subset = None if class_subset is None else torch.as_tensor(class_subset, dtype=torch.long, device=device)

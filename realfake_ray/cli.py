@@ -23,7 +23,7 @@ from realfake_ray import storage
 from realfake_ray._internal.quiet import QUIET_ENV, quiet_libraries
 from realfake_ray.config import ConfigError, RunConfig, dump_config, load_config
 from realfake_ray.models.loading import materialise_preset, write_fp32_copy
-from realfake_ray.models.pretrain import PretrainConfig, pretrain_base
+from realfake_ray.models import pretrain
 
 __all__ = ["main"]
 
@@ -183,7 +183,8 @@ def _run_stage(name: str, args: argparse.Namespace) -> None:
 
 def _pretrain_base(args: argparse.Namespace) -> None:
     given = {k: getattr(args, k) for k in ("corpus_size", "vae_steps", "clip_steps", "unet_steps")}
-    record = pretrain_base(args.out, PretrainConfig(seed=args.seed, **{k: v for k, v in given.items() if v is not None}))
+    steps = {k: v for k, v in given.items() if v is not None}
+    record = pretrain.pretrain_base(args.out, pretrain.PretrainConfig(seed=args.seed, **steps))
     print(f"wrote {args.out} in {record['wall_seconds'] / 60:.1f} min; use it with --set model.pretrained={args.out}")
 
 

@@ -36,7 +36,7 @@ from realfake_ray.classifier import (
     train_step,
 )
 
-__all__ = ["train_quick", "top1", "margins"]
+__all__ = ["train_quick", "top1", "margins", "classifier_accuracy"]
 
 _EVAL_BATCH = 256
 
@@ -93,3 +93,20 @@ def margins(model: torch.nn.Module, images: Sequence[np.ndarray], labels: np.nda
         rest = torch.logsumexp(logp.scatter(1, y[:, None], float("-inf")), dim=1)  # log(1 - p_y), stably
         out.append((true - rest).numpy())
     return np.concatenate(out)
+
+
+def classifier_accuracy(
+    train_images: np.ndarray,
+    train_labels: np.ndarray,
+    val_images: Sequence[np.ndarray],
+    val_labels: np.ndarray,
+    train_cfg,
+    num_classes: int,
+    budget_images: int,
+    seed: int,
+) -> float:
+    """Top-1 on the real val images of a classifier trained from scratch, in this process, on
+    ``train_images`` (uint8 ``[N,H,W,3]``) with the ``train_cfg`` recipe (a :class:`TrainConfig`) for about
+    ``budget_images`` images. One seed for every setting, so settings differ only by their images."""
+    model = train_quick(train_images, train_labels, train_cfg, num_classes, budget_images, seed)
+    return top1(model, val_images, val_labels, train_cfg)

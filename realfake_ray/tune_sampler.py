@@ -44,11 +44,11 @@ from realfake_ray.layout import RunLayout
 from realfake_ray.metrics import set_distances
 from realfake_ray.models import loading
 from realfake_ray.plots import markdown_table, pareto_plot
+from realfake_ray.quick_classifier import classifier_accuracy
 from realfake_ray.seeds import derive_seed
 from realfake_ray.synthesis import generate_in_process
 from realfake_ray.tuning import (
     AXES,
-    classifier_accuracy,
     expand_grid,
     pick_finalists,
     recommend,

@@ -29,13 +29,9 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-
-from realfake_ray.quick_classifier import top1, train_quick
-
 __all__ = [
     "AXES", "expand_grid", "setting_id", "setting_name", "pareto_front", "pick_finalists", "recommend",
-    "recommendation_yaml", "classifier_accuracy",
+    "recommendation_yaml",
 ]
 
 # Generate keys a grid may vary (each is a `generate.<key>`; see GenerateConfig).
@@ -127,21 +123,3 @@ def recommendation_yaml(row: dict, comment: str = "") -> str:
 
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-# ------------------------------------------------------------------------------------ quick classifier
-def classifier_accuracy(
-    train_images: np.ndarray,
-    train_labels: np.ndarray,
-    val_images: Sequence[np.ndarray],
-    val_labels: np.ndarray,
-    train_cfg,
-    num_classes: int,
-    budget_images: int,
-    seed: int,
-) -> float:
-    """Top-1 on the real val images of a classifier trained from scratch, in this process, on
-    ``train_images`` (uint8 ``[N,H,W,3]``) with the ``train_cfg`` recipe (a :class:`TrainConfig`) for about
-    ``budget_images`` images. One seed for every setting, so settings differ only by their images."""
-    model = train_quick(train_images, train_labels, train_cfg, num_classes, budget_images, seed)
-    return top1(model, val_images, val_labels, train_cfg)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 
 import pytest
@@ -70,7 +71,9 @@ def forbid_ray_work(mp: pytest.MonkeyPatch) -> None:
     def boom(*_args, **_kwargs):
         raise AssertionError("Ray work started (expected: an error before any work, or the stored result)")
 
-    mp.setattr("realfake_ray._internal.cluster.init_ray", boom)
+    for name, module in list(sys.modules.items()):  # every module that imported init_ray by name
+        if name.startswith("realfake_ray") and getattr(module, "init_ray", None) is not None:
+            mp.setattr(module, "init_ray", boom)
     for name in ("init", "remote", "put", "get"):
         mp.setattr(ray, name, boom)
     mp.setattr(ray.data.Dataset, "__init__", boom)
@@ -124,7 +127,6 @@ def run_with_node_loss(stage: str, out: str, overrides: list[str], at: int, work
     hosting the stage's actor removed once it reaches ``at``; returns the script's RESULT record."""
     import json
     import subprocess
-    import sys
 
     here = os.path.dirname(os.path.abspath(__file__))
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "REALFAKE_FAULT")}

@@ -69,7 +69,8 @@ def finetune(cfg):
 
 def train(cfg):
     from realfake_ray.classifier_data import output_dir
-    from realfake_ray.train import EPOCH_PREFIX, STATE_FILE, plan_training, read_metrics, run_train
+    from realfake_ray.train import EPOCH_PREFIX, STATE_FILE, read_metrics, run_train
+    from realfake_ray.train_plan import plan_training
 
     run_dir = storage.join(output_dir(cfg), plan_training(cfg).run_name)
 

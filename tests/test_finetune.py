@@ -47,12 +47,7 @@ def test_step_target_per_worker_rows_and_too_large_batches():
 
 
 def test_missing_bank_is_a_clear_error_before_any_ray_work(tmp_path, monkeypatch):
-    import realfake_ray._internal.cluster as cluster
-
-    def no_ray(*_args, **_kwargs):
-        raise AssertionError("Ray was started before the input was validated")
-
-    monkeypatch.setattr(cluster, "init_ray", no_ray)
+    forbid_ray_work(monkeypatch)
     with pytest.raises(FileNotFoundError, match=r"run `realfake encode` first"):
         run_finetune(_cfg(str(tmp_path), 2))
 
@@ -297,20 +292,25 @@ def test_losing_the_node_of_the_training_worker_restarts_from_its_checkpoint(tin
 
 
 @pytest.mark.e2e
-def test_killed_driver_resumes_from_its_last_checkpoint(tiny_bank, tmp_path_factory, ray_cluster):
-    """`jobs/finetune.py` SIGKILLed right after its checkpoint at step 4 (fault injection); the rerun resumes
-    from exactly that checkpoint and ends at the same step count with a gapless history."""
+def test_killed_driver_resumes_from_its_last_checkpoint_and_ends_as_an_uninterrupted_run(first_run, tiny_bank,
+                                                                                         tmp_path_factory, ray_cluster):
+    """`jobs/finetune.py` SIGKILLed right after its checkpoint at step 2 (fault injection); the rerun resumes
+    from exactly that checkpoint and ends where the uninterrupted ``first_run`` (same config) ends: the same
+    losses at every step and a byte-identical LoRA."""
     import sys
 
     out = str(tmp_path_factory.mktemp("finetune-kill") / "run")
     shutil.copytree(os.path.join(tiny_bank, "latents"), os.path.join(out, "latents"))
-    total, every = 8, 2
-    overrides = [f"finetune.max_steps={total}", f"finetune.checkpoint_every={every}", "finetune.log_every=1"]
+    overrides = [f"finetune.max_steps={FIRST}", *RUN_OVERRIDES]
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address, PYTHONPATH=repo)
     cmd = [sys.executable, os.path.join(repo, "jobs", "finetune.py"), "--preset", "tiny", "--out", out]
-    run_until_fault(cmd + [arg for o in overrides for arg in ("--set", o)], env, "finetune.checkpoint:4")
-    assert checkpoint_steps(out) == [2, 4] and not storage.exists(storage.join(RunLayout(out).finetune_dir(), "_done.json"))
+    run_until_fault(cmd + [arg for o in overrides for arg in ("--set", o)], env, "finetune.checkpoint:2")
+    assert checkpoint_steps(out) == [2] and not storage.exists(storage.join(RunLayout(out).finetune_dir(), "_done.json"))
     done = run_finetune(load_config(preset="tiny", out=out, overrides=overrides))
-    assert done["resumed_from"] == 4 and done["step"] == total
-    assert [row["step"] for row in _history(out)] == list(range(1, total + 1))
+    assert done["resumed_from"] == 2 and done["step"] == FIRST
+    _, uninterrupted, uninterrupted_history, _ = first_run
+    losses = ("loss", "denoise", "dm")
+    assert [[row[k] for k in ("step", *losses)] for row in _history(out)] == \
+        [[row[k] for k in ("step", *losses)] for row in uninterrupted_history]
+    assert done["lora_sha256"] == uninterrupted["lora_sha256"]

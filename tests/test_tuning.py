@@ -5,8 +5,8 @@ import pytest
 import yaml
 
 from realfake_ray.config import load_config
+from realfake_ray.quick_classifier import classifier_accuracy
 from realfake_ray.tuning import (
-    classifier_accuracy,
     expand_grid,
     pareto_front,
     pick_finalists,
