@@ -266,7 +266,7 @@ def test_outputs_and_done_marker(real_run):
     for name in ("model.safetensors", "curves.png", "metrics.json", "metrics.md", "_done.json", "metrics.jsonl"):
         assert os.path.exists(os.path.join(cdir, name)), name
     report = json.loads(open(os.path.join(cdir, "metrics.json")).read())
-    assert report["source"] == "real" and report["arch"] == "resnet_tiny" and report["epochs"] == 4
+    assert report["source"] == "real" and report["arch"] == "resnet_tiny" and report["epochs"] == EPOCHS
     assert "no latent bank" in report["distribution"]["skipped"]
     assert "| val |" in open(os.path.join(cdir, "metrics.md")).read()
     with pytest.MonkeyPatch.context() as mp:  # complete, same inputs: the stored result, no Ray work at all
