@@ -380,6 +380,9 @@ def evaluate_batches(
     k = min(5, num_classes if subset is None else len(subset))
     # per-class hit counts (tp) and misses (fn) at top-1 and top-k; summing them gives the overall counts
     top1, topk = (MulticlassAccuracy(num_classes, top_k=n, average=None).to(device) for n in (1, k))
+    if subset is not None:
+        outside = torch.ones(num_classes, dtype=torch.bool, device=device)
+        outside[subset] = False
     for images, labels in batches:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with _autocast(device, autocast_dtype):
@@ -388,8 +391,6 @@ def evaluate_batches(
             if not torch.isin(labels, subset).all():
                 bad = labels[~torch.isin(labels, subset)].unique().tolist()
                 raise ValueError(f"labels {bad[:10]} are not in class_subset")
-            outside = torch.ones(num_classes, dtype=torch.bool, device=device)
-            outside[subset] = False
             logits = logits.masked_fill(outside, float("-inf"))  # predictions only among the subset
         top1.update(logits, labels)
         topk.update(logits, labels)

@@ -43,6 +43,7 @@ from realfake_ray._internal.settings import refuse_changed_settings
 from realfake_ray._internal.trainer import (
     all_gather_objects,
     all_reduce_sum,
+    count_epochs_from,
     fit_with_restarts,
     ordered_data_config,
     write_curves,
@@ -341,9 +342,7 @@ def bank_dataset(files: tuple[str, ...], ft: FinetuneConfig, seed: int, first_ep
                                    shuffle=FileShuffleConfig(seed=order.seed, reseed_after_execution=True))
     else:
         ds = ray.data.read_parquet(paths, filesystem=fs, columns=BANK_READ_COLUMNS).random_shuffle(seed=order)
-    # Ray Data re-seeds per execution from (seed, execution index); start the count at the run's epoch.
-    ds.context._execution_idx = first_epoch
-    return ds
+    return count_epochs_from(ds, first_epoch)
 
 
 def _checkpoint_epoch(checkpoint_dir: str | None, ft: FinetuneConfig, rows: int) -> int:

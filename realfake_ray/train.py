@@ -78,9 +78,7 @@ def train_dataset(plan: TrainPlan, cfg: RunConfig, first_epoch: int = 0):
             parts.append(ds if fraction >= 1.0 else ds.random_sample(fraction, seed=sample_seed))
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     shuffled = ds.random_shuffle(seed=RandomSeedConfig(seed=seed(3), reseed_after_execution=True))
-    decoded = decoded_dataset(shuffled, cfg.train.image_size, cfg, view="train")
-    decoded.context._execution_idx = first_epoch  # Ray Data reseeds from (seed, execution index)
-    return decoded
+    return trainer.count_epochs_from(decoded_dataset(shuffled, cfg.train.image_size, cfg, view="train"), first_epoch)
 
 
 # ------------------------------------------------------------------------------------------ worker side

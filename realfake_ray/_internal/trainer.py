@@ -32,6 +32,7 @@ from realfake_ray.plots import plot_curves
 __all__ = [
     "T", "RestoreFromDriver", "is_lost_worker", "lost_workers", "fit_with_restarts", "all_reduce_sum",
     "all_gather_objects", "write_metrics", "read_metrics", "write_curves", "ordered_data_config",
+    "count_epochs_from",
 ]
 
 T = TypeVar("T")
@@ -137,3 +138,11 @@ def ordered_data_config(dataset: str = "train"):
     options = ExecutionOptions()
     options.preserve_order = True
     return DataConfig(execution_options={dataset: options})
+
+
+def count_epochs_from(ds, first_epoch: int):
+    """``ds`` with Ray Data's execution count starting at ``first_epoch``: its ``reseed_after_execution``
+    draws are seeded from (seed, execution index), so epoch e of a run resumed at e draws what epoch e of an
+    uninterrupted run draws. Returns ``ds``."""
+    ds.context._execution_idx = first_epoch  # Ray's counter; no public setter in Ray 2.60
+    return ds
