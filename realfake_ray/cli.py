@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from realfake_ray import storage
 from realfake_ray._internal.quiet import QUIET_ENV, quiet_libraries
 from realfake_ray.config import ConfigError, RunConfig, dump_config, load_config
-from realfake_ray.models.loading import materialise_preset, write_fp32_copy
 from realfake_ray.models import pretrain
+from realfake_ray.models.loading import materialise_preset, write_fp32_copy
 
 __all__ = ["main"]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 
@@ -12,6 +13,11 @@ import pytest
 os.environ.setdefault("REALFAKE_CACHE", tempfile.mkdtemp(prefix="realfake-cache-"))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# Ray Train's controller polls its workers every 2 s, so each fit ends up to 2 s after its workers did (a
+# trivial 1-worker fit: 12 s → 7-8 s here); the suite runs ~20 fits. Its preemption watcher (an extra actor
+# process per fit) guards against spot-instance reclaims, which a test cluster never has.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 @pytest.fixture(scope="session")
@@ -57,6 +63,29 @@ def tiny_bank(ray_cluster, tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("bank"))
     run_encode(load_config(preset="tiny", out=out))
     return out
+
+
+def small_bank(tiny_bank: str, out, per_class: int) -> list[str]:
+    """Make ``out`` a run whose latent bank is ``tiny_bank`` cut to the first ``per_class`` train images of
+    each digit (its meta's row count to match), without encoding again; returns their image ids."""
+    import pyarrow as pa
+
+    from realfake_ray import storage
+    from realfake_ray._internal.shards import read_parts, write_part
+    from realfake_ray.layout import RunLayout
+
+    shutil.copytree(os.path.join(tiny_bank, "latents"), os.path.join(out, "latents"), ignore=shutil.ignore_patterns("train"))
+    bank = read_parts(RunLayout(tiny_bank).bank_dir("train"))
+    by_class: dict[str, list[str]] = {}
+    for image_id in sorted(bank["image_id"].to_pylist()):
+        by_class.setdefault(image_id.split("/")[0], []).append(image_id)
+    keep = sorted(i for ids in by_class.values() for i in ids[:per_class])
+    kept, layout = set(keep), RunLayout(str(out))
+    write_part(layout.bank_dir("train"), bank.filter(pa.array([i in kept for i in bank["image_id"].to_pylist()])))
+    meta = storage.read_json(layout.meta_url())
+    meta["splits"]["train"]["rows"] = len(keep)
+    storage.write_json(layout.meta_url(), meta)
+    return keep
 
 
 def forbid_ray_work(mp: pytest.MonkeyPatch) -> None:

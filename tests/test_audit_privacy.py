@@ -2,12 +2,14 @@ import json
 
 import numpy as np
 import pytest
-from conftest import forbid_ray_work
+from conftest import forbid_ray_work, small_bank
 
 from realfake_ray import storage
+from realfake_ray._internal.shards import read_parts
 from realfake_ray.audit_privacy import run_audit_privacy
 from realfake_ray.config import ConfigError, load_config
 from realfake_ray.layout import RunLayout
+from realfake_ray.report import write_report
 
 
 def _cfg(out, *overrides):
@@ -32,18 +34,8 @@ def test_a_run_without_a_bank_is_a_clear_error(tmp_path, no_ray):
 
 @pytest.mark.e2e
 def test_tiny_audit_runs_both_arms_on_shadow_halves_and_resumes(tiny_bank, tmp_path, monkeypatch):
-    import shutil
-
-    from realfake_ray._internal.shards import read_parts, write_part
-    from realfake_ray.report import write_report
-
     out = tmp_path / "run"
-    shutil.copytree(f"{tiny_bank}/latents", out / "latents", ignore=shutil.ignore_patterns("part-*"))
-    bank = read_parts(RunLayout(tiny_bank).bank_dir("train"))
-    write_part(RunLayout(str(out)).bank_dir("train"), bank.slice(0, 120))  # a small bank: the audit's wiring, quickly
-    meta = storage.read_json(RunLayout(str(out)).meta_url())
-    meta["splits"]["train"]["rows"] = 120
-    storage.write_json(RunLayout(str(out)).meta_url(), meta)
+    small_bank(tiny_bank, out, per_class=12)  # a 120-image bank: the audit's wiring, quickly
     cfg = _cfg(out, "generate.actors.min_size=1", "generate.actors.max_size=1")
     write_report(cfg, {})  # a run report exists: the audit adds its section to it
     summary = run_audit_privacy(cfg)

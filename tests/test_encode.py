@@ -17,6 +17,7 @@ from realfake_ray.config import load_config
 from realfake_ray.encode import decode_batch, run_encode
 from realfake_ray.layout import RunLayout
 
+
 def _bank_table(out, split):
     return read_parts(RunLayout(out).bank_dir(split))
 

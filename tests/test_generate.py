@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import forbid_ray_work, run_until_fault, run_with_node_loss
+from conftest import forbid_ray_work, run_until_fault, run_with_node_loss, small_bank
 from PIL import Image
 
 from realfake_ray import storage
@@ -183,18 +183,10 @@ def test_job_script_forwards_to_the_cli():
 
 
 @pytest.fixture(scope="module")
-def bank(ray_cluster, tmp_path_factory):
+def bank(tiny_bank, tmp_path_factory):
     """A run dir with a 30-image latent bank (3 per digit) and a random-but-seeded LoRA in <out>/lora."""
-    from realfake_ray.encode import run_encode
-
-    root = storage.resolve_embedded("embedded:digits")
-    data = tmp_path_factory.mktemp("digits-subset")
-    for class_dir in sorted(os.listdir(f"{root}/train")):
-        (data / class_dir).mkdir()
-        for name in sorted(os.listdir(f"{root}/train/{class_dir}"))[:PER_CLASS]:
-            shutil.copy(f"{root}/train/{class_dir}/{name}", data / class_dir / name)
     out = tmp_path_factory.mktemp("bank")
-    run_encode(load_config(preset="tiny", out=str(out), data__train=str(data), data__classes_file=f"{root}/classes.json"))
+    small_bank(tiny_bank, out, PER_CLASS)
     pipe = load_pipeline(resolve_model_dir("preset:tiny"))
     torch.manual_seed(1)
     add_lora(pipe.unet, rank=2)

@@ -25,7 +25,7 @@ def judge():
     """A small classifier trained on corpus images the base was not trained on: which digit is this?"""
     from realfake_ray.models.base_quality import train_corpus_judge
 
-    return train_corpus_judge(seed=0, images=3000, steps=250)
+    return train_corpus_judge(seed=0, images=2000, steps=150)
 
 
 def _real(split: str, per_class: int):

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import forbid_ray_work, run_with_node_loss
+from conftest import forbid_ray_work, run_with_node_loss, small_bank
 from PIL import Image
 
 from realfake_ray import storage
@@ -286,19 +286,12 @@ SMALL = ["train.batch_size=8", "train.epochs=1", "generate.steps=4", "generate.b
 def generated(tiny_bank, tmp_path_factory):
     """Real generate-stage output: a 30-image real subset (3 per digit), its slice of the tiny bank, and
     `realfake generate --mult 2` on it (tiny preset, 4 steps): 60 synthetic images + manifest."""
-    from realfake_ray._internal.shards import read_parts
     from realfake_ray.generate import run_generate
 
     out, data = tmp_path_factory.mktemp("train-gen"), tmp_path_factory.mktemp("train-gen-data")
-    keep = set()
-    for class_dir, _ in storage.listdir(REAL):
-        (data / class_dir).mkdir()
-        for name in sorted(os.listdir(storage.resolve_embedded(f"{REAL}/{class_dir}")))[:PER_CLASS]:
-            shutil.copy(storage.resolve_embedded(f"{REAL}/{class_dir}/{name}"), data / class_dir / name)
-            keep.add(f"{class_dir}/{name}")
-    shutil.copytree(os.path.join(tiny_bank, "latents"), out / "latents", ignore=shutil.ignore_patterns("train"))
-    bank = read_parts(RunLayout(tiny_bank).bank_dir("train"))
-    write_part(RunLayout(str(out)).bank_dir("train"), bank.filter(pa.array([i in keep for i in bank["image_id"].to_pylist()])))
+    for image_id in small_bank(tiny_bank, out, PER_CLASS):  # "<class_dir>/<file>"
+        (data / image_id).parent.mkdir(exist_ok=True)
+        shutil.copy(storage.resolve_embedded(f"{REAL}/{image_id}"), data / image_id)
     run_generate(_cfg(out, *SMALL, data__train=str(data), data__val=VAL))
     return {"out": out, "data": str(data)}
 
