@@ -1,7 +1,8 @@
 """The main job: encode → finetune → generate → train → evaluate, all below one run URL.
 
 Each stage skips itself when its output is complete, so a resubmitted job resumes where a failed
-one stopped. ``only`` / ``from_stage`` select stages. The report is rewritten after every stage that did
+one stopped; a stage starts (or joins) Ray only when it has work, so rerunning a finished job does no Ray
+work at all. ``only`` / ``from_stage`` select stages. The report is rewritten after every stage that did
 work, and after the last one.
 
 Example:
@@ -16,7 +17,6 @@ import importlib
 import time
 
 from realfake_ray import storage
-from realfake_ray._internal.cluster import init_ray
 from realfake_ray.config import ConfigError, RunConfig, dump_config
 from realfake_ray.report import write_report
 from realfake_ray.train import run_train
@@ -69,7 +69,6 @@ def run_pipeline(cfg: RunConfig, only: list[str] | None = None, from_stage: str 
     entries = {stage: _entry(stage) for stage in stages}  # fail on a missing stage before any work
     storage.check_reachable(cfg.out, data.train, data.val or "")
     storage.write_text(storage.join(cfg.out, "config.yaml"), dump_config(cfg))
-    init_ray(cfg.ray)
     summary: dict = {}
     for stage in stages:
         print(f"[realfake] stage {stage}: starting", flush=True)

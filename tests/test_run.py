@@ -14,10 +14,12 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import forbid_ray_work
 
-from realfake_ray import storage
+from realfake_ray import run, storage
 from realfake_ray._internal.addresses import free_port
 from realfake_ray._internal.shards import write_part
+from realfake_ray.cli import main as cli_main
 from realfake_ray.config import ConfigError, load_config
 from realfake_ray.report import gpu_hours_estimate
 from realfake_ray.run import select_stages
@@ -31,6 +33,21 @@ def test_stage_selection():
     assert select_stages(only=["train", "generate"]) == ["generate", "train"]
     with pytest.raises(ConfigError, match="unknown stage 'gen'"):
         select_stages(only=["gen"])
+
+
+def test_train_stage_adds_a_real_only_baseline(monkeypatch, tmp_path):
+    trained = []
+    monkeypatch.setattr(run, "run_train", lambda cfg: trained.append(cfg.train) or {"skipped": cfg.train.tag == "real"})
+    cfg = load_config(preset="tiny", out=str(tmp_path))  # the tiny preset turns train.real_baseline on
+    result = run.train_with_baseline(cfg)
+    assert [(t.source, t.tag) for t in trained] == [(cfg.train.source, cfg.train.tag), ("real", "real")]
+    assert trained[1].synthetic_mult is None and result["real_baseline"] == {"skipped": True}
+    assert result["skipped"] is False  # skipped only when both classifiers were
+    for override in ("train.real_baseline=false", "train.source=real"):
+        trained.clear()
+        assert "real_baseline" not in run.train_with_baseline(load_config(preset="tiny", out=str(tmp_path),
+                                                                          overrides=[override]))
+        assert len(trained) == 1
 
 
 def test_imagenet_estimate_uses_the_reference_flops():
@@ -119,9 +136,9 @@ def _small_dataset(root: str) -> tuple[str, str]:
 
 
 @pytest.mark.e2e
-def test_ray_job_submit_runs_resumes_and_skips_on_object_storage(local_head, s3_bucket):
+def test_ray_job_submit_runs_resumes_and_skips_on_object_storage(local_head, s3_bucket, capsys):
     """The tiny job submitted to a cluster, reading its data from and writing its run to S3 (a local
-    S3-compatible server, the real s3fs client): killed mid-generate, resubmitted, resubmitted again."""
+    S3-compatible server, the real s3fs client): killed mid-generate, resubmitted, then run once more."""
     address, env = local_head
     no_token = {k: v for k, v in env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
     refused = subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "job", "list", "--address", address],
@@ -131,8 +148,9 @@ def test_ray_job_submit_runs_resumes_and_skips_on_object_storage(local_head, s3_
     out = f"{s3_bucket}/run"
     args = ["--preset", "tiny", "--mult", "2", "--out", out, "--data", train, "--val-data", val,
             "--set", "data.classes_file=embedded:digits/classes.json",
-            "--set", "finetune.max_steps=4", "--set", "finetune.checkpoint_every=2",
-            "--set", "generate.steps=4", "--set", "train.epochs=2", "--set", "train.batch_size=16",
+            "--set", "finetune.max_steps=2", "--set", "finetune.checkpoint_every=1",
+            "--set", "generate.steps=4", "--set", "train.epochs=1", "--set", "train.batch_size=16",
+            "--set", "train.real_baseline=false",  # the real-only baseline: test_train_stage_adds_a_real_only_baseline
             "--set", "evaluate.max_samples=50"]
     # 1) Up to generate; then simulate a generate stage killed mid-way (lose a manifest part + the summary).
     first = _submit(address, env, *args, "--only", "encode,finetune,generate")
@@ -159,19 +177,20 @@ def test_ray_job_submit_runs_resumes_and_skips_on_object_storage(local_head, s3_
     report = storage.read_json(f"{out}/report.json")
     assert report["latent_bank"]["splits"]["train"]["rows"] == 36 and report["config"]["generate"]["mult"] == 2
     assert {r["set"] for r in report["accuracy"]} == {"val"}
-    # The synthetic classifier and, next to it, the real-only baseline (train.real_baseline in the tiny preset).
-    assert sorted(r["synthetic_images"] for r in report["accuracy"]) == [0, 72]
+    assert [r["synthetic_images"] for r in report["accuracy"]] == [72]
     assert {r["stage"] for r in report["throughput"]} >= {"encode", "finetune", "generate", "train (default)"}
     assert report["distribution"][0]["mmd2"] is not None
     for picture in ("samples.png", "finetune/loss.png", "classifier/curves.png"):
         assert storage.exists(f"{out}/{picture}") and picture in report_md
     metrics_before = storage.read_text(f"{out}/classifier/metrics.json")
 
-    # 3) Resubmit again: every stage skipped, same results.
-    third = _submit(address, env, *args)
-    assert third.returncode == 0, third.stdout[-4000:] + third.stderr[-2000:]
+    # 3) Run the same job again (here, in-process): every stage skipped, same results, and no Ray work at all.
+    with pytest.MonkeyPatch.context() as mp:
+        forbid_ray_work(mp)
+        assert cli_main(["run", *args]) == 0
+    printed = capsys.readouterr().out
     for stage in ("encode", "finetune", "generate", "train", "evaluate"):
-        assert f"stage {stage}: skipped" in third.stdout, third.stdout[-3000:]
+        assert f"stage {stage}: skipped" in printed, printed[-3000:]
     assert storage.read_text(f"{out}/classifier/metrics.json") == metrics_before
 
 
