@@ -148,7 +148,8 @@ def test_ray_job_submit_runs_resumes_and_skips_on_object_storage(local_head, s3_
     out = f"{s3_bucket}/run"
     args = ["--preset", "tiny", "--mult", "2", "--out", out, "--data", train, "--val-data", val,
             "--set", "data.classes_file=embedded:digits/classes.json",
-            "--set", "finetune.max_steps=2", "--set", "finetune.checkpoint_every=1",
+            "--set", "finetune.max_steps=2", "--set", "finetune.checkpoint_every=1", "--set", "finetune.num_workers=1",
+            "--set", "generate.actors.min_size=1", "--set", "generate.actors.max_size=1",
             "--set", "generate.steps=4", "--set", "train.epochs=1", "--set", "train.batch_size=16",
             "--set", "train.real_baseline=false",  # the real-only baseline: test_train_stage_adds_a_real_only_baseline
             "--set", "evaluate.max_samples=50"]

@@ -279,7 +279,7 @@ def test_outputs_and_done_marker(real_run):
 
 PER_CLASS = 3
 SMALL = ["train.batch_size=8", "train.epochs=1", "generate.steps=4", "generate.batch_size=8", "generate.mult=2",
-         "generate.use_lora=false"]
+         "generate.use_lora=false", "generate.actors.min_size=1", "generate.actors.max_size=1"]
 
 
 @pytest.fixture(scope="module")
