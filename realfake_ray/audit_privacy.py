@@ -34,8 +34,8 @@ from PIL import Image
 
 from realfake_ray import storage
 from realfake_ray._internal.cluster import init_ray
-from realfake_ray._internal.shards import part_files, read_parts, tensor_column, write_part
-from realfake_ray.bank import read_bank
+from realfake_ray._internal.shards import part_files, read_parts, tensor_column
+from realfake_ray.bank import read_bank, write_train_subset
 from realfake_ray.classifier_data import real_rows
 from realfake_ray.config import ConfigError, RunConfig
 from realfake_ray.data.imagefolder import scan_image_folder
@@ -122,13 +122,7 @@ def _write_shadow_bank(cfg: RunConfig, shadow: RunConfig, bank: pa.Table, mask: 
     """``<shadow>/latents``: the bank's rows in ``mask`` (train) — the only real data the shadow pipeline sees."""
     if part_files(RunLayout(shadow.out).bank_dir("train")) and storage.exists(RunLayout(shadow.out).meta_url()):
         return
-    write_part(RunLayout(shadow.out).bank_dir("train"), bank.filter(pa.array(mask)))
-    identity = storage.join(RunLayout(cfg.out).bank_dir(), "_identity.json")
-    if storage.exists(identity):
-        storage.write_bytes(storage.join(RunLayout(shadow.out).bank_dir(), "_identity.json"), storage.read_bytes(identity))
-    meta = storage.read_json(RunLayout(cfg.out).meta_url())
-    meta["splits"] = {"train": {**meta["splits"]["train"], "rows": int(mask.sum())}}
-    storage.write_json(RunLayout(shadow.out).meta_url(), meta)  # written last: a bank is complete once its meta exists
+    write_train_subset(cfg.out, shadow.out, bank, mask)
 
 
 def _synthetic_set(shadow: RunConfig) -> tuple[np.ndarray, np.ndarray]:

@@ -13,10 +13,10 @@ import numpy as np
 import pyarrow as pa
 
 from realfake_ray import storage
-from realfake_ray._internal.shards import part_files, tensor_column
+from realfake_ray._internal.shards import part_files, tensor_column, write_part
 from realfake_ray.layout import RunLayout
 
-__all__ = ["read_meta", "read_bank", "tensor_shape", "class_mean_embeddings", "with_arrow_tensors"]
+__all__ = ["read_meta", "read_bank", "write_train_subset", "tensor_shape", "class_mean_embeddings", "with_arrow_tensors"]
 
 
 def read_meta(out: str) -> dict | None:
@@ -37,6 +37,20 @@ def read_bank(out: str) -> tuple[dict, list[str]]:
     if int(meta.get("splits", {}).get("train", {}).get("rows", 0)) == 0:
         raise _bank_error(out, "the bank has no train rows")
     return meta, files
+
+
+def write_train_subset(out: str, subset_out: str, train: pa.Table, mask: np.ndarray) -> None:
+    """Write ``<subset_out>/latents``: the rows of ``out``'s train bank ``train`` selected by ``mask``, with
+    ``out``'s identity and meta (its only split: train, with the subset's row count). The meta is written
+    last: a bank is complete once its meta exists."""
+    src, dst = RunLayout(out), RunLayout(subset_out)
+    write_part(dst.bank_dir("train"), train.filter(pa.array(mask)))
+    identity = storage.join(src.bank_dir(), "_identity.json")
+    if storage.exists(identity):
+        storage.write_bytes(storage.join(dst.bank_dir(), "_identity.json"), storage.read_bytes(identity))
+    meta = storage.read_json(src.meta_url())
+    meta["splits"] = {"train": {**meta["splits"]["train"], "rows": int(np.count_nonzero(mask))}}
+    storage.write_json(dst.meta_url(), meta)
 
 
 def with_arrow_tensors(table: pa.Table) -> pa.Table:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import tempfile
 
@@ -66,26 +65,21 @@ def tiny_bank(ray_cluster, tmp_path_factory) -> str:
 
 
 def small_bank(tiny_bank: str, out, per_class: int) -> list[str]:
-    """Make ``out`` a run whose latent bank is ``tiny_bank`` cut to the first ``per_class`` train images of
-    each digit (its meta's row count to match), without encoding again; returns their image ids."""
-    import pyarrow as pa
+    """Make ``out`` a run whose latent bank is ``tiny_bank``'s train split cut to the first ``per_class``
+    images of each digit, without encoding again; returns their image ids."""
+    import numpy as np
 
-    from realfake_ray import storage
-    from realfake_ray._internal.shards import read_parts, write_part
+    from realfake_ray._internal.shards import read_parts
+    from realfake_ray.bank import write_train_subset
     from realfake_ray.layout import RunLayout
 
-    shutil.copytree(os.path.join(tiny_bank, "latents"), os.path.join(out, "latents"), ignore=shutil.ignore_patterns("train"))
-    bank = read_parts(RunLayout(tiny_bank).bank_dir("train"))
+    train = read_parts(RunLayout(tiny_bank).bank_dir("train"))
     by_class: dict[str, list[str]] = {}
-    for image_id in sorted(bank["image_id"].to_pylist()):
+    for image_id in sorted(train["image_id"].to_pylist()):
         by_class.setdefault(image_id.split("/")[0], []).append(image_id)
-    keep = sorted(i for ids in by_class.values() for i in ids[:per_class])
-    kept, layout = set(keep), RunLayout(str(out))
-    write_part(layout.bank_dir("train"), bank.filter(pa.array([i in kept for i in bank["image_id"].to_pylist()])))
-    meta = storage.read_json(layout.meta_url())
-    meta["splits"]["train"]["rows"] = len(keep)
-    storage.write_json(layout.meta_url(), meta)
-    return keep
+    keep = {i for ids in by_class.values() for i in ids[:per_class]}
+    write_train_subset(tiny_bank, str(out), train, np.array([i in keep for i in train["image_id"].to_pylist()]))
+    return sorted(keep)
 
 
 def forbid_ray_work(mp: pytest.MonkeyPatch) -> None:
