@@ -44,8 +44,8 @@ def prepare_run(out: Path, run: str | None, seed: int) -> None:
     import shutil
 
     from realfake_ray.config import load_config
-    from realfake_ray.encode import run_encode
-    from realfake_ray.finetune import run_finetune
+    from realfake_ray.stages.encode.driver import run_encode
+    from realfake_ray.stages.finetune.driver import run_finetune
 
     if (out / "lora").exists():
         return

@@ -33,7 +33,7 @@ def goal_reading(arms: dict) -> str:
 def main() -> None:
     from _common import machine, real_fake_run, write_section
 
-    from realfake_ray.audit_privacy import audit_markdown, run_audit_privacy
+    from realfake_ray.tools.audit_privacy.driver import audit_markdown, run_audit_privacy
     from realfake_ray.layout import RunLayout
 
     args, cfg = real_fake_run(__doc__, "runs/audit-privacy")

@@ -66,7 +66,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from realfake_ray.config import load_config
-    from realfake_ray.encode import run_encode
+    from realfake_ray.stages.encode.driver import run_encode
     from realfake_ray.plots import markdown_table
 
     rows = []

@@ -28,9 +28,9 @@ def encoder_ceiling(batch_size: int) -> dict:
     import numpy as np
     import torch
 
-    from realfake_ray.classifier_data import real_rows
+    from realfake_ray.data.labelled import real_rows
     from realfake_ray.config import load_config
-    from realfake_ray.encode import LatentEncoder, decode_batch
+    from realfake_ray.stages.encode.driver import LatentEncoder, decode_batch
 
     torch.set_num_threads(1)
     cfg = load_config(preset="tiny", out=tempfile.mkdtemp(prefix="bench-encode-"))
@@ -48,7 +48,7 @@ def encoder_ceiling(batch_size: int) -> dict:
 
 def encode_run(actors: int, repeat: int) -> list[dict]:
     from realfake_ray.config import load_config
-    from realfake_ray.encode import run_encode
+    from realfake_ray.stages.encode.driver import run_encode
 
     work = tempfile.mkdtemp(prefix="bench-encode-")
     try:

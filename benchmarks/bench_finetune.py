@@ -4,7 +4,7 @@
 Standalone: needs only torch, diffusers and peft; the repository root is put on sys.path. Builds the
 SD v1.5 UNet (and VAE) architecture with random weights: frozen base in bf16, LoRA (rank 4, alpha 4,
 on to_q/to_k/to_v/to_out.0) in fp32 under bf16 autocast, AdamW. Each training step is: noise +
-random timesteps, UNet forward, the fine-tuning loss (``realfake_ray.losses.finetune_loss`` when
+random timesteps, UNet forward, the fine-tuning loss (``realfake_ray.method.losses.finetune_loss`` when
 present, else MSE), backward, optimizer step. Both modes use the same random text states (the text
 encoder is frozen and its cost is the same in both) and tensors already on the GPU (no data loading).
 
@@ -30,16 +30,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from realfake_ray.flops import count_flops, mfu, peak_flops, time_calls  # noqa: E402
+from realfake_ray.tools.flops import count_flops, mfu, peak_flops, time_calls  # noqa: E402
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def pick_loss():
-    """``realfake_ray.losses.finetune_loss`` if available, else Min-SNR-free MSE with the same interface."""
+    """``realfake_ray.method.losses.finetune_loss`` if available, else Min-SNR-free MSE with the same interface."""
     try:
-        from realfake_ray.losses import finetune_loss
+        from realfake_ray.method.losses import finetune_loss
 
         return finetune_loss, "finetune_loss (Min-SNR + linear DM)"
     except ImportError:
@@ -47,7 +47,7 @@ def pick_loss():
         def mse(pred, target, timesteps, alphas_cumprod, **_):
             return {"loss": torch.nn.functional.mse_loss(pred, target)}
 
-        return mse, "plain MSE (realfake_ray.losses not found)"
+        return mse, "plain MSE (realfake_ray.method.losses not found)"
 
 
 def build_models(tiny: bool, device: torch.device):

@@ -38,7 +38,7 @@ def steady_rate(history: list[dict]) -> float:
 def bench(bank: str, workers: int, steps: int, batch: int, log_every: int) -> dict:
     from realfake_ray import storage
     from realfake_ray.config import load_config
-    from realfake_ray.finetune import run_finetune
+    from realfake_ray.stages.finetune.driver import run_finetune
     from realfake_ray.layout import RunLayout
 
     out = tempfile.mkdtemp(prefix=f"bench-ft-{workers}w-")
@@ -79,7 +79,7 @@ def main() -> None:
 
     from realfake_ray._internal.cluster import init_ray
     from realfake_ray.config import RayConfig, load_config
-    from realfake_ray.encode import run_encode
+    from realfake_ray.stages.encode.driver import run_encode
     from realfake_ray.plots import markdown_table
 
     init_ray(RayConfig(num_cpus=args.num_cpus))

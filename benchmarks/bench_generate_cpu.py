@@ -30,7 +30,7 @@ def make_bank(work: str, per_class: int | None) -> str:
     """Encode (a per-class prefix of) the embedded digits train split into ``<work>/run``."""
     from realfake_ray import storage
     from realfake_ray.config import load_config
-    from realfake_ray.encode import run_encode
+    from realfake_ray.stages.encode.driver import run_encode
 
     root = storage.resolve_embedded("embedded:digits")
     data = os.path.join(work, "data")
@@ -50,10 +50,10 @@ def bare_loop(cfg) -> dict:
     import torch
 
     from realfake_ray.bank import read_bank
-    from realfake_ray.generate_plan import image_seed, plan_units, sampler_settings, unit_rows
+    from realfake_ray.stages.generate.plan import image_seed, plan_units, sampler_settings, unit_rows
     from realfake_ray.models import loading
-    from realfake_ray.prompts import GENERATION_SUFFIX, build_prompt
-    from realfake_ray.sampler import Sampler
+    from realfake_ray.method.prompts import GENERATION_SUFFIX, build_prompt
+    from realfake_ray.method.sampler import Sampler
 
     g = cfg.generate
     meta, files = read_bank(cfg.out)
@@ -86,7 +86,7 @@ def bare_loop(cfg) -> dict:
 def pipeline(cfg) -> dict:
     """``run_generate`` end to end (Ray already up); the summary splits its time into Sampler calls and the rest."""
     from realfake_ray._internal.cluster import init_ray
-    from realfake_ray.generate import run_generate
+    from realfake_ray.stages.generate.driver import run_generate
 
     init_ray(cfg.ray)
     started, cpu = time.time(), time.process_time()

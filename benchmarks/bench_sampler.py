@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from realfake_ray.bench import format_table, make_grid, run_grid  # noqa: E402
-from realfake_ray.sampler import SCHEDULERS  # noqa: E402
+from realfake_ray.tools.sampler_bench import format_table, make_grid, run_grid  # noqa: E402
+from realfake_ray.method.sampler import SCHEDULERS  # noqa: E402
 
 SD15_TEXT_LEN = 77
 

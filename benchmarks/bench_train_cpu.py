@@ -34,7 +34,7 @@ def decode_ceiling(repeat: int) -> list[dict]:
     process without Ray."""
     import numpy as np
 
-    from realfake_ray.classifier_data import decode_rows, decoded_dataset, real_rows, rows_dataset, view_settings
+    from realfake_ray.data.labelled import decode_rows, decoded_dataset, real_rows, rows_dataset, view_settings
     from realfake_ray.config import load_config
 
     cfg = load_config(preset="tiny", out=tempfile.mkdtemp(prefix="bench-train-"))
@@ -64,7 +64,7 @@ def loop_one_process(steps: int, batch: int) -> dict:
     import numpy as np
     import torch
 
-    from realfake_ray.classifier import build_classifier, build_optimizer, to_model_input, train_step
+    from realfake_ray.method.classifier import build_classifier, build_optimizer, to_model_input, train_step
 
     torch.set_num_threads(1)
     model = build_classifier("resnet_tiny", 10)
@@ -85,7 +85,7 @@ def loop_one_process(steps: int, batch: int) -> dict:
 def run_train_rate(workers: int, epochs: int) -> dict:
     from realfake_ray.config import load_config
     from realfake_ray.layout import RunLayout
-    from realfake_ray.train import read_metrics, run_train
+    from realfake_ray.stages.train.driver import read_metrics, run_train
 
     out = tempfile.mkdtemp(prefix=f"bench-train-{workers}w-")
     cfg = load_config(preset="tiny", out=out, overrides=[

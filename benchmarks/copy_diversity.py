@@ -31,7 +31,7 @@ def similarities(run: str, sources: int, seed: int) -> dict:
     from realfake_ray import storage
     from realfake_ray._internal.shards import read_parts, tensor_column
     from realfake_ray.config import load_config
-    from realfake_ray.embeddings import ClipEmbedder
+    from realfake_ray.method.embeddings import ClipEmbedder
     from realfake_ray.layout import RunLayout
 
     layout = RunLayout(run)

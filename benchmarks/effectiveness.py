@@ -75,7 +75,7 @@ def _config(out: Path, seed: int, overrides: list[str], data: dict | None = None
 
 def _shared_bank(root: Path, data: dict | None) -> Path:
     """Encode the real set once (the bank does not depend on the seed); runs copy it."""
-    from realfake_ray.encode import run_encode
+    from realfake_ray.stages.encode.driver import run_encode
 
     bank = root / "bank"
     record = run_encode(_config(bank, 0, [], data))
@@ -97,7 +97,7 @@ def _embed_images(cfg, urls: list[str]):
     from PIL import Image
 
     from realfake_ray import storage
-    from realfake_ray.embeddings import ClipEmbedder
+    from realfake_ray.method.embeddings import ClipEmbedder
 
     embedder = ClipEmbedder(cfg)
     pixels = np.stack([np.array(Image.open(storage.open_file(u)).convert("RGB")) for u in urls])
@@ -106,8 +106,8 @@ def _embed_images(cfg, urls: list[str]):
 
 def _distances(cfg, summary: dict, val_embeddings) -> dict:
     """MMD² and KID of (up to 2,000 of) the classifier's synthetic images vs the real val digits."""
-    from realfake_ray.classifier_data import synthetic_rows
-    from realfake_ray.metrics import set_distances, subsample
+    from realfake_ray.data.labelled import synthetic_rows
+    from realfake_ray.method.metrics import set_distances, subsample
 
     if not summary["synthetic_images"]:
         return {}
@@ -131,9 +131,9 @@ def _val_embeddings(bank: Path):
 
 def run_row(root: Path, bank: Path, variant: dict, seed: int, data: dict | None, val_embeddings) -> dict:
     """One row for one seed: the stages it needs (each skips itself when complete), then its classifier."""
-    from realfake_ray.finetune import run_finetune
-    from realfake_ray.generate import run_generate
-    from realfake_ray.train import run_train
+    from realfake_ray.stages.finetune.driver import run_finetune
+    from realfake_ray.stages.generate.driver import run_generate
+    from realfake_ray.stages.train.driver import run_train
 
     out = _run_dir(root, bank, seed, variant["run"])
     # e.g. "synthetic_mult-1" (a bare "1" would be read as a number)

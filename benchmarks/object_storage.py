@@ -40,7 +40,7 @@ def upload_digits(url: str) -> None:
 
 def run_target(name: str, out: str, data: str, mult: int, server) -> list[dict]:
     from realfake_ray.config import load_config
-    from realfake_ray.run import run_pipeline
+    from realfake_ray.stages.pipeline import run_pipeline
 
     cfg = load_config(preset="tiny", out=out, overrides=[f"generate.mult={mult}", "train.real_baseline=false"],
                       data__train=f"{data}/train", data__val=f"{data}/val", data__classes_file=f"{data}/classes.json")

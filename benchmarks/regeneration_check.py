@@ -29,8 +29,8 @@ def identical(run: str) -> tuple[int, int]:
     from realfake_ray import storage
     from realfake_ray.bank import class_mean_embeddings, read_bank
     from realfake_ray.config import load_config
-    from realfake_ray.generate_plan import find_lora, plan_units
-    from realfake_ray.synthesis import encode_jpeg, generate_in_process, load_units
+    from realfake_ray.stages.generate.plan import find_lora, plan_units
+    from realfake_ray.stages.generate.workers import encode_jpeg, generate_in_process, load_units
 
     recorded = storage.read_json(f"{run}/synthetic/_settings.json")
     tmp = tempfile.mkdtemp(prefix="regen-")

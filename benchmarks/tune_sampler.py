@@ -23,7 +23,7 @@ def main() -> None:
     from _common import machine, real_fake_run, write_section
 
     from realfake_ray.layout import RunLayout
-    from realfake_ray.tune_sampler import run_tune_sampler
+    from realfake_ray.tools.tune_sampler.driver import run_tune_sampler
 
     args, cfg = real_fake_run(__doc__, "runs/tune-sampler")
     out = Path(args.out)

@@ -66,7 +66,7 @@ _MULT = Flag("--mult", "generate.mult", int, "synthetic copies per real image (1
 
 STAGES: dict[str, Stage] = {
     "run": Stage(
-        "realfake_ray.run:run_pipeline",
+        "realfake_ray.stages.pipeline:run_pipeline",
         "the main job: encode → finetune → generate → train → evaluate (complete stages are skipped)",
         flags=(_MULT, Flag("--source", "train.source", str, "classifier training data", ("real", "synthetic", "mix"))),
         args=(
@@ -74,9 +74,9 @@ STAGES: dict[str, Stage] = {
             Arg("--from", "from_stage", str, "run from this stage on, e.g. train"),
         ),
     ),
-    "encode": Stage("realfake_ray.encode:run_encode", "real ImageFolder → latent bank (VAE latents, CLIP embeddings, captions)"),
+    "encode": Stage("realfake_ray.stages.encode.driver:run_encode", "real ImageFolder → latent bank (VAE latents, CLIP embeddings, captions)"),
     "finetune": Stage(
-        "realfake_ray.finetune:run_finetune",
+        "realfake_ray.stages.finetune.driver:run_finetune",
         "latent bank → distribution-matching LoRA on the UNet (Ray Train; resumes from <out>/finetune)",
         flags=(
             Flag("--num-workers", "finetune.num_workers", int, "Ray Train workers (one GPU each on GPU clusters)"),
@@ -84,12 +84,12 @@ STAGES: dict[str, Stage] = {
         ),
     ),
     "generate": Stage(
-        "realfake_ray.generate:run_generate",
+        "realfake_ray.stages.generate.driver:run_generate",
         "latent bank (+ LoRA) → synthetic ImageFolder + manifest, --mult copies per real image (resumes)",
         flags=(_MULT,),
     ),
     "bench-sampler": Stage(
-        "realfake_ray.bench:run_bench_sampler",
+        "realfake_ray.tools.sampler_bench:run_bench_sampler",
         "time the sampler on model.pretrained over a grid; table + <out>/bench/sampler.csv",
         args=(
             Arg("--schedulers", "schedulers", _stage_list, "comma list (default generate.scheduler)"),
@@ -104,22 +104,22 @@ STAGES: dict[str, Stage] = {
         ),
     ),
     "tune-sampler": Stage(
-        "realfake_ray.tune_sampler:run_tune_sampler",
+        "realfake_ray.tools.tune_sampler.driver:run_tune_sampler",
         "Ray Tune sweep of sampler settings: images/s x data quality (KID, classifier top-1); Pareto front + "
         "recommended YAML in <out>/tune_sampler",
     ),
     "audit-privacy": Stage(
-        "realfake_ray.audit_privacy:run_audit_privacy",
+        "realfake_ray.tools.audit_privacy.driver:run_audit_privacy",
         "membership-inference audit (shadow runs, offline LiRA) of real- vs synthetic-trained classifiers + "
         "synthetic-to-source distances; <out>/audit_privacy",
     ),
     "train": Stage(
-        "realfake_ray.train:run_train",
+        "realfake_ray.stages.train.driver:run_train",
         "real / synthetic / mixed images → classifier from scratch (Ray Train; resumes from <out>/classifier)",
         flags=(Flag("--source", "train.source", str, "classifier training data", ("real", "synthetic", "mix")),),
     ),
     "evaluate": Stage(
-        "realfake_ray.evaluate:run_evaluate",
+        "realfake_ray.stages.evaluate.driver:run_evaluate",
         "trained classifier → top-1/top-5 on val and extra sets, synthetic-vs-real distribution metrics",
     ),
 }

@@ -33,7 +33,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
-from realfake_ray.tuning import pareto_front
+from realfake_ray.tools.tune_sampler.grid import pareto_front
 
 __all__ = ["plot_curves", "pareto_plot", "timeline_plot", "roc_plot", "image_grid", "markdown_table"]
 

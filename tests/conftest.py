@@ -57,7 +57,7 @@ def tiny_model_dir() -> str:
 def tiny_bank(ray_cluster, tmp_path_factory) -> str:
     """A run directory whose latent bank holds the embedded digits (train + val), encoded once."""
     from realfake_ray.config import load_config
-    from realfake_ray.encode import run_encode
+    from realfake_ray.stages.encode.driver import run_encode
 
     out = str(tmp_path_factory.mktemp("bank"))
     run_encode(load_config(preset="tiny", out=out))

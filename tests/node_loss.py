@@ -40,7 +40,7 @@ def _newest_checkpoint(run_dir: str, prefix: str, state_file: str) -> int:
 
 
 def generate(cfg):
-    from realfake_ray.generate import run_generate
+    from realfake_ray.stages.generate.driver import run_generate
 
     def progress() -> int:
         return len(part_files(RunLayout(cfg.out).manifest_dir()))
@@ -53,7 +53,7 @@ def generate(cfg):
 
 
 def finetune(cfg):
-    from realfake_ray.finetune import CHECKPOINT_PREFIX, RUN_NAME, checkpoint_steps, run_finetune
+    from realfake_ray.stages.finetune.driver import CHECKPOINT_PREFIX, RUN_NAME, checkpoint_steps, run_finetune
 
     run_dir = storage.join(RunLayout(cfg.out).finetune_dir(), RUN_NAME)
 
@@ -68,9 +68,9 @@ def finetune(cfg):
 
 
 def train(cfg):
-    from realfake_ray.classifier_data import output_dir
-    from realfake_ray.train import EPOCH_PREFIX, STATE_FILE, read_metrics, run_train
-    from realfake_ray.train_plan import plan_training
+    from realfake_ray.data.labelled import output_dir
+    from realfake_ray.stages.train.driver import EPOCH_PREFIX, STATE_FILE, read_metrics, run_train
+    from realfake_ray.stages.train.plan import plan_training
 
     run_dir = storage.join(output_dir(cfg), plan_training(cfg).run_name)
 

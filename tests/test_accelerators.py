@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from realfake_ray.accelerators import apply_accelerator, parse_accelerator
+from realfake_ray.method.accelerators import apply_accelerator, parse_accelerator
 from realfake_ray.config import ConfigError, GenerateConfig
-from realfake_ray.generate_plan import check_generate_config
+from realfake_ray.stages.generate.plan import check_generate_config
 from realfake_ray.models.tiny import build_random_tiny_pipeline
-from realfake_ray.sampler import Sampler, SamplerSettings
+from realfake_ray.method.sampler import Sampler, SamplerSettings
 
 
 @pytest.mark.parametrize("spec, expected", [("none", ("none", None)), ("deepcache", ("deepcache", 3.0)),

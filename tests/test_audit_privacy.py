@@ -6,10 +6,10 @@ from conftest import forbid_ray_work, small_bank
 
 from realfake_ray import storage
 from realfake_ray._internal.shards import read_parts
-from realfake_ray.audit_privacy import run_audit_privacy
+from realfake_ray.tools.audit_privacy.driver import run_audit_privacy
 from realfake_ray.config import ConfigError, load_config
 from realfake_ray.layout import RunLayout
-from realfake_ray.report import write_report
+from realfake_ray.tools.report import write_report
 
 
 def _cfg(out, *overrides):

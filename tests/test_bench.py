@@ -6,7 +6,7 @@ import io
 import pytest
 
 from realfake_ray import storage
-from realfake_ray.bench import bench_grid
+from realfake_ray.tools.sampler_bench import bench_grid
 from realfake_ray.cli import main as cli_main
 from realfake_ray.config import ConfigError, load_config
 

@@ -1,4 +1,4 @@
-"""Unit tests for realfake_ray.classifier (CPU, tiny tensors)."""
+"""Unit tests for realfake_ray.method.classifier (CPU, tiny tensors)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms import v2
 
-from realfake_ray.classifier import (
+from realfake_ray.method.classifier import (
     TrainView,
     available_architectures,
     build_classifier,

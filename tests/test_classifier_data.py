@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from realfake_ray import storage
-from realfake_ray.classifier_data import decode_rows, rows_digest, view_settings
+from realfake_ray.data.labelled import decode_rows, rows_digest, view_settings
 from realfake_ray.config import RunConfig
 
 

@@ -57,7 +57,7 @@ def test_a_library_error_keeps_its_traceback_ours_is_one_line(monkeypatch, capsy
     def torch_fails(cfg):
         return torch.zeros(2) + torch.zeros(3)  # RuntimeError raised inside torch
 
-    monkeypatch.setattr("realfake_ray.encode.run_encode", torch_fails)
+    monkeypatch.setattr("realfake_ray.stages.encode.driver.run_encode", torch_fails)
     with pytest.raises(RuntimeError, match="size of tensor"):
         main(["encode", "--preset", "tiny"])
 
@@ -66,6 +66,6 @@ def test_a_library_error_keeps_its_traceback_ours_is_one_line(monkeypatch, capsy
 
         load_config(preset="tiny", overrides=["generate.steps=0"])  # raises ConfigError in realfake_ray
 
-    monkeypatch.setattr("realfake_ray.encode.run_encode", ours)
+    monkeypatch.setattr("realfake_ray.stages.encode.driver.run_encode", ours)
     assert main(["encode", "--preset", "tiny"]) == 2
     assert "generate.steps" in capsys.readouterr().err

@@ -14,7 +14,7 @@ from realfake_ray import storage
 from realfake_ray._internal.shards import part_files, read_parts
 from realfake_ray.bank import read_meta
 from realfake_ray.config import load_config
-from realfake_ray.encode import decode_batch, run_encode
+from realfake_ray.stages.encode.driver import decode_batch, run_encode
 from realfake_ray.layout import RunLayout
 
 
@@ -146,7 +146,7 @@ def test_decode_batch_marks_errors_without_raising():
 
 
 def test_folder_names_as_class_names_are_warned_about_naming_the_fix(tmp_path, capsys):
-    from realfake_ray.encode import scan_splits
+    from realfake_ray.stages.encode.driver import scan_splits
 
     for folder in ("n01440764", "n02102040"):
         (tmp_path / "data" / folder).mkdir(parents=True)

@@ -14,10 +14,10 @@ from conftest import forbid_ray_work
 from test_train import fabricate_synthetic
 
 from realfake_ray import storage
-from realfake_ray.classifier import build_classifier, eval_view, evaluate_batches, to_model_input
+from realfake_ray.method.classifier import build_classifier, eval_view, evaluate_batches, to_model_input
 from realfake_ray.config import ConfigError, load_config
 from realfake_ray.data.imagefolder import DatasetError, decode_image, open_rgb, scan_image_folder
-from realfake_ray.evaluate import (
+from realfake_ray.stages.evaluate.driver import (
     _markdown,
     load_classifier,
     model_url,
@@ -188,7 +188,7 @@ def test_distribution_metrics_against_the_bank(evaluated):
 @pytest.mark.e2e
 def test_clip_embedder_matches_the_bank(tiny_bank):
     from realfake_ray._internal.shards import read_parts
-    from realfake_ray.embeddings import ClipEmbedder
+    from realfake_ray.method.embeddings import ClipEmbedder
 
     row = read_parts(RunLayout(tiny_bank).bank_dir("train"), ["image_id", "clip_embed"]).slice(0, 1).to_pylist()[0]
     pixels, _, _ = decode_image(storage.read_bytes(f"embedded:digits/train/{row['image_id']}"), 32)

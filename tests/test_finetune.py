@@ -17,10 +17,10 @@ from realfake_ray import storage
 from realfake_ray.bank import class_mean_embeddings, read_meta
 from realfake_ray.cli import main as cli_main
 from realfake_ray.config import FinetuneConfig, load_config
-from realfake_ray.finetune import bank_dataset, checkpoint_steps, derive_seed, resume_position, run_finetune
-from realfake_ray.finetune_plan import check_model_and_bank, step_target
+from realfake_ray.stages.finetune.driver import bank_dataset, checkpoint_steps, derive_seed, resume_position, run_finetune
+from realfake_ray.stages.finetune.plan import check_model_and_bank, step_target
 from realfake_ray.layout import RunLayout
-from realfake_ray.lora import LORA_WEIGHT_NAME, add_lora, lora_state_dict
+from realfake_ray.method.lora import LORA_WEIGHT_NAME, add_lora, lora_state_dict
 from realfake_ray.models.loading import load_pipeline
 
 FIRST, SECOND = 4, 6
@@ -201,8 +201,8 @@ def _bank_rows(rng) -> dict:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_train_step_updates_fp32_lora_over_a_frozen_base(tiny_model_dir, dtype):
     """One process, no Ray: the loop's step on bank-shaped rows (bf16 base = the GPU mixed-precision path)."""
-    from realfake_ray.finetune import BankCollate
-    from realfake_ray.finetune_step import load_models, train_step
+    from realfake_ray.stages.finetune.driver import BankCollate
+    from realfake_ray.stages.finetune.step import load_models, train_step
 
     ft = FinetuneConfig(batch_size=4, lr=1e-2, mmd_kernel="gaussian", guidance="class_mean")
     models = load_models(tiny_model_dir, ft, seed=0, device=torch.device("cpu"), dtype=dtype)
@@ -228,8 +228,8 @@ def test_train_step_updates_fp32_lora_over_a_frozen_base(tiny_model_dir, dtype):
 def test_the_image_guidance_token_reaches_the_unet_in_train_step(tiny_model_dir, guidance):
     """guidance=image: each row's own CLIP embedding is the token, so other embeddings give another loss
     (same weights, same noise); guidance=none: the embeddings are not used at all."""
-    from realfake_ray.finetune import BankCollate
-    from realfake_ray.finetune_step import load_models, train_step
+    from realfake_ray.stages.finetune.driver import BankCollate
+    from realfake_ray.stages.finetune.step import load_models, train_step
 
     ft = FinetuneConfig(batch_size=4, lr=1e-2, guidance=guidance)
     models = load_models(tiny_model_dir, ft, seed=0, device=torch.device("cpu"))
@@ -242,8 +242,8 @@ def test_the_image_guidance_token_reaches_the_unet_in_train_step(tiny_model_dir,
 
 
 def test_v_prediction_trains_on_the_velocity_target(tiny_model_dir):
-    from realfake_ray.finetune import BankCollate
-    from realfake_ray.finetune_step import load_models, train_step
+    from realfake_ray.stages.finetune.driver import BankCollate
+    from realfake_ray.stages.finetune.step import load_models, train_step
 
     ft = FinetuneConfig(batch_size=4, lr=1e-2, guidance="none", snr_gamma=None)
     models = load_models(tiny_model_dir, ft, seed=0, device=torch.device("cpu"))
@@ -255,7 +255,7 @@ def test_v_prediction_trains_on_the_velocity_target(tiny_model_dir):
 
 
 def test_random_latent_crops_cover_every_offset_of_the_whole_image():
-    from realfake_ray.finetune_step import random_latent_crop
+    from realfake_ray.stages.finetune.step import random_latent_crop
 
     c, h, w, size = 1, 4, 7, 4
     grid = np.arange(c * h * w, dtype=np.float16).reshape(c, h, w)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from realfake_ray.flops import SD15_FLOPS, count_forward_flops, denoising_steps, img2img_flops, mfu, peak_flops
+from realfake_ray.tools.flops import SD15_FLOPS, count_forward_flops, denoising_steps, img2img_flops, mfu, peak_flops
 
 
 def test_reference_img2img_flops():

@@ -23,8 +23,8 @@ from realfake_ray._internal.shards import part_files, read_parts, write_part
 from realfake_ray.bank import read_meta
 from realfake_ray.cli import main as cli_main
 from realfake_ray.config import ConfigError, load_config
-from realfake_ray.generate import run_generate
-from realfake_ray.generate_plan import (
+from realfake_ray.stages.generate.driver import run_generate
+from realfake_ray.stages.generate.plan import (
     _stem_collisions,
     check_generate_config,
     image_seed,
@@ -33,9 +33,9 @@ from realfake_ray.generate_plan import (
     unit_rows,
 )
 from realfake_ray.layout import RunLayout
-from realfake_ray.lora import add_lora, save_lora
+from realfake_ray.method.lora import add_lora, save_lora
 from realfake_ray.models.loading import load_pipeline, read_component_config, resolve_model_dir
-from realfake_ray.synthesis import encode_jpeg, write_images, write_manifest
+from realfake_ray.stages.generate.workers import encode_jpeg, write_images, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 # One actor: each actor process loads the pipeline, seconds on 2 cores (run_a uses the preset's pool of two).
@@ -61,7 +61,7 @@ def _files(out):
 @pytest.fixture
 def no_ray(monkeypatch):
     """Any attempt to start Ray or build the pipeline fails the test: validation must come first."""
-    import realfake_ray.generate as generate
+    import realfake_ray.stages.generate.driver as generate
 
     def boom(*_args, **_kwargs):
         raise AssertionError("the pipeline was built before the input was validated")
@@ -361,7 +361,7 @@ def test_guidance_other_than_the_loras_is_refused_unless_allowed(bank, tmp_path_
     storage.write_json(str(out / "finetune" / "_settings.json"), {"guidance": "class_mean"})
     with pytest.raises(ConfigError, match=r"generate.guidance='image' but the LoRA .* finetune.guidance='class_mean'"):
         run_generate(_cfg(out))
-    from realfake_ray import generate_plan
+    from realfake_ray.stages.generate import plan as generate_plan
 
     monkeypatch.setattr(generate_plan, "plan_units", lambda *a: (_ for _ in ()).throw(RuntimeError("planned")))
     with pytest.raises(RuntimeError, match="planned"):  # allowed: the checks pass and planning starts

@@ -1,4 +1,4 @@
-"""Tests for realfake_ray.guidance: last-slot injection, text encoding, intra-class mean tokens."""
+"""Tests for realfake_ray.method.guidance: last-slot injection, text encoding, intra-class mean tokens."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from realfake_ray.guidance import check_guidance_width, class_mean_tokens, encode_text, inject_guidance_token
+from realfake_ray.method.guidance import check_guidance_width, class_mean_tokens, encode_text, inject_guidance_token
 
 WIDTH = 32
 

@@ -7,15 +7,23 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "realfake_ray"
 
-# The Ray layer: stage drivers, the jobs that orchestrate them and the cluster wiring. Every other module is
-# pure torch/diffusers/pyarrow and must import (and so be unit-testable) without Ray.
-RAY_MODULES = {
-    "realfake_ray.encode", "realfake_ray.finetune", "realfake_ray.generate", "realfake_ray.train",
-    "realfake_ray.evaluate", "realfake_ray.run", "realfake_ray.audit_privacy", "realfake_ray.tune_sampler",
-    "realfake_ray._internal.cluster",
-}
+# Folder rules. The Ray layer is the stage drivers (``stages/<stage>/driver.py``), the pipeline, the tools'
+# drivers and the cluster wiring; every other module (``method/`` above all) is pure torch/diffusers/pyarrow and
+# must import (and so be unit-testable) without Ray.
 STAGES = ("encode", "finetune", "generate", "train", "evaluate")
-SAME_STAGE = {("realfake_ray.train", "realfake_ray.evaluate")}  # train/evaluate is one stage: train evaluates
+# train ends with an evaluation: its driver may call the evaluate stage's entry point, and nothing else of it.
+STAGE_CALLS = {("train", "realfake_ray.stages.evaluate.driver")}
+
+
+def _is_ray_layer(name: str) -> bool:
+    parts = name.split(".")[1:]
+    return (parts[:1] == ["stages"] and (parts[-1] in ("driver", "pipeline"))) or (
+        parts[:1] == ["tools"] and parts[-1] == "driver") or name == "realfake_ray._internal.cluster"
+
+
+def _stage_of(name: str) -> str | None:
+    parts = name.split(".")
+    return parts[2] if len(parts) > 2 and parts[1] == "stages" and parts[2] in STAGES else None
 
 
 def _modules() -> dict[str, Path]:
@@ -59,15 +67,17 @@ def _graph() -> dict[str, set[str]]:
 
 
 def test_pure_modules_do_not_import_ray():
-    pure = sorted(set(_modules()) - RAY_MODULES)
+    pure = sorted(m for m in _modules() if not _is_ray_layer(m))
     assert len(pure) > 30
     code = "import sys\n" + "".join(f"import {m}\nassert 'ray' not in sys.modules, '{m} imported ray'\n" for m in pure)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
 
 
-def test_ray_module_list_names_existing_modules():
-    assert RAY_MODULES <= set(_modules())
+def test_the_ray_layer_is_the_drivers_the_pipeline_and_the_cluster_wiring():
+    ray_layer = {m for m in _modules() if _is_ray_layer(m)}
+    assert {f"realfake_ray.stages.{s}.driver" for s in STAGES} | {"realfake_ray.stages.pipeline"} <= ray_layer
+    assert not any(m.startswith(("realfake_ray.method", "realfake_ray.data", "realfake_ray.models")) for m in ray_layer)
 
 
 def test_our_own_modules_are_imported_at_the_top_of_files():
@@ -103,17 +113,24 @@ def test_the_cycle_check_finds_a_cycle(monkeypatch):
         raise AssertionError("a three-module cycle went unnoticed")
 
 
-def test_no_stage_module_imports_another():
-    stages = {f"realfake_ray.{s}" for s in STAGES}
-    graph = _graph()
-    crossing = sorted((a, b) for a in stages for b in graph[a] & stages if (a, b) not in SAME_STAGE)
+def test_no_stage_imports_another():
+    crossing = sorted(
+        (a, b) for a, targets in _graph().items() for b in targets
+        if _stage_of(a) and _stage_of(b) and _stage_of(a) != _stage_of(b) and (_stage_of(a), b) not in STAGE_CALLS
+    )
     assert not crossing, crossing
+
+
+def test_nothing_under_method_imports_a_stage_or_a_tool():
+    upward = sorted((a, b) for a, targets in _graph().items() if a.startswith("realfake_ray.method")
+                    for b in targets if b.startswith(("realfake_ray.stages", "realfake_ray.tools")))
+    assert not upward, upward
 
 
 def test_every_module_declares_its_public_api():
     code = (
         "import importlib, sys\n"
-        f"for name in {sorted(m for m in _modules() if not m.endswith(('realfake_ray', '_internal', 'models', 'data')))!r}:\n"
+        f"for name in {sorted(m for m, path in _modules().items() if path.name != '__init__.py' or m == 'realfake_ray.config')!r}:\n"
         "    module = importlib.import_module(name)\n"
         "    public = getattr(module, '__all__', None)\n"
         "    assert public, f'{name} has no __all__'\n"
@@ -124,9 +141,9 @@ def test_every_module_declares_its_public_api():
     assert result.returncode == 0, result.stderr[-2000:]
 
 
-def test_a_stage_module_exports_only_its_entry_point():
+def test_a_stage_driver_exports_only_its_entry_point():
     for stage in STAGES:
-        tree = ast.parse((PACKAGE / f"{stage}.py").read_text())
+        tree = ast.parse((PACKAGE / "stages" / stage / "driver.py").read_text())
         (declared,) = [node.value for node in tree.body
                        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "__all__"]
         exported = ast.literal_eval(declared)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from realfake_ray.lora import LORA_WEIGHT_NAME, add_lora, load_lora, lora_parameters, lora_sha256, save_lora
+from realfake_ray.method.lora import LORA_WEIGHT_NAME, add_lora, load_lora, lora_parameters, lora_sha256, save_lora
 from realfake_ray.models.loading import load_pipeline
 
 

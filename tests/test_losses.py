@@ -1,4 +1,4 @@
-"""Tests for realfake_ray.losses: MMD estimators, Min-SNR weights, the fine-tuning loss, gathering."""
+"""Tests for realfake_ray.method.losses: MMD estimators, Min-SNR weights, the fine-tuning loss, gathering."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from realfake_ray.losses import (
+from realfake_ray.method.losses import (
     denoising_loss,
     distribution_matching_loss,
     finetune_loss,

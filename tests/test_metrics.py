@@ -1,4 +1,4 @@
-"""Unit tests for realfake_ray.metrics (CPU, small random embeddings)."""
+"""Unit tests for realfake_ray.method.metrics (CPU, small random embeddings)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from realfake_ray.metrics import DEFAULT_NN_THRESHOLD, distribution_report, nearest_neighbor_distances, subsample
+from realfake_ray.method.metrics import DEFAULT_NN_THRESHOLD, distribution_report, nearest_neighbor_distances, subsample
 
 
 def _set(n: int, d: int = 32, classes: int = 4, seed: int = 0, shift: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from realfake_ray.privacy import attack_summary, copy_distances, copy_summary, lira_offline, shadow_masks
+from realfake_ray.tools.audit_privacy.lira import attack_summary, copy_distances, copy_summary, lira_offline, shadow_masks
 
 
 def test_every_example_is_in_exactly_half_the_shadows():

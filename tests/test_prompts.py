@@ -1,4 +1,4 @@
-"""Tests for realfake_ray.prompts: prompt forms and tokenisation."""
+"""Tests for realfake_ray.method.prompts: prompt forms and tokenisation."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from realfake_ray.models.tiny import build_tiny_tokenizer
-from realfake_ray.prompts import GENERATION_SUFFIX, NEGATIVE_PROMPT, build_prompt, tokenize
+from realfake_ray.method.prompts import GENERATION_SUFFIX, NEGATIVE_PROMPT, build_prompt, tokenize
 
 
 @pytest.fixture(scope="module")

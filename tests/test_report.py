@@ -5,7 +5,7 @@ import numpy as np
 from realfake_ray import storage
 from realfake_ray.config import load_config
 from realfake_ray.plots import plot_curves
-from realfake_ray.report import write_report
+from realfake_ray.tools.report import write_report
 
 
 def _classifier(out: str, tag: str | None, source: str, real: int, synthetic: int, top1: float) -> None:

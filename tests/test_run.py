@@ -16,13 +16,14 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import forbid_ray_work
 
-from realfake_ray import run, storage
+from realfake_ray import storage
+from realfake_ray.stages import pipeline as run
 from realfake_ray._internal.addresses import free_port
 from realfake_ray._internal.shards import write_part
 from realfake_ray.cli import main as cli_main
 from realfake_ray.config import ConfigError, load_config
-from realfake_ray.report import gpu_hours_estimate
-from realfake_ray.run import select_stages
+from realfake_ray.tools.report import gpu_hours_estimate
+from realfake_ray.stages.pipeline import select_stages
 
 REPO = Path(__file__).resolve().parents[1]
 

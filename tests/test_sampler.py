@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from realfake_ray.bench import format_table, make_grid, run_grid
+from realfake_ray.tools.sampler_bench import format_table, make_grid, run_grid
 from realfake_ray.models.tiny import build_random_tiny_pipeline
-from realfake_ray.sampler import SCHEDULERS, Sampler, SamplerSettings, latent_hw, make_scheduler
+from realfake_ray.method.sampler import SCHEDULERS, Sampler, SamplerSettings, latent_hw, make_scheduler
 
 FAST = {"steps": 4, "strength": 0.5}  # 2 UNet calls per image batch
 

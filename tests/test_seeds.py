@@ -1,8 +1,8 @@
 """The seed hash is part of every output's identity: a change to it silently changes every synthetic image,
 shuffle and initialisation. These pinned values catch that."""
 
-from realfake_ray.classifier_data import seed_of
-from realfake_ray.generate_plan import image_seed
+from realfake_ray.data.labelled import seed_of
+from realfake_ray.stages.generate.plan import image_seed
 from realfake_ray.seeds import derive_seed
 
 

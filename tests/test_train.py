@@ -18,12 +18,12 @@ from PIL import Image
 
 from realfake_ray import storage
 from realfake_ray._internal.shards import write_part
-from realfake_ray.classifier_data import seed_of, synthetic_rows
+from realfake_ray.data.labelled import seed_of, synthetic_rows
 from realfake_ray.config import ConfigError, load_config
 from realfake_ray.data.imagefolder import DatasetError, scan_image_folder, stem
 from realfake_ray.layout import RunLayout
-from realfake_ray.train import read_metrics, run_train, train_dataset
-from realfake_ray.train_plan import apply_budget, epoch_composition, fingerprint, plan_training, run_name
+from realfake_ray.stages.train.driver import read_metrics, run_train, train_dataset
+from realfake_ray.stages.train.plan import apply_budget, epoch_composition, fingerprint, plan_training, run_name
 
 REAL = "embedded:digits/train"
 
@@ -286,7 +286,7 @@ SMALL = ["train.batch_size=8", "train.epochs=1", "generate.steps=4", "generate.b
 def generated(tiny_bank, tmp_path_factory):
     """Real generate-stage output: a 30-image real subset (3 per digit), its slice of the tiny bank, and
     `realfake generate --mult 2` on it (tiny preset, 4 steps): 60 synthetic images + manifest."""
-    from realfake_ray.generate import run_generate
+    from realfake_ray.stages.generate.driver import run_generate
 
     out, data = tmp_path_factory.mktemp("train-gen"), tmp_path_factory.mktemp("train-gen-data")
     for image_id in small_bank(tiny_bank, out, PER_CLASS):  # "<class_dir>/<file>"

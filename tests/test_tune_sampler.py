@@ -8,7 +8,7 @@ from conftest import forbid_ray_work
 from realfake_ray import storage
 from realfake_ray.config import ConfigError, load_config
 from realfake_ray.layout import RunLayout
-from realfake_ray.tune_sampler import grid_settings, run_tune_sampler
+from realfake_ray.tools.tune_sampler.driver import grid_settings, run_tune_sampler
 
 _REFERENCE = json.dumps({"scheduler": "unipc", "steps": 6, "strength": 0.75, "guidance_scale": 2.0, "lora_scale": 0.5,
                          "accelerator": "none"})

@@ -5,8 +5,8 @@ import pytest
 import yaml
 
 from realfake_ray.config import load_config
-from realfake_ray.quick_classifier import classifier_accuracy
-from realfake_ray.tuning import (
+from realfake_ray.tools.quick_classifier import classifier_accuracy
+from realfake_ray.tools.tune_sampler.grid import (
     expand_grid,
     pareto_front,
     pick_finalists,
@@ -90,7 +90,7 @@ def test_quick_classifier_learns_the_real_digits_and_is_seeded():
     from PIL import Image
 
     from realfake_ray import storage
-    from realfake_ray.classifier_data import real_rows
+    from realfake_ray.data.labelled import real_rows
 
     cfg = load_config(preset="tiny")
 

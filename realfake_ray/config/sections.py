@@ -137,7 +137,7 @@ class GenerateConfig(_Section):
     dtype: Dtype = "fp16"
     channels_last: bool = True
     compile: bool = False
-    accelerator: str = "none"  # none | deepcache[:N] | tomesd[:ratio] (see realfake_ray.accelerators)
+    accelerator: str = "none"  # none | deepcache[:N] | tomesd[:ratio] (see realfake_ray.method.accelerators)
     jpeg_quality: int = Field(75, ge=1, le=100)  # 75: PIL's default, what the reference stores
     storage_size: int | None = Field(None, ge=8)  # short side of stored JPEGs; None: the generation resolution
     rows_per_manifest_file: int = Field(512, ge=1)

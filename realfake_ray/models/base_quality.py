@@ -17,11 +17,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from realfake_ray.classifier import resnet_tiny, to_model_input
+from realfake_ray.method.classifier import resnet_tiny, to_model_input
 from realfake_ray.data.corpus import CLASS_NAMES
 from realfake_ray.models.pretrain import render_corpus
-from realfake_ray.prompts import GENERATION_SUFFIX, build_prompt
-from realfake_ray.sampler import Sampler, SamplerSettings
+from realfake_ray.method.prompts import GENERATION_SUFFIX, build_prompt
+from realfake_ray.method.sampler import Sampler, SamplerSettings
 from realfake_ray.seeds import derive_seed
 
 __all__ = ["per_class_recognition", "train_corpus_judge", "txt2img_per_class"]

@@ -25,7 +25,7 @@ import uuid
 from urllib.parse import urlparse
 
 from realfake_ray import storage
-from realfake_ray.guidance import check_guidance_width
+from realfake_ray.method.guidance import check_guidance_width
 
 __all__ = [
     "PRESET_PREFIX", "PRESETS", "TINY_BASE_DIR", "ModelLoadError", "shipped_base_digest", "write_fp32_copy",

@@ -43,9 +43,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from realfake_ray.data.corpus import CLASS_NAMES, DigitCorpus
-from realfake_ray.losses import denoising_loss, min_snr_weights
+from realfake_ray.method.losses import denoising_loss, min_snr_weights
 from realfake_ray.models.tiny import build_random_tiny_pipeline
-from realfake_ray.prompts import build_prompt, tokenize
+from realfake_ray.method.prompts import build_prompt, tokenize
 from realfake_ray.seeds import derive_seed
 
 __all__ = ["PretrainConfig", "clip_zero_shot", "pretrain_base", "render_corpus"]

@@ -1,0 +1,330 @@
+"""The generation core: latent-prior img2img with text-vision guidance and classifier-free guidance.
+
+Pure torch + diffusers + transformers (no Ray, no pydantic): it runs on a bare GPU box. One
+:class:`Sampler` owns a pipeline's VAE, UNet and text encoder on one device and turns a batch of
+(prompt, seed, bank latent, CLIP guidance token) into uint8 images. Every random draw of image ``i``
+comes from a CPU ``torch.Generator`` seeded with ``seeds[i]``, so an image does not depend on the
+batch it was generated in.
+
+The second half is the throughput benchmark (:func:`make_grid`, :func:`run_grid`, :func:`format_table`)
+used by ``benchmarks/bench_sampler.py`` and the ``realfake bench-sampler`` CLI.
+
+Example:
+    >>> import torch
+    >>> from realfake_ray.models.tiny import build_random_tiny_pipeline
+    >>> from realfake_ray.method.sampler import Sampler, SamplerSettings
+    >>> sampler = Sampler(build_random_tiny_pipeline(), SamplerSettings(steps=4))
+    >>> mean = torch.zeros(2, 4, 8, 8)
+    >>> sampler(prompts=["photo of one", "photo of two"], seeds=[0, 1], latent_mean=mean).shape
+    (2, 32, 32, 3)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from realfake_ray.method.guidance import encode_text, inject_guidance_token
+from realfake_ray.method.lora import apply_lora
+from realfake_ray.method.prompts import NEGATIVE_PROMPT, tokenize
+
+__all__ = [
+    "DTYPES",
+    "MODES",
+    "SCHEDULERS",
+    "Sampler",
+    "SamplerSettings",
+    "latent_hw",
+    "make_scheduler",
+]
+
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+MODES = ("img2img", "txt2img")
+_SCHEDULER_CLASSES = {
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True, "algorithm_type": "dpmsolver++"}),
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+}
+SCHEDULERS = frozenset(_SCHEDULER_CLASSES)
+
+
+def make_scheduler(name: str, base_config: dict):
+    """A fresh diffusers scheduler ``name`` with the noise schedule of ``base_config``.
+
+    ``base_config`` is a pipeline's ``scheduler.config``; keys the new class does not know are ignored.
+
+    Example:
+        >>> from realfake_ray.models.tiny import build_random_tiny_pipeline
+        >>> make_scheduler("ddim", build_random_tiny_pipeline().scheduler.config).__class__.__name__
+        'DDIMScheduler'
+    """
+    if name not in _SCHEDULER_CLASSES:
+        raise ValueError(f"unknown scheduler {name!r}; valid: {sorted(SCHEDULERS)}")
+    import diffusers
+
+    class_name, overrides = _SCHEDULER_CLASSES[name]
+    config = dict(base_config)
+    if name == "ddim":  # DDIM's class defaults (clip x0 to [-1, 1], alpha_T = 1) are wrong for SD latents
+        overrides = {"clip_sample": config.get("clip_sample", False), "set_alpha_to_one": config.get("set_alpha_to_one", False)}
+    return getattr(diffusers, class_name).from_config(config, **overrides)
+
+
+@dataclass
+class SamplerSettings:
+    """How to sample. Defaults are the reference recipe (UniPC, 30 steps, img2img at 0.75, CFG 2.0).
+
+    ``sample_posterior``: the img2img start latent is ``mean + std * eps`` (True) or ``mean`` (False).
+    ``dtype``: weights/activations of VAE, UNet and text encoder (scheduler math stays fp32).
+    ``negative_guidance_token``: also write the image's guidance token into the negative prompt's last slot
+    (the reference code hands its tokens to an unreleased pipeline, so its choice is unknown; default off).
+
+    Example:
+        >>> SamplerSettings(steps=30, strength=0.75).validate().denoising_steps
+        22
+    """
+
+    scheduler: str = "unipc"
+    steps: int = 30
+    strength: float = 0.75
+    guidance_scale: float = 2.0
+    negative_prompt: str = NEGATIVE_PROMPT
+    mode: str = "img2img"
+    sample_posterior: bool = True
+    dtype: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    negative_guidance_token: bool = False
+
+    def validate(self) -> SamplerSettings:
+        """Raise ValueError naming the first bad field; return self."""
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler={self.scheduler!r} is unknown; valid: {sorted(SCHEDULERS)}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r} is unknown; valid: {list(MODES)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is unknown; valid: {list(DTYPES)}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps={self.steps!r} must be an integer >= 1")
+        if not 0.0 < float(self.strength) <= 1.0:
+            raise ValueError(f"strength={self.strength!r} must lie in (0, 1]")
+        if self.mode == "img2img" and self.denoising_steps < 1:
+            raise ValueError(
+                f"steps={self.steps} x strength={self.strength} gives int({self.steps * self.strength:g}) = 0 "
+                "denoising steps; raise steps or strength"
+            )
+        if not math.isfinite(self.guidance_scale) or self.guidance_scale < 1.0:
+            raise ValueError(f"guidance_scale={self.guidance_scale!r} must be finite and >= 1.0 (1.0 = no CFG)")
+        return self
+
+    @property
+    def denoising_steps(self) -> int:
+        """UNet evaluations (per branch): ``min(int(steps * strength), steps)`` for img2img, else ``steps``."""
+        if self.mode == "txt2img":
+            return self.steps
+        return min(int(self.steps * self.strength), self.steps)
+
+    @property
+    def cfg(self) -> bool:
+        """Whether the uncond (negative prompt) branch runs."""
+        return self.guidance_scale != 1.0
+
+
+def latent_hw(pipe) -> tuple[int, int]:
+    """The UNet's native latent (height, width), from ``unet.config.sample_size``.
+
+    Example:
+        >>> from realfake_ray.models.tiny import build_random_tiny_pipeline
+        >>> latent_hw(build_random_tiny_pipeline())
+        (8, 8)
+    """
+    size = pipe.unet.config.sample_size
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def vae_factor(vae) -> int:
+    """Pixels per latent cell: 2 ** (number of VAE down blocks - 1)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def _set_sdpa(module: torch.nn.Module) -> None:
+    """Use PyTorch scaled-dot-product attention (diffusers' AttnProcessor2_0) in every attention layer."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    if getattr(module, "attn_processors", None):
+        module.set_attn_processor(AttnProcessor2_0())
+
+
+def _to_device_dtype(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """Move ``module`` to ``device``; cast only when its dtype differs (avoids diffusers' cast warning)."""
+    module.to(device)
+    param = next(module.parameters(), None)
+    if param is not None and param.dtype != dtype:
+        module.to(dtype)
+    return module
+
+
+def _per_image_randn(generators: list[torch.Generator], shape: tuple[int, ...]) -> Tensor:
+    """One standard-normal draw of ``shape`` per generator, stacked (CPU, float32)."""
+    return torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
+
+
+class Sampler:
+    """Generate images from bank latents, prompts and guidance tokens with one pipeline on one device.
+
+    Moves the pipeline's VAE, UNet and text encoder to ``device`` and the settings' dtype (in place),
+    uses SDPA attention, optionally channels_last and ``torch.compile`` of the UNet, and pre-computes
+    the negative-prompt embedding.
+
+    Example:
+        >>> from realfake_ray.models.tiny import build_random_tiny_pipeline
+        >>> s = Sampler.from_pipeline(build_random_tiny_pipeline(), SamplerSettings(mode="txt2img", steps=2))
+        >>> s(prompts=["photo of one"], seeds=[7]).dtype
+        dtype('uint8')
+    """
+
+    def __init__(self, pipe, settings: SamplerSettings | None = None, device: str | torch.device = "cpu") -> None:
+        self.settings = (settings or SamplerSettings()).validate()
+        self.device = torch.device(device)
+        self.dtype = DTYPES[self.settings.dtype]
+        self.pipe = pipe
+        self.vae, self.text_encoder, self.tokenizer = pipe.vae, pipe.text_encoder, pipe.tokenizer
+        memory_format = torch.channels_last if self.settings.channels_last else torch.contiguous_format
+        for module in (pipe.vae, pipe.unet, pipe.text_encoder):
+            _to_device_dtype(module, self.device, self.dtype).eval().requires_grad_(False)
+        for module in (pipe.vae, pipe.unet):
+            module.to(memory_format=memory_format)
+            _set_sdpa(module)
+        self.unet = torch.compile(pipe.unet) if self.settings.compile else pipe.unet
+        self.scheduler = make_scheduler(self.settings.scheduler, pipe.scheduler.config)
+        self.scaling_factor = float(pipe.vae.config.scaling_factor)
+        self.latent_channels = int(pipe.unet.config.in_channels)
+        self.text_width = int(pipe.text_encoder.config.hidden_size)
+        self.negative_embeds = self._encode([self.settings.negative_prompt]) if self.settings.cfg else None
+
+    @classmethod
+    def from_pipeline(
+        cls,
+        pipe,
+        settings: SamplerSettings | None = None,
+        device: str | torch.device = "cpu",
+        lora_dir: str | None = None,
+        lora_scale: float = 0.5,
+    ) -> Sampler:
+        """Like the constructor, after fusing the LoRA in ``lora_dir`` (if given) at ``lora_scale``.
+
+        The LoRA is checked against the UNet before loading (ValueError naming the file on mismatch)
+        and fused in the pipeline's current precision, before the cast to the sampling dtype.
+
+        Example:
+            >>> Sampler.from_pipeline(pipe, SamplerSettings(dtype="fp16"), "cuda", lora_dir="runs/x/lora")  # doctest: +SKIP
+        """
+        (settings or SamplerSettings()).validate()
+        if lora_dir is not None:
+            apply_lora(pipe, lora_dir, lora_scale)
+        return cls(pipe, settings, device)
+
+    def _encode(self, prompts: list[str], guidance_tokens: Tensor | None = None) -> Tensor:
+        """Text hidden states [B, L, D] in the sampling dtype, guidance token in the last slot."""
+        ids = tokenize(self.tokenizer, prompts).to(self.device)
+        return encode_text(self.text_encoder, ids, guidance_tokens).to(self.dtype)
+
+    def _check_inputs(self, prompts, seeds, latent_mean, latent_std, guidance_tokens) -> None:
+        """ValueError naming the first inconsistent argument."""
+        n = len(prompts)
+        if n == 0 or len(seeds) != n:
+            raise ValueError(f"need one seed per prompt and at least one prompt; got {n} prompts, {len(seeds)} seeds")
+        if guidance_tokens is not None and tuple(guidance_tokens.shape) != (n, self.text_width):
+            raise ValueError(f"guidance_tokens must be [{n}, {self.text_width}]; got {tuple(guidance_tokens.shape)}")
+        if self.settings.mode == "txt2img":
+            return
+        if latent_mean is None:
+            raise ValueError("img2img needs latent_mean [B, C, h, w] (bank latents x VAE scaling factor)")
+        if latent_mean.ndim != 4 or latent_mean.shape[:2] != (n, self.latent_channels):
+            raise ValueError(f"latent_mean must be [{n}, {self.latent_channels}, h, w]; got {tuple(latent_mean.shape)}")
+        if latent_std is not None and latent_std.shape != latent_mean.shape:
+            raise ValueError(f"latent_std shape {tuple(latent_std.shape)} != latent_mean {tuple(latent_mean.shape)}")
+
+    def _timesteps(self) -> Tensor:
+        """Set the schedule and return the timesteps to run (img2img keeps the last ``denoising_steps``)."""
+        s, sched = self.settings, self.scheduler
+        sched.set_timesteps(s.steps, device=self.device)
+        begin = 0 if s.mode == "txt2img" else max(s.steps - s.denoising_steps, 0) * sched.order
+        if hasattr(sched, "set_begin_index"):
+            sched.set_begin_index(begin)
+        return sched.timesteps[begin:]
+
+    def _initial_latents(self, generators, latent_mean, latent_std, timesteps) -> Tensor:
+        """Start latents (fp32, on device): noised bank latent (img2img) or scaled pure noise (txt2img)."""
+        if self.settings.mode == "txt2img":
+            shape = (self.latent_channels, *latent_hw(self.pipe))
+            noise = _per_image_randn(generators, shape).to(self.device)
+            return noise * self.scheduler.init_noise_sigma
+        shape = tuple(latent_mean.shape[1:])
+        eps = _per_image_randn(generators, shape).to(self.device)  # posterior sample (always drawn)
+        noise = _per_image_randn(generators, shape).to(self.device)  # forward-diffusion noise
+        init = latent_mean.to(self.device, torch.float32)
+        if self.settings.sample_posterior and latent_std is not None:
+            init = init + latent_std.to(self.device, torch.float32) * eps
+        return self.scheduler.add_noise(init, noise, timesteps[:1].repeat(len(init)))
+
+    def _negative(self, n: int, guidance_tokens: Tensor | None) -> Tensor:
+        """The CFG branch's embeddings [n, L, D]: the negative prompt, with the guidance token when asked."""
+        negative = self.negative_embeds.expand(n, -1, -1)
+        if self.settings.negative_guidance_token and guidance_tokens is not None:
+            negative = inject_guidance_token(negative, guidance_tokens.to(self.device))
+        return negative
+
+    def _denoise(self, latents: Tensor, timesteps: Tensor, cond: Tensor, negative: Tensor | None) -> Tensor:
+        """Run the UNet + scheduler loop; the uncond and cond branches share one UNet call."""
+        s, sched = self.settings, self.scheduler
+        embeds = torch.cat([negative, cond]) if s.cfg else cond
+        for t in timesteps:
+            x = torch.cat([latents, latents]) if s.cfg else latents
+            x = sched.scale_model_input(x, t).to(self.dtype)
+            eps = self.unet(x, t, encoder_hidden_states=embeds).sample.float()
+            if s.cfg:
+                uncond, text = eps.chunk(2)
+                eps = uncond + s.guidance_scale * (text - uncond)
+            latents = sched.step(eps, t, latents).prev_sample
+        return latents
+
+    def decode(self, latents: Tensor) -> np.ndarray:
+        """VAE-decode scaled latents to uint8 images [B, H, W, 3]."""
+        images = self.vae.decode((latents / self.scaling_factor).to(self.dtype)).sample.float()
+        images = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+        return images.permute(0, 2, 3, 1).cpu().numpy()
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        *,
+        prompts: list[str],
+        seeds: list[int],
+        latent_mean: Tensor | None = None,
+        latent_std: Tensor | None = None,
+        guidance_tokens: Tensor | None = None,
+    ) -> np.ndarray:
+        """Generate ``len(prompts)`` images, uint8 [B, H, W, 3].
+
+        img2img: ``latent_mean``/``latent_std`` [B, C, h, w] are bank latents already multiplied by the
+        VAE scaling factor. ``guidance_tokens`` [B, D] (CLIP image embeddings) replace the last text slot
+        of the conditional branch; None = text only.
+
+        Example:
+            >>> images = sampler(prompts=p, seeds=[1, 2], latent_mean=m, latent_std=s, guidance_tokens=g)  # doctest: +SKIP
+        """
+        prompts = list(prompts)
+        seeds = [int(x) for x in seeds]
+        self._check_inputs(prompts, seeds, latent_mean, latent_std, guidance_tokens)
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+        cond = self._encode(prompts, guidance_tokens)
+        timesteps = self._timesteps()
+        latents = self._initial_latents(generators, latent_mean, latent_std, timesteps)
+        negative = self._negative(len(prompts), guidance_tokens) if self.settings.cfg else None
+        latents = self._denoise(latents, timesteps, cond, negative)
+        return self.decode(latents)

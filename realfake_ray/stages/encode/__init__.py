@@ -1,0 +1,1 @@
+"""Encode stage: real dataset → latent bank. Entry point: ``driver.run_encode``."""

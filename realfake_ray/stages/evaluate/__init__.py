@@ -1,0 +1,1 @@
+"""Evaluate stage: classifier → accuracy and distribution metrics. Entry point: ``driver.run_evaluate``."""

@@ -1,0 +1,289 @@
+"""Evaluate stage: accuracy of the trained classifier and distribution metrics of the synthetic set.
+
+Accuracy: top-1/top-5 and per-class accuracy on the real val split (``data.val``) and on every
+``evaluate.extra_sets`` entry (name → labelled ImageFolder URL). A set whose folders cover only some
+of the real classes (ImageNet-R/A style) is mapped by folder name onto the real class indices and
+scored with the logits restricted to those classes; a folder that is not a real class is an error.
+One Ray Data pipeline does it all: rows → CPU decode tasks → an actor pool holding the model.
+
+Distribution metrics: CLIP embeddings of the real train images (from the latent bank) against the
+synthetic images embedded by the same CLIP vision model (:class:`~realfake_ray.stages.encode.driver.ClipEmbedder`
+actors) → :func:`realfake_ray.method.metrics.distribution_report` (MMD² overall and per class, nearest-real-
+neighbour memorisation count).
+
+Writes ``<out>/classifier/metrics.json`` and ``metrics.md``.
+
+Example:
+    >>> from realfake_ray.config import load_config
+    >>> from realfake_ray.stages.evaluate.driver import run_evaluate
+    >>> report = run_evaluate(load_config(preset="tiny", out="runs/tiny"))  # doctest: +SKIP
+    >>> report["sets"]["val"]["top1"], report["distribution"]["mmd2"]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+
+import numpy as np
+
+from realfake_ray import storage
+from realfake_ray._internal.cluster import actor_pool_kwargs, init_ray
+from realfake_ray._internal.shards import read_parts
+from realfake_ray.bank import read_meta
+from realfake_ray.method.classifier import build_classifier, evaluate_batches, merge_evaluations, to_model_input
+from realfake_ray.data.labelled import (
+    decoded_dataset,
+    output_dir,
+    real_rows,
+    rows_dataset,
+    rows_digest,
+    scan_mapped_folder,
+    synthetic_root,
+    synthetic_rows,
+)
+from realfake_ray.config import ConfigError, RunConfig
+from realfake_ray.data.imagefolder import DatasetError
+from realfake_ray.devices import torch_device
+from realfake_ray.method.embeddings import ClipEmbedder
+from realfake_ray.layout import RunLayout
+from realfake_ray.method.metrics import distribution_report, subsample
+from realfake_ray.plots import markdown_table
+
+__all__ = ["run_evaluate"]
+
+VAL_SET = "val"
+
+
+# ------------------------------------------------------------------------------------ model file
+def model_url(cdir: str) -> str:
+    """``<classifier dir>/model.safetensors`` (weights + arch, image size and classes as metadata)."""
+    return storage.join(cdir, "model.safetensors")
+
+
+def save_classifier(url: str, state_dict: dict, info: dict) -> None:
+    """Write weights as safetensors with ``info`` (arch, image_size, class_dirs, ...) in the header."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    storage.write_bytes(url, save(tensors, metadata={k: json.dumps(v) for k, v in info.items()}))
+
+
+def read_classifier_info(data: bytes) -> dict:
+    """The metadata :func:`save_classifier` put in a safetensors header."""
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    return {k: json.loads(v) for k, v in header.get("__metadata__", {}).items()}
+
+
+def load_classifier(url: str):
+    """``(model in eval mode, info)`` from a :func:`save_classifier` file at any URL."""
+    from safetensors.torch import load
+
+    if not storage.exists(url):
+        raise FileNotFoundError(f"no trained classifier at {url} (run `realfake train` first)")
+    data = storage.read_bytes(url)
+    info = read_classifier_info(data)
+    model = build_classifier(info["arch"], len(info["class_dirs"]))
+    model.load_state_dict(load(data))
+    return model.eval(), info
+
+
+class ClassifierActor:
+    """Actor: holds the classifier; scores decoded rows of several sets (``set_idx``), one row of counts
+    per set present in a batch (see :func:`realfake_ray.method.classifier.evaluate_batches`)."""
+
+    def __init__(self, url: str, subsets: list[list[int] | None]):
+        import torch
+
+        model, self.info = load_classifier(url)
+        self.device = torch_device()
+        self.model = model.to(self.device)
+        self.autocast = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+        self.subsets = subsets
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        keys = ("correct1", "correct5", "count", "k", "per_class_correct", "per_class_count")
+        out: dict[str, list] = {k: [] for k in ("set_idx", *keys)}
+        for s in np.unique(batch["set_idx"]):
+            mask = batch["set_idx"] == s
+            x = to_model_input(torch.from_numpy(np.ascontiguousarray(batch["pixels"][mask])).to(self.device))
+            y = torch.from_numpy(np.asarray(batch["label"][mask], dtype=np.int64))
+            r = evaluate_batches(self.model, [(x, y)], len(self.info["class_dirs"]), self.subsets[int(s)], self.autocast)
+            out["set_idx"].append(int(s))
+            for key in keys:
+                out[key].append(np.asarray(r[key]))
+        return {k: np.stack(v) for k, v in out.items()}
+
+
+# ------------------------------------------------------------------------------------ planning
+def extra_set_rows(name: str, url: str, class_dirs: list[str], cfg: RunConfig) -> tuple[list[dict], list[int] | None]:
+    """Rows of one extra labelled set, labelled with the *real* class indices, and its class subset
+    (``None`` when it covers every real class). A folder that is not a real class is an error."""
+    where = f"evaluate.extra_sets[{name!r}] {url}"
+    found = scan_mapped_folder(url, class_dirs, cfg, where, f"evaluate.extra_sets[{name!r}]: not a directory: {url}")
+    rows = [{"url": u, "label": label} for u, label in found]
+    covered = sorted({r["label"] for r in rows})
+    return rows, (covered if len(covered) < len(class_dirs) else None)
+
+
+def plan_sets(cfg: RunConfig, class_dirs: list[str]) -> tuple[list[str], list[dict], list[list[int] | None]]:
+    """``(set names, rows with set_idx, class subsets)`` of the val split and the extra sets."""
+    if VAL_SET in cfg.evaluate.extra_sets:
+        raise ConfigError(f"evaluate.extra_sets: the name {VAL_SET!r} is reserved for data.val")
+    names, rows, subsets = [], [], []
+    sources = ([(VAL_SET, None)] if cfg.data.val else []) + list(cfg.evaluate.extra_sets.items())
+    for i, (name, url) in enumerate(sources):
+        if url is None:
+            set_rows, subset = real_rows(cfg.data.val, cfg, class_dirs)[1], None
+        else:
+            set_rows, subset = extra_set_rows(name, url, class_dirs, cfg)
+        names.append(name)
+        subsets.append(subset)
+        rows += [{**r, "set_idx": i} for r in set_rows]
+    return names, rows, subsets
+
+
+def distribution_inputs(cfg: RunConfig, class_dirs: list[str]) -> tuple[str | None, dict | None, list[dict]]:
+    """``(reason skipped, bank meta, synthetic rows)``: checks that the bank and synthetic set exist."""
+
+    if not cfg.evaluate.distribution_metrics:
+        return "evaluate.distribution_metrics is false", None, []
+    meta = read_meta(cfg.out)
+    if meta is None:
+        return f"no latent bank at {RunLayout(cfg.out).bank_dir()} (run `realfake encode`)", None, []
+    if list(meta["class_dirs"]) != list(class_dirs):
+        raise DatasetError(f"the latent bank at {cfg.out}/latents has other classes than the classifier")
+    if not storage.exists(synthetic_root(cfg)):
+        return f"no synthetic set at {synthetic_root(cfg)}", meta, []
+    return None, meta, synthetic_rows(cfg, class_dirs)
+
+
+# ------------------------------------------------------------------------------------ execution
+def evaluate_sets(cfg: RunConfig, url: str, names: list[str], rows: list[dict], subsets: list, info: dict) -> dict:
+    """Run the decode → classifier-actor pipeline; merged result per set name."""
+
+    ds = decoded_dataset(rows_dataset(rows), info["image_size"], cfg, view="eval")
+    ds = ds.map_batches(
+        ClassifierActor, batch_size=cfg.evaluate.batch_size, fn_constructor_args=(url, subsets),
+        **actor_pool_kwargs(cfg.evaluate.actors, "evaluate.actors"),
+    )
+    parts: dict[int, list[dict]] = {}
+    for r in ds.take_all():
+        parts.setdefault(int(r["set_idx"]), []).append(r)
+    results = {}
+    for i, name in enumerate(names):
+        total = sum(1 for r in rows if r["set_idx"] == i)
+        merged = merge_evaluations(parts[i]) if i in parts else {"top1": None, "top5": None, "count": 0, "k": None, "per_class": []}
+        per_class = {d: a for d, a in zip(info["class_dirs"], merged["per_class"]) if a is not None}
+        results[name] = {
+            "top1": merged["top1"], "top5": merged["top5"], "k": None if merged["k"] is None else int(merged["k"]),
+            "count": int(merged["count"]),
+            "skipped": total - merged["count"], "classes": None if subsets[i] is None else len(subsets[i]),
+            "per_class": per_class,
+        }
+    return results
+
+
+def _bank_embeddings(out: str) -> tuple[np.ndarray, np.ndarray]:
+    """The bank's real train CLIP embeddings (float32 ``[N, D]``) and labels."""
+    import pyarrow as pa
+
+    table = read_parts(RunLayout(out).bank_dir("train"), ["label", "clip_embed"])
+    column = table.column("clip_embed").combine_chunks()
+    if isinstance(column, pa.ExtensionArray):  # Ray's tensor extension type: a list array underneath
+        column = column.storage
+    emb = column.flatten().to_numpy(zero_copy_only=False)
+    return emb.reshape(table.num_rows, -1).astype(np.float32), np.array(table.column("label").to_numpy())
+
+
+def _embedding_config(cfg: RunConfig, meta: dict) -> RunConfig:
+    """``cfg`` with the model section the bank was encoded with (same CLIP vision model)."""
+    update = {"pretrained": meta["model"]["pretrained"]}
+    if meta["model"].get("clip_vision") not in (None, "image_encoder"):
+        update["clip_vision"] = meta["model"]["clip_vision"]
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update=update)})
+
+
+def distribution_metrics(cfg: RunConfig, meta: dict, synth: list[dict], class_dirs: list[str]) -> dict:
+    """CLIP embeddings of a seeded subset of synthetic images vs the bank → ``distribution_report``."""
+
+    ev = cfg.evaluate
+    keep = subsample(len(synth), ev.distribution_max_images, cfg.seed).tolist()
+    rows = [{"url": synth[i]["url"], "label": synth[i]["label"]} for i in keep]
+    ds = decoded_dataset(rows_dataset(rows), int(meta["resolution"]), cfg)
+    ds = ds.map_batches(ClipEmbedder, batch_size=ev.batch_size, fn_constructor_args=(_embedding_config(cfg, meta),),
+                        **actor_pool_kwargs(ev.actors, "evaluate.actors"))
+    batch = ds.select_columns(["label", "clip_embed"]).take_batch(len(rows), batch_format="numpy")
+    real, real_labels = _bank_embeddings(cfg.out)
+    report = distribution_report(
+        real, real_labels, np.asarray(batch["clip_embed"], dtype=np.float32), np.array(batch["label"]),
+        kernel=ev.mmd_kernel, nn_threshold=ev.nn_threshold, max_samples=ev.max_samples, seed=cfg.seed,
+    )
+    report["per_class_mmd2"] = {class_dirs[int(c)]: v for c, v in report["per_class_mmd2"].items()}
+    report["synthetic_embedded"] = len(rows)
+    return report
+
+
+# ------------------------------------------------------------------------------------ reports
+def _markdown(report: dict) -> str:
+    sets = report["sets"]
+    lines = [f"# Classifier evaluation\n\nsource: `{report['source']}`, arch: `{report['arch']}`, "
+             f"{report['num_classes']} classes, {report['image_size']} px\n", "## Accuracy\n"]
+    lines.append(markdown_table([{"set": n, "images": s["count"], "classes": s["classes"] or report["num_classes"],
+                                  "top1": s["top1"], "top5": s["top5"], "k": s["k"]} for n, s in sets.items()]))
+    per_class = [{"class": d, **{n: s["per_class"].get(d) for n, s in sets.items()}} for d in report["class_dirs"]]
+    lines += ["\n## Per-class top-1\n", markdown_table(per_class)]
+    dist = report["distribution"]
+    lines.append("\n## Synthetic vs real (CLIP embeddings)\n")
+    if "skipped" in dist:
+        lines.append(f"skipped: {dist['skipped']}")
+    else:
+        nn = dist["nn"]
+        lines.append(markdown_table([{"real": dist["n_real"], "synthetic": dist["n_synth"], "kernel": dist["kernel"],
+                                      "mmd2": dist["mmd2"], "mean_class_mmd2": dist["mean_class_mmd2"],
+                                      "nn_count": nn["count"], "nn_fraction": nn["fraction"], "nn_threshold": nn["threshold"],
+                                      "nn_label_agreement": nn["label_agreement"]}]))
+        lines += ["", markdown_table([{"class": c, "mmd2": v} for c, v in dist["per_class_mmd2"].items()])]
+    return "\n".join(lines) + "\n"
+
+
+def _inputs(cfg: RunConfig, model_bytes: bytes, synth: list[dict]) -> dict:
+    """What a report depends on: a rerun with the same inputs returns the stored report."""
+    return {
+        "model_sha256": hashlib.sha256(model_bytes).hexdigest(), "seed": cfg.seed, "val": cfg.data.val,
+        "evaluate": cfg.evaluate.model_dump(mode="json", exclude={"actors", "batch_size"}),
+        "synthetic": [synthetic_root(cfg), len(synth), rows_digest(synth)] if synth else None,
+    }
+
+
+def run_evaluate(cfg: RunConfig) -> dict:
+    """Score ``<out>/classifier[/<tag>]/model.safetensors`` on every set, add distribution metrics, write
+    ``metrics.json`` / ``metrics.md`` beside it; returns the report (``skipped`` when inputs are unchanged)."""
+
+    cdir = output_dir(cfg)
+    url = model_url(cdir)
+    if not storage.exists(url):
+        raise FileNotFoundError(f"no trained classifier at {url} (run `realfake train` first)")
+    model_bytes = storage.read_bytes(url)
+    info = read_classifier_info(model_bytes)
+    class_dirs = info["class_dirs"]
+    names, rows, subsets = plan_sets(cfg, class_dirs)
+    skipped, meta, synth = distribution_inputs(cfg, class_dirs)
+    inputs, report_url = _inputs(cfg, model_bytes, synth), storage.join(cdir, "metrics.json")
+    if storage.exists(report_url) and storage.read_json(report_url).get("inputs") == inputs:
+        return {**storage.read_json(report_url), "skipped": True}
+    init_ray(cfg.ray)
+    sets = evaluate_sets(cfg, url, names, rows, subsets, info) if rows else {}
+    distribution = {"skipped": skipped} if skipped else distribution_metrics(cfg, meta, synth, class_dirs)
+    report = {
+        "source": info["source"], "arch": info["arch"], "image_size": info["image_size"], "epochs": info.get("epochs"),
+        "num_classes": len(class_dirs), "class_dirs": class_dirs, "class_names": info["class_names"],
+        "sets": sets, "distribution": distribution, "inputs": inputs,
+    }
+    storage.write_json(report_url, report)
+    storage.write_text(storage.join(cdir, "metrics.md"), _markdown(report))
+    return report

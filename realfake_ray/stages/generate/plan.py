@@ -1,0 +1,381 @@
+"""Planning the generate stage, without Ray: check the config, the bank, the model and the LoRA before any work;
+find the missing ``(image_id, copy_idx)`` keys against the manifest and group them into load units; the
+seed and file name of every synthetic image; the settings recorded with a synthetic set.
+
+Example:
+    >>> plan = plan_generate(load_config(preset="tiny", out="runs/tiny"))  # doctest: +SKIP
+    >>> plan.pending, len(plan.units)  # doctest: +SKIP
+    (1437, 3)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from realfake_ray import storage
+from realfake_ray._internal.settings import refuse_changed_settings
+from realfake_ray._internal.shards import part_files
+from realfake_ray.method.accelerators import parse_accelerator
+from realfake_ray.bank import read_bank, tensor_shape
+from realfake_ray.config import ConfigError, GenerateConfig, RunConfig
+from realfake_ray.data.imagefolder import stem
+from realfake_ray.layout import RunLayout
+from realfake_ray.method.lora import LORA_WEIGHT_NAME, check_lora_fits, lora_digest
+from realfake_ray.models import loading
+from realfake_ray.method.prompts import NEGATIVE_PROMPT
+from realfake_ray.method.sampler import SamplerSettings
+from realfake_ray.seeds import derive_seed
+
+__all__ = [
+    "MANIFEST_COLUMNS", "image_seed", "synthetic_path", "sampler_settings", "check_generate_config",
+    "check_bank_fits_model", "meta_url_hint", "local_lora_dir", "find_lora", "check_guidance_matches_lora",
+    "check_lora", "recorded_settings", "check_settings_unchanged", "GeneratePlan", "unit_rows", "plan_units",
+    "plan_generate",
+]
+
+MANIFEST_COLUMNS = (
+    "path", "image_id", "label", "class_dir", "copy_idx", "seed", "prompt", "mode", "guidance", "strength",
+    "steps", "scheduler", "guidance_scale", "lora_scale", "lora_sha256",
+)  # fmt: skip
+
+
+# Settings that change what an image looks like: a synthetic set must not mix two of them.
+_RECORDED = ("model", "vae_sha256", "seed", "mode", "strength", "steps", "scheduler", "guidance_scale", "guidance",
+             "negative_prompt", "negative_guidance_token", "sample_posterior", "lora_sha256", "lora_scale", "jpeg_quality",
+             "storage_size", "accelerator")  # fmt: skip
+
+
+_UNIT_TARGET_ROWS = 512  # rows per load unit (rounded up to whole generation batches)
+
+
+def image_seed(seed: int, image_id: str, copy_idx: int) -> int:
+    """The 63-bit seed of one synthetic image: blake2b of ``(seed, image_id, copy_idx)``, stable everywhere.
+
+    Example:
+        >>> image_seed(42, "digit_0/0001.png", 0) == image_seed(42, "digit_0/0001.png", 0)
+        True
+        >>> image_seed(42, "digit_0/0001.png", 0) != image_seed(42, "digit_0/0001.png", 1)
+        True
+    """
+    return derive_seed(int(seed), image_id, int(copy_idx))
+
+
+def synthetic_path(class_dir: str, image_id: str, copy_idx: int, disambiguate: bool = False) -> str:
+    """Path below ``<out>/synthetic/train``: ``<safe class_dir>/<stem(image_id)>__c<copy_idx>.jpg``.
+
+    ``disambiguate`` appends a hash of the id (for ids whose stems collide, e.g. ``a.png`` and ``a.jpg``).
+
+    Example:
+        >>> synthetic_path("n01440764", "n01440764/img_1.JPEG", 3)
+        'n01440764/img_1__c3.jpg'
+    """
+    name = stem(image_id)
+    if disambiguate:
+        name = f"{name}-{hashlib.sha1(image_id.encode('utf-8')).hexdigest()[:8]}"
+    return f"{storage.safe_name(class_dir)}/{name}__c{int(copy_idx)}.jpg"
+
+
+def sampler_settings(gen: GenerateConfig, device_type: str = "cuda"):
+    """The :class:`~realfake_ray.method.sampler.SamplerSettings` of ``gen`` (fp32 on CPU), validated.
+
+    Example:
+        >>> sampler_settings(GenerateConfig(steps=4), "cpu").dtype
+        'fp32'
+    """
+
+    return SamplerSettings(
+        scheduler=gen.scheduler,
+        steps=gen.steps,
+        strength=gen.strength,
+        guidance_scale=gen.guidance_scale,
+        mode=gen.mode,
+        sample_posterior=gen.sample_posterior,
+        dtype=gen.dtype if device_type == "cuda" else "fp32",
+        channels_last=gen.channels_last,
+        compile=gen.compile,
+        negative_guidance_token=gen.negative_guidance_token,
+    ).validate()
+
+
+def check_generate_config(gen: GenerateConfig) -> None:
+    """ConfigError naming the first bad ``generate.*`` value (also for configs built without validation)."""
+    if isinstance(gen.mult, bool) or not isinstance(gen.mult, int) or gen.mult < 1:
+        raise ConfigError(f"generate.mult={gen.mult!r}: must be an integer >= 1 (copies per real image)")
+    if not 0.0 < float(gen.strength) <= 1.0:
+        raise ConfigError(f"generate.strength={gen.strength!r}: must lie in (0, 1] (img2img noise level)")
+    try:
+        sampler_settings(gen)
+    except ValueError as exc:
+        raise ConfigError(f"generate: {exc}") from None
+    if gen.batch_size < 1 or gen.rows_per_manifest_file < 1:
+        raise ConfigError("generate.batch_size and generate.rows_per_manifest_file must be >= 1")
+    try:
+        parse_accelerator(gen.accelerator)
+    except ValueError as exc:
+        raise ConfigError(f"generate.{exc}") from None
+    if gen.compile and gen.accelerator != "none":
+        raise ConfigError(f"generate.accelerator={gen.accelerator!r} does not compose with generate.compile=true")
+
+
+def check_bank_fits_model(meta: dict, model_dir: str, gen: GenerateConfig, first_file: str) -> None:
+    """ValueError when the bank's latents or CLIP embeddings cannot drive this model (before any Ray work)."""
+    unet = loading.read_component_config(model_dir, "unet")
+    vae = loading.read_component_config(model_dir, "vae")
+    text = loading.read_component_config(model_dir, "text_encoder")
+    factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    size = unet.get("sample_size")
+    size = (int(size), int(size)) if isinstance(size, int) else tuple(int(s) for s in size)
+    want = [int(unet["in_channels"]), *size]
+    channels, *hw = (int(d) for d in meta["latent_shape"])
+    if gen.mode == "img2img":
+        bank_factor = int(meta["model"].get("vae_downsample", factor))
+        if [channels, *hw] != want or bank_factor * hw[0] != factor * size[0]:
+            raise ValueError(
+                f"latent bank from another VAE resolution: {meta_url_hint(meta)} holds latents "
+                f"{channels}x{hw[0]}x{hw[1]} ({meta['resolution']} px, VAE downsample {bank_factor}) but this "
+                f"model's UNet samples {want[0]}x{size[0]}x{size[1]} latents ({factor * size[0]} px); re-encode "
+                f"with encode.resolution={factor * size[0]} into a new --out (or use generate.mode=txt2img)"
+            )
+        sha = loading.weights_sha256(os.path.join(model_dir, "vae"))
+        if meta["model"].get("vae_sha256") not in (None, sha):
+            raise ValueError(
+                f"{meta_url_hint(meta)} was encoded with another VAE than model.pretrained's; "
+                "re-encode with this model into a new --out"
+            )
+    if gen.guidance != "none":
+        shape = tensor_shape(first_file, "clip_embed")
+        width = int(np.prod(shape)) if shape is not None else None
+        if width is not None and width != int(text["hidden_size"]):
+            raise ValueError(
+                f"{first_file}: clip_embed width {width} != text encoder width {text['hidden_size']}; "
+                f"the guidance token must match (or set generate.guidance=none)"
+            )
+
+
+def meta_url_hint(meta: dict) -> str:
+    """How errors name a bank: its model and resolution."""
+    return f"the latent bank ({meta.get('model', {}).get('pretrained', '?')} @ {meta.get('resolution')} px)"
+
+
+def _meta_unet_and_text_encoder(model_dir: str):
+    """The UNet and text encoder of ``model_dir`` built from their configs on the meta device: shapes only,
+    no weights read (instant even for SD v1.5) — what :func:`~realfake_ray.method.lora.check_lora_fits` needs."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(loading.read_component_config(model_dir, "unet"))
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(os.path.join(model_dir, "text_encoder")))
+    return unet, text_encoder
+
+
+def local_lora_dir(lora_url: str, sha256: str) -> str:
+    """A local directory holding the LoRA file: the run's own when local, else a per-node cached copy."""
+    if storage.is_local(lora_url):
+        return os.path.dirname(storage.local_path(lora_url))
+    target = storage.cache_dir("lora", sha256[:32])
+    local_file = os.path.join(target, LORA_WEIGHT_NAME)
+    if not os.path.exists(local_file):
+        storage.write_bytes(local_file, storage.read_bytes(lora_url))
+    return target
+
+
+def find_lora(cfg: RunConfig) -> tuple[str | None, str | None]:
+    """``(url, content digest)`` of ``<out>/lora/pytorch_lora_weights.safetensors`` when used, else ``(None, None)``.
+
+    ``generate.use_lora`` on but no LoRA there: FileNotFoundError naming both fixes (the method without
+    its fine-tuning is an ablation, chosen with ``generate.use_lora=false``, never a silent fallback).
+    """
+
+    if not cfg.generate.use_lora:
+        return None, None
+    url = storage.join(RunLayout(cfg.out).lora_dir(), LORA_WEIGHT_NAME)
+    if not storage.exists(url):
+        raise FileNotFoundError(
+            f"generate.use_lora=true but there is no LoRA at {url}: run `realfake finetune` with the same --out "
+            "first, or set generate.use_lora=false to generate with the base model (an ablation)"
+        )
+    return url, lora_digest(storage.read_bytes(url))
+
+
+def check_guidance_matches_lora(cfg: RunConfig) -> None:
+    """ConfigError when ``generate.guidance`` differs from the ``finetune.guidance`` the LoRA learnt with.
+
+    A LoRA trained with image tokens and sampled without them (or the other way round) is a silent method
+    change; ``generate.allow_guidance_mismatch=true`` makes it a deliberate one.
+    """
+
+    url = storage.join(RunLayout(cfg.out).finetune_dir(), "_settings.json")
+    if cfg.generate.allow_guidance_mismatch or not storage.exists(url):
+        return
+    trained = storage.read_json(url).get("guidance")
+    if trained is not None and trained != cfg.generate.guidance:
+        raise ConfigError(
+            f"generate.guidance={cfg.generate.guidance!r} but the LoRA at {cfg.out} was fine-tuned with "
+            f"finetune.guidance={trained!r}: set generate.guidance={trained}, or generate.allow_guidance_mismatch=true "
+            "to sample it with other conditioning on purpose"
+        )
+
+
+def check_lora(model_dir: str, lora_url: str, sha256: str) -> None:
+    """ValueError naming the LoRA file and the first factor that does not fit this model's UNet."""
+    local = os.path.join(local_lora_dir(lora_url, sha256), LORA_WEIGHT_NAME)
+    try:
+        check_lora_fits(*_meta_unet_and_text_encoder(model_dir), local)
+    except ValueError as exc:
+        raise ValueError(str(exc).replace(local, lora_url)) from None
+
+
+def recorded_settings(cfg: RunConfig, meta: dict, lora_sha256: str | None) -> dict:
+    """The settings that define the look of the synthetic set (stored in ``_settings.json``)."""
+
+    g = cfg.generate
+    return {
+        "model": cfg.model.pretrained,
+        "vae_sha256": meta.get("model", {}).get("vae_sha256"),
+        "seed": cfg.seed,
+        "mode": g.mode,
+        "strength": g.strength if g.mode == "img2img" else None,
+        "steps": g.steps,
+        "scheduler": g.scheduler,
+        "guidance_scale": g.guidance_scale,
+        "guidance": g.guidance,
+        "negative_prompt": NEGATIVE_PROMPT,
+        "negative_guidance_token": g.negative_guidance_token if g.guidance != "none" else None,
+        "sample_posterior": g.sample_posterior if g.mode == "img2img" else None,
+        "lora_sha256": lora_sha256,
+        "lora_scale": g.lora_scale if lora_sha256 else None,
+        "jpeg_quality": g.jpeg_quality,
+        "storage_size": g.storage_size,
+        "accelerator": g.accelerator if g.accelerator != "none" else None,  # absent (None) in older records
+    }
+
+
+def check_settings_unchanged(out: str, settings: dict) -> None:
+    """ValueError when ``<out>/synthetic`` was generated with other image-defining settings."""
+
+    if part_files(RunLayout(out).manifest_dir()):
+        refuse_changed_settings(
+            RunLayout(out).synthetic_dir("_settings.json"), settings, f"the synthetic set at {RunLayout(out).synthetic_dir()}", _RECORDED
+        )
+
+
+@dataclass
+class GeneratePlan:
+    """What the driver resolved: checked inputs and the load units of the missing keys."""
+
+    model_dir: str
+    meta: dict
+    files: list[str]
+    lora_url: str | None
+    lora_sha256: str | None
+    settings: dict
+    units: list[dict]
+    bank_rows: int
+    expected: int
+    pending: int
+    collisions: frozenset[str]
+
+
+def _read_tables(urls: list[str], columns: list[str]) -> list[pa.Table]:
+    """The given columns of each Parquet file, read concurrently (bank and manifest key columns)."""
+
+    def read(url: str) -> pa.Table:
+        with storage.open_file(url) as f:
+            return pq.read_table(f, columns=columns)
+
+    if not urls:
+        return []
+    with ThreadPoolExecutor(max_workers=min(16, len(urls))) as pool:
+        return list(pool.map(read, urls))
+
+
+def _first_occurrence(ids: pa.ChunkedArray) -> np.ndarray:
+    """Boolean mask keeping the first row of each image_id (a bank should not repeat ids; guard anyway)."""
+    if pc.count_distinct(ids).as_py() == len(ids):
+        return np.ones(len(ids), dtype=bool)
+    codes = pc.index_in(ids, value_set=pc.unique(ids)).to_numpy(zero_copy_only=False)
+    mask = np.zeros(len(ids), dtype=bool)
+    mask[np.unique(codes, return_index=True)[1]] = True
+    return mask
+
+
+def _stem_collisions(ids: pa.ChunkedArray, keep: np.ndarray) -> frozenset[str]:
+    """Ids whose file stem collides with another id's in the same class folder (``x.png`` and ``x.jpg``)."""
+    roots = pc.replace_substring_regex(ids, pattern=r"\.[^./]*$", replacement="")
+    if pc.count_distinct(roots).as_py() == int(keep.sum()):
+        return frozenset()
+    seen: dict[tuple[str, str], list[str]] = {}
+    for image_id, kept in zip(ids.to_pylist(), keep):
+        if kept:
+            seen.setdefault((image_id.split("/", 1)[0], stem(image_id)), []).append(image_id)
+    return frozenset(i for group in seen.values() if len(group) > 1 for i in group)
+
+
+def unit_rows(unit: dict) -> np.ndarray:
+    """The bank-file row indices of a load unit."""
+    return np.frombuffer(unit["rows"], dtype=np.int32)
+
+
+def plan_units(cfg: RunConfig, files: list[str]) -> tuple[list[dict], int, int, int, frozenset[str]]:
+    """Load units for every ``(image_id, copy_idx < mult)`` key missing from the manifest.
+
+    Returns ``(units, bank_rows, expected, pending, stem_collisions)``. A unit is one bank file, one copy and
+    up to ~512 row indices (whole generation batches; int32 bytes, see :func:`unit_rows`); units run copy
+    by copy, so an interrupted 10x run holds complete lower copies first. Memory: the bank's image_id
+    column and the manifest's key columns (Arrow), 4 bytes per pending image.
+    """
+
+    g = cfg.generate
+    tables = _read_tables(files, ["image_id"])
+    lengths = np.array([t.num_rows for t in tables], dtype=np.int64)
+    ids = pa.chunked_array([t.column("image_id").combine_chunks() for t in tables], type=pa.string())
+    keep = _first_occurrence(ids)
+    collisions = _stem_collisions(ids, keep)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    done_tables = _read_tables(part_files(RunLayout(cfg.out).manifest_dir()), ["image_id", "copy_idx"])
+    done = pa.concat_tables(done_tables) if done_tables else None
+    per_unit = g.batch_size * max(1, math.ceil(_UNIT_TARGET_ROWS / g.batch_size))
+    units, pending = [], 0
+    for copy_idx in range(g.mult):
+        missing = keep.copy()
+        if done is not None:
+            done_ids = done.filter(pc.equal(done["copy_idx"], copy_idx)).column("image_id")
+            if len(done_ids):
+                missing &= ~pc.is_in(ids, value_set=done_ids.combine_chunks()).to_numpy(zero_copy_only=False)
+        flat = np.flatnonzero(missing)
+        pending += len(flat)
+        bounds = np.searchsorted(flat, offsets)
+        for f, url in enumerate(files):
+            rows = flat[bounds[f] : bounds[f + 1]] - offsets[f]
+            for start in range(0, len(rows), per_unit):
+                chunk = rows[start : start + per_unit].astype(np.int32)
+                units.append({"file": url, "copy_idx": copy_idx, "rows": chunk.tobytes()})
+    bank_rows = int(keep.sum())
+    return units, bank_rows, bank_rows * g.mult, pending, collisions
+
+
+def plan_generate(cfg: RunConfig) -> GeneratePlan:
+    """Validate everything and plan the missing work; no Ray. Raises before any generation starts."""
+    check_generate_config(cfg.generate)
+    meta, files = read_bank(cfg.out)
+    model_dir = loading.resolve_model_dir(cfg.model.pretrained, cfg.model.revision, cfg.model.hub_timeout_s)
+    check_bank_fits_model(meta, model_dir, cfg.generate, files[0])
+    lora_url, lora_sha = find_lora(cfg)
+    if lora_url:
+        check_lora(model_dir, lora_url, lora_sha)
+        check_guidance_matches_lora(cfg)
+    settings = recorded_settings(cfg, meta, lora_sha)
+    check_settings_unchanged(cfg.out, settings)
+    units, bank_rows, expected, pending, collisions = plan_units(cfg, files)
+    return GeneratePlan(model_dir, meta, files, lora_url, lora_sha, settings, units, bank_rows, expected, pending, collisions)

@@ -1,0 +1,1 @@
+"""Train stage: synthetic / real / mixed images → classifier. Entry point: ``driver.run_train``."""

@@ -1,0 +1,347 @@
+"""Train stage: a classifier from scratch on real, synthetic or mixed images (Ray Train + Ray Data).
+
+The driver lists ``(url, label)`` rows (real ImageFolder, the synthetic manifest or folder, or both),
+checks them and the config before any Ray work, and hands Ray Data pipelines to a ``TorchTrainer``:
+rows → per-epoch seeded sampling/shuffle → CPU decode tasks → ``get_dataset_shard("train")`` on every
+worker. Each epoch is checkpointed under ``<out>/classifier/<run name>/`` (model, optimizer, scheduler,
+epoch); a rerun with the same settings (``train.epochs`` may grow) resumes from the latest checkpoint.
+Per-epoch metrics go to ``<out>/classifier/metrics.jsonl`` and ``curves.png``; the final weights to
+``model.safetensors``; then :func:`realfake_ray.stages.evaluate.driver.run_evaluate` runs and ``_done.json`` marks
+the run complete (a rerun with the same settings returns at once).
+
+Example:
+    >>> from realfake_ray.config import load_config
+    >>> from realfake_ray.stages.train.driver import run_train
+    >>> summary = run_train(load_config(preset="tiny", out="runs/tiny", **{"train.source": "real"}))  # doctest: +SKIP
+    >>> summary["evaluation"]["sets"]["val"]["top1"]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+
+from realfake_ray import storage
+from realfake_ray._internal import trainer
+from realfake_ray._internal.checkpoints import checkpoint_number, newest_complete, prune_checkpoints, resume_checkpoint
+from realfake_ray._internal.cluster import check_fits_a_node, cluster_gpus, init_ray, quiet_train_worker, train_logging
+from realfake_ray._internal.faults import fault_at, hold
+from realfake_ray.method.classifier import (
+    build_classifier,
+    build_optimizer,
+    build_scheduler,
+    evaluate_batches,
+    merge_evaluations,
+    scaled_lr,
+    to_model_input,
+    train_step,
+)
+from realfake_ray.data.labelled import (
+    decoded_dataset,
+    output_dir,
+    rows_dataset,
+    seed_of,
+)
+from realfake_ray.config import RunConfig
+from realfake_ray.stages.evaluate.driver import distribution_inputs, model_url, plan_sets, run_evaluate, save_classifier
+from realfake_ray.stages.train.plan import TrainPlan, apply_budget, plan_training
+
+__all__ = ["run_train"]
+
+STATE_FILE = "state.pt"
+EPOCH_PREFIX = "epoch_"  # checkpoint folders: <classifier dir>/<run name>/epoch_NNNN (the epoch it ends)
+_CURVE_KEYS = ["train_loss", "train_acc", "val_top1", "val_top5"]
+
+
+# ------------------------------------------------------------------------------------------ Ray Data
+
+
+def train_dataset(plan: TrainPlan, cfg: RunConfig, first_epoch: int = 0):
+    """Per epoch (= per execution): seeded sampling of the mix, seeded global shuffle, then decode and
+    augment on CPU tasks. Every random draw is reseeded per execution from seeds derived from the config
+    and the execution index, which starts at ``first_epoch``: epoch e draws the same sample, order and
+    augmentations whether the run started at epoch 0 or resumed at e (a resumed run equals an uninterrupted one)."""
+    from ray.data import RandomSeedConfig
+    from ray.data.expressions import random
+
+    def seed(tag: int) -> int:
+        return seed_of(cfg.seed, tag, 0)  # the 0 keeps the seeds (and results) of runs made before resume was exact
+
+    parts = []
+    for tag, rows, fraction in ((1, plan.real, plan.real_fraction), (2, plan.synthetic, plan.synthetic_fraction)):
+        if rows and fraction > 0:
+            ds = rows_dataset([{"url": r["url"], "label": r["label"]} for r in rows])
+            ds = ds.with_column("aug", random(seed=seed(10 + tag), reseed_after_execution=True))
+            sample_seed = RandomSeedConfig(seed=seed(tag), reseed_after_execution=True)
+            parts.append(ds if fraction >= 1.0 else ds.random_sample(fraction, seed=sample_seed))
+    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    shuffled = ds.random_shuffle(seed=RandomSeedConfig(seed=seed(3), reseed_after_execution=True))
+    return trainer.count_epochs_from(decoded_dataset(shuffled, cfg.train.image_size, cfg, view="train"), first_epoch)
+
+
+# ------------------------------------------------------------------------------------------ worker side
+def _amp_setup(device, enabled: bool, dtype: str = "fp16"):
+    """``(autocast dtype, GradScaler)``: ``fp16`` + a grad scaler (the reference), or ``bf16`` where the GPU
+    supports it (else fp16); none on CPU."""
+    import torch
+
+    if not enabled or device.type != "cuda":
+        return None, None
+    if dtype == "bf16" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16, None
+    return torch.float16, torch.amp.GradScaler("cuda")
+
+
+def _load_state(ckpt, model, optimizer, scheduler, scaler) -> int:
+    """Restore from a Ray checkpoint; returns the next epoch."""
+    import torch
+
+    with ckpt.as_directory() as directory:
+        state = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    return int(state["epoch"]) + 1
+
+
+def _report(row: dict, state: dict | None) -> None:
+    """Every worker reports; rank 0 also hands over the checkpoint (``state`` saved with torch.save)."""
+    import ray.train
+    import torch
+
+    if state is None:
+        ray.train.report(row)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(state, os.path.join(tmp, STATE_FILE))
+        checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(row, checkpoint=checkpoint, checkpoint_dir_name=f"{EPOCH_PREFIX}{row['epoch']:04d}")
+
+
+def metrics_url(cdir: str) -> str:
+    """``<classifier dir>/metrics.jsonl``: one row per finished epoch."""
+    return storage.join(cdir, "metrics.jsonl")
+
+
+def read_metrics(cdir: str) -> list[dict]:
+    """Rows of ``<classifier dir>/metrics.jsonl`` (one per finished epoch)."""
+    return trainer.read_metrics(metrics_url(cdir))
+
+
+def write_curves(cdir: str, rows: list[dict]) -> str:
+    """``<classifier dir>/curves.png``: train loss/accuracy and val top-1/top-5 per epoch."""
+    return trainer.write_curves(storage.join(cdir, "curves.png"), rows, "epoch", _CURVE_KEYS, "classifier")
+
+
+def _evaluate_shard(model, shard, cfg: RunConfig, num_classes: int, autocast_dtype) -> dict | None:
+    """Val top-1/top-5 over this worker's shard, merged over all workers."""
+
+    if shard is None:
+        return None
+    device = next(model.parameters()).device
+    batches = ((to_model_input(b["pixels"].to(device)), b["label"])
+               for b in shard.iter_torch_batches(batch_size=cfg.evaluate.batch_size, device="cpu"))
+    local = evaluate_batches(model, batches, num_classes, autocast_dtype=autocast_dtype)
+    return merge_evaluations(trainer.all_gather_objects(local))
+
+
+def _run_epoch(model, optimizer, scheduler, shard, cfg: RunConfig, amp) -> list[float]:
+    """One pass over this worker's shard; returns ``[loss sum, correct sum, images, last lr]`` (local)."""
+
+    t, sums = cfg.train, [0.0, 0.0, 0.0, optimizer.param_groups[0]["lr"]]
+    device = next(model.parameters()).device
+    batches = shard.iter_torch_batches(batch_size=t.batch_size, drop_last=True, device="cpu")
+    for batch in batches:
+        x = to_model_input(batch["pixels"].to(device, non_blocking=True))  # uint8 over the bus, 4× less than fp32
+        stats = train_step(
+            model, optimizer, scheduler, x, batch["label"].long(),
+            label_smoothing=t.label_smoothing, scaler=amp[1], autocast_dtype=amp[0],
+        )
+        n = len(batch["label"])
+        sums = [sums[0] + stats["loss"] * n, sums[1] + stats["acc"] * n, sums[2] + n, stats["lr"]]
+    return sums
+
+
+def _build_training(cfg: RunConfig, num_classes: int, total_steps: int, warmup: int, world: int):
+    import ray.train.torch
+    import torch
+
+    t = cfg.train
+    torch.manual_seed(cfg.seed)  # the same initial weights on every worker
+    model = ray.train.torch.prepare_model(build_classifier(t.arch, num_classes, t.zero_init_residual))
+    lr = scaled_lr(t.base_lr, t.batch_size * world, t.lr_reference_batch)
+    optimizer = build_optimizer(model, lr, momentum=t.momentum, weight_decay=t.weight_decay, nesterov=t.nesterov,
+                                decay_norm_and_bias=t.decay_norm_and_bias)
+    milestones = [int(f * total_steps) for f in sorted(t.milestones)]
+    scheduler = build_scheduler(optimizer, t.schedule, total_steps, warmup, milestones, t.gamma,
+                                warmup_start=min(1.0, t.warmup_lr / lr))
+    return model, optimizer, scheduler
+
+
+def train_loop(config: dict) -> None:
+    """Ray Train worker loop (one per worker): resume, then per epoch train, validate, checkpoint, report."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    cfg, plan = RunConfig.model_validate(config["cfg"]), config["plan"]
+    quiet_train_worker(cfg.ray.verbose)
+    t, ctx = cfg.train, ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    total_steps = max(1, t.epochs * plan["steps_per_epoch"])
+    warmup = min(total_steps, round(t.warmup_epochs * plan["steps_per_epoch"]))
+    model, optimizer, scheduler = _build_training(cfg, plan["num_classes"], total_steps, warmup, world)
+    base = getattr(model, "module", model)
+    device = ray.train.torch.get_device()
+    amp = _amp_setup(device, t.amp, t.amp_dtype)
+    ckpt = resume_checkpoint(plan["resume_dir"], EPOCH_PREFIX)
+    start = _load_state(ckpt, base, optimizer, scheduler, amp[1]) if ckpt else 0
+    cdir = output_dir(cfg)
+    kept = read_metrics(cdir) if rank == 0 else []  # rows of the epochs already checkpointed stay
+    history = [r for r in kept if r.get("run") == plan["run_name"] and r["epoch"] < start]
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val") if plan["has_val"] else None
+    for epoch in range(start, t.epochs):
+        began = time.time()
+        local = _run_epoch(model, optimizer, scheduler, train_shard, cfg, amp)
+        seconds = time.time() - began
+        loss, correct, images = trainer.all_reduce_sum(torch.tensor(local[:3], dtype=torch.float64, device=device)).tolist()
+        val = _evaluate_shard(base, val_shard, cfg, plan["num_classes"], amp[0])
+        row = {
+            "run": plan["run_name"], "epoch": epoch, "step": int(scheduler.last_epoch),
+            "train_loss": loss / max(images, 1), "train_acc": correct / max(images, 1), "train_images": int(images),
+            "val_top1": val["top1"] if val else None, "val_top5": val["top5"] if val else None,
+            "lr": local[3], "seconds": round(seconds, 3),
+            "images_per_s": images / seconds, "images_per_s_per_worker": images / seconds / world, "workers": world,
+        }
+        state = None
+        if rank == 0:
+            history.append(row)
+            trainer.write_metrics(metrics_url(cdir), history)
+            write_curves(cdir, history)
+            print(f"[train] epoch {epoch + 1}/{t.epochs} " + json.dumps({k: row[k] for k in _CURVE_KEYS + ["lr", "images_per_s"]}))
+            state = {"model": base.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "epoch": epoch, "scaler": amp[1].state_dict() if amp[1] else {}}
+        _report(row, state)
+        if rank == 0 and epoch == plan.get("hold_after"):
+            hold(f"train epoch {epoch}")
+
+
+# ------------------------------------------------------------------------------------------ driver
+def done_url(cdir: str) -> str:
+    return storage.join(cdir, "_done.json")
+
+
+def _warn_if_no_cpu_for_data(cfg: RunConfig) -> None:
+    """Training workers hold ``worker_cpus`` each; decode tasks need CPUs beyond those, or the run waits forever."""
+    import ray
+
+    cpus, t = float(ray.cluster_resources().get("CPU", 0.0)), cfg.train
+    held = t.num_workers * t.worker_cpus
+    if cpus < held + t.decode_cpus:
+        print(f"[train] warning: the cluster has {cpus:g} CPUs; {t.num_workers} training workers hold {held:g} "
+              f"(train.worker_cpus={t.worker_cpus:g}) and Ray Data decode tasks need train.decode_cpus="
+              f"{t.decode_cpus:g} more. Unless the cluster autoscales, add CPUs (ray.num_cpus) or lower "
+              f"train.worker_cpus / train.num_workers, or the run will wait.")
+
+
+def _trainer(plan: TrainPlan, cfg: RunConfig, first_epoch: int, resume_dir: str | None):
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    t = cfg.train
+    _warn_if_no_cpu_for_data(cfg)
+    use_gpu = cluster_gpus() > 0 if t.use_gpu == "auto" else bool(t.use_gpu)
+    check_fits_a_node({"CPU": t.worker_cpus, **({"GPU": 1} if use_gpu else {})}, "train.use_gpu")
+    out_dir = output_dir(cfg)
+    loop_plan = {"num_classes": len(plan.class_dirs), "steps_per_epoch": max(1, plan.steps_per_epoch),
+                 "run_name": plan.run_name, "has_val": bool(plan.val), "resume_dir": resume_dir,
+                 "hold_after": fault_at("train.checkpoint_hold")}
+    datasets = {"train": train_dataset(plan, cfg, first_epoch)}
+    if plan.val:
+        datasets["val"] = decoded_dataset(rows_dataset(plan.val), t.image_size, cfg, view="eval")
+    fs, path = storage.arrow_filesystem(out_dir)  # the same filesystem object as finetune hands Ray Train
+    run_config = ray.train.RunConfig(
+        name=plan.run_name,
+        storage_path=path,
+        storage_filesystem=fs,
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.checkpoint_keep),
+        failure_config=ray.train.FailureConfig(max_failures=0),  # restarts go through the driver (_internal.trainer)
+        logging_config=train_logging(cfg.ray.verbose),
+    )
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "plan": loop_plan},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=t.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": t.worker_cpus}
+        ),
+        run_config=run_config,
+        datasets=datasets,
+        dataset_config=trainer.ordered_data_config("train"),
+    )
+
+
+def _resume_point(cfg: RunConfig, name: str) -> tuple[int, str | None]:
+    """``(first epoch, newest complete checkpoint folder)`` of this run name (0, None: a fresh run). The
+    first epoch also seeds the resumed run's data order."""
+    newest = newest_complete(storage.join(output_dir(cfg), name), EPOCH_PREFIX, (STATE_FILE,))
+    return (checkpoint_number(newest, EPOCH_PREFIX) + 1, newest) if newest else (0, None)
+
+
+def _final_state(result) -> dict:
+    import torch
+
+    if result.checkpoint is None:
+        raise RuntimeError(f"training finished without a checkpoint (error: {result.error})")
+    with result.checkpoint.as_directory() as directory:
+        return torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
+
+
+def run_train(cfg: RunConfig) -> dict:
+    """Train (or resume, or return the finished run), save ``model.safetensors``, evaluate; return a summary."""
+
+    plan = plan_training(cfg)
+    cfg = apply_budget(cfg, plan.epoch_images)
+    plan_sets(cfg, plan.class_dirs)  # the evaluation's inputs too: a bad extra set fails now, not after training
+    distribution_inputs(cfg, plan.class_dirs)
+    cdir = output_dir(cfg)
+    done = storage.read_json(done_url(cdir)) if storage.exists(done_url(cdir)) else None
+    if done and done.get("fingerprint") == plan.fingerprint and done.get("epochs") == cfg.train.epochs:
+        # Training is complete; the evaluation is refreshed when its own inputs changed (e.g. a new extra set).
+        evaluation = run_evaluate(cfg)
+        evaluation.pop("skipped", None)
+        return {**done, "evaluation": evaluation, "skipped": True}
+    if plan.missing_synthetic_classes:
+        print(f"[train] warning: the synthetic set has no image of class(es) {plan.missing_synthetic_classes[:10]}")
+    started = time.time()
+    init_ray(cfg.ray)
+    first = _resume_point(cfg, plan.run_name)  # a restart re-plans from the newest checkpoint
+    result, restarts = trainer.fit_with_restarts(
+        lambda restart: _trainer(plan, cfg, *(_resume_point(cfg, plan.run_name) if restart else first)).fit(),
+        cfg.train.max_failures, "train")
+    first_epoch = first[0]
+    state = _final_state(result)
+    prune_checkpoints(storage.join(output_dir(cfg), plan.run_name), EPOCH_PREFIX, cfg.train.checkpoint_keep)
+    if int(state["epoch"]) + 1 > cfg.train.epochs:
+        print(f"[train] note: the latest checkpoint is epoch {int(state['epoch']) + 1} > train.epochs={cfg.train.epochs}; using it")
+    info = {"arch": cfg.train.arch, "image_size": cfg.train.image_size, "source": cfg.train.source,
+            "class_dirs": plan.class_dirs, "class_names": plan.class_names, "epochs": int(state["epoch"]) + 1}
+    save_classifier(model_url(cdir), state["model"], info)
+    history = [r for r in read_metrics(cdir) if r.get("run") == plan.run_name]
+    if history:
+        write_curves(cdir, history)
+    evaluation = run_evaluate(cfg)
+    summary = {
+        "fingerprint": plan.fingerprint, "epochs": cfg.train.epochs, "run_name": plan.run_name,
+        "source": cfg.train.source, "arch": cfg.train.arch, "epoch_images": plan.epoch_images,
+        "real_images": len(plan.real), "synthetic_images": len(plan.synthetic), "resumed_at_epoch": first_epoch,
+        "restarts": restarts,
+        "seconds": round(time.time() - started, 2), "last_epoch": history[-1] if history else None,
+        "model": model_url(cdir), "evaluation": evaluation,
+    }
+    storage.write_json(done_url(cdir), summary)
+    return summary

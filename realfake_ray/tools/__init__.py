@@ -1,0 +1,1 @@
+"""Tools on top of a run: the sampler benchmark and tuning, the privacy audit, the report, FLOP counts."""

@@ -1,0 +1,1 @@
+"""``realfake audit-privacy``: ``driver`` (shadow runs on Ray) and ``lira`` (splits, offline LiRA, ROC)."""
