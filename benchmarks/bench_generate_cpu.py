@@ -74,7 +74,7 @@ def bare_loop(cfg) -> dict:
                 "seeds": [image_seed(cfg.seed, r["image_id"], unit["copy_idx"]) for r in rows],
                 "latent_mean": torch.tensor(np.array([r["latent_mean"] for r in rows], np.float32)).reshape(-1, *shape),
                 "latent_std": torch.tensor(np.array([r["latent_std"] for r in rows], np.float32)).reshape(-1, *shape),
-                "guidance_tokens": torch.tensor(np.array([r["clip_embed"] for r in rows], np.float32)),
+                "vision_tokens": torch.tensor(np.array([r["clip_embed"] for r in rows], np.float32)),
             })  # fmt: skip
     started = time.time()
     images = sum(len(sampler(**batch)) for batch in batches)

@@ -43,13 +43,13 @@ DEFAULT_LAMBDA = 0.003
 
 def variants(best_lambda: float, mults: tuple[int, ...]) -> list[dict]:
     """Rows of the table: a name, the run dir they share, the stage overrides and the classifier overrides."""
-    no_token = ["finetune.guidance=none", "generate.guidance=none"]
+    no_token = ["finetune.vision_token=none", "generate.vision_token=none"]
     rows = [
         {"row": "real", "run": "real", "stages": [], "train": ["train.source=real"]},
         {"row": "txt2img (base)", "run": "txt2img", "stages": ["generate"],
-         "set": ["generate.mode=txt2img", "generate.use_lora=false", "generate.guidance=none"]},
+         "set": ["generate.mode=txt2img", "generate.use_lora=false", "generate.vision_token=none"]},
         {"row": "+ latent prior", "run": "prior", "stages": ["generate"],
-         "set": ["generate.use_lora=false", "generate.guidance=none"]},
+         "set": ["generate.use_lora=false", "generate.vision_token=none"]},
         {"row": "+ LoRA (λ=0)", "run": "lora", "stages": ["finetune", "generate"],
          "set": ["finetune.mmd_weight=0", *no_token]},
         {"row": f"+ MMD (λ={DEFAULT_LAMBDA:g})", "run": f"mmd-{DEFAULT_LAMBDA:g}", "stages": ["finetune", "generate"],
@@ -185,7 +185,7 @@ def sweep(root: Path, lambdas: list[float], seed: int) -> dict:
     results = {}
     for lam in lambdas:
         variant = {"row": f"λ={lam:g}", "run": f"mmd-{lam:g}", "stages": ["finetune", "generate"],
-                   "set": [f"finetune.mmd_weight={lam}", "finetune.guidance=none", "generate.guidance=none"]}
+                   "set": [f"finetune.mmd_weight={lam}", "finetune.vision_token=none", "generate.vision_token=none"]}
         row = run_row(sweep_root, bank, variant, seed, data, _val_embeddings(bank))
         results[f"{lam:g}"] = {k: row.get(k) for k in ("top1", "mmd2", "kid")}
         print(f"[sweep] λ={lam:g}: hold-out top-1 {row['top1']:.4f}", flush=True)

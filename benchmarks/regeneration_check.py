@@ -18,8 +18,8 @@ import tempfile
 import _common  # noqa: F401  (repository root on sys.path)
 
 # Recorded settings (``<run>/synthetic/_settings.json``) that are ``generate.*`` keys of the same name.
-_KEYS = ("mode", "strength", "steps", "scheduler", "guidance_scale", "guidance", "lora_scale", "jpeg_quality",
-         "sample_posterior", "negative_guidance_token", "storage_size")
+_KEYS = ("mode", "strength", "steps", "scheduler", "guidance_scale", "vision_token", "lora_scale", "jpeg_quality",
+         "sample_posterior", "negative_vision_token", "storage_size")
 
 
 def identical(run: str) -> tuple[int, int]:
@@ -43,12 +43,12 @@ def identical(run: str) -> tuple[int, int]:
     lora_url, sha = find_lora(cfg)
     if sha != recorded["lora_sha256"]:
         raise SystemExit(f"{run}: its LoRA digest {sha} differs from the recorded {recorded['lora_sha256']}")
-    means = class_mean_embeddings(files, len(meta["class_dirs"])) if cfg.generate.guidance == "class_mean" else None
+    means = class_mean_embeddings(files, len(meta["class_dirs"])) if cfg.generate.vision_token == "class_mean" else None
     spec = {"lora_url": lora_url, "lora_sha256": sha, "latent_shape": meta["latent_shape"], "class_means": means}
     images = generate_in_process(cfg, spec, units).images
     g = cfg.generate
     batches = load_units(pa.Table.from_pylist(units), seed=cfg.seed, batch_size=g.batch_size, mode=g.mode,
-                         guidance=g.guidance, collisions=frozenset())
+                         vision_token=g.vision_token, collisions=frozenset())
     paths = [p for row in batches.column("path").to_pylist() for p in row]
     same = sum(encode_jpeg(image, g.jpeg_quality, g.storage_size) == storage.read_bytes(f"{run}/synthetic/train/{p}")
                for image, p in zip(images, paths))

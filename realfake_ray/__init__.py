@@ -1,6 +1,6 @@
 """realfake-ray: Real-Fake training-data synthesis (Yuan et al., ICLR 2024) on Ray.
 
-Importing the package is cheap and does not import Ray: the pure modules (``losses``, ``guidance``,
+Importing the package is cheap and does not import Ray: the pure modules (``method.losses``, ``method.vision_token``,
 ``prompts``, ``sampler``, ``models``) run on a bare GPU box with only torch and diffusers.
 """
 

@@ -113,5 +113,5 @@ def class_mean_embeddings(files: list[str], num_classes: int) -> np.ndarray:
         counts += np.bincount(labels, minlength=num_classes)
     empty = np.flatnonzero(counts == 0).tolist()
     if empty:
-        raise ValueError(f"finetune.guidance=class_mean: classes without any bank row: {empty[:20]}")
+        raise ValueError(f"finetune.vision_token=class_mean: classes without any bank row: {empty[:20]}")
     return (sums / counts[:, None]).astype(np.float32)

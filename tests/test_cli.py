@@ -37,7 +37,7 @@ def test_module_entry_point_is_the_same_cli():
 
 
 @pytest.mark.parametrize(("job", "flag"), [("encode", "--data"), ("finetune", "--max-steps"), ("generate", "--mult"),
-                                           ("train_classifier", "--source"), ("evaluate", "--val-data"),
+                                           ("train", "--source"), ("evaluate", "--val-data"),
                                            ("scale_in1k", "--only")])
 def test_job_scripts_forward_to_the_cli(job, flag):
     result = subprocess.run([sys.executable, f"jobs/{job}.py", "--help"], capture_output=True, text=True)

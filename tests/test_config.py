@@ -116,3 +116,28 @@ def test_a_relative_out_on_this_machine_is_anchored(monkeypatch):
     for address in ("127.0.0.1:6379", "auto", "ray://localhost:10001"):
         monkeypatch.setenv("RAY_ADDRESS", address)
         assert load_config(preset="tiny", out="runs/x").out.endswith("/runs/x")
+
+
+@pytest.mark.parametrize("key,new", [("finetune.guidance", "finetune.vision_token"), ("generate.guidance", "generate.vision_token"),
+                                     ("generate.accelerator", "generate.speedup"),
+                                     ("generate.negative_guidance_token", "generate.negative_vision_token")])
+def test_a_renamed_key_is_refused_naming_its_new_name(key, new):
+    with pytest.raises(ConfigError, match=rf"{key}: this key was renamed .*\({new}\)"):
+        load_config(preset="tiny", overrides=[f"{key}=none"])
+
+
+def test_a_renamed_key_is_refused_as_a_sampler_tuning_axis_too():
+    with pytest.raises(ConfigError, match=r"tune_sampler.axes.accelerator: this key was renamed .*generate.speedup"):
+        load_config(preset="tiny", overrides=['tune_sampler.axes={"accelerator": ["none"]}'])
+
+
+def test_settings_records_of_older_runs_read_under_the_new_key_names(tmp_path):
+    from realfake_ray import storage
+    from realfake_ray._internal.settings import read_settings, refuse_changed_settings
+
+    url = str(tmp_path / "_settings.json")
+    storage.write_json(url, {"guidance": "image", "accelerator": None, "steps": 4})
+    assert read_settings(url) == {"vision_token": "image", "speedup": None, "steps": 4}
+    refuse_changed_settings(url, {"vision_token": "image", "speedup": None, "steps": 4}, "the set")
+    with pytest.raises(ValueError, match="vision_token: 'image' → 'none'"):
+        refuse_changed_settings(url, {"vision_token": "none", "speedup": None, "steps": 4}, "the set")

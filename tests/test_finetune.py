@@ -131,7 +131,7 @@ def test_two_worker_run_trains_the_lora_and_writes_every_output(first_run, tiny_
     assert done["step"] == FIRST and done["resumed_from"] == 0 and done["samples_per_s"] > 0
     assert [row["step"] for row in history] == list(range(1, FIRST + 1))
     for row in history:
-        assert all(math.isfinite(row[k]) for k in ("loss", "denoise", "dm", "samples_per_s"))
+        assert all(math.isfinite(row[k]) for k in ("loss", "denoise", "mmd", "samples_per_s"))
         assert row["lr"] == pytest.approx(1e-3)
     assert checkpoint_steps(out) == [2, 4]
     for name in ("config.yaml", "metrics.jsonl", "loss.png", "_done.json"):
@@ -204,7 +204,7 @@ def test_train_step_updates_fp32_lora_over_a_frozen_base(tiny_model_dir, dtype):
     from realfake_ray.stages.finetune.driver import BankCollate
     from realfake_ray.stages.finetune.step import load_models, train_step
 
-    ft = FinetuneConfig(batch_size=4, lr=1e-2, mmd_kernel="gaussian", guidance="class_mean")
+    ft = FinetuneConfig(batch_size=4, lr=1e-2, mmd_kernel="gaussian", vision_token="class_mean")
     models = load_models(tiny_model_dir, ft, seed=0, device=torch.device("cpu"), dtype=dtype)
     rows = _bank_rows(np.random.default_rng(0))
     batch = BankCollate(models.tokenizer, size=8, seed=0, epoch=0)(rows)
@@ -224,28 +224,28 @@ def test_train_step_updates_fp32_lora_over_a_frozen_base(tiny_model_dir, dtype):
     assert all(p.dtype == dtype and not p.requires_grad for p in frozen)
 
 
-@pytest.mark.parametrize("guidance", ["image", "none"])
-def test_the_image_guidance_token_reaches_the_unet_in_train_step(tiny_model_dir, guidance):
-    """guidance=image: each row's own CLIP embedding is the token, so other embeddings give another loss
-    (same weights, same noise); guidance=none: the embeddings are not used at all."""
+@pytest.mark.parametrize("vision_token", ["image", "none"])
+def test_the_image_vision_token_reaches_the_unet_in_train_step(tiny_model_dir, vision_token):
+    """vision_token=image: each row's own CLIP embedding is the token, so other embeddings give another loss
+    (same weights, same noise); vision_token=none: the embeddings are not used at all."""
     from realfake_ray.stages.finetune.driver import BankCollate
     from realfake_ray.stages.finetune.step import load_models, train_step
 
-    ft = FinetuneConfig(batch_size=4, lr=1e-2, guidance=guidance)
+    ft = FinetuneConfig(batch_size=4, lr=1e-2, vision_token=vision_token)
     models = load_models(tiny_model_dir, ft, seed=0, device=torch.device("cpu"))
     frozen = torch.optim.SGD(models.params, lr=0.0)  # the step changes nothing: both calls see the same weights
     rows = _bank_rows(np.random.default_rng(0))
     other = dict(rows, clip_embed=np.random.default_rng(1).standard_normal((4, 64)).astype(np.float16))
     losses = [train_step(models, BankCollate(models.tokenizer, size=8, seed=0, epoch=0)(r), torch.Generator().manual_seed(0),
                          ft, "epsilon", None, frozen, None) for r in (rows, other)]
-    assert torch.equal(losses[0], losses[1]) == (guidance == "none")
+    assert torch.equal(losses[0], losses[1]) == (vision_token == "none")
 
 
 def test_v_prediction_trains_on_the_velocity_target(tiny_model_dir):
     from realfake_ray.stages.finetune.driver import BankCollate
     from realfake_ray.stages.finetune.step import load_models, train_step
 
-    ft = FinetuneConfig(batch_size=4, lr=1e-2, guidance="none", snr_gamma=None)
+    ft = FinetuneConfig(batch_size=4, lr=1e-2, vision_token="none", snr_gamma=None)
     models = load_models(tiny_model_dir, ft, seed=0, device=torch.device("cpu"))
     frozen = torch.optim.SGD(models.params, lr=0.0)
     batch = BankCollate(models.tokenizer, size=8, seed=0, epoch=0)(_bank_rows(np.random.default_rng(0)))
@@ -310,7 +310,7 @@ def test_killed_driver_resumes_from_its_last_checkpoint_and_ends_as_an_uninterru
     done = run_finetune(load_config(preset="tiny", out=out, overrides=overrides))
     assert done["resumed_from"] == 2 and done["step"] == FIRST
     _, uninterrupted, uninterrupted_history, _ = first_run
-    losses = ("loss", "denoise", "dm")
+    losses = ("loss", "denoise", "mmd")
     assert [[row[k] for k in ("step", *losses)] for row in _history(out)] == \
         [[row[k] for k in ("step", *losses)] for row in uninterrupted_history]
     assert done["lora_sha256"] == uninterrupted["lora_sha256"]

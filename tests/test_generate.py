@@ -126,7 +126,7 @@ def test_a_failed_write_or_batch_gets_no_manifest_row_so_a_rerun_retries_it(tmp_
     failed_batch = write_images(_generated_batch(2, 1, "RuntimeError: CUDA out of memory"), root=root, quality=90,
                                 storage_size=None)  # the actor's failure: nothing written
     assert sorted(os.listdir(tmp_path / "images" / "0")) == ["img0__c0.jpg", "img2__c0.jpg"]
-    constants = {"mode": "img2img", "guidance": "image", "strength": 0.75, "steps": 4, "scheduler": "unipc",
+    constants = {"mode": "img2img", "vision_token": "image", "strength": 0.75, "steps": 4, "scheduler": "unipc",
                  "guidance_scale": 2.0, "lora_scale": 0.5, "lora_sha256": "ab"}
     counts = [write_manifest(pa.table(batch), directory=manifest, constants=constants) for batch in (written, failed_batch)]
     assert [(c["written"][0], c["failed"][0]) for c in counts] == [(2, 1), (0, 2)]
@@ -315,10 +315,10 @@ def test_changed_settings_into_the_same_out_are_refused(run_a, no_ray):
 @pytest.mark.e2e
 def test_txt2img_without_lora_and_with_class_mean_guidance(bank, tmp_path_factory, run_a):
     out = _new_run(bank, tmp_path_factory, "gen-t2i")
-    summary = run_generate(_cfg(out, "generate.mode=txt2img", "generate.use_lora=false", "generate.guidance=class_mean"))
+    summary = run_generate(_cfg(out, "generate.mode=txt2img", "generate.use_lora=false", "generate.vision_token=class_mean"))
     manifest = _check_set(out, bank, 1)
     assert summary["settings"]["lora_sha256"] is None and summary["settings"]["mode"] == "txt2img"
-    assert {(r["mode"], r["guidance"], r["lora_sha256"], r["lora_scale"]) for r in manifest} == {
+    assert {(r["mode"], r["vision_token"], r["lora_sha256"], r["lora_scale"]) for r in manifest} == {
         ("txt2img", "class_mean", None, None)
     }
     out_a, _ = run_a
@@ -358,14 +358,14 @@ def test_lora_from_another_base_model_is_refused(bank, tmp_path_factory, no_ray)
 @pytest.mark.e2e
 def test_guidance_other_than_the_loras_is_refused_unless_allowed(bank, tmp_path_factory, no_ray, monkeypatch):
     out = _new_run(bank, tmp_path_factory, "gen-guidance")
-    storage.write_json(str(out / "finetune" / "_settings.json"), {"guidance": "class_mean"})
-    with pytest.raises(ConfigError, match=r"generate.guidance='image' but the LoRA .* finetune.guidance='class_mean'"):
+    storage.write_json(str(out / "finetune" / "_settings.json"), {"vision_token": "class_mean"})
+    with pytest.raises(ConfigError, match=r"generate.vision_token='image' but the LoRA .* finetune.vision_token='class_mean'"):
         run_generate(_cfg(out))
     from realfake_ray.stages.generate import plan as generate_plan
 
     monkeypatch.setattr(generate_plan, "plan_units", lambda *a: (_ for _ in ()).throw(RuntimeError("planned")))
     with pytest.raises(RuntimeError, match="planned"):  # allowed: the checks pass and planning starts
-        run_generate(_cfg(out, "generate.allow_guidance_mismatch=true"))
+        run_generate(_cfg(out, "generate.allow_vision_token_mismatch=true"))
 
 
 @pytest.mark.e2e

@@ -15,7 +15,7 @@ from realfake_ray.method.losses import (
     distribution_matching_loss,
     finetune_loss,
     gather_with_grad,
-    global_dm_scale,
+    global_mmd_scale,
     median_heuristic_bandwidths,
     min_snr_weights,
     mmd2,
@@ -210,28 +210,28 @@ def _finetune_inputs(batch: int = 4, seed: int = 0):
 
 def test_finetune_loss_combines_terms() -> None:
     pred, target, t, ac = _finetune_inputs()
-    out = finetune_loss(pred, target, t, ac, dm_weight=0.5)
-    assert set(out) == {"loss", "denoise", "dm"}
+    out = finetune_loss(pred, target, t, ac, mmd_weight=0.5)
+    assert set(out) == {"loss", "denoise", "mmd"}
     assert all(torch.isfinite(v) for v in out.values())
-    assert not out["denoise"].requires_grad and not out["dm"].requires_grad
-    assert out["loss"].item() == pytest.approx((out["denoise"] + 0.5 * out["dm"]).item(), rel=1e-6)
+    assert not out["denoise"].requires_grad and not out["mmd"].requires_grad
+    assert out["loss"].item() == pytest.approx((out["denoise"] + 0.5 * out["mmd"]).item(), rel=1e-6)
     w = min_snr_weights(t, ac)
-    assert out["dm"].item() == pytest.approx(distribution_matching_loss(pred, target, w).item(), rel=1e-6)
+    assert out["mmd"].item() == pytest.approx(distribution_matching_loss(pred, target, w).item(), rel=1e-6)
     # Outside torch.distributed (world size 1) the global scope is the local batch.
-    world = finetune_loss(pred, target, t, ac, dm_weight=0.5, dm_scope="global")
+    world = finetune_loss(pred, target, t, ac, mmd_weight=0.5, mmd_scope="global")
     assert world["loss"].item() == pytest.approx(out["loss"].item())
 
 
 def test_finetune_loss_defaults_to_the_reference_local_scope() -> None:
     import inspect
 
-    assert inspect.signature(finetune_loss).parameters["dm_scope"].default == "local"
+    assert inspect.signature(finetune_loss).parameters["mmd_scope"].default == "local"
     from realfake_ray.config import FinetuneConfig
 
     assert FinetuneConfig().mmd_scope == "local"
 
 
-def test_global_dm_scale_keeps_a_shared_bias_equally_strong_at_any_world_size() -> None:
+def test_global_mmd_scale_keeps_a_shared_bias_equally_strong_at_any_world_size() -> None:
     # A systematic offset of the predictions: the linear term on W·B samples is W² times the local one;
     # the scale brings it back, so one mmd_weight means one strength at any worker count.
     pred, target, t, ac = _finetune_inputs(batch=8)
@@ -240,16 +240,16 @@ def test_global_dm_scale_keeps_a_shared_bias_equally_strong_at_any_world_size() 
     local = distribution_matching_loss(biased[:2], target[:2], w[:2])
     gathered = distribution_matching_loss(biased, target, w)  # 4 "ranks" of 2
     assert gathered.item() == pytest.approx(16 * local.item(), rel=1e-5)
-    assert (gathered * global_dm_scale("linear", 4)).item() == pytest.approx(local.item(), rel=1e-5)
-    assert global_dm_scale("gaussian", 4) == 1.0
-    with pytest.raises(ValueError, match="dm_kernel"):
-        global_dm_scale("cosine", 2)
+    assert (gathered * global_mmd_scale("linear", 4)).item() == pytest.approx(local.item(), rel=1e-5)
+    assert global_mmd_scale("gaussian", 4) == 1.0
+    with pytest.raises(ValueError, match="mmd_kernel"):
+        global_mmd_scale("cosine", 2)
 
 
-def test_finetune_loss_zero_dm_weight_reports_but_does_not_train() -> None:
+def test_finetune_loss_zero_mmd_weight_reports_but_does_not_train() -> None:
     pred, target, t, ac = _finetune_inputs()
-    out = finetune_loss(pred, target, t, ac, dm_weight=0.0, dm_kernel="gaussian")
-    assert out["dm"].item() != 0 and not out["dm"].requires_grad
+    out = finetune_loss(pred, target, t, ac, mmd_weight=0.0, mmd_kernel="gaussian")
+    assert out["mmd"].item() != 0 and not out["mmd"].requires_grad
     assert out["loss"].item() == out["denoise"].item()
     out["loss"].backward()
     grad = pred.grad.clone()
@@ -260,10 +260,10 @@ def test_finetune_loss_zero_dm_weight_reports_but_does_not_train() -> None:
 
 def test_finetune_loss_validates_choices() -> None:
     pred, target, t, ac = _finetune_inputs()
-    with pytest.raises(ValueError, match="dm_kernel='rbf'"):
-        finetune_loss(pred, target, t, ac, dm_kernel="rbf")
-    with pytest.raises(ValueError, match="dm_scope='world'"):
-        finetune_loss(pred, target, t, ac, dm_scope="world")
+    with pytest.raises(ValueError, match="mmd_kernel='rbf'"):
+        finetune_loss(pred, target, t, ac, mmd_kernel="rbf")
+    with pytest.raises(ValueError, match="mmd_scope='world'"):
+        finetune_loss(pred, target, t, ac, mmd_scope="world")
 
 
 # ----------------------------------------------------------------------------------- gathering
@@ -288,10 +288,10 @@ def _gather_worker(rank: int, world: int, init_file: str) -> None:
         # the default local scope sees only this rank's shard.
         pred, target, t, ac = _finetune_inputs(batch=4, seed=7)
         shard = slice(2 * rank, 2 * rank + 2)
-        dm = finetune_loss(pred[shard], target[shard], t[shard], ac, dm_scope="global")["dm"]
-        assert torch.allclose(dm, finetune_loss(pred, target, t, ac)["dm"] / world**2)
-        local = finetune_loss(pred[shard], target[shard], t[shard], ac)["dm"]
-        assert torch.allclose(local, finetune_loss(pred[shard], target[shard], t[shard], ac, dm_scope="local")["dm"])
+        dm = finetune_loss(pred[shard], target[shard], t[shard], ac, mmd_scope="global")["mmd"]
+        assert torch.allclose(dm, finetune_loss(pred, target, t, ac)["mmd"] / world**2)
+        local = finetune_loss(pred[shard], target[shard], t[shard], ac)["mmd"]
+        assert torch.allclose(local, finetune_loss(pred[shard], target[shard], t[shard], ac, mmd_scope="local")["mmd"])
         assert not torch.allclose(local, dm)
     finally:
         dist.destroy_process_group()

@@ -25,7 +25,7 @@ def make_inputs(n: int, seed: int = 0) -> dict:
         "seeds": list(range(100, 100 + n)),
         "latent_mean": torch.randn(n, 4, 8, 8, generator=gen),
         "latent_std": 0.1 * torch.rand(n, 4, 8, 8, generator=gen),
-        "guidance_tokens": torch.randn(n, 64, generator=gen),
+        "vision_tokens": torch.randn(n, 64, generator=gen),
     }
 
 
@@ -115,7 +115,7 @@ def test_guidance_token_changes_output(pipe):
     sampler = Sampler(pipe, SamplerSettings(**FAST))
     inputs = make_inputs(1)
     with_token = sampler(**inputs)
-    text_only = sampler(**(inputs | {"guidance_tokens": None}))
+    text_only = sampler(**(inputs | {"vision_tokens": None}))
     assert not np.array_equal(with_token, text_only)
 
 
@@ -181,7 +181,7 @@ def test_make_scheduler_lists_valid_names(pipe):
         ({"latent_mean": torch.zeros(2, 3, 8, 8)}, "latent_mean"),
         ({"latent_mean": None}, "latent_mean"),
         ({"latent_std": torch.zeros(2, 4, 4, 4)}, "latent_std"),
-        ({"guidance_tokens": torch.zeros(2, 16)}, "guidance_tokens"),
+        ({"vision_tokens": torch.zeros(2, 16)}, "vision_tokens"),
     ],
 )
 def test_bad_inputs_raise(pipe, change, match):
@@ -261,11 +261,11 @@ def test_guidance_token_reaches_the_negative_branch_only_when_asked(pipe, negati
     handle = pipe.unet.register_forward_pre_hook(
         lambda mod, args, kwargs: seen.append(kwargs["encoder_hidden_states"].clone()), with_kwargs=True)
     try:
-        Sampler(pipe, SamplerSettings(**FAST, negative_guidance_token=negative_token))(**inputs)
+        Sampler(pipe, SamplerSettings(**FAST, negative_vision_token=negative_token))(**inputs)
     finally:
         handle.remove()
     negative, cond = seen[0].chunk(2)  # one UNet call holds [negative branch, conditional branch]
-    tokens = inputs["guidance_tokens"]
+    tokens = inputs["vision_tokens"]
     assert torch.allclose(cond[:, -1], tokens)
     assert torch.allclose(negative[:, -1], tokens) == negative_token
     assert torch.equal(negative[:, :-1], negative[:1, :-1].expand(2, -1, -1))  # the negative prompt's states

@@ -105,7 +105,7 @@ def test_a_short_finetune_with_the_mmd_term_lowers_the_mmd_it_matches(pipe):
     model_dir = resolve_model_dir("preset:tiny")
 
     def run(weight: float) -> float:
-        ft = FinetuneConfig(batch_size=16, lr=1e-3, mmd_weight=weight, guidance="none", hflip=False)
+        ft = FinetuneConfig(batch_size=16, lr=1e-3, mmd_weight=weight, vision_token="none", hflip=False)
         models = load_models(model_dir, ft, seed=0, device=torch.device("cpu"))
         optimizer = torch.optim.AdamW(models.params, lr=ft.lr)
         gen = torch.Generator().manual_seed(0)

@@ -11,7 +11,7 @@ from realfake_ray.layout import RunLayout
 from realfake_ray.tools.tune_sampler.driver import grid_settings, run_tune_sampler
 
 _REFERENCE = json.dumps({"scheduler": "unipc", "steps": 6, "strength": 0.75, "guidance_scale": 2.0, "lora_scale": 0.5,
-                         "accelerator": "none"})
+                         "speedup": "none"})
 
 
 def _cfg(out, *overrides):
@@ -24,8 +24,8 @@ def _cfg(out, *overrides):
 def test_the_grid_is_checked_before_any_work(tmp_path, no_ray):
     with pytest.raises(ConfigError, match="unknown key.*'step'"):
         grid_settings(_cfg(tmp_path, 'tune_sampler.axes={"step": [4]}'))
-    with pytest.raises(ConfigError, match="setting .*'deepcache:0'.*generate.accelerator"):
-        grid_settings(_cfg(tmp_path, 'tune_sampler.axes={"accelerator": ["deepcache:0"]}'))
+    with pytest.raises(ConfigError, match="setting .*'deepcache:0'.*generate.speedup"):
+        grid_settings(_cfg(tmp_path, 'tune_sampler.axes={"speedup": ["deepcache:0"]}'))
     settings, reference, swept = grid_settings(_cfg(tmp_path, 'tune_sampler.axes={"steps": [6, 3]}'))
     assert len(settings) == 2 and settings[0] is reference and swept == ["steps"]  # steps=6 is the reference itself
 
@@ -41,7 +41,7 @@ def test_tiny_sweep_writes_table_front_and_recommendation_then_reruns_nothing(ti
 
     out = tmp_path / "run"
     shutil.copytree(f"{tiny_bank}/latents", out / "latents")
-    cfg = _cfg(out, 'tune_sampler.axes={"accelerator": ["deepcache:2"]}')
+    cfg = _cfg(out, 'tune_sampler.axes={"speedup": ["deepcache:2"]}')
     summary = run_tune_sampler(cfg)
     rows = list(csv.DictReader(io.StringIO(storage.read_text(RunLayout(str(out)).tune_dir("results.csv")))))
     assert [r["name"] for r in rows][:1] == ["reference: none"] and len(rows) == 2
@@ -52,7 +52,7 @@ def test_tiny_sweep_writes_table_front_and_recommendation_then_reruns_nothing(ti
     recommended = [r for r in rows if r["recommended"] == "True"]
     assert len(recommended) == 1 and summary["recommended"] == recommended[0]["name"]
     loaded = load_config(preset="tiny", config_file=RunLayout(str(out)).tune_dir("recommended.yaml")).generate
-    assert loaded.accelerator == recommended[0]["accelerator"] and loaded.steps == 6
+    assert loaded.speedup == recommended[0]["speedup"] and loaded.steps == 6
     assert storage.exists(RunLayout(str(out)).tune_dir("pareto.png")) and "| name |" in storage.read_text(RunLayout(str(out)).tune_dir("results.md"))
 
     forbid_ray_work(monkeypatch)  # every trial is stored: the rerun only rebuilds the outputs

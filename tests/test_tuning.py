@@ -76,14 +76,14 @@ def test_recommendation_is_the_fastest_within_tolerance_else_the_reference():
 
 def test_recommended_yaml_loads_as_a_config_file(tmp_path):
     row = {"name": "x", "scheduler": "ddim", "steps": 8, "strength": 0.75, "guidance_scale": 1.0, "lora_scale": 0.5,
-           "batch_size": 64, "dtype": "fp32", "channels_last": False, "compile": False, "accelerator": "deepcache:3",
+           "batch_size": 64, "dtype": "fp32", "channels_last": False, "compile": False, "speedup": "deepcache:3",
            "images_per_s": 80.0, "accuracy": 0.8}
     text = recommendation_yaml(row, "from a test\nsecond line")
     assert text.startswith("# from a test\n# second line\n") and set(yaml.safe_load(text)) == {"generate"}
     path = tmp_path / "recommended.yaml"
     path.write_text(text)
     g = load_config(preset="tiny", config_file=str(path)).generate
-    assert (g.scheduler, g.steps, g.guidance_scale, g.accelerator, g.batch_size) == ("ddim", 8, 1.0, "deepcache:3", 64)
+    assert (g.scheduler, g.steps, g.guidance_scale, g.speedup, g.batch_size) == ("ddim", 8, 1.0, "deepcache:3", 64)
 
 
 def test_quick_classifier_learns_the_real_digits_and_is_seeded():

@@ -12,7 +12,15 @@ from collections.abc import Iterable
 
 from realfake_ray import storage
 
-__all__ = ["settings_changes", "refuse_changed_settings"]
+__all__ = ["LEGACY_KEYS", "read_settings", "settings_changes", "refuse_changed_settings"]
+
+# Records written before the keys were renamed: read under their new names.
+LEGACY_KEYS = {"guidance": "vision_token", "negative_guidance_token": "negative_vision_token", "accelerator": "speedup"}
+
+
+def read_settings(url: str) -> dict:
+    """A settings record, with keys of older records under their current names (:data:`LEGACY_KEYS`)."""
+    return {LEGACY_KEYS.get(k, k): v for k, v in storage.read_json(url).items()}
 
 
 def settings_changes(before: dict, now: dict, keys: Iterable[str] | None = None) -> list[str]:
@@ -26,7 +34,7 @@ def refuse_changed_settings(url: str, settings: dict, what: str, keys: Iterable[
     ``what`` names the output in the message."""
     if not storage.exists(url):
         return
-    changed = settings_changes(storage.read_json(url), settings, keys)
+    changed = settings_changes(read_settings(url), settings, keys)
     if changed:
         raise ValueError(
             f"{what} was made with other settings ({'; '.join(changed)}); "

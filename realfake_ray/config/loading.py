@@ -13,7 +13,9 @@ from pydantic import BaseModel, ValidationError
 from realfake_ray import storage
 from realfake_ray.config.sections import PRESETS, ConfigError, RunConfig
 
-__all__ = ["deep_merge", "parse_override", "read_yaml_config", "build_config", "load_config", "dump_config"]
+__all__ = [
+    "RENAMED_KEYS", "deep_merge", "parse_override", "read_yaml_config", "build_config", "load_config", "dump_config",
+]
 
 
 # Values the tiny preset sets beneath the user's YAML and flags: a laptop-sized end-to-end run.
@@ -40,6 +42,30 @@ _PRESET_VALUES: dict[str, dict[str, Any]] = {
         "evaluate": {"batch_size": 256, "max_samples": 500},
     }
 }
+
+
+# Keys renamed so that they say what they mean in this field: an old key is refused, naming the new one.
+RENAMED_KEYS = {
+    "finetune.guidance": "finetune.vision_token",
+    "generate.guidance": "generate.vision_token",
+    "generate.allow_guidance_mismatch": "generate.allow_vision_token_mismatch",
+    "generate.negative_guidance_token": "generate.negative_vision_token",
+    "generate.accelerator": "generate.speedup",
+}
+
+
+def _refuse_renamed_keys(raw: dict) -> None:
+    """ConfigError for a key of :data:`RENAMED_KEYS` anywhere it can be given (also as a sampler-tuning axis)."""
+    tuning = raw.get("tune_sampler") if isinstance(raw.get("tune_sampler"), dict) else {}
+    places = {f"{s}.{k}": (raw.get(s), k) for s, k in (key.split(".") for key in RENAMED_KEYS)}
+    for section in ("axes", "reference"):
+        for old in RENAMED_KEYS:
+            if old.startswith("generate."):
+                places[f"tune_sampler.{section}.{old.split('.')[1]}"] = (tuning.get(section), old.split(".")[1])
+    for dotted, (node, key) in places.items():
+        if isinstance(node, dict) and key in node:
+            new = RENAMED_KEYS.get(dotted) or RENAMED_KEYS[f"generate.{key}"]
+            raise ConfigError(f"{dotted}: this key was renamed to {new.split('.')[-1]!r} ({new}); use the new name")
 
 
 def deep_merge(base: dict, update: dict) -> dict:
@@ -125,6 +151,7 @@ def _format_errors(exc: ValidationError) -> str:
 
 def build_config(raw: dict) -> RunConfig:
     """Validate a raw dict into a :class:`RunConfig`, raising :class:`ConfigError` with readable text."""
+    _refuse_renamed_keys(raw)
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:

@@ -105,7 +105,7 @@ class FinetuneConfig(_Section):
     snr_gamma: float | None = Field(5.0, gt=0)
     mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
     hflip: bool = True
-    guidance: Literal["image", "class_mean", "none"] = "image"
+    vision_token: Literal["image", "class_mean", "none"] = "image"
     checkpoint_every: int = Field(500, ge=1)
     keep_checkpoints: int = Field(2, ge=1)  # newest checkpoints kept under <out>/finetune/finetune
     max_failures: int = Field(3, ge=-1)  # restarts after a lost worker, from the newest checkpoint (-1: unlimited)
@@ -127,9 +127,9 @@ class GenerateConfig(_Section):
     steps: int = Field(30, ge=1)
     scheduler: Literal["unipc", "dpmpp_2m_karras", "ddim", "euler"] = "unipc"
     guidance_scale: float = Field(2.0, ge=1)
-    guidance: Literal["image", "class_mean", "none"] = "image"
-    allow_guidance_mismatch: bool = False  # sample a LoRA with another guidance than it was fine-tuned with
-    negative_guidance_token: bool = False  # also put the guidance token into the negative (CFG) branch
+    vision_token: Literal["image", "class_mean", "none"] = "image"
+    allow_vision_token_mismatch: bool = False  # sample a LoRA with another vision token than it was fine-tuned with
+    negative_vision_token: bool = False  # also put the guidance token into the negative (CFG) branch
     use_lora: bool = True
     lora_scale: float = Field(0.5, ge=0)
     sample_posterior: bool = True
@@ -137,7 +137,7 @@ class GenerateConfig(_Section):
     dtype: Dtype = "fp16"
     channels_last: bool = True
     compile: bool = False
-    accelerator: str = "none"  # none | deepcache[:N] | tomesd[:ratio] (see realfake_ray.method.accelerators)
+    speedup: str = "none"  # none | deepcache[:N] | tomesd[:ratio] (see realfake_ray.method.speedups)
     jpeg_quality: int = Field(75, ge=1, le=100)  # 75: PIL's default, what the reference stores
     storage_size: int | None = Field(None, ge=8)  # short side of stored JPEGs; None: the generation resolution
     rows_per_manifest_file: int = Field(512, ge=1)
@@ -246,7 +246,7 @@ class EvaluateConfig(_Section):
 
 # The paper's sampler settings: what `realfake tune-sampler` judges every other setting against.
 PAPER_SAMPLER: dict[str, Any] = {"scheduler": "unipc", "steps": 30, "strength": 0.75, "guidance_scale": 2.0,
-                                 "lora_scale": 0.5, "accelerator": "none"}
+                                 "lora_scale": 0.5, "speedup": "none"}
 
 
 class TuneSamplerConfig(_Section):
@@ -261,7 +261,7 @@ class TuneSamplerConfig(_Section):
         "scheduler": ["unipc", "dpmpp_2m_karras", "ddim", "euler"],
         "steps": [15, 8],
         "guidance_scale": [2.0, 1.0],
-        "accelerator": ["none", "deepcache:3"],
+        "speedup": ["none", "deepcache:3"],
     }
     reference: dict[str, Any] = PAPER_SAMPLER
     proxy_rows: int = Field(512, ge=8)  # train-bank images generated per setting in round 1

@@ -1,6 +1,6 @@
 """Losses for distribution-matching LoRA fine-tuning (pure torch; no Ray, no pydantic).
 
-The fine-tuning objective is the Min-SNR-weighted denoising loss plus ``dm_weight`` times a
+The fine-tuning objective is the Min-SNR-weighted denoising loss plus ``mmd_weight`` times a
 distribution-matching (MMD) term between the denoiser's predictions and its targets. The reference
 recipe uses a linear-kernel mean match on each GPU's own batch (no gather); a Gaussian-kernel MMD is
 offered as the generalisation the paper's formula describes, and a world-size-normalised global scope
@@ -13,7 +13,7 @@ Example:
     >>> pred, target = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
     >>> out = finetune_loss(pred, target, torch.tensor([1, 10, 500, 999]), alphas_cumprod)
     >>> sorted(out)
-    ['denoise', 'dm', 'loss']
+    ['denoise', 'mmd', 'loss']
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ __all__ = [
     "distribution_matching_loss",
     "finetune_loss",
     "gather_with_grad",
-    "global_dm_scale",
+    "global_mmd_scale",
     "min_snr_weights",
     "mmd2",
 ]
@@ -288,7 +288,7 @@ def gather_with_grad(x: Tensor) -> Tensor:
     return torch.cat(all_gather(x.contiguous()))
 
 
-def global_dm_scale(kernel: str, world_size: int) -> float:
+def global_mmd_scale(kernel: str, world_size: int) -> float:
     """Factor that puts a DM term computed on the batch of ``world_size`` ranks on the local batch's scale.
 
     The linear term is ``B²·‖mean_w(pred) − mean_w(target)‖² / positions`` for a batch of B: gathered
@@ -298,10 +298,10 @@ def global_dm_scale(kernel: str, world_size: int) -> float:
     over pairs, already independent of the batch size: factor 1.
 
     Example:
-        >>> global_dm_scale("linear", 8), global_dm_scale("gaussian", 8)
+        >>> global_mmd_scale("linear", 8), global_mmd_scale("gaussian", 8)
         (0.015625, 1.0)
     """
-    _validate_choice("dm_kernel", kernel, KERNELS)
+    _validate_choice("mmd_kernel", kernel, KERNELS)
     return 1.0 / world_size**2 if kernel == "linear" else 1.0
 
 
@@ -318,36 +318,36 @@ def finetune_loss(
     *,
     gamma: float | None = 5.0,
     prediction_type: str = "epsilon",
-    dm_weight: float = 0.003,
-    dm_kernel: str = "linear",
-    dm_scope: str = "local",
+    mmd_weight: float = 0.003,
+    mmd_kernel: str = "linear",
+    mmd_scope: str = "local",
 ) -> dict[str, Tensor]:
-    """The distribution-matching fine-tuning loss: Min-SNR denoising + ``dm_weight`` · DM term.
+    """The distribution-matching fine-tuning loss: Min-SNR denoising + ``mmd_weight`` · DM term.
 
-    The denoising loss uses the local batch. The DM term uses the local batch with ``dm_scope="local"``
+    The denoising loss uses the local batch. The DM term uses the local batch with ``mmd_scope="local"``
     (the reference behaviour: each GPU matches its own batch, whatever the worker count), or the batch
     gathered from all W ranks with ``"global"`` (identity outside torch.distributed). The linear term
-    is a sum over its batch, so on the gathered batch it is divided by W²: the same ``dm_weight`` then
-    weighs a systematic mismatch equally at any world size (see :func:`global_dm_scale`). With
-    ``dm_weight == 0`` the DM term is still computed (no grad) and reported, but not added. Returns
-    ``{"loss", "denoise", "dm"}``.
+    is a sum over its batch, so on the gathered batch it is divided by W²: the same ``mmd_weight`` then
+    weighs a systematic mismatch equally at any world size (see :func:`global_mmd_scale`). With
+    ``mmd_weight == 0`` the DM term is still computed (no grad) and reported, but not added. Returns
+    ``{"loss", "denoise", "mmd"}``.
 
     Example:
         >>> ac = torch.linspace(0.999, 0.01, 1000)
         >>> p, t = torch.randn(2, 4, 8, 8, requires_grad=True), torch.randn(2, 4, 8, 8)
-        >>> out = finetune_loss(p, t, torch.tensor([3, 700]), ac, dm_scope="local")
+        >>> out = finetune_loss(p, t, torch.tensor([3, 700]), ac, mmd_scope="local")
         >>> out["loss"].backward()
     """
-    _validate_choice("dm_kernel", dm_kernel, KERNELS)
-    _validate_choice("dm_scope", dm_scope, DM_SCOPES)
+    _validate_choice("mmd_kernel", mmd_kernel, KERNELS)
+    _validate_choice("mmd_scope", mmd_scope, DM_SCOPES)
     weights = min_snr_weights(timesteps, alphas_cumprod, gamma, prediction_type).to(pred.device)
     denoise = denoising_loss(pred, target, weights)
-    with torch.set_grad_enabled(torch.is_grad_enabled() and dm_weight != 0):
-        if dm_scope == "global":
+    with torch.set_grad_enabled(torch.is_grad_enabled() and mmd_weight != 0):
+        if mmd_scope == "global":
             pred, target, weights = gather_with_grad(pred), gather_with_grad(target), gather_with_grad(weights)
-        dm = distribution_matching_loss(pred, target, weights, kernel=dm_kernel)
-        if dm_scope == "global":
-            dm = dm * global_dm_scale(dm_kernel, _dist_world_size())
-    if dm_weight == 0:
-        return {"loss": denoise, "denoise": denoise.detach(), "dm": dm.detach()}
-    return {"loss": denoise + dm_weight * dm, "denoise": denoise.detach(), "dm": dm.detach()}
+        dm = distribution_matching_loss(pred, target, weights, kernel=mmd_kernel)
+        if mmd_scope == "global":
+            dm = dm * global_mmd_scale(mmd_kernel, _dist_world_size())
+    if mmd_weight == 0:
+        return {"loss": denoise, "denoise": denoise.detach(), "mmd": dm.detach()}
+    return {"loss": denoise + mmd_weight * dm, "denoise": denoise.detach(), "mmd": dm.detach()}

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from realfake_ray.method.guidance import encode_text, inject_guidance_token
+from realfake_ray.method.vision_token import encode_text, inject_vision_token
 from realfake_ray.method.lora import apply_lora
 from realfake_ray.method.prompts import NEGATIVE_PROMPT, tokenize
 
@@ -80,7 +80,7 @@ class SamplerSettings:
 
     ``sample_posterior``: the img2img start latent is ``mean + std * eps`` (True) or ``mean`` (False).
     ``dtype``: weights/activations of VAE, UNet and text encoder (scheduler math stays fp32).
-    ``negative_guidance_token``: also write the image's guidance token into the negative prompt's last slot
+    ``negative_vision_token``: also write the image's guidance token into the negative prompt's last slot
     (the reference code hands its tokens to an unreleased pipeline, so its choice is unknown; default off).
 
     Example:
@@ -98,7 +98,7 @@ class SamplerSettings:
     dtype: str = "fp32"
     channels_last: bool = False
     compile: bool = False
-    negative_guidance_token: bool = False
+    negative_vision_token: bool = False
 
     def validate(self) -> SamplerSettings:
         """Raise ValueError naming the first bad field; return self."""
@@ -228,18 +228,18 @@ class Sampler:
             apply_lora(pipe, lora_dir, lora_scale)
         return cls(pipe, settings, device)
 
-    def _encode(self, prompts: list[str], guidance_tokens: Tensor | None = None) -> Tensor:
+    def _encode(self, prompts: list[str], vision_tokens: Tensor | None = None) -> Tensor:
         """Text hidden states [B, L, D] in the sampling dtype, guidance token in the last slot."""
         ids = tokenize(self.tokenizer, prompts).to(self.device)
-        return encode_text(self.text_encoder, ids, guidance_tokens).to(self.dtype)
+        return encode_text(self.text_encoder, ids, vision_tokens).to(self.dtype)
 
-    def _check_inputs(self, prompts, seeds, latent_mean, latent_std, guidance_tokens) -> None:
+    def _check_inputs(self, prompts, seeds, latent_mean, latent_std, vision_tokens) -> None:
         """ValueError naming the first inconsistent argument."""
         n = len(prompts)
         if n == 0 or len(seeds) != n:
             raise ValueError(f"need one seed per prompt and at least one prompt; got {n} prompts, {len(seeds)} seeds")
-        if guidance_tokens is not None and tuple(guidance_tokens.shape) != (n, self.text_width):
-            raise ValueError(f"guidance_tokens must be [{n}, {self.text_width}]; got {tuple(guidance_tokens.shape)}")
+        if vision_tokens is not None and tuple(vision_tokens.shape) != (n, self.text_width):
+            raise ValueError(f"vision_tokens must be [{n}, {self.text_width}]; got {tuple(vision_tokens.shape)}")
         if self.settings.mode == "txt2img":
             return
         if latent_mean is None:
@@ -272,11 +272,11 @@ class Sampler:
             init = init + latent_std.to(self.device, torch.float32) * eps
         return self.scheduler.add_noise(init, noise, timesteps[:1].repeat(len(init)))
 
-    def _negative(self, n: int, guidance_tokens: Tensor | None) -> Tensor:
+    def _negative(self, n: int, vision_tokens: Tensor | None) -> Tensor:
         """The CFG branch's embeddings [n, L, D]: the negative prompt, with the guidance token when asked."""
         negative = self.negative_embeds.expand(n, -1, -1)
-        if self.settings.negative_guidance_token and guidance_tokens is not None:
-            negative = inject_guidance_token(negative, guidance_tokens.to(self.device))
+        if self.settings.negative_vision_token and vision_tokens is not None:
+            negative = inject_vision_token(negative, vision_tokens.to(self.device))
         return negative
 
     def _denoise(self, latents: Tensor, timesteps: Tensor, cond: Tensor, negative: Tensor | None) -> Tensor:
@@ -307,24 +307,24 @@ class Sampler:
         seeds: list[int],
         latent_mean: Tensor | None = None,
         latent_std: Tensor | None = None,
-        guidance_tokens: Tensor | None = None,
+        vision_tokens: Tensor | None = None,
     ) -> np.ndarray:
         """Generate ``len(prompts)`` images, uint8 [B, H, W, 3].
 
         img2img: ``latent_mean``/``latent_std`` [B, C, h, w] are bank latents already multiplied by the
-        VAE scaling factor. ``guidance_tokens`` [B, D] (CLIP image embeddings) replace the last text slot
+        VAE scaling factor. ``vision_tokens`` [B, D] (CLIP image embeddings) replace the last text slot
         of the conditional branch; None = text only.
 
         Example:
-            >>> images = sampler(prompts=p, seeds=[1, 2], latent_mean=m, latent_std=s, guidance_tokens=g)  # doctest: +SKIP
+            >>> images = sampler(prompts=p, seeds=[1, 2], latent_mean=m, latent_std=s, vision_tokens=g)  # doctest: +SKIP
         """
         prompts = list(prompts)
         seeds = [int(x) for x in seeds]
-        self._check_inputs(prompts, seeds, latent_mean, latent_std, guidance_tokens)
+        self._check_inputs(prompts, seeds, latent_mean, latent_std, vision_tokens)
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-        cond = self._encode(prompts, guidance_tokens)
+        cond = self._encode(prompts, vision_tokens)
         timesteps = self._timesteps()
         latents = self._initial_latents(generators, latent_mean, latent_std, timesteps)
-        negative = self._negative(len(prompts), guidance_tokens) if self.settings.cfg else None
+        negative = self._negative(len(prompts), vision_tokens) if self.settings.cfg else None
         latents = self._denoise(latents, timesteps, cond, negative)
         return self.decode(latents)

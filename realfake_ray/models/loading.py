@@ -25,7 +25,7 @@ import uuid
 from urllib.parse import urlparse
 
 from realfake_ray import storage
-from realfake_ray.method.guidance import check_guidance_width
+from realfake_ray.method.vision_token import check_vision_token_width
 
 __all__ = [
     "PRESET_PREFIX", "PRESETS", "TINY_BASE_DIR", "ModelLoadError", "shipped_base_digest", "write_fp32_copy",
@@ -209,7 +209,7 @@ def check_models(model_dir: str, clip_dir: str) -> dict:
 
     for component in ("vae", "unet", "text_encoder"):
         read_component_config(model_dir, component)
-    check_guidance_width(*guidance_widths(model_dir, clip_dir))
+    check_vision_token_width(*guidance_widths(model_dir, clip_dir))
     vae_cfg = read_component_config(model_dir, "vae")
     return {
         "model_dir": model_dir,

@@ -225,7 +225,7 @@ def _bench_inputs(pipe, batch_size: int, seed: int) -> dict:
         "seeds": list(range(seed, seed + batch_size)),
         "latent_mean": torch.randn(shape, generator=gen),
         "latent_std": 0.1 * torch.rand(shape, generator=gen),
-        "guidance_tokens": torch.randn(batch_size, width, generator=gen),
+        "vision_tokens": torch.randn(batch_size, width, generator=gen),
     }
 
 

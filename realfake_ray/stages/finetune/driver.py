@@ -204,7 +204,7 @@ def _report(st: _TrainState, models, optimizer, scaler, generator, cfg: RunConfi
                      checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{st.step:08d}")
     write_metrics(_metrics_url(cfg.out), st.history)
     last = st.history[-1]
-    print(f"[finetune] step {st.step}: loss {last['loss']:.4f} (denoise {last['denoise']:.4f}, dm {last['dm']:.4g}), "
+    print(f"[finetune] step {st.step}: loss {last['loss']:.4f} (denoise {last['denoise']:.4f}, mmd {last['mmd']:.4g}), "
           f"{last['samples_per_s']:.0f} samples/s, checkpoint saved", flush=True)
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from realfake_ray.bank import class_mean_embeddings, tensor_shape
 from realfake_ray.config import FinetuneConfig, RunConfig
-from realfake_ray.method.guidance import check_guidance_width
+from realfake_ray.method.vision_token import check_vision_token_width
 from realfake_ray.layout import RunLayout
 from realfake_ray.models import loading
 
@@ -43,7 +43,7 @@ class FinetunePlan:
     total_steps: int
     prediction_type: str
     num_classes: int
-    class_means: tuple[tuple[float, ...], ...] | None = None  # only for guidance="class_mean"
+    class_means: tuple[tuple[float, ...], ...] | None = None  # only for vision_token="class_mean"
     resume_dir: str | None = None  # newest complete checkpoint folder found by the driver (see _internal.checkpoints)
     first_epoch: int = 0  # the epoch that checkpoint was taken in (seeds the data order, see bank_dataset)
     kill_driver_after: tuple[int, int] | None = None  # (step, driver pid): tests only, see _internal.faults
@@ -117,8 +117,8 @@ def check_model_and_bank(cfg: RunConfig, meta: dict, files: list[str], model_dir
             f"the latent bank at {RunLayout(cfg.out).bank_dir()} has no fine-tuning view (bank format {meta.get('format', 1)}, "
             "written before random crops of the whole image were stored): re-encode it into a new --out"
         )
-    if cfg.finetune.guidance != "none":
-        check_guidance_width(int(text["hidden_size"]), _tensor_shape(files, "clip_embed")[0])
+    if cfg.finetune.vision_token != "none":
+        check_vision_token_width(int(text["hidden_size"]), _tensor_shape(files, "clip_embed")[0])
     sched = _read_scheduler_config(model_dir)
     prediction_type = sched.get("prediction_type", "epsilon")
     if prediction_type not in ("epsilon", "v_prediction"):
@@ -132,7 +132,7 @@ def plan_finetune(cfg: RunConfig, meta: dict, files: list[str], total_steps: int
     facts = check_model_and_bank(cfg, meta, files, model_dir)
     num_classes = len(meta["class_dirs"])
     means = None
-    if cfg.finetune.guidance == "class_mean":
+    if cfg.finetune.vision_token == "class_mean":
         means = tuple(tuple(float(v) for v in row) for row in class_mean_embeddings(files, num_classes))
     return FinetunePlan(
         model_dir=model_dir,

@@ -15,14 +15,14 @@ import numpy as np
 import torch
 
 from realfake_ray.config import FinetuneConfig
-from realfake_ray.method.guidance import encode_text
+from realfake_ray.method.vision_token import encode_text
 from realfake_ray.method.lora import add_lora
 from realfake_ray.method.losses import finetune_loss
 from realfake_ray.seeds import derive_seed
 
 __all__ = ["METRIC_KEYS", "random_latent_crop", "FinetuneModels", "load_models", "train_step"]
 
-METRIC_KEYS = ("loss", "denoise", "dm")
+METRIC_KEYS = ("loss", "denoise", "mmd")
 
 
 def random_latent_crop(mean: bytes, std: bytes, shape: tuple[int, int, int], size: int,
@@ -96,9 +96,9 @@ def _lr_at(ft: FinetuneConfig, step: int) -> float:
 
 
 def _guidance_token(ft: FinetuneConfig, batch: dict, class_means: torch.Tensor | None) -> torch.Tensor | None:
-    if ft.guidance == "image":
+    if ft.vision_token == "image":
         return batch["clip_embed"]
-    if ft.guidance == "class_mean":
+    if ft.vision_token == "class_mean":
         return class_means[batch["label"]]
     return None
 
@@ -135,7 +135,7 @@ def train_step(models: FinetuneModels, batch: dict, generator: torch.Generator, 
         pred = models.unet(noisy.to(models.weight_dtype), timesteps, hidden.to(models.weight_dtype), return_dict=False)[0]
     out = finetune_loss(
         pred.float(), target.float(), timesteps, sched.alphas_cumprod, gamma=ft.snr_gamma,
-        prediction_type=prediction_type, dm_weight=ft.mmd_weight, dm_kernel=ft.mmd_kernel, dm_scope=ft.mmd_scope,
+        prediction_type=prediction_type, mmd_weight=ft.mmd_weight, mmd_kernel=ft.mmd_kernel, mmd_scope=ft.mmd_scope,
     )
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:

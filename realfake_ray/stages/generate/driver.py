@@ -66,7 +66,7 @@ def _manifest_constants(cfg: RunConfig, plan: GeneratePlan) -> dict:
     g = cfg.generate
     return {
         "mode": g.mode,
-        "guidance": g.guidance,
+        "vision_token": g.vision_token,
         "strength": g.strength if g.mode == "img2img" else 1.0,
         "steps": g.steps,
         "scheduler": g.scheduler,
@@ -89,7 +89,7 @@ def build_pipeline(cfg: RunConfig, plan: GeneratePlan, class_means: np.ndarray |
         "fail_copy": fault_at("generate.sampler_error"),
     }
     ds = ray.data.from_items(plan.units, override_num_blocks=max(1, min(len(plan.units), 20000)))
-    load_kwargs = {"seed": cfg.seed, "batch_size": g.batch_size, "mode": g.mode, "guidance": g.guidance,
+    load_kwargs = {"seed": cfg.seed, "batch_size": g.batch_size, "mode": g.mode, "vision_token": g.vision_token,
                    "collisions": plan.collisions}  # fmt: skip
     # The CPU tasks around the actors are light (Parquet reads, JPEG writes): a quarter CPU each, so that on a
     # small CPU machine they do not keep an actor from starting.
@@ -119,8 +119,8 @@ def build_pipeline(cfg: RunConfig, plan: GeneratePlan, class_means: np.ndarray |
 
 
 def _class_means(cfg: RunConfig, plan: GeneratePlan) -> np.ndarray | None:
-    """Per-class mean CLIP embedding of the bank (``generate.guidance=class_mean``), computed once here."""
-    if cfg.generate.guidance != "class_mean":
+    """Per-class mean CLIP embedding of the bank (``generate.vision_token=class_mean``), computed once here."""
+    if cfg.generate.vision_token != "class_mean":
         return None
 
     return class_mean_embeddings(plan.files, len(plan.meta["class_dirs"]))

@@ -22,9 +22,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from realfake_ray import storage
-from realfake_ray._internal.settings import refuse_changed_settings
+from realfake_ray._internal.settings import read_settings, refuse_changed_settings
 from realfake_ray._internal.shards import part_files
-from realfake_ray.method.accelerators import parse_accelerator
+from realfake_ray.method.speedups import parse_speedup
 from realfake_ray.bank import read_bank, tensor_shape
 from realfake_ray.config import ConfigError, GenerateConfig, RunConfig
 from realfake_ray.data.imagefolder import stem
@@ -43,15 +43,15 @@ __all__ = [
 ]
 
 MANIFEST_COLUMNS = (
-    "path", "image_id", "label", "class_dir", "copy_idx", "seed", "prompt", "mode", "guidance", "strength",
+    "path", "image_id", "label", "class_dir", "copy_idx", "seed", "prompt", "mode", "vision_token", "strength",
     "steps", "scheduler", "guidance_scale", "lora_scale", "lora_sha256",
 )  # fmt: skip
 
 
 # Settings that change what an image looks like: a synthetic set must not mix two of them.
-_RECORDED = ("model", "vae_sha256", "seed", "mode", "strength", "steps", "scheduler", "guidance_scale", "guidance",
-             "negative_prompt", "negative_guidance_token", "sample_posterior", "lora_sha256", "lora_scale", "jpeg_quality",
-             "storage_size", "accelerator")  # fmt: skip
+_RECORDED = ("model", "vae_sha256", "seed", "mode", "strength", "steps", "scheduler", "guidance_scale", "vision_token",
+             "negative_prompt", "negative_vision_token", "sample_posterior", "lora_sha256", "lora_scale", "jpeg_quality",
+             "storage_size", "speedup")  # fmt: skip
 
 
 _UNIT_TARGET_ROWS = 512  # rows per load unit (rounded up to whole generation batches)
@@ -102,7 +102,7 @@ def sampler_settings(gen: GenerateConfig, device_type: str = "cuda"):
         dtype=gen.dtype if device_type == "cuda" else "fp32",
         channels_last=gen.channels_last,
         compile=gen.compile,
-        negative_guidance_token=gen.negative_guidance_token,
+        negative_vision_token=gen.negative_vision_token,
     ).validate()
 
 
@@ -119,11 +119,11 @@ def check_generate_config(gen: GenerateConfig) -> None:
     if gen.batch_size < 1 or gen.rows_per_manifest_file < 1:
         raise ConfigError("generate.batch_size and generate.rows_per_manifest_file must be >= 1")
     try:
-        parse_accelerator(gen.accelerator)
+        parse_speedup(gen.speedup)
     except ValueError as exc:
         raise ConfigError(f"generate.{exc}") from None
-    if gen.compile and gen.accelerator != "none":
-        raise ConfigError(f"generate.accelerator={gen.accelerator!r} does not compose with generate.compile=true")
+    if gen.compile and gen.speedup != "none":
+        raise ConfigError(f"generate.speedup={gen.speedup!r} does not compose with generate.compile=true")
 
 
 def check_bank_fits_model(meta: dict, model_dir: str, gen: GenerateConfig, first_file: str) -> None:
@@ -151,13 +151,13 @@ def check_bank_fits_model(meta: dict, model_dir: str, gen: GenerateConfig, first
                 f"{meta_url_hint(meta)} was encoded with another VAE than model.pretrained's; "
                 "re-encode with this model into a new --out"
             )
-    if gen.guidance != "none":
+    if gen.vision_token != "none":
         shape = tensor_shape(first_file, "clip_embed")
         width = int(np.prod(shape)) if shape is not None else None
         if width is not None and width != int(text["hidden_size"]):
             raise ValueError(
                 f"{first_file}: clip_embed width {width} != text encoder width {text['hidden_size']}; "
-                f"the guidance token must match (or set generate.guidance=none)"
+                f"the guidance token must match (or set generate.vision_token=none)"
             )
 
 
@@ -209,20 +209,20 @@ def find_lora(cfg: RunConfig) -> tuple[str | None, str | None]:
 
 
 def check_guidance_matches_lora(cfg: RunConfig) -> None:
-    """ConfigError when ``generate.guidance`` differs from the ``finetune.guidance`` the LoRA learnt with.
+    """ConfigError when ``generate.vision_token`` differs from the ``finetune.vision_token`` the LoRA learnt with.
 
     A LoRA trained with image tokens and sampled without them (or the other way round) is a silent method
-    change; ``generate.allow_guidance_mismatch=true`` makes it a deliberate one.
+    change; ``generate.allow_vision_token_mismatch=true`` makes it a deliberate one.
     """
 
     url = storage.join(RunLayout(cfg.out).finetune_dir(), "_settings.json")
-    if cfg.generate.allow_guidance_mismatch or not storage.exists(url):
+    if cfg.generate.allow_vision_token_mismatch or not storage.exists(url):
         return
-    trained = storage.read_json(url).get("guidance")
-    if trained is not None and trained != cfg.generate.guidance:
+    trained = read_settings(url).get("vision_token")
+    if trained is not None and trained != cfg.generate.vision_token:
         raise ConfigError(
-            f"generate.guidance={cfg.generate.guidance!r} but the LoRA at {cfg.out} was fine-tuned with "
-            f"finetune.guidance={trained!r}: set generate.guidance={trained}, or generate.allow_guidance_mismatch=true "
+            f"generate.vision_token={cfg.generate.vision_token!r} but the LoRA at {cfg.out} was fine-tuned with "
+            f"finetune.vision_token={trained!r}: set generate.vision_token={trained}, or generate.allow_vision_token_mismatch=true "
             "to sample it with other conditioning on purpose"
         )
 
@@ -249,15 +249,15 @@ def recorded_settings(cfg: RunConfig, meta: dict, lora_sha256: str | None) -> di
         "steps": g.steps,
         "scheduler": g.scheduler,
         "guidance_scale": g.guidance_scale,
-        "guidance": g.guidance,
+        "vision_token": g.vision_token,
         "negative_prompt": NEGATIVE_PROMPT,
-        "negative_guidance_token": g.negative_guidance_token if g.guidance != "none" else None,
+        "negative_vision_token": g.negative_vision_token if g.vision_token != "none" else None,
         "sample_posterior": g.sample_posterior if g.mode == "img2img" else None,
         "lora_sha256": lora_sha256,
         "lora_scale": g.lora_scale if lora_sha256 else None,
         "jpeg_quality": g.jpeg_quality,
         "storage_size": g.storage_size,
-        "accelerator": g.accelerator if g.accelerator != "none" else None,  # absent (None) in older records
+        "speedup": g.speedup if g.speedup != "none" else None,  # absent (None) in older records
     }
 
 

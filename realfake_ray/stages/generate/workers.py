@@ -26,7 +26,7 @@ from realfake_ray import storage
 from realfake_ray._internal.faults import kill_driver
 from realfake_ray._internal.quiet import quiet_libraries
 from realfake_ray._internal.shards import PART_PREFIX, part_files, tensor_column
-from realfake_ray.method.accelerators import apply_accelerator
+from realfake_ray.method.speedups import apply_speedup
 from realfake_ray.config import RunConfig
 from realfake_ray.devices import torch_device
 from realfake_ray.stages.generate.plan import (
@@ -74,11 +74,11 @@ def _batch_row(chunk: pa.Table, copy_idx: int, seed: int, collisions: frozenset[
     return row
 
 
-def load_units(units: pa.Table, *, seed: int, batch_size: int, mode: str, guidance: str, collisions: frozenset[str]) -> pa.Table:
+def load_units(units: pa.Table, *, seed: int, batch_size: int, mode: str, vision_token: str, collisions: frozenset[str]) -> pa.Table:
     """CPU task: read each unit's bank rows; emit one row per generation batch of ``batch_size`` images."""
     columns = ["image_id", "label", "class_dir", "class_name", "caption"]
     columns += ["latent_mean", "latent_std"] if mode == "img2img" else []
-    columns += ["clip_embed"] if guidance == "image" else []
+    columns += ["clip_embed"] if vision_token == "image" else []
     batches, cache = [], {}
     for unit in units.to_pylist():
         if unit["file"] not in cache:  # units of one file are adjacent: keep only the last file
@@ -112,12 +112,12 @@ class SynthesisActor:
         lora = local_lora_dir(spec["lora_url"], spec["lora_sha256"]) if spec["lora_url"] else None
         settings = sampler_settings(cfg.generate, device)
         self.sampler = Sampler.from_pipeline(pipe, settings, device, lora_dir=lora, lora_scale=cfg.generate.lora_scale)
-        self.undo_accelerator = apply_accelerator(self.sampler, cfg.generate.accelerator)
+        self.undo_speedup = apply_speedup(self.sampler, cfg.generate.speedup)
         self.latent_shape = tuple(int(d) for d in spec["latent_shape"])
         hw = self.latent_shape[1:] if settings.mode == "img2img" else latent_hw(pipe)
         factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
         self.image_shape = (hw[0] * factor, hw[1] * factor, 3)
-        self.guidance = cfg.generate.guidance
+        self.vision_token = cfg.generate.vision_token
         means = spec.get("class_means")
         self.class_means = torch.from_numpy(np.asarray(means, dtype=np.float32)) if means is not None else None
         self.fail_copy = spec.get("fail_copy")  # tests only: _internal.faults generate.sampler_error
@@ -133,10 +133,10 @@ class SynthesisActor:
             shape = (n, *self.latent_shape)
             inputs["latent_mean"] = torch.from_numpy(np.frombuffer(row["latent_mean"], np.float16).reshape(shape).copy())
             inputs["latent_std"] = torch.from_numpy(np.frombuffer(row["latent_std"], np.float16).reshape(shape).copy())
-        if self.guidance == "image":
-            inputs["guidance_tokens"] = torch.from_numpy(np.frombuffer(row["clip_embed"], np.float16).reshape(n, -1).copy())
-        elif self.guidance == "class_mean":
-            inputs["guidance_tokens"] = self.class_means[torch.tensor(row["label"])]
+        if self.vision_token == "image":
+            inputs["vision_tokens"] = torch.from_numpy(np.frombuffer(row["clip_embed"], np.float16).reshape(n, -1).copy())
+        elif self.vision_token == "class_mean":
+            inputs["vision_tokens"] = self.class_means[torch.tensor(row["label"])]
         return inputs
 
     def _generate(self, row: dict) -> tuple[np.ndarray, str]:
@@ -191,7 +191,7 @@ def generate_in_process(cfg: RunConfig, spec: dict, units: list[dict]) -> Genera
     does not move it."""
     g = cfg.generate
     batches = load_units(pa.Table.from_pylist(units), seed=cfg.seed, batch_size=g.batch_size, mode=g.mode,
-                         guidance=g.guidance, collisions=frozenset())
+                         vision_token=g.vision_token, collisions=frozenset())
     actor = SynthesisActor(cfg, spec)
     images, labels, timings = [], [], []
     for i in range(batches.num_rows):

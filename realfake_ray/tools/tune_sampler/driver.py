@@ -146,13 +146,13 @@ def plan_tuning(cfg: RunConfig) -> TunePlan:
         check_lora(model_dir, lora_url, lora_sha)
         check_guidance_matches_lora(cfg)
     class_means = None
-    if cfg.generate.guidance == "class_mean":
+    if cfg.generate.vision_token == "class_mean":
         class_means = class_mean_embeddings(files, len(meta["class_dirs"]))
     val_embeddings, val_images, val_labels = _val_set(cfg, meta)
     bank_rows = int(meta["splits"]["train"]["rows"])
     accuracy_rows = min(ts.accuracy_rows or bank_rows, bank_rows)
     context = {"model": cfg.model.pretrained, "lora_sha256": lora_sha, "seed": cfg.seed, "mode": cfg.generate.mode,
-               "guidance": cfg.generate.guidance, "proxy_rows": ts.proxy_rows, "accuracy_rows": accuracy_rows,
+               "vision_token": cfg.generate.vision_token, "proxy_rows": ts.proxy_rows, "accuracy_rows": accuracy_rows,
                "classifier_budget_images": ts.classifier_budget_images, "train": cfg.train.model_dump(mode="json")}
     return TunePlan(
         cfg=cfg.model_dump(mode="json"), lora_url=lora_url, lora_sha256=lora_sha, latent_shape=meta["latent_shape"],
@@ -188,7 +188,7 @@ def measure(plan: TunePlan, setting: dict, phase: str) -> dict:
 def _compute_columns(made) -> dict:
     """TFLOP per image (FLOP model of the UNet + VAE decode: an accelerator's skipped work still counts, so
     its MFU is an *effective* one), MFU (GPUs with a known peak) and peak GPU memory."""
-    made.actor.undo_accelerator()  # count the plain UNet (a cached one would replay a stale batch)
+    made.actor.undo_speedup()  # count the plain UNet (a cached one would replay a stale batch)
     sampler = made.actor.sampler
     device = sampler.device
     flops = sampler_flops(sampler.settings, model_flops(sampler.pipe, device, sampler.dtype))

@@ -36,7 +36,7 @@ __all__ = [
 
 # Generate keys a grid may vary (each is a `generate.<key>`; see GenerateConfig).
 AXES = ("scheduler", "steps", "strength", "guidance_scale", "lora_scale", "batch_size", "dtype", "channels_last",
-        "compile", "accelerator")  # fmt: skip
+        "compile", "speedup")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- the grid
@@ -108,11 +108,11 @@ def recommendation_yaml(row: dict, comment: str = "") -> str:
     """A ``generate:`` YAML snippet with the row's settings, usable with ``--config``.
 
     Example:
-        >>> print(recommendation_yaml({"scheduler": "ddim", "steps": 15, "accelerator": "none", "images_per_s": 9}))
+        >>> print(recommendation_yaml({"scheduler": "ddim", "steps": 15, "speedup": "none", "images_per_s": 9}))
         generate:
           scheduler: ddim
           steps: 15
-          accelerator: none
+          speedup: none
     """
     import yaml
 

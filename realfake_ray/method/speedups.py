@@ -1,4 +1,4 @@
-"""Training-free sampler accelerators from well-kept libraries, as one ``generate.accelerator`` string.
+"""Training-free sampler speed-ups from well-kept libraries, as one ``generate.speedup`` string.
 
 ``none``; ``deepcache[:N]`` (DeepCache, Ma et al. 2024: reuse the UNet's deep features for N-1 of every N
 denoising steps); ``tomesd[:r]`` (token merging, Bolya & Hoffman 2023: merge a fraction r of the tokens in
@@ -8,7 +8,7 @@ Example:
     >>> from realfake_ray.models.tiny import build_random_tiny_pipeline
     >>> from realfake_ray.method.sampler import Sampler, SamplerSettings
     >>> sampler = Sampler(build_random_tiny_pipeline(), SamplerSettings(steps=4))
-    >>> undo = apply_accelerator(sampler, "deepcache:2")
+    >>> undo = apply_speedup(sampler, "deepcache:2")
     >>> undo()
 """
 
@@ -17,35 +17,35 @@ from __future__ import annotations
 import types
 from collections.abc import Callable
 
-__all__ = ["ACCELERATORS", "parse_accelerator", "apply_accelerator"]
+__all__ = ["SPEEDUPS", "parse_speedup", "apply_speedup"]
 
-ACCELERATORS = ("none", "deepcache", "tomesd")
+SPEEDUPS = ("none", "deepcache", "tomesd")
 
 
-def parse_accelerator(spec: str) -> tuple[str, float | None]:
+def parse_speedup(spec: str) -> tuple[str, float | None]:
     """``"deepcache:3"`` → ``("deepcache", 3.0)``; ``"tomesd:0.5"`` → ``("tomesd", 0.5)``; ``"none"`` → ``("none", None)``.
 
     Example:
-        >>> parse_accelerator("deepcache"), parse_accelerator("tomesd:0.3")
+        >>> parse_speedup("deepcache"), parse_speedup("tomesd:0.3")
         (('deepcache', 3.0), ('tomesd', 0.3))
     """
     name, _, value = str(spec).partition(":")
-    if name not in ACCELERATORS or (name == "none" and value):
-        raise ValueError(f"accelerator={spec!r}: expected none, deepcache[:<interval>] or tomesd[:<ratio>]")
+    if name not in SPEEDUPS or (name == "none" and value):
+        raise ValueError(f"speedup={spec!r}: expected none, deepcache[:<interval>] or tomesd[:<ratio>]")
     defaults = {"none": None, "deepcache": 3.0, "tomesd": 0.5}
     try:
         number = float(value) if value else defaults[name]
     except ValueError:
-        raise ValueError(f"accelerator={spec!r}: {value!r} is not a number") from None
+        raise ValueError(f"speedup={spec!r}: {value!r} is not a number") from None
     if name == "deepcache" and (number is None or number < 1 or number != int(number)):
-        raise ValueError(f"accelerator={spec!r}: the DeepCache interval must be an integer >= 1")
+        raise ValueError(f"speedup={spec!r}: the DeepCache interval must be an integer >= 1")
     if name == "tomesd" and not 0 < number < 1:
-        raise ValueError(f"accelerator={spec!r}: the ToMe merge ratio must lie in (0, 1)")
+        raise ValueError(f"speedup={spec!r}: the ToMe merge ratio must lie in (0, 1)")
     return name, number
 
 
-def apply_accelerator(sampler, spec: str) -> Callable[[], None]:
-    """Patch ``sampler``'s UNet with a training-free accelerator; returns the function that undoes it.
+def apply_speedup(sampler, spec: str) -> Callable[[], None]:
+    """Patch ``sampler``'s UNet with a training-free speed-up; returns the function that undoes it.
 
     ``deepcache[:N]``: DeepCache (``DeepCache.DeepCacheSDHelper``, branch 0) — the full UNet runs every N-th
     denoising step, the others reuse the deep features of the last full step and recompute only the first
@@ -53,11 +53,11 @@ def apply_accelerator(sampler, spec: str) -> Callable[[], None]:
     highest resolution level; a UNet without attention there (the tiny preset) is left unchanged and runs
     as without it. Neither composes with ``compile``.
     """
-    name, value = parse_accelerator(spec)
+    name, value = parse_speedup(spec)
     if name == "none":
         return lambda: None
     if getattr(sampler.settings, "compile", False):
-        raise ValueError(f"accelerator={spec!r} does not compose with compile=True (it patches module forwards)")
+        raise ValueError(f"speedup={spec!r} does not compose with compile=True (it patches module forwards)")
     if name == "deepcache":
         from DeepCache import DeepCacheSDHelper
 

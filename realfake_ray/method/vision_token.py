@@ -1,14 +1,14 @@
 """Text-vision guidance: a CLIP image embedding overwrites the last token slot of the text states.
 
-The reference code needed an unreleased diffusers fork (a ``guidance_tokens`` pipeline argument).
+The reference code needed an unreleased diffusers fork (a ``vision_tokens`` pipeline argument).
 Here the conditioning is built with stock modules and handed to diffusers as ``prompt_embeds``.
 Pure torch; no Ray, no pydantic.
 
 Example:
     >>> import torch
-    >>> from realfake_ray.method.guidance import inject_guidance_token
+    >>> from realfake_ray.method.vision_token import inject_vision_token
     >>> hidden, token = torch.zeros(2, 77, 768), torch.ones(2, 768)
-    >>> inject_guidance_token(hidden, token)[:, -1].sum().item()
+    >>> inject_vision_token(hidden, token)[:, -1].sum().item()
     1536.0
 """
 
@@ -17,14 +17,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["check_guidance_width", "class_mean_tokens", "encode_text", "inject_guidance_token"]
+__all__ = ["check_vision_token_width", "class_mean_tokens", "encode_text", "inject_vision_token"]
 
 
-def check_guidance_width(text_hidden_size: int, clip_projection_dim: int) -> None:
+def check_vision_token_width(text_hidden_size: int, clip_projection_dim: int) -> None:
     """Fail early when the CLIP image embedding cannot stand in for a text token.
 
     Example:
-        >>> check_guidance_width(768, 768)  # SD v1.5 + openai/clip-vit-large-patch14
+        >>> check_vision_token_width(768, 768)  # SD v1.5 + openai/clip-vit-large-patch14
     """
     if text_hidden_size != clip_projection_dim:
         raise ValueError(
@@ -33,14 +33,14 @@ def check_guidance_width(text_hidden_size: int, clip_projection_dim: int) -> Non
         )
 
 
-def inject_guidance_token(hidden_states: Tensor, token: Tensor) -> Tensor:
+def inject_vision_token(hidden_states: Tensor, token: Tensor) -> Tensor:
     """Return a new tensor equal to ``hidden_states`` [B, L, D] with slot ``[:, -1, :]`` set to ``token``.
 
     ``token`` is [B, D], or [1, D] / [D] to use one token for the whole batch; it is cast to the
     hidden states' dtype and device. Autograd flows to both inputs; the input is not modified.
 
     Example:
-        >>> out = inject_guidance_token(torch.zeros(2, 4, 3), torch.ones(1, 3))
+        >>> out = inject_vision_token(torch.zeros(2, 4, 3), torch.ones(1, 3))
         >>> out[:, :-1].abs().sum().item(), out[:, -1].sum().item()
         (0.0, 6.0)
     """
@@ -80,7 +80,7 @@ def encode_text(text_encoder: torch.nn.Module, input_ids: Tensor, guidance_token
     hidden = text_encoder(input_ids.to(_module_device(text_encoder)))[0]
     if guidance_token is None:
         return hidden
-    return inject_guidance_token(hidden, guidance_token)
+    return inject_vision_token(hidden, guidance_token)
 
 
 def class_mean_tokens(embeds: Tensor, labels: Tensor, num_classes: int) -> Tensor:

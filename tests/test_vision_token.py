@@ -1,4 +1,4 @@
-"""Tests for realfake_ray.method.guidance: last-slot injection, text encoding, intra-class mean tokens."""
+"""Tests for realfake_ray.method.vision_token: last-slot injection, text encoding, intra-class mean tokens."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from realfake_ray.method.guidance import check_guidance_width, class_mean_tokens, encode_text, inject_guidance_token
+from realfake_ray.method.vision_token import check_vision_token_width, class_mean_tokens, encode_text, inject_vision_token
 
 WIDTH = 32
 
@@ -29,7 +29,7 @@ def test_inject_replaces_only_last_slot() -> None:
     hidden = torch.randn(2, 5, 4)
     original = hidden.clone()
     token = torch.randn(2, 4, dtype=torch.float64)
-    out = inject_guidance_token(hidden, token)
+    out = inject_vision_token(hidden, token)
     assert out.dtype == hidden.dtype and out.shape == hidden.shape
     assert torch.equal(out[:, :-1], original[:, :-1])
     assert torch.equal(out[:, -1], token.float())
@@ -39,7 +39,7 @@ def test_inject_replaces_only_last_slot() -> None:
 def test_inject_broadcasts_single_token_and_keeps_grad() -> None:
     hidden = torch.zeros(3, 4, 2, requires_grad=True)
     token = torch.ones(1, 2, requires_grad=True)
-    out = inject_guidance_token(hidden, token)
+    out = inject_vision_token(hidden, token)
     assert torch.equal(out[:, -1], torch.ones(3, 2))
     out.sum().backward()
     assert token.grad.tolist() == [[3.0, 3.0]]
@@ -48,9 +48,9 @@ def test_inject_broadcasts_single_token_and_keeps_grad() -> None:
 
 def test_inject_errors() -> None:
     with pytest.raises(ValueError, match="width 8 != text hidden width 4"):
-        inject_guidance_token(torch.zeros(2, 5, 4), torch.zeros(2, 8))
+        inject_vision_token(torch.zeros(2, 5, 4), torch.zeros(2, 8))
     with pytest.raises(ValueError, match="batch 3 != text batch 2"):
-        inject_guidance_token(torch.zeros(2, 5, 4), torch.zeros(3, 4))
+        inject_vision_token(torch.zeros(2, 5, 4), torch.zeros(3, 4))
 
 
 def test_encode_text_on_stock_clip(text_encoder: CLIPTextModel) -> None:
@@ -65,10 +65,10 @@ def test_encode_text_on_stock_clip(text_encoder: CLIPTextModel) -> None:
     assert torch.equal(guided[:, -1], token.float())
 
 
-def test_check_guidance_width() -> None:
-    check_guidance_width(768, 768)
+def test_check_vision_token_width() -> None:
+    check_vision_token_width(768, 768)
     with pytest.raises(ValueError, match=r"projection width 1024 != text encoder hidden size 768.*768 for SD v1.5"):
-        check_guidance_width(768, 1024)
+        check_vision_token_width(768, 1024)
 
 
 def test_class_mean_tokens() -> None:

@@ -1,6 +1,6 @@
 """Ray job entrypoint for the train stage (same as `realfake train`).
 
-    ray job submit --working-dir . -- python jobs/train_classifier.py --out s3://bucket/run --source synthetic
+    ray job submit --working-dir . -- python jobs/train.py --out s3://bucket/run --source synthetic
 """
 
 import sys

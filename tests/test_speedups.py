@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from realfake_ray.method.accelerators import apply_accelerator, parse_accelerator
+from realfake_ray.method.speedups import apply_speedup, parse_speedup
 from realfake_ray.config import ConfigError, GenerateConfig
 from realfake_ray.stages.generate.plan import check_generate_config
 from realfake_ray.models.tiny import build_random_tiny_pipeline
@@ -11,20 +11,20 @@ from realfake_ray.method.sampler import Sampler, SamplerSettings
 @pytest.mark.parametrize("spec, expected", [("none", ("none", None)), ("deepcache", ("deepcache", 3.0)),
                                             ("deepcache:5", ("deepcache", 5.0)), ("tomesd:0.25", ("tomesd", 0.25))])
 def test_parse(spec, expected):
-    assert parse_accelerator(spec) == expected
+    assert parse_speedup(spec) == expected
 
 
 @pytest.mark.parametrize("spec", ["fastcache", "deepcache:0", "deepcache:2.5", "tomesd:1.5", "none:3", "deepcache:x"])
 def test_bad_specs_are_errors_naming_the_value(spec):
-    with pytest.raises(ValueError, match="accelerator="):
-        parse_accelerator(spec)
+    with pytest.raises(ValueError, match="speedup="):
+        parse_speedup(spec)
 
 
-def test_generate_config_checks_the_accelerator():
-    with pytest.raises(ConfigError, match="generate.accelerator='deepcache:0'"):
-        check_generate_config(GenerateConfig(accelerator="deepcache:0", dtype="fp32"))
+def test_generate_config_checks_the_speedup():
+    with pytest.raises(ConfigError, match="generate.speedup='deepcache:0'"):
+        check_generate_config(GenerateConfig(speedup="deepcache:0", dtype="fp32"))
     with pytest.raises(ConfigError, match="does not compose with generate.compile"):
-        check_generate_config(GenerateConfig(accelerator="deepcache", compile=True, dtype="fp32"))
+        check_generate_config(GenerateConfig(speedup="deepcache", compile=True, dtype="fp32"))
 
 
 def _sampler():
@@ -47,7 +47,7 @@ def test_deepcache_runs_the_deep_blocks_every_nth_step_and_undoes_cleanly():
         return original(*args, **kwargs)
 
     sampler.unet.mid_block.forward = counting
-    undo = apply_accelerator(sampler, "deepcache:3")
+    undo = apply_speedup(sampler, "deepcache:3")
     cached = _images(sampler)
     assert calls["mid"] == 3  # denoising steps 0, 3, 6 of 8 run the deep blocks; the others reuse them
     assert not (cached == baseline).all()
@@ -59,12 +59,12 @@ def test_deepcache_runs_the_deep_blocks_every_nth_step_and_undoes_cleanly():
 def test_tomesd_leaves_a_unet_without_full_resolution_attention_unchanged():
     sampler = _sampler()
     baseline = _images(sampler)
-    undo = apply_accelerator(sampler, "tomesd:0.5")
+    undo = apply_speedup(sampler, "tomesd:0.5")
     assert (_images(sampler) == baseline).all()  # the tiny UNet attends only at 1/2 resolution: nothing merged
     undo()
 
 
-def test_accelerators_refuse_compile():
+def test_speedups_refuse_compile():
     sampler = Sampler(build_random_tiny_pipeline(), SamplerSettings(steps=4, compile=True))
     with pytest.raises(ValueError, match="does not compose with compile"):
-        apply_accelerator(sampler, "deepcache")
+        apply_speedup(sampler, "deepcache")
