@@ -7,8 +7,8 @@ Example:
     >>> layout = RunLayout("s3://bucket/run")
     >>> layout.bank_dir("train")
     's3://bucket/run/latents/train'
-    >>> layout.manifest_dir()
-    's3://bucket/run/synthetic/_manifest'
+    >>> layout.shards_dir()
+    's3://bucket/run/synthetic/data'
     >>> layout.classifier_dir("real")
     's3://bucket/run/classifier/real'
 """
@@ -58,13 +58,9 @@ class RunLayout:
         """``<out>/synthetic`` or a path below it."""
         return self._at("synthetic", *parts)
 
-    def images_dir(self) -> str:
-        """``<out>/synthetic/train``: the synthetic ImageFolder (``<class>/<stem>__c<copy>.jpg``)."""
-        return self.synthetic_dir("train")
-
-    def manifest_dir(self) -> str:
-        """``<out>/synthetic/_manifest``: Parquet parts, one row per written image."""
-        return self.synthetic_dir("_manifest")
+    def shards_dir(self) -> str:
+        """``<out>/synthetic/data``: the synthetic set's Parquet shards (``realfake_ray.data.synthetic``)."""
+        return self.synthetic_dir("data")
 
     # train / evaluate
     def classifier_dir(self, tag: str | None = None) -> str:

@@ -4,7 +4,7 @@
 ``workers`` 1-CPU worker nodes. Once the stage reaches the given point, a watcher thread removes (kills) the
 worker node hosting the stage's actor; the stage must still complete. Prints one ``RESULT {json}`` line.
 
-    python tests/node_loss.py generate OUT '["generate.mult=4", ...]' 3 2   # after 3 manifest parts, 2 workers
+    python tests/node_loss.py generate OUT '["generate.mult=4", ...]' 3 2   # after 3 shards, 2 workers
     REALFAKE_FAULT=finetune.checkpoint_hold:4 python tests/node_loss.py finetune OUT '[...]' 4 3
     REALFAKE_FAULT=train.checkpoint_hold:1 python tests/node_loss.py train OUT '[...]' 1 3
 
@@ -28,7 +28,7 @@ from ray.util.state import list_actors
 from realfake_ray import storage
 from realfake_ray._internal.addresses import free_port
 from realfake_ray._internal.checkpoints import checkpoint_number, newest_complete
-from realfake_ray._internal.shards import part_files
+from realfake_ray.data.synthetic import list_shards
 from realfake_ray.config import load_config
 from realfake_ray.layout import RunLayout
 
@@ -43,7 +43,7 @@ def generate(cfg):
     from realfake_ray.stages.generate.driver import run_generate
 
     def progress() -> int:
-        return len(part_files(RunLayout(cfg.out).manifest_dir()))
+        return len(list_shards(RunLayout(cfg.out).shards_dir()).urls)
 
     def run() -> dict:
         summary = run_generate(cfg)

@@ -7,7 +7,10 @@ import pytest
 from PIL import Image
 
 from realfake_ray import storage
-from realfake_ray.data.labelled import decode_rows, rows_digest, view_settings
+import pyarrow as pa
+
+from realfake_ray.data.labelled import decode_rows, set_digest, view_settings
+from realfake_ray.data.sources import LabelledSet
 from realfake_ray.config import RunConfig
 
 
@@ -31,10 +34,23 @@ def test_bad_images_are_skipped_and_named_and_labels_stay_aligned(tmp_path, caps
     assert out["label"].tolist() == [0, 3] and out["pixels"].shape == (2, 16, 16, 3)
     assert out["pixels"][0].mean() < out["pixels"][1].mean()  # the 10-grey image, then the 30-grey one
     printed = capsys.readouterr().out
-    assert "skipped 3 undecodable image(s)" in printed and "corrupt.png" in printed and "truncated.png" in printed
+    assert "skipped 3 unreadable image(s)" in printed and "corrupt.png" in printed and "truncated.png" in printed
 
 
-def test_rows_digest_ignores_order_and_sees_labels():
-    rows = [{"url": "a.png", "label": 0}, {"url": "b.png", "label": 1}]
-    assert rows_digest(rows) == rows_digest(rows[::-1])
-    assert rows_digest(rows) != rows_digest([{"url": "a.png", "label": 1}, {"url": "b.png", "label": 1}])
+def _set(urls, labels):
+    items = pa.table({"image_id": urls, "url": urls, "label": pa.array(labels, pa.int64())})
+    return LabelledSet("/d", "imagefolder", ["x", "y"], ["x", "y"], items=items)
+
+
+def test_set_digest_ignores_order_and_sees_labels_and_shards():
+    assert set_digest(_set(["a.png", "b.png"], [0, 1])) == set_digest(_set(["b.png", "a.png"], [1, 0]))
+    assert set_digest(_set(["a.png", "b.png"], [0, 1])) != set_digest(_set(["a.png", "b.png"], [1, 1]))
+    many = [f"{i}.png" for i in range(70_000)]  # more than one hashing slice
+    assert set_digest(_set(many, [0] * 70_000)) == set_digest(_set(many[::-1], [0] * 70_000))
+
+    def shards(names, rows):
+        return LabelledSet("/d", "parquet", ["x"], ["x"], shards=pa.table({"url": names, "rows": pa.array(rows, pa.int64())}))
+
+    assert set_digest(shards(["s3://b/a/x.parquet", "s3://b/a/y.parquet"], [3, 4])) == \
+        set_digest(shards(["/other/y.parquet", "/other/x.parquet"], [4, 3]))  # names and sizes, not where
+    assert set_digest(shards(["x.parquet"], [3])) != set_digest(shards(["x.parquet"], [4]))

@@ -83,11 +83,10 @@ def test_model_file_round_trip(tmp_path):
 
 def test_plan_sets_maps_a_class_subset_to_real_indices(tmp_path):
     sub = _subset_set(tmp_path / "sub")
-    names, rows, subsets = plan_sets(_cfg(tmp_path, f"evaluate.extra_sets={{sub: {sub}}}"), CLASS_DIRS)
+    names, sets, subsets = plan_sets(_cfg(tmp_path, f"evaluate.extra_sets={{sub: {sub}}}"), CLASS_DIRS)
     assert names == ["val", "sub"] and subsets == [None, [3, 7]]
-    sub_rows = [r for r in rows if r["set_idx"] == 1]
-    assert len(sub_rows) == 73 and {r["label"] for r in sub_rows} == {3, 7}
-    assert sum(r["set_idx"] == 0 for r in rows) == 360
+    assert sets[1].num_images == 73 and set(sets[1].items["label"].to_pylist()) == {3, 7}
+    assert sets[0].num_images == 360
 
 
 def test_unknown_folder_in_an_extra_set_is_an_error_before_ray(tmp_path, no_ray):

@@ -9,13 +9,13 @@ from realfake_ray._internal.faults import fault_at
 
 
 def test_fault_spec_names_a_point_and_a_count():
-    env = {"REALFAKE_FAULT": "generate.manifest_part:3"}
-    assert fault_at("generate.manifest_part", env) == 3
+    env = {"REALFAKE_FAULT": "generate.shard:3"}
+    assert fault_at("generate.shard", env) == 3
     assert fault_at("finetune.checkpoint", env) is None
     assert fault_at("finetune.checkpoint", {}) is None
 
 
-@pytest.mark.parametrize("spec", ["finetune.checkpoint", "finetune.checkpont:4", "generate.manifest_part:x"])
+@pytest.mark.parametrize("spec", ["finetune.checkpoint", "finetune.checkpont:4", "generate.shard:x"])
 def test_a_misspelt_fault_is_an_error_not_a_silent_no_op(spec):
     with pytest.raises(ValueError, match="REALFAKE_FAULT"):
         fault_at("finetune.checkpoint", {"REALFAKE_FAULT": spec})

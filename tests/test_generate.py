@@ -1,7 +1,7 @@
-"""Generate stage: fast planner/helper tests, bad-input checks, then end-to-end runs on a 30-image bank.
+"""Generate stage: fast planner/shard-writer tests, bad-input checks, then end-to-end runs on a 30-image bank.
 
 The e2e runs share one small bank (3 digits per class, tiny preset) and a random LoRA; steps are cut
-to 4 so each run is dominated by actor start-up, not sampling.
+to 4 so each run is dominated by actor start-up, not sampling. Shards of 8 images: 4 shards per copy.
 """
 
 import io
@@ -19,15 +19,17 @@ from conftest import forbid_ray_work, run_until_fault, run_with_node_loss, small
 from PIL import Image
 
 from realfake_ray import storage
-from realfake_ray._internal.shards import part_files, read_parts, write_part
+from realfake_ray._internal.shards import read_parts, write_part
 from realfake_ray.bank import read_meta
 from realfake_ray.cli import main as cli_main
 from realfake_ray.config import ConfigError, load_config
 from realfake_ray.stages.generate.driver import run_generate
+from realfake_ray.data.synthetic import list_shards, shard_name
 from realfake_ray.stages.generate.plan import (
     _stem_collisions,
     check_generate_config,
     image_seed,
+    images_per_shard,
     plan_units,
     synthetic_path,
     unit_rows,
@@ -35,11 +37,11 @@ from realfake_ray.stages.generate.plan import (
 from realfake_ray.layout import RunLayout
 from realfake_ray.method.lora import add_lora, save_lora
 from realfake_ray.models.loading import load_pipeline, read_component_config, resolve_model_dir
-from realfake_ray.stages.generate.workers import encode_jpeg, write_images, write_manifest
+from realfake_ray.stages.generate.workers import SynthesisActor, encode_jpeg
 
 REPO = Path(__file__).resolve().parents[1]
 # One actor: each actor process loads the pipeline, seconds on 2 cores (run_a uses the preset's pool of two).
-FAST = ["generate.steps=4", "generate.batch_size=8", "generate.rows_per_manifest_file=16",
+FAST = ["generate.steps=4", "generate.batch_size=4", "generate.images_per_shard=8",
         "generate.actors.min_size=1", "generate.actors.max_size=1"]
 TWO_ACTORS = ["generate.actors.min_size=2", "generate.actors.max_size=2"]
 PER_CLASS = 3
@@ -49,13 +51,18 @@ def _cfg(out, *overrides, **flags):
     return load_config(preset="tiny", out=str(out), overrides=[*FAST, *overrides], **flags)
 
 
-def _manifest(out):
-    return read_parts(RunLayout(str(out)).manifest_dir())
+def _rows(out):
+    """Every row of the synthetic set's shards (one table), with the shard each came from."""
+    tables = []
+    for url in list_shards(RunLayout(str(out)).shards_dir()).urls:
+        table = pq.read_table(url)
+        tables.append(table.append_column("shard", pa.array([url.rsplit("/", 1)[-1]] * table.num_rows)))
+    return pa.concat_tables(tables) if tables else None
 
 
 def _files(out):
-    root = RunLayout(str(out)).images_dir()
-    return {storage.relative(u, root): u for u in storage.find(root)}
+    """Shard file name → URL."""
+    return {u.rsplit("/", 1)[-1]: u for u in list_shards(RunLayout(str(out)).shards_dir()).urls}
 
 
 @pytest.fixture
@@ -97,60 +104,92 @@ def test_jpeg_encoding_and_storage_resize():
     assert encode_jpeg(image, 90) == encode_jpeg(image, 90)
 
 
-def _generated_batch(n: int, copy_idx: int = 0, error: str = "") -> dict[str, np.ndarray]:
-    """What the generate actor hands the writers: n images with their keys."""
-    ids = [f"img{i}" for i in range(n)]
-    return {
-        "path": np.array([f"0/{i}__c{copy_idx}.jpg" for i in ids], dtype=object),
-        "image_id": np.array(ids, dtype=object), "label": np.zeros(n, np.int64),
-        "class_dir": np.array(["0"] * n, dtype=object), "copy_idx": np.full(n, copy_idx, np.int64),
-        "seed": np.arange(n, dtype=np.int64), "prompt": np.array(["photo of digit zero"] * n, dtype=object),
-        "error": np.array([error] * n, dtype=object), "sampler_s": np.full(n, 0.1),
-        "image": np.zeros((n, 8, 8, 3), np.uint8),
-    }
+class _StubActor(SynthesisActor):
+    """The shard writer of SynthesisActor without a pipeline: ``sample`` paints each image's index."""
+
+    def __init__(self, shards_dir: str, batch_size: int = 2, fail_at: int | None = None):  # noqa: D107 - no super()
+        self.batch_size, self.quality, self.storage_size = batch_size, 90, None
+        self.shards_dir, self.class_dirs, self.name, self.load_s = shards_dir, ["a", "b"], "host:1", 0.5
+        self.settings = {"mode": "img2img", "vision_token": "image", "strength": 0.75, "steps": 4,
+                         "scheduler": "unipc", "guidance_scale": 2.0, "lora_scale": 0.5, "lora_sha256": "ab"}
+        self.first_batch_s, self.kill_after, self.fail_at, self.calls = None, None, fail_at, []
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.encoder = ThreadPoolExecutor(max_workers=2)
+
+    def sample(self, row, start, stop):
+        self.calls.append((start, stop))
+        if self.fail_at == start:
+            raise RuntimeError("CUDA out of memory")
+        self.first_batch_s = self.first_batch_s or 1.0
+        return np.stack([np.full((8, 8, 3), 10 * i, np.uint8) for i in range(start, stop)])
 
 
-def test_a_failed_write_or_batch_gets_no_manifest_row_so_a_rerun_retries_it(tmp_path, monkeypatch):
-    root, manifest = str(tmp_path / "images"), str(tmp_path / "manifest")
-    write_bytes = storage.write_bytes
-
-    def flaky(url, data):
-        if url.endswith("img1__c0.jpg"):
-            raise OSError("connection reset")
-        write_bytes(url, data)
-
-    monkeypatch.setattr(storage, "write_bytes", flaky)
-    written = write_images(_generated_batch(3), root=root, quality=90, storage_size=None)
-    assert "image" not in written and written["error"].tolist() == ["", "write 0/img1__c0.jpg: OSError: connection reset", ""]
-    assert sorted(os.listdir(tmp_path / "images" / "0")) == ["img0__c0.jpg", "img2__c0.jpg"]
-    failed_batch = write_images(_generated_batch(2, 1, "RuntimeError: CUDA out of memory"), root=root, quality=90,
-                                storage_size=None)  # the actor's failure: nothing written
-    assert sorted(os.listdir(tmp_path / "images" / "0")) == ["img0__c0.jpg", "img2__c0.jpg"]
-    constants = {"mode": "img2img", "vision_token": "image", "strength": 0.75, "steps": 4, "scheduler": "unipc",
-                 "guidance_scale": 2.0, "lora_scale": 0.5, "lora_sha256": "ab"}
-    counts = [write_manifest(pa.table(batch), directory=manifest, constants=constants) for batch in (written, failed_batch)]
-    assert [(c["written"][0], c["failed"][0]) for c in counts] == [(2, 1), (0, 2)]
-    assert counts[1]["error"][0] == "RuntimeError: CUDA out of memory"
-    rows = read_parts(manifest).to_pylist()
-    assert sorted((r["image_id"], r["copy_idx"]) for r in rows) == [("img0", 0), ("img2", 0)]
+def _shard_row(n: int, copy_idx: int = 0) -> dict:
+    ids = [f"{'ab'[i % 2]}/img{i}.png" for i in range(n)]
+    return {"shard": shard_name(copy_idx, "part-0123456789abcdef0123456789abcdef.parquet", 0, n),
+            "copy_idx": copy_idx, "image_id": ids, "class_dir": [i[0] for i in ids],
+            "path": [synthetic_path(i[0], i, copy_idx) for i in ids], "label": [i % 2 for i in range(n)],
+            "seed": list(range(n)), "prompt": ["photo of a"] * n}
 
 
-def test_planner_covers_exactly_the_missing_keys(tmp_path):
+def test_a_shard_is_written_whole_in_the_datasets_layout(tmp_path):
+    import datasets
+
+    actor = _StubActor(str(tmp_path / "data"))
+    summary = actor.write_shard(_shard_row(5))
+    assert actor.calls == [(0, 2), (2, 4), (4, 5)]  # generation batches of batch_size, fixed by the row
+    assert (summary["written"], summary["failed"], summary["error"], summary["first_batch_s"]) == (5, 0, "", 1.0)
+    (url,) = list_shards(str(tmp_path / "data")).urls
+    assert summary["bytes"] == len(storage.read_bytes(url)) and url.endswith("-n5.parquet")
+    loaded = datasets.load_dataset("parquet", data_dir=str(tmp_path / "data"), split="train")
+    assert isinstance(loaded.features["image"], datasets.Image)
+    assert loaded.features["label"].names == ["a", "b"] and loaded.num_rows == 5
+    assert loaded[3]["image_id"] == "b/img3.png" and loaded[3]["label"] == 1 and loaded[3]["lora_sha256"] == "ab"
+    assert np.asarray(loaded[3]["image"].convert("RGB")).mean() == pytest.approx(30, abs=3)
+    assert loaded[3]["image"].size == (8, 8) and pq.read_table(url)["image"][3]["path"].as_py() == "b/img3__c0.jpg"
+
+
+@pytest.mark.parametrize("failure", ["batch", "write"])
+def test_a_failed_batch_or_write_writes_no_shard_so_a_rerun_retries_it(tmp_path, monkeypatch, failure):
+    actor = _StubActor(str(tmp_path / "data"), fail_at=2 if failure == "batch" else None)
+    if failure == "write":
+        monkeypatch.setattr(storage, "write_bytes", lambda *a: (_ for _ in ()).throw(OSError("connection reset")))
+    summary = actor.write_shard(_shard_row(5))
+    assert (summary["written"], summary["failed"]) == (0, 5)
+    assert summary["error"] == ("RuntimeError: CUDA out of memory" if failure == "batch" else "OSError: connection reset")
+    assert not list_shards(str(tmp_path / "data")).urls and not list(tmp_path.rglob("*.parquet"))
+
+
+def test_planner_covers_exactly_the_missing_shards(tmp_path):
     out = str(tmp_path)
     ids = [[f"a/{i}.png" for i in range(5)], [f"b/{i}.png" for i in range(3)]]
-    files = [write_part(RunLayout(out).bank_dir("train"), pa.table({"image_id": chunk})) for chunk in ids]
-    files = sorted(files)
-    done = pa.table({"image_id": ["a/1.png", "b/2.png", "a/0.png"], "copy_idx": [0, 0, 1]})
-    write_part(RunLayout(out).manifest_dir(), done)
-    cfg = _cfg(out, "generate.mult=2", "generate.batch_size=2")
-    units, rows, expected, pending, collisions = plan_units(cfg, files)
-    assert (rows, expected, pending, collisions) == (8, 16, 13, frozenset())
+    files = sorted(write_part(RunLayout(out).bank_dir("train"), pa.table({"image_id": chunk})) for chunk in ids)
+    sizes = {f: pq.read_table(f).num_rows for f in files}
+    cfg = _cfg(out, "generate.mult=2")
+    every, _, _, _, shards, _ = plan_units(cfg, files, 2)
+    assert shards == len(every) == 2 * (3 + 2)  # chunks of 2: 5 rows → 3 shards, 3 rows → 2, per copy
+    done = [every[1], every[6]]
+    for unit in done:
+        storage.write_bytes(storage.join(RunLayout(out).shards_dir(), unit["shard"]), b"a complete shard")
+    storage.write_bytes(storage.join(RunLayout(out).shards_dir(), ".tmp-x-" + every[0]["shard"]), b"half")
+    units, rows, expected, pending, shards, collisions = plan_units(cfg, files, 2)
+    done_rows = sum(len(unit_rows(u)) for u in done)
+    assert (rows, expected, pending, shards, collisions) == (8, 16, 16 - done_rows, 10, frozenset())
+    assert [u["shard"] for u in units] == [u["shard"] for u in every if u not in done]
     tables = {f: pq.read_table(f).column("image_id").to_pylist() for f in files}
-    planned = [(tables[u["file"]][r], u["copy_idx"]) for u in units for r in unit_rows(u)]
-    assert len(planned) == len(set(planned)) == 13
-    every = {(i, c) for chunk in ids for i in chunk for c in range(2)}
-    assert set(planned) == every - {("a/1.png", 0), ("b/2.png", 0), ("a/0.png", 1)}
+    planned = [(tables[u["file"]][r], u["copy_idx"]) for u in every for r in unit_rows(u)]
+    assert len(planned) == len(set(planned)) == 16 and set(planned) == {(i, c) for ch in ids for i in ch for c in range(2)}
     assert [u["copy_idx"] for u in units] == sorted(u["copy_idx"] for u in units)  # copy 0 first
+    assert all(u["shard"].endswith(f"-n{len(unit_rows(u))}.parquet") and sizes[u["file"]] for u in units)
+
+
+def test_shard_size_follows_the_stored_image_size():
+    from realfake_ray.config import GenerateConfig
+
+    assert images_per_shard(GenerateConfig(), 512) == 1011  # ~48 MiB of 50 KB JPEGs
+    assert images_per_shard(GenerateConfig(storage_size=256), 512) == 4042
+    assert images_per_shard(GenerateConfig(), 32) == 10_000 and images_per_shard(GenerateConfig(shard_mb=0.001), 512) == 16
 
 
 def test_bad_generate_values_are_config_errors(tmp_path):
@@ -210,24 +249,26 @@ def _new_run(bank, tmp_path_factory, name, lora=True):
 
 
 def _check_set(out, bank_out, mult):
-    """Exactly mult x rows decodable files; one manifest row per key; paths exist; labels match the bank."""
+    """Exactly one row per (image_id, copy < mult) across the shards; labels match the bank; every image a
+    decodable 32-px JPEG; each shard's name says its copy and row count."""
     bank_rows = read_parts(RunLayout(str(bank_out)).bank_dir("train"), ["image_id", "label"]).to_pylist()
     labels = {r["image_id"]: r["label"] for r in bank_rows}
-    manifest = _manifest(out).to_pylist()
-    keys = [(r["image_id"], r["copy_idx"]) for r in manifest]
+    rows = _rows(out).to_pylist()
+    keys = [(r["image_id"], r["copy_idx"]) for r in rows]
     assert len(keys) == len(set(keys)) == mult * len(labels)
     assert set(keys) == {(i, c) for i in labels for c in range(mult)}
-    files = _files(out)
-    assert set(files) == {r["path"] for r in manifest}
-    for row in manifest:
+    shards = list_shards(RunLayout(str(out)).shards_dir())
+    for url, copy_idx, n in zip(shards.urls, shards.copies, shards.rows):
+        shard_rows = [r for r in rows if r["shard"] == url.rsplit("/", 1)[-1]]
+        assert len(shard_rows) == n and {r["copy_idx"] for r in shard_rows} == {copy_idx}
+    for row in rows:
         assert row["label"] == labels[row["image_id"]]
-        assert row["path"].endswith(f"__c{row['copy_idx']}.jpg")
-        assert row["path"].split("/")[0] == storage.safe_name(row["class_dir"])
-    for url in files.values():
-        with Image.open(io.BytesIO(storage.read_bytes(url))) as image:
+        assert row["image"]["path"].endswith(f"__c{row['copy_idx']}.jpg")
+        assert row["image"]["path"].split("/")[0] == storage.safe_name(row["class_dir"])
+        with Image.open(io.BytesIO(row["image"]["bytes"])) as image:
             image.load()
             assert image.size == (32, 32)
-    return manifest
+    return rows
 
 
 @pytest.fixture(scope="module")
@@ -238,16 +279,24 @@ def run_a(bank, tmp_path_factory):
 
 
 @pytest.mark.e2e
-def test_two_copies_per_image_with_a_consistent_manifest(run_a, bank):
+def test_two_copies_per_image_in_shards_with_their_provenance(run_a, bank):
+    import datasets
+
     out, summary = run_a
-    manifest = _check_set(out, bank, 2)
+    rows = _check_set(out, bank, 2)
     assert summary["count"] == summary["expected"] == summary["generated_now"] == 60 and not summary["skipped"]
     assert summary["failed"] == 0 and summary["complete"] and summary["images_per_s"] > 0
+    assert summary["shards"] == summary["shards_written_now"] == 8 and len(_files(out)) == 8  # 4 per copy
+    assert {a["actor"] for a in summary["actors"]} and all(a["first_batch_s"] > a["load_s"] > 0 for a in summary["actors"])
     on_disk = storage.read_json(RunLayout(str(out)).synthetic_dir("_summary.json"))
     assert on_disk["count"] == 60 and on_disk["settings"]["steps"] == 4
     lora_sha = on_disk["settings"]["lora_sha256"]
-    assert lora_sha and {r["lora_sha256"] for r in manifest} == {lora_sha}
-    row = manifest[0]
+    assert lora_sha and {r["lora_sha256"] for r in rows} == {lora_sha}
+    loaded = datasets.load_dataset("parquet", data_dir=RunLayout(str(out)).shards_dir(), split="train")
+    assert loaded.num_rows == 60 and loaded.features["label"].names == read_meta(str(bank))["class_dirs"]
+    card = storage.read_text(RunLayout(str(out)).synthetic_dir("README.md"))
+    assert "path: data/*.parquet" in card and "| digit_0 | digit zero | 6 |" in card and lora_sha in card
+    row = rows[0]
     assert row["seed"] == image_seed(42, row["image_id"], row["copy_idx"])
     assert row["prompt"].startswith("photo of digit ") and row["prompt"].endswith(", best quality")
     assert (row["strength"], row["steps"], row["scheduler"], row["lora_scale"]) == (0.75, 4, "unipc", 0.5)
@@ -256,12 +305,9 @@ def test_two_copies_per_image_with_a_consistent_manifest(run_a, bank):
 @pytest.mark.e2e
 def test_copies_differ_and_a_second_run_on_one_actor_is_byte_identical(run_a, bank, tmp_path_factory):
     out_a, _ = run_a
+    by_key = {(r["image_id"], r["copy_idx"]): r["image"]["bytes"] for r in _rows(out_a).to_pylist()}
+    assert all(by_key[(i, 0)] != by_key[(i, 1)] for i, c in by_key if c == 0)
     files_a = _files(out_a)
-    some = sorted(files_a)[:5]
-    for path in some:
-        other = path.replace("__c0.jpg", "__c1.jpg")
-        if path != other:
-            assert storage.read_bytes(files_a[path]) != storage.read_bytes(files_a[other])
     out_b = _new_run(bank, tmp_path_factory, "gen-b")
     run_generate(_cfg(out_b, "generate.mult=2"))  # one actor where run_a had two: the same bytes
     files_b = _files(out_b)
@@ -273,7 +319,6 @@ def test_copies_differ_and_a_second_run_on_one_actor_is_byte_identical(run_a, ba
 def test_raising_mult_adds_only_the_new_copy(run_a, bank):
     out, _ = run_a
     before = {p: (os.stat(storage.local_path(u)).st_mtime_ns, storage.read_bytes(u)) for p, u in _files(out).items()}
-    parts_before = set(part_files(RunLayout(str(out)).manifest_dir()))
     summary = run_generate(_cfg(out, "generate.mult=3"))
     assert (summary["generated_now"], summary["already_present"], summary["count"]) == (30, 60, 90)
     _check_set(out, bank, 3)
@@ -281,7 +326,7 @@ def test_raising_mult_adds_only_the_new_copy(run_a, bank):
     for path, (mtime, data) in before.items():
         assert os.stat(storage.local_path(after[path])).st_mtime_ns == mtime
         assert storage.read_bytes(after[path]) == data
-    assert parts_before < set(part_files(RunLayout(str(out)).manifest_dir()))
+    assert {p for p in after if p not in before} == {p for p in after if p.startswith("train-c02-")}
     again = run_generate(_cfg(out, "generate.mult=3"))
     # Nothing to do: the stored record of the run that generated copy 2 comes back (its measured rate stays).
     assert again["skipped"] and again["count"] == 90 and again["generated_now"] == 30 and again["images_per_s"] > 0
@@ -290,15 +335,15 @@ def test_raising_mult_adds_only_the_new_copy(run_a, bank):
 @pytest.mark.e2e
 def test_failed_batches_are_counted_then_a_rerun_generates_only_them(bank, tmp_path_factory, monkeypatch):
     """Every batch of copy 1 raises in the actor (fault injection): the run completes copy 0, counts copy 1 as
-    failed, writes no file or manifest row for it and is not complete; the rerun generates exactly copy 1."""
+    failed, writes no shard of it and is not complete; the rerun generates exactly copy 1."""
     out = _new_run(bank, tmp_path_factory, "gen-failures")
     monkeypatch.setenv("REALFAKE_FAULT", "generate.sampler_error:1")
     with pytest.raises(RuntimeError, match=r"30 of 60 images failed \(first error: RuntimeError: injected sampler"):
         run_generate(_cfg(out, "generate.mult=2"))
     first = storage.read_json(RunLayout(str(out)).synthetic_dir("_summary.json"))
     assert (first["generated_now"], first["failed"], first["count"], first["complete"]) == (30, 30, 30, False)
-    assert {r["copy_idx"] for r in _manifest(out).to_pylist()} == {0}
-    assert not [p for p in _files(out) if p.endswith("__c1.jpg")]
+    assert {r["copy_idx"] for r in _rows(out).to_pylist()} == {0}
+    assert not [p for p in _files(out) if p.startswith("train-c01-")]
     monkeypatch.delenv("REALFAKE_FAULT")
     second = run_generate(_cfg(out, "generate.mult=2"))
     assert (second["generated_now"], second["already_present"], second["failed"], second["complete"]) == (30, 30, 0, True)
@@ -316,14 +361,14 @@ def test_changed_settings_into_the_same_out_are_refused(run_a, no_ray):
 def test_txt2img_without_lora_and_with_class_mean_guidance(bank, tmp_path_factory, run_a):
     out = _new_run(bank, tmp_path_factory, "gen-t2i")
     summary = run_generate(_cfg(out, "generate.mode=txt2img", "generate.use_lora=false", "generate.vision_token=class_mean"))
-    manifest = _check_set(out, bank, 1)
+    rows = _check_set(out, bank, 1)
     assert summary["settings"]["lora_sha256"] is None and summary["settings"]["mode"] == "txt2img"
-    assert {(r["mode"], r["vision_token"], r["lora_sha256"], r["lora_scale"]) for r in manifest} == {
-        ("txt2img", "class_mean", None, None)
+    assert {(r["mode"], r["vision_token"], r["strength"], r["lora_sha256"], r["lora_scale"]) for r in rows} == {
+        ("txt2img", "class_mean", 1.0, None, None)
     }
     out_a, _ = run_a
-    path = manifest[0]["path"]
-    assert storage.read_bytes(_files(out)[path]) != storage.read_bytes(_files(out_a)[path])
+    first = _files(out_a)[sorted(_files(out))[0]]
+    assert storage.read_bytes(_files(out)[sorted(_files(out))[0]]) != storage.read_bytes(first)
 
 
 @pytest.mark.e2e
@@ -334,11 +379,11 @@ def test_a_missing_lora_is_an_error_unless_use_lora_is_off(bank, tmp_path_factor
         with pytest.raises(FileNotFoundError, match=r"no LoRA at .*lora/pytorch_lora_weights.safetensors.*generate.use_lora=false"):
             run_generate(_cfg(out))  # use_lora is on, but <out>/lora does not exist
     summary = run_generate(_cfg(out, "generate.use_lora=false"))
-    manifest = _check_set(out, bank, 1)
-    assert summary["settings"]["lora_sha256"] is None and {r["lora_sha256"] for r in manifest} == {None}
+    rows = _check_set(out, bank, 1)
+    assert summary["settings"]["lora_sha256"] is None and {r["lora_sha256"] for r in rows} == {None}
     out_a, _ = run_a
-    files_a, files = _files(out_a), _files(out)
-    assert sum(storage.read_bytes(files[p]) != storage.read_bytes(files_a[p]) for p in files) > len(files) // 2
+    with_lora = {(r["image_id"], r["copy_idx"]): r["image"]["bytes"] for r in _rows(out_a).to_pylist()}
+    assert sum(r["image"]["bytes"] != with_lora[(r["image_id"], 0)] for r in rows) > len(rows) // 2
 
 
 @pytest.mark.e2e
@@ -380,15 +425,16 @@ def test_bank_from_another_resolution_is_refused(bank, tmp_path_factory, no_ray)
 
 @pytest.mark.e2e
 def test_killed_driver_then_rerun_leaves_no_gap_and_no_duplicate(bank, tmp_path_factory, ray_cluster):
-    """`jobs/generate.py` SIGKILLed once its first manifest part is written (fault injection); the rerun
-    generates exactly the missing keys."""
+    """`jobs/generate.py` SIGKILLed once its first shard is written (fault injection); the rerun generates
+    exactly the missing shards, and the set equals an uninterrupted run's byte for byte."""
     out = _new_run(bank, tmp_path_factory, "gen-kill")
-    overrides = ["generate.mult=4", "generate.batch_size=2", "generate.rows_per_manifest_file=4", "generate.steps=10"]
+    overrides = ["generate.mult=4", "generate.batch_size=2", "generate.images_per_shard=4", "generate.steps=10"]
     env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address, PYTHONPATH=str(REPO))
     cmd = [sys.executable, str(REPO / "jobs" / "generate.py"), "--preset", "tiny", "--out", str(out)]
-    run_until_fault(cmd + [arg for o in overrides for arg in ("--set", o)], env, "generate.manifest_part:1")
-    partial = _manifest(out).num_rows
-    assert 4 <= partial < 120  # the fault's part, plus what writers already running added
+    run_until_fault(cmd + [arg for o in overrides for arg in ("--set", o)], env, "generate.shard:1")
+    partial = _rows(out).num_rows
+    assert 4 <= partial < 120 and partial % 2 == 0  # whole shards only: the fault's, plus any finished meanwhile
+    assert not [p for p in (out / "synthetic" / "data").iterdir() if not p.name.startswith("train-")]
     summary = run_generate(_cfg(out, *overrides))
     assert summary["already_present"] == partial and summary["count"] == 120
     _check_set(out, bank, 4)
@@ -397,14 +443,14 @@ def test_killed_driver_then_rerun_leaves_no_gap_and_no_duplicate(bank, tmp_path_
 @pytest.mark.e2e
 @pytest.mark.cluster_sim  # `make test-cluster` (a 4-node simulated cluster: ~100 s, too much for CI's 20 minutes)
 def test_losing_a_node_that_hosts_a_generate_actor_loses_and_duplicates_nothing(bank, tmp_path_factory):
-    """A cluster of a head and two 1-CPU workers; once 3 manifest parts exist, the worker hosting a
-    SynthesisActor is removed (its raylet, actors and objects gone). The stage still completes with one
-    manifest row and one valid image per (image_id, copy): Ray Data restarts the actor and retries the lost
-    tasks, and a retried writer rewrites the same paths and the same part names."""
+    """A cluster of a head and two 1-CPU workers; once 3 shards exist, the worker hosting a SynthesisActor is
+    removed (its raylet, actors and objects gone). The stage still completes with one row and one valid image
+    per (image_id, copy): Ray Data restarts the actor and retries the lost tasks, and a retried shard is
+    rewritten under the same name."""
     out = _new_run(bank, tmp_path_factory, "gen-node-loss")
-    overrides = ["generate.mult=4", "generate.batch_size=2", "generate.rows_per_manifest_file=4", "generate.steps=10",
+    overrides = ["generate.mult=4", "generate.batch_size=2", "generate.images_per_shard=4", "generate.steps=10",
                  "generate.actors.min_size=1", "generate.actors.max_size=2", "generate.actors.cpus_per_actor=0.25"]
     found = run_with_node_loss("generate", str(out), overrides, at=3)
-    assert found["removed"]["at"] < 30  # mid-run: 30 parts in all
+    assert found["removed"]["at"] < 40  # mid-run: 40 shards in all
     assert (found["count"], found["failed"], found["complete"]) == (120, 0, True)
     _check_set(out, bank, 4)

@@ -1,6 +1,6 @@
 """Train stage: fast planning / bad-input tests (no Ray), then tiny-preset Ray Train runs (e2e):
-a real-only run stopped after 2 epochs and resumed to 4, a synthetic-only run on a
-fabricated synthetic set (generate's exact layout) and a mixed run."""
+a real-only run stopped after 1 epoch and resumed to 2, a synthetic-only run on generate's output and a
+mixed run."""
 
 from __future__ import annotations
 
@@ -11,16 +11,16 @@ import shutil
 import time
 
 import numpy as np
-import pyarrow as pa
 import pytest
 from conftest import forbid_ray_work, run_with_node_loss, small_bank
 from PIL import Image
 
 from realfake_ray import storage
-from realfake_ray._internal.shards import write_part
-from realfake_ray.data.labelled import seed_of, synthetic_rows
 from realfake_ray.config import ConfigError, load_config
-from realfake_ray.data.imagefolder import DatasetError, scan_image_folder, stem
+from realfake_ray.data.imagefolder import DatasetError, stem
+from realfake_ray.data.labelled import seed_of, synthetic_set
+from realfake_ray.data.sources import open_labelled_set
+from realfake_ray.data.synthetic import shard_bytes, shard_name, shard_table
 from realfake_ray.layout import RunLayout
 from realfake_ray.stages.train.driver import read_metrics, run_train, train_dataset
 from realfake_ray.stages.train.plan import apply_budget, epoch_composition, fingerprint, plan_training, run_name
@@ -30,30 +30,38 @@ REAL = "embedded:digits/train"
 VAL = "embedded:digits/val"
 
 
-def fabricate_synthetic(out: str, copies: int = 1, per_class: int | None = None, manifest: bool = True,
+def fabricate_synthetic(out: str, copies: int = 1, per_class: int | None = None, layout: str = "shards",
                         source: str = REAL, class_dir_of=None) -> int:
-    """Write a synthetic set in the generate stage's layout: real images re-saved as JPEG copies under
-    ``<out>/synthetic/train/<safe class dir>/<stem>__c<copy>.jpg`` plus the Parquet manifest
-    (path, image_id, label, class_dir, copy_idx, seed, prompt) and ``_summary.json``. Returns the count."""
-    index = scan_image_folder(source, check_readable=False)
-    root, rows, taken = os.path.join(out, "synthetic", "train"), [], {}
-    for rec in index.records:
-        taken[rec.label] = taken.get(rec.label, 0) + 1
-        if per_class is not None and taken[rec.label] > per_class:
-            continue
-        image = Image.open(io.BytesIO(storage.read_bytes(rec.url))).convert("RGB")
-        class_dir = class_dir_of(rec.class_dir) if class_dir_of else rec.class_dir
-        folder = storage.safe_name(class_dir)
-        os.makedirs(os.path.join(root, folder), exist_ok=True)
-        for c in range(copies):
-            rel = f"{folder}/{stem(rec.image_id)}__c{c}.jpg"
-            image.save(os.path.join(root, rel), quality=92 - 4 * c)
-            rows.append({"path": rel, "image_id": rec.image_id, "label": rec.label, "class_dir": class_dir,
-                         "copy_idx": c, "seed": 1000 + len(rows), "prompt": f"photo of {rec.class_name}"})
-    if manifest:
-        write_part(os.path.join(out, "synthetic", "_manifest"), pa.Table.from_pylist(rows))
-        storage.write_json(os.path.join(out, "synthetic", "_summary.json"), {"images": len(rows), "complete": True})
-    return len(rows)
+    """Write a synthetic set of real images re-saved as JPEG copies: generate's shards (one per copy) below
+    ``<out>/synthetic/data``, or (``layout="folders"``) an exported ImageFolder
+    ``<out>/synthetic/train/<safe class dir>/<stem>__c<copy>.jpg``. Returns the image count."""
+    real = open_labelled_set(source)
+    taken, picked = {}, []
+    for image_id, url, label in zip(*(real.items[c].to_pylist() for c in ("image_id", "url", "label"))):
+        taken[label] = taken.get(label, 0) + 1
+        if per_class is None or taken[label] <= per_class:
+            picked.append((image_id, url, label))
+    class_dirs = [class_dir_of(d) if class_dir_of else d for d in real.class_dirs]
+    count = 0
+    for c in range(copies):
+        jpegs, paths = [], []
+        for image_id, url, label in picked:
+            buffer = io.BytesIO()
+            Image.open(io.BytesIO(storage.read_bytes(url))).convert("RGB").save(buffer, format="JPEG", quality=92 - 4 * c)
+            jpegs.append(buffer.getvalue())
+            paths.append(f"{storage.safe_name(class_dirs[label])}/{stem(image_id)}__c{c}.jpg")
+        if layout == "folders":
+            for path, data in zip(paths, jpegs):
+                storage.write_bytes(os.path.join(out, "synthetic", "train", path), data)
+        else:
+            n = len(picked)
+            provenance = {"image_id": [p[0] for p in picked], "class_dir": [class_dirs[p[2]] for p in picked],
+                          "copy_idx": [c] * n, "seed": list(range(n)), "prompt": ["photo of a digit"] * n}
+            table = shard_table(jpegs, paths, [p[2] for p in picked], provenance, {"mode": "img2img"}, class_dirs)
+            name = shard_name(c, "part-" + "0" * 32, 0, n)
+            storage.write_bytes(os.path.join(out, "synthetic", "data", name), shard_bytes(table))
+        count += len(picked)
+    return count
 
 
 def _cfg(out, *overrides, **flags):
@@ -80,38 +88,31 @@ def test_seeds_and_run_names_are_stable():
     assert run_name(a).startswith("run-synthetic-resnet_tiny-")
 
 
-def test_synthetic_rows_from_manifest_and_from_folders(tmp_path):
-    n = fabricate_synthetic(str(tmp_path / "m"), copies=2, per_class=3)
-    cfg = _cfg(tmp_path / "m")
+def test_the_synthetic_set_from_shards_and_from_exported_folders(tmp_path):
+    n = fabricate_synthetic(str(tmp_path / "s"), copies=2, per_class=3)
     class_dirs = [f"digit_{i}" for i in range(10)]
-    rows = synthetic_rows(cfg, class_dirs)
-    assert len(rows) == n == 60 and {r["copy_idx"] for r in rows} == {0, 1}
-    assert all(r["url"].startswith(str(tmp_path / "m" / "synthetic" / "train")) for r in rows)
-    assert sorted(r["label"] for r in rows)[:2] == [0, 0]
-    one_x = synthetic_rows(_cfg(tmp_path / "m", "train.synthetic_mult=1"), class_dirs)
-    assert len(one_x) == 30 and {r["copy_idx"] for r in one_x} == {0}
-    # Without a manifest: the folders, labelled by the real class list, copies parsed from the names.
-    fabricate_synthetic(str(tmp_path / "f"), copies=2, per_class=3, manifest=False)
-    folder_rows = synthetic_rows(_cfg(tmp_path / "f"), class_dirs)
-    key = lambda r: r["url"].rsplit("/", 2)[-2:]  # noqa: E731
-    assert sorted(map(key, folder_rows)) == sorted(map(key, rows))
-    assert sorted((r["label"], r["copy_idx"]) for r in folder_rows) == sorted((r["label"], r["copy_idx"]) for r in rows)
+    shards = synthetic_set(_cfg(tmp_path / "s"), class_dirs)
+    assert shards.sharded and shards.num_images == n == 60 and shards.shards.num_rows == 2
+    one_x = synthetic_set(_cfg(tmp_path / "s", "train.synthetic_mult=1"), class_dirs)
+    assert one_x.num_images == 30 and one_x.shards["url"][0].as_py().rsplit("/", 1)[-1].startswith("train-c00-")
+    # An ImageFolder export (or any other layout) given as train.synthetic: labelled by the real class list,
+    # copies parsed from the file names.
+    fabricate_synthetic(str(tmp_path / "f"), copies=2, per_class=3, layout="folders")
+    folders = synthetic_set(_cfg(tmp_path / "f", f"train.synthetic={tmp_path / 'f' / 'synthetic' / 'train'}"), class_dirs)
+    assert not folders.sharded and folders.num_images == 60 and sorted(folders.class_counts()) == [6] * 10
+    cut = synthetic_set(_cfg(tmp_path / "f", f"train.synthetic={tmp_path / 'f' / 'synthetic' / 'train'}",
+                             "train.synthetic_mult=1"), class_dirs)
+    assert cut.num_images == 30 and all(i.endswith("__c0.jpg") for i in cut.items["image_id"].to_pylist())
 
 
 # ------------------------------------------------------------------------------------ bad input (fast)
-@pytest.mark.parametrize("manifest", [True, False])
-def test_synthetic_classes_not_in_the_real_set_are_named(tmp_path, no_ray, manifest):
-    fabricate_synthetic(str(tmp_path), per_class=4, manifest=manifest,
+@pytest.mark.parametrize("layout", ["shards", "folders"])
+def test_synthetic_classes_not_in_the_real_set_are_named(tmp_path, no_ray, layout):
+    fabricate_synthetic(str(tmp_path), per_class=4, layout=layout,
                         class_dir_of=lambda d: "digit_11" if d == "digit_1" else d)
-    with pytest.raises(DatasetError, match=r"'digit_11'.*not among the 10 real classes"):
-        run_train(_cfg(tmp_path, "train.source=synthetic"))
-
-
-def test_manifest_label_that_contradicts_its_class_folder(tmp_path, no_ray):
-    rows = [{"path": "digit_3/a__c0.jpg", "image_id": "digit_3/a.png", "label": 5, "class_dir": "digit_3", "copy_idx": 0}]
-    write_part(str(tmp_path / "synthetic" / "_manifest"), pa.Table.from_pylist(rows))
-    with pytest.raises(DatasetError, match=r"label 5 but class folder 'digit_3' is real label 3"):
-        run_train(_cfg(tmp_path, "train.source=mix"))
+    overrides = [f"train.synthetic={tmp_path / 'synthetic' / 'train'}"] if layout == "folders" else []
+    with pytest.raises(DatasetError, match=r"'digit_11'.*not among the 10 .*classes"):
+        run_train(_cfg(tmp_path, "train.source=synthetic", *overrides))
 
 
 def test_missing_or_empty_synthetic_source(tmp_path, no_ray):
@@ -120,10 +121,11 @@ def test_missing_or_empty_synthetic_source(tmp_path, no_ray):
     (tmp_path / "empty" / "synthetic" / "train" / "digit_0").mkdir(parents=True)
     with pytest.raises(DatasetError, match="is empty"):
         run_train(_cfg(tmp_path / "empty", "train.source=synthetic"))
-    schema = {"path": pa.string(), "label": pa.int64(), "class_dir": pa.string(), "copy_idx": pa.int64()}
-    write_part(str(tmp_path / "rows0" / "synthetic" / "_manifest"), pa.table({k: pa.array([], t) for k, t in schema.items()}))
-    with pytest.raises(DatasetError, match=r"synthetic set .* is empty"):
-        run_train(_cfg(tmp_path / "rows0", "train.source=synthetic"))
+    fabricate_synthetic(str(tmp_path / "copy3"), per_class=2)
+    (tmp_path / "copy3" / "synthetic" / "data").iterdir().__next__().rename(
+        tmp_path / "copy3" / "synthetic" / "data" / shard_name(3, "part-" + "0" * 32, 0, 20))
+    with pytest.raises(DatasetError, match=r"synthetic set .* is empty \(train.synthetic_mult=1\)"):
+        run_train(_cfg(tmp_path / "copy3", "train.source=synthetic", "train.synthetic_mult=1"))
 
 
 def test_empty_real_source(tmp_path, no_ray):
@@ -285,7 +287,7 @@ SMALL = ["train.batch_size=8", "train.epochs=1", "generate.steps=4", "generate.b
 @pytest.fixture(scope="module")
 def generated(tiny_bank, tmp_path_factory):
     """Real generate-stage output: a 30-image real subset (3 per digit), its slice of the tiny bank, and
-    `realfake generate --mult 2` on it (tiny preset, 4 steps): 60 synthetic images + manifest."""
+    `realfake generate --mult 2` on it (tiny preset, 4 steps): 60 synthetic images in shards."""
     from realfake_ray.stages.generate.driver import run_generate
 
     out, data = tmp_path_factory.mktemp("train-gen"), tmp_path_factory.mktemp("train-gen-data")

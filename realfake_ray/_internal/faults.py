@@ -8,8 +8,8 @@ Points:
 - ``finetune.checkpoint_hold:<step>``, ``train.checkpoint_hold:<epoch>`` — rank 0 of the Ray Train run stops
   (sleeps) right after the checkpoint of ``<step>`` / ``<epoch>`` is persisted, so a test can remove its
   node while it is known to be there; a run restored from that checkpoint never reaches it again.
-- ``generate.manifest_part:<n>`` — the writer task that finds ``n`` manifest parts written kills the driver
-  (tasks already running may add a few parts before Ray reaps them).
+- ``generate.shard:<n>`` — the generate actor that finds ``n`` shards written (after writing one) kills the
+  driver (actors still sampling may add a shard or two before Ray reaps them).
 - ``generate.sampler_error:<copy>`` — the generate actor's sampler raises on every batch of copy ``<copy>``
   (as a CUDA OOM would), so those images are failed rows that a rerun retries.
 
@@ -18,7 +18,7 @@ Unset (production), every check is one environment lookup.
 Example:
     >>> fault_at("finetune.checkpoint", {"REALFAKE_FAULT": "finetune.checkpoint:8"})
     8
-    >>> fault_at("generate.manifest_part", {"REALFAKE_FAULT": "finetune.checkpoint:8"}) is None
+    >>> fault_at("generate.shard", {"REALFAKE_FAULT": "finetune.checkpoint:8"}) is None
     True
 """
 
@@ -33,7 +33,7 @@ from typing import NoReturn
 __all__ = ["ENV", "POINTS", "fault_at", "kill_driver", "hold"]
 
 ENV = "REALFAKE_FAULT"
-POINTS = ("finetune.checkpoint", "finetune.checkpoint_hold", "train.checkpoint_hold", "generate.manifest_part",
+POINTS = ("finetune.checkpoint", "finetune.checkpoint_hold", "train.checkpoint_hold", "generate.shard",
           "generate.sampler_error")
 
 

@@ -51,6 +51,7 @@ RENAMED_KEYS = {
     "generate.allow_guidance_mismatch": "generate.allow_vision_token_mismatch",
     "generate.negative_guidance_token": "generate.negative_vision_token",
     "generate.accelerator": "generate.speedup",
+    "generate.rows_per_manifest_file": "generate.images_per_shard",
 }
 
 

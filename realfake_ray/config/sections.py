@@ -58,10 +58,13 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    """The real dataset: ImageFolder URLs (``root/<class_dir>/.../<file>``) and optional side files."""
+    """The real dataset: URLs of labelled image sets in any layout of ``realfake_ray.data.sources`` (ImageFolder,
+    class-index folders, a flat folder + labels file, Hugging Face Parquet, WebDataset) and optional side files."""
 
     train: str | None = None  # required; the tiny preset defaults to the embedded digits
     val: str | None = None
+    train_labels: str | None = None  # labels file of a flat train folder (file,label CSV/TSV)
+    val_labels: str | None = None  # labels file of a flat val folder: LOC_val_solution.csv or file,label CSV/TSV
     classes_file: str | None = None  # JSON {folder: name} or lines "folder<TAB or space>name"
     captions_file: str | None = None  # JSONL {"image_id": ..., "caption": ...}
     extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm")
@@ -140,7 +143,9 @@ class GenerateConfig(_Section):
     speedup: str = "none"  # none | deepcache[:N] | tomesd[:ratio] (see realfake_ray.method.speedups)
     jpeg_quality: int = Field(75, ge=1, le=100)  # 75: PIL's default, what the reference stores
     storage_size: int | None = Field(None, ge=8)  # short side of stored JPEGs; None: the generation resolution
-    rows_per_manifest_file: int = Field(512, ge=1)
+    # Output shards (the unit of atomic write and resume): ~shard_mb of JPEGs each, or exactly images_per_shard.
+    shard_mb: float = Field(48.0, gt=0)
+    images_per_shard: int | None = Field(None, ge=1)
     actors: ActorPool = ActorPool()
 
 
@@ -205,8 +210,17 @@ class TrainConfig(_Section):
     use_gpu: bool | Literal["auto"] = "auto"
     decode_cpus: float = Field(1.0, gt=0)
     worker_cpus: float = Field(1.0, gt=0)  # Ray CPUs held by each training worker (the rest decode images)
-    synthetic: str | None = None  # synthetic ImageFolder URL; None: <out>/synthetic/train (+ its manifest)
+    synthetic: str | None = None  # another synthetic set (shards, Parquet, ImageFolder...); None: <out>/synthetic
     synthetic_mult: int | None = Field(None, ge=1)  # use copies with copy_idx < N (1x of a 10x set); None: all
+    # Data order of a sharded set: "global" = a fresh permutation of every image each epoch (moves the images
+    # through Ray's object store); "blocks" = shards in a fresh order each epoch + a per-worker shuffle buffer;
+    # "auto" = global up to global_shuffle_max_images images, blocks above (per-image sets always shuffle globally:
+    # their rows are URLs, cheap to shuffle).
+    shuffle: Literal["auto", "global", "blocks"] = "auto"
+    global_shuffle_max_images: int = Field(200_000, ge=0)
+    shuffle_buffer_size: int = Field(10_000, ge=1)  # rows per worker's local shuffle buffer (shuffle=blocks)
+    cache: bool = False  # keep each read shard / image file on the node's disk ($REALFAKE_CACHE) for later epochs
+    max_read_errors: float = Field(0.001, ge=0, le=1)  # fraction of unreadable images that fails the stage
     checkpoint_keep: int = Field(2, ge=1)  # epoch checkpoints kept under <out>/classifier/<run name>/
     max_failures: int = Field(3, ge=-1)  # restarts after a lost worker, from the newest checkpoint (-1: unlimited)
     tag: str | None = None  # outputs in <out>/classifier/<tag>/ (several classifiers per run); None: <out>/classifier/
@@ -312,13 +326,11 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _embedded_default(self) -> RunConfig:
         if self.preset == "tiny" and self.data.train is None:
-            self.data = DataConfig(
-                train=f"{EMBEDDED_DATASET}/train",
-                val=self.data.val or f"{EMBEDDED_DATASET}/val",
-                classes_file=self.data.classes_file or f"{EMBEDDED_DATASET}/classes.json",
-                captions_file=self.data.captions_file,
-                extensions=self.data.extensions,
-            )
+            self.data = self.data.model_copy(update={
+                "train": f"{EMBEDDED_DATASET}/train",
+                "val": self.data.val or f"{EMBEDDED_DATASET}/val",
+                "classes_file": self.data.classes_file or f"{EMBEDDED_DATASET}/classes.json",
+            })
         return self
 
     @model_validator(mode="after")
@@ -334,7 +346,8 @@ class RunConfig(_Section):
         self._refuse_relative_out_on_a_remote_cluster()
         _assign_changed(self, out=anchor(self.out))
         _assign_changed(self.model, pretrained=local_dir(self.model.pretrained), clip_vision=local_dir(self.model.clip_vision))
-        _assign_changed(self.data, **{k: anchor(v) for k in ("train", "val", "classes_file", "captions_file")
+        _assign_changed(self.data, **{k: anchor(v) for k in ("train", "val", "train_labels", "val_labels",
+                                                              "classes_file", "captions_file")
                                       if (v := getattr(self.data, k))})
         if self.train.synthetic:
             _assign_changed(self.train, synthetic=anchor(self.train.synthetic))

@@ -1,34 +1,47 @@
-"""The classifier's data: ``(url, label)`` rows of real and synthetic sets, and the Ray Data pipelines that
-decode them into train / eval views. Shared by ``train`` and ``evaluate`` (neither imports the other for it).
+"""The classifier's data: the labelled sets (real in any layout, the sharded synthetic set) and the Ray Data
+pipelines that read and decode them into train / eval views. Shared by ``train`` and ``evaluate``.
+
+Nothing per image lives in the driver: a set is a :class:`~realfake_ray.data.sources.LabelledSet` (Arrow
+columns of a per-image listing, or a shard listing), and rows become Python objects only inside the tasks.
+Reading scales with the data and the cluster: per-image sets are cut into blocks of ~256 images whose fetches
+overlap inside a task; sharded sets are read one shard per task, in one request, optionally from a per-node
+cache (``train.cache``) after the first epoch. A read that fails is retried; one that keeps failing is
+skipped, named, and counted against ``train.max_read_errors``.
 
 Example:
-    >>> rows = real_rows("embedded:digits/val", cfg)  # doctest: +SKIP
-    >>> ds = decoded_dataset(rows_dataset(rows), 32, cfg, view="eval")  # doctest: +SKIP
+    >>> val = real_set("embedded:digits/val", cfg)  # doctest: +SKIP
+    >>> ds = decoded_dataset(rows_dataset(val, cfg), 32, cfg, view="eval")  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
-import re
+import uuid
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from realfake_ray import storage
-from realfake_ray._internal.shards import part_files, read_parts
-from realfake_ray.method.classifier import TrainView, eval_view
 from realfake_ray.config import ConfigError, RunConfig
-from realfake_ray.data.imagefolder import DatasetError, centre_view, open_rgb, scan_image_folder
+from realfake_ray.data.imagefolder import DatasetError, centre_view, open_rgb
+from realfake_ray.data.sources import LabelledSet, fetch_images, open_labelled_set, parquet_class_names, read_shard
+from realfake_ray.data.synthetic import SyntheticShards, list_shards
 from realfake_ray.layout import RunLayout
+from realfake_ray.method.classifier import TrainView, eval_view
 from realfake_ray.seeds import derive_seed
 
 __all__ = [
-    "output_dir", "synthetic_root", "synthetic_manifest_dir", "seed_of", "real_rows", "class_index",
-    "unknown_classes_error", "scan_mapped_folder", "synthetic_rows", "rows_digest", "VIEWS", "view_settings",
-    "decode_rows", "rows_dataset", "decoded_dataset",
+    "output_dir", "seed_of", "real_set", "synthetic_set", "unknown_classes_error", "set_digest", "VIEWS",
+    "view_settings", "decode_rows", "read_shards", "rows_dataset", "decoded_dataset", "read_error_count",
+    "ROWS_PER_BLOCK", "images_in_memory", "as_image_bytes", "cut_into_blocks",
 ]
 
-_COPY_RE = re.compile(r"__c(\d+)$")
+_COPY_RE = r"__c(?P<copy>\d+)\.[A-Za-z]+$"  # the copy index in an exported synthetic file's name
+ROWS_PER_BLOCK = 256  # per-image sets: images per read/decode block (more blocks as the set grows)
 
 
 def output_dir(cfg: RunConfig) -> str:
@@ -39,113 +52,97 @@ def output_dir(cfg: RunConfig) -> str:
     return RunLayout(cfg.out).classifier_dir(tag)
 
 
-def synthetic_root(cfg: RunConfig) -> str:
-    """The synthetic ImageFolder: ``train.synthetic`` or ``<out>/synthetic/train``."""
-    return cfg.train.synthetic or RunLayout(cfg.out).images_dir()
-
-
-def synthetic_manifest_dir(cfg: RunConfig) -> str:
-    """The manifest beside the synthetic ImageFolder: ``<synthetic>/../_manifest``."""
-    parent = synthetic_root(cfg).rstrip("/").rsplit("/", 1)[0]
-    return storage.join(parent, "_manifest")
-
-
 def seed_of(*parts: int) -> int:
     """A 32-bit seed (what Ray Data's seeds take) from :func:`~realfake_ray.seeds.derive_seed` of ``parts``."""
     return derive_seed(*(int(p) for p in parts)) & 0xFFFFFFFF
 
 
-def real_rows(url: str, cfg: RunConfig, class_dirs: list[str] | None = None):
-    """``(index, rows)`` of a labelled real ImageFolder; ``class_dirs`` fixes the label order."""
-    index = scan_image_folder(
-        url, classes_file=cfg.data.classes_file, extensions=cfg.data.extensions, class_dirs=class_dirs
-    )
-    return index, [{"url": r.url, "label": r.label} for r in index.records]
-
-
-def class_index(class_dirs: list[str]) -> dict[str, int]:
-    """Folder name → real label; synthetic folders are ``storage.safe_name`` of the real folder names."""
-    index = {storage.safe_name(d): i for i, d in enumerate(class_dirs)}
-    index.update({d: i for i, d in enumerate(class_dirs)})
-    return index
+def real_set(url: str, cfg: RunConfig, class_dirs: list[str] | None = None, labels_file: str | None = None) -> LabelledSet:
+    """A real labelled set in any layout (:mod:`realfake_ray.data.sources`); ``class_dirs`` fixes the label order."""
+    return open_labelled_set(url, class_dirs=class_dirs, classes_file=cfg.data.classes_file, labels_file=labels_file,
+                             extensions=cfg.data.extensions)
 
 
 def unknown_classes_error(where: str, unknown: list[str], class_dirs: list[str]) -> DatasetError:
-    """The error for class folders of ``where`` that are not among the real ``class_dirs``."""
+    """The error for classes of ``where`` that are not among the real ``class_dirs``."""
     shown = ", ".join(map(repr, sorted(unknown)[:10])) + (" ..." if len(unknown) > 10 else "")
     return DatasetError(
-        f"{where}: class folder(s) {shown} are not among the {len(class_dirs)} real classes "
+        f"{where}: class(es) {shown} are not among the {len(class_dirs)} real classes "
         f"({', '.join(class_dirs[:5])}{', ...' if len(class_dirs) > 5 else ''})"
     )
 
 
-def _manifest_rows(cfg: RunConfig, class_dirs: list[str], table) -> list[dict]:
-    root, lookup = synthetic_root(cfg), class_index(class_dirs)
-    data = {c: table.column(c).to_pylist() for c in table.column_names}
-    unknown = sorted({c for c in data["class_dir"] if c not in lookup})
-    if unknown:
-        raise unknown_classes_error(f"synthetic manifest {synthetic_manifest_dir(cfg)}", unknown, class_dirs)
-    copies = data.get("copy_idx") or [0] * len(data["path"])
-    rows = []
-    for path, label, cdir, copy in zip(data["path"], data["label"], data["class_dir"], copies):
-        if int(label) != lookup[cdir]:
-            raise DatasetError(
-                f"synthetic manifest {synthetic_manifest_dir(cfg)}: {path} has label {label} but class "
-                f"folder {cdir!r} is real label {lookup[cdir]} (generated from another class list?)"
-            )
-        rows.append({"url": storage.join(root, path), "label": int(label), "copy_idx": int(copy)})
-    return rows
+def _shard_set(root: str, shards: SyntheticShards, class_dirs: list[str], names: list[str]) -> LabelledSet:
+    with storage.open_file(shards.urls[0]) as f:
+        own = parquet_class_names(pq.read_schema(f))
+    if own is not None and own != list(class_dirs):
+        unknown = sorted(set(own) - set(class_dirs))
+        if unknown or len(own) != len(class_dirs):
+            raise unknown_classes_error(f"synthetic set {root}", unknown or own, class_dirs)
+    table = pa.table({"url": pa.array(shards.urls, pa.string()), "rows": pa.array(shards.rows, pa.int64())})
+    label_map = None if own in (None, list(class_dirs)) else [class_dirs.index(n) for n in own]
+    return LabelledSet(root, "parquet", list(class_dirs), list(names), shards=table, label_map=label_map)
 
 
-def scan_mapped_folder(root: str, class_dirs: list[str], cfg: RunConfig, where: str, missing: str) -> list[tuple[str, int]]:
-    """``(url, real label)`` of an ImageFolder whose class folders must be real classes (by folder name or
-    its ``storage.safe_name``); ``missing`` is the error text when ``root`` is not a directory."""
-    lookup = class_index(class_dirs)
-    if not storage.isdir(root):
-        raise DatasetError(missing)
-    unknown = [name for name, is_dir in storage.listdir(root) if is_dir and name not in lookup]
-    if unknown:
-        raise unknown_classes_error(where, unknown, class_dirs)
-    return [(r.url, lookup[r.class_dir]) for r in scan_image_folder(root, extensions=cfg.data.extensions).records]
+def _below_copy(lset: LabelledSet, mult: int | None) -> LabelledSet:
+    """A per-image synthetic set (an exported ImageFolder) cut to copies ``< mult`` by its ``__c<copy>`` names."""
+    if mult is None or lset.sharded:
+        return lset
+    copies = pc.struct_field(pc.extract_regex(lset.items["image_id"], _COPY_RE), "copy")
+    keep = pc.less(pc.fill_null(pc.cast(copies, pa.int64()), 0), mult)
+    return LabelledSet(lset.url, lset.layout, lset.class_dirs, lset.class_names, items=lset.items.filter(keep))
 
 
-def _folder_rows(cfg: RunConfig, class_dirs: list[str]) -> list[dict]:
-    root = synthetic_root(cfg)
-    missing = f"no synthetic data at {root} (run `realfake generate` first, or set train.synthetic)"
-    rows = []
-    for url, label in scan_mapped_folder(root, class_dirs, cfg, f"synthetic set {root}", missing):
-        match = _COPY_RE.search(os.path.splitext(url.rsplit("/", 1)[-1])[0])
-        rows.append({"url": url, "label": label, "copy_idx": int(match.group(1)) if match else 0})
-    return rows
+def synthetic_set(cfg: RunConfig, class_dirs: list[str], class_names: list[str] | None = None) -> LabelledSet:
+    """The synthetic set: ``<out>/synthetic`` (its shards), or ``train.synthetic`` — a folder of this format's shards,
+    any other dataset layout (an exported ImageFolder, a Parquet or WebDataset set), or a synthetic set of the
+    earlier one-file-per-image layout (its ``train/`` folder). Only copies ``< train.synthetic_mult`` when set.
 
-
-def synthetic_rows(cfg: RunConfig, class_dirs: list[str]) -> list[dict]:
-    """Rows ``{url, label, copy_idx}`` of the synthetic set, from its manifest when present (labels from
-    it) else from its folders; only copies ``< train.synthetic_mult`` when that is set.
-
-    Raises :class:`DatasetError` naming folders that are not real classes, or for an empty set.
+    Raises :class:`DatasetError` naming classes that are not real classes, or for an empty set.
     """
-
-    parts = part_files(synthetic_manifest_dir(cfg))
-    if parts:
-        table = read_parts(synthetic_manifest_dir(cfg))
-        missing = {"path", "label", "class_dir"} - set(table.column_names)
-        if missing:
-            raise DatasetError(f"synthetic manifest {synthetic_manifest_dir(cfg)}: missing column(s) {sorted(missing)}")
-        rows = _manifest_rows(cfg, class_dirs, table)
+    root = cfg.train.synthetic or RunLayout(cfg.out).synthetic_dir()
+    names = class_names or list(class_dirs)
+    for data_dir in (storage.join(root, "data"), root):
+        shards = list_shards(data_dir)
+        if shards.urls:
+            chosen = shards.below_copy(cfg.train.synthetic_mult)
+            if not chosen.urls:
+                break
+            return _shard_set(root, chosen, class_dirs, names)
     else:
-        rows = _folder_rows(cfg, class_dirs)
-    if cfg.train.synthetic_mult is not None:
-        rows = [r for r in rows if r["copy_idx"] < cfg.train.synthetic_mult]
-    if not rows:
-        raise DatasetError(f"synthetic set {synthetic_root(cfg)} is empty (train.synthetic_mult={cfg.train.synthetic_mult})")
-    return rows
+        legacy = storage.join(root, "train")
+        where = legacy if storage.exists(storage.join(root, "_manifest")) else root
+        if not storage.exists(where):
+            raise DatasetError(f"no synthetic data at {root} (run `realfake generate` first, or set train.synthetic)")
+        try:
+            lset = _below_copy(real_set(where, cfg, class_dirs), cfg.train.synthetic_mult)
+        except DatasetError as exc:
+            raise DatasetError(f"synthetic set {where}: {exc}") from None
+        if lset.num_images:
+            return lset
+    raise DatasetError(f"synthetic set {root} is empty (train.synthetic_mult={cfg.train.synthetic_mult})")
 
 
-def rows_digest(rows: list[dict]) -> str:
-    """sha256 of the sorted ``url<TAB>label`` lines: the identity of a labelled image list."""
-    lines = sorted(f"{r['url']}\t{r['label']}" for r in rows)
-    return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
+def set_digest(lset: LabelledSet) -> str:
+    """The identity of a labelled set: sha256 over its sorted ``url<TAB>label`` lines (per-image sets) or its
+    sorted ``shard name<TAB>rows`` lines (sharded sets). Sorted in Arrow; hashed a slice at a time.
+
+    Example:
+        >>> t = pa.table({"image_id": ["b", "a"], "url": ["/d/b", "/d/a"], "label": [1, 0]})
+        >>> s = LabelledSet("/d", "imagefolder", ["x", "y"], ["x", "y"], items=t)
+        >>> set_digest(s) == set_digest(LabelledSet("/d", "imagefolder", ["x", "y"], ["x", "y"], items=t.take([1, 0])))
+        True
+    """
+    if lset.sharded:
+        names = pc.replace_substring_regex(lset.shards["url"], pattern=r"^.*/", replacement="")
+        keys = pc.binary_join_element_wise(names, pc.cast(lset.shards["rows"], pa.string()), "\t")
+    else:
+        keys = pc.binary_join_element_wise(lset.items["url"], pc.cast(lset.items["label"], pa.string()), "\t")
+    ordered = pc.take(keys, pc.sort_indices(keys))
+    digest = hashlib.sha256()
+    for start in range(0, len(ordered), 65536):
+        digest.update("".join(f"{k}\n" for k in ordered.slice(start, 65536).to_pylist()).encode("utf-8"))
+    return digest.hexdigest()
 
 
 VIEWS = ("centre", "train", "eval")
@@ -170,37 +167,170 @@ def _view_fn(view: str, size: int, settings: dict):
     return lambda image, i, batch: centre_view(image, size)
 
 
-def decode_rows(batch: dict[str, np.ndarray], size: int, view: str = "centre", settings: dict | None = None) -> dict[str, np.ndarray]:
-    """CPU task: read + decode each ``url`` and cut its ``view`` (``centre``: the latent bank's resize +
-    centre crop; ``train``: seeded :class:`~realfake_ray.method.classifier.TrainView`; ``eval``: resize to
-    ⌊S/crop_pct⌋ + centre crop; ``settings`` from :func:`view_settings`) into ``pixels`` uint8 [S,S,3].
-    Drops the ``url``/``aug``/``copy_idx`` columns and undecodable rows (named)."""
+def _record_errors(errors_dir: str | None, bad: list[str]) -> None:
+    """One small part file of the read/decode errors of a task (its name from its content: a retried task
+    overwrites, never duplicates)."""
+    if not errors_dir or not bad:
+        return
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"error": bad}), buffer)
+    name = f"part-{hashlib.sha256(chr(10).join(bad).encode()).hexdigest()[:32]}.parquet"
+    storage.write_bytes(storage.join(errors_dir, name), buffer.getvalue())
 
-    make, n = _view_fn(view, size, settings or view_settings(RunConfig())), len(batch["url"])
+
+def decode_rows(batch: dict[str, np.ndarray], size: int, view: str = "centre", settings: dict | None = None,
+                errors_dir: str | None = None) -> dict[str, np.ndarray]:
+    """CPU task: decode each row's image and cut its ``view`` (``centre``: the latent bank's resize + centre crop;
+    ``train``: seeded :class:`~realfake_ray.method.classifier.TrainView`; ``eval``: resize to ⌊S/crop_pct⌋ +
+    centre crop; ``settings`` from :func:`view_settings`) into ``pixels`` uint8 [S,S,3]. Rows carry their
+    ``bytes`` (sharded sets) or a ``url``, fetched here, concurrently and with retries. Drops the
+    ``url``/``bytes``/``aug``/``copy_idx``/``error`` columns; unreadable or undecodable rows are skipped, named
+    (printed, and written to ``errors_dir`` when given) and counted against the stage's threshold."""
+    if "bytes" not in batch:
+        batch = fetch_images(batch)
+    make, n = _view_fn(view, size, settings or view_settings(RunConfig())), len(batch["bytes"])
     pixels, ok, bad = np.zeros((n, size, size, 3), np.uint8), np.ones(n, bool), []
-    for i, url in enumerate(batch["url"]):
+    names = batch["url"] if "url" in batch else batch.get("image_id", np.arange(n))
+    errors = batch.get("error")
+    for i, data in enumerate(batch["bytes"]):
         try:
-            pixels[i] = make(open_rgb(storage.read_bytes(url)), i, batch)
+            if errors is not None and errors[i]:
+                raise OSError(errors[i])
+            pixels[i] = make(open_rgb(data), i, batch)
         except Exception as exc:  # a bad file is skipped and named, never fatal
             ok[i] = False
-            bad.append(f"{url}: {type(exc).__name__}: {exc}"[:300])
+            message = str(exc) if errors is not None and errors[i] else f"{names[i]}: {type(exc).__name__}: {exc}"
+            bad.append(message[:300])
     if bad:
-        print(f"[realfake] skipped {len(bad)} undecodable image(s): {'; '.join(bad[:3])}")
-    keep = {k: np.asarray(v)[ok] for k, v in batch.items() if k not in ("url", "copy_idx", "aug")}
+        print(f"[realfake] skipped {len(bad)} unreadable image(s): {'; '.join(bad[:3])}")
+        _record_errors(errors_dir, bad)
+    drop = ("url", "bytes", "copy_idx", "aug", "error", "image_id")
+    keep = {k: np.asarray(v)[ok] for k, v in batch.items() if k not in drop}
     return {**keep, "pixels": pixels[ok]}
 
 
-def rows_dataset(rows: list[dict], rows_per_block: int = 256):
-    """A Ray Dataset of plain rows (blocks of about ``rows_per_block``)."""
+def _cached_reader(cache: bool):
+    """``storage.read_bytes``, or a per-node cache of whole files below ``$REALFAKE_CACHE/files`` (a file is
+    fetched once per node; later epochs read the local copy)."""
+    if not cache:
+        return None
+
+    def read(url: str) -> bytes:
+        local = storage.cache_dir("files", hashlib.sha256(url.encode()).hexdigest()[:32] + "-" + url.rsplit("/", 1)[-1])
+        if os.path.exists(local):
+            with open(local, "rb") as f:
+                return f.read()
+        data = storage.read_bytes(url)
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        tmp = f"{local}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, local)
+        return data
+
+    return read
+
+
+def read_shards(batch: dict[str, np.ndarray], *, layout: str, root: str, label_map: list[int] | None,
+                cache: bool = False) -> pa.Table:
+    """Read task for sharded sets: every row of each shard in ``batch["url"]`` (``image_id``, ``label``,
+    ``bytes``, plus any other column of ``batch`` repeated). A shard that cannot be read after retries gives
+    one row with its ``error`` (named and counted downstream)."""
+    tables, reader = [], _cached_reader(cache)
+    extra = [k for k in batch if k not in ("url", "rows")]
+    for i, url in enumerate(batch["url"]):
+        try:
+            table = read_shard(str(url), layout, root, label_map, reader=reader)
+            table = table.append_column("error", pa.array([""] * table.num_rows, pa.string()))
+        except Exception as exc:
+            table = pa.table({"image_id": [str(url)], "label": pa.array([0], pa.int64()), "bytes": pa.array([b""]),
+                              "error": [f"{url}: {type(exc).__name__}: {exc}"[:300]]})
+        for key in extra:
+            table = table.append_column(key, pa.array([batch[key][i]] * table.num_rows))
+        tables.append(table)
+    return pa.concat_tables(tables)
+
+
+def _blocks(n: int, rows_per_block: int) -> int:
+    return max(1, n // rows_per_block)
+
+
+def cut_into_blocks(table: pa.Table, blocks: int) -> list[pa.Table]:
+    """``table`` cut into ``blocks`` consecutive slices, the first ``n % blocks`` one row longer (as
+    ``ray.data.from_items`` cuts its items: the same blocks, so the same seeded shuffles)."""
+    size, extra = divmod(table.num_rows, blocks)
+    out, start = [], 0
+    for b in range(blocks):
+        length = size + (1 if b < extra else 0)
+        out.append(table.slice(start, length))
+        start += length
+    return out
+
+
+def rows_dataset(lset: LabelledSet, cfg: RunConfig, columns: dict[str, object] | None = None,
+                 rows_per_block: int = ROWS_PER_BLOCK, shard_order=None):
+    """A Ray Dataset of the set's rows: per-image sets as ``url``, ``label`` rows in ~``rows_per_block`` blocks
+    (fetched when decoded); sharded sets as their shards read (``bytes``, ``label``), one shard per task, in a
+    fresh seeded order per execution when ``shard_order`` (a ``RandomSeedConfig``) is given.
+    ``columns``: constant columns to add (e.g. ``set_idx``)."""
     import ray.data
 
-    return ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // rows_per_block, 200)))
+    if lset.sharded:
+        urls = lset.shards.select(["url"])
+        for key, value in (columns or {}).items():
+            urls = urls.append_column(key, pa.array([value] * urls.num_rows))
+        ds = ray.data.from_arrow(cut_into_blocks(urls, urls.num_rows))
+        if shard_order is not None:
+            ds = ds.randomize_block_order(seed=shard_order)
+        kwargs = {"layout": lset.layout, "root": lset.url, "label_map": lset.label_map, "cache": bool(cfg.train.cache)}
+        return ds.map_batches(read_shards, batch_size=1, batch_format="numpy", fn_kwargs=kwargs,
+                              num_cpus=cfg.train.decode_cpus)
+    table = lset.items.select(["url", "label"])
+    for key, value in (columns or {}).items():
+        table = table.append_column(key, pa.array([value] * table.num_rows))
+    return ray.data.from_arrow(cut_into_blocks(table, _blocks(table.num_rows, rows_per_block)))
 
 
-def decoded_dataset(ds, size: int, cfg: RunConfig, view: str = "centre"):
-    """``ds`` (rows with ``url``; ``aug`` for the train view) → ``pixels`` uint8 [S,S,3] on CPU tasks."""
+def as_image_bytes(ds, lset: LabelledSet, cfg: RunConfig):
+    """``ds`` of :func:`rows_dataset` as ``bytes``, ``label``, ``error`` rows whatever the layout (per-image rows
+    are fetched here), so that sets of different layouts can be unioned before one shuffle."""
+    if not lset.sharded:
+        ds = ds.map_batches(fetch_images, batch_size=64, num_cpus=cfg.train.decode_cpus)
+    return ds.select_columns(["bytes", "label", "error"])
+
+
+def decoded_dataset(ds, size: int, cfg: RunConfig, view: str = "centre", errors_dir: str | None = None):
+    """``ds`` (rows with ``bytes`` or ``url``; ``aug`` for the train view) → ``pixels`` uint8 [S,S,3] on CPU tasks."""
     if view not in VIEWS:
         raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
-    kwargs = {"size": size, "view": view, "settings": view_settings(cfg)}
+    kwargs = {"size": size, "view": view, "settings": view_settings(cfg), "errors_dir": errors_dir}
     return ds.map_batches(decode_rows, batch_size=64, fn_kwargs=kwargs, num_cpus=cfg.train.decode_cpus)
 
+
+def read_error_count(errors_dir: str) -> tuple[int, list[str]]:
+    """``(errors recorded below errors_dir, the first 10 of them)``."""
+    parts = [u for u in storage.find(errors_dir) if u.endswith(".parquet")] if storage.exists(errors_dir) else []
+    errors: list[str] = []
+    total = 0
+    for url in parts:
+        with storage.open_file(url) as f:
+            column = pq.read_table(f)["error"].to_pylist()
+        total += len(column)
+        errors += column[: max(0, 10 - len(errors))]
+    return total, errors
+
+
+def images_in_memory(lset: LabelledSet) -> tuple[list[np.ndarray], np.ndarray]:
+    """Every image of a *small* set decoded in this process (RGB uint8 arrays) and its labels: for the tools that
+    train a quick classifier in memory (sampler tuning, the privacy audit), never for a stage's data."""
+    if lset.sharded:
+        tables = [read_shard(u, lset.layout, lset.url, lset.label_map) for u in lset.shards["url"].to_pylist()]
+        table = pa.concat_tables(tables)
+        data, labels = table["bytes"].to_pylist(), table["label"].to_numpy()
+    else:
+        fetched = fetch_images({"url": np.array(lset.items["url"].to_pylist(), dtype=object)})
+        bad = [e for e in fetched["error"] if e]
+        if bad:
+            raise OSError(f"{len(bad)} image(s) of {lset.url} could not be read, e.g. {bad[0]}")
+        data, labels = list(fetched["bytes"]), lset.items["label"].to_numpy()
+    return [np.array(open_rgb(d)) for d in data], np.asarray(labels, dtype=np.int64)

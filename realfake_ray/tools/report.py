@@ -1,7 +1,7 @@
 """The run report: ``<out>/report.md`` + ``report.json`` + pictures, rebuilt from what the stages wrote.
 
-The report reads each stage's own output files (bank meta, fine-tune metrics, synthesis summary and
-manifest, classifier metrics), so a resubmitted job whose stages all skip still reports everything.
+The report reads each stage's own output files (bank meta, fine-tune metrics, synthesis summary and a few
+rows of its shards, classifier metrics), so a resubmitted job whose stages all skip still reports everything.
 Per-stage wall times of the runs that did the work are kept in ``<out>/_stages.json``.
 """
 
@@ -13,9 +13,10 @@ import tempfile
 import numpy as np
 
 from realfake_ray import storage
-from realfake_ray._internal.shards import read_parts
 from realfake_ray.config import RunConfig, dump_config
 from realfake_ray.data.imagefolder import decode_image
+from realfake_ray.data.sources import detect_layout, read_images_by_id
+from realfake_ray.data.synthetic import list_shards, sample_per_class
 from realfake_ray.tools.flops import img2img_flops
 from realfake_ray.layout import RunLayout
 from realfake_ray.plots import image_grid, markdown_table, plot_curves, timeline_plot
@@ -45,28 +46,28 @@ def _stage_times(cfg: RunConfig, summary: dict) -> dict:
     return times
 
 
-def _thumbnail(url: str, size: int) -> np.ndarray:
-    return decode_image(storage.read_bytes(url), size)[0]
+def _thumbnail(data: bytes, size: int) -> np.ndarray:
+    return decode_image(data, size)[0]
 
 
 def _sample_grid(cfg: RunConfig, meta: dict, local_dir: str) -> str | None:
-    """Per class: a few real images, then the synthetic images generated from them (column "synthetic i"
-    is a copy of "real i"). The manifest names each source: no listing of the training folder."""
+    """Per class: a few real images, then the synthetic images generated from them (column "synthetic i" is a
+    copy of "real i"). A few row groups of the first shards name and hold them; the real ones are read by id."""
 
-    manifest = read_parts(RunLayout(cfg.out).manifest_dir(), ["path", "label", "image_id", "copy_idx"])
-    if manifest is None:
+    shards = list_shards(RunLayout(cfg.out).shards_dir())
+    fakes = sample_per_class(shards.below_copy(1) if 0 in shards.copies else shards, GRID_PER_CLASS, GRID_MAX_CLASSES)
+    if not fakes:
         return None
+    data = cfg.require_data()
+    real = read_images_by_id(data.train, detect_layout(data.train, data.train_labels), [r["image_id"] for r in fakes])
     size = min(cfg.encode.resolution, 128)
     rows, labels = [], []
-    entries = sorted(zip(manifest["copy_idx"].to_pylist(), manifest["path"].to_pylist(),
-                         manifest["label"].to_pylist(), manifest["image_id"].to_pylist()))
-    for label, name in list(enumerate(meta["class_names"]))[:GRID_MAX_CLASSES]:
-        fakes = [(path, source) for _, path, lab, source in entries if lab == label][:GRID_PER_CLASS]
-        cells = [_thumbnail(storage.join(cfg.data.train, source), size) for _, source in fakes]
-        cells += [_thumbnail(storage.join(RunLayout(cfg.out).images_dir(), path), size) for path, _ in fakes]
+    for label in sorted({r["label"] for r in fakes}):
+        picked = [r for r in fakes if r["label"] == label and r["image_id"] in real]
+        cells = [_thumbnail(real[r["image_id"]], size) for r in picked] + [_thumbnail(r["bytes"], size) for r in picked]
         if cells:
             rows.append(cells)
-            labels.append(name)
+            labels.append(meta["class_names"][label])
     cols = [f"real {i + 1}" for i in range(GRID_PER_CLASS)] + [f"synthetic {i + 1}" for i in range(GRID_PER_CLASS)]
     return image_grid(rows, os.path.join(local_dir, "samples.png"), row_labels=labels, col_labels=cols)
 
@@ -204,9 +205,16 @@ def write_report(cfg: RunConfig, summary: dict) -> dict:
         "pictures": {},
         "config": cfg.model_dump(mode="json"),
     }
+    previous = _read_json(RunLayout(cfg.out).report_url("json")) or {}
     with tempfile.TemporaryDirectory() as tmp:
         if meta and synth:
-            report["pictures"]["samples"] = _upload_png(_sample_grid(cfg, meta, tmp), cfg, "samples.png")
+            # the grid is drawn once per synthetic set (its count and settings), not at every report rewrite
+            made_from = [synth.get("count"), synth.get("settings")]
+            report["pictures"]["samples_of"] = made_from
+            if previous.get("pictures", {}).get("samples_of") == made_from and storage.exists(RunLayout(cfg.out).file("samples.png")):
+                report["pictures"]["samples"] = "samples.png"
+            else:
+                report["pictures"]["samples"] = _upload_png(_sample_grid(cfg, meta, tmp), cfg, "samples.png")
         report["pictures"]["scaling"] = _upload_png(_scaling_plot(report["accuracy"], tmp), cfg, "scaling.png")
         if synth and len(synth.get("timeline") or []) > 1:
             local = timeline_plot(synth["timeline"], os.path.join(tmp, "synthesis_timeline.png"))

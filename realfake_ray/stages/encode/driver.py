@@ -1,8 +1,9 @@
-"""Encode stage: real ImageFolder → latent bank (VAE posterior, CLIP image embedding, caption).
+"""Encode stage: real dataset (any layout of ``realfake_ray.data.sources``) → latent bank (VAE posterior, CLIP
+image embedding, caption).
 
-Ray Data pipeline: rows planned on the driver → CPU decode/resize tasks → [captioner actor pool] →
-encoder actor pool (VAE + CLIP vision loaded once per actor) → Parquet part files under
-``<out>/latents/<split>/``. Reruns encode only images not yet in the bank.
+Ray Data pipeline: pending images planned on the driver (Arrow columns, or the shards holding them) → CPU
+read + decode/resize tasks → [captioner actor pool] → encoder actor pool (VAE + CLIP vision loaded once per
+actor) → Parquet part files under ``<out>/latents/<split>/``. Reruns encode only images not yet in the bank.
 
 Example:
     >>> from realfake_ray.config import load_config
@@ -13,17 +14,20 @@ Example:
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from realfake_ray import storage
 from realfake_ray._internal.cluster import actor_pool_kwargs, init_ray
-from realfake_ray._internal.shards import existing_keys, read_parts, write_part
+from realfake_ray._internal.shards import read_parts, write_part
 from realfake_ray.bank import read_meta, with_arrow_tensors
 from realfake_ray.config import RunConfig
-from realfake_ray.data.imagefolder import ImageFolderIndex, decode_views, scan_image_folder
+from realfake_ray.data.imagefolder import MIN_CAPTION_MATCH, caption_match_error, decode_views
+from realfake_ray.data.imagefolder import DatasetError
+from realfake_ray.data.labelled import cut_into_blocks, real_set
+from realfake_ray.data.sources import LabelledSet, check_readable, fetch_images, read_shard, shard_image_ids
 from realfake_ray.devices import torch_device
 from realfake_ray.method.embeddings import ClipEmbedder
 from realfake_ray.layout import RunLayout
@@ -42,14 +46,15 @@ BANK_COLUMNS = (
 # --------------------------------------------------------------------------------------- planning
 
 
-def scan_splits(cfg: RunConfig) -> dict[str, ImageFolderIndex]:
-    """Scan the train (and val) ImageFolders, with the train split's classes defining the labels."""
+def scan_splits(cfg: RunConfig) -> dict[str, LabelledSet]:
+    """List and check the train (and val) sets, the train set's classes defining the labels."""
     d = cfg.require_data()
-    common = dict(classes_file=d.classes_file, captions_file=d.captions_file, extensions=d.extensions)
-    splits = {"train": scan_image_folder(d.train, **common)}
+    splits = {"train": real_set(d.train, cfg, labels_file=d.train_labels)}
     if d.val:
-        splits["val"] = scan_image_folder(d.val, class_dirs=splits["train"].class_dirs, **common)
-    if not d.classes_file:
+        splits["val"] = real_set(d.val, cfg, splits["train"].class_dirs, d.val_labels)
+    for lset in splits.values():
+        check_readable(lset)
+    if not d.classes_file and splits["train"].class_names == [n.replace("_", " ") for n in splits["train"].class_dirs]:
         names = splits["train"].class_names
         print(f"[encode] warning: no data.classes_file, so the prompts name classes by their folders "
               f"(\"photo of {names[0]}\"{', ...' if len(names) > 1 else ''}); for readable names pass "
@@ -85,37 +90,127 @@ def _check_bank_compatible(meta: dict | None, identity: dict, cfg: RunConfig) ->
         )
 
 
-def _pending_rows(index: ImageFolderIndex, split: str, out: str) -> list[dict]:
-    done = {k[0] for k in _keys(RunLayout(out).bank_dir(split))} | {k[0] for k in _keys(RunLayout(out).skipped_dir(split))}
-    return [dict(asdict(r), split=split) for r in index.records if r.image_id not in done]
+def _captions(cfg: RunConfig) -> pa.Table | None:
+    """``image_id``, ``caption`` of ``data.captions_file`` (JSONL), parsed by Arrow (no Python object per line)."""
+    url = cfg.data.captions_file
+    if not url:
+        return None
+    import pyarrow.json as pj
+
+    if not storage.exists(url):
+        raise DatasetError(f"captions file not found: {url}")
+    try:
+        with storage.open_file(url) as f:
+            table = pj.read_json(f)
+    except pa.ArrowInvalid as exc:
+        raise DatasetError(f"captions file {url}: not JSON lines of {{\"image_id\": ..., \"caption\": ...}} ({exc})") from None
+    if not {"image_id", "caption"} <= set(table.column_names):
+        raise DatasetError(f"captions file {url}: expected {{\"image_id\": ..., \"caption\": ...}} records")
+    return table.select(["image_id", "caption"]).cast(pa.schema([("image_id", pa.string()), ("caption", pa.string())]))
 
 
-def _keys(directory: str) -> set[tuple]:
-    return existing_keys(directory, ["image_id"])
+def _image_ids(lset: LabelledSet) -> pa.Array:
+    if not lset.sharded:
+        return lset.items["image_id"].combine_chunks()
+    urls, rows = lset.shards["url"].to_pylist(), lset.shards["rows"].to_pylist()
+    return pa.array([i for u, n in zip(urls, rows) for i in shard_image_ids(u, lset.url, n)], pa.string())
+
+
+def _caption_column(ids: pa.Array, captions: pa.Table | None, cfg: RunConfig,
+                    lset: LabelledSet) -> tuple[pa.Array, float | None]:
+    """Each id's caption ("" without one) and the fraction of ids that have one (None without a captions file);
+    refuses a captions file that matches fewer than half of the images."""
+    if captions is None:
+        return pa.array([""] * len(ids), pa.string()), None
+    position = pc.index_in(ids, value_set=captions["image_id"].combine_chunks())
+    matched = len(ids) - position.null_count
+    if matched < MIN_CAPTION_MATCH * len(ids):
+        raise caption_match_error(cfg.data.captions_file, lset.url, matched, len(ids), ids[0].as_py())
+    return pc.fill_null(pc.take(captions["caption"].combine_chunks(), position), ""), matched / max(len(ids), 1)
+
+
+def _done_ids(out: str, split: str) -> pa.Array:
+    tables = [t for t in (read_parts(RunLayout(out).bank_dir(split), ["image_id"]),
+                          read_parts(RunLayout(out).skipped_dir(split), ["image_id"])) if t is not None]
+    return pa.concat_tables(tables)["image_id"].combine_chunks() if tables else pa.array([], pa.string())
+
+
+def pending_rows(lset: LabelledSet, split: str, out: str, captions: pa.Table | None,
+                 cfg: RunConfig) -> tuple[pa.Table, float | None]:
+    """The images of ``lset`` not yet in the bank (nor listed as unreadable) — ``image_id``, ``url`` (per-image
+    layouts; the shard's URL otherwise), ``label``, ``caption``, ``split``: Arrow columns — and the fraction of
+    the set's images the captions file covers."""
+    ids = _image_ids(lset)
+    if lset.sharded:
+        rows = lset.shards["rows"].to_numpy()
+        urls = pc.take(lset.shards["url"], pa.array(np.repeat(np.arange(len(rows)), rows)))
+        labels = pa.nulls(len(ids), pa.int64())  # inside the shards: read with the images
+    else:
+        urls, labels = lset.items["url"], lset.items["label"]
+    caption, matched = _caption_column(ids, captions, cfg, lset)
+    table = pa.table({"image_id": ids, "url": urls, "label": labels, "caption": caption})
+    done = _done_ids(out, split)
+    if len(done):
+        table = table.filter(pc.invert(pc.is_in(table["image_id"], value_set=done)))
+    return table.append_column("split", pa.array([split] * table.num_rows, pa.string())), matched
 
 
 # --------------------------------------------------------------------------------------- workers
 
 
 def decode_batch(batch: dict[str, np.ndarray], resolution: int, view: str = "squash", multiple: int = 8) -> dict[str, np.ndarray]:
-    """CPU stage: read + decode each image into its two views (``data.imagefolder.decode_views``): the
-    generation view ``pixels`` [res, res, 3] and the fine-tuning view ``full_pixels`` (uint8 bytes of
-    ``full_h`` × ``full_w`` × 3). Undecodable files get an ``error`` and blank views."""
+    """CPU stage: decode each image (its ``bytes``, or read from its ``url`` — concurrently, with retries) into its
+    two views (``data.imagefolder.decode_views``): the generation view ``pixels`` [res, res, 3] and the
+    fine-tuning view ``full_pixels`` (uint8 bytes of ``full_h`` × ``full_w`` × 3). Unreadable or undecodable
+    images get an ``error`` and blank views."""
+    if "bytes" not in batch:
+        batch = fetch_images(batch)
     n = len(batch["url"])
     pixels = np.zeros((n, resolution, resolution, 3), dtype=np.uint8)
     full = np.empty(n, dtype=object)
     full[:] = [pixels[0].tobytes()] * n  # not np.full: it stores a bytes fill value as b""
     full_h, full_w = np.full(n, resolution, dtype=np.int32), np.full(n, resolution, dtype=np.int32)
     width, height = np.zeros(n, dtype=np.int32), np.zeros(n, dtype=np.int32)
-    errors = np.full(n, "", dtype=object)
-    for i, url in enumerate(batch["url"]):
+    errors = np.array([e or "" for e in batch.get("error", [""] * n)], dtype=object)
+    for i, data in enumerate(batch["bytes"]):
+        if errors[i]:
+            continue
         try:
-            pixels[i], whole, width[i], height[i] = decode_views(storage.read_bytes(url), resolution, view, multiple)
+            pixels[i], whole, width[i], height[i] = decode_views(data, resolution, view, multiple)
             full[i], (full_h[i], full_w[i]) = whole.tobytes(), whole.shape[:2]
         except Exception as exc:  # a bad file is counted and listed, never fatal
             errors[i] = f"{type(exc).__name__}: {exc}"[:300]
-    return {**batch, "pixels": pixels, "full_pixels": full, "full_h": full_h, "full_w": full_w, "width": width,
+    kept = {k: v for k, v in batch.items() if k not in ("bytes", "error")}
+    return {**kept, "pixels": pixels, "full_pixels": full, "full_h": full_h, "full_w": full_w, "width": width,
             "height": height, "error": errors}
+
+
+def read_pending_shards(batch: pa.Table, *, layout: str, root: str, label_map: list[int] | None) -> pa.Table:
+    """Read task for sharded sets: the pending rows of each shard (``batch``: one row per pending image, grouped
+    by shard ``url``), with their ``bytes`` and ``label`` from the shard."""
+    out = []
+    for url in pc.unique(batch["url"]).to_pylist():
+        rows = batch.filter(pc.equal(batch["url"], url))
+        try:
+            shard = read_shard(url, layout, root, label_map)
+        except Exception as exc:  # the whole shard is unreadable: every pending image of it is listed as skipped
+            error = f"{url}: {type(exc).__name__}: {exc}"[:300]
+            out.append(rows.set_column(rows.schema.get_field_index("label"), "label", pa.array([0] * rows.num_rows, pa.int64()))
+                       .append_column("bytes", pa.array([b""] * rows.num_rows, pa.binary()))
+                       .append_column("error", pa.array([error] * rows.num_rows, pa.string())))
+            continue
+        position = pc.index_in(rows["image_id"], value_set=shard["image_id"])
+        taken = shard.take(position)
+        rows = rows.set_column(rows.schema.get_field_index("label"), "label", taken["label"])
+        out.append(rows.append_column("bytes", taken["bytes"]).append_column("error", pa.array([""] * rows.num_rows)))
+    return pa.concat_tables(out)
+
+
+def with_classes(batch: dict[str, np.ndarray], class_dirs: list[str], class_names: list[str]) -> dict[str, np.ndarray]:
+    """``class_dir`` and ``class_name`` of each row's ``label``."""
+    labels = np.asarray(batch["label"], dtype=np.int64)
+    dirs, names = np.array(class_dirs, dtype=object), np.array(class_names, dtype=object)
+    return {**batch, "label": labels, "class_dir": dirs[labels], "class_name": names[labels]}
 
 
 def full_images(batch: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -235,17 +330,31 @@ def write_bank_batch(batch: pa.Table, out: str) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------------------- driver
 
 
-def build_pipeline(rows: list[dict], cfg: RunConfig, multiple: int = 8):
-    """The Ray Data plan for ``rows`` (not executed); ``multiple``: pixels per latent cell."""
+def _split_dataset(lset: LabelledSet, pending: pa.Table, cfg: RunConfig, multiple: int, class_dirs, class_names):
     import ray.data
 
     enc = cfg.encode
-    blocks = max(1, min(len(rows) // max(enc.batch_size, 1), 200))
-    ds = ray.data.from_items(rows, override_num_blocks=blocks)
-    ds = ds.map_batches(
-        decode_batch, batch_size=enc.batch_size, num_cpus=enc.decode_cpus,
-        fn_kwargs={"resolution": enc.resolution, "view": enc.generation_view, "multiple": multiple},
-    )
+    if lset.sharded:  # one read task per shard: its pending rows are adjacent (listing order)
+        bounds = np.flatnonzero(np.r_[True, pc.not_equal(pending["url"][1:], pending["url"][:-1]).to_numpy(zero_copy_only=False)])
+        blocks = [pending.slice(a, b - a) for a, b in zip(bounds, [*bounds[1:], pending.num_rows])]
+        ds = ray.data.from_arrow(blocks).map_batches(
+            read_pending_shards, batch_size=None, batch_format="pyarrow", num_cpus=enc.decode_cpus,
+            fn_kwargs={"layout": lset.layout, "root": lset.url, "label_map": lset.label_map})
+    else:  # blocks of about encode.batch_size images, as many as the set needs
+        ds = ray.data.from_arrow(cut_into_blocks(pending, max(1, pending.num_rows // max(enc.batch_size, 1))))
+    ds = ds.map_batches(with_classes, batch_size=enc.batch_size, num_cpus=enc.decode_cpus,
+                        fn_kwargs={"class_dirs": class_dirs, "class_names": class_names})
+    return ds.map_batches(decode_batch, batch_size=enc.batch_size, num_cpus=enc.decode_cpus,
+                          fn_kwargs={"resolution": enc.resolution, "view": enc.generation_view, "multiple": multiple})
+
+
+def build_pipeline(pending: dict[str, tuple[LabelledSet, pa.Table]], cfg: RunConfig, multiple: int = 8):
+    """The Ray Data plan for the pending images of each split (not executed); ``multiple``: pixels per latent cell."""
+    enc = cfg.encode
+    train = pending.get("train", next(iter(pending.values())))[0]
+    parts = [_split_dataset(lset, rows, cfg, multiple, train.class_dirs, train.class_names)
+             for lset, rows in pending.values() if rows.num_rows]
+    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     if enc.caption and not cfg.data.captions_file:
         ds = ds.map_batches(
             Captioner, batch_size=enc.caption_batch_size, fn_constructor_args=(cfg,),
@@ -260,8 +369,10 @@ def build_pipeline(rows: list[dict], cfg: RunConfig, multiple: int = 8):
 
 def _split_summary(out: str, split: str) -> dict:
     skipped = read_parts(RunLayout(out).skipped_dir(split), ["image_id", "error"])
-    skipped_rows = skipped.to_pylist() if skipped is not None else []
-    return {"rows": len(_keys(RunLayout(out).bank_dir(split))), "skipped": len(skipped_rows), "skipped_files": skipped_rows}
+    skipped_rows = skipped.to_pylist()[:1000] if skipped is not None else []
+    bank = read_parts(RunLayout(out).bank_dir(split), ["image_id"])
+    return {"rows": bank.num_rows if bank is not None else 0, "skipped": skipped.num_rows if skipped is not None else 0,
+            "skipped_files": skipped_rows}
 
 
 def run_encode(cfg: RunConfig) -> dict:
@@ -275,14 +386,17 @@ def run_encode(cfg: RunConfig) -> dict:
     started_with = storage.read_json(identity_url) if storage.exists(identity_url) else None
     previous = read_meta(cfg.out)
     _check_bank_compatible(previous or started_with, identity, cfg)
-    rows = [row for name, index in splits.items() for row in _pending_rows(index, name, cfg.out)]
-    if not rows and previous and previous.get("complete"):
+    captions = _captions(cfg)
+    planned = {name: pending_rows(lset, name, cfg.out, captions, cfg) for name, lset in splits.items()}
+    todo = sum(rows.num_rows for rows, _ in planned.values())
+    if not todo and previous and previous.get("complete"):
         return {**previous, "skipped": True}  # nothing to do: the record (and its measured rate) stays
-    if rows:
+    if todo:
         storage.write_json(identity_url, {"model": identity, "resolution": cfg.encode.resolution, "format": BANK_FORMAT,
                                           "generation_view": cfg.encode.generation_view})
         init_ray(cfg.ray)
-        build_pipeline(rows, cfg, identity["vae_downsample"]).materialize()
+        pending = {name: (splits[name], rows) for name, (rows, _) in planned.items()}
+        build_pipeline(pending, cfg, identity["vae_downsample"]).materialize()
     elapsed = time.time() - started
     train = splits["train"]
     meta = {
@@ -294,13 +408,14 @@ def run_encode(cfg: RunConfig) -> dict:
         "latent_shape": [identity["latent_channels"], *(2 * [cfg.encode.resolution // identity["vae_downsample"]])],
         "class_dirs": train.class_dirs,
         "class_names": train.class_names,
-        "class_names_from": "classes_file" if cfg.data.classes_file else "folder names",
-        "caption_match": {name: index.caption_match for name, index in splits.items()},
+        "class_names_from": "classes_file" if cfg.data.classes_file else ("dataset" if train.sharded else "folder names"),
+        "layouts": {name: lset.layout for name, lset in splits.items()},
+        "caption_match": {name: matched for name, (_, matched) in planned.items()},
         "splits": {name: _split_summary(cfg.out, name) for name in splits},
-        "ignored_files": {name: index.ignored_files[:1000] for name, index in splits.items()},
-        "last_run": {"encoded_now": len(rows), "seconds": round(elapsed, 2),
-                     "images_per_s": round(len(rows) / elapsed, 2) if rows else None},
+        "ignored_files": {name: lset.ignored[:1000] for name, lset in splits.items()},
+        "last_run": {"encoded_now": todo, "seconds": round(elapsed, 2),
+                     "images_per_s": round(todo / elapsed, 2) if todo else None},
         "complete": True,
     }
     storage.write_json(RunLayout(cfg.out).meta_url(), meta)
-    return {**meta, "skipped": not rows}
+    return {**meta, "skipped": not todo}

@@ -33,16 +33,8 @@ from realfake_ray._internal.cluster import actor_pool_kwargs, init_ray
 from realfake_ray._internal.shards import read_parts
 from realfake_ray.bank import read_meta
 from realfake_ray.method.classifier import build_classifier, evaluate_batches, merge_evaluations, to_model_input
-from realfake_ray.data.labelled import (
-    decoded_dataset,
-    output_dir,
-    real_rows,
-    rows_dataset,
-    rows_digest,
-    scan_mapped_folder,
-    synthetic_root,
-    synthetic_rows,
-)
+from realfake_ray.data.labelled import decoded_dataset, output_dir, real_set, rows_dataset, set_digest, synthetic_set
+from realfake_ray.data.sources import LabelledSet
 from realfake_ray.config import ConfigError, RunConfig
 from realfake_ray.data.imagefolder import DatasetError
 from realfake_ray.devices import torch_device
@@ -120,69 +112,75 @@ class ClassifierActor:
 
 
 # ------------------------------------------------------------------------------------ planning
-def extra_set_rows(name: str, url: str, class_dirs: list[str], cfg: RunConfig) -> tuple[list[dict], list[int] | None]:
-    """Rows of one extra labelled set, labelled with the *real* class indices, and its class subset
-    (``None`` when it covers every real class). A folder that is not a real class is an error."""
-    where = f"evaluate.extra_sets[{name!r}] {url}"
-    found = scan_mapped_folder(url, class_dirs, cfg, where, f"evaluate.extra_sets[{name!r}]: not a directory: {url}")
-    rows = [{"url": u, "label": label} for u, label in found]
-    covered = sorted({r["label"] for r in rows})
-    return rows, (covered if len(covered) < len(class_dirs) else None)
+def extra_set(name: str, url: str, class_dirs: list[str], cfg: RunConfig) -> tuple[LabelledSet, list[int] | None]:
+    """One extra labelled set (any layout), labelled with the *real* class indices, and its class subset
+    (``None`` when it covers every real class, or when its labels are inside its shards). A class that is not a
+    real class is an error naming the set."""
+    try:
+        lset = real_set(url, cfg, class_dirs)
+    except DatasetError as exc:
+        raise DatasetError(f"evaluate.extra_sets[{name!r}]: {exc}") from None
+    counts = lset.class_counts()
+    covered = sorted(np.flatnonzero(counts).tolist()) if counts is not None else sorted(set(lset.label_map or []))
+    return lset, (covered if covered and len(covered) < len(class_dirs) else None)
 
 
-def plan_sets(cfg: RunConfig, class_dirs: list[str]) -> tuple[list[str], list[dict], list[list[int] | None]]:
-    """``(set names, rows with set_idx, class subsets)`` of the val split and the extra sets."""
+def plan_sets(cfg: RunConfig, class_dirs: list[str]) -> tuple[list[str], list[LabelledSet], list[list[int] | None]]:
+    """``(set names, sets, class subsets)`` of the val split and the extra sets."""
     if VAL_SET in cfg.evaluate.extra_sets:
         raise ConfigError(f"evaluate.extra_sets: the name {VAL_SET!r} is reserved for data.val")
-    names, rows, subsets = [], [], []
-    sources = ([(VAL_SET, None)] if cfg.data.val else []) + list(cfg.evaluate.extra_sets.items())
-    for i, (name, url) in enumerate(sources):
-        if url is None:
-            set_rows, subset = real_rows(cfg.data.val, cfg, class_dirs)[1], None
-        else:
-            set_rows, subset = extra_set_rows(name, url, class_dirs, cfg)
+    names, sets, subsets = [], [], []
+    if cfg.data.val:
+        names.append(VAL_SET)
+        sets.append(real_set(cfg.data.val, cfg, class_dirs, cfg.data.val_labels))
+        subsets.append(None)
+    for name, url in cfg.evaluate.extra_sets.items():
+        lset, subset = extra_set(name, url, class_dirs, cfg)
         names.append(name)
+        sets.append(lset)
         subsets.append(subset)
-        rows += [{**r, "set_idx": i} for r in set_rows]
-    return names, rows, subsets
+    return names, sets, subsets
 
 
-def distribution_inputs(cfg: RunConfig, class_dirs: list[str]) -> tuple[str | None, dict | None, list[dict]]:
-    """``(reason skipped, bank meta, synthetic rows)``: checks that the bank and synthetic set exist."""
+def distribution_inputs(cfg: RunConfig, class_dirs: list[str]) -> tuple[str | None, dict | None, LabelledSet | None]:
+    """``(reason skipped, bank meta, synthetic set)``: checks that the bank and synthetic set exist."""
 
     if not cfg.evaluate.distribution_metrics:
-        return "evaluate.distribution_metrics is false", None, []
+        return "evaluate.distribution_metrics is false", None, None
     meta = read_meta(cfg.out)
     if meta is None:
-        return f"no latent bank at {RunLayout(cfg.out).bank_dir()} (run `realfake encode`)", None, []
+        return f"no latent bank at {RunLayout(cfg.out).bank_dir()} (run `realfake encode`)", None, None
     if list(meta["class_dirs"]) != list(class_dirs):
         raise DatasetError(f"the latent bank at {cfg.out}/latents has other classes than the classifier")
-    if not storage.exists(synthetic_root(cfg)):
-        return f"no synthetic set at {synthetic_root(cfg)}", meta, []
-    return None, meta, synthetic_rows(cfg, class_dirs)
+    root = cfg.train.synthetic or RunLayout(cfg.out).synthetic_dir()
+    if not storage.exists(root):
+        return f"no synthetic set at {root}", meta, None
+    return None, meta, synthetic_set(cfg, class_dirs, meta.get("class_names"))
 
 
 # ------------------------------------------------------------------------------------ execution
-def evaluate_sets(cfg: RunConfig, url: str, names: list[str], rows: list[dict], subsets: list, info: dict) -> dict:
-    """Run the decode → classifier-actor pipeline; merged result per set name."""
+def evaluate_sets(cfg: RunConfig, url: str, names: list[str], sets: list[LabelledSet], subsets: list, info: dict) -> dict:
+    """Run the read → decode → classifier-actor pipeline over every set; merged result per set name."""
 
-    ds = decoded_dataset(rows_dataset(rows), info["image_size"], cfg, view="eval")
+    parts = [decoded_dataset(rows_dataset(lset, cfg, columns={"set_idx": i}), info["image_size"], cfg, view="eval")
+             for i, lset in enumerate(sets)]
+    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     ds = ds.map_batches(
         ClassifierActor, batch_size=cfg.evaluate.batch_size, fn_constructor_args=(url, subsets),
         **actor_pool_kwargs(cfg.evaluate.actors, "evaluate.actors"),
     )
-    parts: dict[int, list[dict]] = {}
+    found: dict[int, list[dict]] = {}
     for r in ds.take_all():
-        parts.setdefault(int(r["set_idx"]), []).append(r)
+        found.setdefault(int(r["set_idx"]), []).append(r)
     results = {}
     for i, name in enumerate(names):
-        total = sum(1 for r in rows if r["set_idx"] == i)
-        merged = merge_evaluations(parts[i]) if i in parts else {"top1": None, "top5": None, "count": 0, "k": None, "per_class": []}
+        empty = {"top1": None, "top5": None, "count": 0, "k": None, "per_class": []}
+        merged = merge_evaluations(found[i]) if i in found else empty
         per_class = {d: a for d, a in zip(info["class_dirs"], merged["per_class"]) if a is not None}
         results[name] = {
             "top1": merged["top1"], "top5": merged["top5"], "k": None if merged["k"] is None else int(merged["k"]),
             "count": int(merged["count"]),
-            "skipped": total - merged["count"], "classes": None if subsets[i] is None else len(subsets[i]),
+            "skipped": sets[i].num_images - merged["count"], "classes": None if subsets[i] is None else len(subsets[i]),
             "per_class": per_class,
         }
     return results
@@ -208,23 +206,36 @@ def _embedding_config(cfg: RunConfig, meta: dict) -> RunConfig:
     return cfg.model_copy(update={"model": cfg.model.model_copy(update=update)})
 
 
-def distribution_metrics(cfg: RunConfig, meta: dict, synth: list[dict], class_dirs: list[str]) -> dict:
+def _synthetic_sample(synth: LabelledSet, max_images: int, seed: int) -> LabelledSet:
+    """A seeded subset of the synthetic set of about ``max_images`` images: whole shards in a seeded order
+    until there are enough (sharded sets), or a seeded subset of the listing (per-image sets)."""
+    if not synth.sharded:
+        keep = subsample(synth.num_images, max_images, seed)
+        return LabelledSet(synth.url, synth.layout, synth.class_dirs, synth.class_names, items=synth.items.take(keep))
+    order = np.random.default_rng(seed).permutation(synth.shards.num_rows)
+    rows = np.cumsum(synth.shards["rows"].to_numpy()[order])
+    chosen = np.sort(order[: int(np.searchsorted(rows, max_images)) + 1])
+    return LabelledSet(synth.url, synth.layout, synth.class_dirs, synth.class_names, shards=synth.shards.take(chosen),
+                       label_map=synth.label_map)
+
+
+def distribution_metrics(cfg: RunConfig, meta: dict, synth: LabelledSet, class_dirs: list[str]) -> dict:
     """CLIP embeddings of a seeded subset of synthetic images vs the bank → ``distribution_report``."""
 
     ev = cfg.evaluate
-    keep = subsample(len(synth), ev.distribution_max_images, cfg.seed).tolist()
-    rows = [{"url": synth[i]["url"], "label": synth[i]["label"]} for i in keep]
-    ds = decoded_dataset(rows_dataset(rows), int(meta["resolution"]), cfg)
+    sample = _synthetic_sample(synth, ev.distribution_max_images, cfg.seed)
+    ds = decoded_dataset(rows_dataset(sample, cfg), int(meta["resolution"]), cfg)
     ds = ds.map_batches(ClipEmbedder, batch_size=ev.batch_size, fn_constructor_args=(_embedding_config(cfg, meta),),
                         **actor_pool_kwargs(ev.actors, "evaluate.actors"))
-    batch = ds.select_columns(["label", "clip_embed"]).take_batch(len(rows), batch_format="numpy")
+    batch = ds.select_columns(["label", "clip_embed"]).take_batch(sample.num_images, batch_format="numpy")
+    keep = subsample(len(batch["label"]), ev.distribution_max_images, cfg.seed)
     real, real_labels = _bank_embeddings(cfg.out)
     report = distribution_report(
-        real, real_labels, np.asarray(batch["clip_embed"], dtype=np.float32), np.array(batch["label"]),
+        real, real_labels, np.asarray(batch["clip_embed"], dtype=np.float32)[keep], np.array(batch["label"])[keep],
         kernel=ev.mmd_kernel, nn_threshold=ev.nn_threshold, max_samples=ev.max_samples, seed=cfg.seed,
     )
     report["per_class_mmd2"] = {class_dirs[int(c)]: v for c, v in report["per_class_mmd2"].items()}
-    report["synthetic_embedded"] = len(rows)
+    report["synthetic_embedded"] = len(keep)
     return report
 
 
@@ -251,12 +262,12 @@ def _markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _inputs(cfg: RunConfig, model_bytes: bytes, synth: list[dict]) -> dict:
+def _inputs(cfg: RunConfig, model_bytes: bytes, synth: LabelledSet | None) -> dict:
     """What a report depends on: a rerun with the same inputs returns the stored report."""
     return {
         "model_sha256": hashlib.sha256(model_bytes).hexdigest(), "seed": cfg.seed, "val": cfg.data.val,
         "evaluate": cfg.evaluate.model_dump(mode="json", exclude={"actors", "batch_size"}),
-        "synthetic": [synthetic_root(cfg), len(synth), rows_digest(synth)] if synth else None,
+        "synthetic": [synth.url, synth.num_images, set_digest(synth)] if synth else None,
     }
 
 
@@ -271,13 +282,13 @@ def run_evaluate(cfg: RunConfig) -> dict:
     model_bytes = storage.read_bytes(url)
     info = read_classifier_info(model_bytes)
     class_dirs = info["class_dirs"]
-    names, rows, subsets = plan_sets(cfg, class_dirs)
+    names, labelled, subsets = plan_sets(cfg, class_dirs)
     skipped, meta, synth = distribution_inputs(cfg, class_dirs)
     inputs, report_url = _inputs(cfg, model_bytes, synth), storage.join(cdir, "metrics.json")
     if storage.exists(report_url) and storage.read_json(report_url).get("inputs") == inputs:
         return {**storage.read_json(report_url), "skipped": True}
     init_ray(cfg.ray)
-    sets = evaluate_sets(cfg, url, names, rows, subsets, info) if rows else {}
+    sets = evaluate_sets(cfg, url, names, labelled, subsets, info) if labelled else {}
     distribution = {"skipped": skipped} if skipped else distribution_metrics(cfg, meta, synth, class_dirs)
     report = {
         "source": info["source"], "arch": info["arch"], "image_size": info["image_size"], "epochs": info.get("epochs"),

@@ -1,23 +1,21 @@
-"""Generate stage: latent bank (+ LoRA) → synthetic ImageFolder + manifest, ``mult`` copies per real image.
+"""Generate stage: latent bank (+ LoRA) → a sharded synthetic set, ``mult`` copies per real image.
 
-Driver: validate config, bank, model and LoRA (no Ray yet) → plan the missing ``(image_id, copy_idx)``
-keys from the bank's ``image_id`` column and the manifest → Ray Data pipeline:
+Driver: validate config, bank, model and LoRA (no Ray yet) → plan the shards not written yet from the bank's
+``image_id`` column and one listing of ``<out>/synthetic/data`` → Ray Data pipeline:
 
-    from_items(load units)           one unit = up to ~512 pending rows of one bank part file, one copy
-    → map_batches(load_units)        CPU tasks: read the rows, build prompts and seeds; one output row
-                                     per *generation batch* (``generate.batch_size`` images)
-    → map_batches(SynthesisActor)    actor pool (one GPU each on GPU clusters): pipeline loaded once,
-                                     LoRA fused; one Sampler call per generation batch → uint8 images
-    → map_batches(write_images)      CPU tasks: JPEG-encode, write each file atomically
-    → map_batches(write_manifest)    CPU tasks: one manifest part per ``rows_per_manifest_file`` rows
+    from_items(units)                one unit = one shard: up to ``images_per_shard`` rows of one bank part
+                                     file, one copy
+    → map_batches(load_units)        CPU tasks: read the rows, build prompts and seeds; one row per shard
+    → map_batches(SynthesisActor)    actor pool (one GPU each on GPU clusters): pipeline loaded once, LoRA
+                                     fused; samples the shard in generation batches, JPEG-encodes, writes
+                                     the shard (one Parquet file, atomically); one summary row per shard
 
-The planning and checks live in ``generate_plan.py`` and the batch functions and the actor in
-``synthesis.py`` (neither imports Ray); this module wires them into the pipeline and reports progress.
+The planning and checks live in ``plan.py``, the actor in ``workers.py``, the format in
+``realfake_ray.data.synthetic`` (none imports Ray); this module wires them and reports progress.
 
-Files are written before their manifest rows, so a manifest row always means the file exists. A rerun
-(after any interruption, or with a larger ``mult``) generates only the keys missing from the manifest.
-Generation batches are fixed by the driver's plan, not by Ray's block bundling, so the same config on
-the same hardware gives byte-identical images.
+A shard is written whole or not at all, so a rerun (after any interruption, or with a larger ``mult``)
+generates exactly the shards that are missing. Generation batches are fixed by the plan, not by Ray's
+block bundling, so the same config on the same hardware gives byte-identical shards.
 
 Example:
     >>> from realfake_ray.config import load_config
@@ -41,39 +39,14 @@ from realfake_ray.bank import class_mean_embeddings
 from realfake_ray.config import RunConfig
 from realfake_ray.stages.generate.plan import GeneratePlan, plan_generate
 from realfake_ray.layout import RunLayout
-from realfake_ray.stages.generate.workers import SynthesisActor, load_units, write_images, write_manifest
+from realfake_ray.data.synthetic import dataset_card
+from realfake_ray.stages.generate.workers import SynthesisActor, load_units
 
 __all__ = ["run_generate"]
 
 SYNTHETIC = "synthetic"
 LIGHT_TASK_CPUS = 0.25
 _PROGRESS_EVERY_S = 10.0
-
-
-# ------------------------------------------------------------------------------------------ validation
-
-
-# ------------------------------------------------------------------------------------------ planning
-
-
-# ------------------------------------------------------------------------------------------ workers
-
-
-# ------------------------------------------------------------------------------------------ driver
-
-
-def _manifest_constants(cfg: RunConfig, plan: GeneratePlan) -> dict:
-    g = cfg.generate
-    return {
-        "mode": g.mode,
-        "vision_token": g.vision_token,
-        "strength": g.strength if g.mode == "img2img" else 1.0,
-        "steps": g.steps,
-        "scheduler": g.scheduler,
-        "guidance_scale": g.guidance_scale,
-        "lora_scale": g.lora_scale if plan.lora_sha256 else None,
-        "lora_sha256": plan.lora_sha256,
-    }
 
 
 def build_pipeline(cfg: RunConfig, plan: GeneratePlan, class_means: np.ndarray | None = None):
@@ -86,36 +59,34 @@ def build_pipeline(cfg: RunConfig, plan: GeneratePlan, class_means: np.ndarray |
         "lora_sha256": plan.lora_sha256,
         "latent_shape": plan.meta["latent_shape"],
         "class_means": class_means,
+        "class_dirs": plan.meta["class_dirs"],
+        "shards_dir": RunLayout(cfg.out).shards_dir(),
+        "settings": shard_settings(cfg, plan),
         "fail_copy": fault_at("generate.sampler_error"),
+        "kill_driver_after": (kill_at, os.getpid()) if (kill_at := fault_at("generate.shard")) else None,
     }
     ds = ray.data.from_items(plan.units, override_num_blocks=max(1, min(len(plan.units), 20000)))
-    load_kwargs = {"seed": cfg.seed, "batch_size": g.batch_size, "mode": g.mode, "vision_token": g.vision_token,
-                   "collisions": plan.collisions}  # fmt: skip
-    # The CPU tasks around the actors are light (Parquet reads, JPEG writes): a quarter CPU each, so that on a
-    # small CPU machine they do not keep an actor from starting.
+    load_kwargs = {"seed": cfg.seed, "mode": g.mode, "vision_token": g.vision_token, "collisions": plan.collisions}
+    # The CPU tasks before the actors are light (Parquet reads): a quarter CPU each, so that on a small CPU
+    # machine they do not keep an actor from starting.
     ds = ds.map_batches(load_units, batch_format="pyarrow", batch_size=None, fn_kwargs=load_kwargs,
                         num_cpus=LIGHT_TASK_CPUS)
-    ds = ds.map_batches(
+    return ds.map_batches(
         SynthesisActor,
-        batch_size=1,  # one row = one planned generation batch (fixes batch composition: reproducible bytes)
+        batch_size=1,  # one row = one planned shard (fixes batch composition: reproducible bytes)
         batch_format="pyarrow",
         fn_constructor_args=(cfg, spec),
-        **actor_pool_kwargs(g.actors, "generate.actors", reserve_cpus=2 * LIGHT_TASK_CPUS),
+        **actor_pool_kwargs(g.actors, "generate.actors", reserve_cpus=LIGHT_TASK_CPUS),
     )
-    ds = ds.map_batches(
-        write_images,
-        batch_size=None,
-        num_cpus=LIGHT_TASK_CPUS,
-        fn_kwargs={"root": RunLayout(cfg.out).images_dir(), "quality": g.jpeg_quality, "storage_size": g.storage_size},
-    )
-    return ds.map_batches(
-        write_manifest,
-        batch_format="pyarrow",
-        batch_size=g.rows_per_manifest_file,
-        num_cpus=LIGHT_TASK_CPUS,
-        fn_kwargs={"directory": RunLayout(cfg.out).manifest_dir(), "constants": _manifest_constants(cfg, plan),
-                   "kill_driver_after": (kill_at, os.getpid()) if (kill_at := fault_at("generate.manifest_part")) else None},
-    )
+
+
+def shard_settings(cfg: RunConfig, plan: GeneratePlan) -> dict:
+    """The sampler settings every row of a shard records (from the set's recorded settings)."""
+    s = plan.settings
+    return {"mode": s["mode"], "vision_token": s["vision_token"],
+            "strength": s["strength"] if s["mode"] == "img2img" else 1.0, "steps": s["steps"],
+            "scheduler": s["scheduler"], "guidance_scale": s["guidance_scale"], "lora_scale": s["lora_scale"],
+            "lora_sha256": s["lora_sha256"]}
 
 
 def _class_means(cfg: RunConfig, plan: GeneratePlan) -> np.ndarray | None:
@@ -128,15 +99,16 @@ def _class_means(cfg: RunConfig, plan: GeneratePlan) -> np.ndarray | None:
 
 def _execute(cfg: RunConfig, plan: GeneratePlan) -> dict:
     """Run the pipeline with a progress bar (images done / total, images/s; on a terminal) or a progress
-    line every few seconds (job logs) as manifest parts land; returns the counts."""
+    line every few seconds (job logs) as shards land; returns the counts and each actor's start-up times."""
     import sys
 
     from tqdm.auto import tqdm
 
     ds = build_pipeline(cfg, plan, _class_means(cfg, plan))
-    written = failed = 0
+    written = failed = shards = size = 0
     sampler_s = 0.0
     errors: list[str] = []
+    actors: dict[str, dict] = {}
     present = plan.expected - plan.pending
     bar = tqdm(total=plan.expected, initial=present, unit="img", desc="generate", disable=not sys.stdout.isatty())
     started = last = time.time()
@@ -145,8 +117,12 @@ def _execute(cfg: RunConfig, plan: GeneratePlan) -> dict:
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         done, lost = int(batch["written"].sum()), int(batch["failed"].sum())
         written, failed = written + done, failed + lost
+        shards, size = shards + int((batch["written"] > 0).sum()), size + int(batch["bytes"].sum())
         sampler_s += float(batch["sampler_s"].sum())
         errors += [e for e in batch["error"].tolist() if e][: max(0, 10 - len(errors))]
+        for name, load_s, first in zip(batch["actor"], batch["load_s"], batch["first_batch_s"]):
+            actors.setdefault(str(name), {"actor": str(name), "load_s": round(float(load_s), 2),
+                                          "first_batch_s": None if np.isnan(first) else round(float(first), 2)})
         bar.update(done)
         bar.set_postfix(failed=failed, refresh=False)
         progress["written"] = written
@@ -162,13 +138,14 @@ def _execute(cfg: RunConfig, plan: GeneratePlan) -> dict:
             )
     bar.close()
     return {"written": written, "failed": failed, "errors": errors, "seconds": time.time() - started,
-            "sampler_s": sampler_s, "timeline": timeline.stop()}
+            "sampler_s": sampler_s, "timeline": timeline.stop(), "shards": shards, "bytes": size,
+            "actors": sorted(actors.values(), key=lambda a: a["actor"])}
 
 
 def _throughput_settings(cfg: RunConfig) -> dict:
     g = cfg.generate
     return {"batch_size": g.batch_size, "dtype": g.dtype, "channels_last": g.channels_last, "compile": g.compile,
-            "actors": g.actors.model_dump(), "rows_per_manifest_file": g.rows_per_manifest_file, "mult": g.mult}  # fmt: skip
+            "actors": g.actors.model_dump(), "shard_mb": g.shard_mb, "mult": g.mult}  # fmt: skip
 
 
 def run_generate(cfg: RunConfig) -> dict:
@@ -186,7 +163,8 @@ def run_generate(cfg: RunConfig) -> dict:
     plan = plan_generate(cfg)
     print(
         f"[generate] {plan.bank_rows} bank rows x mult {cfg.generate.mult} = {plan.expected} images; "
-        f"{plan.expected - plan.pending} present, {plan.pending} to generate in {len(plan.units)} load units"
+        f"{plan.expected - plan.pending} present, {plan.pending} to generate in {len(plan.units)} of "
+        f"{plan.shards} shards ({plan.settings['images_per_shard']} images each)"
         + (f"; LoRA {plan.lora_sha256[:12]}" if plan.lora_sha256 else "; no LoRA"),
         flush=True,
     )
@@ -195,7 +173,8 @@ def run_generate(cfg: RunConfig) -> dict:
         stored = storage.read_json(summary_url)
         if stored.get("count") == plan.expected and stored.get("complete"):
             return {**stored, "skipped": True}  # nothing to do: the record of the run that did the work stays
-    result = {"written": 0, "failed": 0, "errors": [], "seconds": 0.0, "sampler_s": 0.0}
+    result = {"written": 0, "failed": 0, "errors": [], "seconds": 0.0, "sampler_s": 0.0, "shards": 0, "bytes": 0,
+              "actors": []}
     gpus = None
     if plan.units:
         storage.write_json(RunLayout(cfg.out).synthetic_dir("_settings.json"), plan.settings)
@@ -218,15 +197,22 @@ def run_generate(cfg: RunConfig) -> dict:
         "wall_s": round(time.time() - started, 2),
         "bank_rows": plan.bank_rows,
         "mult": cfg.generate.mult,
-        "images": RunLayout(cfg.out).images_dir(),
-        "manifest": RunLayout(cfg.out).manifest_dir(),
+        "shards_dir": RunLayout(cfg.out).shards_dir(),
+        "shards": plan.shards,
+        "shards_written_now": result["shards"],
+        "bytes_written_now": result["bytes"],
         "settings": plan.settings,
         "throughput_settings": _throughput_settings(cfg),
         # (seconds, images written, alive nodes, alive synthesis actors) while this run generated
         "timeline": result.get("timeline", []),
+        # each actor's seconds to load the pipeline and to finish its first generation batch (from its start)
+        "actors": result["actors"],
     }
     summary["complete"] = summary["count"] == plan.expected
     storage.write_json(summary_url, summary)
+    counts = {c: n * cfg.generate.mult for c, n in (plan.class_counts or {}).items()}
+    storage.write_text(RunLayout(cfg.out).synthetic_dir("README.md"),
+                       dataset_card(summary, plan.settings, plan.meta["class_names"], counts))
     if result["failed"]:
         raise RuntimeError(
             f"generate: {result['failed']} of {plan.pending} images failed (first error: {result['errors'][0]}); "

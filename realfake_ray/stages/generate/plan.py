@@ -1,6 +1,6 @@
 """Planning the generate stage, without Ray: check the config, the bank, the model and the LoRA before any work;
-find the missing ``(image_id, copy_idx)`` keys against the manifest and group them into load units; the
-seed and file name of every synthetic image; the settings recorded with a synthetic set.
+cut the bank into shards (one copy of a chunk of one bank part file each) and plan the shards not written yet;
+the seed and file name of every synthetic image; the settings recorded with a synthetic set.
 
 Example:
     >>> plan = plan_generate(load_config(preset="tiny", out="runs/tiny"))  # doctest: +SKIP
@@ -11,7 +11,6 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,11 +22,11 @@ import pyarrow.parquet as pq
 
 from realfake_ray import storage
 from realfake_ray._internal.settings import read_settings, refuse_changed_settings
-from realfake_ray._internal.shards import part_files
 from realfake_ray.method.speedups import parse_speedup
 from realfake_ray.bank import read_bank, tensor_shape
 from realfake_ray.config import ConfigError, GenerateConfig, RunConfig
 from realfake_ray.data.imagefolder import stem
+from realfake_ray.data.synthetic import list_shards, shard_name
 from realfake_ray.layout import RunLayout
 from realfake_ray.method.lora import LORA_WEIGHT_NAME, check_lora_fits, lora_digest
 from realfake_ray.models import loading
@@ -36,25 +35,18 @@ from realfake_ray.method.sampler import SamplerSettings
 from realfake_ray.seeds import derive_seed
 
 __all__ = [
-    "MANIFEST_COLUMNS", "image_seed", "synthetic_path", "sampler_settings", "check_generate_config",
-    "check_bank_fits_model", "meta_url_hint", "local_lora_dir", "find_lora", "check_guidance_matches_lora",
+    "image_seed", "images_per_shard", "synthetic_path", "sampler_settings", "check_generate_config",
+    "check_bank_fits_model", "meta_url_hint", "local_lora_dir", "find_lora", "check_vision_token_matches_lora",
     "check_lora", "recorded_settings", "check_settings_unchanged", "GeneratePlan", "unit_rows", "plan_units",
     "plan_generate",
 ]
 
-MANIFEST_COLUMNS = (
-    "path", "image_id", "label", "class_dir", "copy_idx", "seed", "prompt", "mode", "vision_token", "strength",
-    "steps", "scheduler", "guidance_scale", "lora_scale", "lora_sha256",
-)  # fmt: skip
-
-
 # Settings that change what an image looks like: a synthetic set must not mix two of them.
 _RECORDED = ("model", "vae_sha256", "seed", "mode", "strength", "steps", "scheduler", "guidance_scale", "vision_token",
              "negative_prompt", "negative_vision_token", "sample_posterior", "lora_sha256", "lora_scale", "jpeg_quality",
-             "storage_size", "speedup")  # fmt: skip
+             "storage_size", "speedup", "images_per_shard")  # fmt: skip
 
-
-_UNIT_TARGET_ROWS = 512  # rows per load unit (rounded up to whole generation batches)
+_JPEG_BYTES_PER_PIXEL = 0.19  # JPEG quality 75 of natural images (≈ 50 KB at 512²): sizes shards before any exists
 
 
 def image_seed(seed: int, image_id: str, copy_idx: int) -> int:
@@ -116,8 +108,8 @@ def check_generate_config(gen: GenerateConfig) -> None:
         sampler_settings(gen)
     except ValueError as exc:
         raise ConfigError(f"generate: {exc}") from None
-    if gen.batch_size < 1 or gen.rows_per_manifest_file < 1:
-        raise ConfigError("generate.batch_size and generate.rows_per_manifest_file must be >= 1")
+    if gen.batch_size < 1:
+        raise ConfigError("generate.batch_size must be >= 1")
     try:
         parse_speedup(gen.speedup)
     except ValueError as exc:
@@ -208,7 +200,7 @@ def find_lora(cfg: RunConfig) -> tuple[str | None, str | None]:
     return url, lora_digest(storage.read_bytes(url))
 
 
-def check_guidance_matches_lora(cfg: RunConfig) -> None:
+def check_vision_token_matches_lora(cfg: RunConfig) -> None:
     """ConfigError when ``generate.vision_token`` differs from the ``finetune.vision_token`` the LoRA learnt with.
 
     A LoRA trained with image tokens and sampled without them (or the other way round) is a silent method
@@ -236,6 +228,20 @@ def check_lora(model_dir: str, lora_url: str, sha256: str) -> None:
         raise ValueError(str(exc).replace(local, lora_url)) from None
 
 
+def images_per_shard(gen: GenerateConfig, resolution: int) -> int:
+    """Images per shard: ``generate.images_per_shard``, else about ``generate.shard_mb`` of JPEGs at the stored
+    size (between 16 and 10,000 images).
+
+    Example:
+        >>> images_per_shard(GenerateConfig(), 512), images_per_shard(GenerateConfig(images_per_shard=7), 512)
+        (1011, 7)
+    """
+    if gen.images_per_shard:
+        return gen.images_per_shard
+    side = gen.storage_size or resolution
+    return int(min(10_000, max(16, round(gen.shard_mb * 2**20 / (_JPEG_BYTES_PER_PIXEL * side * side)))))
+
+
 def recorded_settings(cfg: RunConfig, meta: dict, lora_sha256: str | None) -> dict:
     """The settings that define the look of the synthetic set (stored in ``_settings.json``)."""
 
@@ -258,21 +264,28 @@ def recorded_settings(cfg: RunConfig, meta: dict, lora_sha256: str | None) -> di
         "jpeg_quality": g.jpeg_quality,
         "storage_size": g.storage_size,
         "speedup": g.speedup if g.speedup != "none" else None,  # absent (None) in older records
+        "images_per_shard": images_per_shard(g, int(meta["resolution"])),  # fixes the shards' names
     }
 
 
-def check_settings_unchanged(out: str, settings: dict) -> None:
-    """ValueError when ``<out>/synthetic`` was generated with other image-defining settings."""
-
-    if part_files(RunLayout(out).manifest_dir()):
-        refuse_changed_settings(
-            RunLayout(out).synthetic_dir("_settings.json"), settings, f"the synthetic set at {RunLayout(out).synthetic_dir()}", _RECORDED
+def check_settings_unchanged(out: str, settings: dict, shards_present: bool) -> None:
+    """ValueError when ``<out>/synthetic`` was generated with other image-defining settings, or in the layout
+    of earlier versions (one JPEG per image and a ``_manifest``)."""
+    layout = RunLayout(out)
+    if storage.exists(layout.synthetic_dir("_manifest")):
+        raise ValueError(
+            f"{layout.synthetic_dir()} holds a synthetic set in the layout of earlier versions (one JPEG per image + "
+            "_manifest/); generate into a new --out, or move that folder away (`realfake train` still reads it "
+            f"with train.synthetic={layout.synthetic_dir('train')})"
         )
+    if shards_present:
+        refuse_changed_settings(layout.synthetic_dir("_settings.json"), settings,
+                                f"the synthetic set at {layout.synthetic_dir()}", _RECORDED)
 
 
 @dataclass
 class GeneratePlan:
-    """What the driver resolved: checked inputs and the load units of the missing keys."""
+    """What the driver resolved: checked inputs and the shards still to write (``units``: one per shard)."""
 
     model_dir: str
     meta: dict
@@ -285,10 +298,12 @@ class GeneratePlan:
     expected: int
     pending: int
     collisions: frozenset[str]
+    shards: int = 0  # shards of the whole set (present + pending)
+    class_counts: dict[str, int] | None = None  # bank train rows per class (× copies: the set's counts)
 
 
 def _read_tables(urls: list[str], columns: list[str]) -> list[pa.Table]:
-    """The given columns of each Parquet file, read concurrently (bank and manifest key columns)."""
+    """The given columns of each Parquet file, read concurrently (the bank's id and label columns)."""
 
     def read(url: str) -> pa.Table:
         with storage.open_file(url) as f:
@@ -323,19 +338,18 @@ def _stem_collisions(ids: pa.ChunkedArray, keep: np.ndarray) -> frozenset[str]:
 
 
 def unit_rows(unit: dict) -> np.ndarray:
-    """The bank-file row indices of a load unit."""
+    """The bank-file row indices of a unit (a shard)."""
     return np.frombuffer(unit["rows"], dtype=np.int32)
 
 
-def plan_units(cfg: RunConfig, files: list[str]) -> tuple[list[dict], int, int, int, frozenset[str]]:
-    """Load units for every ``(image_id, copy_idx < mult)`` key missing from the manifest.
+def plan_units(cfg: RunConfig, files: list[str], per_shard: int) -> tuple[list[dict], int, int, int, int, frozenset[str]]:
+    """One unit per shard of ``(copy_idx < mult)`` × chunks of ``per_shard`` rows of each bank file that is not
+    written yet. Returns ``(units, bank_rows, expected images, pending images, shards in all, stem collisions)``.
 
-    Returns ``(units, bank_rows, expected, pending, stem_collisions)``. A unit is one bank file, one copy and
-    up to ~512 row indices (whole generation batches; int32 bytes, see :func:`unit_rows`); units run copy
-    by copy, so an interrupted 10x run holds complete lower copies first. Memory: the bank's image_id
-    column and the manifest's key columns (Arrow), 4 bytes per pending image.
+    A unit is ``{"file", "copy_idx", "rows" (int32 bytes, see :func:`unit_rows`), "shard" (its file name)}``;
+    units run copy by copy, so an interrupted 10x run holds complete lower copies first. Memory: the bank's
+    image_id column (Arrow) and 4 bytes per pending image; presence is one listing of the shard folder.
     """
-
     g = cfg.generate
     tables = _read_tables(files, ["image_id"])
     lengths = np.array([t.num_rows for t in tables], dtype=np.int64)
@@ -343,30 +357,30 @@ def plan_units(cfg: RunConfig, files: list[str]) -> tuple[list[dict], int, int, 
     keep = _first_occurrence(ids)
     collisions = _stem_collisions(ids, keep)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
-    done_tables = _read_tables(part_files(RunLayout(cfg.out).manifest_dir()), ["image_id", "copy_idx"])
-    done = pa.concat_tables(done_tables) if done_tables else None
-    per_unit = g.batch_size * max(1, math.ceil(_UNIT_TARGET_ROWS / g.batch_size))
-    units, pending = [], 0
+    present = set(u.rsplit("/", 1)[-1] for u in list_shards(RunLayout(cfg.out).shards_dir()).urls)
+    units, pending, shards = [], 0, 0
     for copy_idx in range(g.mult):
-        missing = keep.copy()
-        if done is not None:
-            done_ids = done.filter(pc.equal(done["copy_idx"], copy_idx)).column("image_id")
-            if len(done_ids):
-                missing &= ~pc.is_in(ids, value_set=done_ids.combine_chunks()).to_numpy(zero_copy_only=False)
-        flat = np.flatnonzero(missing)
-        pending += len(flat)
-        bounds = np.searchsorted(flat, offsets)
         for f, url in enumerate(files):
-            rows = flat[bounds[f] : bounds[f + 1]] - offsets[f]
-            for start in range(0, len(rows), per_unit):
-                chunk = rows[start : start + per_unit].astype(np.int32)
-                units.append({"file": url, "copy_idx": copy_idx, "rows": chunk.tobytes()})
+            rows = np.flatnonzero(keep[offsets[f] : offsets[f + 1]]).astype(np.int32)
+            for chunk, start in enumerate(range(0, len(rows), per_shard)):
+                part = rows[start : start + per_shard]
+                name = shard_name(copy_idx, url, chunk, len(part))
+                shards += 1
+                if name not in present:
+                    units.append({"file": url, "copy_idx": copy_idx, "rows": part.tobytes(), "shard": name})
+                    pending += len(part)
     bank_rows = int(keep.sum())
-    return units, bank_rows, bank_rows * g.mult, pending, collisions
+    return units, bank_rows, bank_rows * g.mult, pending, shards, collisions
+
+
+def _class_counts(files: list[str], meta: dict) -> dict[str, int]:
+    labels = np.concatenate([t.column("label").to_numpy() for t in _read_tables(files, ["label"])])
+    counts = np.bincount(labels, minlength=len(meta["class_dirs"]))
+    return {c: int(n) for c, n in zip(meta["class_dirs"], counts)}
 
 
 def plan_generate(cfg: RunConfig) -> GeneratePlan:
-    """Validate everything and plan the missing work; no Ray. Raises before any generation starts."""
+    """Validate everything and plan the missing shards; no Ray. Raises before any generation starts."""
     check_generate_config(cfg.generate)
     meta, files = read_bank(cfg.out)
     model_dir = loading.resolve_model_dir(cfg.model.pretrained, cfg.model.revision, cfg.model.hub_timeout_s)
@@ -374,8 +388,9 @@ def plan_generate(cfg: RunConfig) -> GeneratePlan:
     lora_url, lora_sha = find_lora(cfg)
     if lora_url:
         check_lora(model_dir, lora_url, lora_sha)
-        check_guidance_matches_lora(cfg)
+        check_vision_token_matches_lora(cfg)
     settings = recorded_settings(cfg, meta, lora_sha)
-    check_settings_unchanged(cfg.out, settings)
-    units, bank_rows, expected, pending, collisions = plan_units(cfg, files)
-    return GeneratePlan(model_dir, meta, files, lora_url, lora_sha, settings, units, bank_rows, expected, pending, collisions)
+    check_settings_unchanged(cfg.out, settings, bool(list_shards(RunLayout(cfg.out).shards_dir()).urls))
+    units, bank_rows, expected, pending, shards, collisions = plan_units(cfg, files, settings["images_per_shard"])
+    return GeneratePlan(model_dir, meta, files, lora_url, lora_sha, settings, units, bank_rows, expected, pending,
+                        collisions, shards, _class_counts(files, meta))

@@ -1,7 +1,8 @@
-"""The workers of the generate stage (Ray Data batch functions and the actor; no Ray import): load units of bank
-rows into generation batches, synthesise them with the sampler, JPEG-encode and write the images, write
-manifest parts. ``generate.py`` wires them into one Ray Data pipeline; :func:`generate_in_process` runs
-the same code without Ray (the audits, the benchmarks).
+"""The workers of the generate stage (Ray Data batch functions and the actor; no Ray import): load each planned
+shard's bank rows, synthesise its images batch by batch with the sampler, JPEG-encode them while the next batch
+samples, and write the shard (one Parquet file, atomically) from the actor — pixels never travel through the
+object store. ``driver.py`` wires them into one Ray Data pipeline; :func:`generate_in_process` runs the same
+code without Ray (the audits, the benchmarks).
 
 Example:
     >>> out = generate_in_process(cfg, spec, units)  # doctest: +SKIP
@@ -11,56 +12,49 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import io
+import os
+import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from realfake_ray import storage
 from realfake_ray._internal.faults import kill_driver
 from realfake_ray._internal.quiet import quiet_libraries
-from realfake_ray._internal.shards import PART_PREFIX, part_files, tensor_column
-from realfake_ray.method.speedups import apply_speedup
+from realfake_ray._internal.shards import tensor_column
 from realfake_ray.config import RunConfig
+from realfake_ray.data.synthetic import list_shards, shard_bytes, shard_table
 from realfake_ray.devices import torch_device
-from realfake_ray.stages.generate.plan import (
-    MANIFEST_COLUMNS,
-    image_seed,
-    local_lora_dir,
-    sampler_settings,
-    synthetic_path,
-    unit_rows,
-)
-from realfake_ray.models import loading
 from realfake_ray.method.prompts import GENERATION_SUFFIX, build_prompt
 from realfake_ray.method.sampler import Sampler, latent_hw
+from realfake_ray.method.speedups import apply_speedup
+from realfake_ray.models import loading
+from realfake_ray.stages.generate.plan import image_seed, local_lora_dir, sampler_settings, synthetic_path, unit_rows
 
-__all__ = [
-    "load_units", "SynthesisActor", "GeneratedSet", "generate_in_process", "encode_jpeg", "write_images",
-    "write_manifest",
-]
+__all__ = ["load_units", "SynthesisActor", "GeneratedSet", "generate_in_process", "encode_jpeg", "SUMMARY_KEYS"]
 
 _BATCH_SCHEMA = pa.schema(
-    [("copy_idx", pa.int64())]
+    [("copy_idx", pa.int64()), ("shard", pa.string())]
     + [(c, pa.list_(pa.string())) for c in ("image_id", "class_dir", "path", "prompt")]
     + [(c, pa.list_(pa.int64())) for c in ("label", "seed")]
     + [(c, pa.large_binary()) for c in ("latent_mean", "latent_std", "clip_embed")]
 )
 
 
-def _batch_row(chunk: pa.Table, copy_idx: int, seed: int, collisions: frozenset[str]) -> dict:
-    """One generation batch as one row: per-image lists, and the tensors as float16 bytes (b"" if unused)."""
+def _batch_row(chunk: pa.Table, copy_idx: int, seed: int, collisions: frozenset[str], shard: str = "") -> dict:
+    """One shard (or generation batch) as one row: per-image lists, and the tensors as float16 bytes (b"" if unused)."""
 
     ids, class_dirs = chunk.column("image_id").to_pylist(), chunk.column("class_dir").to_pylist()
     names, captions = chunk.column("class_name").to_pylist(), chunk.column("caption").to_pylist()
     row = {
         "copy_idx": copy_idx,
+        "shard": shard,
         "image_id": ids,
         "class_dir": class_dirs,
         "path": [synthetic_path(c, i, copy_idx, i in collisions) for c, i in zip(class_dirs, ids)],
@@ -74,28 +68,37 @@ def _batch_row(chunk: pa.Table, copy_idx: int, seed: int, collisions: frozenset[
     return row
 
 
-def load_units(units: pa.Table, *, seed: int, batch_size: int, mode: str, vision_token: str, collisions: frozenset[str]) -> pa.Table:
-    """CPU task: read each unit's bank rows; emit one row per generation batch of ``batch_size`` images."""
+def load_units(units: pa.Table, *, seed: int, mode: str, vision_token: str, collisions: frozenset[str],
+               batch_size: int | None = None) -> pa.Table:
+    """CPU task: read each unit's bank rows; one output row per unit (a shard), or per generation batch of
+    ``batch_size`` images when given (in-process generation)."""
     columns = ["image_id", "label", "class_dir", "class_name", "caption"]
     columns += ["latent_mean", "latent_std"] if mode == "img2img" else []
     columns += ["clip_embed"] if vision_token == "image" else []
-    batches, cache = [], {}
+    rows, cache = [], {}
     for unit in units.to_pylist():
         if unit["file"] not in cache:  # units of one file are adjacent: keep only the last file
             with storage.open_file(unit["file"]) as f:
                 cache = {unit["file"]: pq.read_table(f, columns=columns)}
-        rows = unit_rows(unit)
-        for start in range(0, len(rows), batch_size):
-            chunk = cache[unit["file"]].take(pa.array(rows[start : start + batch_size], type=pa.int32()))
-            batches.append(_batch_row(chunk, int(unit["copy_idx"]), seed, collisions))
-    return pa.Table.from_pylist(batches, schema=_BATCH_SCHEMA)
+        indices = unit_rows(unit)
+        step = batch_size or max(1, len(indices))
+        for start in range(0, len(indices), step):
+            chunk = cache[unit["file"]].take(pa.array(indices[start : start + step], type=pa.int32()))
+            rows.append(_batch_row(chunk, int(unit["copy_idx"]), seed, collisions, unit.get("shard") or ""))
+    return pa.Table.from_pylist(rows, schema=_BATCH_SCHEMA)
+
+
+SUMMARY_KEYS = ("shard", "copy_idx", "written", "failed", "error", "sampler_s", "bytes", "actor", "load_s",
+                "first_batch_s")
 
 
 class SynthesisActor:
-    """Actor: loads the pipeline once, fuses the LoRA, turns each generation-batch row into images.
+    """Actor: loads the pipeline once and fuses the LoRA; for each planned shard it samples the shard's images in
+    generation batches of ``generate.batch_size`` (JPEG encoding of one batch overlaps the sampling of the next)
+    and writes the shard atomically. Returns one summary row per shard.
 
-    A batch that raises (bad row, CUDA OOM, ...) is reported as failed rows with the error, not as a
-    crashed job; those keys get no manifest row, so a rerun retries them.
+    A batch that raises (bad row, CUDA OOM, ...) fails its shard: nothing is written for it and its row says
+    so, so a rerun regenerates exactly that shard — never a crashed job, never a partial shard.
 
     Example::
 
@@ -105,6 +108,7 @@ class SynthesisActor:
     def __init__(self, cfg: RunConfig, spec: dict):
         import torch
 
+        self.started = time.time()
         quiet_libraries()  # no per-component loading bars or LoRA-prefix notices, one set per actor
         device = torch_device().type
         model_dir = loading.resolve_model_dir(cfg.model.pretrained, cfg.model.revision, cfg.model.hub_timeout_s)
@@ -120,59 +124,88 @@ class SynthesisActor:
         self.vision_token = cfg.generate.vision_token
         means = spec.get("class_means")
         self.class_means = torch.from_numpy(np.asarray(means, dtype=np.float32)) if means is not None else None
+        g = cfg.generate
+        self.batch_size, self.quality, self.storage_size = g.batch_size, g.jpeg_quality, g.storage_size
+        self.shards_dir, self.settings = spec.get("shards_dir"), spec.get("settings") or {}
+        self.class_dirs = list(spec.get("class_dirs") or [])
         self.fail_copy = spec.get("fail_copy")  # tests only: _internal.faults generate.sampler_error
+        self.kill_after = spec.get("kill_driver_after")  # tests only: _internal.faults generate.shard
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.load_s = time.time() - self.started
+        self.first_batch_s: float | None = None
         self.lock = threading.Lock()  # the Sampler's scheduler is stateful: one call at a time, even if Ray
         # Data is configured to run several actor calls concurrently
+        self.encoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="jpeg")
 
-    def _inputs(self, row: dict) -> dict:
+    def _inputs(self, row: dict, start: int, stop: int) -> dict:
         import torch
 
         n = len(row["image_id"])
-        inputs = {"prompts": row["prompt"], "seeds": row["seed"]}
+        inputs = {"prompts": row["prompt"][start:stop], "seeds": row["seed"][start:stop]}
+
+        def tensor(column: str, shape: tuple) -> torch.Tensor:
+            return torch.from_numpy(np.frombuffer(row[column], np.float16).reshape(n, *shape)[start:stop].copy())
+
         if self.sampler.settings.mode == "img2img":
-            shape = (n, *self.latent_shape)
-            inputs["latent_mean"] = torch.from_numpy(np.frombuffer(row["latent_mean"], np.float16).reshape(shape).copy())
-            inputs["latent_std"] = torch.from_numpy(np.frombuffer(row["latent_std"], np.float16).reshape(shape).copy())
+            inputs["latent_mean"] = tensor("latent_mean", self.latent_shape)
+            inputs["latent_std"] = tensor("latent_std", self.latent_shape)
         if self.vision_token == "image":
-            inputs["vision_tokens"] = torch.from_numpy(np.frombuffer(row["clip_embed"], np.float16).reshape(n, -1).copy())
+            inputs["vision_tokens"] = tensor("clip_embed", (-1,))
         elif self.vision_token == "class_mean":
-            inputs["vision_tokens"] = self.class_means[torch.tensor(row["label"])]
+            inputs["vision_tokens"] = self.class_means[torch.tensor(row["label"][start:stop])]
         return inputs
 
-    def _generate(self, row: dict) -> tuple[np.ndarray, str]:
+    def sample(self, row: dict, start: int, stop: int) -> np.ndarray:
+        """uint8 ``[stop - start, H, W, 3]``: images ``start:stop`` of a shard row (one generation batch)."""
+        if row["copy_idx"] == self.fail_copy:
+            raise RuntimeError(f"injected sampler error (REALFAKE_FAULT=generate.sampler_error:{self.fail_copy})")
+        with self.lock:
+            images = self.sampler(**self._inputs(row, start, stop))
+        if self.first_batch_s is None:
+            self.first_batch_s = time.time() - self.started
+        return images
+
+    def _jpegs(self, row: dict) -> tuple[list[bytes], float]:
+        """Every image of a shard row as JPEG bytes, and the seconds spent sampling."""
+        n, futures, sampler_s = len(row["image_id"]), [], 0.0
+        for start in range(0, n, self.batch_size):
+            began = time.perf_counter()
+            images = self.sample(row, start, min(n, start + self.batch_size))
+            sampler_s += time.perf_counter() - began
+            futures.append(self.encoder.submit(lambda b: [encode_jpeg(i, self.quality, self.storage_size) for i in b], images))
+        return [jpeg for f in futures for jpeg in f.result()], sampler_s
+
+    def write_shard(self, row: dict) -> dict:
+        """Sample, encode and write one shard; its summary row (``failed`` = all its images on any error)."""
         n = len(row["image_id"])
+        summary = {"shard": row["shard"], "copy_idx": row["copy_idx"], "written": 0, "failed": 0, "error": "",
+                   "sampler_s": 0.0, "bytes": 0, "actor": self.name, "load_s": self.load_s, "first_batch_s": None}
         try:
-            if row["copy_idx"] == self.fail_copy:
-                raise RuntimeError(f"injected sampler error (REALFAKE_FAULT=generate.sampler_error:{self.fail_copy})")
-            with self.lock:
-                return self.sampler(**self._inputs(row)), ""
-        except Exception as exc:  # reported per image; the keys stay missing and a rerun retries them
+            jpegs, summary["sampler_s"] = self._jpegs(row)
+            provenance = {k: row[k] for k in ("image_id", "class_dir", "seed", "prompt")} | {"copy_idx": [row["copy_idx"]] * n}
+            table = shard_table(jpegs, row["path"], row["label"], provenance, self.settings, self.class_dirs)
+            data = shard_bytes(table)
+            storage.write_bytes(storage.join(self.shards_dir, row["shard"]), data)
+            summary.update(written=n, bytes=len(data))
+        except Exception as exc:  # reported per shard; the shard stays missing and a rerun regenerates it
             import torch
 
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            error = f"{type(exc).__name__}: {exc}"[:500]
-            print(f"[generate] batch of {n} failed: {error}", flush=True)
-            return np.zeros((n, *self.image_shape), dtype=np.uint8), error
+            summary.update(failed=n, error=f"{type(exc).__name__}: {exc}"[:500])
+            print(f"[generate] shard {row['shard']} ({n} images) failed: {summary['error']}", flush=True)
+        summary["first_batch_s"] = self.first_batch_s
+        if self.kill_after and summary["written"] and len(list_shards(self.shards_dir).urls) >= self.kill_after[0]:
+            kill_driver(self.kill_after[1])
+        return summary
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
-        keys = ("path", "image_id", "label", "class_dir", "copy_idx", "seed", "prompt", "error", "sampler_s")
-        parts: dict[str, list] = {k: [] for k in keys}
-        images = []
-        for row in batch.to_pylist():
-            started = time.perf_counter()
-            generated, error = self._generate(row)
-            n = len(row["image_id"])
-            images.append(generated)
-            for key in ("path", "image_id", "label", "class_dir", "seed", "prompt"):
-                parts[key].extend(row[key])
-            parts["copy_idx"].extend([row["copy_idx"]] * n)
-            parts["error"].extend([error] * n)
-            parts["sampler_s"].extend([(time.perf_counter() - started) / n] * n)  # busy time, per image
-        out = {k: np.array(v, dtype=object) for k, v in parts.items()}
-        for key, dtype in (("label", np.int64), ("seed", np.int64), ("copy_idx", np.int64), ("sampler_s", np.float64)):
-            out[key] = np.array(parts[key], dtype)
-        out["image"] = np.concatenate(images)
+        rows = [self.write_shard(row) for row in batch.to_pylist()]
+        out = {k: np.array([r[k] for r in rows], dtype=object) for k in SUMMARY_KEYS}
+        for key, dtype in (("copy_idx", np.int64), ("written", np.int64), ("failed", np.int64), ("bytes", np.int64),
+                           ("sampler_s", np.float64), ("load_s", np.float64)):
+            out[key] = np.array([r[key] for r in rows], dtype)
+        out["first_batch_s"] = np.array([np.nan if r["first_batch_s"] is None else r["first_batch_s"] for r in rows])
         return out
 
 
@@ -194,15 +227,12 @@ def generate_in_process(cfg: RunConfig, spec: dict, units: list[dict]) -> Genera
                          vision_token=g.vision_token, collisions=frozenset())
     actor = SynthesisActor(cfg, spec)
     images, labels, timings = [], [], []
-    for i in range(batches.num_rows):
+    for row in batches.to_pylist():
         started = time.perf_counter()
-        out = actor(batches.slice(i, 1))
-        timings.append((len(out["image"]), max(time.perf_counter() - started, 1e-9)))
-        errors = [e for e in out["error"].tolist() if e]
-        if errors:
-            raise RuntimeError(f"generation failed: {errors[0]}")
-        images.append(out["image"])
-        labels.append(out["label"])
+        generated = actor.sample(row, 0, len(row["image_id"]))
+        timings.append((len(generated), max(time.perf_counter() - started, 1e-9)))
+        images.append(generated)
+        labels.append(np.asarray(row["label"], dtype=np.int64))
     timed = timings[1:] or timings
     largest = max(n for n, _ in timed)
     speed = float(np.median([n / s for n, s in timed if n == largest]))
@@ -225,49 +255,3 @@ def encode_jpeg(image: np.ndarray, quality: int, storage_size: int | None = None
     buffer = io.BytesIO()
     pil.save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
-
-
-def write_images(batch: dict[str, np.ndarray], *, root: str, quality: int, storage_size: int | None) -> dict[str, np.ndarray]:
-    """CPU task: write each generated image atomically to ``<root>/<path>``; drops the pixels."""
-    errors = batch["error"].astype(object)
-    for i, (path, image) in enumerate(zip(batch["path"], batch["image"])):
-        if errors[i]:
-            continue
-        try:
-            storage.write_bytes(storage.join(root, path), encode_jpeg(image, quality, storage_size))
-        except Exception as exc:  # storage hiccup: counted as failed, retried by the next run
-            errors[i] = f"write {path}: {type(exc).__name__}: {exc}"[:500]
-    return {k: v for k, v in batch.items() if k != "image"} | {"error": errors}
-
-
-def _part_name(table: pa.Table) -> str:
-    """A part file name derived from its keys: a retried writer task overwrites instead of duplicating."""
-    keys = sorted(zip(table.column("image_id").to_pylist(), table.column("copy_idx").to_pylist()))
-    digest = hashlib.sha256("\n".join(f"{i}\x1f{c}" for i, c in keys).encode()).hexdigest()[:32]
-    return f"{PART_PREFIX}{digest}.parquet"
-
-
-def write_manifest(batch: pa.Table, *, directory: str, constants: dict,
-                   kill_driver_after: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
-    """Writer task: the rows whose files were written become one manifest part; returns counts.
-    ``kill_driver_after=(parts, pid)``: tests only, see ``_internal.faults``."""
-    ok = pc.equal(batch["error"], "")
-    good, bad = batch.filter(ok), batch.filter(pc.invert(ok))
-    if good.num_rows:
-        n = good.num_rows
-        table = good.select(["path", "image_id", "label", "class_dir", "copy_idx", "seed", "prompt"])
-        types = {"strength": pa.float64(), "steps": pa.int64(), "guidance_scale": pa.float64(), "lora_scale": pa.float64()}
-        for key in MANIFEST_COLUMNS[7:]:
-            table = table.append_column(key, pa.array([constants[key]] * n, types.get(key, pa.string())))
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer)
-        storage.write_bytes(storage.join(directory, _part_name(table)), buffer.getvalue())
-        if kill_driver_after and len(part_files(directory)) >= kill_driver_after[0]:
-            kill_driver(kill_driver_after[1])
-    first_error = bad.column("error")[0].as_py() if bad.num_rows else ""
-    return {
-        "written": np.array([good.num_rows]),
-        "failed": np.array([bad.num_rows]),
-        "error": np.array([first_error], dtype=object),
-        "sampler_s": np.array([pc.sum(batch["sampler_s"]).as_py() or 0.0]),
-    }

@@ -1,9 +1,9 @@
 """Train stage: a classifier from scratch on real, synthetic or mixed images (Ray Train + Ray Data).
 
-The driver lists ``(url, label)`` rows (real ImageFolder, the synthetic manifest or folder, or both),
-checks them and the config before any Ray work, and hands Ray Data pipelines to a ``TorchTrainer``:
-rows → per-epoch seeded sampling/shuffle → CPU decode tasks → ``get_dataset_shard("train")`` on every
-worker. Each epoch is checkpointed under ``<out>/classifier/<run name>/`` (model, optimizer, scheduler,
+The driver lists the sets (real in any layout, the sharded synthetic set, or both: Arrow listings, nothing
+per image), checks them and the config before any Ray work, and hands Ray Data pipelines to a
+``TorchTrainer``: rows or shards → per-epoch seeded sampling/shuffle → CPU read + decode tasks →
+``get_dataset_shard("train")`` on every worker. Each epoch is checkpointed under ``<out>/classifier/<run name>/`` (model, optimizer, scheduler,
 epoch); a rerun with the same settings (``train.epochs`` may grow) resumes from the latest checkpoint.
 Per-epoch metrics go to ``<out>/classifier/metrics.jsonl`` and ``curves.png``; the final weights to
 ``model.safetensors``; then :func:`realfake_ray.stages.evaluate.driver.run_evaluate` runs and ``_done.json`` marks
@@ -39,8 +39,10 @@ from realfake_ray.method.classifier import (
     train_step,
 )
 from realfake_ray.data.labelled import (
+    as_image_bytes,
     decoded_dataset,
     output_dir,
+    read_error_count,
     rows_dataset,
     seed_of,
 )
@@ -58,27 +60,43 @@ _CURVE_KEYS = ["train_loss", "train_acc", "val_top1", "val_top5"]
 # ------------------------------------------------------------------------------------------ Ray Data
 
 
+def errors_dir(cfg: RunConfig, run: str) -> str:
+    """Where the read tasks of a run record the images they could not read (``<classifier dir>/_read_errors/<run>``)."""
+    return storage.join(output_dir(cfg), "_read_errors", run)
+
+
 def train_dataset(plan: TrainPlan, cfg: RunConfig, first_epoch: int = 0):
-    """Per epoch (= per execution): seeded sampling of the mix, seeded global shuffle, then decode and
-    augment on CPU tasks. Every random draw is reseeded per execution from seeds derived from the config
-    and the execution index, which starts at ``first_epoch``: epoch e draws the same sample, order and
-    augmentations whether the run started at epoch 0 or resumed at e (a resumed run equals an uninterrupted one)."""
+    """Per epoch (= per execution): seeded sampling of the mix, seeded shuffle, then read, decode and augment on
+    CPU tasks. ``global`` shuffle: a fresh permutation of all rows every epoch; ``blocks``: per-image rows are
+    still permuted, shards come in a fresh order and the workers' local buffers mix them. Every random draw is
+    reseeded per execution from seeds derived from the config and the execution index, which starts at
+    ``first_epoch``: epoch e draws the same sample, order and augmentations whether the run started at epoch 0 or
+    resumed at e (a resumed run equals an uninterrupted one)."""
     from ray.data import RandomSeedConfig
     from ray.data.expressions import random
 
-    def seed(tag: int) -> int:
-        return seed_of(cfg.seed, tag, 0)  # the 0 keeps the seeds (and results) of runs made before resume was exact
+    def seed(tag: int) -> RandomSeedConfig:
+        # the 0 keeps the seeds (and results) of runs made before resume was exact
+        return RandomSeedConfig(seed=seed_of(cfg.seed, tag, 0), reseed_after_execution=True)
 
     parts = []
-    for tag, rows, fraction in ((1, plan.real, plan.real_fraction), (2, plan.synthetic, plan.synthetic_fraction)):
-        if rows and fraction > 0:
-            ds = rows_dataset([{"url": r["url"], "label": r["label"]} for r in rows])
-            ds = ds.with_column("aug", random(seed=seed(10 + tag), reseed_after_execution=True))
-            sample_seed = RandomSeedConfig(seed=seed(tag), reseed_after_execution=True)
-            parts.append(ds if fraction >= 1.0 else ds.random_sample(fraction, seed=sample_seed))
+    chosen = [(tag, s, f) for tag, s, f in ((1, plan.real, plan.real_fraction), (2, plan.synthetic, plan.synthetic_fraction))
+              if s is not None and f > 0]
+    mixed = len({s.sharded for _, s, _ in chosen}) > 1  # URL rows and shard rows: both as image bytes before the union
+    for tag, lset, fraction in chosen:
+        order = seed(20 + tag) if plan.shuffle == "blocks" and lset.sharded else None
+        ds = rows_dataset(lset, cfg, shard_order=order)
+        ds = as_image_bytes(ds, lset, cfg) if mixed else ds
+        ds = ds.with_column("aug", random(seed=seed(10 + tag).seed, reseed_after_execution=True))
+        ds = ds if fraction >= 1.0 else ds.random_sample(fraction, seed=seed(tag))
+        if plan.shuffle == "blocks" and not lset.sharded:
+            ds = ds.random_shuffle(seed=seed(30 + tag))
+        parts.append(ds)
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    shuffled = ds.random_shuffle(seed=RandomSeedConfig(seed=seed(3), reseed_after_execution=True))
-    return trainer.count_epochs_from(decoded_dataset(shuffled, cfg.train.image_size, cfg, view="train"), first_epoch)
+    if plan.shuffle == "global":
+        ds = ds.random_shuffle(seed=seed(3))
+    decoded = decoded_dataset(ds, cfg.train.image_size, cfg, view="train", errors_dir=errors_dir(cfg, plan.run_name))
+    return trainer.count_epochs_from(decoded, first_epoch)
 
 
 # ------------------------------------------------------------------------------------------ worker side
@@ -149,12 +167,15 @@ def _evaluate_shard(model, shard, cfg: RunConfig, num_classes: int, autocast_dty
     return merge_evaluations(trainer.all_gather_objects(local))
 
 
-def _run_epoch(model, optimizer, scheduler, shard, cfg: RunConfig, amp) -> list[float]:
-    """One pass over this worker's shard; returns ``[loss sum, correct sum, images, last lr]`` (local)."""
+def _run_epoch(model, optimizer, scheduler, shard, cfg: RunConfig, amp, buffer_seed: int | None = None) -> list[float]:
+    """One pass over this worker's shard; returns ``[loss sum, correct sum, images, last lr]`` (local).
+    ``buffer_seed``: mix the rows in a local shuffle buffer of ``train.shuffle_buffer_size`` (shuffle=blocks)."""
 
     t, sums = cfg.train, [0.0, 0.0, 0.0, optimizer.param_groups[0]["lr"]]
     device = next(model.parameters()).device
-    batches = shard.iter_torch_batches(batch_size=t.batch_size, drop_last=True, device="cpu")
+    local = {"local_shuffle_buffer_size": t.shuffle_buffer_size, "local_shuffle_seed": buffer_seed} \
+        if buffer_seed is not None else {}
+    batches = shard.iter_torch_batches(batch_size=t.batch_size, drop_last=True, device="cpu", **local)
     for batch in batches:
         x = to_model_input(batch["pixels"].to(device, non_blocking=True))  # uint8 over the bus, 4× less than fp32
         stats = train_step(
@@ -182,6 +203,23 @@ def _build_training(cfg: RunConfig, num_classes: int, total_steps: int, warmup: 
     return model, optimizer, scheduler
 
 
+class TooManyReadErrors(RuntimeError):
+    """More images could not be read than ``train.max_read_errors`` allows."""
+
+
+def check_read_errors(cfg: RunConfig, run: str, images: int) -> dict:
+    """``{"count", "first"}`` of the images a run could not read so far; raises :class:`TooManyReadErrors` when
+    they exceed ``train.max_read_errors`` of the images read (``images`` trained on, plus the failures)."""
+    count, first = read_error_count(errors_dir(cfg, run))
+    if count and count > cfg.train.max_read_errors * (images + count):
+        raise TooManyReadErrors(
+            f"train: {count} of {images + count} images could not be read (more than train.max_read_errors="
+            f"{cfg.train.max_read_errors:g}; first: {'; '.join(first[:3])}); all are listed in "
+            f"{errors_dir(cfg, run)}. Fix the storage or the files, or raise train.max_read_errors"
+        )
+    return {"count": count, "first": first}
+
+
 def train_loop(config: dict) -> None:
     """Ray Train worker loop (one per worker): resume, then per epoch train, validate, checkpoint, report."""
     import ray.train
@@ -207,7 +245,8 @@ def train_loop(config: dict) -> None:
     val_shard = ray.train.get_dataset_shard("val") if plan["has_val"] else None
     for epoch in range(start, t.epochs):
         began = time.time()
-        local = _run_epoch(model, optimizer, scheduler, train_shard, cfg, amp)
+        buffer_seed = seed_of(cfg.seed, 40, epoch, rank) if plan["shuffle"] == "blocks" else None
+        local = _run_epoch(model, optimizer, scheduler, train_shard, cfg, amp, buffer_seed)
         seconds = time.time() - began
         loss, correct, images = trainer.all_reduce_sum(torch.tensor(local[:3], dtype=torch.float64, device=device)).tolist()
         val = _evaluate_shard(base, val_shard, cfg, plan["num_classes"], amp[0])
@@ -220,6 +259,7 @@ def train_loop(config: dict) -> None:
         }
         state = None
         if rank == 0:
+            check_read_errors(cfg, plan["run_name"], sum(r["train_images"] for r in history) + row["train_images"])
             history.append(row)
             trainer.write_metrics(metrics_url(cdir), history)
             write_curves(cdir, history)
@@ -260,10 +300,10 @@ def _trainer(plan: TrainPlan, cfg: RunConfig, first_epoch: int, resume_dir: str 
     out_dir = output_dir(cfg)
     loop_plan = {"num_classes": len(plan.class_dirs), "steps_per_epoch": max(1, plan.steps_per_epoch),
                  "run_name": plan.run_name, "has_val": bool(plan.val), "resume_dir": resume_dir,
-                 "hold_after": fault_at("train.checkpoint_hold")}
+                 "hold_after": fault_at("train.checkpoint_hold"), "shuffle": plan.shuffle}
     datasets = {"train": train_dataset(plan, cfg, first_epoch)}
     if plan.val:
-        datasets["val"] = decoded_dataset(rows_dataset(plan.val), t.image_size, cfg, view="eval")
+        datasets["val"] = decoded_dataset(rows_dataset(plan.val, cfg), t.image_size, cfg, view="eval")
     fs, path = storage.arrow_filesystem(out_dir)  # the same filesystem object as finetune hands Ray Train
     run_config = ray.train.RunConfig(
         name=plan.run_name,
@@ -320,9 +360,13 @@ def run_train(cfg: RunConfig) -> dict:
     started = time.time()
     init_ray(cfg.ray)
     first = _resume_point(cfg, plan.run_name)  # a restart re-plans from the newest checkpoint
-    result, restarts = trainer.fit_with_restarts(
-        lambda restart: _trainer(plan, cfg, *(_resume_point(cfg, plan.run_name) if restart else first)).fit(),
-        cfg.train.max_failures, "train")
+    try:
+        result, restarts = trainer.fit_with_restarts(
+            lambda restart: _trainer(plan, cfg, *(_resume_point(cfg, plan.run_name) if restart else first)).fit(),
+            cfg.train.max_failures, "train")
+    except Exception:
+        check_read_errors(cfg, plan.run_name, plan.epoch_images)  # the workers' reason, said plainly, if it is that
+        raise
     first_epoch = first[0]
     state = _final_state(result)
     prune_checkpoints(storage.join(output_dir(cfg), plan.run_name), EPOCH_PREFIX, cfg.train.checkpoint_keep)
@@ -338,8 +382,9 @@ def run_train(cfg: RunConfig) -> dict:
     summary = {
         "fingerprint": plan.fingerprint, "epochs": cfg.train.epochs, "run_name": plan.run_name,
         "source": cfg.train.source, "arch": cfg.train.arch, "epoch_images": plan.epoch_images,
-        "real_images": len(plan.real), "synthetic_images": len(plan.synthetic), "resumed_at_epoch": first_epoch,
-        "restarts": restarts,
+        "real_images": plan.real_images, "synthetic_images": plan.synthetic_images, "resumed_at_epoch": first_epoch,
+        "restarts": restarts, "shuffle": plan.shuffle,
+        "read_errors": check_read_errors(cfg, plan.run_name, sum(r["train_images"] for r in history)),
         "seconds": round(time.time() - started, 2), "last_epoch": history[-1] if history else None,
         "model": model_url(cdir), "evaluation": evaluation,
     }

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 
 from realfake_ray import storage
 from realfake_ray.method.classifier import build_classifier
-from realfake_ray.data.labelled import output_dir, real_rows, rows_digest, synthetic_rows
+from realfake_ray.data.labelled import output_dir, real_set, set_digest, synthetic_set
+from realfake_ray.data.sources import LabelledSet
 from realfake_ray.config import ConfigError, RunConfig
 
-__all__ = ["TrainPlan", "epoch_composition", "fingerprint", "run_name", "apply_budget", "plan_training"]
+__all__ = ["TrainPlan", "epoch_composition", "fingerprint", "run_name", "apply_budget", "shuffle_mode", "plan_training"]
 
 
 def epoch_composition(n_real: int, n_synth: int, source: str, mix_ratio: float) -> tuple[float, float, int]:
@@ -42,13 +43,14 @@ def epoch_composition(n_real: int, n_synth: int, source: str, mix_ratio: float) 
 
 @dataclass
 class TrainPlan:
-    """Everything the trainer needs, checked on the driver before any Ray work."""
+    """Everything the trainer needs, checked on the driver before any Ray work. The sets are listings (Arrow
+    columns or shard lists), never one Python object per image."""
 
     class_dirs: list[str]
     class_names: list[str]
-    real: list[dict]
-    synthetic: list[dict]
-    val: list[dict]
+    real: LabelledSet | None  # None when the epoch takes no real image
+    synthetic: LabelledSet | None
+    val: LabelledSet | None
     real_fraction: float
     synthetic_fraction: float
     epoch_images: int
@@ -56,11 +58,20 @@ class TrainPlan:
     run_name: str
     missing_synthetic_classes: list[str]
     fingerprint: dict
+    shuffle: str = "global"  # "global" or "blocks" (see train.shuffle)
+
+    @property
+    def real_images(self) -> int:
+        return self.real.num_images if self.real else 0
+
+    @property
+    def synthetic_images(self) -> int:
+        return self.synthetic.num_images if self.synthetic else 0
 
 
 def fingerprint(cfg: RunConfig, data_digest: str | None = None) -> dict:
     """What identifies a training run: everything but ``train.epochs`` and placement-only settings, plus
-    ``data_digest`` (:func:`rows_digest` of the images it samples from), so that a synthetic set that
+    ``data_digest`` (:func:`~realfake_ray.data.labelled.set_digest` of the sets it samples from), so that a synthetic set that
     changed (``--mult 10`` after ``--mult 2``) trains a new classifier instead of reusing the old one."""
     placement = {"epochs", "use_gpu", "decode_cpus", "worker_cpus", "checkpoint_keep", "max_failures", "tag",
                  "real_baseline"}
@@ -107,16 +118,33 @@ def apply_budget(cfg: RunConfig, epoch_images: int) -> RunConfig:
     return cfg.model_copy(update={"train": train})
 
 
+def shuffle_mode(cfg: RunConfig, synthetic: LabelledSet | None, synthetic_fraction: float) -> str:
+    """``global`` or ``blocks`` for this run (``train.shuffle``; ``auto``: global while the sharded images of an
+    epoch stay within ``train.global_shuffle_max_images``)."""
+    t = cfg.train
+    if t.shuffle != "auto":
+        return t.shuffle
+    sharded = synthetic.num_images * synthetic_fraction if synthetic is not None and synthetic.sharded else 0
+    return "global" if sharded <= t.global_shuffle_max_images else "blocks"
+
+
+def _missing_classes(synthetic: LabelledSet | None, class_dirs: list[str]) -> list[str]:
+    """Real classes without a synthetic image (per-image sets; a sharded set's labels are inside its shards)."""
+    counts = synthetic.class_counts() if synthetic is not None else None
+    return [] if counts is None else [d for d, n in zip(class_dirs, counts) if n == 0]
+
+
 def plan_training(cfg: RunConfig) -> TrainPlan:
-    """Validate data, classes, architecture and batch sizes; list the rows. No Ray work."""
+    """Validate data, classes, architecture and batch sizes; list the sets. No Ray work."""
 
     t, data = cfg.train, cfg.require_data()
-    real_index, real = real_rows(data.train, cfg)
-    class_dirs = real_index.class_dirs
+    listed = real = real_set(data.train, cfg, labels_file=data.train_labels)
+    class_dirs = real.class_dirs
     build_classifier(t.arch, len(class_dirs))  # unknown arch: the classifier's error, with suggestions
-    synth = synthetic_rows(cfg, class_dirs) if t.source in ("synthetic", "mix") else []
-    val = real_rows(data.val, cfg, class_dirs)[1] if data.val else []
-    real_frac, synth_frac, n_epoch = epoch_composition(len(real), len(synth), t.source, t.mix_ratio)
+    synth = synthetic_set(cfg, class_dirs, real.class_names) if t.source in ("synthetic", "mix") else None
+    val = real_set(data.val, cfg, class_dirs, data.val_labels) if data.val else None
+    n_synth = synth.num_images if synth else 0
+    real_frac, synth_frac, n_epoch = epoch_composition(real.num_images, n_synth, t.source, t.mix_ratio)
     global_batch = t.batch_size * t.num_workers
     if n_epoch < global_batch:
         raise ConfigError(
@@ -124,11 +152,9 @@ def plan_training(cfg: RunConfig) -> TrainPlan:
             f"(source={t.source}); lower train.batch_size"
         )
     _check_storage(output_dir(cfg))
-    covered = {r["label"] for r in synth}
-    missing = [d for i, d in enumerate(class_dirs) if synth and i not in covered]
-    real = real if real_frac > 0 else []
-    digest = rows_digest(real + synth)
+    real = real if real_frac > 0 else None
+    digest = hashlib.sha256("".join(set_digest(s) for s in (real, synth) if s is not None).encode()).hexdigest()
     return TrainPlan(
-        class_dirs, real_index.class_names, real, synth, val, real_frac, synth_frac, n_epoch,
-        (n_epoch // t.num_workers) // t.batch_size, run_name(cfg, digest), missing, fingerprint(cfg, digest),
+        class_dirs, listed.class_names, real, synth, val, real_frac, synth_frac, n_epoch, (n_epoch // t.num_workers) // t.batch_size, run_name(cfg, digest),
+        _missing_classes(synth, class_dirs), fingerprint(cfg, digest), shuffle_mode(cfg, synth, synth_frac),
     )

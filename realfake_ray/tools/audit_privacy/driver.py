@@ -30,15 +30,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from PIL import Image
 
 from realfake_ray import storage
 from realfake_ray._internal.cluster import init_ray
 from realfake_ray._internal.shards import part_files, read_parts, tensor_column
-from realfake_ray.bank import read_bank, write_train_subset
-from realfake_ray.data.labelled import real_rows
+from realfake_ray.bank import read_bank, read_meta, write_train_subset
 from realfake_ray.config import ConfigError, RunConfig
-from realfake_ray.data.imagefolder import scan_image_folder
+from realfake_ray.data.imagefolder import open_rgb
+from realfake_ray.data.labelled import images_in_memory, real_set, synthetic_set
+from realfake_ray.data.sources import detect_layout, read_images_by_id
 from realfake_ray.method.embeddings import ClipEmbedder
 from realfake_ray.stages.finetune.driver import run_finetune
 from realfake_ray.stages.generate.driver import run_generate
@@ -61,19 +61,17 @@ def _bank(cfg: RunConfig) -> tuple[dict, pa.Table]:
     return meta, read_parts(RunLayout(cfg.out).bank_dir("train"))
 
 
-def _images(urls: list[str]) -> list[np.ndarray]:
-    return [np.array(Image.open(storage.open_file(u)).convert("RGB")) for u in urls]
-
-
 def _real_train_images(cfg: RunConfig, meta: dict, image_ids: list[str]) -> np.ndarray:
-    index = scan_image_folder(cfg.require_data().train, classes_file=cfg.data.classes_file,
-                              extensions=cfg.data.extensions, class_dirs=meta["class_dirs"])
-    urls = {r.image_id: r.url for r in index.records}
-    missing = [i for i in image_ids if i not in urls]
+    data = cfg.require_data()
+    try:
+        found = read_images_by_id(data.train, detect_layout(data.train, data.train_labels), image_ids)
+    except FileNotFoundError:
+        found = {}
+    missing = [i for i in image_ids if i not in found]
     if missing:
         raise FileNotFoundError(f"{len(missing)} bank images are not in data.train={cfg.data.train} (e.g. {missing[0]}): "
                                 "audit the run with the dataset it was encoded from")
-    images = _images([urls[i] for i in image_ids])
+    images = [np.array(open_rgb(found[i])) for i in image_ids]
     if len({im.shape for im in images}) != 1:
         raise ValueError("audit-privacy needs train images of one size (the quick classifier batches them in memory)")
     return np.stack(images)
@@ -82,8 +80,7 @@ def _real_train_images(cfg: RunConfig, meta: dict, image_ids: list[str]) -> np.n
 def _val(cfg: RunConfig, meta: dict) -> tuple[list[np.ndarray], np.ndarray]:
     if not cfg.data.val:
         raise ConfigError("audit-privacy reports each arm's val accuracy: set data.val")
-    _, rows = real_rows(cfg.data.val, cfg, meta["class_dirs"])
-    return _images([r["url"] for r in rows]), np.array([r["label"] for r in rows], dtype=np.int64)
+    return images_in_memory(real_set(cfg.data.val, cfg, meta["class_dirs"], cfg.data.val_labels))
 
 
 # ---------------------------------------------------------------------------------------------- shadows
@@ -130,10 +127,9 @@ def _synthetic_set(shadow: RunConfig) -> tuple[np.ndarray, np.ndarray]:
     if shadow.generate.use_lora:
         run_finetune(shadow)
     run_generate(shadow)
-    manifest = read_parts(RunLayout(shadow.out).manifest_dir(), ["path", "label"])
-    paths = manifest.column("path").to_pylist()
-    return np.stack(_images([storage.join(RunLayout(shadow.out).images_dir(), p) for p in paths])), \
-        pc.cast(manifest.column("label"), pa.int64()).to_numpy()
+    meta = read_meta(shadow.out)
+    images, labels = images_in_memory(synthetic_set(shadow, meta["class_dirs"], meta["class_names"]))
+    return np.stack(images), labels
 
 
 def _run_arm(cfg: RunConfig, arm: str, masks: np.ndarray, bank: pa.Table, real: tuple, val: tuple,

@@ -28,18 +28,17 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
 
 from realfake_ray import storage
 from realfake_ray._internal.cluster import cluster_gpus, init_ray
 from realfake_ray._internal.shards import part_files, read_parts, tensor_column
 from realfake_ray.bank import class_mean_embeddings, read_bank
 from realfake_ray.tools.sampler_bench import model_flops, sampler_flops
-from realfake_ray.data.labelled import real_rows
+from realfake_ray.data.labelled import images_in_memory, real_set
 from realfake_ray.config import ConfigError, GenerateConfig, RunConfig
 from realfake_ray.method.embeddings import ClipEmbedder
 from realfake_ray.tools.flops import mfu, peak_flops
-from realfake_ray.stages.generate.plan import check_generate_config, check_guidance_matches_lora, check_lora, find_lora
+from realfake_ray.stages.generate.plan import check_generate_config, check_vision_token_matches_lora, check_lora, find_lora
 from realfake_ray.layout import RunLayout
 from realfake_ray.method.metrics import set_distances
 from realfake_ray.models import loading
@@ -131,9 +130,8 @@ def _val_set(cfg: RunConfig, meta: dict) -> tuple[np.ndarray, list[np.ndarray], 
             f"so that {RunLayout(cfg.out).bank_dir('val')} exists"
         )
     embeds = tensor_column(read_parts(RunLayout(cfg.out).bank_dir("val"), ["clip_embed"]), "clip_embed")
-    _, rows = real_rows(cfg.data.val, cfg, meta["class_dirs"])
-    images = [np.array(Image.open(storage.open_file(r["url"])).convert("RGB")) for r in rows]
-    return embeds, images, np.array([r["label"] for r in rows], dtype=np.int64)
+    images, labels = images_in_memory(real_set(cfg.data.val, cfg, meta["class_dirs"], cfg.data.val_labels))
+    return embeds, images, labels
 
 
 def plan_tuning(cfg: RunConfig) -> TunePlan:
@@ -144,7 +142,7 @@ def plan_tuning(cfg: RunConfig) -> TunePlan:
     lora_url, lora_sha = find_lora(cfg)
     if lora_url:
         check_lora(model_dir, lora_url, lora_sha)
-        check_guidance_matches_lora(cfg)
+        check_vision_token_matches_lora(cfg)
     class_means = None
     if cfg.generate.vision_token == "class_mean":
         class_means = class_mean_embeddings(files, len(meta["class_dirs"]))
