@@ -28,14 +28,14 @@ def encoder_ceiling(batch_size: int) -> dict:
     import numpy as np
     import torch
 
-    from realfake_ray.data.labelled import real_rows
+    from realfake_ray.data.labelled import real_set
     from realfake_ray.config import load_config
     from realfake_ray.stages.encode.driver import LatentEncoder, decode_batch
 
     torch.set_num_threads(1)
     cfg = load_config(preset="tiny", out=tempfile.mkdtemp(prefix="bench-encode-"))
-    rows = real_rows(cfg.data.train, cfg)[1]
-    urls = np.array([r["url"] for r in rows], dtype=object)
+    rows = real_set(cfg.data.train, cfg).items["url"].to_pylist()
+    urls = np.array(rows, dtype=object)
     decoded = decode_batch({"url": urls}, cfg.encode.resolution)
     encoder = LatentEncoder(cfg)
     began = time.time()

@@ -6,7 +6,7 @@ one torch thread: a 1-CPU Ray actor gets ``OMP_NUM_THREADS=1``, and the bare loo
 bare loop → pipeline (``run_generate`` on a local Ray cluster) → the bare loop inside a 1-CPU Ray task →
 the bare loop again, to bracket drift on a shared machine. The pipeline is timed end to end (actor start, model load, JPEG writes included); its
 summary also gives the actor's time inside Sampler calls, so wall − sampler time = the actor's idle time
-(start-up, model load, waiting for input, the final JPEG/manifest writes).
+(start-up, model load, waiting for input, the final JPEG and shard writes).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_generate_cpu.py                 # all 1,437 digits, 1×
     OMP_NUM_THREADS=1 python benchmarks/bench_generate_cpu.py --mult 10       # 14,370 images
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         out = make_bank(work, args.per_class)
         overrides = [f"generate.steps={args.steps}", f"generate.batch_size={args.batch_size}", "ray.num_cpus=2",
-                     f"generate.rows_per_manifest_file={args.batch_size}", f"generate.mult={args.mult}",
+                     f"generate.images_per_shard={args.batch_size}", f"generate.mult={args.mult}",
                      "generate.actors.max_size=1"]  # one actor, one thread: the bare loop's resources  # fmt: skip
         cfg = load_config(preset="tiny", out=out, overrides=overrides)
         result = {"machine": machine(), "torch_threads_bare": torch.get_num_threads(), "steps": args.steps,

@@ -34,17 +34,25 @@ def decode_ceiling(repeat: int) -> list[dict]:
     process without Ray."""
     import numpy as np
 
-    from realfake_ray.data.labelled import decode_rows, decoded_dataset, real_rows, rows_dataset, view_settings
+    import pyarrow as pa
+    from ray.data.expressions import random
+
     from realfake_ray.config import load_config
+    from realfake_ray.data.labelled import decode_rows, decoded_dataset, real_set, rows_dataset, view_settings
+    from realfake_ray.data.sources import LabelledSet
 
     cfg = load_config(preset="tiny", out=tempfile.mkdtemp(prefix="bench-train-"))
     rng = np.random.default_rng(0)
-    rows = [{**r, "aug": float(rng.random())} for r in real_rows(cfg.data.train, cfg)[1]]
+    real = real_set(cfg.data.train, cfg)
     began = time.time()
-    batch = {k: np.array([r[k] for r in rows], dtype=object if k == "url" else None) for k in ("url", "label", "aug")}
+    batch = {"url": np.array(real.items["url"].to_pylist(), dtype=object), "label": real.items["label"].to_numpy(),
+             "aug": rng.random(real.num_images)}
     n_local = len(decode_rows(batch, cfg.train.image_size, view="train", settings=view_settings(cfg))["label"])
     local_s = time.time() - began
-    ds = decoded_dataset(rows_dataset(rows * repeat), cfg.train.image_size, cfg, view="train")
+    repeated = LabelledSet(real.url, real.layout, real.class_dirs, real.class_names,
+                           items=pa.concat_tables([real.items] * repeat))
+    ds = rows_dataset(repeated, cfg).with_column("aug", random(seed=0))
+    ds = decoded_dataset(ds, cfg.train.image_size, cfg, view="train")
     began, first, n = time.time(), None, 0
     for batch in ds.iter_batches(batch_size=256, batch_format="numpy"):
         first = first or time.time()

@@ -28,20 +28,26 @@ def similarities(run: str, sources: int, seed: int) -> dict:
     import numpy as np
     from PIL import Image
 
-    from realfake_ray import storage
     from realfake_ray._internal.shards import read_parts, tensor_column
     from realfake_ray.config import load_config
     from realfake_ray.method.embeddings import ClipEmbedder
     from realfake_ray.layout import RunLayout
 
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from realfake_ray.data.synthetic import list_shards
+
     layout = RunLayout(run)
-    manifest = read_parts(layout.manifest_dir(), ["path", "image_id", "copy_idx", "label"]).to_pandas()
+    shards = [pq.read_table(u, columns=["image", "image_id", "copy_idx", "label"]) for u in list_shards(layout.shards_dir()).urls]
+    manifest = pa.concat_tables(shards).to_pandas()
     bank = read_parts(layout.bank_dir("train"), ["image_id", "label", "clip_embed"])
     real = dict(zip(bank.column("image_id").to_pylist(), tensor_column(bank, "clip_embed")))
     picked = np.random.default_rng(seed).choice(sorted(manifest.image_id.unique()), sources, replace=False)
     rows = manifest[manifest.image_id.isin(picked)].sort_values(["image_id", "copy_idx"])
-    pixels = [np.array(Image.open(storage.open_file(storage.join(layout.images_dir(), p))).convert("RGB"))
-              for p in rows.path]
+    pixels = [np.array(Image.open(io.BytesIO(image["bytes"])).convert("RGB")) for image in rows.image]
     synthetic = _unit(ClipEmbedder(load_config(preset="tiny", out=run)).embed(pixels, batch_size=256))
     source_of, label = rows.image_id.to_numpy(), rows.label.to_numpy()
     pairs = synthetic @ synthetic.T

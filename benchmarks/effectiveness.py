@@ -91,29 +91,28 @@ def _run_dir(root: Path, bank: Path, seed: int, run: str) -> Path:
     return out
 
 
-def _embed_images(cfg, urls: list[str]):
-    """Tiny-CLIP embeddings of the given image files (the encoder's own embedder and preprocessing)."""
+def _embed_pixels(cfg, pixels):
+    """Tiny-CLIP embeddings of decoded images (the encoder's own embedder and preprocessing)."""
     import numpy as np
-    from PIL import Image
 
-    from realfake_ray import storage
     from realfake_ray.method.embeddings import ClipEmbedder
 
     embedder = ClipEmbedder(cfg)
-    pixels = np.stack([np.array(Image.open(storage.open_file(u)).convert("RGB")) for u in urls])
     return np.concatenate([embedder.embed(pixels[i : i + 512]) for i in range(0, len(pixels), 512)]).astype(np.float32)
 
 
 def _distances(cfg, summary: dict, val_embeddings) -> dict:
     """MMD² and KID of (up to 2,000 of) the classifier's synthetic images vs the real val digits."""
-    from realfake_ray.data.labelled import synthetic_rows
+    import numpy as np
+
+    from realfake_ray.data.labelled import images_in_memory, synthetic_set
     from realfake_ray.method.metrics import set_distances, subsample
 
     if not summary["synthetic_images"]:
         return {}
-    rows = synthetic_rows(cfg, summary_class_dirs(cfg))
-    keep = subsample(len(rows), 2000, cfg.seed).tolist()
-    return set_distances(val_embeddings, _embed_images(cfg, [rows[i]["url"] for i in keep]), seed=cfg.seed)
+    images, _ = images_in_memory(synthetic_set(cfg, summary_class_dirs(cfg)))
+    keep = subsample(len(images), 2000, cfg.seed).tolist()
+    return set_distances(val_embeddings, _embed_pixels(cfg, np.stack([images[i] for i in keep])), seed=cfg.seed)
 
 
 def summary_class_dirs(cfg) -> list[str]:

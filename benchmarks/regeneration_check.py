@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""Did a change move what generate produces? Regenerate the first load unit (up to 512 images) of a stored
-tiny-preset run with the current code and compare the JPEG bytes with the run's files.
+"""Did a change move what generate produces? Regenerate the first shard (up to 512 images) of a stored
+tiny-preset run with the current code and compare the JPEG bytes with the run's images (its shards, or the
+one-file-per-image layout of earlier versions).
 
     python benchmarks/regeneration_check.py runs/effectiveness/seed0/full     # RESULT 512/512 identical
 
@@ -29,7 +30,10 @@ def identical(run: str) -> tuple[int, int]:
     from realfake_ray import storage
     from realfake_ray.bank import class_mean_embeddings, read_bank
     from realfake_ray.config import load_config
-    from realfake_ray.stages.generate.plan import find_lora, plan_units
+    import pyarrow.parquet as pq
+
+    from realfake_ray.data.synthetic import list_shards
+    from realfake_ray.stages.generate.plan import find_lora, images_per_shard, plan_units
     from realfake_ray.stages.generate.workers import encode_jpeg, generate_in_process, load_units
 
     recorded = storage.read_json(f"{run}/synthetic/_settings.json")
@@ -39,7 +43,7 @@ def identical(run: str) -> tuple[int, int]:
     overrides = ["generate.mult=1"] + [f"generate.{k}={recorded[k]}" for k in _KEYS if recorded.get(k) is not None]
     cfg = load_config(preset="tiny", out=tmp, seed=recorded["seed"], overrides=overrides)
     meta, files = read_bank(tmp)
-    units = plan_units(cfg, files)[0][:1]
+    units = plan_units(cfg, files, images_per_shard(cfg.generate, int(meta["resolution"])))[0][:1]
     lora_url, sha = find_lora(cfg)
     if sha != recorded["lora_sha256"]:
         raise SystemExit(f"{run}: its LoRA digest {sha} differs from the recorded {recorded['lora_sha256']}")
@@ -50,8 +54,14 @@ def identical(run: str) -> tuple[int, int]:
     batches = load_units(pa.Table.from_pylist(units), seed=cfg.seed, batch_size=g.batch_size, mode=g.mode,
                          vision_token=g.vision_token, collisions=frozenset())
     paths = [p for row in batches.column("path").to_pylist() for p in row]
-    same = sum(encode_jpeg(image, g.jpeg_quality, g.storage_size) == storage.read_bytes(f"{run}/synthetic/train/{p}")
-               for image, p in zip(images, paths))
+    stored = {}
+    for url in list_shards(f"{run}/synthetic/data").urls:
+        stored |= {i["path"]: i["bytes"] for i in pq.read_table(url, columns=["image"])["image"].to_pylist()}
+
+    def original(path: str) -> bytes:
+        return stored[path] if stored else storage.read_bytes(f"{run}/synthetic/train/{path}")
+
+    same = sum(encode_jpeg(image, g.jpeg_quality, g.storage_size) == original(p) for image, p in zip(images, paths))
     shutil.rmtree(tmp, ignore_errors=True)
     return same, len(paths)
 

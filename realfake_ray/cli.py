@@ -74,7 +74,7 @@ STAGES: dict[str, Stage] = {
             Arg("--from", "from_stage", str, "run from this stage on, e.g. train"),
         ),
     ),
-    "encode": Stage("realfake_ray.stages.encode.driver:run_encode", "real ImageFolder → latent bank (VAE latents, CLIP embeddings, captions)"),
+    "encode": Stage("realfake_ray.stages.encode.driver:run_encode", "real dataset (ImageFolder, flat + labels, Parquet, WebDataset) → latent bank (VAE latents, CLIP embeddings, captions)"),
     "finetune": Stage(
         "realfake_ray.stages.finetune.driver:run_finetune",
         "latent bank → distribution-matching LoRA on the UNet (Ray Train; resumes from <out>/finetune)",
@@ -85,7 +85,8 @@ STAGES: dict[str, Stage] = {
     ),
     "generate": Stage(
         "realfake_ray.stages.generate.driver:run_generate",
-        "latent bank (+ LoRA) → synthetic ImageFolder + manifest, --mult copies per real image (resumes)",
+        "latent bank (+ LoRA) → synthetic set (Parquet shards, Hugging Face datasets layout), --mult copies per "
+        "real image (resumes)",
         flags=(_MULT,),
     ),
     "bench-sampler": Stage(
@@ -101,6 +102,14 @@ STAGES: dict[str, Stage] = {
             Arg("--iters", "iters", int, "timed batches per grid point (default 3)"),
             Arg("--warmup", "warmup", int, "untimed batches first (default 1)"),
             Arg("--reference", "reference", int, "1: add the reference baseline row (default), 0: leave it out"),
+        ),
+    ),
+    "export": Stage(
+        "realfake_ray.tools.export.driver:run_export",
+        "the synthetic set's shards written as an ImageFolder or WebDataset tars (same JPEG bytes; resumes)",
+        args=(
+            Arg("--format", "fmt", str, "imagefolder or webdataset"),
+            Arg("--dest", "dest", str, "where to write it: a local path or a storage URL"),
         ),
     ),
     "tune-sampler": Stage(
@@ -127,8 +136,8 @@ STAGES: dict[str, Stage] = {
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=["tiny"], help="laptop-sized models and the embedded digits dataset")
-    parser.add_argument("--data", help="training ImageFolder URL (data.train)")
-    parser.add_argument("--val-data", help="validation ImageFolder URL (data.val)")
+    parser.add_argument("--data", help="training set URL (data.train): ImageFolder, flat folder + labels, Parquet, WebDataset")
+    parser.add_argument("--val-data", help="validation set URL (data.val; a flat folder takes --set data.val_labels=FILE)")
     parser.add_argument("--out", help="run URL: every stage writes below it (out)")
     parser.add_argument("--config", help="YAML config file (sections as in realfake_ray/config.py)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. encode.batch_size=64")

@@ -35,7 +35,7 @@ from realfake_ray.data import embedded
 __all__ = [
     "EMBEDDED_SCHEME", "OBJECT_STORES", "StorageError", "cache_dir", "resolve_embedded", "filesystem", "anchor",
     "arrow_filesystem", "check_reachable", "protocol", "is_local", "is_object_store", "local_path", "join",
-    "relative", "exists", "isdir", "makedirs", "find", "listdir", "open_file", "read_bytes", "read_text",
+    "relative", "exists", "isdir", "makedirs", "find", "glob", "listdir", "open_file", "read_bytes", "read_text",
     "read_json", "write_bytes", "write_text", "write_json", "upload_file", "written_from_local", "remove",
     "copy_tree_to_local", "safe_name",
 ]
@@ -205,6 +205,21 @@ def find(url: str) -> list[str]:
         return []
     files = sorted(fs.find(path))
     return [_unstrip(url, fs, f) for f in files if _TMP_MARK not in posixpath.basename(f)]
+
+
+def glob(pattern: str) -> list[str]:
+    """Files matching a glob pattern (``s3://b/data/train-*.parquet``) as full URLs of the same scheme, sorted.
+
+    Example:
+        >>> write_text("memory://glob-demo/a-1.txt", "x"); write_text("memory://glob-demo/b-1.txt", "y")
+        >>> glob("memory://glob-demo/a-*.txt")
+        ['memory://glob-demo/a-1.txt']
+    """
+    fs, path = filesystem(pattern)
+    root = pattern[: pattern.index("*")].rsplit("/", 1)[0] if "*" in pattern else pattern.rsplit("/", 1)[0]
+    base = filesystem(root)[1]
+    found = sorted(fs.glob(path))
+    return [root.rstrip("/") + "/" + posixpath.relpath(f, base) for f in found if _TMP_MARK not in posixpath.basename(f)]
 
 
 def listdir(url: str) -> list[tuple[str, bool]]:

@@ -4,7 +4,10 @@ import numpy as np
 import pytest
 from conftest import forbid_ray_work, small_bank
 
+import pyarrow.parquet as pq
+
 from realfake_ray import storage
+from realfake_ray.data.synthetic import list_shards
 from realfake_ray._internal.shards import read_parts
 from realfake_ray.tools.audit_privacy.driver import run_audit_privacy
 from realfake_ray.config import ConfigError, load_config
@@ -46,7 +49,8 @@ def test_tiny_audit_runs_both_arms_on_shadow_halves_and_resumes(tiny_bank, tmp_p
     for k in range(4):  # each synthetic shadow's pipeline saw only its half of the real train set
         shadow = RunLayout(str(out)).audit_dir("synthetic", f"shadow_{k}")
         ids = read_parts(RunLayout(shadow).bank_dir("train"), ["image_id"]).column("image_id").to_pylist()
-        manifest = read_parts(f"{shadow}/synthetic/_manifest", ["image_id"]).column("image_id").to_pylist()
+        manifest = [i for u in list_shards(f"{shadow}/synthetic/data").urls
+                    for i in pq.read_table(u, columns=["image_id"]).column("image_id").to_pylist()]
         assert set(ids) < bank_ids and sorted(manifest) == sorted(ids) and abs(len(ids) - len(bank_ids) / 2) < 20
         halves.append(set(ids))
     assert all(sum(i in h for h in halves) == 2 for i in bank_ids)  # every image in exactly half the shadows

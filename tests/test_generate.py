@@ -454,3 +454,19 @@ def test_losing_a_node_that_hosts_a_generate_actor_loses_and_duplicates_nothing(
     assert found["removed"]["at"] < 40  # mid-run: 40 shards in all
     assert (found["count"], found["failed"], found["complete"]) == (120, 0, True)
     _check_set(out, bank, 4)
+
+
+@pytest.mark.e2e
+def test_realfake_export_writes_the_set_as_an_imagefolder_with_the_same_bytes(run_a, bank, tmp_path):
+    from realfake_ray.data.sources import open_labelled_set
+
+    out, _ = run_a
+    dest = tmp_path / "exported"
+    args = ["export", "--preset", "tiny", "--out", str(out), "--format", "imagefolder", "--dest", str(dest),
+            "--set", "train.synthetic_mult=2"]
+    assert cli_main(args) == 0
+    exported = open_labelled_set(str(dest), class_dirs=read_meta(str(bank))["class_dirs"])
+    rows = {r["image"]["path"]: r for r in _rows(out).to_pylist() if r["copy_idx"] < 2}
+    assert exported.num_images == len(rows) == 60
+    for image_id, url, label in zip(*(exported.items[c].to_pylist() for c in ("image_id", "url", "label"))):
+        assert storage.read_bytes(url) == rows[image_id]["image"]["bytes"] and label == rows[image_id]["label"]

@@ -12,14 +12,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 from conftest import forbid_ray_work
 
 from realfake_ray import storage
 from realfake_ray.stages import pipeline as run
 from realfake_ray._internal.addresses import free_port
-from realfake_ray._internal.shards import write_part
+from realfake_ray.data.synthetic import list_shards
 from realfake_ray.cli import main as cli_main
 from realfake_ray.config import ConfigError, load_config
 from realfake_ray.tools.report import gpu_hours_estimate
@@ -154,14 +153,12 @@ def test_ray_job_submit_runs_resumes_and_skips_on_object_storage(local_head, s3_
             "--set", "generate.steps=4", "--set", "train.epochs=1", "--set", "train.batch_size=16",
             "--set", "train.real_baseline=false",  # the real-only baseline: test_train_stage_adds_a_real_only_baseline
             "--set", "evaluate.max_samples=50"]
-    # 1) Up to generate; then simulate a generate stage killed mid-way (lose a manifest part + the summary).
+    # 1) Up to generate; then simulate a generate stage killed mid-way (lose a shard + the summary).
     first = _submit(address, env, *args, "--only", "encode,finetune,generate")
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-2000:]
-    manifest = sorted(u for u in storage.find(f"{out}/synthetic/_manifest") if "/part-" in u)
-    assert manifest
-    table = pq.read_table(storage.open_file(manifest[0]))
-    storage.remove(manifest[0])  # keep half of its rows: the state a kill between two parts leaves
-    write_part(f"{out}/synthetic/_manifest", table.slice(0, table.num_rows // 2))
+    shards = list_shards(f"{out}/synthetic/data")
+    assert shards.urls and shards.images == 2 * 36
+    storage.remove(shards.urls[0])  # the state a kill before its upload completed leaves
     storage.remove(f"{out}/synthetic/_summary.json")
 
     # 2) Resubmit the whole job: encode + finetune skip, generate redoes only the lost rows, train/evaluate run.
@@ -171,7 +168,7 @@ def test_ray_job_submit_runs_resumes_and_skips_on_object_storage(local_head, s3_
     assert stages["encode"].get("skipped_last_run") and stages["finetune"].get("skipped_last_run")
     assert not stages["generate"]["skipped"] and not stages["train"]["skipped"]
     summary = storage.read_json(f"{out}/synthetic/_summary.json")
-    assert summary["count"] == 2 * 36 and 0 < summary["generated_now"] < 72
+    assert summary["count"] == 2 * 36 and summary["generated_now"] == shards.rows[0] and summary["shards_written_now"] == 1
     report_md = storage.read_text(f"{out}/report.md")
     for section in ("## Stages", "## Latent bank", "## Fine-tuning", "## Synthesis", "## Throughput", "## Accuracy",
                     "## Real vs synthetic distribution", "GPU-hours", "## Resolved config"):

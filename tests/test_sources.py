@@ -214,3 +214,15 @@ def test_storage_urls_work_for_sharded_sets(tmp_path):
     storage.write_bytes(f"{root}/s.tar", local.read_bytes())
     s = open_labelled_set(root, class_dirs=SYNSETS)
     assert s.num_images == 1 and read_shard(s.shards["url"][0].as_py(), "webdataset", root)["label"].to_pylist() == [1]
+
+
+def test_a_glob_selects_one_split_of_a_hub_style_folder(tmp_path):
+    root = _hf_parquet(tmp_path)
+    other = tmp_path / "data" / "validation-00000-of-00001.parquet"
+    other.write_bytes((tmp_path / "data" / "train-00000-of-00001.parquet").read_bytes())
+    assert open_labelled_set(root).num_images == 10  # the whole folder: both splits
+    train = open_labelled_set(f"{root}/data/train-*.parquet")
+    assert train.num_images == 5 and train.url == f"{root}/data"
+    (url,) = train.shards["url"].to_pylist()
+    assert read_shard(url, "parquet", train.url)["image_id"][0].as_py() == "train-00000-of-00001.parquet#0"
+    assert detect_layout(f"{root}/data/train-*.parquet") == "parquet"

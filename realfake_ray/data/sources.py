@@ -108,7 +108,7 @@ def detect_layout(url: str, labels_file: str | None = None) -> str:
     by integers are ``index_folders``; anything else is ``imagefolder``."""
     if labels_file:
         return "labels_file"
-    if _suffix(url) in ("parquet", "tar"):
+    if _suffix(url) in ("parquet", "tar"):  # a shard, or a glob of shards (``…/train-*.parquet``)
         return "parquet" if _suffix(url) == "parquet" else "webdataset"
     if not storage.isdir(url):
         raise DatasetError(f"dataset not found (not a directory, .parquet or .tar file): {url}")
@@ -185,11 +185,12 @@ def _items(root: str, ids: list[str], labels: np.ndarray) -> pa.Table:
 
 
 def _by_top_folder(root: str, exts: tuple[str, ...]) -> tuple[dict[str, list[str]], list[str]]:
+    """Images per top folder; folders named ``_…`` or ``.…`` hold metadata (an export's markers), not a class."""
     images, other = _list_files(root, exts)
-    found: dict[str, list[str]] = {n: [] for n, is_dir in storage.listdir(root) if is_dir}
+    found: dict[str, list[str]] = {n: [] for n, is_dir in storage.listdir(root) if is_dir and not n.startswith(("_", "."))}
     for rel in images:
         top, sep, _ = rel.partition("/")
-        (found[top] if sep else other).append(rel)
+        (found[top] if sep and top in found else other).append(rel)
     return found, other
 
 
@@ -305,9 +306,18 @@ def _check_items(result: LabelledSet) -> None:
 
 # ------------------------------------------------------------------------------------------ sharded layouts
 def _shard_urls(url: str, ext: str) -> list[str]:
+    if "*" in url:
+        return [u for u in storage.glob(url) if _suffix(u) == ext]
     if _suffix(url) == ext:
         return [url]
     return [u for u in storage.find(url) if _suffix(u) == ext]
+
+
+def _root_of(url: str) -> str:
+    """The folder that shard names are relative to (a glob's or a single shard's folder)."""
+    if "*" in url:
+        return url[: url.index("*")].rsplit("/", 1)[0]
+    return url.rsplit("/", 1)[0] if _suffix(url) in ("parquet", "tar") else url
 
 
 def parquet_class_names(schema: pa.Schema) -> list[str] | None:
@@ -351,6 +361,7 @@ def shard_image_ids(shard_url: str, root: str, rows: int) -> list[str]:
 
 
 def _shard_name(url: str, root: str) -> str:
+    root = _root_of(root)
     if url.rstrip("/") == root.rstrip("/"):
         return url.rsplit("/", 1)[-1]
     return url[len(root.rstrip("/")) + 1 :] if url.startswith(root.rstrip("/") + "/") else storage.relative(url, root)
@@ -403,8 +414,8 @@ def _open_sharded(url: str, layout: str, class_dirs: list[str] | None, names: di
     shards = pa.table({"url": pa.array(urls, pa.string()), "rows": pa.array(rows, pa.int64())})
     if int(pc.sum(shards["rows"]).as_py() or 0) == 0:
         raise DatasetError(f"dataset {url} is empty: its {len(urls)} shard(s) hold no rows")
-    return LabelledSet(url, layout, list(class_dirs), [names.get(c) or name(c) for c in class_dirs], shards=shards,
-                       label_map=_label_map(own_names, class_dirs))
+    return LabelledSet(_root_of(url), layout, list(class_dirs), [names.get(c) or name(c) for c in class_dirs],
+                       shards=shards, label_map=_label_map(own_names, class_dirs))
 
 
 def _label_map(own: list[str] | None, class_dirs: list[str]) -> list[int] | None:
@@ -534,7 +545,7 @@ def read_images_by_id(root: str, layout: str, image_ids: list[str]) -> dict[str,
         by_shard.setdefault(image_id.rsplit("#", 1)[0], []).append(image_id)
     found: dict[str, bytes] = {}
     for shard, ids in by_shard.items():
-        url = root if _suffix(root) in ("parquet", "tar") else storage.join(root, shard)
+        url = storage.join(_root_of(root), shard)
         table = read_shard(url, layout, root)
         index = {k: i for i, k in enumerate(table["image_id"].to_pylist())}
         found |= {i: table["bytes"][index[i]].as_py() for i in ids if i in index}
