@@ -29,11 +29,12 @@ from __future__ import annotations
 
 import csv
 import io
+from contextlib import contextmanager
 import json
 import posixpath
 import tarfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -46,7 +47,7 @@ from realfake_ray import storage
 from realfake_ray.data.imagefolder import DEFAULT_EXTENSIONS, DatasetError, decode_image, load_class_names
 
 __all__ = [
-    "LAYOUTS", "LabelledSet", "detect_layout", "open_labelled_set", "read_with_retries", "fetch_images",
+    "LAYOUTS", "LabelledSet", "detect_layout", "open_labelled_set", "listing_cache", "read_with_retries", "fetch_images",
     "read_shard", "shard_image_ids", "read_images_by_id", "parquet_class_names", "display_name", "check_readable",
 ]
 
@@ -137,6 +138,21 @@ def _classes(class_dirs: list[str]) -> str:
     return f"{len(class_dirs)} real classes ({', '.join(class_dirs[:5])}{', ...' if len(class_dirs) > 5 else ''})"
 
 
+_LISTINGS: dict | None = None  # set inside listing_cache(): one listing per dataset for a whole job
+
+
+@contextmanager
+def listing_cache() -> Iterator[None]:
+    """Within this block :func:`open_labelled_set` lists each dataset once (same arguments, same result): a job's
+    preflight, encode, train and evaluate share one listing of 1.28 M objects instead of making four."""
+    global _LISTINGS
+    outer, _LISTINGS = _LISTINGS, ({} if _LISTINGS is None else _LISTINGS)
+    try:
+        yield
+    finally:
+        _LISTINGS = outer
+
+
 def open_labelled_set(
     url: str,
     *,
@@ -152,6 +168,18 @@ def open_labelled_set(
     ``class_dirs`` fixes the class order (a val or OOD set opened with the train set's classes); a class
     the set has that is not in it is an error. ``classes_file`` maps class folders to readable names.
     """
+    key = (url, tuple(class_dirs) if class_dirs is not None else None, classes_file, labels_file, layout,
+           tuple(extensions), name)
+    if _LISTINGS is not None and key in _LISTINGS:
+        return _LISTINGS[key]
+    result = _open(url, class_dirs, classes_file, labels_file, layout, extensions, name)
+    if _LISTINGS is not None:
+        _LISTINGS[key] = result
+    return result
+
+
+def _open(url: str, class_dirs: list[str] | None, classes_file: str | None, labels_file: str | None,
+          layout: str | None, extensions: tuple[str, ...], name: Callable[[str], str]) -> LabelledSet:
     layout = layout or detect_layout(url, labels_file)
     if layout not in LAYOUTS:
         raise DatasetError(f"{url}: unknown dataset layout {layout!r}; layouts: {', '.join(LAYOUTS)}")

@@ -31,7 +31,7 @@ __all__ = [
     "PRESET_PREFIX", "PRESETS", "TINY_BASE_DIR", "ModelLoadError", "shipped_base_digest", "write_fp32_copy",
     "materialise_preset", "hub_reachable", "hub_snapshot", "resolve_model_dir", "read_component_config",
     "has_component", "clip_vision_dir", "guidance_widths", "check_models", "weights_sha256", "load_vae",
-    "load_clip_vision", "load_pipeline",
+    "load_clip_vision", "load_pipeline", "model_location_problem",
 ]
 
 PRESET_PREFIX = "preset:"
@@ -260,3 +260,37 @@ def load_pipeline(model_dir: str, torch_dtype=None):
         requires_safety_checker=False,
         use_safetensors=True,
     )
+
+
+def model_location_problem(spec: str, revision: str | None = None, timeout_s: float = 10.0) -> str | None:
+    """What is wrong with a model spec, found without downloading or loading anything (None: it can be
+    resolved): a missing directory or ``model_index.json``, a hub id neither cached nor reachable."""
+    if spec.startswith(PRESET_PREFIX):
+        name = spec[len(PRESET_PREFIX) :]
+        return None if name in PRESETS else f"unknown preset {name!r} (presets: {', '.join(PRESETS)})"
+    if "://" in spec and not storage.is_local(spec):
+        try:
+            found = storage.isdir(spec)
+        except Exception as exc:  # unreachable storage: named, not raised from deep inside a stage
+            return f"{type(exc).__name__}: {exc}"
+        return None if found else "no such directory"
+    local = os.path.expanduser(storage.local_path(spec) if "://" in spec else spec)
+    if os.path.isdir(local):
+        return None
+    if os.path.exists(local):
+        return "is a file; expected a diffusers/transformers directory"
+    if not _HUB_ID.match(spec):
+        return "no such directory, and not a Hugging Face repo id (org/name)"
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot_download(repo_id=spec, revision=revision, local_files_only=True, allow_patterns=["*.json"])
+        return None
+    except Exception:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return "not in the local Hugging Face cache and HF_HUB_OFFLINE is set"
+    if not hub_reachable(timeout_s):
+        host, port = _hub_endpoint()
+        return f"not in the local Hugging Face cache, and {host}:{port} is not reachable (offline?)"
+    return None

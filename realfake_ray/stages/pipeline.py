@@ -18,6 +18,8 @@ import time
 
 from realfake_ray import storage
 from realfake_ray.config import ConfigError, RunConfig, dump_config
+from realfake_ray.data.sources import listing_cache
+from realfake_ray.stages.preflight import preflight
 from realfake_ray.tools.report import write_report
 from realfake_ray.stages.train.driver import run_train
 
@@ -67,8 +69,14 @@ def run_pipeline(cfg: RunConfig, only: list[str] | None = None, from_stage: str 
     stages = select_stages(only, from_stage)
     data = cfg.require_data()
     entries = {stage: _entry(stage) for stage in stages}  # fail on a missing stage before any work
-    storage.check_reachable(cfg.out, data.train, data.val or "")
-    storage.write_text(storage.join(cfg.out, "config.yaml"), dump_config(cfg))
+    storage.check_reachable(cfg.out, data.train, data.val or "", *cfg.evaluate.extra_sets.values())
+    with listing_cache():  # the preflight's listings serve the stages of this job
+        preflight(cfg, stages)
+        storage.write_text(storage.join(cfg.out, "config.yaml"), dump_config(cfg))
+        return _run_stages(cfg, stages, entries)
+
+
+def _run_stages(cfg: RunConfig, stages: list[str], entries: dict) -> dict:
     summary: dict = {}
     for stage in stages:
         print(f"[realfake] stage {stage}: starting", flush=True)

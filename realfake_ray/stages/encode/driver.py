@@ -25,7 +25,7 @@ from realfake_ray._internal.shards import read_parts, write_part
 from realfake_ray.bank import read_meta, with_arrow_tensors
 from realfake_ray.config import RunConfig
 from realfake_ray.data.imagefolder import MIN_CAPTION_MATCH, caption_match_error, decode_views
-from realfake_ray.data.imagefolder import DatasetError
+from realfake_ray.data.captions import read_captions
 from realfake_ray.data.labelled import cut_into_blocks, real_set
 from realfake_ray.data.sources import LabelledSet, check_readable, fetch_images, read_shard, shard_image_ids
 from realfake_ray.devices import torch_device
@@ -91,22 +91,8 @@ def _check_bank_compatible(meta: dict | None, identity: dict, cfg: RunConfig) ->
 
 
 def _captions(cfg: RunConfig) -> pa.Table | None:
-    """``image_id``, ``caption`` of ``data.captions_file`` (JSONL), parsed by Arrow (no Python object per line)."""
-    url = cfg.data.captions_file
-    if not url:
-        return None
-    import pyarrow.json as pj
-
-    if not storage.exists(url):
-        raise DatasetError(f"captions file not found: {url}")
-    try:
-        with storage.open_file(url) as f:
-            table = pj.read_json(f)
-    except pa.ArrowInvalid as exc:
-        raise DatasetError(f"captions file {url}: not JSON lines of {{\"image_id\": ..., \"caption\": ...}} ({exc})") from None
-    if not {"image_id", "caption"} <= set(table.column_names):
-        raise DatasetError(f"captions file {url}: expected {{\"image_id\": ..., \"caption\": ...}} records")
-    return table.select(["image_id", "caption"]).cast(pa.schema([("image_id", pa.string()), ("caption", pa.string())]))
+    """``image_id``, ``caption`` of ``data.captions_file`` (None without one)."""
+    return read_captions(cfg.data.captions_file) if cfg.data.captions_file else None
 
 
 def _image_ids(lset: LabelledSet) -> pa.Array:
