@@ -1,6 +1,7 @@
 """Encode stage: fast checks, then end to end on the tiny preset (one shared Ray cluster and encoded bank)."""
 
 import io
+import os
 import shutil
 
 import numpy as np
@@ -156,3 +157,75 @@ def test_folder_names_as_class_names_are_warned_about_naming_the_fix(tmp_path, c
     assert 'photo of n01440764' in out and "--set data.classes_file=" in out
     scan_splits(load_config(preset="tiny"))  # the embedded digits come with a classes file: no warning
     assert "warning" not in capsys.readouterr().out
+
+
+def _imagenet_shaped(root, per_class: int = 4) -> dict:
+    """The digits 0-2 in the layouts ImageNet comes in: train as Hugging Face Parquet shards (ClassLabel names =
+    synset-like ids, readable names from a classes file), val as the official flat folder + LOC_val_solution.csv,
+    and two OOD sets: class-index folders (ImageNet-V2) and WebDataset tars."""
+    import tarfile
+
+    import datasets
+
+    synsets = ["n00000000", "n00000001", "n00000002"]
+    folders = [storage.resolve_embedded(f"embedded:digits/train/digit_{i}") for i in range(3)]
+    digits = {s: sorted(os.path.join(f, name) for name in os.listdir(f)) for s, f in zip(synsets, folders)}
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=synsets)})
+    rows = {"image": [], "label": []}
+    for label, s in enumerate(synsets):
+        for path in digits[s][:per_class]:
+            rows["image"].append({"bytes": open(path, "rb").read(), "path": None})
+            rows["label"].append(label)
+    (root / "hf" / "data").mkdir(parents=True)
+    ds = datasets.Dataset.from_dict(rows, features=features)
+    ds.shard(2, 0).to_parquet(str(root / "hf" / "data" / "train-00000-of-00002.parquet"))
+    ds.shard(2, 1).to_parquet(str(root / "hf" / "data" / "train-00001-of-00002.parquet"))
+    (root / "val").mkdir()
+    lines, n = ["ImageId,PredictionString"], 0
+    for s in synsets:
+        for path in digits[s][per_class : per_class + 2]:
+            n += 1
+            shutil.copy(path, root / "val" / f"ILSVRC2012_val_{n:08d}.png")
+            lines.append(f"ILSVRC2012_val_{n:08d},{s} 1 2 3 4")
+    (root / "LOC_val_solution.csv").write_text("\n".join(lines) + "\n")
+    (root / "classes.txt").write_text("".join(f"{s} digit {d}, a numeral\n" for s, d in zip(synsets, ("zero", "one", "two"))))
+    for index, s in enumerate(synsets):
+        (root / "v2" / str(index)).mkdir(parents=True)
+        shutil.copy(digits[s][-1], root / "v2" / str(index) / "a.png")
+    (root / "wds").mkdir()
+    with tarfile.open(root / "wds" / "shard-0.tar", "w") as tar:
+        for index, s in enumerate(synsets):
+            for suffix, data in ((".png", open(digits[s][-2], "rb").read()), (".cls", str(index).encode())):
+                info = tarfile.TarInfo(f"{s}{suffix}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return {"train": str(root / "hf" / "data" / "train-*.parquet"), "val": str(root / "val"),
+            "labels": str(root / "LOC_val_solution.csv"), "classes": str(root / "classes.txt"),
+            "v2": str(root / "v2"), "wds": str(root / "wds")}
+
+
+@pytest.mark.e2e
+def test_imagenet_shaped_inputs_encode_and_train(ray_cluster, tmp_path):
+    """Hugging Face Parquet train shards, the official flat val + LOC_val_solution.csv, and ImageNet-V2-style
+    index folders and WebDataset tars as OOD sets: encoded into one bank, then a real-only classifier trained
+    on the shards and evaluated on every set (one epoch: the plumbing, not the accuracy)."""
+    from realfake_ray.stages.pipeline import run_pipeline
+
+    paths = _imagenet_shaped(tmp_path)
+    cfg = load_config(preset="tiny", out=str(tmp_path / "run"), data__train=paths["train"], data__val=paths["val"],
+                      overrides=[f"data.val_labels={paths['labels']}", f"data.classes_file={paths['classes']}",
+                                 f"evaluate.extra_sets={{v2: {paths['v2']}, wds: {paths['wds']}}}",
+                                 "train.source=real", "train.real_baseline=false", "train.epochs=1",
+                                 "train.batch_size=4", "evaluate.distribution_metrics=false"])
+    summary = run_pipeline(cfg, only=["encode", "train"])
+    meta = read_meta(cfg.out)
+    assert meta["layouts"] == {"train": "parquet", "val": "labels_file"}
+    assert meta["class_dirs"] == ["n00000000", "n00000001", "n00000002"]
+    assert meta["class_names"] == ["digit zero", "digit one", "digit two"]  # from the classes file
+    assert meta["splits"]["train"]["rows"] == 12 and meta["splits"]["val"]["rows"] == 6
+    bank = _bank_table(cfg.out, "train").to_pylist()
+    assert sorted(r["image_id"] for r in bank)[0] == "train-00000-of-00002.parquet#0"
+    assert sorted({(r["label"], r["class_dir"]) for r in bank}) == [(0, "n00000000"), (1, "n00000001"), (2, "n00000002")]
+    sets = summary["train"]["result"]["evaluation"]["sets"]
+    assert {k: v["count"] for k, v in sets.items()} == {"val": 6, "v2": 3, "wds": 3}
+    assert summary["train"]["result"]["real_images"] == 12

@@ -191,7 +191,7 @@ def _open(url: str, class_dirs: list[str] | None, classes_file: str | None, labe
         openers = {"imagefolder": _open_imagefolder, "index_folders": _open_index_folders}
         result = (_open_labels_file(url, labels_file, class_dirs, exts) if layout == "labels_file"
                   else openers[layout](url, class_dirs, exts))
-        result.class_names = [names.get(c) or name(c) for c in result.class_dirs]
+        result.class_names = [name(names.get(c, c)) for c in result.class_dirs]
         _check_items(result)
     return result
 
@@ -442,7 +442,7 @@ def _open_sharded(url: str, layout: str, class_dirs: list[str] | None, names: di
     shards = pa.table({"url": pa.array(urls, pa.string()), "rows": pa.array(rows, pa.int64())})
     if int(pc.sum(shards["rows"]).as_py() or 0) == 0:
         raise DatasetError(f"dataset {url} is empty: its {len(urls)} shard(s) hold no rows")
-    return LabelledSet(_root_of(url), layout, list(class_dirs), [names.get(c) or name(c) for c in class_dirs],
+    return LabelledSet(_root_of(url), layout, list(class_dirs), [name(names.get(c, c)) for c in class_dirs],
                        shards=shards, label_map=_label_map(own_names, class_dirs))
 
 
