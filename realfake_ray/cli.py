@@ -55,6 +55,7 @@ class Stage:
     help: str
     flags: tuple[Flag, ...] = field(default_factory=tuple)
     args: tuple[Arg, ...] = field(default_factory=tuple)
+    touches_storage: bool = True  # False: runs offline (the plan), no storage probe first
 
 
 def _stage_list(text: str) -> list[str]:
@@ -103,6 +104,17 @@ STAGES: dict[str, Stage] = {
             Arg("--warmup", "warmup", int, "untimed batches first (default 1)"),
             Arg("--reference", "reference", int, "1: add the reference baseline row (default), 0: leave it out"),
         ),
+    ),
+    "plan": Stage(
+        "realfake_ray.tools.plan:run_plan",
+        "what the job will do and cost (images, objects, requests, GPU-hours per stage) — no GPU, weights or network",
+        flags=(_MULT,),
+        args=(
+            Arg("--assume-images", "assume_images", int, "plan for this many train images instead of listing data.train"),
+            Arg("--assume-val-images", "assume_val_images", int, "with --assume-images: val images (default 0)"),
+            Arg("--images-per-s", "images_per_s", _stage_list, "per-GPU rates, e.g. generate=12.5,train=3000"),
+        ),
+        touches_storage=False,
     ),
     "export": Stage(
         "realfake_ray.tools.export.driver:run_export",
@@ -182,7 +194,8 @@ def _run_stage(name: str, args: argparse.Namespace) -> None:
     if args.print_config:
         print(dump_config(cfg), end="")
         return
-    storage.check_reachable(cfg.out, cfg.data.train or "", cfg.data.val or "")
+    if stage.touches_storage:
+        storage.check_reachable(cfg.out, cfg.data.train or "", cfg.data.val or "")
     module, func = stage.entry.split(":")
     kwargs = {arg.kwarg: getattr(args, arg.kwarg) for arg in stage.args}
     result = getattr(importlib.import_module(module), func)(cfg, **kwargs)

@@ -168,7 +168,7 @@ def test_planner_covers_exactly_the_missing_shards(tmp_path):
     sizes = {f: pq.read_table(f).num_rows for f in files}
     cfg = _cfg(out, "generate.mult=2")
     every, _, _, _, shards, _ = plan_units(cfg, files, 2)
-    assert shards == len(every) == 2 * (3 + 2)  # chunks of 2: 5 rows → 3 shards, 3 rows → 2, per copy
+    assert shards == len(every) == 2 * (3 + 2)  # ~2 rows each: 5 rows → 3 shards (2, 2, 1), 3 rows → 2 (2, 1), per copy
     done = [every[1], every[6]]
     for unit in done:
         storage.write_bytes(storage.join(RunLayout(out).shards_dir(), unit["shard"]), b"a complete shard")
@@ -433,7 +433,8 @@ def test_killed_driver_then_rerun_leaves_no_gap_and_no_duplicate(bank, tmp_path_
     cmd = [sys.executable, str(REPO / "jobs" / "generate.py"), "--preset", "tiny", "--out", str(out)]
     run_until_fault(cmd + [arg for o in overrides for arg in ("--set", o)], env, "generate.shard:1")
     partial = _rows(out).num_rows
-    assert 4 <= partial < 120 and partial % 2 == 0  # whole shards only: the fault's, plus any finished meanwhile
+    assert 3 <= partial < 120  # whole shards only: the fault's, plus any finished meanwhile
+    assert partial == sum(list_shards(RunLayout(str(out)).shards_dir()).rows)
     assert not [p for p in (out / "synthetic" / "data").iterdir() if not p.name.startswith("train-")]
     summary = run_generate(_cfg(out, *overrides))
     assert summary["already_present"] == partial and summary["count"] == 120
@@ -470,3 +471,14 @@ def test_realfake_export_writes_the_set_as_an_imagefolder_with_the_same_bytes(ru
     assert exported.num_images == len(rows) == 60
     for image_id, url, label in zip(*(exported.items[c].to_pylist() for c in ("image_id", "url", "label"))):
         assert storage.read_bytes(url) == rows[image_id]["image"]["bytes"] and label == rows[image_id]["label"]
+
+
+@pytest.mark.e2e
+def test_the_plan_predicts_what_generate_wrote(run_a):
+    from realfake_ray.tools.plan import plan_job
+
+    out, summary = run_a
+    cfg = _cfg(out, "generate.mult=2")
+    planned = {p.stage: p for p in plan_job(cfg, summary["bank_rows"])}["generate"]
+    assert planned.images == summary["count"] == 60
+    assert planned.objects_written - 3 == len(_files(out)) == summary["shards"]  # + summary, settings, card

@@ -37,7 +37,7 @@ from realfake_ray.seeds import derive_seed
 __all__ = [
     "image_seed", "images_per_shard", "synthetic_path", "sampler_settings", "check_generate_config",
     "check_bank_fits_model", "meta_url_hint", "local_lora_dir", "find_lora", "check_vision_token_matches_lora",
-    "check_lora", "recorded_settings", "check_settings_unchanged", "GeneratePlan", "unit_rows", "plan_units",
+    "check_lora", "recorded_settings", "check_settings_unchanged", "GeneratePlan", "unit_rows", "shards_of", "plan_units",
     "plan_generate",
 ]
 
@@ -229,8 +229,8 @@ def check_lora(model_dir: str, lora_url: str, sha256: str) -> None:
 
 
 def images_per_shard(gen: GenerateConfig, resolution: int) -> int:
-    """Images per shard: ``generate.images_per_shard``, else about ``generate.shard_mb`` of JPEGs at the stored
-    size (between 16 and 10,000 images).
+    """Target images per shard: ``generate.images_per_shard``, else about ``generate.shard_mb`` of JPEGs at the
+    stored size (between 16 and 10,000 images); a bank part is cut into equal shards near it (:func:`shards_of`).
 
     Example:
         >>> images_per_shard(GenerateConfig(), 512), images_per_shard(GenerateConfig(images_per_shard=7), 512)
@@ -342,9 +342,19 @@ def unit_rows(unit: dict) -> np.ndarray:
     return np.frombuffer(unit["rows"], dtype=np.int32)
 
 
+def shards_of(rows: int, per_shard: int) -> int:
+    """How many equal shards a bank part of ``rows`` rows is cut into: the count closest to ``per_shard`` rows each.
+
+    Example:
+        >>> shards_of(1024, 1011), shards_of(30, 8), shards_of(512, 10_000)
+        (1, 4, 1)
+    """
+    return max(1, int(rows / per_shard + 0.5))  # half up (Python's round() would halve to even)
+
+
 def plan_units(cfg: RunConfig, files: list[str], per_shard: int) -> tuple[list[dict], int, int, int, int, frozenset[str]]:
-    """One unit per shard of ``(copy_idx < mult)`` × chunks of ``per_shard`` rows of each bank file that is not
-    written yet. Returns ``(units, bank_rows, expected images, pending images, shards in all, stem collisions)``.
+    """One unit per shard of ``(copy_idx < mult)`` × equal chunks of about ``per_shard`` rows of each bank file
+    (:func:`shards_of`) that is not written yet. Returns ``(units, bank_rows, expected images, pending images, shards in all, stem collisions)``.
 
     A unit is ``{"file", "copy_idx", "rows" (int32 bytes, see :func:`unit_rows`), "shard" (its file name)}``;
     units run copy by copy, so an interrupted 10x run holds complete lower copies first. Memory: the bank's
@@ -362,8 +372,7 @@ def plan_units(cfg: RunConfig, files: list[str], per_shard: int) -> tuple[list[d
     for copy_idx in range(g.mult):
         for f, url in enumerate(files):
             rows = np.flatnonzero(keep[offsets[f] : offsets[f + 1]]).astype(np.int32)
-            for chunk, start in enumerate(range(0, len(rows), per_shard)):
-                part = rows[start : start + per_shard]
+            for chunk, part in enumerate(np.array_split(rows, shards_of(len(rows), per_shard)) if len(rows) else []):
                 name = shard_name(copy_idx, url, chunk, len(part))
                 shards += 1
                 if name not in present:
