@@ -32,10 +32,10 @@ from realfake_ray.method.sampler import (
     DTYPES,
     Sampler,
     SamplerSettings,
-    _set_sdpa,
-    _to_device_dtype,
     latent_hw,
     make_scheduler,
+    set_sdpa,
+    to_device_dtype,
     vae_factor,
 )
 
@@ -313,10 +313,10 @@ def _bench_reference_row(pipe, spec, device, iters, warmup, seed, flops_cache) -
     )
     ref.set_progress_bar_config(disable=True)
     for module in (pipe.vae, pipe.unet, pipe.text_encoder):
-        _to_device_dtype(module, device, dtype)
+        to_device_dtype(module, device, dtype)
     for module in (pipe.vae, pipe.unet):
         module.to(memory_format=torch.contiguous_format)
-        _set_sdpa(module)
+        set_sdpa(module)
     if settings.dtype not in flops_cache:
         flops_cache[settings.dtype] = model_flops(pipe, device, dtype)
     counted = flops_cache[settings.dtype]

@@ -55,9 +55,9 @@ from realfake_ray.stages.finetune.plan import FinetunePlan, finetune_settings, p
 from realfake_ray.stages.finetune.step import (
     METRIC_KEYS,
     FinetuneModels,
-    _lr_at,
-    _sample_size,
+    latent_size,
     load_models,
+    lr_at,
     random_latent_crop,
     train_step,
 )
@@ -230,12 +230,12 @@ def train_loop(loop_config: dict) -> None:
     models.unet = prepare_model(models.unet)
     class_means = torch.tensor(plan.class_means, device=device) if plan.class_means else None
     shard = train.get_dataset_shard("train")
-    latent_size, channels = _sample_size(models.unet), int(getattr(models.unet, "module", models.unet).config.in_channels)
+    side, channels = latent_size(models.unet), int(getattr(models.unet, "module", models.unet).config.in_channels)
     window = torch.zeros(len(METRIC_KEYS), device=device)
     window_steps, window_start, run_start, run_steps = 0, time.perf_counter(), time.perf_counter(), 0
     while st.step < plan.total_steps:
         local_buffer = ft.shuffle_buffer_size if ft.shuffle == "files" else 0
-        collate = BankCollate(models.tokenizer, latent_size, cfg.seed, st.epoch, channels)
+        collate = BankCollate(models.tokenizer, side, cfg.seed, st.epoch, channels)
         batches = shard.iter_torch_batches(
             batch_size=ft.batch_size, drop_last=True, collate_fn=collate,
             local_shuffle_buffer_size=local_buffer or None,
@@ -247,7 +247,7 @@ def train_loop(loop_config: dict) -> None:
                 skip, seen = skip - 1, seen + 1
                 continue
             for group in optimizer.param_groups:
-                group["lr"] = _lr_at(ft, st.step)
+                group["lr"] = lr_at(ft, st.step)
             window += train_step(models, batch, generator, ft, plan.prediction_type, class_means, optimizer, scaler)
             st.step, seen, window_steps, run_steps = st.step + 1, seen + 1, window_steps + 1, run_steps + 1
             st.epoch_step = seen
@@ -256,7 +256,7 @@ def train_loop(loop_config: dict) -> None:
             if st.step % ft.log_every == 0 or checkpoint_now:  # a checkpoint always carries a fresh row
                 means = (all_reduce_sum(window) / (world * window_steps)).tolist()
                 elapsed = time.perf_counter() - window_start
-                row = {"step": st.step, **dict(zip(METRIC_KEYS, means)), "lr": _lr_at(ft, st.step - 1),
+                row = {"step": st.step, **dict(zip(METRIC_KEYS, means)), "lr": lr_at(ft, st.step - 1),
                        "samples_per_s": window_steps * ft.batch_size * world / elapsed, "epoch": st.epoch}
                 st.history.append(row)
                 window.zero_()

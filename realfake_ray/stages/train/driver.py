@@ -45,7 +45,9 @@ from realfake_ray.data.labelled import (
     seed_of,
 )
 from realfake_ray.config import RunConfig
-from realfake_ray.stages.evaluate.driver import distribution_inputs, model_url, plan_sets, run_evaluate, save_classifier
+from realfake_ray.data.evaluation import distribution_inputs, plan_sets
+from realfake_ray.method.classifier_file import model_url, save_classifier
+from realfake_ray.stages.evaluate.driver import run_evaluate
 from realfake_ray.stages.train.plan import TrainPlan, apply_budget, plan_training
 
 __all__ = ["run_train"]
