@@ -2,7 +2,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import forbid_ray_work, small_bank
+from helpers import forbid_ray_work, small_bank
 
 from realfake_ray import storage
 from realfake_ray._internal.shards import read_parts

@@ -10,8 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import forbid_ray_work
-from test_train import fabricate_synthetic
+from helpers import fabricate_synthetic, forbid_ray_work
 
 from realfake_ray import storage
 from realfake_ray.method.classifier import build_classifier, eval_view, evaluate_batches, to_model_input

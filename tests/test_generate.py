@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import forbid_ray_work, run_until_fault, run_with_node_loss, small_bank
+from helpers import forbid_ray_work, run_until_fault, run_with_node_loss, small_bank
 from PIL import Image
 
 from realfake_ray import storage
@@ -25,10 +25,14 @@ from realfake_ray.cli import main as cli_main
 from realfake_ray.config import ConfigError, load_config
 from realfake_ray.stages.generate.driver import run_generate
 from realfake_ray.stages.generate.plan import (
+    MANIFEST_COLUMNS,
+    MANIFEST_SETTINGS,
     _stem_collisions,
     check_generate_config,
     image_seed,
+    manifest_settings,
     plan_units,
+    recorded_settings,
     synthetic_path,
     unit_rows,
 )
@@ -177,9 +181,17 @@ def test_missing_bank_is_a_clear_error(tmp_path, no_ray):
         run_generate(_cfg(tmp_path))
 
 
-def test_job_script_forwards_to_the_cli():
-    text = (REPO / "jobs" / "generate.py").read_text()
-    assert 'main(["generate", *sys.argv[1:]])' in text
+def test_the_manifest_rows_repeat_the_recorded_settings():
+    """One source for what a synthetic set was made with: a manifest row's settings are the run's record
+    (txt2img has no strength: None in both; the manifest wrote 1.0 before)."""
+    meta = {"model": {"vae_sha256": "v"}}
+    for mode, strength in (("img2img", 0.75), ("txt2img", None)):
+        cfg = load_config(preset="tiny", overrides=[f"generate.mode={mode}", "generate.strength=0.75"])
+        settings = recorded_settings(cfg, meta, "ab12")
+        row = manifest_settings(settings)
+        assert tuple(row) == MANIFEST_SETTINGS == MANIFEST_COLUMNS[-len(MANIFEST_SETTINGS):]
+        assert row["strength"] == settings["strength"] == strength and row["lora_scale"] == cfg.generate.lora_scale
+    assert manifest_settings(recorded_settings(cfg, meta, None))["lora_scale"] is None
 
 
 # ------------------------------------------------------------------------------------------ e2e

@@ -1,17 +1,20 @@
 """Import structure: pure modules work without Ray, stages stay independent, no cycles, no hidden imports."""
 
 import ast
-import functools
 import subprocess
 import sys
 from pathlib import Path
+
+from helpers import declared_api
+
+from realfake_ray.stages import registry
 
 PACKAGE = Path(__file__).resolve().parents[1] / "realfake_ray"
 
 # Folder rules. The Ray layer is the stage drivers (``stages/<stage>/driver.py``), the pipeline, the tools'
 # drivers and the cluster wiring; every other module (``method/`` above all) is pure torch/diffusers/pyarrow and
 # must import (and so be unit-testable) without Ray.
-STAGES = ("encode", "finetune", "generate", "train", "evaluate")
+STAGES = tuple(stage.name for stage in registry.STAGES)  # one package each: stages/<name>/
 # train ends with an evaluation: its driver may call the evaluate stage's entry point, and nothing else of it.
 STAGE_CALLS = {("train", "realfake_ray.stages.evaluate.driver")}
 
@@ -61,15 +64,6 @@ def _own_imports(name: str, path: Path) -> list[tuple[str, bool]]:
     return found
 
 
-@functools.cache
-def _declared_api(path: Path) -> set[str] | None:
-    """The names in a module's literal ``__all__`` (None: it declares none)."""
-    for node in ast.parse(path.read_text()).body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "__all__" for t in node.targets):
-            return set(ast.literal_eval(node.value))
-    return None
-
-
 def _crossings(name: str, source: str, modules: dict[str, Path]) -> list[str]:
     """Every name ``name`` takes from another of our modules outside that module's ``__all__``: a ``from m import
     x`` of a name m does not export, and an attribute ``alias.x`` of a module imported as ``alias``. A
@@ -78,7 +72,7 @@ def _crossings(name: str, source: str, modules: dict[str, Path]) -> list[str]:
     package = name if modules.get(name, Path()).name == "__init__.py" else name.rpartition(".")[0]
 
     def check(module: str, attr: str, line: int) -> None:
-        api = _declared_api(modules[module]) or set()
+        api = declared_api(modules[module]) or set()
         if attr.startswith("_") or attr not in api:
             found.append(f"{name}:{line} uses {module}.{attr}, which {module}.__all__ does not export")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import forbid_ray_work
+from helpers import forbid_ray_work
 
 from realfake_ray import storage
 from realfake_ray.stages import pipeline as run
@@ -24,12 +24,13 @@ from realfake_ray.cli import main as cli_main
 from realfake_ray.config import ConfigError, load_config
 from realfake_ray.tools.report import gpu_hours_estimate
 from realfake_ray.stages.pipeline import select_stages
+from realfake_ray.stages.registry import COMMANDS, PIPELINE
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_stage_selection():
-    assert select_stages() == ["encode", "finetune", "generate", "train", "evaluate"]
+    assert select_stages() == ["encode", "finetune", "generate", "train", "evaluate"] == list(PIPELINE)
     assert select_stages(from_stage="train") == ["train", "evaluate"]
     assert select_stages(only=["train", "generate"]) == ["generate", "train"]
     with pytest.raises(ConfigError, match="unknown stage 'gen'"):
@@ -173,8 +174,8 @@ def test_ray_job_submit_runs_resumes_and_skips_on_object_storage(local_head, s3_
     summary = storage.read_json(f"{out}/synthetic/_summary.json")
     assert summary["count"] == 2 * 36 and 0 < summary["generated_now"] < 72
     report_md = storage.read_text(f"{out}/report.md")
-    for section in ("## Stages", "## Latent bank", "## Fine-tuning", "## Synthesis", "## Throughput", "## Accuracy",
-                    "## Real vs synthetic distribution", "GPU-hours", "## Resolved config"):
+    for section in ("## Stages", *(f"## {COMMANDS[stage].report}" for stage in PIPELINE), "## Throughput",
+                    "GPU-hours", "## Resolved config"):
         assert section in report_md
     report = storage.read_json(f"{out}/report.json")
     assert report["latent_bank"]["splits"]["train"]["rows"] == 36 and report["config"]["generate"]["mult"] == 2
@@ -191,7 +192,7 @@ def test_ray_job_submit_runs_resumes_and_skips_on_object_storage(local_head, s3_
         forbid_ray_work(mp)
         assert cli_main(["run", *args]) == 0
     printed = capsys.readouterr().out
-    for stage in ("encode", "finetune", "generate", "train", "evaluate"):
+    for stage in PIPELINE:
         assert f"stage {stage}: skipped" in printed, printed[-3000:]
     assert storage.read_text(f"{out}/classifier/metrics.json") == metrics_before
 

@@ -4,7 +4,6 @@ fabricated synthetic set (generate's exact layout) and a mixed run."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -13,14 +12,13 @@ import time
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import forbid_ray_work, run_with_node_loss, small_bank
-from PIL import Image
+from helpers import fabricate_synthetic, forbid_ray_work, run_with_node_loss, small_bank
 
 from realfake_ray import storage
 from realfake_ray._internal.shards import write_part
 from realfake_ray.data.labelled import seed_of, synthetic_rows
 from realfake_ray.config import ConfigError, load_config
-from realfake_ray.data.imagefolder import DatasetError, scan_image_folder, stem
+from realfake_ray.data.imagefolder import DatasetError
 from realfake_ray.layout import RunLayout
 from realfake_ray.stages.train.driver import read_metrics, run_train, train_dataset
 from realfake_ray.stages.train.plan import apply_budget, epoch_composition, fingerprint, plan_training, run_name
@@ -28,32 +26,6 @@ from realfake_ray.stages.train.plan import apply_budget, epoch_composition, fing
 REAL = "embedded:digits/train"
 
 VAL = "embedded:digits/val"
-
-
-def fabricate_synthetic(out: str, copies: int = 1, per_class: int | None = None, manifest: bool = True,
-                        source: str = REAL, class_dir_of=None) -> int:
-    """Write a synthetic set in the generate stage's layout: real images re-saved as JPEG copies under
-    ``<out>/synthetic/train/<safe class dir>/<stem>__c<copy>.jpg`` plus the Parquet manifest
-    (path, image_id, label, class_dir, copy_idx, seed, prompt) and ``_summary.json``. Returns the count."""
-    index = scan_image_folder(source, check_readable=False)
-    root, rows, taken = os.path.join(out, "synthetic", "train"), [], {}
-    for rec in index.records:
-        taken[rec.label] = taken.get(rec.label, 0) + 1
-        if per_class is not None and taken[rec.label] > per_class:
-            continue
-        image = Image.open(io.BytesIO(storage.read_bytes(rec.url))).convert("RGB")
-        class_dir = class_dir_of(rec.class_dir) if class_dir_of else rec.class_dir
-        folder = storage.safe_name(class_dir)
-        os.makedirs(os.path.join(root, folder), exist_ok=True)
-        for c in range(copies):
-            rel = f"{folder}/{stem(rec.image_id)}__c{c}.jpg"
-            image.save(os.path.join(root, rel), quality=92 - 4 * c)
-            rows.append({"path": rel, "image_id": rec.image_id, "label": rec.label, "class_dir": class_dir,
-                         "copy_idx": c, "seed": 1000 + len(rows), "prompt": f"photo of {rec.class_name}"})
-    if manifest:
-        write_part(os.path.join(out, "synthetic", "_manifest"), pa.Table.from_pylist(rows))
-        storage.write_json(os.path.join(out, "synthetic", "_summary.json"), {"images": len(rows), "complete": True})
-    return len(rows)
 
 
 def _cfg(out, *overrides, **flags):

@@ -25,6 +25,7 @@ import torch
 from realfake_ray import storage
 from realfake_ray.config import ConfigError, RunConfig
 from realfake_ray.devices import torch_device
+from realfake_ray.layout import RunLayout
 from realfake_ray.tools.flops import count_forward_flops, img2img_flops, mfu, peak_flops, time_calls
 from realfake_ray.models import loading
 from realfake_ray.method.prompts import GENERATION_SUFFIX, build_prompt
@@ -143,7 +144,7 @@ def run_bench_sampler(
     grid = bench_grid(cfg, device.type, schedulers, steps, batch_sizes, dtypes, compile, channels_last, reference != 0)
     model_dir = loading.resolve_model_dir(cfg.model.pretrained, cfg.model.revision, cfg.model.hub_timeout_s)
     pipe = loading.load_pipeline(model_dir)
-    url = storage.join(cfg.out, "bench", "sampler.csv")
+    url = RunLayout(cfg.out).bench_dir("sampler.csv")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
     print(f"# bench-sampler: {cfg.model.pretrained} on {name}; {len(grid)} grid points, warmup {warmup}, iters {iters}")
     print(format_table([]), flush=True)

@@ -39,7 +39,7 @@ from realfake_ray._internal.cluster import ClusterTimeline, actor_pool_kwargs, g
 from realfake_ray._internal.faults import fault_at
 from realfake_ray.bank import class_mean_embeddings
 from realfake_ray.config import RunConfig
-from realfake_ray.stages.generate.plan import GeneratePlan, plan_generate
+from realfake_ray.stages.generate.plan import GeneratePlan, manifest_settings, plan_generate, throughput_settings
 from realfake_ray.layout import RunLayout
 from realfake_ray.stages.generate.workers import SynthesisActor, load_units, write_images, write_manifest
 
@@ -60,20 +60,6 @@ _PROGRESS_EVERY_S = 10.0
 
 
 # ------------------------------------------------------------------------------------------ driver
-
-
-def _manifest_constants(cfg: RunConfig, plan: GeneratePlan) -> dict:
-    g = cfg.generate
-    return {
-        "mode": g.mode,
-        "vision_token": g.vision_token,
-        "strength": g.strength if g.mode == "img2img" else 1.0,
-        "steps": g.steps,
-        "scheduler": g.scheduler,
-        "guidance_scale": g.guidance_scale,
-        "lora_scale": g.lora_scale if plan.lora_sha256 else None,
-        "lora_sha256": plan.lora_sha256,
-    }
 
 
 def build_pipeline(cfg: RunConfig, plan: GeneratePlan, class_means: np.ndarray | None = None):
@@ -113,7 +99,7 @@ def build_pipeline(cfg: RunConfig, plan: GeneratePlan, class_means: np.ndarray |
         batch_format="pyarrow",
         batch_size=g.rows_per_manifest_file,
         num_cpus=LIGHT_TASK_CPUS,
-        fn_kwargs={"directory": RunLayout(cfg.out).manifest_dir(), "constants": _manifest_constants(cfg, plan),
+        fn_kwargs={"directory": RunLayout(cfg.out).manifest_dir(), "constants": manifest_settings(plan.settings),
                    "kill_driver_after": (kill_at, os.getpid()) if (kill_at := fault_at("generate.manifest_part")) else None},
     )
 
@@ -163,12 +149,6 @@ def _execute(cfg: RunConfig, plan: GeneratePlan) -> dict:
     bar.close()
     return {"written": written, "failed": failed, "errors": errors, "seconds": time.time() - started,
             "sampler_s": sampler_s, "timeline": timeline.stop()}
-
-
-def _throughput_settings(cfg: RunConfig) -> dict:
-    g = cfg.generate
-    return {"batch_size": g.batch_size, "dtype": g.dtype, "channels_last": g.channels_last, "compile": g.compile,
-            "actors": g.actors.model_dump(), "rows_per_manifest_file": g.rows_per_manifest_file, "mult": g.mult}  # fmt: skip
 
 
 def run_generate(cfg: RunConfig) -> dict:
@@ -221,7 +201,7 @@ def run_generate(cfg: RunConfig) -> dict:
         "images": RunLayout(cfg.out).images_dir(),
         "manifest": RunLayout(cfg.out).manifest_dir(),
         "settings": plan.settings,
-        "throughput_settings": _throughput_settings(cfg),
+        "throughput_settings": throughput_settings(cfg),
         # (seconds, images written, alive nodes, alive synthesis actors) while this run generated
         "timeline": result.get("timeline", []),
     }

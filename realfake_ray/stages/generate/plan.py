@@ -36,16 +36,17 @@ from realfake_ray.method.sampler import SamplerSettings
 from realfake_ray.seeds import derive_seed
 
 __all__ = [
-    "MANIFEST_COLUMNS", "image_seed", "synthetic_path", "sampler_settings", "check_generate_config",
-    "check_bank_fits_model", "meta_url_hint", "local_lora_dir", "find_lora", "check_guidance_matches_lora",
-    "check_lora", "recorded_settings", "check_settings_unchanged", "GeneratePlan", "unit_rows", "plan_units",
-    "plan_generate",
+    "MANIFEST_SETTINGS", "MANIFEST_COLUMNS", "image_seed", "synthetic_path", "sampler_settings",
+    "check_generate_config", "check_bank_fits_model", "meta_url_hint", "local_lora_dir", "find_lora",
+    "check_guidance_matches_lora", "check_lora", "recorded_settings", "manifest_settings", "throughput_settings",
+    "check_settings_unchanged", "GeneratePlan", "unit_rows", "plan_units", "plan_generate",
 ]
 
-MANIFEST_COLUMNS = (
-    "path", "image_id", "label", "class_dir", "copy_idx", "seed", "prompt", "mode", "vision_token", "strength",
-    "steps", "scheduler", "guidance_scale", "lora_scale", "lora_sha256",
+# The run-wide settings every manifest row repeats, as recorded_settings gives them.
+MANIFEST_SETTINGS = (
+    "mode", "vision_token", "strength", "steps", "scheduler", "guidance_scale", "lora_scale", "lora_sha256",
 )  # fmt: skip
+MANIFEST_COLUMNS = ("path", "image_id", "label", "class_dir", "copy_idx", "seed", "prompt", *MANIFEST_SETTINGS)
 
 
 # Settings that change what an image looks like: a synthetic set must not mix two of them.
@@ -259,6 +260,19 @@ def recorded_settings(cfg: RunConfig, meta: dict, lora_sha256: str | None) -> di
         "storage_size": g.storage_size,
         "speedup": g.speedup if g.speedup != "none" else None,  # absent (None) in older records
     }
+
+
+def manifest_settings(settings: dict) -> dict:
+    """The settings every manifest row repeats, taken from :func:`recorded_settings` (one source: a row and
+    ``_settings.json`` never disagree; ``strength`` is None for txt2img in both)."""
+    return {key: settings[key] for key in MANIFEST_SETTINGS}
+
+
+def throughput_settings(cfg: RunConfig) -> dict:
+    """The settings that pace and place a generate run without changing its images (in ``_summary.json``)."""
+    g = cfg.generate
+    return {"batch_size": g.batch_size, "dtype": g.dtype, "channels_last": g.channels_last, "compile": g.compile,
+            "actors": g.actors.model_dump(), "rows_per_manifest_file": g.rows_per_manifest_file, "mult": g.mult}  # fmt: skip
 
 
 def check_settings_unchanged(out: str, settings: dict) -> None:
