@@ -38,7 +38,7 @@ from realfake_ray._internal.checkpoints import (
     resume_checkpoint,
 )
 from realfake_ray._internal.cluster import check_fits_a_node, cluster_gpus, init_ray, quiet_train_worker, train_logging
-from realfake_ray._internal.faults import fault_at, hold, kill_driver
+from realfake_ray._internal.faults import hold_at, kill_driver_at
 from realfake_ray._internal.settings import refuse_changed_settings
 from realfake_ray._internal.trainer import (
     all_gather_objects,
@@ -266,10 +266,9 @@ def train_loop(loop_config: dict) -> None:
                 metrics = {**st.history[-1], "step": st.step, "resumed_from": st.resumed_from, "train_seconds": seconds,
                            "run_samples_per_s": run_steps * ft.batch_size * world / seconds}
                 _report(st, models, optimizer, scaler, generator, cfg, metrics, rank)
-                if plan.kill_driver_after and rank == 0 and st.step == plan.kill_driver_after[0]:
-                    kill_driver(plan.kill_driver_after[1])
-                if rank == 0 and st.step == plan.hold_after:
-                    hold(f"finetune step {st.step}")
+                if rank == 0:  # tests only (_internal.faults): stop right after this checkpoint
+                    kill_driver_at("finetune.checkpoint", st.step)
+                    hold_at("finetune.checkpoint_hold", st.step)
             if last:
                 break
         if seen == 0:
@@ -456,8 +455,5 @@ def _plan_from_newest(cfg: RunConfig, meta: dict, files: tuple[str, ...], total:
     """The plan of one fit: resume from the newest complete checkpoint (none: a fresh start)."""
     run_dir = storage.join(RunLayout(cfg.out).finetune_dir(), RUN_NAME)
     complete = newest_complete(run_dir, CHECKPOINT_PREFIX, (LORA_WEIGHT_NAME, _OPTIMIZER_FILE, _STATE_FILE, _HISTORY_FILE))
-    kill_at = fault_at("finetune.checkpoint")
     return replace(plan_finetune(cfg, meta, files, total), resume_dir=complete,
-                   first_epoch=_checkpoint_epoch(complete, cfg.finetune, int(meta["splits"]["train"]["rows"])),
-                   kill_driver_after=(kill_at, os.getpid()) if kill_at else None,
-                   hold_after=fault_at("finetune.checkpoint_hold"))
+                   first_epoch=_checkpoint_epoch(complete, cfg.finetune, int(meta["splits"]["train"]["rows"])))
