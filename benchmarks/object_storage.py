@@ -27,7 +27,6 @@ from pathlib import Path
 from _common import machine, write_section  # first: puts the repository on sys.path
 
 SECTION = "## Object storage (CPU, tiny preset): the job to a local S3 server vs a local disk"
-STAGES = ("encode", "finetune", "generate", "train", "evaluate")
 
 
 def upload_digits(url: str) -> None:
@@ -41,6 +40,7 @@ def upload_digits(url: str) -> None:
 def run_target(name: str, out: str, data: str, mult: int, server) -> list[dict]:
     from realfake_ray.config import load_config
     from realfake_ray.stages.pipeline import run_pipeline
+    from realfake_ray.stages.registry import PIPELINE
 
     cfg = load_config(preset="tiny", out=out, overrides=[f"generate.mult={mult}", "train.real_baseline=false"],
                       data__train=f"{data}/train", data__val=f"{data}/val", data__classes_file=f"{data}/classes.json")
@@ -61,9 +61,9 @@ def run_target(name: str, out: str, data: str, mult: int, server) -> list[dict]:
         print(f"[object-storage] {name} {label}: {row}", flush=True)
         return row
 
-    for stage in STAGES:
+    for stage in PIPELINE:
         rows.append(measured(stage, [stage]))
-    rows.append(measured("rerun of the complete job", list(STAGES)))
+    rows.append(measured("rerun of the complete job", list(PIPELINE)))
     return rows
 
 

@@ -3,9 +3,7 @@
     ray job submit --working-dir . -- python jobs/encode.py --data s3://bucket/train --out s3://bucket/run
 """
 
-import sys
-
-from realfake_ray.cli import main
+from realfake_ray.cli import run_job
 
 if __name__ == "__main__":
-    sys.exit(main(["encode", *sys.argv[1:]]))
+    run_job("encode")

@@ -3,9 +3,7 @@
     ray job submit --working-dir . -- python jobs/evaluate.py --out s3://bucket/run --set evaluate.extra_sets.sketch=s3://bucket/sketch
 """
 
-import sys
-
-from realfake_ray.cli import main
+from realfake_ray.cli import run_job
 
 if __name__ == "__main__":
-    sys.exit(main(["evaluate", *sys.argv[1:]]))
+    run_job("evaluate")

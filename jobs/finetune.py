@@ -4,9 +4,7 @@
 Resubmitting the same command resumes from the newest checkpoint under <out>/finetune.
 """
 
-import sys
-
-from realfake_ray.cli import main
+from realfake_ray.cli import run_job
 
 if __name__ == "__main__":
-    sys.exit(main(["finetune", *sys.argv[1:]]))
+    run_job("finetune")

@@ -3,9 +3,7 @@
     ray job submit --working-dir . -- python jobs/generate.py --out s3://bucket/run --mult 10
 """
 
-import sys
-
-from realfake_ray.cli import main
+from realfake_ray.cli import run_job
 
 if __name__ == "__main__":
-    sys.exit(main(["generate", *sys.argv[1:]]))
+    run_job("generate")

@@ -8,9 +8,7 @@ On a cluster:
 Resubmitting the same command resumes: complete stages are skipped.
 """
 
-import sys
-
-from realfake_ray.cli import main
+from realfake_ray.cli import run_job
 
 if __name__ == "__main__":
-    sys.exit(main(["run", *sys.argv[1:]]))
+    run_job("run")

@@ -3,9 +3,7 @@
     ray job submit --working-dir . -- python jobs/train.py --out s3://bucket/run --source synthetic
 """
 
-import sys
-
-from realfake_ray.cli import main
+from realfake_ray.cli import run_job
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    run_job("train")

@@ -1,4 +1,5 @@
-"""``realfake`` command line (also ``python -m realfake_ray``): one subcommand per stage.
+"""``realfake`` command line (also ``python -m realfake_ray``): one subcommand per stage and tool of
+:mod:`realfake_ray.stages.registry` (its help, flags and entry point), plus ``preset`` and ``pretrain-base``.
 
 Every stage takes the common flags ``--preset``, ``--data``, ``--val-data``, ``--out``, ``--config``,
 ``--set section.key=value`` (repeatable) and ``--seed``; the config is fully validated before any
@@ -16,134 +17,16 @@ import argparse
 import importlib
 import json
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from typing import NoReturn
 
 from realfake_ray import storage
 from realfake_ray._internal.quiet import QUIET_ENV, quiet_libraries
 from realfake_ray.config import ConfigError, RunConfig, dump_config, load_config
 from realfake_ray.models import pretrain
 from realfake_ray.models.loading import materialise_preset, write_fp32_copy
+from realfake_ray.stages.registry import COMMANDS, Command
 
-__all__ = ["main"]
-
-
-@dataclass(frozen=True)
-class Flag:
-    """A stage-specific flag that sets one dotted config key."""
-
-    name: str
-    key: str
-    type: Callable = str
-    help: str = ""
-    choices: tuple | None = None
-
-
-@dataclass(frozen=True)
-class Arg:
-    """A flag passed to the entry function as a keyword argument (not a config key)."""
-
-    name: str
-    kwarg: str
-    type: Callable = str
-    help: str = ""
-
-
-@dataclass(frozen=True)
-class Stage:
-    entry: str  # "module:function" taking a RunConfig (imported lazily: keeps --help fast)
-    help: str
-    flags: tuple[Flag, ...] = field(default_factory=tuple)
-    args: tuple[Arg, ...] = field(default_factory=tuple)
-    touches_storage: bool = True  # False: runs offline (the plan), no storage probe first
-
-
-def _stage_list(text: str) -> list[str]:
-    return [s.strip() for s in text.split(",") if s.strip()]
-
-
-_MULT = Flag("--mult", "generate.mult", int, "synthetic copies per real image (1-10 in the paper)")
-
-
-STAGES: dict[str, Stage] = {
-    "run": Stage(
-        "realfake_ray.stages.pipeline:run_pipeline",
-        "the main job: encode → finetune → generate → train → evaluate (complete stages are skipped)",
-        flags=(_MULT, Flag("--source", "train.source", str, "classifier training data", ("real", "synthetic", "mix"))),
-        args=(
-            Arg("--only", "only", _stage_list, "comma-separated stages to run, e.g. generate,train"),
-            Arg("--from", "from_stage", str, "run from this stage on, e.g. train"),
-        ),
-    ),
-    "encode": Stage("realfake_ray.stages.encode.driver:run_encode", "real dataset (ImageFolder, flat + labels, Parquet, WebDataset) → latent bank (VAE latents, CLIP embeddings, captions)"),
-    "finetune": Stage(
-        "realfake_ray.stages.finetune.driver:run_finetune",
-        "latent bank → distribution-matching LoRA on the UNet (Ray Train; resumes from <out>/finetune)",
-        flags=(
-            Flag("--num-workers", "finetune.num_workers", int, "Ray Train workers (one GPU each on GPU clusters)"),
-            Flag("--max-steps", "finetune.max_steps", int, "total optimiser steps (overrides finetune.epochs)"),
-        ),
-    ),
-    "generate": Stage(
-        "realfake_ray.stages.generate.driver:run_generate",
-        "latent bank (+ LoRA) → synthetic set (Parquet shards, Hugging Face datasets layout), --mult copies per "
-        "real image (resumes)",
-        flags=(_MULT,),
-    ),
-    "bench-sampler": Stage(
-        "realfake_ray.tools.sampler_bench:run_bench_sampler",
-        "time the sampler on model.pretrained over a grid; table + <out>/bench/sampler.csv",
-        args=(
-            Arg("--schedulers", "schedulers", _stage_list, "comma list (default generate.scheduler)"),
-            Arg("--steps", "steps", _stage_list, "comma list of step counts (default generate.steps)"),
-            Arg("--batch-sizes", "batch_sizes", _stage_list, "comma list (default generate.batch_size)"),
-            Arg("--dtypes", "dtypes", _stage_list, "comma list of fp32,fp16,bf16 (default generate.dtype; CPU fp32)"),
-            Arg("--compile", "compile", _stage_list, "comma list of 0/1 (default generate.compile)"),
-            Arg("--channels-last", "channels_last", _stage_list, "comma list of 0/1 (default generate.channels_last)"),
-            Arg("--iters", "iters", int, "timed batches per grid point (default 3)"),
-            Arg("--warmup", "warmup", int, "untimed batches first (default 1)"),
-            Arg("--reference", "reference", int, "1: add the reference baseline row (default), 0: leave it out"),
-        ),
-    ),
-    "plan": Stage(
-        "realfake_ray.tools.plan:run_plan",
-        "what the job will do and cost (images, objects, requests, GPU-hours per stage) — no GPU, weights or network",
-        flags=(_MULT,),
-        args=(
-            Arg("--assume-images", "assume_images", int, "plan for this many train images instead of listing data.train"),
-            Arg("--assume-val-images", "assume_val_images", int, "with --assume-images: val images (default 0)"),
-            Arg("--images-per-s", "images_per_s", _stage_list, "per-GPU rates, e.g. generate=12.5,train=3000"),
-        ),
-        touches_storage=False,
-    ),
-    "export": Stage(
-        "realfake_ray.tools.export.driver:run_export",
-        "the synthetic set's shards written as an ImageFolder or WebDataset tars (same JPEG bytes; resumes)",
-        args=(
-            Arg("--format", "fmt", str, "imagefolder or webdataset"),
-            Arg("--dest", "dest", str, "where to write it: a local path or a storage URL"),
-        ),
-    ),
-    "tune-sampler": Stage(
-        "realfake_ray.tools.tune_sampler.driver:run_tune_sampler",
-        "Ray Tune sweep of sampler settings: images/s x data quality (KID, classifier top-1); Pareto front + "
-        "recommended YAML in <out>/tune_sampler",
-    ),
-    "audit-privacy": Stage(
-        "realfake_ray.tools.audit_privacy.driver:run_audit_privacy",
-        "membership-inference audit (shadow runs, offline LiRA) of real- vs synthetic-trained classifiers + "
-        "synthetic-to-source distances; <out>/audit_privacy",
-    ),
-    "train": Stage(
-        "realfake_ray.stages.train.driver:run_train",
-        "real / synthetic / mixed images → classifier from scratch (Ray Train; resumes from <out>/classifier)",
-        flags=(Flag("--source", "train.source", str, "classifier training data", ("real", "synthetic", "mix")),),
-    ),
-    "evaluate": Stage(
-        "realfake_ray.stages.evaluate.driver:run_evaluate",
-        "trained classifier → top-1/top-5 on val and extra sets, synthetic-vs-real distribution metrics",
-    ),
-}
+__all__ = ["main", "run_job"]
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -170,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     base.add_argument("--seed", type=int, default=0, help="corpus and initialisation seed (default 0)")
     for option in ("corpus_size", "vae_steps", "clip_steps", "unet_steps"):
         base.add_argument(f"--{option.replace('_', '-')}", type=int, dest=option, help=f"default: PretrainConfig.{option}")
-    for name, stage in STAGES.items():
+    for name, stage in COMMANDS.items():
         p = sub.add_parser(name, help=stage.help)
         _add_common(p)
         for flag in stage.flags:
@@ -180,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(args: argparse.Namespace, stage: Stage) -> RunConfig:
+def config_from_args(args: argparse.Namespace, stage: Command) -> RunConfig:
     flags = {"out": args.out, "seed": args.seed, "data__train": args.data, "data__val": args.val_data,
              "ray__verbose": args.verbose}
     for flag in stage.flags:
@@ -189,12 +72,12 @@ def config_from_args(args: argparse.Namespace, stage: Stage) -> RunConfig:
 
 
 def _run_stage(name: str, args: argparse.Namespace) -> None:
-    stage = STAGES[name]
+    stage = COMMANDS[name]
     cfg = config_from_args(args, stage)
     if args.print_config:
         print(dump_config(cfg), end="")
         return
-    if stage.touches_storage:
+    if not stage.offline:
         storage.check_reachable(cfg.out, cfg.data.train or "", cfg.data.val or "")
     module, func = stage.entry.split(":")
     kwargs = {arg.kwarg: getattr(args, arg.kwarg) for arg in stage.args}
@@ -245,6 +128,15 @@ def raised_by_us(exc: BaseException) -> bool:
         tb = tb.tb_next
     package = os.path.dirname(os.path.abspath(__file__))
     return os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(package + os.sep)
+
+
+def run_job(command: str) -> NoReturn:
+    """A Ray job script's whole body: ``realfake <command>`` with the script's arguments (``jobs/*.py``).
+
+    Example:
+        >>> run_job("encode")  # doctest: +SKIP
+    """
+    sys.exit(main([command, *sys.argv[1:]]))
 
 
 if __name__ == "__main__":

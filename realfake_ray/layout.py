@@ -1,7 +1,8 @@
 """Where every output of a run lives below its ``--out`` URL: the one place that spells those paths.
 
 Stages, the report and the benchmarks ask a :class:`RunLayout` instead of joining folder names
-themselves, so no stage imports another stage for a path.
+themselves, so no stage imports another stage for a path. Each command's folders are named once, in its
+:mod:`~realfake_ray.stages.registry` entry (``outputs``); this class spells the paths below them.
 
 Example:
     >>> layout = RunLayout("s3://bucket/run")
@@ -11,6 +12,8 @@ Example:
     's3://bucket/run/synthetic/data'
     >>> layout.classifier_dir("real")
     's3://bucket/run/classifier/real'
+    >>> layout.outputs("finetune")
+    ['s3://bucket/run/finetune', 's3://bucket/run/lora']
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from realfake_ray import storage
+from realfake_ray.stages.registry import COMMANDS
 
 __all__ = ["RunLayout"]
 
@@ -31,32 +35,40 @@ class RunLayout:
     def _at(self, *parts: str) -> str:
         return storage.join(self.out, *parts)
 
+    def _of(self, command: str, *parts: str, output: int = 0) -> str:
+        """A path below the ``output``-th folder of ``command`` (its registry entry names the folders)."""
+        return self._at(COMMANDS[command].outputs[output], *parts)
+
+    def outputs(self, command: str) -> list[str]:
+        """Every folder ``command`` (a stage or a tool) writes below ``out``."""
+        return [self._at(folder) for folder in COMMANDS[command].outputs]
+
     # encode
     def bank_dir(self, split: str | None = None) -> str:
         """``<out>/latents`` (the latent bank), or one split's Parquet parts below it."""
-        return self._at("latents", split) if split else self._at("latents")
+        return self._of("encode", *([split] if split else []))
 
     def skipped_dir(self, split: str) -> str:
         """``<out>/latents/_skipped/<split>``: the images encode could not read, one row each."""
-        return self._at("latents", "_skipped", split)
+        return self._of("encode", "_skipped", split)
 
     def meta_url(self) -> str:
         """``<out>/latents/_meta.json``: classes, splits, row counts and the models that made the bank."""
-        return self._at("latents", "_meta.json")
+        return self._of("encode", "_meta.json")
 
     # finetune
     def finetune_dir(self) -> str:
         """``<out>/finetune``: config, metrics, plot, ``_done.json`` and the Ray Train checkpoints."""
-        return self._at("finetune")
+        return self._of("finetune")
 
     def lora_dir(self) -> str:
         """``<out>/lora``: the final ``pytorch_lora_weights.safetensors``."""
-        return self._at("lora")
+        return self._of("finetune", output=1)
 
     # generate
     def synthetic_dir(self, *parts: str) -> str:
         """``<out>/synthetic`` or a path below it."""
-        return self._at("synthetic", *parts)
+        return self._of("generate", *parts)
 
     def shards_dir(self) -> str:
         """``<out>/synthetic/data``: the synthetic set's Parquet shards (``realfake_ray.data.synthetic``)."""
@@ -65,7 +77,7 @@ class RunLayout:
     # train / evaluate
     def classifier_dir(self, tag: str | None = None) -> str:
         """``<out>/classifier[/<tag>]``: checkpoints, metrics, curves, final weights and reports."""
-        return self._at("classifier", tag) if tag else self._at("classifier")
+        return self._of("train", *([tag] if tag else []))
 
     # the run's report and the tools on top of a run
     def report_url(self, suffix: str = "json") -> str:
@@ -78,8 +90,12 @@ class RunLayout:
 
     def audit_dir(self, *parts: str) -> str:
         """``<out>/audit_privacy[/parts...]``: the privacy audit's shadow runs and results."""
-        return self._at("audit_privacy", *parts)
+        return self._of("audit-privacy", *parts)
+
+    def bench_dir(self, *parts: str) -> str:
+        """``<out>/bench[/parts...]``: the sampler benchmark's table."""
+        return self._of("bench-sampler", *parts)
 
     def tune_dir(self, *parts: str) -> str:
         """``<out>/tune_sampler[/parts...]``: the sampler-tuning trials and results."""
-        return self._at("tune_sampler", *parts)
+        return self._of("tune-sampler", *parts)

@@ -1,9 +1,10 @@
-"""Shared fixtures: an isolated model/dataset cache and one local Ray cluster per test session."""
+"""Shared fixtures: an isolated model/dataset cache and one local Ray cluster per test session; and the rule
+that a test starting Ray carries ``@pytest.mark.e2e``, so ``make test-fast`` (``-m "not e2e"``) runs exactly the
+tests that need no Ray. Helper functions live in ``helpers.py``."""
 
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 
 import pytest
@@ -17,6 +18,39 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 # process per fit) guards against spot-instance reclaims, which a test cluster never has.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
+from helpers import forbid_ray_work  # noqa: E402  (after the environment above: it imports our modules)
+
+# Fixtures that start (or share) a Ray cluster; a test using one, directly or through another fixture, is e2e.
+RAY_FIXTURES = {"ray_cluster", "local_head"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects: every collected test is checked
+def pytest_collection_modifyitems(config, items):
+    """A test that uses a Ray fixture must be marked e2e, and a cluster_sim test e2e too (so that
+    ``-m "not e2e"`` leaves out every test that starts Ray)."""
+    wrong = []
+    for item in items:
+        marks = {mark.name for mark in item.iter_markers()}
+        if "e2e" not in marks and (RAY_FIXTURES & set(getattr(item, "fixturenames", ())) or "cluster_sim" in marks):
+            wrong.append(item.nodeid)
+    if wrong:
+        raise pytest.UsageError("these tests start Ray but are not marked @pytest.mark.e2e:\n  " + "\n  ".join(wrong))
+
+
+@pytest.fixture(autouse=True)
+def _ray_needs_the_e2e_mark(request, monkeypatch):
+    """In a test not marked e2e, starting or joining Ray (ray.init, also through our init_ray or Ray Data's
+    auto-init) fails the test, even while the session's cluster is up."""
+    if request.node.get_closest_marker("e2e") is not None:
+        return
+    import ray
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError(f"{request.node.nodeid} starts Ray: mark it @pytest.mark.e2e (or keep it free of Ray)")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # a running session cluster is not joined silently
 
 
 @pytest.fixture(scope="session")
@@ -64,104 +98,10 @@ def tiny_bank(ray_cluster, tmp_path_factory) -> str:
     return out
 
 
-def small_bank(tiny_bank: str, out, per_class: int) -> list[str]:
-    """Make ``out`` a run whose latent bank is ``tiny_bank``'s train split cut to the first ``per_class``
-    images of each digit, without encoding again; returns their image ids."""
-    import numpy as np
-
-    from realfake_ray._internal.shards import read_parts
-    from realfake_ray.bank import write_train_subset
-    from realfake_ray.layout import RunLayout
-
-    train = read_parts(RunLayout(tiny_bank).bank_dir("train"))
-    by_class: dict[str, list[str]] = {}
-    for image_id in sorted(train["image_id"].to_pylist()):
-        by_class.setdefault(image_id.split("/")[0], []).append(image_id)
-    keep = {i for ids in by_class.values() for i in ids[:per_class]}
-    write_train_subset(tiny_bank, str(out), train, np.array([i in keep for i in train["image_id"].to_pylist()]))
-    return sorted(keep)
-
-
-def forbid_ray_work(mp: pytest.MonkeyPatch) -> None:
-    """Make any Ray work fail the test — starting or joining a cluster, a task or actor, an object put or
-    get, a Ray Data dataset, a Ray Train trainer or a Ray Tune tuner (even on the session's running
-    cluster): bad input is reported, and a complete stage returns its stored result, before any Ray work."""
-    import ray
-    import ray.data
-    import ray.train.torch
-    import ray.tune
-
-    def boom(*_args, **_kwargs):
-        raise AssertionError("Ray work started (expected: an error before any work, or the stored result)")
-
-    for name, module in list(sys.modules.items()):  # every module that imported init_ray by name
-        if name.startswith("realfake_ray") and getattr(module, "init_ray", None) is not None:
-            mp.setattr(module, "init_ray", boom)
-    for name in ("init", "remote", "put", "get"):
-        mp.setattr(ray, name, boom)
-    mp.setattr(ray.data.Dataset, "__init__", boom)
-    mp.setattr(ray.train.torch.TorchTrainer, "__init__", boom)
-    mp.setattr(ray.tune.Tuner, "__init__", boom)
-
-
 @pytest.fixture
 def no_ray(monkeypatch):
     """Fail loudly if the test reaches Ray (see :func:`forbid_ray_work`)."""
     forbid_ray_work(monkeypatch)
-
-
-def run_until_fault(cmd: list[str], env: dict, fault: str, timeout: float = 300) -> None:
-    """Run a stage's job script with ``REALFAKE_FAULT=fault`` (see ``realfake_ray._internal.faults``): its
-    driver must die by SIGKILL at that point. Then wait until Ray has reaped every worker of the dead job,
-    so that nothing of it still writes while the test resumes the run."""
-    import signal
-    import subprocess
-    import time
-
-    from ray.util.state import list_actors, list_jobs, list_tasks
-
-    from realfake_ray._internal.cluster import state_api_address
-
-    here = {"address": state_api_address()}  # this session's cluster, whatever else runs on the machine
-    proc = subprocess.Popen(cmd, env={**env, "REALFAKE_FAULT": fault}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    output, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == -signal.SIGKILL, (
-        f"expected the driver to be killed at {fault}, got exit code {proc.returncode}:\n{output[-4000:]}"
-    )
-    deadline = time.time() + 120
-    while True:
-        jobs = [j for j in list_jobs(**here) if j.driver_info and str(j.driver_info.pid) == str(proc.pid)]
-        busy = []
-        for job in jobs:
-            busy += [a.class_name for a in list_actors(filters=[("job_id", "=", job.job_id), ("state", "!=", "DEAD")],
-                                                        **here)]
-            busy += [t.name for t in list_tasks(filters=[("job_id", "=", job.job_id), ("state", "=", "RUNNING")],
-                                                limit=10000, raise_on_missing_output=False, **here)]
-        if jobs and all(j.status not in ("PENDING", "RUNNING") for j in jobs) and not busy:
-            return
-        assert time.time() < deadline, f"the killed job still runs after 120 s: {busy}"
-        time.sleep(0.5)
-
-
-def run_with_node_loss(stage: str, out: str, overrides: list[str], at: int, workers: int = 2,
-                       fault: str | None = None) -> dict:
-    """``tests/node_loss.py``: ``stage`` on its own cluster (a head and ``workers`` 1-CPU nodes), the node
-    hosting the stage's actor removed once it reaches ``at``; returns the script's RESULT record."""
-    import json
-    import subprocess
-
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "REALFAKE_FAULT")}
-    env |= {"PYTHONPATH": os.path.dirname(here), **({"REALFAKE_FAULT": fault} if fault else {})}
-    result = subprocess.run([sys.executable, os.path.join(here, "node_loss.py"), stage, out, json.dumps(overrides),
-                             str(at), str(workers)], env=env, capture_output=True, text=True, timeout=600)
-    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
-    assert result.returncode == 0 and lines, result.stdout[-3000:] + result.stderr[-3000:]
-    found = json.loads(lines[0][len("RESULT "):])
-    assert found["removed"].get("node"), f"no node hosting the stage's actor was removed: {found}"
-    assert found["alive"] == workers, found  # the head and all but one worker remain
-    return found
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import forbid_ray_work, small_bank
+from helpers import forbid_ray_work, small_bank
 
 import pyarrow.parquet as pq
 

@@ -4,6 +4,7 @@ import sys
 import pytest
 
 from realfake_ray.cli import main
+from realfake_ray.stages.registry import COMMANDS
 
 
 def test_print_config_resolves_preset_and_overrides(capsys):
@@ -36,12 +37,37 @@ def test_module_entry_point_is_the_same_cli():
     assert result.returncode == 0 and "encode" in result.stdout
 
 
-@pytest.mark.parametrize(("job", "flag"), [("encode", "--data"), ("finetune", "--max-steps"), ("generate", "--mult"),
-                                           ("train", "--source"), ("evaluate", "--val-data"),
-                                           ("scale_in1k", "--only")])
-def test_job_scripts_forward_to_the_cli(job, flag):
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_registered_command_is_a_subcommand_with_its_flags(name, capsys):
+    with pytest.raises(SystemExit) as done:
+        main([name, "--help"])
+    text = capsys.readouterr().out
+    command = COMMANDS[name]
+    assert done.value.code == 0
+    for flag in ("--preset", "--out", "--set", *(f.name for f in command.flags), *(a.name for a in command.args)):
+        assert flag in text, (name, flag)
+
+
+def test_the_top_level_help_lists_every_registered_command(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name, command in COMMANDS.items():
+        assert f"{name} {' '.join(command.help.split())[:40]}" in text, name
+
+
+def test_a_registered_flag_sets_its_config_key(capsys):
+    assert main(["finetune", "--preset", "tiny", "--max-steps", "7", "--num-workers", "3", "--print-config"]) == 0
+    text = capsys.readouterr().out
+    assert "max_steps: 7" in text and "num_workers: 3" in text
+
+
+@pytest.mark.parametrize("job", ["encode", "scale_in1k"])
+def test_job_scripts_forward_to_the_cli(job):
+    """A job script runs its registered command (test_registry checks every script is that one call)."""
     result = subprocess.run([sys.executable, f"jobs/{job}.py", "--help"], capture_output=True, text=True)
-    assert result.returncode == 0 and "--preset" in result.stdout and flag in result.stdout
+    assert result.returncode == 0 and "--preset" in result.stdout
+    assert ("--only" in result.stdout) == (job == "scale_in1k")
 
 
 def test_verbose_flag_reaches_the_ray_section(capsys):

@@ -47,6 +47,15 @@ def test_the_no_ray_guard_catches_data_train_and_tune_work(no_ray):
             work()
 
 
+def test_a_test_without_the_e2e_mark_cannot_start_ray():
+    """conftest's guard, so that `make test-fast` (-m "not e2e") runs only tests that need no Ray."""
+    from realfake_ray._internal.cluster import init_ray
+
+    with pytest.raises(AssertionError, match="mark it @pytest.mark.e2e"):
+        init_ray()
+
+
+@pytest.mark.e2e
 def test_a_gpu_request_no_node_of_a_static_cluster_has_is_refused_naming_the_key(ray_cluster):
     """The session's cluster is CPU-only: a pool of 1-GPU actors would wait forever."""
     with pytest.raises(ConfigError, match=r"generate.actors.gpus_per_actor: one actor needs \{CPU: 1, GPU: 1\} but no "
@@ -65,6 +74,7 @@ def _autoscaler_v2_config(*groups):
     return config
 
 
+@pytest.mark.e2e
 def test_node_types_of_an_autoscaler_v2_decide_before_any_node_exists(ray_cluster, monkeypatch):
     from ray._private.state import state
 
@@ -76,6 +86,7 @@ def test_node_types_of_an_autoscaler_v2_decide_before_any_node_exists(ray_cluste
         check_fits_a_node({"GPU": 2, "CPU": 1}, "finetune.use_gpu")
 
 
+@pytest.mark.e2e
 def test_a_v1_autoscaler_is_left_to_judge(ray_cluster, monkeypatch):
     """Ray's v1 autoscaler does not publish its node types: never refuse what it may launch."""
     import json
@@ -92,6 +103,7 @@ def test_a_v1_autoscaler_is_left_to_judge(ray_cluster, monkeypatch):
     check_fits_a_node({"GPU": 8}, "generate.actors.gpus_per_actor")
 
 
+@pytest.mark.e2e
 def test_no_address_starts_a_new_local_cluster_even_after_a_head_died_without_ray_stop():
     """Ray's own discovery reads the last `ray start` address from its temp directory; a run given no
     address must not attach to (or wait on) that dead head."""
@@ -134,6 +146,7 @@ ray.shutdown()
 """
 
 
+@pytest.mark.e2e
 def test_a_local_run_listens_on_loopback_only_and_its_job_api_wants_the_token():
     """`ss -ltnp` during a local run: every socket of every process of the cluster (GCS, raylet, agents,
     dashboard, workers, the driver) is bound to 127.0.0.1; the job API refuses a client without the token."""

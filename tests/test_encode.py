@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import forbid_ray_work
+from helpers import forbid_ray_work
 from PIL import Image
 
 from realfake_ray import storage

@@ -10,22 +10,15 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import forbid_ray_work
-from test_train import fabricate_synthetic
+from helpers import fabricate_synthetic, forbid_ray_work
 
 from realfake_ray import storage
 from realfake_ray.method.classifier import build_classifier, eval_view, evaluate_batches, to_model_input
 from realfake_ray.config import ConfigError, load_config
 from realfake_ray.data.imagefolder import DatasetError, decode_image, open_rgb, scan_image_folder
-from realfake_ray.stages.evaluate.driver import (
-    _markdown,
-    load_classifier,
-    model_url,
-    plan_sets,
-    read_classifier_info,
-    run_evaluate,
-    save_classifier,
-)
+from realfake_ray.data.evaluation import plan_sets
+from realfake_ray.method.classifier_file import load_classifier, model_url, read_classifier_info, save_classifier
+from realfake_ray.stages.evaluate.driver import _markdown, run_evaluate
 from realfake_ray.layout import RunLayout
 
 CLASS_DIRS = [f"digit_{i}" for i in range(10)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pyarrow.parquet as pq
 import pytest
-from test_train import fabricate_synthetic
+from helpers import fabricate_synthetic
 
 from realfake_ray import storage
 from realfake_ray.data.sources import open_labelled_set, read_shard

@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import forbid_ray_work, run_until_fault, run_with_node_loss
+from helpers import forbid_ray_work, run_until_fault, run_with_node_loss
 from safetensors.torch import load_file
 
 from realfake_ray import storage

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import forbid_ray_work, run_until_fault, run_with_node_loss, small_bank
+from helpers import forbid_ray_work, run_until_fault, run_with_node_loss, small_bank
 from PIL import Image
 
 from realfake_ray import storage
@@ -30,7 +30,9 @@ from realfake_ray.stages.generate.plan import (
     check_generate_config,
     image_seed,
     images_per_shard,
+    shard_settings,
     plan_units,
+    recorded_settings,
     synthetic_path,
     unit_rows,
 )
@@ -216,9 +218,19 @@ def test_missing_bank_is_a_clear_error(tmp_path, no_ray):
         run_generate(_cfg(tmp_path))
 
 
-def test_job_script_forwards_to_the_cli():
-    text = (REPO / "jobs" / "generate.py").read_text()
-    assert 'main(["generate", *sys.argv[1:]])' in text
+def test_the_shard_rows_repeat_the_recorded_settings():
+    """One source for what a synthetic set was made with: a shard row's settings are the run's record
+    (txt2img has no strength: None in both)."""
+    from realfake_ray.data.synthetic import SETTING_COLUMNS
+
+    meta = {"model": {"vae_sha256": "v"}, "resolution": 32}
+    for mode, strength in (("img2img", 0.75), ("txt2img", None)):
+        cfg = load_config(preset="tiny", overrides=[f"generate.mode={mode}", "generate.strength=0.75"])
+        settings = recorded_settings(cfg, meta, "ab12")
+        row = shard_settings(settings)
+        assert tuple(row) == tuple(SETTING_COLUMNS)  # the shard's columns, in its order
+        assert row["strength"] == settings["strength"] == strength and row["lora_scale"] == cfg.generate.lora_scale
+    assert shard_settings(recorded_settings(cfg, meta, None))["lora_scale"] is None
 
 
 # ------------------------------------------------------------------------------------------ e2e
@@ -364,7 +376,7 @@ def test_txt2img_without_lora_and_with_class_mean_guidance(bank, tmp_path_factor
     rows = _check_set(out, bank, 1)
     assert summary["settings"]["lora_sha256"] is None and summary["settings"]["mode"] == "txt2img"
     assert {(r["mode"], r["vision_token"], r["strength"], r["lora_sha256"], r["lora_scale"]) for r in rows} == {
-        ("txt2img", "class_mean", 1.0, None, None)
+        ("txt2img", "class_mean", None, None, None)
     }
     out_a, _ = run_a
     first = _files(out_a)[sorted(_files(out))[0]]

@@ -5,12 +5,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+from helpers import declared_api
+
+from realfake_ray.stages import registry
+
 PACKAGE = Path(__file__).resolve().parents[1] / "realfake_ray"
 
 # Folder rules. The Ray layer is the stage drivers (``stages/<stage>/driver.py``), the pipeline, the tools'
 # drivers and the cluster wiring; every other module (``method/`` above all) is pure torch/diffusers/pyarrow and
 # must import (and so be unit-testable) without Ray.
-STAGES = ("encode", "finetune", "generate", "train", "evaluate")
+STAGES = tuple(stage.name for stage in registry.STAGES)  # one package each: stages/<name>/
 # train ends with an evaluation: its driver may call the evaluate stage's entry point, and nothing else of it.
 STAGE_CALLS = {("train", "realfake_ray.stages.evaluate.driver")}
 
@@ -57,6 +61,37 @@ def _own_imports(name: str, path: Path) -> list[tuple[str, bool]]:
         for target in targets:
             if target.split(".")[0] == "realfake_ray":
                 found.append((target, id(node) in top))
+    return found
+
+
+def _crossings(name: str, source: str, modules: dict[str, Path]) -> list[str]:
+    """Every name ``name`` takes from another of our modules outside that module's ``__all__``: a ``from m import
+    x`` of a name m does not export, and an attribute ``alias.x`` of a module imported as ``alias``. A
+    ``_private`` name is never exported, so it never crosses."""
+    tree, found, aliases = ast.parse(source), [], {}
+    package = name if modules.get(name, Path()).name == "__init__.py" else name.rpartition(".")[0]
+
+    def check(module: str, attr: str, line: int) -> None:
+        api = declared_api(modules[module]) or set()
+        if attr.startswith("_") or attr not in api:
+            found.append(f"{name}:{line} uses {module}.{attr}, which {module}.__all__ does not export")
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+            module = (f"{base}.{node.module}" if node.module else base) if node.level else (node.module or "")
+            if module not in modules or module == name:
+                continue
+            for alias in node.names:
+                if f"{module}.{alias.name}" in modules:  # a submodule: its own attributes are checked below
+                    aliases[alias.asname or alias.name] = f"{module}.{alias.name}"
+                else:
+                    check(module, alias.name, node.lineno)
+        elif isinstance(node, ast.Import):
+            aliases.update({alias.asname: alias.name for alias in node.names if alias.asname and alias.name in modules})
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
+            check(aliases[node.value.id], node.attr, node.lineno)
     return found
 
 
@@ -111,6 +146,26 @@ def test_the_cycle_check_finds_a_cycle(monkeypatch):
         assert "a -> b -> c -> a" in str(error)
     else:
         raise AssertionError("a three-module cycle went unnoticed")
+
+
+def test_no_module_uses_a_name_another_module_does_not_export():
+    modules = _modules()
+    crossing = [c for name, path in modules.items() for c in _crossings(name, path.read_text(), modules)]
+    assert not crossing, "\n".join(crossing)
+
+
+def test_the_boundary_check_finds_unexported_and_private_names():
+    modules = _modules()
+    source = ("from realfake_ray.method.sampler import Sampler, _to_device_dtype\n"
+              "from realfake_ray.stages.evaluate.driver import run_evaluate, ClassifierActor\n"
+              "from realfake_ray import storage\n"
+              "from realfake_ray.models import loading as models\n"
+              "import realfake_ray.method.lora as lora\n"
+              "storage.join('a', 'b'); storage._no_such; models.resolve_model_dir; lora.not_exported\n")
+    found = _crossings("realfake_ray.tools.example", source, modules)
+    assert [f.split(" uses ")[1].split(",")[0] for f in found] == [
+        "realfake_ray.method.sampler._to_device_dtype", "realfake_ray.stages.evaluate.driver.ClassifierActor",
+        "realfake_ray.storage._no_such", "realfake_ray.method.lora.not_exported"], found
 
 
 def test_no_stage_imports_another():

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import forbid_ray_work
+from helpers import forbid_ray_work
 
 from realfake_ray.cli import main
 from realfake_ray.config import ConfigError, load_config

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from conftest import forbid_ray_work
+from helpers import forbid_ray_work
 
 from realfake_ray import storage
 from realfake_ray.config import load_config

@@ -5,6 +5,7 @@ import numpy as np
 from realfake_ray import storage
 from realfake_ray.config import load_config
 from realfake_ray.plots import plot_curves
+from realfake_ray.stages.registry import COMMANDS
 from realfake_ray.tools.report import write_report
 
 
@@ -43,4 +44,7 @@ def test_report_lists_every_classifier_with_its_data_and_pictures(tmp_path):
     for piece in ("| real | real |", "![val top-1 vs training images](scaling.png)", "classifier/real/curves.png",
                   "## Throughput", "GPU-hours", "No measured figure"):
         assert piece in text, piece
+    for stage in ("generate", "train", "evaluate"):  # the sections of the stages whose outputs exist
+        assert f"\n## {COMMANDS[stage].report}\n" in text, stage
+    assert f"## {COMMANDS['finetune'].report}" not in text  # no fine-tuning record: no section
     assert np.isfinite(report["imagenet_estimate"]["flop_model"]["h100_gpu_hours"])

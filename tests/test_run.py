@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import forbid_ray_work
+from helpers import forbid_ray_work
 
 from realfake_ray import storage
 from realfake_ray.stages import pipeline as run
@@ -23,12 +23,13 @@ from realfake_ray.cli import main as cli_main
 from realfake_ray.config import ConfigError, load_config
 from realfake_ray.tools.report import gpu_hours_estimate
 from realfake_ray.stages.pipeline import select_stages
+from realfake_ray.stages.registry import COMMANDS, PIPELINE
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_stage_selection():
-    assert select_stages() == ["encode", "finetune", "generate", "train", "evaluate"]
+    assert select_stages() == ["encode", "finetune", "generate", "train", "evaluate"] == list(PIPELINE)
     assert select_stages(from_stage="train") == ["train", "evaluate"]
     assert select_stages(only=["train", "generate"]) == ["generate", "train"]
     with pytest.raises(ConfigError, match="unknown stage 'gen'"):
@@ -170,8 +171,8 @@ def test_ray_job_submit_runs_resumes_and_skips_on_object_storage(local_head, s3_
     summary = storage.read_json(f"{out}/synthetic/_summary.json")
     assert summary["count"] == 2 * 36 and summary["generated_now"] == shards.rows[0] and summary["shards_written_now"] == 1
     report_md = storage.read_text(f"{out}/report.md")
-    for section in ("## Stages", "## Latent bank", "## Fine-tuning", "## Synthesis", "## Throughput", "## Accuracy",
-                    "## Real vs synthetic distribution", "GPU-hours", "## Resolved config"):
+    for section in ("## Stages", *(f"## {COMMANDS[stage].report}" for stage in PIPELINE), "## Throughput",
+                    "GPU-hours", "## Resolved config"):
         assert section in report_md
     report = storage.read_json(f"{out}/report.json")
     assert report["latent_bank"]["splits"]["train"]["rows"] == 36 and report["config"]["generate"]["mult"] == 2
@@ -188,7 +189,7 @@ def test_ray_job_submit_runs_resumes_and_skips_on_object_storage(local_head, s3_
         forbid_ray_work(mp)
         assert cli_main(["run", *args]) == 0
     printed = capsys.readouterr().out
-    for stage in ("encode", "finetune", "generate", "train", "evaluate"):
+    for stage in PIPELINE:
         assert f"stage {stage}: skipped" in printed, printed[-3000:]
     assert storage.read_text(f"{out}/classifier/metrics.json") == metrics_before
 

@@ -125,6 +125,28 @@ def test_reading_an_object_is_one_request(s3_bucket, s3_server):
     assert s3_server.requests() - before == 1
 
 
+def test_the_s3_servers_request_recording_stays_beside_its_log(s3_bucket, s3_server):
+    """moto's recorder is off; switched on, it records into the test's temporary folder, never a
+    ``moto_recording`` file in the working directory (one was committed once)."""
+    import urllib.request
+    from pathlib import Path
+
+    def recorder(action: str) -> None:
+        urllib.request.urlopen(urllib.request.Request(f"{s3_server.endpoint}/moto-api/recorder/{action}", method="POST"))
+
+    storage.write_bytes(f"{s3_bucket}/before.txt", b"x")
+    assert not os.path.exists(s3_server.recording_path)  # off by default
+    recorder("start-recording")
+    try:
+        storage.write_bytes(f"{s3_bucket}/recorded.txt", b"x")
+    finally:
+        recorder("stop-recording")
+    with open(s3_server.recording_path) as log:
+        assert "/recorded.txt" in log.read()
+    repo = Path(__file__).resolve().parents[1]
+    assert not os.path.exists("moto_recording") and not (repo / "moto_recording").exists()
+
+
 def test_object_store_extras_have_the_fsspec_floor(pyproject):
     """Without a floor, a fresh resolve picks s3fs 0.4.2 (pre-aiobotocore, no max_concurrency): it happened in CI."""
     from packaging.requirements import Requirement

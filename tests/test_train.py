@@ -4,7 +4,6 @@ mixed run."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -12,15 +11,13 @@ import time
 
 import numpy as np
 import pytest
-from conftest import forbid_ray_work, run_with_node_loss, small_bank
-from PIL import Image
+from helpers import fabricate_synthetic, forbid_ray_work, run_with_node_loss, small_bank
 
 from realfake_ray import storage
 from realfake_ray.config import ConfigError, load_config
-from realfake_ray.data.imagefolder import DatasetError, stem
+from realfake_ray.data.imagefolder import DatasetError
 from realfake_ray.data.labelled import seed_of, synthetic_set
-from realfake_ray.data.sources import open_labelled_set
-from realfake_ray.data.synthetic import shard_bytes, shard_name, shard_table
+from realfake_ray.data.synthetic import shard_name
 from realfake_ray.layout import RunLayout
 from realfake_ray.stages.train.driver import read_metrics, run_train, train_dataset
 from realfake_ray.stages.train.plan import apply_budget, epoch_composition, fingerprint, plan_training, run_name
@@ -28,40 +25,6 @@ from realfake_ray.stages.train.plan import apply_budget, epoch_composition, fing
 REAL = "embedded:digits/train"
 
 VAL = "embedded:digits/val"
-
-
-def fabricate_synthetic(out: str, copies: int = 1, per_class: int | None = None, layout: str = "shards",
-                        source: str = REAL, class_dir_of=None) -> int:
-    """Write a synthetic set of real images re-saved as JPEG copies: generate's shards (one per copy) below
-    ``<out>/synthetic/data``, or (``layout="folders"``) an exported ImageFolder
-    ``<out>/synthetic/train/<safe class dir>/<stem>__c<copy>.jpg``. Returns the image count."""
-    real = open_labelled_set(source)
-    taken, picked = {}, []
-    for image_id, url, label in zip(*(real.items[c].to_pylist() for c in ("image_id", "url", "label"))):
-        taken[label] = taken.get(label, 0) + 1
-        if per_class is None or taken[label] <= per_class:
-            picked.append((image_id, url, label))
-    class_dirs = [class_dir_of(d) if class_dir_of else d for d in real.class_dirs]
-    count = 0
-    for c in range(copies):
-        jpegs, paths = [], []
-        for image_id, url, label in picked:
-            buffer = io.BytesIO()
-            Image.open(io.BytesIO(storage.read_bytes(url))).convert("RGB").save(buffer, format="JPEG", quality=92 - 4 * c)
-            jpegs.append(buffer.getvalue())
-            paths.append(f"{storage.safe_name(class_dirs[label])}/{stem(image_id)}__c{c}.jpg")
-        if layout == "folders":
-            for path, data in zip(paths, jpegs):
-                storage.write_bytes(os.path.join(out, "synthetic", "train", path), data)
-        else:
-            n = len(picked)
-            provenance = {"image_id": [p[0] for p in picked], "class_dir": [class_dirs[p[2]] for p in picked],
-                          "copy_idx": [c] * n, "seed": list(range(n)), "prompt": ["photo of a digit"] * n}
-            table = shard_table(jpegs, paths, [p[2] for p in picked], provenance, {"mode": "img2img"}, class_dirs)
-            name = shard_name(c, "part-" + "0" * 32, 0, n)
-            storage.write_bytes(os.path.join(out, "synthetic", "data", name), shard_bytes(table))
-        count += len(picked)
-    return count
 
 
 def _cfg(out, *overrides, **flags):

@@ -3,7 +3,7 @@ import io
 import json
 
 import pytest
-from conftest import forbid_ray_work
+from helpers import forbid_ray_work
 
 from realfake_ray import storage
 from realfake_ray.config import ConfigError, load_config

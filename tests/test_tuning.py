@@ -87,17 +87,13 @@ def test_recommended_yaml_loads_as_a_config_file(tmp_path):
 
 
 def test_quick_classifier_learns_the_real_digits_and_is_seeded():
-    from PIL import Image
-
-    from realfake_ray import storage
-    from realfake_ray.data.labelled import real_rows
+    from realfake_ray.data.labelled import images_in_memory, real_set
 
     cfg = load_config(preset="tiny")
 
     def load(url):
-        _, rows = real_rows(url, cfg)
-        return np.stack([np.array(Image.open(storage.open_file(r["url"])).convert("RGB")) for r in rows]), \
-            np.array([r["label"] for r in rows])
+        images, labels = images_in_memory(real_set(url, cfg))
+        return np.stack(images), labels
 
     (train_x, train_y), (val_x, val_y) = load(cfg.data.train), load(cfg.data.val)
     args = (train_x, train_y, val_x, val_y, cfg.train, 10, 2000)

@@ -11,6 +11,7 @@ import ray
 
 from realfake_ray import storage
 from realfake_ray._internal.addresses import free_port, is_loopback_address
+from realfake_ray._internal.faults import worker_env
 from realfake_ray._internal.quiet import QUIET_ENV
 from realfake_ray.config import ActorPool, ConfigError, RayConfig
 
@@ -50,6 +51,7 @@ def init_ray(cfg: RayConfig | None = None) -> None:
         return
     env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
     env.setdefault("REALFAKE_CACHE", storage.cache_dir())
+    env.update(worker_env())  # tests only: the fault this driver was started with, read where it fires
     # Ray Train v2 turns a worker's print() into a log record *and* a print: every line reached the driver twice.
     env.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     if not cfg.verbose:

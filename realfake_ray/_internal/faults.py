@@ -13,7 +13,10 @@ Points:
 - ``generate.sampler_error:<copy>`` — the generate actor's sampler raises on every batch of copy ``<copy>``
   (as a CUDA OOM would), so those images are failed rows that a rerun retries.
 
-Unset (production), every check is one environment lookup.
+Unset (production), every check is one environment lookup. Each point is read where it fires (a Ray Train
+worker, a writer task), never carried in a plan: the driver's :func:`~realfake_ray._internal.cluster.init_ray`
+hands :func:`worker_env` (the spec and the driver's pid) to every worker of its job, and the workers of a
+cluster started by a process that has the variable inherit it.
 
 Example:
     >>> fault_at("finetune.checkpoint", {"REALFAKE_FAULT": "finetune.checkpoint:8"})
@@ -30,9 +33,11 @@ import time
 from collections.abc import Mapping
 from typing import NoReturn
 
-__all__ = ["ENV", "POINTS", "fault_at", "kill_driver", "hold"]
+__all__ = ["ENV", "DRIVER_PID_ENV", "POINTS", "fault_at", "worker_env", "kill_driver", "hold", "kill_driver_at",
+           "hold_at"]
 
 ENV = "REALFAKE_FAULT"
+DRIVER_PID_ENV = "REALFAKE_FAULT_DRIVER_PID"  # set for the workers by worker_env(): whom kill_driver() kills
 POINTS = ("finetune.checkpoint", "finetune.checkpoint_hold", "train.checkpoint_hold", "generate.shard",
           "generate.sampler_error")
 
@@ -48,9 +53,23 @@ def fault_at(point: str, environ: Mapping[str, str] | None = None) -> int | None
     return int(count) if name == point else None
 
 
-def kill_driver(pid: int) -> NoReturn:
-    """SIGKILL the driver process ``pid`` (possibly this one) and never return: a Ray worker calling this
-    dies with the job instead of making more progress."""
+def worker_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """What a driver's workers need to inject this process's fault: ``REALFAKE_FAULT`` and this process's pid
+    (the driver to kill); empty when no fault is set (production).
+
+    Example:
+        >>> worker_env({})
+        {}
+    """
+    spec = (os.environ if environ is None else environ).get(ENV, "")
+    return {ENV: spec, DRIVER_PID_ENV: str(os.getpid())} if spec else {}
+
+
+def kill_driver(pid: int | None = None) -> NoReturn:
+    """SIGKILL the driver process ``pid`` (default: the one :func:`worker_env` named, else this process) and
+    never return: a Ray worker calling this dies with the job instead of making more progress."""
+    if pid is None:
+        pid = int(os.environ.get(DRIVER_PID_ENV) or os.getpid())
     print(f"[fault] {ENV}: killing the driver (pid {pid})", flush=True)
     os.kill(pid, signal.SIGKILL)
     while True:
@@ -62,3 +81,15 @@ def hold(point: str) -> NoReturn:
     print(f"[fault] {ENV}: holding at {point} until this worker is killed", flush=True)
     while True:
         time.sleep(60)
+
+
+def kill_driver_at(point: str, n: int) -> None:
+    """:func:`kill_driver` when ``REALFAKE_FAULT`` is ``<point>:<n>``; otherwise return at once."""
+    if fault_at(point) == n:
+        kill_driver()
+
+
+def hold_at(point: str, n: int) -> None:
+    """:func:`hold` when ``REALFAKE_FAULT`` is ``<point>:<n>``; otherwise return at once."""
+    if fault_at(point) == n:
+        hold(f"{point}:{n}")

@@ -28,7 +28,8 @@ class LocalS3:
     """An S3-compatible server on 127.0.0.1 (moto's server mode, a separate process) for real s3fs clients.
 
     ``env`` holds what a client process needs (endpoint, dummy credentials, region); ``requests(method)``
-    counts the requests the server has logged so far."""
+    counts the requests the server has logged so far. Its request recorder is off; switched on by a client,
+    it writes to ``recording_path`` beside the log."""
 
     def __init__(self, log_path: str) -> None:
         port = free_port()
@@ -36,10 +37,14 @@ class LocalS3:
         self.endpoint = f"http://127.0.0.1:{port}"
         self.env = {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "testing",
                     "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+        # moto's request recorder stays off, and should a client switch it on (its /moto-api/recorder/), it
+        # writes beside the log, not a `moto_recording` file in the working directory.
+        self.recording_path = log_path + ".recording"
+        server_env = {**os.environ, "MOTO_ENABLE_RECORDING": "", "MOTO_RECORDER_FILEPATH": self.recording_path}
         server = os.path.join(os.path.dirname(sys.executable), "moto_server")
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen([server, "-H", "127.0.0.1", "-p", str(port)], stdout=self._log,
-                                     stderr=subprocess.STDOUT)
+                                     stderr=subprocess.STDOUT, env=server_env)
         deadline = time.time() + 60
         while True:
             try:

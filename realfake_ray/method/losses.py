@@ -25,11 +25,13 @@ from torch import Tensor
 
 __all__ = [
     "DEFAULT_BANDWIDTH_FACTORS",
+    "KERNELS",
     "denoising_loss",
     "distribution_matching_loss",
     "finetune_loss",
     "gather_with_grad",
     "global_mmd_scale",
+    "median_heuristic_bandwidths",
     "min_snr_weights",
     "mmd2",
 ]

@@ -40,6 +40,9 @@ __all__ = [
     "SamplerSettings",
     "latent_hw",
     "make_scheduler",
+    "set_sdpa",
+    "to_device_dtype",
+    "vae_factor",
 ]
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -151,7 +154,7 @@ def vae_factor(vae) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def _set_sdpa(module: torch.nn.Module) -> None:
+def set_sdpa(module: torch.nn.Module) -> None:
     """Use PyTorch scaled-dot-product attention (diffusers' AttnProcessor2_0) in every attention layer."""
     from diffusers.models.attention_processor import AttnProcessor2_0
 
@@ -159,7 +162,7 @@ def _set_sdpa(module: torch.nn.Module) -> None:
         module.set_attn_processor(AttnProcessor2_0())
 
 
-def _to_device_dtype(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+def to_device_dtype(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """Move ``module`` to ``device``; cast only when its dtype differs (avoids diffusers' cast warning)."""
     module.to(device)
     param = next(module.parameters(), None)
@@ -195,10 +198,10 @@ class Sampler:
         self.vae, self.text_encoder, self.tokenizer = pipe.vae, pipe.text_encoder, pipe.tokenizer
         memory_format = torch.channels_last if self.settings.channels_last else torch.contiguous_format
         for module in (pipe.vae, pipe.unet, pipe.text_encoder):
-            _to_device_dtype(module, self.device, self.dtype).eval().requires_grad_(False)
+            to_device_dtype(module, self.device, self.dtype).eval().requires_grad_(False)
         for module in (pipe.vae, pipe.unet):
             module.to(memory_format=memory_format)
-            _set_sdpa(module)
+            set_sdpa(module)
         self.unet = torch.compile(pipe.unet) if self.settings.compile else pipe.unet
         self.scheduler = make_scheduler(self.settings.scheduler, pipe.scheduler.config)
         self.scaling_factor = float(pipe.vae.config.scaling_factor)

@@ -20,30 +20,22 @@ from realfake_ray import storage
 from realfake_ray.config import ConfigError, RunConfig, dump_config
 from realfake_ray.data.sources import listing_cache
 from realfake_ray.stages.preflight import preflight
-from realfake_ray.tools.report import write_report
+from realfake_ray.stages.registry import COMMANDS, PIPELINE
 from realfake_ray.stages.train.driver import run_train
+from realfake_ray.tools.report import write_report
 
-__all__ = ["run_pipeline", "select_stages", "STAGES"]
-
-STAGE_ENTRIES = {
-    "encode": "realfake_ray.stages.encode.driver:run_encode",
-    "finetune": "realfake_ray.stages.finetune.driver:run_finetune",
-    "generate": "realfake_ray.stages.generate.driver:run_generate",
-    "train": "realfake_ray.stages.pipeline:train_with_baseline",
-    "evaluate": "realfake_ray.stages.evaluate.driver:run_evaluate",
-}
-STAGES = tuple(STAGE_ENTRIES)
+__all__ = ["run_pipeline", "select_stages", "train_with_baseline"]
 
 
 def select_stages(only: list[str] | None = None, from_stage: str | None = None) -> list[str]:
-    """The stages to run, in pipeline order."""
+    """The stages to run, in pipeline order (:data:`~realfake_ray.stages.registry.PIPELINE`)."""
     for name in [*(only or []), *([from_stage] if from_stage else [])]:
-        if name not in STAGE_ENTRIES:
-            raise ConfigError(f"unknown stage {name!r}; stages are: {', '.join(STAGES)}")
+        if name not in PIPELINE:
+            raise ConfigError(f"unknown stage {name!r}; stages are: {', '.join(PIPELINE)}")
     if only:
-        return [s for s in STAGES if s in only]
-    start = STAGES.index(from_stage) if from_stage else 0
-    return list(STAGES[start:])
+        return [s for s in PIPELINE if s in only]
+    start = PIPELINE.index(from_stage) if from_stage else 0
+    return list(PIPELINE[start:])
 
 
 def train_with_baseline(cfg: RunConfig) -> dict:
@@ -59,7 +51,7 @@ def train_with_baseline(cfg: RunConfig) -> dict:
 
 
 def _entry(stage: str):
-    module, func = STAGE_ENTRIES[stage].split(":")
+    module, func = COMMANDS[stage].job_entry.split(":")
     return getattr(importlib.import_module(module), func)
 
 

@@ -20,6 +20,7 @@ from realfake_ray.data.synthetic import list_shards, sample_per_class
 from realfake_ray.tools.flops import img2img_flops
 from realfake_ray.layout import RunLayout
 from realfake_ray.plots import image_grid, markdown_table, plot_curves, timeline_plot
+from realfake_ray.stages.registry import COMMANDS
 
 __all__ = ["write_report"]
 
@@ -230,21 +231,26 @@ def write_report(cfg: RunConfig, summary: dict) -> dict:
     return report
 
 
+def _heading(command: str) -> str:
+    """The heading of a command's section (its registry entry's ``report``)."""
+    return f"\n## {COMMANDS[command].report}\n"
+
+
 def _markdown(cfg: RunConfig, report: dict, table) -> str:
     lines = [f"# realfake-ray run report\n\nRun: `{cfg.out}`\n", "## Stages\n"]
     lines.append(table([{"stage": k, **v} for k, v in report["stages"].items()], ["stage", "seconds", "skipped"]))
     if report["latent_bank"]:
         bank = report["latent_bank"]
-        lines += [f"\n## Latent bank\n\n{bank['resolution']} px, latents {bank['latent_shape']}\n",
+        lines += [_heading("encode") + f"\n{bank['resolution']} px, latents {bank['latent_shape']}\n",
                   table([{"split": s, **v} for s, v in bank["splits"].items()])]
     if report["finetune"]:
         cols = ["step", "final_loss", "samples_per_s", "train_seconds", "num_workers", "resumed_from"]
-        lines += ["\n## Fine-tuning\n", table([report["finetune"]], cols)]
+        lines += [_heading("finetune"), table([report["finetune"]], cols)]
         if "finetune_loss" in report["pictures"]:
             lines.append("\n![fine-tuning loss](finetune/loss.png)\n")
     if report["synthesis"]:
         cols = ["count", "expected", "generated_now", "already_present", "failed", "images_per_s", "wall_s", "mult"]
-        lines += ["\n## Synthesis\n", table([report["synthesis"]], cols)]
+        lines += [_heading("generate"), table([report["synthesis"]], cols)]
         if report["pictures"].get("synthesis_timeline"):
             lines.append("\n![nodes, actors and images/s while generating](synthesis_timeline.png)\n")
     if report["pictures"].get("samples"):
@@ -252,17 +258,17 @@ def _markdown(cfg: RunConfig, report: dict, table) -> str:
     if report["throughput"]:
         lines += ["\n## Throughput (this run's hardware)\n", table(report["throughput"])]
     if report["accuracy"]:
-        lines += ["\n## Accuracy\n", table(report["accuracy"])]
+        lines += [_heading("train"), table(report["accuracy"])]
         if report["pictures"].get("scaling"):
             lines.append("\n![val top-1 vs training images](scaling.png)\n")
         for key, path in report["pictures"].items():
             if key.startswith("curves_"):
                 lines.append(f"\n![{key[7:]} classifier curves]({path})\n")
     if report["distribution"]:
-        lines += ["\n## Real vs synthetic distribution (CLIP space)\n", table(report["distribution"])]
+        lines += [_heading("evaluate"), table(report["distribution"])]
     audit_md = RunLayout(cfg.out).audit_dir("audit.md")
     if report.get("audit") and storage.exists(audit_md):
-        lines += ["\n## Audit: membership inference (realfake audit-privacy)\n", storage.read_text(audit_md).rstrip(),
+        lines += [_heading("audit-privacy"), storage.read_text(audit_md).rstrip(),
                   "\n![ROC](audit_privacy/roc.png)\n"]
     lines += ["\n## Cost at ImageNet-1K scale (estimate)\n", _cost_text(report["imagenet_estimate"])]
     lines.append("\n## Resolved config\n\n```yaml\n" + dump_config(cfg) + "```\n")

@@ -25,6 +25,7 @@ import torch
 from realfake_ray import storage
 from realfake_ray.config import ConfigError, RunConfig
 from realfake_ray.devices import torch_device
+from realfake_ray.layout import RunLayout
 from realfake_ray.tools.flops import count_forward_flops, img2img_flops, mfu, peak_flops, time_calls
 from realfake_ray.models import loading
 from realfake_ray.method.prompts import GENERATION_SUFFIX, build_prompt
@@ -32,10 +33,10 @@ from realfake_ray.method.sampler import (
     DTYPES,
     Sampler,
     SamplerSettings,
-    _set_sdpa,
-    _to_device_dtype,
     latent_hw,
     make_scheduler,
+    set_sdpa,
+    to_device_dtype,
     vae_factor,
 )
 
@@ -143,7 +144,7 @@ def run_bench_sampler(
     grid = bench_grid(cfg, device.type, schedulers, steps, batch_sizes, dtypes, compile, channels_last, reference != 0)
     model_dir = loading.resolve_model_dir(cfg.model.pretrained, cfg.model.revision, cfg.model.hub_timeout_s)
     pipe = loading.load_pipeline(model_dir)
-    url = storage.join(cfg.out, "bench", "sampler.csv")
+    url = RunLayout(cfg.out).bench_dir("sampler.csv")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
     print(f"# bench-sampler: {cfg.model.pretrained} on {name}; {len(grid)} grid points, warmup {warmup}, iters {iters}")
     print(format_table([]), flush=True)
@@ -313,10 +314,10 @@ def _bench_reference_row(pipe, spec, device, iters, warmup, seed, flops_cache) -
     )
     ref.set_progress_bar_config(disable=True)
     for module in (pipe.vae, pipe.unet, pipe.text_encoder):
-        _to_device_dtype(module, device, dtype)
+        to_device_dtype(module, device, dtype)
     for module in (pipe.vae, pipe.unet):
         module.to(memory_format=torch.contiguous_format)
-        _set_sdpa(module)
+        set_sdpa(module)
     if settings.dtype not in flops_cache:
         flops_cache[settings.dtype] = model_flops(pipe, device, dtype)
     counted = flops_cache[settings.dtype]

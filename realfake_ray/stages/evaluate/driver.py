@@ -7,7 +7,7 @@ scored with the logits restricted to those classes; a folder that is not a real 
 One Ray Data pipeline does it all: rows → CPU decode tasks → an actor pool holding the model.
 
 Distribution metrics: CLIP embeddings of the real train images (from the latent bank) against the
-synthetic images embedded by the same CLIP vision model (:class:`~realfake_ray.stages.encode.driver.ClipEmbedder`
+synthetic images embedded by the same CLIP vision model (:class:`~realfake_ray.method.embeddings.ClipEmbedder`
 actors) → :func:`realfake_ray.method.metrics.distribution_report` (MMD² overall and per class, nearest-real-
 neighbour memorisation count).
 
@@ -23,63 +23,25 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import json
-import struct
 
 import numpy as np
 
 from realfake_ray import storage
 from realfake_ray._internal.cluster import actor_pool_kwargs, init_ray
 from realfake_ray._internal.shards import read_parts
-from realfake_ray.bank import read_meta
-from realfake_ray.method.classifier import build_classifier, evaluate_batches, merge_evaluations, to_model_input
-from realfake_ray.data.labelled import decoded_dataset, output_dir, real_set, rows_dataset, set_digest, synthetic_set
+from realfake_ray.config import RunConfig
+from realfake_ray.data.evaluation import distribution_inputs, plan_sets
+from realfake_ray.data.labelled import decoded_dataset, output_dir, rows_dataset, set_digest
 from realfake_ray.data.sources import LabelledSet
-from realfake_ray.config import ConfigError, RunConfig
-from realfake_ray.data.imagefolder import DatasetError
 from realfake_ray.devices import torch_device
-from realfake_ray.method.embeddings import ClipEmbedder
 from realfake_ray.layout import RunLayout
+from realfake_ray.method.classifier import evaluate_batches, merge_evaluations, to_model_input
+from realfake_ray.method.classifier_file import load_classifier, model_url, read_classifier_info
+from realfake_ray.method.embeddings import ClipEmbedder
 from realfake_ray.method.metrics import distribution_report, subsample
 from realfake_ray.plots import markdown_table
 
 __all__ = ["run_evaluate"]
-
-VAL_SET = "val"
-
-
-# ------------------------------------------------------------------------------------ model file
-def model_url(cdir: str) -> str:
-    """``<classifier dir>/model.safetensors`` (weights + arch, image size and classes as metadata)."""
-    return storage.join(cdir, "model.safetensors")
-
-
-def save_classifier(url: str, state_dict: dict, info: dict) -> None:
-    """Write weights as safetensors with ``info`` (arch, image_size, class_dirs, ...) in the header."""
-    from safetensors.torch import save
-
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    storage.write_bytes(url, save(tensors, metadata={k: json.dumps(v) for k, v in info.items()}))
-
-
-def read_classifier_info(data: bytes) -> dict:
-    """The metadata :func:`save_classifier` put in a safetensors header."""
-    (length,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + length])
-    return {k: json.loads(v) for k, v in header.get("__metadata__", {}).items()}
-
-
-def load_classifier(url: str):
-    """``(model in eval mode, info)`` from a :func:`save_classifier` file at any URL."""
-    from safetensors.torch import load
-
-    if not storage.exists(url):
-        raise FileNotFoundError(f"no trained classifier at {url} (run `realfake train` first)")
-    data = storage.read_bytes(url)
-    info = read_classifier_info(data)
-    model = build_classifier(info["arch"], len(info["class_dirs"]))
-    model.load_state_dict(load(data))
-    return model.eval(), info
 
 
 class ClassifierActor:
@@ -109,53 +71,6 @@ class ClassifierActor:
             for key in keys:
                 out[key].append(np.asarray(r[key]))
         return {k: np.stack(v) for k, v in out.items()}
-
-
-# ------------------------------------------------------------------------------------ planning
-def extra_set(name: str, url: str, class_dirs: list[str], cfg: RunConfig) -> tuple[LabelledSet, list[int] | None]:
-    """One extra labelled set (any layout), labelled with the *real* class indices, and its class subset
-    (``None`` when it covers every real class, or when its labels are inside its shards). A class that is not a
-    real class is an error naming the set."""
-    try:
-        lset = real_set(url, cfg, class_dirs)
-    except DatasetError as exc:
-        raise DatasetError(f"evaluate.extra_sets[{name!r}]: {exc}") from None
-    counts = lset.class_counts()
-    covered = sorted(np.flatnonzero(counts).tolist()) if counts is not None else sorted(set(lset.label_map or []))
-    return lset, (covered if covered and len(covered) < len(class_dirs) else None)
-
-
-def plan_sets(cfg: RunConfig, class_dirs: list[str]) -> tuple[list[str], list[LabelledSet], list[list[int] | None]]:
-    """``(set names, sets, class subsets)`` of the val split and the extra sets."""
-    if VAL_SET in cfg.evaluate.extra_sets:
-        raise ConfigError(f"evaluate.extra_sets: the name {VAL_SET!r} is reserved for data.val")
-    names, sets, subsets = [], [], []
-    if cfg.data.val:
-        names.append(VAL_SET)
-        sets.append(real_set(cfg.data.val, cfg, class_dirs, cfg.data.val_labels))
-        subsets.append(None)
-    for name, url in cfg.evaluate.extra_sets.items():
-        lset, subset = extra_set(name, url, class_dirs, cfg)
-        names.append(name)
-        sets.append(lset)
-        subsets.append(subset)
-    return names, sets, subsets
-
-
-def distribution_inputs(cfg: RunConfig, class_dirs: list[str]) -> tuple[str | None, dict | None, LabelledSet | None]:
-    """``(reason skipped, bank meta, synthetic set)``: checks that the bank and synthetic set exist."""
-
-    if not cfg.evaluate.distribution_metrics:
-        return "evaluate.distribution_metrics is false", None, None
-    meta = read_meta(cfg.out)
-    if meta is None:
-        return f"no latent bank at {RunLayout(cfg.out).bank_dir()} (run `realfake encode`)", None, None
-    if list(meta["class_dirs"]) != list(class_dirs):
-        raise DatasetError(f"the latent bank at {cfg.out}/latents has other classes than the classifier")
-    root = cfg.train.synthetic or RunLayout(cfg.out).synthetic_dir()
-    if not storage.exists(root):
-        return f"no synthetic set at {root}", meta, None
-    return None, meta, synthetic_set(cfg, class_dirs, meta.get("class_names"))
 
 
 # ------------------------------------------------------------------------------------ execution

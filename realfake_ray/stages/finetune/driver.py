@@ -38,7 +38,7 @@ from realfake_ray._internal.checkpoints import (
     resume_checkpoint,
 )
 from realfake_ray._internal.cluster import check_fits_a_node, cluster_gpus, init_ray, quiet_train_worker, train_logging
-from realfake_ray._internal.faults import fault_at, hold, kill_driver
+from realfake_ray._internal.faults import hold_at, kill_driver_at
 from realfake_ray._internal.settings import refuse_changed_settings
 from realfake_ray._internal.trainer import (
     all_gather_objects,
@@ -55,9 +55,9 @@ from realfake_ray.stages.finetune.plan import FinetunePlan, finetune_settings, p
 from realfake_ray.stages.finetune.step import (
     METRIC_KEYS,
     FinetuneModels,
-    _lr_at,
-    _sample_size,
+    latent_size,
     load_models,
+    lr_at,
     random_latent_crop,
     train_step,
 )
@@ -230,12 +230,12 @@ def train_loop(loop_config: dict) -> None:
     models.unet = prepare_model(models.unet)
     class_means = torch.tensor(plan.class_means, device=device) if plan.class_means else None
     shard = train.get_dataset_shard("train")
-    latent_size, channels = _sample_size(models.unet), int(getattr(models.unet, "module", models.unet).config.in_channels)
+    side, channels = latent_size(models.unet), int(getattr(models.unet, "module", models.unet).config.in_channels)
     window = torch.zeros(len(METRIC_KEYS), device=device)
     window_steps, window_start, run_start, run_steps = 0, time.perf_counter(), time.perf_counter(), 0
     while st.step < plan.total_steps:
         local_buffer = ft.shuffle_buffer_size if ft.shuffle == "files" else 0
-        collate = BankCollate(models.tokenizer, latent_size, cfg.seed, st.epoch, channels)
+        collate = BankCollate(models.tokenizer, side, cfg.seed, st.epoch, channels)
         batches = shard.iter_torch_batches(
             batch_size=ft.batch_size, drop_last=True, collate_fn=collate,
             local_shuffle_buffer_size=local_buffer or None,
@@ -247,7 +247,7 @@ def train_loop(loop_config: dict) -> None:
                 skip, seen = skip - 1, seen + 1
                 continue
             for group in optimizer.param_groups:
-                group["lr"] = _lr_at(ft, st.step)
+                group["lr"] = lr_at(ft, st.step)
             window += train_step(models, batch, generator, ft, plan.prediction_type, class_means, optimizer, scaler)
             st.step, seen, window_steps, run_steps = st.step + 1, seen + 1, window_steps + 1, run_steps + 1
             st.epoch_step = seen
@@ -256,7 +256,7 @@ def train_loop(loop_config: dict) -> None:
             if st.step % ft.log_every == 0 or checkpoint_now:  # a checkpoint always carries a fresh row
                 means = (all_reduce_sum(window) / (world * window_steps)).tolist()
                 elapsed = time.perf_counter() - window_start
-                row = {"step": st.step, **dict(zip(METRIC_KEYS, means)), "lr": _lr_at(ft, st.step - 1),
+                row = {"step": st.step, **dict(zip(METRIC_KEYS, means)), "lr": lr_at(ft, st.step - 1),
                        "samples_per_s": window_steps * ft.batch_size * world / elapsed, "epoch": st.epoch}
                 st.history.append(row)
                 window.zero_()
@@ -266,10 +266,9 @@ def train_loop(loop_config: dict) -> None:
                 metrics = {**st.history[-1], "step": st.step, "resumed_from": st.resumed_from, "train_seconds": seconds,
                            "run_samples_per_s": run_steps * ft.batch_size * world / seconds}
                 _report(st, models, optimizer, scaler, generator, cfg, metrics, rank)
-                if plan.kill_driver_after and rank == 0 and st.step == plan.kill_driver_after[0]:
-                    kill_driver(plan.kill_driver_after[1])
-                if rank == 0 and st.step == plan.hold_after:
-                    hold(f"finetune step {st.step}")
+                if rank == 0:  # tests only (_internal.faults): stop right after this checkpoint
+                    kill_driver_at("finetune.checkpoint", st.step)
+                    hold_at("finetune.checkpoint_hold", st.step)
             if last:
                 break
         if seen == 0:
@@ -456,8 +455,5 @@ def _plan_from_newest(cfg: RunConfig, meta: dict, files: tuple[str, ...], total:
     """The plan of one fit: resume from the newest complete checkpoint (none: a fresh start)."""
     run_dir = storage.join(RunLayout(cfg.out).finetune_dir(), RUN_NAME)
     complete = newest_complete(run_dir, CHECKPOINT_PREFIX, (LORA_WEIGHT_NAME, _OPTIMIZER_FILE, _STATE_FILE, _HISTORY_FILE))
-    kill_at = fault_at("finetune.checkpoint")
     return replace(plan_finetune(cfg, meta, files, total), resume_dir=complete,
-                   first_epoch=_checkpoint_epoch(complete, cfg.finetune, int(meta["splits"]["train"]["rows"])),
-                   kill_driver_after=(kill_at, os.getpid()) if kill_at else None,
-                   hold_after=fault_at("finetune.checkpoint_hold"))
+                   first_epoch=_checkpoint_epoch(complete, cfg.finetune, int(meta["splits"]["train"]["rows"])))

@@ -46,8 +46,6 @@ class FinetunePlan:
     class_means: tuple[tuple[float, ...], ...] | None = None  # only for vision_token="class_mean"
     resume_dir: str | None = None  # newest complete checkpoint folder found by the driver (see _internal.checkpoints)
     first_epoch: int = 0  # the epoch that checkpoint was taken in (seeds the data order, see bank_dataset)
-    kill_driver_after: tuple[int, int] | None = None  # (step, driver pid): tests only, see _internal.faults
-    hold_after: int | None = None  # step: tests only (a node-loss test removes the worker's node there)
 
 
 def step_target(ft: FinetuneConfig, rows: int) -> tuple[int, int]:

@@ -20,7 +20,7 @@ from realfake_ray.method.lora import add_lora
 from realfake_ray.method.losses import finetune_loss
 from realfake_ray.seeds import derive_seed
 
-__all__ = ["METRIC_KEYS", "random_latent_crop", "FinetuneModels", "load_models", "train_step"]
+__all__ = ["METRIC_KEYS", "random_latent_crop", "FinetuneModels", "load_models", "latent_size", "lr_at", "train_step"]
 
 METRIC_KEYS = ("loss", "denoise", "mmd")
 
@@ -83,12 +83,13 @@ def load_models(model_dir: str, ft: FinetuneConfig, seed: int, device: torch.dev
     return FinetuneModels(unet, text_encoder, tokenizer, scheduler, params, dtype)
 
 
-def _sample_size(unet: torch.nn.Module) -> int:
+def latent_size(unet: torch.nn.Module) -> int:
+    """The UNet's square latent side (``config.sample_size``), through a DDP wrapper too."""
     size = getattr(unet, "module", unet).config.sample_size
     return int(size if isinstance(size, int) else size[0])
 
 
-def _lr_at(ft: FinetuneConfig, step: int) -> float:
+def lr_at(ft: FinetuneConfig, step: int) -> float:
     """Constant learning rate after an optional linear warm-up over ``warmup_steps``."""
     if ft.warmup_steps and step < ft.warmup_steps:
         return ft.lr * (step + 1) / ft.warmup_steps

@@ -27,17 +27,15 @@ Example:
 
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
 
 from realfake_ray import storage
 from realfake_ray._internal.cluster import ClusterTimeline, actor_pool_kwargs, gpus_per_actor, init_ray
-from realfake_ray._internal.faults import fault_at
 from realfake_ray.bank import class_mean_embeddings
 from realfake_ray.config import RunConfig
-from realfake_ray.stages.generate.plan import GeneratePlan, plan_generate
+from realfake_ray.stages.generate.plan import GeneratePlan, plan_generate, shard_settings, throughput_settings
 from realfake_ray.layout import RunLayout
 from realfake_ray.data.synthetic import dataset_card
 from realfake_ray.stages.generate.workers import SynthesisActor, load_units
@@ -61,9 +59,7 @@ def build_pipeline(cfg: RunConfig, plan: GeneratePlan, class_means: np.ndarray |
         "class_means": class_means,
         "class_dirs": plan.meta["class_dirs"],
         "shards_dir": RunLayout(cfg.out).shards_dir(),
-        "settings": shard_settings(cfg, plan),
-        "fail_copy": fault_at("generate.sampler_error"),
-        "kill_driver_after": (kill_at, os.getpid()) if (kill_at := fault_at("generate.shard")) else None,
+        "settings": shard_settings(plan.settings),
     }
     ds = ray.data.from_items(plan.units, override_num_blocks=max(1, min(len(plan.units), 20000)))
     load_kwargs = {"seed": cfg.seed, "mode": g.mode, "vision_token": g.vision_token, "collisions": plan.collisions}
@@ -78,15 +74,6 @@ def build_pipeline(cfg: RunConfig, plan: GeneratePlan, class_means: np.ndarray |
         fn_constructor_args=(cfg, spec),
         **actor_pool_kwargs(g.actors, "generate.actors", reserve_cpus=LIGHT_TASK_CPUS),
     )
-
-
-def shard_settings(cfg: RunConfig, plan: GeneratePlan) -> dict:
-    """The sampler settings every row of a shard records (from the set's recorded settings)."""
-    s = plan.settings
-    return {"mode": s["mode"], "vision_token": s["vision_token"],
-            "strength": s["strength"] if s["mode"] == "img2img" else 1.0, "steps": s["steps"],
-            "scheduler": s["scheduler"], "guidance_scale": s["guidance_scale"], "lora_scale": s["lora_scale"],
-            "lora_sha256": s["lora_sha256"]}
 
 
 def _class_means(cfg: RunConfig, plan: GeneratePlan) -> np.ndarray | None:
@@ -140,12 +127,6 @@ def _execute(cfg: RunConfig, plan: GeneratePlan) -> dict:
     return {"written": written, "failed": failed, "errors": errors, "seconds": time.time() - started,
             "sampler_s": sampler_s, "timeline": timeline.stop(), "shards": shards, "bytes": size,
             "actors": sorted(actors.values(), key=lambda a: a["actor"])}
-
-
-def _throughput_settings(cfg: RunConfig) -> dict:
-    g = cfg.generate
-    return {"batch_size": g.batch_size, "dtype": g.dtype, "channels_last": g.channels_last, "compile": g.compile,
-            "actors": g.actors.model_dump(), "shard_mb": g.shard_mb, "mult": g.mult}  # fmt: skip
 
 
 def run_generate(cfg: RunConfig) -> dict:
@@ -202,7 +183,7 @@ def run_generate(cfg: RunConfig) -> dict:
         "shards_written_now": result["shards"],
         "bytes_written_now": result["bytes"],
         "settings": plan.settings,
-        "throughput_settings": _throughput_settings(cfg),
+        "throughput_settings": throughput_settings(cfg),
         # (seconds, images written, alive nodes, alive synthesis actors) while this run generated
         "timeline": result.get("timeline", []),
         # each actor's seconds to load the pipeline and to finish its first generation batch (from its start)

@@ -35,11 +35,15 @@ from realfake_ray.method.sampler import SamplerSettings
 from realfake_ray.seeds import derive_seed
 
 __all__ = [
-    "image_seed", "images_per_shard", "synthetic_path", "sampler_settings", "check_generate_config",
+    "SHARD_SETTINGS", "image_seed", "images_per_shard", "synthetic_path", "sampler_settings", "check_generate_config",
     "check_bank_fits_model", "meta_url_hint", "local_lora_dir", "find_lora", "check_vision_token_matches_lora",
-    "check_lora", "recorded_settings", "check_settings_unchanged", "GeneratePlan", "unit_rows", "shards_of", "plan_units",
-    "plan_generate",
+    "check_lora", "recorded_settings", "shard_settings", "throughput_settings", "check_settings_unchanged",
+    "GeneratePlan", "unit_rows", "shards_of", "plan_units", "plan_generate",
 ]
+
+# The run-wide settings every row of a shard repeats, as recorded_settings gives them.
+SHARD_SETTINGS = ("mode", "vision_token", "strength", "steps", "scheduler", "guidance_scale", "lora_scale", "lora_sha256")
+
 
 # Settings that change what an image looks like: a synthetic set must not mix two of them.
 _RECORDED = ("model", "vae_sha256", "seed", "mode", "strength", "steps", "scheduler", "guidance_scale", "vision_token",
@@ -266,6 +270,19 @@ def recorded_settings(cfg: RunConfig, meta: dict, lora_sha256: str | None) -> di
         "speedup": g.speedup if g.speedup != "none" else None,  # absent (None) in older records
         "images_per_shard": images_per_shard(g, int(meta["resolution"])),  # fixes the shards' names
     }
+
+
+def shard_settings(settings: dict) -> dict:
+    """The settings every row of a shard repeats, taken from :func:`recorded_settings` (one source: a shard and
+    ``_settings.json`` never disagree; ``strength`` is None for txt2img in both)."""
+    return {key: settings[key] for key in SHARD_SETTINGS}
+
+
+def throughput_settings(cfg: RunConfig) -> dict:
+    """The settings that pace and place a generate run without changing its images (in ``_summary.json``)."""
+    g = cfg.generate
+    return {"batch_size": g.batch_size, "dtype": g.dtype, "channels_last": g.channels_last, "compile": g.compile,
+            "actors": g.actors.model_dump(), "shard_mb": g.shard_mb, "mult": g.mult}  # fmt: skip
 
 
 def check_settings_unchanged(out: str, settings: dict, shards_present: bool) -> None:

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from realfake_ray import storage
-from realfake_ray._internal.faults import kill_driver
+from realfake_ray._internal.faults import fault_at, kill_driver
 from realfake_ray._internal.quiet import quiet_libraries
 from realfake_ray._internal.shards import tensor_column
 from realfake_ray.config import RunConfig
@@ -128,8 +128,8 @@ class SynthesisActor:
         self.batch_size, self.quality, self.storage_size = g.batch_size, g.jpeg_quality, g.storage_size
         self.shards_dir, self.settings = spec.get("shards_dir"), spec.get("settings") or {}
         self.class_dirs = list(spec.get("class_dirs") or [])
-        self.fail_copy = spec.get("fail_copy")  # tests only: _internal.faults generate.sampler_error
-        self.kill_after = spec.get("kill_driver_after")  # tests only: _internal.faults generate.shard
+        self.fail_copy = fault_at("generate.sampler_error")  # tests only (_internal.faults); None in production
+        self.kill_after = fault_at("generate.shard")
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.load_s = time.time() - self.started
         self.first_batch_s: float | None = None
@@ -195,8 +195,8 @@ class SynthesisActor:
             summary.update(failed=n, error=f"{type(exc).__name__}: {exc}"[:500])
             print(f"[generate] shard {row['shard']} ({n} images) failed: {summary['error']}", flush=True)
         summary["first_batch_s"] = self.first_batch_s
-        if self.kill_after and summary["written"] and len(list_shards(self.shards_dir).urls) >= self.kill_after[0]:
-            kill_driver(self.kill_after[1])
+        if self.kill_after and summary["written"] and len(list_shards(self.shards_dir).urls) >= self.kill_after:
+            kill_driver()
         return summary
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:

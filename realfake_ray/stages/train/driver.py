@@ -27,7 +27,7 @@ from realfake_ray import storage
 from realfake_ray._internal import trainer
 from realfake_ray._internal.checkpoints import checkpoint_number, newest_complete, prune_checkpoints, resume_checkpoint
 from realfake_ray._internal.cluster import check_fits_a_node, cluster_gpus, init_ray, quiet_train_worker, train_logging
-from realfake_ray._internal.faults import fault_at, hold
+from realfake_ray._internal.faults import hold_at
 from realfake_ray.method.classifier import (
     build_classifier,
     build_optimizer,
@@ -47,7 +47,9 @@ from realfake_ray.data.labelled import (
     seed_of,
 )
 from realfake_ray.config import RunConfig
-from realfake_ray.stages.evaluate.driver import distribution_inputs, model_url, plan_sets, run_evaluate, save_classifier
+from realfake_ray.data.evaluation import distribution_inputs, plan_sets
+from realfake_ray.method.classifier_file import model_url, save_classifier
+from realfake_ray.stages.evaluate.driver import run_evaluate
 from realfake_ray.stages.train.plan import TrainPlan, apply_budget, plan_training
 
 __all__ = ["run_train"]
@@ -267,8 +269,8 @@ def train_loop(config: dict) -> None:
             state = {"model": base.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "epoch": epoch, "scaler": amp[1].state_dict() if amp[1] else {}}
         _report(row, state)
-        if rank == 0 and epoch == plan.get("hold_after"):
-            hold(f"train epoch {epoch}")
+        if rank == 0:
+            hold_at("train.checkpoint_hold", epoch)  # tests only (_internal.faults): a node-loss test's moment
 
 
 # ------------------------------------------------------------------------------------------ driver
@@ -300,7 +302,7 @@ def _trainer(plan: TrainPlan, cfg: RunConfig, first_epoch: int, resume_dir: str 
     out_dir = output_dir(cfg)
     loop_plan = {"num_classes": len(plan.class_dirs), "steps_per_epoch": max(1, plan.steps_per_epoch),
                  "run_name": plan.run_name, "has_val": bool(plan.val), "resume_dir": resume_dir,
-                 "hold_after": fault_at("train.checkpoint_hold"), "shuffle": plan.shuffle}
+                 "shuffle": plan.shuffle}
     datasets = {"train": train_dataset(plan, cfg, first_epoch)}
     if plan.val:
         datasets["val"] = decoded_dataset(rows_dataset(plan.val, cfg), t.image_size, cfg, view="eval")
