@@ -186,7 +186,7 @@ class Captioner:
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        model_dir = loading.resolve_model_dir(cfg.encode.captioner, None, cfg.model.hub_timeout_s)
+        model_dir = loading.resolve_model_dir(cfg.encode.captioner, None, cfg.model.hub_timeout_s, kind="transformers")
         self.device = torch_device()
         dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.processor = AutoProcessor.from_pretrained(model_dir)
@@ -246,13 +246,18 @@ def build_pipeline(rows: list[dict], cfg: RunConfig, multiple: int = 8):
         decode_batch, batch_size=enc.batch_size, num_cpus=enc.decode_cpus,
         fn_kwargs={"resolution": enc.resolution, "view": enc.generation_view, "multiple": multiple},
     )
-    if enc.caption and not cfg.data.captions_file:
+    # With the captioner, two actor pools run at once and split encode.actors (the captioner takes the remainder).
+    captioning = enc.caption and not cfg.data.captions_file
+    pools = 2 if captioning else 1
+    why = "the captioner and the encoder; with data.captions_file or encode.caption=false the encoder runs alone"
+    if captioning:
         ds = ds.map_batches(
             Captioner, batch_size=enc.caption_batch_size, fn_constructor_args=(cfg,),
-            **actor_pool_kwargs(enc.actors, "encode.actors"),
+            **actor_pool_kwargs(enc.actors, "encode.actors", share=(0, pools), why=why),
         )
     ds = ds.map_batches(LatentEncoder, batch_size=enc.batch_size, fn_constructor_args=(cfg,),
-                        **actor_pool_kwargs(enc.actors, "encode.actors", reserve_cpus=enc.decode_cpus))
+                        **actor_pool_kwargs(enc.actors, "encode.actors", reserve_cpus=enc.decode_cpus,
+                                            share=(pools - 1, pools), why=why))
     return ds.map_batches(
         write_bank_batch, batch_format="pyarrow", batch_size=enc.rows_per_file, fn_kwargs={"out": cfg.out}
     )
