@@ -250,6 +250,42 @@ def test_a_hub_download_fetches_the_loaded_files_only_and_a_non_pipeline_is_name
         loading.resolve_model_dir("openai/clip-vit-large-patch14")
 
 
+def test_actors_of_one_node_download_a_hub_model_once(monkeypatch, tmp_path):
+    """Four threads resolve one hub id that is not cached yet; the download waits until all four have entered
+    hub_snapshot. One downloads, the other three then find it in the cache."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from realfake_ray import storage
+
+    _fake_hub(monkeypatch, tmp_path, SD15_FILES, SD15_MODEL_INDEX)
+    fake_snapshot, downloads, resolving = huggingface_hub.snapshot_download, [], 4
+    entered, original_cache_dir = threading.Semaphore(0), storage.cache_dir
+
+    def cache_dir(*parts):  # hub_snapshot's first step: the lock's path
+        entered.release()
+        return original_cache_dir(*parts)
+
+    def snapshot_download(repo_id, local_files_only=False, **kwargs):
+        if local_files_only and not downloads:
+            raise LocalEntryNotFoundError("not cached yet")
+        if not local_files_only:
+            for _ in range(resolving):
+                assert entered.acquire(timeout=60)
+            downloads.append(repo_id)
+        return fake_snapshot(repo_id, local_files_only=local_files_only, **kwargs)
+
+    monkeypatch.setattr(storage, "cache_dir", cache_dir)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    with ThreadPoolExecutor(resolving) as pool:
+        dirs = list(pool.map(lambda _: loading.hub_snapshot("stable-diffusion-v1-5/stable-diffusion-v1-5"),
+                             range(resolving)))
+    assert dirs == [str(tmp_path)] * resolving and downloads == ["stable-diffusion-v1-5/stable-diffusion-v1-5"]
+
+
 def _put_tree(local_dir: str, url: str) -> None:
     from realfake_ray import storage
 
