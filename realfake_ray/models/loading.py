@@ -176,6 +176,10 @@ def model_patterns(kind: str, model_index: dict | None = None) -> tuple[list[str
     CLIPImageProcessor read. ``transformers`` (e.g. the captioner): the root configs, tokenizer files and
     non-variant safetensors weights. Never ``.bin``/``.ckpt``/``.msgpack``/``.h5``/``.onnx`` (our loaders read
     safetensors only) nor a repository's root single-file checkpoints.
+
+    Example:
+        >>> model_patterns("pipeline", {"vae": ["diffusers", "AutoencoderKL"]})
+        (['model_index.json', 'vae/*.json', 'vae/*.txt', 'vae/*.model', 'vae/*.safetensors'], ['*.*.safetensors'])
     """
     if kind == "pipeline":
         if model_index is None:
