@@ -23,7 +23,8 @@ import tempfile
 import time
 import unicodedata
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import IO, Any
 
@@ -37,7 +38,7 @@ __all__ = [
     "arrow_filesystem", "check_reachable", "protocol", "is_local", "is_object_store", "local_path", "join",
     "relative", "exists", "isdir", "makedirs", "find", "glob", "listdir", "open_file", "read_bytes", "read_text",
     "read_json", "write_bytes", "write_text", "write_json", "upload_file", "written_from_local", "remove",
-    "copy_tree_to_local", "safe_name",
+    "COPY_CHUNK_BYTES", "COPY_WORKERS", "copy_tree_to_local", "safe_name",
 ]
 
 _TMP_MARK = ".tmp-"
@@ -318,14 +319,55 @@ def remove(url: str, recursive: bool = False) -> None:
         fs.rm(path, recursive=recursive)
 
 
-def copy_tree_to_local(url: str, local_dir: str) -> None:
-    """Download every file below ``url`` into ``local_dir`` (keeping the relative layout)."""
-    for file_url in find(url):
-        rel = relative(file_url, url)
+COPY_CHUNK_BYTES = 64 << 20  # one ranged read (one ranged GET on object stores)
+COPY_WORKERS = 4  # ranged reads in flight at once: at most COPY_WORKERS x COPY_CHUNK_BYTES in memory
+
+
+def copy_tree_to_local(url: str, local_dir: str, paths: Iterable[str] | None = None,
+                       chunk_bytes: int = COPY_CHUNK_BYTES, workers: int = COPY_WORKERS) -> list[str]:
+    """Download the files below ``url`` — all of them, or the relative ``paths`` — into ``local_dir``, keeping
+    the relative layout; returns the relative paths copied.
+
+    Every file streams in ranged reads of ``chunk_bytes``, ``workers`` of them at a time across all files, each
+    written at its offset: a large file (a 3.4 GB UNet) arrives in parallel ranges and is never held whole in
+    memory. The listing gives the sizes (no request per file before its reads).
+
+    Example:
+        >>> write_bytes("memory://src/a/b.bin", b"x" * 10)
+        >>> copy_tree_to_local("memory://src", tempfile.mkdtemp(), chunk_bytes=4)
+        ['a/b.bin']
+    """
+    fs, root = filesystem(url)
+    sizes = {posixpath.relpath(path, root): int(info["size"]) for path, info in fs.find(root, detail=True).items()
+             if _TMP_MARK not in posixpath.basename(path)}
+    wanted = sorted(sizes) if paths is None else sorted(paths)
+    missing = [rel for rel in wanted if rel not in sizes]
+    if missing:
+        raise StorageError(f"{url}: no such file(s) to copy: {', '.join(missing[:5])}")
+    ranges = []
+    for rel in wanted:
         target = os.path.join(local_dir, *rel.split("/"))
         os.makedirs(os.path.dirname(target), exist_ok=True)
         with open(target, "wb") as out:
-            out.write(read_bytes(file_url))
+            out.truncate(sizes[rel])
+        ranges += [(posixpath.join(root, rel), target, start, min(start + chunk_bytes, sizes[rel]))
+                   for start in range(0, sizes[rel], chunk_bytes)]
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        list(pool.map(lambda r: _copy_range(fs, *r), ranges))
+    return wanted
+
+
+def _copy_range(fs: fsspec.AbstractFileSystem, path: str, target: str, start: int, end: int) -> None:
+    data = fs.cat_file(path, start=start, end=end)
+    if len(data) != end - start:
+        raise StorageError(f"{path}: read {len(data)} bytes at offset {start}, expected {end - start} (changed while copied?)")
+    fd = os.open(target, os.O_WRONLY)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.pwrite(fd, view, start + len(data) - len(view)):]
+    finally:
+        os.close(fd)
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._\-]+")

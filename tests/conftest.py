@@ -132,3 +132,34 @@ def s3_bucket(s3_server, request) -> str:
     name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:8]
     fsspec.filesystem("s3", skip_instance_cache=True).mkdir(name)
     return f"s3://{name}"
+
+
+@pytest.fixture
+def counting_fs():
+    """A fresh in-memory fsspec filesystem under ``countmem://`` (not local: model URLs on it are copied) that
+    records every read as ``(path, start, end)`` in ``.reads``; ``.before_read(path, start, end)``, when set,
+    runs before each read (a test's gate or fault)."""
+    import threading
+
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class CountingMemoryFileSystem(MemoryFileSystem):
+        protocol = ("countmem",)
+        store: dict = {}
+        pseudo_dirs = [""]
+        reads: list = []
+        before_read = None
+        _reads_lock = threading.Lock()
+
+        def cat_file(self, path, start=None, end=None, **kwargs):
+            path = self._strip_protocol(path)
+            with self._reads_lock:
+                type(self).reads.append((path, start, end))
+            if type(self).before_read is not None:
+                type(self).before_read(path, start, end)
+            return super().cat_file(path, start=start, end=end, **kwargs)
+
+    fsspec.register_implementation("countmem", CountingMemoryFileSystem, clobber=True)
+    yield CountingMemoryFileSystem
+    CountingMemoryFileSystem.store.clear()

@@ -229,3 +229,60 @@ def test_imagenet_shaped_inputs_encode_and_train(ray_cluster, tmp_path):
     sets = summary["train"]["result"]["evaluation"]["sets"]
     assert {k: v["count"] for k, v in sets.items()} == {"val": 6, "v2": 3, "wds": 3}
     assert summary["train"]["result"]["real_images"] == 12
+
+
+class _PlanRecorder:
+    """Stands in for a Ray Data dataset: records each ``map_batches`` step (function and keyword arguments)."""
+
+    def __init__(self):
+        self.steps = []
+
+    def map_batches(self, fn, **kwargs):
+        self.steps.append((getattr(fn, "__name__", str(fn)), kwargs))
+        return self
+
+
+def _one_pending_image() -> dict:
+    """What encode's planning hands build_pipeline: per split, the set and its pending rows (here one image)."""
+    from realfake_ray.data.sources import LabelledSet
+
+    rows = pa.table({"image_id": ["a/x.png"], "url": ["/d/a/x.png"], "label": [0], "caption": [""], "split": ["train"]})
+    return {"train": (LabelledSet("/d", "imagefolder", ["a"], ["a"], items=rows.select(["image_id", "url", "label"])), rows)}
+
+
+@pytest.mark.parametrize("captions_file", [None, "captions.jsonl"])
+def test_the_captioner_and_the_encoder_split_encode_actors_between_them(monkeypatch, no_ray, captions_file):
+    """BLIP-2 captioning and encoding run in one Ray Data execution: together their GPU pools never ask for more
+    than encode.actors.max_size (before: 2 x 64 GPUs on in1k). Without captioning the encoder has it all."""
+    import ray.data
+
+    from realfake_ray._internal import cluster
+    from realfake_ray.stages.encode.driver import build_pipeline
+
+    recorder = _PlanRecorder()
+    monkeypatch.setattr(ray.data, "from_arrow", lambda *a, **k: recorder)
+    monkeypatch.setattr(cluster, "node_types", lambda: None)  # the only cluster query of a GPU pool
+    cfg = load_config(preset="tiny", out="memory://plan", overrides=[
+        "encode.caption=true", "encode.actors.min_size=1", "encode.actors.max_size=64", "encode.actors.gpus_per_actor=1",
+        *([f"data.captions_file={captions_file}"] if captions_file else [])])
+    build_pipeline(_one_pending_image(), cfg)
+    pools = {name: kw["compute"] for name, kw in recorder.steps if "compute" in kw}
+    assert set(pools) == ({"LatentEncoder"} if captions_file else {"Captioner", "LatentEncoder"})
+    assert sum(p.max_size for p in pools.values()) == sum(p.initial_size for p in pools.values()) == 64
+    assert all(p.min_size == 1 for p in pools.values())
+
+
+def test_a_captioning_encode_with_one_actor_is_refused_naming_the_key(monkeypatch, no_ray):
+    import ray.data
+
+    from realfake_ray._internal import cluster
+    from realfake_ray.config import ConfigError
+    from realfake_ray.stages.encode.driver import build_pipeline
+
+    monkeypatch.setattr(ray.data, "from_arrow", lambda *a, **k: _PlanRecorder())
+    monkeypatch.setattr(cluster, "node_types", lambda: None)
+    cfg = load_config(preset="tiny", out="memory://plan", overrides=[
+        "encode.caption=true", "encode.actors.max_size=1", "encode.actors.gpus_per_actor=1"])
+    with pytest.raises(ConfigError, match=r"encode.actors.max_size=1: 2 actor pools .*the captioner and the encoder; "
+                                          r"with data.captions_file or encode.caption=false the encoder runs alone"):
+        build_pipeline(_one_pending_image(), cfg)

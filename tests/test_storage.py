@@ -158,3 +158,41 @@ def test_object_store_extras_have_the_fsspec_floor(pyproject):
     assert {r.name for r in backends} >= {"s3fs", "gcsfs"}
     for requirement in backends:
         assert str(requirement.specifier) == str(fsspec_floor), requirement
+
+
+def test_a_copy_streams_each_file_in_ranged_reads_in_parallel_never_whole(counting_fs, tmp_path):
+    """A file of 4.5 chunks arrives byte-identical from 5 ranged reads of at most one chunk each (nothing read
+    whole); two reads are in flight at once (a barrier both must reach, which serial reads never pass)."""
+    import threading
+
+    big, small = bytes(range(256)) * 18 + b"tail", b"{}"  # 4612 bytes
+    storage.write_bytes("countmem://model/unet/weights.safetensors", big)
+    storage.write_bytes("countmem://model/unet/config.json", small)
+    together = threading.Barrier(2, timeout=30)
+    counting_fs.before_read = lambda path, start, end: together.wait() if start in (0, 1024) and "weights" in path else None
+    copied = storage.copy_tree_to_local("countmem://model", str(tmp_path), chunk_bytes=1024, workers=3)
+    assert copied == ["unet/config.json", "unet/weights.safetensors"]
+    assert (tmp_path / "unet" / "weights.safetensors").read_bytes() == big
+    assert (tmp_path / "unet" / "config.json").read_bytes() == small
+    ranges = sorted((s, e) for p, s, e in counting_fs.reads if p.endswith("weights.safetensors"))
+    assert ranges == [(0, 1024), (1024, 2048), (2048, 3072), (3072, 4096), (4096, 4612)]
+
+
+def test_a_copy_takes_only_the_paths_asked_for_and_names_missing_ones(counting_fs, tmp_path):
+    storage.write_bytes("countmem://m/a.json", b"1")
+    storage.write_bytes("countmem://m/big.ckpt", b"x" * 100)
+    assert storage.copy_tree_to_local("countmem://m", str(tmp_path), paths=["a.json"]) == ["a.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+    assert not any(p.endswith("big.ckpt") for p, _, _ in counting_fs.reads)
+    with pytest.raises(storage.StorageError, match=r"countmem://m: no such file\(s\) to copy: b.json"):
+        storage.copy_tree_to_local("countmem://m", str(tmp_path), paths=["b.json"])
+
+
+def test_a_copy_from_an_object_store_is_one_ranged_get_per_chunk(s3_bucket, s3_server, tmp_path):
+    data = bytes(range(256)) * 10_000  # 2.44 chunks of 1 MiB
+    storage.write_bytes(f"{s3_bucket}/model/unet/w.safetensors", data)
+    before = s3_server.by_method()
+    storage.copy_tree_to_local(f"{s3_bucket}/model", str(tmp_path), chunk_bytes=1 << 20)
+    after = s3_server.by_method()
+    assert (tmp_path / "unet" / "w.safetensors").read_bytes() == data
+    assert after["GET"] - before["GET"] == 1 + 3 and after["HEAD"] == before["HEAD"]  # the listing, 3 ranges

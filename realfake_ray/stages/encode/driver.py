@@ -267,7 +267,7 @@ class Captioner:
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        model_dir = loading.resolve_model_dir(cfg.encode.captioner, None, cfg.model.hub_timeout_s)
+        model_dir = loading.resolve_model_dir(cfg.encode.captioner, None, cfg.model.hub_timeout_s, kind="transformers")
         self.device = torch_device()
         dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.processor = AutoProcessor.from_pretrained(model_dir)
@@ -341,13 +341,18 @@ def build_pipeline(pending: dict[str, tuple[LabelledSet, pa.Table]], cfg: RunCon
     parts = [_split_dataset(lset, rows, cfg, multiple, train.class_dirs, train.class_names)
              for lset, rows in pending.values() if rows.num_rows]
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    if enc.caption and not cfg.data.captions_file:
+    # With the captioner, two actor pools run at once and split encode.actors (the captioner takes the remainder).
+    captioning = enc.caption and not cfg.data.captions_file
+    pools = 2 if captioning else 1
+    why = "the captioner and the encoder; with data.captions_file or encode.caption=false the encoder runs alone"
+    if captioning:
         ds = ds.map_batches(
             Captioner, batch_size=enc.caption_batch_size, fn_constructor_args=(cfg,),
-            **actor_pool_kwargs(enc.actors, "encode.actors"),
+            **actor_pool_kwargs(enc.actors, "encode.actors", share=(0, pools), why=why),
         )
     ds = ds.map_batches(LatentEncoder, batch_size=enc.batch_size, fn_constructor_args=(cfg,),
-                        **actor_pool_kwargs(enc.actors, "encode.actors", reserve_cpus=enc.decode_cpus))
+                        **actor_pool_kwargs(enc.actors, "encode.actors", reserve_cpus=enc.decode_cpus,
+                                            share=(pools - 1, pools), why=why))
     return ds.map_batches(
         write_bank_batch, batch_format="pyarrow", batch_size=enc.rows_per_file, fn_kwargs={"out": cfg.out}
     )
