@@ -163,9 +163,11 @@ def pareto_plot(rows: list[dict], path: str, title: str = "realfake tune-sampler
     return _save_png(fig, path)
 
 
-def timeline_plot(points: list[dict], path: str, title: str = "generate: cluster and throughput") -> str:
+def timeline_plot(points: list[dict], path: str, title: str = "generate: cluster and throughput",
+                  first_batches: list[float] | None = None) -> str:
     """A stage's scaling timeline: alive nodes and actors (steps, left axis) and images/s between samples
-    (right axis) over seconds. ``points``: ``{"t", "images", "nodes", "actors"}`` dicts. Writes a PNG.
+    (right axis) over seconds; ``first_batches``: when each actor finished its first batch (ticks: how long a
+    fresh actor took to start working). ``points``: ``{"t", "images", "nodes", "actors"}`` dicts. Writes a PNG.
 
     Example:
         >>> timeline_plot([{"t": 0, "images": 0, "nodes": 1, "actors": 1},
@@ -178,6 +180,9 @@ def timeline_plot(points: list[dict], path: str, title: str = "generate: cluster
     ax.step(t, [p["nodes"] for p in points], where="post", label="nodes alive", color="tab:blue")
     if all(p.get("actors") is not None for p in points):
         ax.step(t, [p["actors"] for p in points], where="post", label="actors alive", color="tab:orange")
+    if first_batches:
+        ax.plot(first_batches, [0] * len(first_batches), linestyle="none", marker="|", markersize=14,
+                color="tab:red", label="an actor's first batch")
     ax.set_xlabel("seconds since the stage started")
     ax.set_ylabel("count")
     ax.set_ylim(bottom=0)

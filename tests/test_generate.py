@@ -300,6 +300,7 @@ def test_two_copies_per_image_in_shards_with_their_provenance(run_a, bank):
     assert summary["failed"] == 0 and summary["complete"] and summary["images_per_s"] > 0
     assert summary["shards"] == summary["shards_written_now"] == 8 and len(_files(out)) == 8  # 4 per copy
     assert {a["actor"] for a in summary["actors"]} and all(a["first_batch_s"] > a["load_s"] > 0 for a in summary["actors"])
+    assert all(0 < a["first_batch_t"] < summary["generation_s"] for a in summary["actors"])
     on_disk = storage.read_json(RunLayout(str(out)).synthetic_dir("_summary.json"))
     assert on_disk["count"] == 60 and on_disk["settings"]["steps"] == 4
     lora_sha = on_disk["settings"]["lora_sha256"]

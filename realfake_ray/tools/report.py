@@ -218,7 +218,8 @@ def write_report(cfg: RunConfig, summary: dict) -> dict:
                 report["pictures"]["samples"] = _upload_png(_sample_grid(cfg, meta, tmp), cfg, "samples.png")
         report["pictures"]["scaling"] = _upload_png(_scaling_plot(report["accuracy"], tmp), cfg, "scaling.png")
         if synth and len(synth.get("timeline") or []) > 1:
-            local = timeline_plot(synth["timeline"], os.path.join(tmp, "synthesis_timeline.png"))
+            firsts = [a["first_batch_t"] for a in synth.get("actors") or [] if a.get("first_batch_t") is not None]
+            local = timeline_plot(synth["timeline"], os.path.join(tmp, "synthesis_timeline.png"), first_batches=firsts)
             report["pictures"]["synthesis_timeline"] = _upload_png(local, cfg, "synthesis_timeline.png")
     if storage.exists(storage.join(RunLayout(cfg.out).finetune_dir(), "loss.png")):
         report["pictures"]["finetune_loss"] = "finetune/loss.png"

@@ -107,9 +107,11 @@ def _execute(cfg: RunConfig, plan: GeneratePlan) -> dict:
         shards, size = shards + int((batch["written"] > 0).sum()), size + int(batch["bytes"].sum())
         sampler_s += float(batch["sampler_s"].sum())
         errors += [e for e in batch["error"].tolist() if e][: max(0, 10 - len(errors))]
-        for name, load_s, first in zip(batch["actor"], batch["load_s"], batch["first_batch_s"]):
+        for name, load_s, first, at in zip(batch["actor"], batch["load_s"], batch["first_batch_s"], batch["first_batch_at"]):
             actors.setdefault(str(name), {"actor": str(name), "load_s": round(float(load_s), 2),
-                                          "first_batch_s": None if np.isnan(first) else round(float(first), 2)})
+                                          "first_batch_s": None if np.isnan(first) else round(float(first), 2),
+                                          # when, in the stage's timeline, this actor finished its first batch
+                                          "first_batch_t": None if np.isnan(at) else round(float(at) - started, 2)})
         bar.update(done)
         bar.set_postfix(failed=failed, refresh=False)
         progress["written"] = written

@@ -89,7 +89,7 @@ def load_units(units: pa.Table, *, seed: int, mode: str, vision_token: str, coll
 
 
 SUMMARY_KEYS = ("shard", "copy_idx", "written", "failed", "error", "sampler_s", "bytes", "actor", "load_s",
-                "first_batch_s")
+                "first_batch_s", "first_batch_at")
 
 
 class SynthesisActor:
@@ -179,7 +179,8 @@ class SynthesisActor:
         """Sample, encode and write one shard; its summary row (``failed`` = all its images on any error)."""
         n = len(row["image_id"])
         summary = {"shard": row["shard"], "copy_idx": row["copy_idx"], "written": 0, "failed": 0, "error": "",
-                   "sampler_s": 0.0, "bytes": 0, "actor": self.name, "load_s": self.load_s, "first_batch_s": None}
+                   "sampler_s": 0.0, "bytes": 0, "actor": self.name, "load_s": self.load_s, "first_batch_s": None,
+                   "first_batch_at": None}
         try:
             jpegs, summary["sampler_s"] = self._jpegs(row)
             provenance = {k: row[k] for k in ("image_id", "class_dir", "seed", "prompt")} | {"copy_idx": [row["copy_idx"]] * n}
@@ -195,6 +196,7 @@ class SynthesisActor:
             summary.update(failed=n, error=f"{type(exc).__name__}: {exc}"[:500])
             print(f"[generate] shard {row['shard']} ({n} images) failed: {summary['error']}", flush=True)
         summary["first_batch_s"] = self.first_batch_s
+        summary["first_batch_at"] = None if self.first_batch_s is None else self.started + self.first_batch_s
         if self.kill_after and summary["written"] and len(list_shards(self.shards_dir).urls) >= self.kill_after:
             kill_driver()
         return summary
@@ -205,7 +207,8 @@ class SynthesisActor:
         for key, dtype in (("copy_idx", np.int64), ("written", np.int64), ("failed", np.int64), ("bytes", np.int64),
                            ("sampler_s", np.float64), ("load_s", np.float64)):
             out[key] = np.array([r[key] for r in rows], dtype)
-        out["first_batch_s"] = np.array([np.nan if r["first_batch_s"] is None else r["first_batch_s"] for r in rows])
+        for key in ("first_batch_s", "first_batch_at"):
+            out[key] = np.array([np.nan if r[key] is None else r[key] for r in rows], dtype=np.float64)
         return out
 
 
