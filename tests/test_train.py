@@ -325,3 +325,26 @@ def test_a_budget_gives_every_set_size_the_same_images_and_schedule_shape():
     assert apply_budget(no_budget, 14370).train.epochs == 30  # no budget: epochs as given
     explicit = load_config(preset="tiny", overrides=["train.epochs=4"])
     assert explicit.train.budget_images is None and apply_budget(explicit, 14370).train.epochs == 4
+
+
+def test_unreadable_images_are_recorded_and_over_the_threshold_fail_the_stage(tmp_path, capsys):
+    """The decode tasks record every image they could not read (after retries); a run with more of them than
+    train.max_read_errors allows stops with the first ones named instead of training on a smaller set."""
+    import numpy as np
+
+    from realfake_ray.data.labelled import decode_rows, read_error_count
+    from realfake_ray.stages.train.driver import TooManyReadErrors, check_read_errors, errors_dir
+
+    cfg = _cfg(tmp_path, "train.max_read_errors=0.01")
+    good = storage.resolve_embedded(f"{REAL}/digit_0/0000.png")
+    urls = [good] * 98 + [str(tmp_path / "gone-1.png"), str(tmp_path / "gone-2.png")]
+    batch = {"url": np.array(urls, dtype=object), "label": np.zeros(100, np.int64), "aug": np.linspace(0, 1, 100)}
+    decoded = decode_rows(batch, 32, "train", errors_dir=errors_dir(cfg, "run-x"))
+    assert len(decoded["label"]) == 98 and "skipped 2 unreadable image(s)" in capsys.readouterr().out
+    count, first = read_error_count(errors_dir(cfg, "run-x"))
+    assert count == 2 and all("gone-" in e and "FileNotFoundError" in e for e in first)
+    decode_rows(batch, 32, "train", errors_dir=errors_dir(cfg, "run-x"))  # a retried task: the same record, not two
+    assert read_error_count(errors_dir(cfg, "run-x"))[0] == 2
+    assert check_read_errors(cfg, "run-x", 198)["count"] == 2  # 2 of 200: 1 %, at the threshold
+    with pytest.raises(TooManyReadErrors, match=r"train: 2 of 100 images could not be read .*gone-1.png"):
+        check_read_errors(cfg, "run-x", 98)
