@@ -307,6 +307,8 @@ def actor_pool_kwargs(pool: ActorPool, field: str, reserve_cpus: float = 0.0, sh
         compute=ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size, initial_size=initial),
         num_gpus=gpus,
         num_cpus=pool.cpus_per_actor,
+        # tests only: a fault set in this driver after its cluster started still reaches this pool's actors
+        **({"runtime_env": {"env_vars": worker_env()}} if worker_env() else {}),
     )
 
 
