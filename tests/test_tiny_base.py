@@ -78,7 +78,7 @@ def test_image_guidance_pulls_the_output_towards_the_guiding_image(pipe):
     CLIP image embedding lies closer to that token (a token that is dropped, zeroed or never read fails).
     The base never saw tokens in pretraining; their class-level effect comes with fine-tuning and is
     measured by benchmarks/effectiveness.py. Measured: cosine 0.26 guided vs -0.28 plain, 59 of 60 closer."""
-    from realfake_ray.sampler import Sampler, SamplerSettings
+    from realfake_ray.method.sampler import Sampler, SamplerSettings
 
     images, _ = _real("train", 6)
     tokens = _clip_embed(pipe, images)
@@ -96,8 +96,8 @@ def test_a_short_finetune_with_the_mmd_term_lowers_the_mmd_it_matches(pipe):
     """Same batches, noise and steps, λ > 0 vs λ = 0: the distribution-matching term between the denoiser's
     predictions and targets ends lower with it (a sign error or a detached term would not)."""
     from realfake_ray.config import FinetuneConfig
-    from realfake_ray.finetune_step import load_models, train_step
-    from realfake_ray.losses import distribution_matching_loss, min_snr_weights
+    from realfake_ray.stages.finetune.step import load_models, train_step
+    from realfake_ray.method.losses import distribution_matching_loss, min_snr_weights
     from realfake_ray.models.pretrain import encode_latent_means
 
     images, labels = _real("train", 8)
