@@ -88,6 +88,10 @@ class RunLayout:
         """A file the report writes at the top of the run (``_stages.json``, its PNGs)."""
         return self._at(name)
 
+    def tensorboard_dir(self, stage: str, tag: str | None = None) -> str:
+        """``<out>/tensorboard/<stage>[/<tag>]``: a stage's TensorBoard event files (``tracking.tensorboard``)."""
+        return self._at("tensorboard", stage, *([tag] if tag else []))
+
     def audit_dir(self, *parts: str) -> str:
         """``<out>/audit_privacy[/parts...]``: the privacy audit's shadow runs and results."""
         return self._of("audit-privacy", *parts)

@@ -27,7 +27,7 @@ from realfake_ray.data.synthetic import shard_bytes, shard_name, shard_table
 from realfake_ray.layout import RunLayout
 
 __all__ = ["declared_api", "small_bank", "fabricate_synthetic", "forbid_ray_work", "run_until_fault",
-           "run_with_node_loss"]
+           "run_with_node_loss", "mlflow_runs", "mlflow_points", "tensorboard_points"]
 
 TESTS = Path(__file__).resolve().parent
 
@@ -153,3 +153,35 @@ def run_with_node_loss(stage: str, out: str, overrides: list[str], at: int, work
     assert found["removed"].get("node"), f"no node hosting the stage's actor was removed: {found}"
     assert found["alive"] == workers, found  # the head and all but one worker remain
     return found
+
+
+def mlflow_runs(uri: str, experiment: str = "realfake") -> list:
+    """Every run of an MLflow experiment (``MlflowClient.search_runs``), oldest first; [] without the experiment."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    return client.search_runs([found.experiment_id], order_by=["attributes.start_time ASC"]) if found else []
+
+
+def mlflow_points(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    """``(step, value)`` of every value a run holds for a metric, by step."""
+    from mlflow import MlflowClient
+
+    return sorted((m.step, m.value) for m in MlflowClient(tracking_uri=uri).get_metric_history(run_id, key))
+
+
+def tensorboard_points(url: str, key: str) -> list[tuple[int, float]]:
+    """``(step, value)`` of a scalar as TensorBoard shows it: read by TensorBoard's own reader from every event
+    file below ``url`` (a local copy of a remote one), what a restart purged left out."""
+    import tempfile
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with tempfile.TemporaryDirectory() as local:
+        folder = storage.local_path(url) if storage.is_local(url) else local
+        if not storage.is_local(url):
+            storage.copy_tree_to_local(url, local)
+        events = EventAccumulator(folder, size_guidance={"scalars": 0})
+        events.Reload()
+        return [(e.step, e.value) for e in events.Scalars(key)] if key in events.Tags()["scalars"] else []

@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import forbid_ray_work, run_until_fault, run_with_node_loss
+from helpers import forbid_ray_work, run_until_fault, run_with_node_loss, tensorboard_points
 from safetensors.torch import load_file
 
 from realfake_ray import storage
@@ -25,6 +25,7 @@ from realfake_ray.models.loading import load_pipeline
 
 FIRST, SECOND = 4, 6
 RUN_OVERRIDES = ["finetune.checkpoint_every=2", "finetune.log_every=1"]
+TENSORBOARD = "tracking.tensorboard=true"  # on in the first run and its resume (test_tracking.py tests MLflow too)
 
 
 def _cfg(out, max_steps, *extra):
@@ -121,7 +122,7 @@ def first_run(tiny_bank, tmp_path_factory):
     """A fresh run directory holding a copy of the bank, fine-tuned to step FIRST with 2 workers."""
     out = str(tmp_path_factory.mktemp("finetune") / "run")
     shutil.copytree(os.path.join(tiny_bank, "latents"), os.path.join(out, "latents"))
-    done = run_finetune(_cfg(out, FIRST))
+    done = run_finetune(_cfg(out, FIRST, TENSORBOARD))
     return out, done, _history(out), load_file(os.path.join(RunLayout(out).lora_dir(), LORA_WEIGHT_NAME))
 
 
@@ -162,11 +163,14 @@ def test_two_worker_run_trains_the_lora_and_writes_every_output(first_run, tiny_
 @pytest.mark.e2e
 def test_larger_target_resumes_from_the_checkpoint_then_skips(first_run, capsys):
     out, _, first_history, _ = first_run
-    done = run_finetune(_cfg(out, SECOND))
+    done = run_finetune(_cfg(out, SECOND, TENSORBOARD))
     history = _history(out)
     assert done["step"] == SECOND and done["resumed_from"] == FIRST
     assert [row["step"] for row in history] == list(range(1, SECOND + 1))
     assert history[:FIRST] == first_history  # restored from the checkpoint, not recomputed
+    for key in ("loss", "mmd", "samples_per_s"):  # every logged step in TensorBoard once, across the resume
+        assert tensorboard_points(f"{out}/tensorboard/finetune", key) == \
+            [(row["step"], pytest.approx(row[key], rel=1e-6)) for row in history], key
     assert checkpoint_steps(out) == [FIRST, SECOND]  # keep_checkpoints=2
 
     with pytest.MonkeyPatch.context() as mp:  # complete: the stored result, no Ray work at all

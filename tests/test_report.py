@@ -1,6 +1,7 @@
 """The run report from stage outputs alone (no Ray): per-classifier rows, throughput, pictures, cost."""
 
 import numpy as np
+from helpers import mlflow_runs
 
 from realfake_ray import storage
 from realfake_ray.config import load_config
@@ -48,3 +49,19 @@ def test_report_lists_every_classifier_with_its_data_and_pictures(tmp_path):
         assert f"\n## {COMMANDS[stage].report}\n" in text, stage
     assert f"## {COMMANDS['finetune'].report}" not in text  # no fine-tuning record: no section
     assert np.isfinite(report["imagenet_estimate"]["flop_model"]["h100_gpu_hours"])
+
+
+def test_the_report_and_its_pictures_reach_the_runs_mlflow_run(tmp_path):
+    out, uri = str(tmp_path / "run"), f"file://{tmp_path}/mlruns"
+    _classifier(out, "real", "real", 1437, 0, 0.93)
+    _classifier(out, "synthetic-1x", "synthetic", 0, 1437, 0.11)
+    cfg = load_config(preset="tiny", out=out, overrides=[f"tracking.mlflow_uri={uri}"])
+    write_report(cfg, {"train": {"seconds": 12.0, "skipped": False, "result": {}}})
+    from mlflow import MlflowClient
+
+    (run,) = mlflow_runs(uri)  # the run of the whole --out (no stage ran here)
+    client = MlflowClient(tracking_uri=uri)
+    listed = {a.path for a in client.list_artifacts(run.info.run_id)} | {
+        a.path for folder in ("classifier/real", "classifier/synthetic-1x") for a in client.list_artifacts(run.info.run_id, folder)}
+    assert listed >= {"report.md", "scaling.png", "classifier/real/curves.png", "classifier/synthetic-1x/curves.png"}
+    assert open(client.download_artifacts(run.info.run_id, "report.md")).read() == storage.read_text(f"{out}/report.md")

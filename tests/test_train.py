@@ -11,7 +11,8 @@ import time
 
 import numpy as np
 import pytest
-from helpers import fabricate_synthetic, forbid_ray_work, run_with_node_loss, small_bank
+from helpers import fabricate_synthetic, forbid_ray_work, mlflow_points, mlflow_runs, run_with_node_loss, small_bank, \
+    tensorboard_points
 
 from realfake_ray import storage
 from realfake_ray.config import ConfigError, load_config
@@ -157,18 +158,21 @@ SHORT = "train.warmup_epochs=0.5"  # the recipe's 2 warm-up epochs would outlast
 
 @pytest.fixture(scope="module")
 def real_run(ray_cluster, tmp_path_factory):
-    """A real-only run stopped after 1 epoch, then resumed to 2 (plus an OOD subset set)."""
+    """A real-only run stopped after 1 epoch, then resumed to 2 (plus an OOD subset set), both calls tracked in
+    MLflow (a file store) and TensorBoard."""
     out = tmp_path_factory.mktemp("train-real")
     subset = out / "digits_3_7"
     for d in ("digit_3", "digit_7"):
         shutil.copytree(storage.resolve_embedded(f"{VAL}/{d}"), subset / d)
     sets = f"evaluate.extra_sets={{digits_3_7: {subset}}}"
+    mlflow_uri = f"file://{tmp_path_factory.mktemp('mlruns')}"
+    tracking = [f"tracking.mlflow_uri={mlflow_uri}", "tracking.tensorboard=true"]
     started = time.time()
-    first = run_train(_cfg(out, "train.source=real", SHORT, f"train.epochs={FIRST_EPOCHS}", sets))
+    first = run_train(_cfg(out, "train.source=real", SHORT, f"train.epochs={FIRST_EPOCHS}", sets, *tracking))
     first_metrics = read_metrics(RunLayout(str(out)).classifier_dir())
-    second = run_train(_cfg(out, "train.source=real", SHORT, f"train.epochs={EPOCHS}", sets))
+    second = run_train(_cfg(out, "train.source=real", SHORT, f"train.epochs={EPOCHS}", sets, *tracking))
     return {"out": out, "first": first, "first_metrics": first_metrics, "second": second,
-            "seconds": time.time() - started}
+            "seconds": time.time() - started, "mlflow_uri": mlflow_uri}
 
 
 @pytest.mark.e2e
@@ -219,6 +223,28 @@ def test_resume_continues_at_the_saved_epoch(real_run):
     assert len({r["run"] for r in rows}) == 1 and all(r["images_per_s"] > 0 for r in rows)
     run_dir = os.path.join(RunLayout(str(real_run["out"])).classifier_dir(), rows[0]["run"])
     assert "epoch_0001" in os.listdir(run_dir)
+
+
+@pytest.mark.e2e
+def test_epoch_metrics_and_the_evaluation_reach_mlflow_and_tensorboard_once_across_the_resume(real_run):
+    from mlflow import MlflowClient
+
+    uri, out = real_run["mlflow_uri"], str(real_run["out"])
+    rows = read_metrics(RunLayout(out).classifier_dir())
+    parent, run = mlflow_runs(uri)
+    assert run.info.run_name == "train" and run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert run.info.status == "FINISHED" and run.data.tags["realfake.key"] == rows[0]["run"]
+    assert run.data.params["train.epochs"] == str(FIRST_EPOCHS)  # the first call's; the resumed call continued it
+    for key in ("train_loss", "train_acc", "val_top1", "val_top5", "lr", "images_per_s"):
+        expected = [(r["epoch"], pytest.approx(r[key])) for r in rows]
+        assert mlflow_points(uri, run.info.run_id, key) == expected, key  # epochs 0 and 1, once each
+        assert tensorboard_points(f"{out}/tensorboard/train", key) == [(e, pytest.approx(v, rel=1e-6)) for e, v in expected]
+    evaluations = [(0, real_run["first"]["evaluation"]), (1, real_run["second"]["evaluation"])]
+    expected = [(epoch, pytest.approx(e["sets"]["val"]["top1"])) for epoch, e in evaluations]
+    assert mlflow_points(uri, run.info.run_id, "eval/val/top1") == expected
+    assert tensorboard_points(f"{out}/tensorboard/train", "eval/digits_3_7/top1") == \
+        [(epoch, pytest.approx(e["sets"]["digits_3_7"]["top1"])) for epoch, e in evaluations]
+    assert [a.path for a in MlflowClient(tracking_uri=uri).list_artifacts(run.info.run_id)] == ["config.yaml", "curves.png"]
 
 
 @pytest.mark.e2e

@@ -36,6 +36,7 @@ from realfake_ray.config.sections import (
     ModelConfig,
     RayConfig,
     RunConfig,
+    TrackingConfig,
     TrainConfig,
     TuneSamplerConfig,
 )
@@ -43,6 +44,6 @@ from realfake_ray.config.sections import (
 __all__ = [
     "Dtype", "PRESETS", "EMBEDDED_DATASET", "ConfigError", "ActorPool", "ModelConfig", "DataConfig", "EncodeConfig",
     "FinetuneConfig", "GenerateConfig", "TRAIN_RECIPES", "TrainConfig", "EvaluateConfig", "PAPER_SAMPLER",
-    "TuneSamplerConfig", "AuditPrivacyConfig", "RayConfig", "RunConfig", "deep_merge", "parse_override",
+    "TuneSamplerConfig", "AuditPrivacyConfig", "RayConfig", "TrackingConfig", "RunConfig", "deep_merge", "parse_override",
     "read_yaml_config", "build_config", "load_config", "dump_config",
 ]

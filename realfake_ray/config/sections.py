@@ -12,7 +12,7 @@ from realfake_ray.storage import anchor
 __all__ = [
     "Dtype", "PRESETS", "EMBEDDED_DATASET", "ConfigError", "ActorPool", "ModelConfig", "DataConfig", "EncodeConfig",
     "FinetuneConfig", "GenerateConfig", "TRAIN_RECIPES", "TrainConfig", "EvaluateConfig", "PAPER_SAMPLER",
-    "TuneSamplerConfig", "AuditPrivacyConfig", "RayConfig", "RunConfig",
+    "TuneSamplerConfig", "AuditPrivacyConfig", "RayConfig", "TrackingConfig", "RunConfig",
 ]
 
 Dtype = Literal["fp32", "fp16", "bf16"]
@@ -306,6 +306,20 @@ class RayConfig(_Section):
     verbose: bool = False  # Ray Data's per-operator progress bars and execution logs (--verbose)
 
 
+class TrackingConfig(_Section):
+    """Experiment tracking of the stages' metrics besides their JSONL/PNG files (realfake_ray._internal.tracking).
+    Off by default. MLflow: one run per stage (``finetune``, ``train[-<tag>]``) nested under one run per
+    ``--out``, holding the resolved config as parameters, the metric rows, the final evaluation and the PNGs."""
+
+    # Any MLflow tracking URI (pip install 'realfake-ray[mlflow]'): an http(s) server, databricks, or a local
+    # store given as an absolute file:/// URI (MLflow 3 keeps file stores in maintenance mode: realfake sets
+    # MLFLOW_ALLOW_FILE_STORE=true for one unless the environment says otherwise). Ray workers log to it too:
+    # on a cluster it must be reachable from every node. None: off.
+    mlflow_uri: str | None = None
+    mlflow_experiment: str = Field("realfake", min_length=1)
+    tensorboard: bool = False  # event files below <out>/tensorboard/<stage>[/<tag>] (tensorboardX)
+
+
 class RunConfig(_Section):
     """The whole run; each stage reads its own section plus the shared ones."""
 
@@ -322,6 +336,7 @@ class RunConfig(_Section):
     tune_sampler: TuneSamplerConfig = TuneSamplerConfig()
     audit_privacy: AuditPrivacyConfig = AuditPrivacyConfig()
     ray: RayConfig = RayConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
     def _embedded_default(self) -> RunConfig:

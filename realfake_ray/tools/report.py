@@ -13,6 +13,7 @@ import tempfile
 import numpy as np
 
 from realfake_ray import storage
+from realfake_ray._internal.tracking import log_report
 from realfake_ray.config import RunConfig, dump_config
 from realfake_ray.data.imagefolder import decode_image
 from realfake_ray.data.sources import detect_layout, read_images_by_id
@@ -229,6 +230,8 @@ def write_report(cfg: RunConfig, summary: dict) -> dict:
             report["pictures"][f"curves_{name}"] = storage.relative(curves, cfg.out)
     storage.write_json(RunLayout(cfg.out).report_url("json"), report)
     storage.write_text(RunLayout(cfg.out).report_url("md"), _markdown(cfg, report, markdown_table))
+    pictures = [storage.join(cfg.out, p) for p in report["pictures"].values() if isinstance(p, str) and p.endswith(".png")]
+    log_report(cfg, [RunLayout(cfg.out).report_url("md"), *pictures])  # MLflow, if on
     return report
 
 

@@ -40,6 +40,7 @@ from realfake_ray._internal.checkpoints import (
 from realfake_ray._internal.cluster import check_fits_a_node, cluster_gpus, init_ray, quiet_train_worker, train_logging
 from realfake_ray._internal.faults import hold_at, kill_driver_at
 from realfake_ray._internal.settings import refuse_changed_settings
+from realfake_ray._internal.tracking import StageRun
 from realfake_ray._internal.trainer import (
     all_gather_objects,
     all_reduce_sum,
@@ -227,6 +228,7 @@ def train_loop(loop_config: dict) -> None:
     ckpt = resume_checkpoint(plan.resume_dir, CHECKPOINT_PREFIX)
     steps_per_epoch, _ = step_target(ft, plan.rows)
     st = _restore(ckpt, models, optimizer, scaler, generator, rank, world, steps_per_epoch) if ckpt else _TrainState(history=[])
+    tracker = StageRun.of(cfg, "finetune").logger(st.history, "step", on=rank == 0)  # MLflow / TensorBoard, if on
     models.unet = prepare_model(models.unet)
     class_means = torch.tensor(plan.class_means, device=device) if plan.class_means else None
     shard = train.get_dataset_shard("train")
@@ -259,6 +261,7 @@ def train_loop(loop_config: dict) -> None:
                 row = {"step": st.step, **dict(zip(METRIC_KEYS, means)), "lr": lr_at(ft, st.step - 1),
                        "samples_per_s": window_steps * ft.batch_size * world / elapsed, "epoch": st.epoch}
                 st.history.append(row)
+                tracker.log(st.history)
                 window.zero_()
                 window_steps, window_start = 0, time.perf_counter()
             if checkpoint_now:
@@ -444,11 +447,15 @@ def run_finetune(cfg: RunConfig) -> dict:
     plan = _plan_from_newest(cfg, meta, files, total)
     storage.write_json(settings_url, settings)
     storage.write_text(storage.join(RunLayout(cfg.out).finetune_dir(), "config.yaml"), dump_config(cfg))
+    tracked = StageRun.of(cfg, "finetune")
+    tracked.start(cfg)
     init_ray(cfg.ray)
     result, restarts = fit_with_restarts(
         lambda restart: _fit(cfg, _plan_from_newest(cfg, meta, files, total) if restart else plan),
         cfg.finetune.max_failures, "finetune")
-    return _finish(cfg, result, started, restarts)
+    done = _finish(cfg, result, started, restarts)
+    tracked.finish(files=[storage.join(RunLayout(cfg.out).finetune_dir(), "loss.png")])
+    return done
 
 
 def _plan_from_newest(cfg: RunConfig, meta: dict, files: tuple[str, ...], total: int) -> FinetunePlan:

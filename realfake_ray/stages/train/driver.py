@@ -28,6 +28,7 @@ from realfake_ray._internal import trainer
 from realfake_ray._internal.checkpoints import checkpoint_number, newest_complete, prune_checkpoints, resume_checkpoint
 from realfake_ray._internal.cluster import check_fits_a_node, cluster_gpus, init_ray, quiet_train_worker, train_logging
 from realfake_ray._internal.faults import hold_at
+from realfake_ray._internal.tracking import StageRun, evaluation_metrics
 from realfake_ray.method.classifier import (
     build_classifier,
     build_optimizer,
@@ -243,6 +244,7 @@ def train_loop(config: dict) -> None:
     cdir = output_dir(cfg)
     kept = read_metrics(cdir) if rank == 0 else []  # rows of the epochs already checkpointed stay
     history = [r for r in kept if r.get("run") == plan["run_name"] and r["epoch"] < start]
+    tracker = StageRun.of(cfg, "train", t.tag, plan["run_name"]).logger(history, "epoch", on=rank == 0)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if plan["has_val"] else None
     for epoch in range(start, t.epochs):
@@ -265,6 +267,7 @@ def train_loop(config: dict) -> None:
             history.append(row)
             trainer.write_metrics(metrics_url(cdir), history)
             write_curves(cdir, history)
+            tracker.log(history)  # MLflow / TensorBoard, if on
             print(f"[train] epoch {epoch + 1}/{t.epochs} " + json.dumps({k: row[k] for k in _CURVE_KEYS + ["lr", "images_per_s"]}))
             state = {"model": base.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "epoch": epoch, "scaler": amp[1].state_dict() if amp[1] else {}}
@@ -360,6 +363,8 @@ def run_train(cfg: RunConfig) -> dict:
     if plan.missing_synthetic_classes:
         print(f"[train] warning: the synthetic set has no image of class(es) {plan.missing_synthetic_classes[:10]}")
     started = time.time()
+    tracked = StageRun.of(cfg, "train", cfg.train.tag, plan.run_name)
+    tracked.start(cfg)
     init_ray(cfg.ray)
     first = _resume_point(cfg, plan.run_name)  # a restart re-plans from the newest checkpoint
     try:
@@ -381,6 +386,7 @@ def run_train(cfg: RunConfig) -> dict:
     if history:
         write_curves(cdir, history)
     evaluation = run_evaluate(cfg)
+    tracked.finish(evaluation_metrics(evaluation), int(state["epoch"]), [storage.join(cdir, "curves.png")])
     summary = {
         "fingerprint": plan.fingerprint, "epochs": cfg.train.epochs, "run_name": plan.run_name,
         "source": cfg.train.source, "arch": cfg.train.arch, "epoch_images": plan.epoch_images,
