@@ -137,6 +137,11 @@ class GenerateConfig(_Section):
     dtype: Dtype = "fp16"
     channels_last: bool = True
     compile: bool = False
+    # Speed options (docs/generate.md): off by default; on a CPU node the CUDA-only ones are dropped.
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    sdpa_backend: Literal["auto", "flash", "efficient", "cudnn", "math"] = "auto"  # the UNet's attention kernel
+    vae_dtype: Dtype | None = None  # the VAE decode's dtype; None: dtype
+    fuse_qkv: bool = False  # one matmul for each attention layer's q/k/v projections
     speedup: str = "none"  # none | deepcache[:N] | tomesd[:ratio] (see realfake_ray.method.speedups)
     jpeg_quality: int = Field(75, ge=1, le=100)  # 75: PIL's default, what the reference stores
     storage_size: int | None = Field(None, ge=8)  # short side of stored JPEGs; None: the generation resolution

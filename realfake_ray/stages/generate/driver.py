@@ -168,6 +168,7 @@ def _execute(cfg: RunConfig, plan: GeneratePlan) -> dict:
 def _throughput_settings(cfg: RunConfig) -> dict:
     g = cfg.generate
     return {"batch_size": g.batch_size, "dtype": g.dtype, "channels_last": g.channels_last, "compile": g.compile,
+            "compile_mode": g.compile_mode, "sdpa_backend": g.sdpa_backend, "vae_dtype": g.vae_dtype, "fuse_qkv": g.fuse_qkv,
             "actors": g.actors.model_dump(), "rows_per_manifest_file": g.rows_per_manifest_file, "mult": g.mult}  # fmt: skip
 
 
