@@ -104,6 +104,9 @@ class FinetuneConfig(_Section):
     mmd_scope: Literal["local", "global"] = "local"  # local: each worker's own batch (the reference)
     snr_gamma: float | None = Field(5.0, gt=0)
     mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
+    # torch.compile the LoRA UNet's forward (and so its backward); the CUDA-graph modes only on GPU workers
+    compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     hflip: bool = True
     vision_token: Literal["image", "class_mean", "none"] = "image"
     checkpoint_every: int = Field(500, ge=1)
@@ -117,6 +120,8 @@ class FinetuneConfig(_Section):
     def _positive_cpus(self) -> FinetuneConfig:
         if self.cpus_per_worker != "auto" and self.cpus_per_worker <= 0:
             raise ValueError(f"cpus_per_worker must be > 0 or 'auto' (got {self.cpus_per_worker})")
+        if self.compile_mode != "default" and not self.compile:
+            raise ValueError(f"compile_mode={self.compile_mode!r} needs compile=true")
         return self
 
 

@@ -30,12 +30,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from realfake_ray.method.vision_token import encode_text, inject_vision_token
+from realfake_ray.devices import COMPILE_MODES, compile_mode_on, records_cuda_graphs
 from realfake_ray.method.lora import apply_lora
 from realfake_ray.method.prompts import NEGATIVE_PROMPT, tokenize
+from realfake_ray.method.vision_token import encode_text, inject_vision_token
 
 __all__ = [
-    "COMPILE_MODES",
     "DTYPES",
     "MODES",
     "SCHEDULERS",
@@ -48,9 +48,6 @@ __all__ = [
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MODES = ("img2img", "txt2img")
-# torch.compile modes; the two that record CUDA graphs exist only on CUDA
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-_CUDA_GRAPH_MODES = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}  # -> CPU equivalent
 # Scaled-dot-product attention kernels of the UNet ("auto": PyTorch picks); efficient and cudnn exist only on CUDA
 SDPA_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
 _CUDA_SDPA = ("efficient", "cudnn")
@@ -161,7 +158,7 @@ class SamplerSettings:
             >>> SamplerSettings(compile=True, compile_mode="reduce-overhead", sdpa_backend="cudnn").cuda_only()
             ['compile_mode=reduce-overhead', 'sdpa_backend=cudnn']
         """
-        found = [f"compile_mode={self.compile_mode}"] if self.compile and self.compile_mode in _CUDA_GRAPH_MODES else []
+        found = [f"compile_mode={self.compile_mode}"] if self.compile and records_cuda_graphs(self.compile_mode) else []
         return found + ([f"sdpa_backend={self.sdpa_backend}"] if self.sdpa_backend in _CUDA_SDPA else [])
 
     def for_cpu(self) -> SamplerSettings:
@@ -177,7 +174,7 @@ class SamplerSettings:
             self,
             dtype="fp32",
             vae_dtype=None,
-            compile_mode=_CUDA_GRAPH_MODES.get(self.compile_mode, self.compile_mode),
+            compile_mode=compile_mode_on("cpu", self.compile_mode),
             sdpa_backend="auto" if self.sdpa_backend in _CUDA_SDPA else self.sdpa_backend,
         ).validate()
 
@@ -380,7 +377,7 @@ class Sampler:
         """Run the UNet + scheduler loop; the uncond and cond branches share one UNet call."""
         s, sched = self.settings, self.scheduler
         embeds = torch.cat([negative, cond]) if s.cfg else cond
-        graphs = s.compile and s.compile_mode in _CUDA_GRAPH_MODES
+        graphs = s.compile and records_cuda_graphs(s.compile_mode)
         with self._attention():
             for t in timesteps:
                 x = torch.cat([latents, latents]) if s.cfg else latents
