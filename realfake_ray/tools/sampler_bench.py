@@ -41,7 +41,7 @@ from realfake_ray.method.sampler import (
 
 __all__ = [
     "bench_grid", "rows_to_csv", "run_bench_sampler", "REFERENCE_ROW", "make_grid", "model_flops", "sampler_flops",
-    "run_grid", "format_table", "speed_options",
+    "run_grid", "format_table", "speed_options", "bench_inputs",
 ]
 
 _TRUE, _FALSE = ("1", "true", "y", "yes"), ("0", "false", "n", "no")
@@ -221,8 +221,14 @@ def _split_spec(spec: dict) -> tuple[SamplerSettings, int]:
     return settings, batch_size
 
 
-def _bench_inputs(pipe, batch_size: int, seed: int) -> dict:
-    """Random-but-seeded sampler inputs shaped like a latent-bank batch."""
+def bench_inputs(pipe, batch_size: int, seed: int) -> dict:
+    """Random-but-seeded sampler inputs shaped like a latent-bank batch (keyword arguments of a Sampler call).
+
+    Example:
+        >>> from realfake_ray.models.tiny import build_random_tiny_pipeline
+        >>> sorted(bench_inputs(build_random_tiny_pipeline(), 2, seed=0))
+        ['latent_mean', 'latent_std', 'prompts', 'seeds', 'vision_tokens']
+    """
     gen = torch.Generator("cpu").manual_seed(seed)
     h, w = latent_hw(pipe)
     shape = (batch_size, int(pipe.unet.config.in_channels), h, w)
@@ -301,7 +307,7 @@ def _bench_sampler_row(pipe, spec, device, iters, warmup, seed, flops_cache) -> 
     if key not in flops_cache:
         flops_cache[key] = model_flops(pipe, device, sampler.dtype)
     flops = sampler_flops(settings, flops_cache[key])
-    inputs = _bench_inputs(pipe, batch_size, seed)
+    inputs = bench_inputs(pipe, batch_size, seed)
     if settings.mode == "txt2img":
         inputs.pop("latent_mean"), inputs.pop("latent_std")
     seconds, peak_mem = time_calls(lambda: sampler(**inputs), device, iters, warmup)
@@ -345,7 +351,7 @@ def _bench_reference_row(pipe, spec, device, iters, warmup, seed, flops_cache) -
     factor = vae_factor(pipe.vae)
     gen = torch.Generator("cpu").manual_seed(seed)
     images = torch.rand(batch_size, 3, h * factor, w * factor, generator=gen)
-    prompts = _bench_inputs(pipe, batch_size, seed)["prompts"]
+    prompts = bench_inputs(pipe, batch_size, seed)["prompts"]
 
     def call():
         ref(
