@@ -48,6 +48,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("encode", "finetune", "generate", "train", "evaluate")
 _STAGE_LINE = re.compile(r"\[realfake\] stage (\w+): (starting|done|skipped)")
+_LAST_EPOCH_LINE = re.compile(r"\[train\] epoch (\d+)/\1\b")  # the classifier's last epoch: evaluation follows
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -55,11 +56,13 @@ _STAGE_LINE = re.compile(r"\[realfake\] stage (\w+): (starting|done|skipped)")
 
 def scale(dry_run: bool) -> dict:
     """Sizes of the run: the GPU check at SD v1.5 shape, or the dry run's tiny ones."""
-    if dry_run:
+    if dry_run:  # the classifier too: ResNet-50's CPU steps and evaluation cost minutes on 2 cores
         return {"resolution": 32, "size": (48, 36), "train_per_class": 6, "val_per_class": 2, "finetune_steps": 2,
-                "finetune_batch": 4, "generate_batch": 8, "generate_steps": 4, "train_image_size": 32, "train_batch": 16}
+                "finetune_batch": 4, "generate_batch": 8, "generate_steps": 4, "train_arch": "resnet_tiny",
+                "train_image_size": 32, "train_batch": 16}
     return {"resolution": 512, "size": (512, 384), "train_per_class": 16, "val_per_class": 4, "finetune_steps": 30,
-            "finetune_batch": 8, "generate_batch": 24, "generate_steps": 30, "train_image_size": 224, "train_batch": 32}
+            "finetune_batch": 8, "generate_batch": 24, "generate_steps": 30, "train_arch": "resnet50",
+            "train_image_size": 224, "train_batch": 32}
 
 
 def make_dataset(root: Path, classes: int, train_per_class: int, val_per_class: int, size: tuple[int, int],
@@ -144,7 +147,7 @@ def run_config(model_dir: str, data: dict, s: dict, mult: int) -> dict:
         "finetune": {"num_workers": 1, "batch_size": s["finetune_batch"], "max_steps": s["finetune_steps"],
                      "mixed_precision": "fp16", "checkpoint_every": s["finetune_steps"], "log_every": 10},
         "generate": {"mult": mult, "batch_size": s["generate_batch"], "steps": s["generate_steps"], "dtype": "fp16"},
-        "train": {"arch": "resnet50", "image_size": s["train_image_size"], "epochs": 1, "batch_size": s["train_batch"],
+        "train": {"arch": s["train_arch"], "image_size": s["train_image_size"], "epochs": 1, "batch_size": s["train_batch"],
                   "amp": True, "amp_dtype": "fp16", "num_workers": 1, "real_baseline": False},
         "evaluate": {"batch_size": 64, "max_samples": 100, "distribution_max_images": 256},
     }  # fmt: skip
@@ -236,15 +239,23 @@ def stage_rates(report: dict, stage: str) -> list[dict]:
 
 def stage_rows(report: dict, windows: dict, memory: GpuMemory, tasks: list[dict]) -> list[dict]:
     """One row per stage: wall (the stage's own timing), throughput, peak GPU memory, actors, and what the stage's
-    own records say about its start: fine-tuning's time before its first step, generate's first images."""
+    own records say about its start: fine-tuning's time before its first step, generate's first images. When the
+    train stage ran the evaluation (``evaluate_in_train`` window, see :meth:`Job.stage_windows`), the evaluate row
+    is that part of it and the train row the rest."""
     rows = {}
     for stage in STAGES:
-        start, end = windows.get(stage, (None, None))
         timing = report.get("stages", {}).get(stage, {})
         rows[stage] = {"stage": stage, "wall_s": timing.get("seconds"), "skipped": timing.get("skipped"),
                        "rates": stage_rates(report, stage)}
-        if start is not None and end is not None:
-            rows[stage] |= {"peak_gpu": memory.peak(start, end), "actors": actor_timings(tasks, start, end)}
+    if "evaluate_in_train" in windows and rows["evaluate"]["skipped"] and rows["train"]["skipped"] is False:
+        start, end = windows["evaluate_in_train"]
+        windows = {**windows, "evaluate": (start, end)}
+        rows["evaluate"] |= {"wall_s": round(end - start, 1), "skipped": False, "run_by": "train"}
+        rows["train"]["wall_s"] = round(windows["train"][1] - windows["train"][0], 1)
+    for stage, row in rows.items():
+        if stage in windows:
+            start, end = windows[stage]
+            row |= {"peak_gpu": memory.peak(start, end), "actors": actor_timings(tasks, start, end)}
     finetune = report.get("finetune") or {}
     if finetune.get("wall_seconds") is not None:  # workers started, models loaded (and compiled, if so)
         rows["finetune"]["before_training_s"] = round(finetune["wall_seconds"] - finetune.get("train_seconds", 0.0), 2)
@@ -275,38 +286,69 @@ def ray_tasks(state_address: str, driver_pid: int) -> list[dict]:
     jobs = [j.job_id for j in list_jobs(address=state_address) if j.driver_info and str(j.driver_info.pid) == str(driver_pid)]
     tasks = []
     for job in jobs:
-        found = list_tasks(address=state_address, filters=[("job_id", "=", job)], detail=True, limit=100_000,
-                           raise_on_missing_output=False)
+        found = list_tasks(address=state_address, filters=[("job_id", "=", job)], detail=True, limit=10_000,
+                           raise_on_missing_output=False)  # the State API's largest page
         tasks += [t if isinstance(t, dict) else t.__dict__ for t in found]
     return tasks
 
 
-def run_job(config_path: Path, run_dir: Path, gcs: str, log_path: Path, extra: list[str]) -> tuple[int, int, dict]:
-    """``python -m realfake_ray run`` attached to the cluster, its console teed to ``log_path``; returns
-    ``(exit code, driver pid, {stage: (start, end)})`` with epoch-second windows from the stage lines."""
-    cmd = [sys.executable, "-m", "realfake_ray", "run", "--config", str(config_path), "--out", str(run_dir),
-           "--set", f"ray.address={gcs}", *(a for item in extra for a in ("--set", item))]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    env.pop("RAY_ADDRESS", None)
-    windows: dict[str, list[float]] = {}
-    with open(log_path, "w") as log:
-        log.write("$ " + " ".join(cmd) + "\n")
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
-        try:
-            for line in proc.stdout:
+class Stopped(Exception):
+    """A time limit's SIGTERM: the run is stopped, and what it measured so far is still written."""
+
+
+class Job:
+    """``python -m realfake_ray run`` attached to the cluster, its console teed to ``log_path``, with the epoch-second
+    window of each stage from its ``[realfake] stage ...`` lines (a stage still running ends where it stopped)."""
+
+    def __init__(self, config_path: Path, run_dir: Path, gcs: str, log_path: Path, extra: list[str]):
+        self.cmd = [sys.executable, "-m", "realfake_ray", "run", "--config", str(config_path), "--out", str(run_dir),
+                    "--set", f"ray.address={gcs}", *(a for item in extra for a in ("--set", item))]
+        self.log_path = log_path
+        self.windows: dict[str, list[float]] = {}
+        self.last_epoch_at: float | None = None
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+        env.pop("RAY_ADDRESS", None)
+        self.proc = subprocess.Popen(self.cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+
+    def follow(self) -> int:
+        """Stream the run's console until it ends; its exit code."""
+        with open(self.log_path, "w") as log:
+            log.write("$ " + " ".join(self.cmd) + "\n")
+            for line in self.proc.stdout:
                 now = time.time()
                 sys.stdout.write(line)
                 log.write(f"{time.strftime('%H:%M:%S')} {line}")
+                log.flush()
                 match = _STAGE_LINE.search(line)
                 if match:
                     stage, what = match.groups()
-                    windows.setdefault(stage, [now, now])[0 if what == "starting" else 1] = now
-            proc.wait()
-        finally:
-            if proc.poll() is None:  # stopped from outside (a time limit): end the run's driver too
-                proc.terminate()
-                proc.wait(30)
-    return proc.returncode, proc.pid, {k: tuple(v) for k, v in windows.items()}
+                    self.windows.setdefault(stage, [now, now])[0 if what == "starting" else 1] = now
+                elif _LAST_EPOCH_LINE.search(line) and "train" in self.windows:
+                    self.last_epoch_at = now
+        return self.proc.wait()
+
+    def stop(self) -> None:
+        """End the run's driver if it still runs (stopped from outside); close the open stage's window."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(30)
+        for window in self.windows.values():
+            if window[1] == window[0]:
+                window[1] = time.time()
+
+    def stage_windows(self) -> dict[str, tuple[float, float]]:
+        """Each stage's window. The train stage ends by evaluating its classifier (the evaluate stage then skips):
+        its window is split at the last epoch's line into train and evaluate."""
+        windows = {stage: tuple(w) for stage, w in self.windows.items()}
+        if self.last_epoch_at is not None and "train" in windows:
+            start, end = windows["train"]
+            windows["train"], windows["evaluate_in_train"] = (start, self.last_epoch_at), (self.last_epoch_at, end)
+        return windows
+
+
+def _stopped(*_) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one ends the process
+    raise Stopped()
 
 
 def machine() -> dict:
@@ -340,7 +382,8 @@ def markdown(result: dict) -> str:
         actors = "; ".join(f"{a['class']}: {a['ready_s']} / {a['first_batch_done_s'] if a['first_batch_done_s'] is not None else '-'}"
                            for a in row.get("actors", [])) or "-"
         wall = f"{row['wall_s']:.1f}" if row.get("wall_s") is not None else "-"
-        lines.append(f"| {row['stage']} | {wall} | {rates} | {peak if peak is not None else '-'} | {actors} |")
+        stage = f"{row['stage']} (run by {row['run_by']})" if row.get("run_by") else row["stage"]
+        lines.append(f"| {stage} | {wall} | {rates} | {peak if peak is not None else '-'} | {actors} |")
     notes = [f"fine-tuning: {r['before_training_s']} s of the stage before its first step (workers, models)"
              for r in result["stages"] if r.get("before_training_s") is not None]
     notes += [f"generate: first images written {r['first_images_written_s']} s after its Ray work began"
@@ -363,9 +406,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     started = time.time()
-    # A time limit's SIGTERM unwinds (finally blocks, Ray's exit handler): the cluster started here and the run's
-    # driver end with this process instead of holding the GPU for the next check.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    # A time limit's SIGTERM stops the run but still writes what it measured; then the cluster started here ends
+    # with this process (Ray's exit handler) instead of holding the GPU for the next check.
+    signal.signal(signal.SIGTERM, _stopped)
     out = Path(args.out)
     work = Path(args.work or f"/tmp/realfake-gpu-pipeline{'-dry' if args.dry_run else ''}")
     out.mkdir(parents=True, exist_ok=True)
@@ -384,18 +427,22 @@ def main(argv: list[str] | None = None) -> dict:
     shutil.rmtree(run_dir, ignore_errors=True)  # every check measures a run from scratch
     gcs, state_address = start_ray(args.ray_address)
     memory = GpuMemory()
+    job = Job(config_path, run_dir, gcs, out / "pipeline.log", args.set)
     try:
-        code, pid, windows = run_job(config_path, run_dir, gcs, out / "pipeline.log", args.set)
+        code = job.follow()
+    except Stopped:
+        code = "stopped by its time limit"
     finally:
+        job.stop()
         memory.stop()
     report_path = run_dir / "report.json"
     report = json.loads(report_path.read_text()) if report_path.exists() else {}
-    tasks = ray_tasks(state_address, pid) if state_address else []
+    tasks = ray_tasks(state_address, job.proc.pid) if state_address else []
     result = {
         "machine": machine(), "dry_run": args.dry_run, "exit_code": code, "wall_s": round(time.time() - started, 1),
         "dataset": f"{args.classes} classes x {s['train_per_class']} train + {s['val_per_class']} val images of "
                    f"{s['size'][0]}x{s['size'][1]}, generated; mult {args.mult}",
-        "config": config, "overrides": args.set, "stages": stage_rows(report, windows, memory, tasks),
+        "config": config, "overrides": args.set, "stages": stage_rows(report, job.stage_windows(), memory, tasks),
         "generate_throughput_settings": (report.get("synthesis") or {}).get("throughput_settings"),
         "accuracy": report.get("accuracy"), "gpu_memory_samples": len(memory.device),
     }  # fmt: skip
@@ -403,7 +450,7 @@ def main(argv: list[str] | None = None) -> dict:
     (out / "pipeline.md").write_text(markdown(result))
     print("\n" + markdown(result), flush=True)
     if code != 0:
-        raise SystemExit(f"[gpu_pipeline] realfake run exited with {code}; see {out / 'pipeline.log'}")
+        raise SystemExit(f"[gpu_pipeline] realfake run: {code} (exit code); see {out / 'pipeline.log'}")
     return result
 
 

@@ -6,7 +6,7 @@
 #   profile   where the sampling time of jobs/configs/in1k.yaml's sampler goes (benchmarks/profile_unet.py)
 # Results (at most 8 files) go to ${OUT:-runs/gpu_pipeline}; the model, data and run to ${WORK:-/tmp/realfake-gpu-pipeline}.
 #
-#   bash benchmarks/gpu_pipeline.sh --all          # every part, each capped (200/170/110/80 s): under 10 min
+#   bash benchmarks/gpu_pipeline.sh --all          # every part, each capped (210/150/100/90 s): under 10 min
 #   bash benchmarks/gpu_pipeline.sh                # the pipeline only; or name parts: --sampler --profile ...
 #   bash benchmarks/gpu_pipeline.sh --dry-run      # the pipeline on the CPU at tiny shapes (what the tests run)
 #   bash benchmarks/gpu_pipeline.sh --all --dry-run
@@ -43,11 +43,12 @@ if ! "$PY" -c "import ray, diffusers, pydantic, peft" 2>/dev/null; then
 fi
 
 has() { [[ " ${PARTS[*]} " == *" $1 "* ]]; }
-cap() { local s=$1; shift; timeout --kill-after=15 "$s" "$@"; }  # a stuck part cannot eat the next one's time
+# Each part is capped on the GPU box, so that a stuck one cannot eat the next one's time (a CPU's dry run is not).
+cap() { local s=$1; shift; if ((DRY)); then "$@"; else timeout --kill-after=10 "$s" "$@"; fi; }
 status=0
 if has pipeline; then
   echo "== pipeline"
-  cap 200 "$PY" benchmarks/gpu_pipeline.py --out "$OUT" --work "$WORK" $( ((DRY)) && echo --dry-run) "${EXTRA[@]}" || status=1
+  cap 210 "$PY" benchmarks/gpu_pipeline.py --out "$OUT" --work "$WORK" $( ((DRY)) && echo --dry-run) "${EXTRA[@]}" || status=1
 fi
 if ((DRY)); then  # the benchmark scripts' tiny CPU runs: every row eager (torch.compile on a CPU takes minutes)
   SAMPLER_ARGS=(--tiny --device cpu --iters 1 --warmup 0 --no-reference --row name=eager,steps=4,batch_size=2
@@ -69,15 +70,15 @@ else  # before (the reference's settings, then jobs/configs/in1k.yaml's) and aft
 fi
 if has sampler; then
   echo "== sampler"
-  cap 170 "$PY" benchmarks/bench_sampler.py "${SAMPLER_ARGS[@]}" --csv "$OUT/sampler.csv" 2>&1 | tee "$OUT/sampler.log" || status=1
+  cap 150 "$PY" benchmarks/bench_sampler.py "${SAMPLER_ARGS[@]}" --csv "$OUT/sampler.csv" 2>&1 | tee "$OUT/sampler.log" || status=1
 fi
 if has finetune; then
   echo "== finetune"
-  cap 110 "$PY" benchmarks/bench_finetune.py "${FINETUNE_ARGS[@]}" --json "$OUT/finetune.json" 2>&1 | tee "$OUT/finetune.log" || status=1
+  cap 100 "$PY" benchmarks/bench_finetune.py "${FINETUNE_ARGS[@]}" --json "$OUT/finetune.json" 2>&1 | tee "$OUT/finetune.log" || status=1
 fi
 if has profile; then
   echo "== profile"
-  cap 80 "$PY" benchmarks/profile_unet.py "${PROFILE_ARGS[@]}" --out "$OUT/profile.txt" || status=1
+  cap 90 "$PY" benchmarks/profile_unet.py "${PROFILE_ARGS[@]}" --out "$OUT/profile.txt" || status=1
 fi
 echo "== results in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
 exit $status

@@ -3,7 +3,7 @@
 # benchmarks/gpu_wheels.txt (pinned; the ones such a box's image lacks next to torch, transformers, peft, accelerate,
 # numpy, pandas, pyarrow, aiohttp, grpcio, prometheus-client, ...), built for CPython ${PYVER:-3.12} on manylinux
 # x86_64, and Ray. Ray's wheel (79 MB) is cut to what a Ray cluster of Python stages runs — no Java jar, RLlib,
-# Serve or LLM libraries; binaries without their symbol tables — and packed as .tar.xz (~28 MB), so that
+# Serve or LLM libraries; binaries without their symbol tables — and packed as .tar.xz (28 MB; .whl in all 38 MB), so that
 # .whl and the checkout together stay under 64 MiB. Run it where pip reaches PyPI; gpu_pipeline.sh installs
 # .whl/*.whl and unpacks .whl/*.tar.xz into /tmp/site when `import ray` fails.
 #

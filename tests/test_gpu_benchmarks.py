@@ -61,7 +61,7 @@ def test_actor_timings_from_ray_task_events(gp):
 
 def test_stage_rows_and_markdown_from_a_run_report(gp):
     report = {
-        "stages": {s: {"seconds": 10.0 + i, "skipped": False} for i, s in enumerate(gp.STAGES)},
+        "stages": {s: {"seconds": 10.0 + i, "skipped": s == "evaluate"} for i, s in enumerate(gp.STAGES)},
         "throughput": [{"stage": "generate", "rate": 6.5, "unit": "images/s end to end"},
                        {"stage": "train (default)", "rate": 400.0, "unit": "images/s, last epoch, 1 workers"}],
         "finetune": {"wall_seconds": 40.0, "train_seconds": 12.5},
@@ -74,8 +74,14 @@ def test_stage_rows_and_markdown_from_a_run_report(gp):
             return {"device_gib": None, "per_process_gib": {}}
 
     windows = {s: (1000.0 + 100 * i, 1050.0 + 100 * i) for i, s in enumerate(gp.STAGES)}
-    rows = {r["stage"]: r for r in gp.stage_rows(report, windows, NoGpu(), [])}
-    assert [r["wall_s"] for r in rows.values()] == [10.0, 11.0, 12.0, 13.0, 14.0]
+    windows |= {"train": (1300.0, 1309.0), "evaluate_in_train": (1309.0, 1313.0)}  # the train stage evaluated
+    evaluator = {"type": "ACTOR_CREATION_TASK", "actor_id": "e", "func_or_class_name": "MapWorker(MapBatches(ClipEmbedder))",
+                 "worker_pid": 5, "start_time_ms": 1_310_000, "end_time_ms": 1_311_000}
+    rows = {r["stage"]: r for r in gp.stage_rows(report, windows, NoGpu(), [evaluator])}
+    assert [r["wall_s"] for r in rows.values()] == [10.0, 11.0, 12.0, 9.0, 4.0]
+    assert rows["evaluate"]["run_by"] == "train" and not rows["evaluate"]["skipped"]
+    assert [a["class"] for a in rows["evaluate"]["actors"]] == ["MapWorker(MapBatches(ClipEmbedder))"]
+    assert rows["train"]["actors"] == [] and rows["evaluate"]["actors"][0]["ready_s"] == 2.0
     assert rows["generate"]["rates"] == [{"rate": 6.5, "unit": "images/s end to end"}]
     assert rows["train"]["rates"][0]["rate"] == 400.0 and rows["encode"]["rates"] == []
     assert rows["finetune"]["before_training_s"] == 27.5 and rows["generate"]["first_images_written_s"] == 9.0
@@ -84,7 +90,14 @@ def test_stage_rows_and_markdown_from_a_run_report(gp):
               "stages": list(rows.values())}  # fmt: skip
     text = gp.markdown(result)
     assert "| generate | 12.0 | 6.5 images/s end to end | - | - |" in text
+    assert "| evaluate (run by train) | 4.0 | - | - | MapWorker(MapBatches(ClipEmbedder)): 2.0 / - |" in text
     assert "27.5 s of the stage before its first step" in text
+
+
+def test_the_last_epoch_line_splits_train_from_its_evaluation(gp):
+    assert gp._LAST_EPOCH_LINE.search("(RayTrainWorker pid=1) [train] epoch 30/30 loss 0.2")
+    assert not gp._LAST_EPOCH_LINE.search("[train] epoch 3/30 loss 0.2")
+    assert not gp._LAST_EPOCH_LINE.search("[train] epoch 1/12 loss 0.2")
 
 
 def test_profile_groups_kernel_names():
@@ -122,5 +135,7 @@ def test_the_gpu_check_dry_run_runs_every_stage_and_measures_it(ray_cluster, tmp
     assert rows["finetune"]["before_training_s"] > 0 and rows["generate"]["first_images_written_s"] > 0
     assert rows["generate"]["peak_gpu"] == {"device_gib": None, "per_process_gib": {}}  # no GPU here
     assert result["generate_throughput_settings"]["fuse_qkv"] is True  # the speed option, recorded by the stage
-    assert result["accuracy"] and result["config"]["train"]["arch"] == "resnet50"
-    assert "| encode |" in (out / "pipeline.md").read_text()
+    assert rows["evaluate"]["run_by"] == "train" and rows["evaluate"]["wall_s"] > 0  # train ends by evaluating
+    assert any("ClassifierActor" in a["class"] or "ClipEmbedder" in a["class"] for a in rows["evaluate"]["actors"])
+    assert result["accuracy"] and result["config"]["train"]["amp"] is True
+    assert "| evaluate (run by train) |" in (out / "pipeline.md").read_text()

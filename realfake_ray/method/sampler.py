@@ -384,7 +384,8 @@ class Sampler:
                 x = sched.scale_model_input(x, t).to(self.dtype)
                 if graphs:  # a new replay of the recorded graphs: the last step's outputs are no longer read
                     torch.compiler.cudagraph_mark_step_begin()
-                eps = self.unet(x, t, encoder_hidden_states=embeds).sample.float()
+                # a graph's output lives in the graph's memory, overwritten by the next replay: copy it out
+                eps = self.unet(x, t, encoder_hidden_states=embeds).sample.to(torch.float32, copy=graphs)
                 if s.cfg:
                     uncond, text = eps.chunk(2)
                     eps = uncond + s.guidance_scale * (text - uncond)
