@@ -13,15 +13,21 @@ encoder is frozen and its cost is the same in both) and tensors already on the G
 
     python benchmarks/bench_finetune.py                      # GPU: batch 8 at 512x512 (the reference's)
     python benchmarks/bench_finetune.py --batch-size 16 --iters 20
+    python benchmarks/bench_finetune.py --compile 0,1 --compile-mode reduce-overhead --skip-vae   # before/after
     python benchmarks/bench_finetune.py --tiny --device cpu  # CPU smoke run
 
 Prints samples/s, s/step, TFLOP/sample, MFU (known GPUs) and peak GiB for each mode, then the speed-up a/b.
+``--compile 0,1`` adds the (a) step with the UNet compiled as ``finetune.compile`` does it
+(``realfake_ray.stages.finetune.step.compile_unet``, mode ``--compile-mode``): both rows start from the same LoRA,
+optimizer state and seeds, and the first ``--check-steps`` losses of each are printed with their largest
+relative difference. ``--json PATH`` writes the rows.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import sys
 from pathlib import Path
 
@@ -30,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
+from realfake_ray.stages.finetune.step import compile_unet  # noqa: E402
 from realfake_ray.tools.flops import count_flops, mfu, peak_flops, time_calls  # noqa: E402
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -119,7 +126,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--compile", default="0", help="comma list of 0/1: the (a) step eager and/or compiled")
+    parser.add_argument("--compile-mode", default="default", help="torch.compile mode of the compiled rows")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: a quick CPU check)")
+    parser.add_argument("--check-steps", type=int, default=5, help="steps whose losses are compared across rows")
+    parser.add_argument("--skip-vae", action="store_true", help="no (b) row (per-step VAE encoding)")
+    parser.add_argument("--json", default=None, help="write the rows to this JSON file")
     args = parser.parse_args(argv)
+    args.compile = [part.strip() == "1" for part in args.compile.split(",") if part.strip()]
     args.dtype = args.dtype or ("bf16" if torch.device(args.device).type == "cuda" else "fp32")
     return args
 
@@ -144,7 +158,15 @@ def main(argv=None) -> dict:
     bank_mean = torch.randn(latent_shape, generator=gen, device=device)  # already x scaling factor
     bank_std = 0.05 * torch.rand(latent_shape, generator=gen, device=device)
     pixels = torch.rand(args.batch_size, 3, resolution, resolution, generator=gen, device=device) * 2 - 1
-    step = Step(unet, params, text, dtype, device, loss_fn)
+    initial = [p.detach().clone() for p in params]
+
+    def fresh_step() -> Step:
+        """The same start for every row: the initial LoRA, a new optimizer, the generators re-seeded."""
+        with torch.no_grad():
+            for p, p0 in zip(params, initial):
+                p.copy_(p0)
+        gen.manual_seed(2)
+        return Step(unet, params, text, dtype, device, loss_fn)
 
     def from_bank():
         eps = torch.randn(latent_shape, generator=gen, device=device)
@@ -160,18 +182,39 @@ def main(argv=None) -> dict:
     print(f"# bench_finetune: {arch}, {resolution}px (latent {latent_shape[2]}x{latent_shape[3]}), batch {args.batch_size}, "
           f"base {args.dtype} + fp32 LoRA r={args.rank}, loss {loss_name}; {name}; warmup {args.warmup}, iters {args.iters}")  # fmt: skip
     peak = peak_flops(device, args.dtype)
+    rows = []
+    if False in args.compile:
+        rows += [("a_latents", from_bank, False)] + ([] if args.skip_vae else [("b_vae_encode", from_pixels, False)])
+    if True in args.compile:
+        rows += [(f"a_latents_compiled_{args.compile_mode}", from_bank, True)]
+    step = fresh_step()
+    flops_of = {fn: count_flops(fn) / args.batch_size for fn in {fn for _, fn, _ in rows}}  # eager, before compiling
     results = {}
-    for mode, fn in (("a_latents", from_bank), ("b_vae_encode", from_pixels)):
-        flops = count_flops(fn) / args.batch_size
+    for mode, fn, compiled in rows:
+        if compiled:
+            compile_unet(unet, args.compile_mode, device.type, backend=args.compile_backend)
+        step = fresh_step()
+        losses = [float(fn()) for _ in range(args.check_steps)]  # also the warm-up (and the compile)
+        flops = flops_of[fn]
         seconds, mem = time_calls(fn, device, args.iters, args.warmup)
         rate = args.batch_size / seconds
         results[mode] = {"samples_per_s": rate, "s_per_step": seconds, "tflop_per_sample": flops / 1e12,
-                         "mfu": mfu(rate, flops, peak) if peak else None, "peak_mem_gib": mem}  # fmt: skip
-        cells = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}=-" for k, v in results[mode].items()]
+                         "mfu": mfu(rate, flops, peak) if peak else None, "peak_mem_gib": mem, "losses": losses}  # fmt: skip
+        cells = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}=-" for k, v in results[mode].items() if k != "losses"]
         print(f"{mode:13s} " + "  ".join(cells), flush=True)
-    ratio = results["a_latents"]["samples_per_s"] / results["b_vae_encode"]["samples_per_s"]
-    print(f"speed-up of bank latents over per-step VAE encoding: {ratio:.2f}x")
-    results["speedup"] = ratio
+        print(f"{'':13s} losses of the first {args.check_steps} steps: " + " ".join(f"{x:.6g}" for x in losses), flush=True)
+    if "a_latents" in results and "b_vae_encode" in results:
+        results["speedup"] = results["a_latents"]["samples_per_s"] / results["b_vae_encode"]["samples_per_s"]
+        print(f"speed-up of bank latents over per-step VAE encoding: {results['speedup']:.2f}x")
+    compiled_rows = [m for m, _, c in rows if c]
+    if compiled_rows and "a_latents" in results:
+        row, eager = results[compiled_rows[0]], results["a_latents"]
+        row["speedup_over_eager"] = row["samples_per_s"] / eager["samples_per_s"]
+        row["max_rel_loss_diff"] = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(row["losses"], eager["losses"]))
+        print(f"compiled ({args.compile_mode}) over eager: {row['speedup_over_eager']:.2f}x samples/s; largest relative "
+              f"difference of the first {args.check_steps} losses {row['max_rel_loss_diff']:.3g}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": name, "args": vars(args), "rows": results}, indent=1, default=str))
     return results
 
 

@@ -8,8 +8,11 @@ weights, so the SD v1.5 architecture is built from its config with random weight
     python benchmarks/bench_sampler.py --csv bench_sampler.csv                       # GPU, default grid
     python benchmarks/bench_sampler.py --dtypes bf16 --batch-sizes 24,32 --compile 0,1 --channels-last 1
     python benchmarks/bench_sampler.py --tiny --device cpu                           # CPU smoke run
+    python benchmarks/bench_sampler.py --row name=ours,dtype=bf16,batch_size=32,channels_last=1,compile=1 \
+        --row name=graphs,dtype=bf16,batch_size=32,channels_last=1,compile=1,compile_mode=reduce-overhead
 
-Prints one table row per grid point as it finishes (images/s, s/batch, TFLOP/img, MFU, peak GiB), then the
+``--row`` gives rows one by one (any SamplerSettings field, ``batch_size``, ``name``) instead of the grid's
+cartesian product. Prints one table row per grid point as it finishes (images/s, s/batch, TFLOP/img, MFU, peak GiB), then the
 whole table; ``--csv`` writes the rows (rewritten after each row, so a killed run keeps what it measured).
 """
 
@@ -81,10 +84,17 @@ def build_sd15_pipeline(device: str = "cpu"):
 
     The tokenizer is the tiny preset's (speed does not depend on the vocabulary); the text encoder's
     vocabulary is sized to it. CLIP text ViT-L/14 and CLIP vision ViT-L/14 (projection 768) as in SD v1.5
-    + openai/clip-vit-large-patch14.
+    + openai/clip-vit-large-patch14, with that model's image preprocessing. ``save_pretrained`` makes it a
+    diffusers directory that ``model.pretrained`` can name (benchmarks/gpu_pipeline.py).
     """
     from diffusers import StableDiffusionPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
 
     from realfake_ray.models.tiny import build_tiny_tokenizer
 
@@ -125,7 +135,7 @@ def build_sd15_pipeline(device: str = "cpu"):
         tokenizer=tokenizer,
         scheduler=sd15_scheduler(),
         safety_checker=None,
-        feature_extractor=None,
+        feature_extractor=CLIPImageProcessor(),  # CLIP ViT-L/14's preprocessing (224 px), the class defaults
         requires_safety_checker=False,
     )
 
@@ -146,6 +156,33 @@ def _bool_list(text: str) -> list[bool]:
         raise argparse.ArgumentTypeError(f"expected a comma list of 0/1, got {text!r}") from err
 
 
+def _value(text: str):
+    """A --row value: int, float, bool (true/false; 0/1 stay ints), none, else the string."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false", "none", "null"):
+        return {"true": True, "false": False}.get(lowered)
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text.strip()
+
+
+def _row(text: str) -> dict:
+    """``key=value,key=value`` -> a grid row (0/1 of the boolean settings become booleans)."""
+    row = {}
+    for part in _str_list(text):
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"--row expects key=value pairs, got {part!r}")
+        row[key.strip()] = _value(value)
+    for key in ("compile", "channels_last", "fuse_qkv", "sample_posterior", "negative_vision_token"):
+        if key in row:
+            row[key] = bool(row[key])
+    return row
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="use the tiny preset (32 px) instead of SD v1.5 (CPU smoke)")
@@ -156,6 +193,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtypes", type=_str_list, default=None, help="comma list of fp32,fp16,bf16 (default fp16,bf16; CPU fp32)")
     parser.add_argument("--compile", type=_bool_list, default=[False], help="comma list of 0/1 (torch.compile the UNet)")
     parser.add_argument("--channels-last", type=_bool_list, default=None, help="comma list of 0/1 (default 0,1; CPU 0)")
+    parser.add_argument("--row", type=_row, action="append", default=[],
+                        help="one grid row as key=value pairs (SamplerSettings fields, batch_size, name); repeatable, "
+                             "replaces the cartesian grid")
     parser.add_argument("--strength", type=float, default=0.75)
     parser.add_argument("--guidance-scale", type=float, default=2.0)
     parser.add_argument("--mode", choices=["img2img", "txt2img"], default="img2img")
@@ -203,7 +243,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     else:
         pipe, arch = build_sd15_pipeline(args.device), "SD v1.5 architecture, random weights (512 px, latent 4x64x64)"
     fixed = {"strength": args.strength, "guidance_scale": args.guidance_scale, "mode": args.mode}
-    grid = make_grid(
+    grid = [fixed | row for row in args.row] or make_grid(
         args.schedulers, args.steps, args.batch_sizes, args.dtypes, args.compile, args.channels_last,
         reference=False, **fixed,
     )  # fmt: skip

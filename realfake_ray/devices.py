@@ -11,9 +11,12 @@ import os
 
 import torch
 
-__all__ = ["torch_device", "device_and_dtype"]
+__all__ = ["COMPILE_MODES", "torch_device", "device_and_dtype", "records_cuda_graphs", "compile_mode_on"]
 
 _warned = False
+# torch.compile's modes; two of them also record CUDA graphs, which exist only on CUDA
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+_WITHOUT_GRAPHS = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
 
 
 def torch_device() -> torch.device:
@@ -40,3 +43,21 @@ def device_and_dtype(name: str) -> tuple[torch.device, torch.dtype]:
     device = torch_device()
     wanted = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
     return device, wanted if device.type == "cuda" else torch.float32
+
+
+def records_cuda_graphs(mode: str) -> bool:
+    """Whether ``torch.compile(mode=mode)`` records CUDA graphs (``reduce-overhead``, ``max-autotune``)."""
+    return mode in _WITHOUT_GRAPHS
+
+
+def compile_mode_on(device_type: str, mode: str) -> str:
+    """The ``torch.compile`` mode as it runs on ``device_type``: elsewhere than CUDA the modes that record CUDA
+    graphs become their equivalents without them.
+
+    Example:
+        >>> compile_mode_on("cpu", "reduce-overhead"), compile_mode_on("cuda", "reduce-overhead")
+        ('default', 'reduce-overhead')
+    """
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode {mode!r} is unknown; valid: {list(COMPILE_MODES)}")
+    return mode if device_type == "cuda" else _WITHOUT_GRAPHS.get(mode, mode)

@@ -11,7 +11,7 @@ from realfake_ray.cli import main as cli_main
 from realfake_ray.config import ConfigError, load_config
 
 COLUMNS = [
-    "name", "scheduler", "steps", "strength", "batch_size", "dtype", "compile", "channels_last",
+    "name", "scheduler", "steps", "strength", "batch_size", "dtype", "compile", "channels_last", "options",
     "images_per_s", "s_per_batch", "tflop_per_img", "mfu", "peak_mem_gib", "note",
 ]  # fmt: skip
 
@@ -25,6 +25,16 @@ def test_grid_defaults_come_from_the_generate_section():
     ]
     assert rows[-1]["name"] == "reference" and len(bench_grid(cfg, "cpu", reference=False)) == 1
     assert bench_grid(cfg, "cuda", reference=False)[0]["dtype"] == cfg.generate.dtype
+
+
+def test_grid_takes_the_speed_options_of_the_generate_section():
+    cfg = load_config(preset="tiny", overrides=["generate.sdpa_backend=cudnn", "generate.fuse_qkv=true",
+                                                "generate.compile=true", "generate.compile_mode=reduce-overhead"])
+    on_gpu = bench_grid(cfg, "cuda", compile=["0", "1"], reference=False)
+    assert [(r["compile"], r["compile_mode"], r["sdpa_backend"], r["fuse_qkv"]) for r in on_gpu] == [
+        (False, "default", "cudnn", True), (True, "reduce-overhead", "cudnn", True)]
+    on_cpu = bench_grid(cfg, "cpu", reference=False)
+    assert [(r["compile_mode"], r["sdpa_backend"], r["fuse_qkv"]) for r in on_cpu] == [("default", "auto", True)]
 
 
 @pytest.mark.parametrize(

@@ -258,6 +258,52 @@ def test_v_prediction_trains_on_the_velocity_target(tiny_model_dir):
     assert torch.isfinite(v).all() and not torch.equal(eps, v)  # same prediction, another target
 
 
+def _steps(models, ft, batch, steps: int = 3) -> torch.Tensor:
+    from realfake_ray.stages.finetune.step import train_step
+
+    optimizer, generator = torch.optim.AdamW(models.params, lr=ft.lr), torch.Generator().manual_seed(0)
+    return torch.stack([train_step(models, batch, generator, ft, "epsilon", None, optimizer, None) for _ in range(steps)])
+
+
+def test_the_compiled_unet_step_gives_the_eager_losses(tiny_model_dir):
+    """finetune.compile: the UNet's forward compiled in place trains as the eager step does — equal losses over
+    3 steps (1e-5 relative) and equal LoRA weights — and is saved under the same names. Graph capture and AOT
+    autograd run here through the aot_eager backend: inductor's CPU code generation takes over 10 min on this
+    2-core box; benchmarks/bench_finetune.py --compile 0,1 compares the inductor step's losses on a GPU."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from realfake_ray.stages.finetune.driver import BankCollate
+    from realfake_ray.stages.finetune.step import compile_unet, load_models
+
+    ft = FinetuneConfig(batch_size=4, lr=1e-2, vision_token="image")
+    eager, compiled = (load_models(tiny_model_dir, ft, seed=0, device=torch.device("cpu")) for _ in range(2))
+    counter = CompileCounterWithBackend("aot_eager")
+    assert compile_unet(compiled.unet, "reduce-overhead", "cpu", backend=counter) is False  # no CUDA graphs on CPU
+    batch = BankCollate(eager.tokenizer, size=8, seed=0, epoch=0)(_bank_rows(np.random.default_rng(0)))
+    expected, got = _steps(eager, ft, batch), _steps(compiled, ft, batch)
+    assert counter.frame_count >= 1  # the compiled forward ran
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+    assert not torch.equal(expected[0], expected[-1])  # the steps trained
+    ours, theirs = lora_state_dict(compiled.unet), lora_state_dict(eager.unet)
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-4, atol=1e-6)
+
+
+def test_finetune_compile_compiles_the_unet_with_its_mode(tiny_model_dir, monkeypatch):
+    from realfake_ray.stages.finetune.step import load_models
+
+    calls = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: calls.append((type(self).__name__, kwargs)))
+    ft = FinetuneConfig(compile=True, compile_mode="reduce-overhead")
+    models = load_models(tiny_model_dir, ft, seed=0, device=torch.device("cpu"))
+    assert calls == [("UNet2DConditionModel", {"backend": "inductor", "mode": "default", "dynamic": False})]
+    assert models.cuda_graphs is False  # on a CPU worker the CUDA-graph mode runs without graphs
+    assert not load_models(tiny_model_dir, FinetuneConfig(), seed=0, device=torch.device("cpu")).cuda_graphs
+    with pytest.raises(ValueError, match="compile_mode='reduce-overhead' needs compile=true"):
+        FinetuneConfig(compile_mode="reduce-overhead")
+
+
 def test_random_latent_crops_cover_every_offset_of_the_whole_image():
     from realfake_ray.stages.finetune.step import random_latent_crop
 

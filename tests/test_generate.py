@@ -33,6 +33,7 @@ from realfake_ray.stages.generate.plan import (
     shard_settings,
     plan_units,
     recorded_settings,
+    sampler_settings,
     synthetic_path,
     unit_rows,
 )
@@ -204,6 +205,19 @@ def test_bad_generate_values_are_config_errors(tmp_path):
                           ({"scheduler": "heun"}, "scheduler='heun'")):  # fmt: skip
         with pytest.raises(ConfigError, match=field):
             check_generate_config(cfg.generate.model_copy(update=update))
+
+
+def test_speed_options_reach_the_sampler_settings_and_cpu_nodes_drop_the_cuda_only_ones(tmp_path):
+    speed = ["generate.compile=true", "generate.compile_mode=reduce-overhead", "generate.sdpa_backend=cudnn",
+             "generate.vae_dtype=bf16", "generate.fuse_qkv=true", "generate.dtype=fp16"]
+    gen = _cfg(tmp_path, *speed).generate
+    on_gpu, on_cpu = sampler_settings(gen, "cuda"), sampler_settings(gen, "cpu")
+    assert (on_gpu.compile_mode, on_gpu.sdpa_backend, on_gpu.vae_dtype, on_gpu.fuse_qkv) == ("reduce-overhead", "cudnn", "bf16", True)
+    assert (on_cpu.compile_mode, on_cpu.sdpa_backend, on_cpu.vae_dtype, on_cpu.fuse_qkv) == ("default", "auto", None, True)
+    with pytest.raises(ConfigError, match="generate.sdpa_backend"):
+        _cfg(tmp_path, "generate.sdpa_backend=xformers")
+    with pytest.raises(ConfigError, match="compile_mode='max-autotune' needs compile=True"):
+        check_generate_config(_cfg(tmp_path, "generate.compile_mode=max-autotune").generate)
 
 
 def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):

@@ -162,6 +162,26 @@ def test_min_snr_off(gamma) -> None:
     assert min_snr_weights(torch.tensor([0, 2]), ALPHAS, gamma=gamma).tolist() == [1.0, 1.0]
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_min_snr_weights_match_diffusers_compute_snr(prediction_type: str) -> None:
+    """The weights of diffusers' own training scripts (``compute_snr``, then min(SNR, γ) / SNR for epsilon,
+    / (SNR + 1) for v-prediction) on SD v1.5's schedule, every timestep. ``compute_snr`` squares √ᾱ/√(1−ᾱ), so it
+    agrees with ᾱ/(1−ᾱ) to ~3e-7 relative, not bit for bit: why min_snr_weights keeps its own one-line SNR
+    (bit-identical fine-tuning runs; docs/finetune.md)."""
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    timesteps = torch.arange(scheduler.config.num_train_timesteps)
+    snr = compute_snr(scheduler, timesteps)
+    clipped = torch.stack([snr, 5.0 * torch.ones_like(snr)], dim=1).min(dim=1)[0]
+    expected = {"epsilon": clipped / snr, "v_prediction": clipped / (snr + 1), "sample": clipped}[prediction_type]
+    ours = min_snr_weights(timesteps, scheduler.alphas_cumprod, gamma=5.0, prediction_type=prediction_type)
+    torch.testing.assert_close(ours, expected, rtol=1e-6, atol=0)
+    if prediction_type == "epsilon":  # timesteps on both sides of γ: clipped (< 1) and not (= 1)
+        assert (ours < 1).any() and (ours == 1).any()
+
+
 def test_min_snr_unknown_prediction_type() -> None:
     with pytest.raises(ValueError, match="prediction_type 'flow'"):
         min_snr_weights(torch.tensor([0]), ALPHAS, prediction_type="flow")

@@ -6,9 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from realfake_ray.tools.sampler_bench import format_table, make_grid, run_grid
+from realfake_ray.method.prompts import NEGATIVE_PROMPT, tokenize
+from realfake_ray.method.sampler import DTYPES, SCHEDULERS, Sampler, SamplerSettings, latent_hw, make_scheduler
+from realfake_ray.method.vision_token import encode_text
+from realfake_ray.models.loading import load_pipeline
 from realfake_ray.models.tiny import build_random_tiny_pipeline
-from realfake_ray.method.sampler import SCHEDULERS, Sampler, SamplerSettings, latent_hw, make_scheduler
+from realfake_ray.tools.sampler_bench import format_table, make_grid, run_grid
 
 FAST = {"steps": 4, "strength": 0.5}  # 2 UNet calls per image batch
 
@@ -269,3 +272,157 @@ def test_guidance_token_reaches_the_negative_branch_only_when_asked(pipe, negati
     assert torch.allclose(cond[:, -1], tokens)
     assert torch.allclose(negative[:, -1], tokens) == negative_token
     assert torch.equal(negative[:, :-1], negative[:1, :-1].expand(2, -1, -1))  # the negative prompt's states
+
+
+# ---------------------------------------------------------------------------------------- speed options
+
+def _diff(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.abs(a.astype(int) - b.astype(int))
+
+
+@pytest.mark.parametrize("option", [{"sdpa_backend": "math"}, {"sdpa_backend": "flash"}, {"fuse_qkv": True}])
+def test_exact_speed_options_leave_the_images_unchanged(pipe, option):
+    """Reformulations of the same arithmetic: at most 1/255 in under 1 % of the pixels (the tolerance of
+    test_image_independent_of_batch; on this machine's CPU kernels they are bit-identical)."""
+    inputs = make_inputs(3)
+    default = Sampler(pipe, SamplerSettings(**FAST))(**inputs)
+    diff = _diff(Sampler(pipe, SamplerSettings(**FAST, **option))(**inputs), default)
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+
+
+@pytest.mark.parametrize("vae_dtype", ["bf16", "fp16"])
+def test_vae_dtype_changes_pixels_within_its_precision(pipe, vae_dtype):
+    """Decoding in 16 bits: at most 4/255 anywhere and 0.5/255 on average (measured on this pipeline:
+    bf16 max 3, mean 0.36; fp16 max 2, mean 0.17)."""
+    inputs = make_inputs(3)
+    default = Sampler(pipe, SamplerSettings(**FAST))(**inputs)
+    sampler = Sampler(pipe, SamplerSettings(**FAST, vae_dtype=vae_dtype))
+    assert pipe.vae.dtype == DTYPES[vae_dtype] and pipe.unet.dtype == torch.float32
+    diff = _diff(sampler(**inputs), default)
+    assert diff.max() <= 4 and diff.mean() <= 0.5
+    Sampler(pipe, SamplerSettings(**FAST))
+    assert pipe.vae.dtype == torch.float32  # the next Sampler puts the VAE back in its dtype
+
+
+def test_fuse_qkv_runs_the_fused_projections_and_is_undone(pipe):
+    from diffusers.models.attention_processor import AttnProcessor2_0, FusedAttnProcessor2_0
+
+    sampler = Sampler(pipe, SamplerSettings(**FAST, fuse_qkv=True))
+    assert {type(p) for p in pipe.unet.attn_processors.values()} == {FusedAttnProcessor2_0}
+    fused = [m for m in pipe.unet.modules() if hasattr(m, "to_qkv") or hasattr(m, "to_kv")]
+    calls = []
+    handles = [m.get_submodule("to_qkv" if hasattr(m, "to_qkv") else "to_kv").register_forward_hook(
+        lambda *_: calls.append(1)) for m in fused]
+    try:
+        sampler(**make_inputs(1))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert fused and len(calls) == 2 * len(fused)  # every fused projection, in each of the 2 denoising steps
+    Sampler(pipe, SamplerSettings(**FAST))
+    assert {type(p) for p in pipe.unet.attn_processors.values()} == {AttnProcessor2_0}
+
+
+@pytest.mark.parametrize(("backend", "flash", "math"), [("math", False, True), ("flash", True, False), ("auto", True, True)])
+def test_sdpa_backend_is_in_force_during_the_unet_calls(pipe, backend, flash, math):
+    seen = []
+    handle = pipe.unet.register_forward_pre_hook(
+        lambda *_: seen.append((torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.math_sdp_enabled())))
+    try:
+        Sampler(pipe, SamplerSettings(**FAST, sdpa_backend=backend))(**make_inputs(1))
+    finally:
+        handle.remove()
+    assert set(seen) == {(flash, math)}
+    assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()  # restored after
+
+
+@pytest.mark.parametrize("settings", [{"compile": True, "compile_mode": "reduce-overhead"},
+                                      {"compile": True, "compile_mode": "max-autotune"},
+                                      {"sdpa_backend": "efficient"}, {"sdpa_backend": "cudnn"}])
+def test_cuda_only_options_are_refused_on_cpu_and_dropped_by_for_cpu(pipe, settings):
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        Sampler(pipe, SamplerSettings(**FAST, **settings), "cpu")
+    on_cpu = SamplerSettings(**FAST, **settings, dtype="bf16", vae_dtype="bf16").for_cpu()
+    assert on_cpu.cuda_only() == [] and (on_cpu.dtype, on_cpu.vae_dtype) == ("fp32", None)
+    assert on_cpu.compile == settings.get("compile", False)
+
+
+def test_compile_mode_reaches_torch_compile_with_static_shapes(pipe, monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: calls.append(kwargs) or module)
+    Sampler(pipe, SamplerSettings(**FAST, compile=True, compile_mode="max-autotune-no-cudagraphs"))
+    Sampler(pipe, SamplerSettings(**FAST))
+    assert calls == [{"mode": "max-autotune-no-cudagraphs", "dynamic": False}]
+
+
+def test_vae_tiling_and_slicing_are_turned_off(pipe):
+    pipe.vae.enable_tiling()
+    pipe.vae.enable_slicing()
+    Sampler(pipe, SamplerSettings(**FAST))
+    assert not pipe.vae.use_tiling and not pipe.vae.use_slicing
+
+
+@pytest.mark.parametrize(("field", "value", "match"), [("compile_mode", "fast", "compile_mode"),
+                                                       ("sdpa_backend", "xformers", "sdpa_backend"),
+                                                       ("vae_dtype", "fp8", "vae_dtype")])
+def test_bad_speed_options_raise(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        SamplerSettings(**{field: value}).validate()
+    with pytest.raises(ValueError, match="needs compile=True"):
+        SamplerSettings(compile_mode="reduce-overhead").validate()
+
+
+# ------------------------------------------------------------------- parity with diffusers' own img2img
+
+
+@pytest.fixture(scope="module")
+def base(tiny_model_dir):
+    """The shipped (pretrained) tiny base: pictures, not noise, so that a difference would show."""
+    return load_pipeline(tiny_model_dir)
+
+
+def _diffusers_img2img(pipe, settings: SamplerSettings, inputs: dict, **prompting) -> np.ndarray:
+    """Stock ``StableDiffusionImg2ImgPipeline`` over the same modules, scheduler and per-image generators, from
+    the bank latent as its init latent (a 4-channel ``image`` is taken as latents); uint8 like the Sampler."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    stock = StableDiffusionImg2ImgPipeline(
+        **{k: getattr(pipe, k) for k in ("vae", "text_encoder", "tokenizer", "unet")},
+        scheduler=make_scheduler(settings.scheduler, pipe.scheduler.config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    stock.set_progress_bar_config(disable=True)
+    generators = []
+    for seed in inputs["seeds"]:  # the Sampler draws each image's posterior noise first (unused without a std)
+        generator = torch.Generator().manual_seed(seed)
+        torch.randn(inputs["latent_mean"].shape[1:], generator=generator)
+        generators.append(generator)
+    images = stock(image=inputs["latent_mean"], strength=settings.strength, num_inference_steps=settings.steps,
+                   guidance_scale=settings.guidance_scale, generator=generators, output_type="np", **prompting).images
+    return (images * 255).round().astype(np.uint8)
+
+
+def test_sampler_equals_diffusers_img2img_with_the_vision_token(base):
+    """Same latents, prompt embeddings (the vision token in the last slot), scheduler and generators: the
+    same pixels as diffusers' own pipeline, within 1/255."""
+    settings = SamplerSettings(steps=10, strength=0.75, guidance_scale=2.0)
+    inputs = make_inputs(3) | {"latent_std": None}
+    ours = Sampler(base, settings)(**inputs)
+    ids = tokenize(base.tokenizer, inputs["prompts"])
+    with torch.no_grad():
+        prompt_embeds = encode_text(base.text_encoder, ids, inputs["vision_tokens"])
+        negative_embeds = encode_text(base.text_encoder, tokenize(base.tokenizer, [NEGATIVE_PROMPT] * 3))
+    theirs = _diffusers_img2img(base, settings, inputs, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds)
+    assert ours.shape == theirs.shape == (3, 32, 32, 3)
+    assert _diff(ours, theirs).max() <= 1
+    assert ours.std() > 10  # pictures, not a flat field
+
+
+@pytest.mark.parametrize("scheduler", ["unipc", "ddim"])
+def test_sampler_equals_diffusers_img2img_with_its_own_prompt_encoding(base, scheduler):
+    """Without a vision token the prompts go in as text: diffusers encodes them (and the negative prompt) itself."""
+    settings = SamplerSettings(scheduler=scheduler, steps=8, strength=0.5, guidance_scale=3.0)
+    inputs = make_inputs(2) | {"latent_std": None, "vision_tokens": None}
+    ours = Sampler(base, settings)(**inputs)
+    theirs = _diffusers_img2img(base, settings, inputs, prompt=inputs["prompts"], negative_prompt=[NEGATIVE_PROMPT] * 2)
+    assert _diff(ours, theirs).max() <= 1

@@ -107,6 +107,9 @@ class FinetuneConfig(_Section):
     mmd_scope: Literal["local", "global"] = "local"  # local: each worker's own batch (the reference)
     snr_gamma: float | None = Field(5.0, gt=0)
     mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
+    # torch.compile the LoRA UNet's forward (and so its backward); the CUDA-graph modes only on GPU workers
+    compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     hflip: bool = True
     vision_token: Literal["image", "class_mean", "none"] = "image"
     checkpoint_every: int = Field(500, ge=1)
@@ -120,6 +123,8 @@ class FinetuneConfig(_Section):
     def _positive_cpus(self) -> FinetuneConfig:
         if self.cpus_per_worker != "auto" and self.cpus_per_worker <= 0:
             raise ValueError(f"cpus_per_worker must be > 0 or 'auto' (got {self.cpus_per_worker})")
+        if self.compile_mode != "default" and not self.compile:
+            raise ValueError(f"compile_mode={self.compile_mode!r} needs compile=true")
         return self
 
 
@@ -140,6 +145,11 @@ class GenerateConfig(_Section):
     dtype: Dtype = "fp16"
     channels_last: bool = True
     compile: bool = False
+    # Speed options (docs/generate.md): off by default; on a CPU node the CUDA-only ones are dropped.
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    sdpa_backend: Literal["auto", "flash", "efficient", "cudnn", "math"] = "auto"  # the UNet's attention kernel
+    vae_dtype: Dtype | None = None  # the VAE decode's dtype; None: dtype
+    fuse_qkv: bool = False  # one matmul for each attention layer's q/k/v projections
     speedup: str = "none"  # none | deepcache[:N] | tomesd[:ratio] (see realfake_ray.method.speedups)
     jpeg_quality: int = Field(75, ge=1, le=100)  # 75: PIL's default, what the reference stores
     storage_size: int | None = Field(None, ge=8)  # short side of stored JPEGs; None: the generation resolution

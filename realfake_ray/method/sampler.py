@@ -21,6 +21,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -28,14 +30,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from realfake_ray.method.vision_token import encode_text, inject_vision_token
+from realfake_ray.devices import COMPILE_MODES, compile_mode_on, records_cuda_graphs
 from realfake_ray.method.lora import apply_lora
 from realfake_ray.method.prompts import NEGATIVE_PROMPT, tokenize
+from realfake_ray.method.vision_token import encode_text, inject_vision_token
 
 __all__ = [
     "DTYPES",
     "MODES",
     "SCHEDULERS",
+    "SDPA_BACKENDS",
     "Sampler",
     "SamplerSettings",
     "latent_hw",
@@ -47,6 +51,9 @@ __all__ = [
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MODES = ("img2img", "txt2img")
+# Scaled-dot-product attention kernels of the UNet ("auto": PyTorch picks); efficient and cudnn exist only on CUDA
+SDPA_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
+_CUDA_SDPA = ("efficient", "cudnn")
 _SCHEDULER_CLASSES = {
     "unipc": ("UniPCMultistepScheduler", {}),
     "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True, "algorithm_type": "dpmsolver++"}),
@@ -86,6 +93,14 @@ class SamplerSettings:
     ``negative_vision_token``: also write the image's guidance token into the negative prompt's last slot
     (the reference code hands its tokens to an unreleased pipeline, so its choice is unknown; default off).
 
+    Speed options (all off by default; docs/generate.md says what each is tested to change):
+    ``compile_mode``: the ``torch.compile`` mode of the UNet when ``compile`` (``reduce-overhead`` and
+    ``max-autotune`` record CUDA graphs: one per batch shape, CUDA only). ``sdpa_backend``: the attention
+    kernel of the UNet's attention layers (``efficient``/``cudnn``: CUDA only; ``flash`` needs fp16/bf16 on
+    CUDA). ``vae_dtype``: the VAE's dtype (None: ``dtype``), e.g. bf16 to decode fp16-sampled latents without
+    fp16's overflow. ``fuse_qkv``: fuse each attention layer's q/k/v (self) and k/v (cross) projections into
+    one matmul (diffusers' ``fuse_qkv_projections``).
+
     Example:
         >>> SamplerSettings(steps=30, strength=0.75).validate().denoising_steps
         22
@@ -102,6 +117,10 @@ class SamplerSettings:
     channels_last: bool = False
     compile: bool = False
     negative_vision_token: bool = False
+    compile_mode: str = "default"
+    sdpa_backend: str = "auto"
+    vae_dtype: str | None = None
+    fuse_qkv: bool = False
 
     def validate(self) -> SamplerSettings:
         """Raise ValueError naming the first bad field; return self."""
@@ -122,7 +141,45 @@ class SamplerSettings:
             )
         if not math.isfinite(self.guidance_scale) or self.guidance_scale < 1.0:
             raise ValueError(f"guidance_scale={self.guidance_scale!r} must be finite and >= 1.0 (1.0 = no CFG)")
+        return self._validate_speed_options()
+
+    def _validate_speed_options(self) -> SamplerSettings:
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode={self.compile_mode!r} is unknown; valid: {list(COMPILE_MODES)}")
+        if self.compile_mode != "default" and not self.compile:
+            raise ValueError(f"compile_mode={self.compile_mode!r} needs compile=True")
+        if self.sdpa_backend not in SDPA_BACKENDS:
+            raise ValueError(f"sdpa_backend={self.sdpa_backend!r} is unknown; valid: {list(SDPA_BACKENDS)}")
+        if self.vae_dtype is not None and self.vae_dtype not in DTYPES:
+            raise ValueError(f"vae_dtype={self.vae_dtype!r} is unknown; valid: None (= dtype) or {list(DTYPES)}")
         return self
+
+    def cuda_only(self) -> list[str]:
+        """The settings that need a CUDA device (``name=value``), empty when none is set.
+
+        Example:
+            >>> SamplerSettings(compile=True, compile_mode="reduce-overhead", sdpa_backend="cudnn").cuda_only()
+            ['compile_mode=reduce-overhead', 'sdpa_backend=cudnn']
+        """
+        found = [f"compile_mode={self.compile_mode}"] if self.compile and records_cuda_graphs(self.compile_mode) else []
+        return found + ([f"sdpa_backend={self.sdpa_backend}"] if self.sdpa_backend in _CUDA_SDPA else [])
+
+    def for_cpu(self) -> SamplerSettings:
+        """These settings as they run on a CPU: fp32 throughout, the CUDA-only options dropped (CUDA graphs,
+        the CUDA attention kernels: see :meth:`cuda_only`). What the generate stage samples with on a CPU node.
+
+        Example:
+            >>> s = SamplerSettings(dtype="bf16", vae_dtype="bf16", compile=True, compile_mode="max-autotune")
+            >>> s.for_cpu().dtype, s.for_cpu().vae_dtype, s.for_cpu().compile_mode
+            ('fp32', None, 'max-autotune-no-cudagraphs')
+        """
+        return dataclasses.replace(
+            self,
+            dtype="fp32",
+            vae_dtype=None,
+            compile_mode=compile_mode_on("cpu", self.compile_mode),
+            sdpa_backend="auto" if self.sdpa_backend in _CUDA_SDPA else self.sdpa_backend,
+        ).validate()
 
     @property
     def denoising_steps(self) -> int:
@@ -179,9 +236,12 @@ def _per_image_randn(generators: list[torch.Generator], shape: tuple[int, ...]) 
 class Sampler:
     """Generate images from bank latents, prompts and guidance tokens with one pipeline on one device.
 
-    Moves the pipeline's VAE, UNet and text encoder to ``device`` and the settings' dtype (in place),
-    uses SDPA attention, optionally channels_last and ``torch.compile`` of the UNet, and pre-computes
-    the negative-prompt embedding.
+    Moves the pipeline's VAE, UNet and text encoder to ``device`` and the settings' dtypes (in place),
+    uses SDPA attention, optionally channels_last, fused q/k/v projections and ``torch.compile`` of the
+    UNet, turns VAE tiling and slicing off, and pre-computes the negative-prompt embedding. The two CFG
+    branches always run as one UNet batch. Settings that need CUDA raise ValueError on another device.
+    Each phase of a call is a ``torch.profiler`` range (``sampler.prepare``, ``sampler.denoise``,
+    ``sampler.decode``, ``sampler.to_host``), which ``benchmarks/profile_unet.py`` reads.
 
     Example:
         >>> from realfake_ray.models.tiny import build_random_tiny_pipeline
@@ -193,21 +253,45 @@ class Sampler:
     def __init__(self, pipe, settings: SamplerSettings | None = None, device: str | torch.device = "cpu") -> None:
         self.settings = (settings or SamplerSettings()).validate()
         self.device = torch.device(device)
+        if self.device.type != "cuda" and self.settings.cuda_only():
+            raise ValueError(
+                f"{', '.join(self.settings.cuda_only())} needs a CUDA device, not {self.device}; "
+                "SamplerSettings.for_cpu() drops it"
+            )
+        if self.device.type == "cuda" and self.settings.sdpa_backend == "flash" and self.settings.dtype == "fp32":
+            raise ValueError("sdpa_backend='flash' needs dtype fp16 or bf16 on CUDA (FlashAttention has no fp32 kernel)")
         self.dtype = DTYPES[self.settings.dtype]
+        self.vae_dtype = DTYPES[self.settings.vae_dtype or self.settings.dtype]
         self.pipe = pipe
         self.vae, self.text_encoder, self.tokenizer = pipe.vae, pipe.text_encoder, pipe.tokenizer
-        memory_format = torch.channels_last if self.settings.channels_last else torch.contiguous_format
-        for module in (pipe.vae, pipe.unet, pipe.text_encoder):
-            to_device_dtype(module, self.device, self.dtype).eval().requires_grad_(False)
-        for module in (pipe.vae, pipe.unet):
-            module.to(memory_format=memory_format)
-            set_sdpa(module)
-        self.unet = torch.compile(pipe.unet) if self.settings.compile else pipe.unet
+        self._prepare_modules(pipe)
+        self.unet = self._compiled(pipe.unet)
         self.scheduler = make_scheduler(self.settings.scheduler, pipe.scheduler.config)
         self.scaling_factor = float(pipe.vae.config.scaling_factor)
         self.latent_channels = int(pipe.unet.config.in_channels)
         self.text_width = int(pipe.text_encoder.config.hidden_size)
         self.negative_embeds = self._encode([self.settings.negative_prompt]) if self.settings.cfg else None
+
+    def _prepare_modules(self, pipe) -> None:
+        """Device, dtypes, memory format, SDPA attention, fused projections and no VAE tiling, in place (each
+        setting applied or undone, so that a pipeline can be reused by Samplers of other settings)."""
+        s = self.settings
+        memory_format = torch.channels_last if s.channels_last else torch.contiguous_format
+        for module, dtype in ((pipe.vae, self.vae_dtype), (pipe.unet, self.dtype), (pipe.text_encoder, self.dtype)):
+            to_device_dtype(module, self.device, dtype).eval().requires_grad_(False)
+        for module in (pipe.vae, pipe.unet):
+            module.to(memory_format=memory_format)
+            set_sdpa(module)
+        if s.fuse_qkv:
+            pipe.unet.fuse_qkv_projections()
+        pipe.vae.disable_tiling()  # one decode per batch at full size: tiles only save memory, at a cost in speed
+        pipe.vae.disable_slicing()
+
+    def _compiled(self, unet: torch.nn.Module):
+        """The UNet, ``torch.compile``d with the settings' mode (static shapes: one graph per batch size)."""
+        if not self.settings.compile:
+            return unet
+        return torch.compile(unet, mode=self.settings.compile_mode, dynamic=False)
 
     @classmethod
     def from_pipeline(
@@ -282,25 +366,42 @@ class Sampler:
             negative = inject_vision_token(negative, vision_tokens.to(self.device))
         return negative
 
+    def _attention(self):
+        """The context that selects the UNet's attention kernel (``sdpa_backend``; nothing for ``auto``)."""
+        if self.settings.sdpa_backend == "auto":
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                   "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[self.settings.sdpa_backend]
+        return sdpa_kernel([backend])
+
     def _denoise(self, latents: Tensor, timesteps: Tensor, cond: Tensor, negative: Tensor | None) -> Tensor:
         """Run the UNet + scheduler loop; the uncond and cond branches share one UNet call."""
         s, sched = self.settings, self.scheduler
         embeds = torch.cat([negative, cond]) if s.cfg else cond
-        for t in timesteps:
-            x = torch.cat([latents, latents]) if s.cfg else latents
-            x = sched.scale_model_input(x, t).to(self.dtype)
-            eps = self.unet(x, t, encoder_hidden_states=embeds).sample.float()
-            if s.cfg:
-                uncond, text = eps.chunk(2)
-                eps = uncond + s.guidance_scale * (text - uncond)
-            latents = sched.step(eps, t, latents).prev_sample
+        graphs = s.compile and records_cuda_graphs(s.compile_mode)
+        with self._attention():
+            for t in timesteps:
+                x = torch.cat([latents, latents]) if s.cfg else latents
+                x = sched.scale_model_input(x, t).to(self.dtype)
+                if graphs:  # a new replay of the recorded graphs: the last step's outputs are no longer read
+                    torch.compiler.cudagraph_mark_step_begin()
+                # a graph's output lives in the graph's memory, overwritten by the next replay: copy it out
+                eps = self.unet(x, t, encoder_hidden_states=embeds).sample.to(torch.float32, copy=graphs)
+                if s.cfg:
+                    uncond, text = eps.chunk(2)
+                    eps = uncond + s.guidance_scale * (text - uncond)
+                latents = sched.step(eps, t, latents).prev_sample
         return latents
 
     def decode(self, latents: Tensor) -> np.ndarray:
-        """VAE-decode scaled latents to uint8 images [B, H, W, 3]."""
-        images = self.vae.decode((latents / self.scaling_factor).to(self.dtype)).sample.float()
-        images = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
-        return images.permute(0, 2, 3, 1).cpu().numpy()
+        """VAE-decode scaled latents to uint8 images [B, H, W, 3] (in the VAE's dtype, ``vae_dtype``)."""
+        with torch.profiler.record_function("sampler.decode"):
+            images = self.vae.decode((latents / self.scaling_factor).to(self.vae_dtype)).sample.float()
+            images = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+        with torch.profiler.record_function("sampler.to_host"):
+            return images.permute(0, 2, 3, 1).cpu().numpy()
 
     @torch.inference_mode()
     def __call__(
@@ -325,9 +426,11 @@ class Sampler:
         seeds = [int(x) for x in seeds]
         self._check_inputs(prompts, seeds, latent_mean, latent_std, vision_tokens)
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-        cond = self._encode(prompts, vision_tokens)
-        timesteps = self._timesteps()
-        latents = self._initial_latents(generators, latent_mean, latent_std, timesteps)
-        negative = self._negative(len(prompts), vision_tokens) if self.settings.cfg else None
-        latents = self._denoise(latents, timesteps, cond, negative)
+        with torch.profiler.record_function("sampler.prepare"):  # text encoding, start latents
+            cond = self._encode(prompts, vision_tokens)
+            timesteps = self._timesteps()
+            latents = self._initial_latents(generators, latent_mean, latent_std, timesteps)
+            negative = self._negative(len(prompts), vision_tokens) if self.settings.cfg else None
+        with torch.profiler.record_function("sampler.denoise"):
+            latents = self._denoise(latents, timesteps, cond, negative)
         return self.decode(latents)

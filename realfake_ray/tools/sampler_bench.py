@@ -42,7 +42,7 @@ from realfake_ray.method.sampler import (
 
 __all__ = [
     "bench_grid", "rows_to_csv", "run_bench_sampler", "REFERENCE_ROW", "make_grid", "model_flops", "sampler_flops",
-    "run_grid", "format_table",
+    "run_grid", "format_table", "speed_options", "bench_inputs",
 ]
 
 _TRUE, _FALSE = ("1", "true", "y", "yes"), ("0", "false", "n", "no")
@@ -73,7 +73,8 @@ def bench_grid(
     channels_last: list[str] | None = None,
     reference: bool = True,
 ) -> list[dict]:
-    """Grid rows from comma-list flags (strings, as the CLI gives them), defaults from ``cfg.generate``.
+    """Grid rows from comma-list flags (strings, as the CLI gives them), defaults from ``cfg.generate``
+    (its speed options too; on a CPU without the CUDA-only ones, as the stage runs there).
 
     Every row is validated here (unknown scheduler / dtype, steps < 1, ...): a ConfigError before timing.
 
@@ -98,9 +99,14 @@ def bench_grid(
         guidance_scale=g.guidance_scale,
         mode=g.mode,
         sample_posterior=g.sample_posterior,
+        **{k: getattr(g, k) for k in _SPEED_OPTIONS},
     )
     for row in grid:
+        if not row.get("compile"):
+            row["compile_mode"] = "default"
         try:
+            if device_type != "cuda" and not row.get("reference"):  # as the stage runs on a CPU node
+                row.update({k: getattr(_split_spec(row)[0].for_cpu(), k) for k in _SPEED_OPTIONS})
             _split_spec(row)
         except ValueError as exc:
             raise ConfigError(f"bench-sampler grid: {exc}") from None
@@ -164,9 +170,10 @@ def run_bench_sampler(
 
 _SETTING_FIELDS = {f.name for f in dataclasses.fields(SamplerSettings)}
 _ROW_KEYS = (
-    "name", "scheduler", "steps", "strength", "batch_size", "dtype", "compile", "channels_last",
+    "name", "scheduler", "steps", "strength", "batch_size", "dtype", "compile", "channels_last", "options",
     "images_per_s", "s_per_batch", "tflop_per_img", "mfu", "peak_mem_gib", "note",
 )  # fmt: skip
+_SPEED_OPTIONS = ("compile_mode", "sdpa_backend", "vae_dtype", "fuse_qkv")  # the ``options`` column: those not at default
 REFERENCE_ROW = {
     "name": "reference",
     "reference": True,
@@ -215,8 +222,14 @@ def _split_spec(spec: dict) -> tuple[SamplerSettings, int]:
     return settings, batch_size
 
 
-def _bench_inputs(pipe, batch_size: int, seed: int) -> dict:
-    """Random-but-seeded sampler inputs shaped like a latent-bank batch."""
+def bench_inputs(pipe, batch_size: int, seed: int) -> dict:
+    """Random-but-seeded sampler inputs shaped like a latent-bank batch (keyword arguments of a Sampler call).
+
+    Example:
+        >>> from realfake_ray.models.tiny import build_random_tiny_pipeline
+        >>> sorted(bench_inputs(build_random_tiny_pipeline(), 2, seed=0))
+        ['latent_mean', 'latent_std', 'prompts', 'seeds', 'vision_tokens']
+    """
     gen = torch.Generator("cpu").manual_seed(seed)
     h, w = latent_hw(pipe)
     shape = (batch_size, int(pipe.unet.config.in_channels), h, w)
@@ -245,6 +258,18 @@ def model_flops(pipe, device: torch.device, dtype: torch.dtype) -> dict[str, flo
     }
 
 
+def speed_options(settings: SamplerSettings) -> str:
+    """The speed options of ``settings`` not at their defaults, as ``key=value`` words (``""``: none).
+
+    Example:
+        >>> speed_options(SamplerSettings(sdpa_backend="cudnn", fuse_qkv=True))
+        'sdpa_backend=cudnn fuse_qkv=True'
+    """
+    defaults = SamplerSettings()
+    changed = [k for k in _SPEED_OPTIONS if getattr(settings, k) != getattr(defaults, k)]
+    return " ".join(f"{k}={getattr(settings, k)}" for k in changed)
+
+
 def _result_row(spec: dict, settings: SamplerSettings, batch_size: int, seconds: float, flops: float, peak_mem, device):
     """Assemble one output row with throughput, TFLOP/img, MFU (GPU with a known peak) and memory."""
     images_per_s = batch_size / seconds
@@ -258,6 +283,7 @@ def _result_row(spec: dict, settings: SamplerSettings, batch_size: int, seconds:
         "dtype": settings.dtype,
         "compile": settings.compile,
         "channels_last": settings.channels_last,
+        "options": speed_options(settings),
         "images_per_s": images_per_s,
         "s_per_batch": seconds,
         "tflop_per_img": flops / 1e12,
@@ -282,7 +308,7 @@ def _bench_sampler_row(pipe, spec, device, iters, warmup, seed, flops_cache) -> 
     if key not in flops_cache:
         flops_cache[key] = model_flops(pipe, device, sampler.dtype)
     flops = sampler_flops(settings, flops_cache[key])
-    inputs = _bench_inputs(pipe, batch_size, seed)
+    inputs = bench_inputs(pipe, batch_size, seed)
     if settings.mode == "txt2img":
         inputs.pop("latent_mean"), inputs.pop("latent_std")
     seconds, peak_mem = time_calls(lambda: sampler(**inputs), device, iters, warmup)
@@ -326,7 +352,7 @@ def _bench_reference_row(pipe, spec, device, iters, warmup, seed, flops_cache) -
     factor = vae_factor(pipe.vae)
     gen = torch.Generator("cpu").manual_seed(seed)
     images = torch.rand(batch_size, 3, h * factor, w * factor, generator=gen)
-    prompts = _bench_inputs(pipe, batch_size, seed)["prompts"]
+    prompts = bench_inputs(pipe, batch_size, seed)["prompts"]
 
     def call():
         ref(

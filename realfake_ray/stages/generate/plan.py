@@ -81,25 +81,31 @@ def synthetic_path(class_dir: str, image_id: str, copy_idx: int, disambiguate: b
 
 
 def sampler_settings(gen: GenerateConfig, device_type: str = "cuda"):
-    """The :class:`~realfake_ray.method.sampler.SamplerSettings` of ``gen`` (fp32 on CPU), validated.
+    """The :class:`~realfake_ray.method.sampler.SamplerSettings` of ``gen``, validated; on a device other than
+    CUDA as they run there (:meth:`~realfake_ray.method.sampler.SamplerSettings.for_cpu`: fp32, no CUDA-only option).
 
     Example:
         >>> sampler_settings(GenerateConfig(steps=4), "cpu").dtype
         'fp32'
     """
 
-    return SamplerSettings(
+    settings = SamplerSettings(
         scheduler=gen.scheduler,
         steps=gen.steps,
         strength=gen.strength,
         guidance_scale=gen.guidance_scale,
         mode=gen.mode,
         sample_posterior=gen.sample_posterior,
-        dtype=gen.dtype if device_type == "cuda" else "fp32",
+        dtype=gen.dtype,
         channels_last=gen.channels_last,
         compile=gen.compile,
         negative_vision_token=gen.negative_vision_token,
+        compile_mode=gen.compile_mode,
+        sdpa_backend=gen.sdpa_backend,
+        vae_dtype=gen.vae_dtype,
+        fuse_qkv=gen.fuse_qkv,
     ).validate()
+    return settings if device_type == "cuda" else settings.for_cpu()
 
 
 def check_generate_config(gen: GenerateConfig) -> None:
@@ -282,6 +288,7 @@ def throughput_settings(cfg: RunConfig) -> dict:
     """The settings that pace and place a generate run without changing its images (in ``_summary.json``)."""
     g = cfg.generate
     return {"batch_size": g.batch_size, "dtype": g.dtype, "channels_last": g.channels_last, "compile": g.compile,
+            "compile_mode": g.compile_mode, "sdpa_backend": g.sdpa_backend, "vae_dtype": g.vae_dtype, "fuse_qkv": g.fuse_qkv,
             "actors": g.actors.model_dump(), "shard_mb": g.shard_mb, "mult": g.mult}  # fmt: skip
 
 
