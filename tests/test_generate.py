@@ -113,6 +113,7 @@ class _StubActor(SynthesisActor):
     def __init__(self, shards_dir: str, batch_size: int = 2, fail_at: int | None = None):  # noqa: D107 - no super()
         self.batch_size, self.quality, self.storage_size = batch_size, 90, None
         self.shards_dir, self.class_dirs, self.name, self.load_s = shards_dir, ["a", "b"], "host:1", 0.5
+        self.started = 100.0
         self.settings = {"mode": "img2img", "vision_token": "image", "strength": 0.75, "steps": 4,
                          "scheduler": "unipc", "guidance_scale": 2.0, "lora_scale": 0.5, "lora_sha256": "ab"}
         self.first_batch_s, self.kill_after, self.fail_at, self.calls = None, None, fail_at, []
