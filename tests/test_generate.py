@@ -143,7 +143,7 @@ def test_a_shard_is_written_whole_in_the_datasets_layout(tmp_path):
     actor = _StubActor(str(tmp_path / "data"))
     summary = actor.write_shard(_shard_row(5))
     assert actor.calls == [(0, 2), (2, 4), (4, 5)]  # generation batches of batch_size, fixed by the row
-    assert (summary["written"], summary["failed"], summary["error"], summary["first_batch_s"]) == (5, 0, "", 1.0)
+    assert (summary["written"], summary["failed"], summary["error"], summary["first_batch_s"], summary["first_batch_at"]) == (5, 0, "", 1.0, 101.0)
     (url,) = list_shards(str(tmp_path / "data")).urls
     assert summary["bytes"] == len(storage.read_bytes(url)) and url.endswith("-n5.parquet")
     loaded = datasets.load_dataset("parquet", data_dir=str(tmp_path / "data"), split="train")
