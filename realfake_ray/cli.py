@@ -67,12 +67,17 @@ _MULT = Flag("--mult", "generate.mult", int, "synthetic copies per real image (1
 STAGES: dict[str, Stage] = {
     "run": Stage(
         "realfake_ray.stages.pipeline:run_pipeline",
-        "the main job: encode → finetune → generate → train → evaluate (complete stages are skipped)",
+        "the main job: caption → encode → finetune → generate → train → evaluate (complete stages are skipped)",
         flags=(_MULT, Flag("--source", "train.source", str, "classifier training data", ("real", "synthetic", "mix"))),
         args=(
             Arg("--only", "only", _stage_list, "comma-separated stages to run, e.g. generate,train"),
             Arg("--from", "from_stage", str, "run from this stage on, e.g. train"),
         ),
+    ),
+    "caption": Stage(
+        "realfake_ray.stages.caption.driver:run_caption",
+        "training images → one BLIP-2 caption each → <out>/captions/captions.jsonl (resumes; nothing to do when "
+        "data.captions_file is given or caption.enabled=false)",
     ),
     "encode": Stage("realfake_ray.stages.encode.driver:run_encode", "real ImageFolder → latent bank (VAE latents, CLIP embeddings, captions)"),
     "finetune": Stage(

@@ -5,6 +5,8 @@ themselves, so no stage imports another stage for a path.
 
 Example:
     >>> layout = RunLayout("s3://bucket/run")
+    >>> layout.captions_url()
+    's3://bucket/run/captions/captions.jsonl'
     >>> layout.bank_dir("train")
     's3://bucket/run/latents/train'
     >>> layout.manifest_dir()
@@ -30,6 +32,17 @@ class RunLayout:
 
     def _at(self, *parts: str) -> str:
         return storage.join(self.out, *parts)
+
+    # caption
+    def captions_dir(self, *parts: str) -> str:
+        """``<out>/captions`` or a path below it (``_parts/``: Parquet parts of (image_id, caption, error);
+        ``_settings.json``, ``_summary.json``)."""
+        return self._at("captions", *parts)
+
+    def captions_url(self) -> str:
+        """``<out>/captions/captions.jsonl``: one ``{"image_id", "caption"}`` per training image, what encode
+        reads (the format of ``data.captions_file``)."""
+        return self.captions_dir("captions.jsonl")
 
     # encode
     def bank_dir(self, split: str | None = None) -> str:

@@ -36,7 +36,7 @@ def test_module_entry_point_is_the_same_cli():
     assert result.returncode == 0 and "encode" in result.stdout
 
 
-@pytest.mark.parametrize(("job", "flag"), [("encode", "--data"), ("finetune", "--max-steps"), ("generate", "--mult"),
+@pytest.mark.parametrize(("job", "flag"), [("caption", "--data"), ("encode", "--data"), ("finetune", "--max-steps"), ("generate", "--mult"),
                                            ("train", "--source"), ("evaluate", "--val-data"),
                                            ("scale_in1k", "--only")])
 def test_job_scripts_forward_to_the_cli(job, flag):

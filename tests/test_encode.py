@@ -151,7 +151,7 @@ def test_folder_names_as_class_names_are_warned_about_naming_the_fix(tmp_path, c
     for folder in ("n01440764", "n02102040"):
         (tmp_path / "data" / folder).mkdir(parents=True)
         Image.new("RGB", (8, 8)).save(tmp_path / "data" / folder / "a.png")
-    scan_splits(load_config(data__train=str(tmp_path / "data")))
+    scan_splits(load_config(data__train=str(tmp_path / "data"), overrides=["caption.enabled=false"]))
     out = capsys.readouterr().out
     assert 'photo of n01440764' in out and "--set data.classes_file=" in out
     scan_splits(load_config(preset="tiny"))  # the embedded digits come with a classes file: no warning

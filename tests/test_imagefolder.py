@@ -1,5 +1,6 @@
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -100,6 +101,57 @@ def test_classes_file_and_captions(tmp_path):
     assert [r.caption for r in index.records] == ["a fish on grass", ""]
     assert index.caption_match == 0.5
     assert load_class_names(str(classes))["n02102040"] == "English springer"
+
+
+def test_synset_mapping_gives_the_first_synonym_or_all_of_them(tmp_path, capsys):
+    _make_folder(tmp_path / "data", {"n01440764": {"x.png": _png("RGB")}, "n02012849": {"y.png": _png("RGB")},
+                                     "n03126707": {"z.png": _png("RGB")}})
+    mapping = tmp_path / "LOC_synset_mapping.txt"  # the official file's format
+    mapping.write_text("n01440764 tench, Tinca tinca\nn02012849 crane\nn03126707 crane\n")
+    first = scan_image_folder(str(tmp_path / "data"), classes_file=str(mapping))
+    assert first.class_names == ["tench", "crane", "crane"]
+    assert "gives several classes the same name ('crane')" in capsys.readouterr().out  # said once per file
+    load_class_names(str(mapping))
+    assert capsys.readouterr().out == ""
+    every = scan_image_folder(str(tmp_path / "data"), classes_file=str(mapping), class_name_style="all")
+    assert every.class_names == ["tench, Tinca tinca", "crane", "crane"]
+    assert load_class_names(str(mapping), "all")["n01440764"] == "tench, Tinca tinca"
+    json_file = tmp_path / "classes.json"  # JSON names are taken whole
+    json_file.write_text(json.dumps({"n01440764": "tench, a fish"}))
+    assert load_class_names(str(json_file)) == {"n01440764": "tench, a fish"}
+    with pytest.raises(ValueError, match="class name style 'last'"):
+        load_class_names(str(mapping), "last")
+
+
+def test_shipped_imagenet1k_names_one_class_per_synset_once():
+    names = load_class_names("imagenet1k")
+    assert len(names) == 1000 and len(set(names.values())) == 1000
+    assert all(re.fullmatch(r"n\d{8}", synset) for synset in names)
+    assert sorted(names) == list(names)  # the standard class order: sorted synsets
+    assert all(name and name == name.strip() and "," not in name for name in names.values())
+    assert (names["n01440764"], names["n02012849"], names["n03126707"]) == ("tench", "crane bird", "construction crane")
+    assert load_class_names("imagenet1k", "all") == names
+
+
+def test_the_shipped_class_lists_are_package_data(pyproject):
+    import fnmatch
+    import os
+
+    from realfake_ray.data.class_lists import SHIPPED_CLASS_LISTS
+
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["realfake_ray.data"]
+    for path in SHIPPED_CLASS_LISTS.values():
+        assert os.path.isfile(path) and any(fnmatch.fnmatch(os.path.basename(path), p) for p in patterns)
+
+
+def test_a_bad_classes_line_is_named_with_its_line_number(tmp_path):
+    bad = tmp_path / "classes.txt"
+    bad.write_text("# synset name\nn01440764 tench\n\nn01443537\n")
+    with pytest.raises(DatasetError, match=r"classes.txt, line 4: expected 'folder name', got 'n01443537'"):
+        load_class_names(str(bad))
+    bad.write_text("n01440764 , Tinca tinca\n")  # no first synonym
+    with pytest.raises(DatasetError, match="line 1"):
+        load_class_names(str(bad))
 
 
 def test_captions_file_for_another_dataset_is_refused_with_its_match_rate(tmp_path):

@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "realfake_ray"
 # Folder rules. The Ray layer is the stage drivers (``stages/<stage>/driver.py``), the pipeline, the tools'
 # drivers and the cluster wiring; every other module (``method/`` above all) is pure torch/diffusers/pyarrow and
 # must import (and so be unit-testable) without Ray.
-STAGES = ("encode", "finetune", "generate", "train", "evaluate")
+STAGES = ("caption", "encode", "finetune", "generate", "train", "evaluate")
 # train ends with an evaluation: its driver may call the evaluate stage's entry point, and nothing else of it.
 STAGE_CALLS = {("train", "realfake_ray.stages.evaluate.driver")}
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import posixpath
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -22,10 +23,11 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from realfake_ray import storage
+from realfake_ray.data.class_lists import shipped_class_list
 
 __all__ = [
-    "DEFAULT_EXTENSIONS", "DatasetError", "ImageRecord", "ImageFolderIndex", "load_class_names", "load_captions",
-    "MIN_CAPTION_MATCH", "caption_match_error", "scan_image_folder", "open_rgb", "decode_image", "centre_view",
+    "DEFAULT_EXTENSIONS", "DatasetError", "ImageRecord", "ImageFolderIndex", "CLASS_NAME_STYLES", "load_class_names",
+    "load_captions", "MIN_CAPTION_MATCH", "caption_match_error", "scan_image_folder", "open_rgb", "decode_image", "centre_view",
     "stem", "squash_view", "GENERATION_VIEWS", "MAX_ASPECT", "full_view", "decode_views",
 ]
 
@@ -60,25 +62,59 @@ class ImageFolderIndex:
         return len(self.class_dirs)
 
 
-def load_class_names(url: str) -> dict[str, str]:
-    """Folder → readable name, from JSON (``{"n01440764": "tench"}``) or lines ``folder<whitespace>name``."""
-    if not storage.exists(url):
+CLASS_NAME_STYLES = ("first", "all")
+
+
+def load_class_names(url: str, style: str = "first") -> dict[str, str]:
+    """Folder → readable name, from JSON (``{"n01440764": "tench"}``), from lines ``folder<whitespace>name``
+    (``LOC_synset_mapping.txt``: ``n01440764 tench, Tinca tinca``), or from a list shipped with the package,
+    named instead of a URL (``imagenet1k``: :mod:`realfake_ray.data.class_lists`).
+
+    A lines file's name is a comma-separated list of synonyms: ``style="first"`` keeps the first ("tench"),
+    ``"all"`` the whole list. JSON names are taken whole.
+
+    Example:
+        >>> load_class_names("imagenet1k")["n01440764"]
+        'tench'
+    """
+    if style not in CLASS_NAME_STYLES:
+        raise ValueError(f"class name style {style!r}: expected one of {', '.join(CLASS_NAME_STYLES)}")
+    path = shipped_class_list(url) or url
+    if not storage.exists(path):
         raise DatasetError(f"classes file not found: {url}")
-    text = storage.read_text(url)
+    text = storage.read_text(path)
     if text.lstrip().startswith("{"):
         try:
             mapping = json.loads(text)
         except json.JSONDecodeError as exc:
             raise DatasetError(f"classes file {url}: invalid JSON ({exc})") from None
-        return {str(k): str(v) for k, v in mapping.items()}
+        return _warn_shared_names(url, {str(k): str(v) for k, v in mapping.items()})
     mapping = {}
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.startswith("#"):
             continue
         parts = line.strip().split(None, 1)
-        if len(parts) != 2:
+        name = parts[1].split(",")[0].strip() if len(parts) == 2 and style == "first" else parts[-1].strip()
+        if len(parts) != 2 or not name:
             raise DatasetError(f"classes file {url}, line {lineno}: expected 'folder name', got {line!r}")
-        mapping[parts[0]] = parts[1].strip()
+        mapping[parts[0]] = name
+    return _warn_shared_names(url, mapping)
+
+
+_warned_shared: set[str] = set()
+
+
+def _warn_shared_names(url: str, mapping: dict[str, str]) -> dict[str, str]:
+    """Say once per file when several classes get one name (``LOC_synset_mapping.txt``'s first synonyms:
+    two "crane", two "maillot"): their prompts cannot tell them apart."""
+    counts = Counter(mapping.values())
+    shared = sorted(name for name, n in counts.items() if n > 1)
+    if shared and url not in _warned_shared:
+        _warned_shared.add(url)
+        print(f"[data] warning: classes file {url} gives several classes the same name "
+              f"({', '.join(map(repr, shared[:5]))}{', ...' if len(shared) > 5 else ''}), so their prompts are alike; "
+              "data.class_name_style=all keeps every synonym (ImageNet: data.classes_file=imagenet1k names each "
+              "class once)", flush=True)
     return mapping
 
 
@@ -116,6 +152,7 @@ def scan_image_folder(
     root: str,
     *,
     classes_file: str | None = None,
+    class_name_style: str = "first",
     captions_file: str | None = None,
     extensions: tuple[str, ...] = DEFAULT_EXTENSIONS,
     class_dirs: list[str] | None = None,
@@ -125,7 +162,7 @@ def scan_image_folder(
     covers at least :data:`MIN_CAPTION_MATCH` of the images (their fraction is ``caption_match``).
 
     ``class_dirs`` fixes the label order (e.g. a validation split must use the train split's classes);
-    by default labels follow the sorted class folder names.
+    by default labels follow the sorted class folder names. ``class_name_style``: see :func:`load_class_names`.
     """
     if not storage.isdir(root):
         raise DatasetError(f"dataset not found (not a directory): {root}")
@@ -153,7 +190,7 @@ def scan_image_folder(
                 f"dataset {root}: class folder(s) {', '.join(map(repr, unknown[:10]))} are not among the "
                 f"{len(class_dirs)} training classes"
             )
-    names = load_class_names(classes_file) if classes_file else {}
+    names = load_class_names(classes_file, class_name_style) if classes_file else {}
     captions = load_captions(captions_file) if captions_file else {}
     class_names = [names.get(c, c.replace("_", " ")) for c in class_dirs]
     records = [

@@ -31,7 +31,7 @@ __all__ = [
     "PRESET_PREFIX", "PRESETS", "TINY_BASE_DIR", "ModelLoadError", "shipped_base_digest", "write_fp32_copy",
     "materialise_preset", "hub_reachable", "hub_snapshot", "resolve_model_dir", "read_component_config",
     "has_component", "clip_vision_dir", "guidance_widths", "check_models", "weights_sha256", "load_vae",
-    "load_clip_vision", "load_pipeline",
+    "load_clip_vision", "load_pipeline", "load_captioner",
 ]
 
 PRESET_PREFIX = "preset:"
@@ -260,3 +260,14 @@ def load_pipeline(model_dir: str, torch_dtype=None):
         requires_safety_checker=False,
         use_safetensors=True,
     )
+
+
+def load_captioner(model_dir: str, torch_dtype=None):
+    """``(model, processor)`` of an image-to-text model directory (BLIP-2: ``Blip2ForConditionalGeneration``
+    and ``Blip2Processor``, through the Auto classes), safetensors weights only, in eval mode."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise ModelLoadError(f"{model_dir}: no config.json (not a transformers image-to-text model directory?)")
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch_dtype, use_safetensors=True)
+    return model.eval(), AutoProcessor.from_pretrained(model_dir)

@@ -1,8 +1,9 @@
-"""The main job: encode → finetune → generate → train → evaluate, all below one run URL.
+"""The main job: caption → encode → finetune → generate → train → evaluate, all below one run URL.
 
 Each stage skips itself when its output is complete, so a resubmitted job resumes where a failed
 one stopped; a stage starts (or joins) Ray only when it has work, so rerunning a finished job does no Ray
-work at all. ``only`` / ``from_stage`` select stages. The report is rewritten after every stage that did
+work at all. ``only`` / ``from_stage`` select stages; the caption stage is left out when it has nothing to do
+(``data.captions_file`` given, or ``caption.enabled`` off). The report is rewritten after every stage that did
 work, and after the last one.
 
 Example:
@@ -19,11 +20,13 @@ import time
 from realfake_ray import storage
 from realfake_ray.config import ConfigError, RunConfig, dump_config
 from realfake_ray.tools.report import write_report
+from realfake_ray.stages.caption.workers import skip_reason as caption_skip_reason
 from realfake_ray.stages.train.driver import run_train
 
 __all__ = ["run_pipeline", "select_stages", "STAGES"]
 
 STAGE_ENTRIES = {
+    "caption": "realfake_ray.stages.caption.driver:run_caption",
     "encode": "realfake_ray.stages.encode.driver:run_encode",
     "finetune": "realfake_ray.stages.finetune.driver:run_finetune",
     "generate": "realfake_ray.stages.generate.driver:run_generate",
@@ -33,15 +36,18 @@ STAGE_ENTRIES = {
 STAGES = tuple(STAGE_ENTRIES)
 
 
-def select_stages(only: list[str] | None = None, from_stage: str | None = None) -> list[str]:
-    """The stages to run, in pipeline order."""
+def select_stages(only: list[str] | None = None, from_stage: str | None = None,
+                  cfg: RunConfig | None = None) -> list[str]:
+    """The stages to run, in pipeline order. Unless named in ``only``, the caption stage is left out when
+    ``cfg`` gives it nothing to do (``data.captions_file`` given, or ``caption.enabled`` off)."""
     for name in [*(only or []), *([from_stage] if from_stage else [])]:
         if name not in STAGE_ENTRIES:
             raise ConfigError(f"unknown stage {name!r}; stages are: {', '.join(STAGES)}")
     if only:
         return [s for s in STAGES if s in only]
     start = STAGES.index(from_stage) if from_stage else 0
-    return list(STAGES[start:])
+    needless = {"caption"} if cfg is not None and caption_skip_reason(cfg) else set()
+    return [s for s in STAGES[start:] if s not in needless]
 
 
 def train_with_baseline(cfg: RunConfig) -> dict:
@@ -64,7 +70,7 @@ def _entry(stage: str):
 def run_pipeline(cfg: RunConfig, only: list[str] | None = None, from_stage: str | None = None) -> dict:
     """Run the selected stages in order; returns ``{stage: {"seconds", "skipped", "result"}}``."""
 
-    stages = select_stages(only, from_stage)
+    stages = select_stages(only, from_stage, cfg)
     data = cfg.require_data()
     entries = {stage: _entry(stage) for stage in stages}  # fail on a missing stage before any work
     storage.check_reachable(cfg.out, data.train, data.val or "")

@@ -1,8 +1,9 @@
 """Encode stage: real ImageFolder → latent bank (VAE posterior, CLIP image embedding, caption).
 
-Ray Data pipeline: rows planned on the driver → CPU decode/resize tasks → [captioner actor pool] →
-encoder actor pool (VAE + CLIP vision loaded once per actor) → Parquet part files under
-``<out>/latents/<split>/``. Reruns encode only images not yet in the bank.
+Ray Data pipeline: rows planned on the driver → CPU decode/resize tasks → encoder actor pool (VAE + CLIP
+vision loaded once per actor) → Parquet part files under ``<out>/latents/<split>/``. Reruns encode only images
+not yet in the bank. The training images' captions come from ``data.captions_file`` or, without one, from the
+caption stage's ``<out>/captions/captions.jsonl``.
 
 Example:
     >>> from realfake_ray.config import load_config
@@ -24,7 +25,6 @@ from realfake_ray._internal.shards import existing_keys, read_parts, write_part
 from realfake_ray.bank import read_meta, with_arrow_tensors
 from realfake_ray.config import RunConfig
 from realfake_ray.data.imagefolder import ImageFolderIndex, decode_views, scan_image_folder
-from realfake_ray.devices import torch_device
 from realfake_ray.method.embeddings import ClipEmbedder
 from realfake_ray.layout import RunLayout
 from realfake_ray.models import loading
@@ -42,11 +42,27 @@ BANK_COLUMNS = (
 # --------------------------------------------------------------------------------------- planning
 
 
+def captions_source(cfg: RunConfig) -> str | None:
+    """The captions of the training images: ``data.captions_file``, else the caption stage's JSONL (which must
+    exist when captioning is on), else none."""
+    if cfg.data.captions_file or not cfg.caption.enabled:
+        return cfg.data.captions_file
+    url = RunLayout(cfg.out).captions_url()
+    if not storage.exists(url):
+        raise ValueError(
+            f"no captions yet: caption.enabled is on and no data.captions_file is given, but {url} does not exist; "
+            "run the caption stage first (`realfake caption`, or `realfake run`, which does), give "
+            "data.captions_file, or set caption.enabled=false"
+        )
+    return url
+
+
 def scan_splits(cfg: RunConfig) -> dict[str, ImageFolderIndex]:
-    """Scan the train (and val) ImageFolders, with the train split's classes defining the labels."""
+    """Scan the train (and val) ImageFolders, with the train split's classes defining the labels. Captions are
+    read for the training images only: prompts are made from the train bank, and nothing reads val captions."""
     d = cfg.require_data()
-    common = dict(classes_file=d.classes_file, captions_file=d.captions_file, extensions=d.extensions)
-    splits = {"train": scan_image_folder(d.train, **common)}
+    common = dict(classes_file=d.classes_file, class_name_style=d.class_name_style, extensions=d.extensions)
+    splits = {"train": scan_image_folder(d.train, captions_file=captions_source(cfg), **common)}
     if d.val:
         splits["val"] = scan_image_folder(d.val, class_dirs=splits["train"].class_dirs, **common)
     if not d.classes_file:
@@ -179,36 +195,6 @@ class LatentEncoder:
                 "full_latent_h": shapes[:, 0], "full_latent_w": shapes[:, 1]}
 
 
-class Captioner:
-    """Actor: an image-to-text model (default BLIP-2) fills empty captions."""
-
-    def __init__(self, cfg: RunConfig):
-        import torch
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
-        model_dir = loading.resolve_model_dir(cfg.encode.captioner, None, cfg.model.hub_timeout_s)
-        self.device = torch_device()
-        dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        self.processor = AutoProcessor.from_pretrained(model_dir)
-        self.model = AutoModelForImageTextToText.from_pretrained(model_dir, torch_dtype=dtype).to(self.device).eval()
-        self.dtype, self.max_tokens = dtype, cfg.encode.caption_max_tokens
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
-
-        todo = [i for i, c in enumerate(batch["caption"]) if not c and not batch["error"][i]]
-        if todo:
-            inputs = self.processor(images=[batch["pixels"][i] for i in todo], return_tensors="pt")
-            inputs = {k: v.to(self.device, self.dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
-            with torch.inference_mode():
-                ids = self.model.generate(**inputs, max_new_tokens=self.max_tokens)
-            captions = batch["caption"].copy()
-            for i, text in zip(todo, self.processor.batch_decode(ids, skip_special_tokens=True)):
-                captions[i] = text.strip()
-            batch = {**batch, "caption": captions}
-        return batch
-
-
 def write_bank_batch(batch: pa.Table, out: str) -> dict[str, np.ndarray]:
     """Writer task: one part file per split present in the batch (bank rows and skipped rows)."""
     import pyarrow.compute as pc
@@ -246,11 +232,6 @@ def build_pipeline(rows: list[dict], cfg: RunConfig, multiple: int = 8):
         decode_batch, batch_size=enc.batch_size, num_cpus=enc.decode_cpus,
         fn_kwargs={"resolution": enc.resolution, "view": enc.generation_view, "multiple": multiple},
     )
-    if enc.caption and not cfg.data.captions_file:
-        ds = ds.map_batches(
-            Captioner, batch_size=enc.caption_batch_size, fn_constructor_args=(cfg,),
-            **actor_pool_kwargs(enc.actors, "encode.actors"),
-        )
     ds = ds.map_batches(LatentEncoder, batch_size=enc.batch_size, fn_constructor_args=(cfg,),
                         **actor_pool_kwargs(enc.actors, "encode.actors", reserve_cpus=enc.decode_cpus))
     return ds.map_batches(
@@ -295,6 +276,7 @@ def run_encode(cfg: RunConfig) -> dict:
         "class_dirs": train.class_dirs,
         "class_names": train.class_names,
         "class_names_from": "classes_file" if cfg.data.classes_file else "folder names",
+        "captions_from": captions_source(cfg),  # the training images' captions file (None: no captions)
         "caption_match": {name: index.caption_match for name, index in splits.items()},
         "splits": {name: _split_summary(cfg.out, name) for name in splits},
         "ignored_files": {name: index.ignored_files[:1000] for name, index in splits.items()},
