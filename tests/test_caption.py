@@ -7,6 +7,7 @@ import re
 import shutil
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import forbid_ray_work
@@ -14,11 +15,20 @@ from conftest import forbid_ray_work
 from realfake_ray import storage
 from realfake_ray._internal.shards import part_files, read_parts, write_part
 from realfake_ray.config import ConfigError, load_config
+from realfake_ray.data.imagefolder import scan_image_folder
 from realfake_ray.layout import RunLayout
 from realfake_ray.method.prompts import build_prompt
 from realfake_ray.models.loading import TINY_BASE_DIR
 from realfake_ray.stages.caption.driver import run_caption
-from realfake_ray.stages.caption.workers import PARTS, Captioner, clean_caption, decode_batch, skip_reason
+from realfake_ray.stages.caption.workers import (
+    PARTS,
+    Captioner,
+    clean_caption,
+    decode_batch,
+    pending_rows,
+    skip_reason,
+    write_caption_batch,
+)
 from realfake_ray.stages.encode.driver import run_encode
 from realfake_ray.stages.pipeline import select_stages
 
@@ -114,6 +124,7 @@ def test_in1k_config_works_with_and_without_a_captions_file(no_ray):
     assert without.caption.model == "Salesforce/blip2-opt-2.7b" and without.caption.actors.gpus_per_actor == 1
     assert select_stages(cfg=without)[:2] == ["caption", "encode"]  # BLIP-2 captions every training image
     assert without.data.classes_file == "imagenet1k"  # the shipped names, not a path below the working directory
+    assert load_config(data__train="imagenet1k").data.train == os.path.abspath("imagenet1k")  # a dataset path is one
     given = load_config(config_file=IN1K, out="s3://bucket/run", overrides=["data.captions_file=s3://bucket/c.jsonl"])
     assert select_stages(cfg=given)[0] == "encode" and run_caption(given)["skipped"]
 
@@ -179,11 +190,6 @@ def _direct_captions(model_dir: str, urls: list[str]) -> list[str]:
 def _previous_run(cfg) -> dict[str, str]:
     """What a run of the stage writes before its JSONL — part files of (image_id, caption, error), 8 rows each —
     made in-process with the stage's own workers (no Ray); returns the captions it wrote."""
-    import pyarrow as pa
-
-    from realfake_ray.data.imagefolder import scan_image_folder
-    from realfake_ray.stages.caption.workers import pending_rows, write_caption_batch
-
     rows, captioner = pending_rows(scan_image_folder(cfg.data.train), cfg.out), Captioner(cfg)
     for start in range(0, len(rows), 8):
         chunk = rows[start:start + 8]

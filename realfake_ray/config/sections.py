@@ -355,8 +355,9 @@ class RunConfig(_Section):
         _assign_changed(self, out=anchor(self.out))
         _assign_changed(self.model, pretrained=local_dir(self.model.pretrained), clip_vision=local_dir(self.model.clip_vision))
         _assign_changed(self.caption, model=local_dir(self.caption.model))
+        shipped = self.data.classes_file in SHIPPED_CLASS_LISTS  # a name, not a path
         _assign_changed(self.data, **{k: anchor(v) for k in ("train", "val", "classes_file", "captions_file")
-                                      if (v := getattr(self.data, k)) and v not in SHIPPED_CLASS_LISTS})
+                                      if (v := getattr(self.data, k)) and not (k == "classes_file" and shipped)})
         if self.train.synthetic:
             _assign_changed(self.train, synthetic=anchor(self.train.synthetic))
         if any(anchor(u) != u for u in self.evaluate.extra_sets.values()):
