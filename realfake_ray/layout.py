@@ -6,6 +6,8 @@ themselves, so no stage imports another stage for a path. Each command's folders
 
 Example:
     >>> layout = RunLayout("s3://bucket/run")
+    >>> layout.captions_url()
+    's3://bucket/run/captions/captions.jsonl'
     >>> layout.bank_dir("train")
     's3://bucket/run/latents/train'
     >>> layout.shards_dir()
@@ -42,6 +44,17 @@ class RunLayout:
     def outputs(self, command: str) -> list[str]:
         """Every folder ``command`` (a stage or a tool) writes below ``out``."""
         return [self._at(folder) for folder in COMMANDS[command].outputs]
+
+    # caption
+    def captions_dir(self, *parts: str) -> str:
+        """``<out>/captions`` or a path below it (``_parts/``: Parquet parts of (image_id, caption, error);
+        ``_settings.json``, ``_summary.json``)."""
+        return self._of("caption", *parts)
+
+    def captions_url(self) -> str:
+        """``<out>/captions/captions.jsonl``: one ``{"image_id", "caption"}`` per training image, what encode
+        reads (the format of ``data.captions_file``)."""
+        return self.captions_dir("captions.jsonl")
 
     # encode
     def bank_dir(self, split: str | None = None) -> str:

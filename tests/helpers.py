@@ -26,8 +26,8 @@ from realfake_ray.data.sources import open_labelled_set
 from realfake_ray.data.synthetic import shard_bytes, shard_name, shard_table
 from realfake_ray.layout import RunLayout
 
-__all__ = ["declared_api", "small_bank", "fabricate_synthetic", "forbid_ray_work", "run_until_fault",
-           "run_with_node_loss", "mlflow_runs", "mlflow_points", "tensorboard_points"]
+__all__ = ["declared_api", "small_bank", "fabricate_synthetic", "forbid_ray_work", "PlanRecorder", "record_plan",
+           "run_until_fault", "run_with_node_loss", "mlflow_runs", "mlflow_points", "tensorboard_points"]
 
 TESTS = Path(__file__).resolve().parent
 
@@ -107,6 +107,34 @@ def forbid_ray_work(mp: pytest.MonkeyPatch) -> None:
     mp.setattr(ray.data.Dataset, "__init__", boom)
     mp.setattr(ray.train.torch.TorchTrainer, "__init__", boom)
     mp.setattr(ray.tune.Tuner, "__init__", boom)
+
+
+class PlanRecorder:
+    """Stands in for a Ray Data dataset: records each ``map_batches`` step (function name and keyword arguments)."""
+
+    def __init__(self):
+        self.steps: list[tuple[str, dict]] = []
+
+    def map_batches(self, fn, **kwargs):
+        self.steps.append((getattr(fn, "__name__", str(fn)), kwargs))
+        return self
+
+    def pools(self) -> dict:
+        """The actor pools of the recorded steps: ``{callable class name: ActorPoolStrategy}``."""
+        return {name: kwargs["compute"] for name, kwargs in self.steps if "compute" in kwargs}
+
+
+def record_plan(mp: pytest.MonkeyPatch) -> PlanRecorder:
+    """Make ``ray.data.from_arrow`` return a :class:`PlanRecorder` and GPU pools plan without a cluster (the
+    node-type check is the only cluster query a GPU pool makes): a pipeline builder's steps, with no Ray."""
+    import ray.data
+
+    from realfake_ray._internal import cluster
+
+    recorder = PlanRecorder()
+    mp.setattr(ray.data, "from_arrow", lambda *a, **k: recorder)
+    mp.setattr(cluster, "node_types", lambda: None)
+    return recorder
 
 
 def run_until_fault(cmd: list[str], env: dict, fault: str, timeout: float = 300) -> None:

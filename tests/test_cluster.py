@@ -50,10 +50,10 @@ def test_pools_that_run_at_once_split_the_stages_maximum_and_never_exceed_it():
                 assert max(p.max_size for p in parts) - min(p.max_size for p in parts) <= 1
 
 
-def test_the_in1k_encode_pool_is_halved_between_captioner_and_encoder():
+def test_a_64_actor_pool_is_halved_between_two_concurrent_pools():
     pool = ActorPool(min_size=1, max_size=64, gpus_per_actor=1)
-    caption, encode = (share_pool(pool, i, 2, "encode.actors") for i in range(2))
-    assert (caption.min_size, caption.max_size, encode.min_size, encode.max_size) == (1, 32, 1, 32)
+    first, second = (share_pool(pool, i, 2, "encode.actors") for i in range(2))
+    assert (first.min_size, first.max_size, second.min_size, second.max_size) == (1, 32, 1, 32)
     odd = [share_pool(ActorPool(min_size=5, max_size=5), i, 2, "encode.actors") for i in range(2)]
     assert [(p.min_size, p.max_size) for p in odd] == [(3, 3), (2, 2)]  # the first pool takes the remainder
     assert share_pool(pool, 0, 1, "encode.actors") is pool
@@ -61,9 +61,9 @@ def test_the_in1k_encode_pool_is_halved_between_captioner_and_encoder():
 
 def test_a_maximum_too_small_to_share_is_a_config_error_naming_the_key_and_the_pools():
     with pytest.raises(ConfigError, match=r"encode.actors.max_size=1: 2 actor pools of this stage run at the same "
-                                          r"time and share it \(the captioner and the encoder\).*set "
+                                          r"time and share it \(pools a and b\).*set "
                                           r"encode.actors.max_size to 2 or more"):
-        share_pool(ActorPool(max_size=1), 1, 2, "encode.actors", why="the captioner and the encoder")
+        share_pool(ActorPool(max_size=1), 1, 2, "encode.actors", why="pools a and b")
 
 
 def test_two_shared_gpu_pools_ask_for_their_shares_at_once_and_together_for_max_size(monkeypatch):

@@ -120,7 +120,10 @@ def test_a_relative_out_on_this_machine_is_anchored(monkeypatch):
 
 @pytest.mark.parametrize("key,new", [("finetune.guidance", "finetune.vision_token"), ("generate.guidance", "generate.vision_token"),
                                      ("generate.accelerator", "generate.speedup"),
-                                     ("generate.negative_guidance_token", "generate.negative_vision_token")])
+                                     ("generate.negative_guidance_token", "generate.negative_vision_token"),
+                                     ("encode.caption", "caption.enabled"), ("encode.captioner", "caption.model"),
+                                     ("encode.caption_max_tokens", "caption.max_tokens"),
+                                     ("encode.caption_batch_size", "caption.batch_size")])
 def test_a_renamed_key_is_refused_naming_its_new_name(key, new):
     with pytest.raises(ConfigError, match=rf"{key}: this key was renamed .*\({new}\)"):
         load_config(preset="tiny", overrides=[f"{key}=none"])

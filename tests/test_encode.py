@@ -1,6 +1,7 @@
 """Encode stage: fast checks, then end to end on the tiny preset (one shared Ray cluster and encoded bank)."""
 
 import io
+import json
 import os
 import shutil
 
@@ -8,14 +9,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import forbid_ray_work
+from helpers import forbid_ray_work, record_plan
 from PIL import Image
 
 from realfake_ray import storage
 from realfake_ray._internal.shards import part_files, read_parts
 from realfake_ray.bank import read_meta
 from realfake_ray.config import load_config
-from realfake_ray.stages.encode.driver import decode_batch, run_encode
+from realfake_ray.data.captions import read_captions
+from realfake_ray.data.imagefolder import DatasetError
+from realfake_ray.data.sources import LabelledSet, open_labelled_set
+from realfake_ray.stages.encode.driver import build_pipeline, decode_batch, pending_rows, run_encode
 from realfake_ray.layout import RunLayout
 
 
@@ -152,7 +156,7 @@ def test_folder_names_as_class_names_are_warned_about_naming_the_fix(tmp_path, c
     for folder in ("n01440764", "n02102040"):
         (tmp_path / "data" / folder).mkdir(parents=True)
         Image.new("RGB", (8, 8)).save(tmp_path / "data" / folder / "a.png")
-    scan_splits(load_config(data__train=str(tmp_path / "data")))
+    scan_splits(load_config(data__train=str(tmp_path / "data"), overrides=["caption.enabled=false"]))
     out = capsys.readouterr().out
     assert 'photo of n01440764' in out and "--set data.classes_file=" in out
     scan_splits(load_config(preset="tiny"))  # the embedded digits come with a classes file: no warning
@@ -231,58 +235,46 @@ def test_imagenet_shaped_inputs_encode_and_train(ray_cluster, tmp_path):
     assert summary["train"]["result"]["real_images"] == 12
 
 
-class _PlanRecorder:
-    """Stands in for a Ray Data dataset: records each ``map_batches`` step (function and keyword arguments)."""
-
-    def __init__(self):
-        self.steps = []
-
-    def map_batches(self, fn, **kwargs):
-        self.steps.append((getattr(fn, "__name__", str(fn)), kwargs))
-        return self
-
-
 def _one_pending_image() -> dict:
     """What encode's planning hands build_pipeline: per split, the set and its pending rows (here one image)."""
-    from realfake_ray.data.sources import LabelledSet
-
     rows = pa.table({"image_id": ["a/x.png"], "url": ["/d/a/x.png"], "label": [0], "caption": [""], "split": ["train"]})
     return {"train": (LabelledSet("/d", "imagefolder", ["a"], ["a"], items=rows.select(["image_id", "url", "label"])), rows)}
 
 
-@pytest.mark.parametrize("captions_file", [None, "captions.jsonl"])
-def test_the_captioner_and_the_encoder_split_encode_actors_between_them(monkeypatch, no_ray, captions_file):
-    """BLIP-2 captioning and encoding run in one Ray Data execution: together their GPU pools never ask for more
-    than encode.actors.max_size (before: 2 x 64 GPUs on in1k). Without captioning the encoder has it all."""
-    import ray.data
-
-    from realfake_ray._internal import cluster
-    from realfake_ray.stages.encode.driver import build_pipeline
-
-    recorder = _PlanRecorder()
-    monkeypatch.setattr(ray.data, "from_arrow", lambda *a, **k: recorder)
-    monkeypatch.setattr(cluster, "node_types", lambda: None)  # the only cluster query of a GPU pool
-    cfg = load_config(preset="tiny", out="memory://plan", overrides=[
-        "encode.caption=true", "encode.actors.min_size=1", "encode.actors.max_size=64", "encode.actors.gpus_per_actor=1",
-        *([f"data.captions_file={captions_file}"] if captions_file else [])])
-    build_pipeline(_one_pending_image(), cfg)
-    pools = {name: kw["compute"] for name, kw in recorder.steps if "compute" in kw}
-    assert set(pools) == ({"LatentEncoder"} if captions_file else {"Captioner", "LatentEncoder"})
-    assert sum(p.max_size for p in pools.values()) == sum(p.initial_size for p in pools.values()) == 64
-    assert all(p.min_size == 1 for p in pools.values())
+@pytest.mark.parametrize("captions", [[], ["caption.enabled=false"], ["data.captions_file=captions.jsonl"]])
+def test_the_encoder_pool_takes_all_of_encode_actors_whatever_the_captioning(monkeypatch, no_ray, captions):
+    """BLIP-2 captioning is the caption stage's (its own pool, run before encode): encode plans one GPU pool, the
+    encoder's, with all of encode.actors, and runs with max_size 1 (before: two pools split it, 1 was refused)."""
+    for max_size in (64, 1):
+        recorder = record_plan(monkeypatch)
+        build_pipeline(_one_pending_image(), load_config(preset="tiny", out="memory://plan", overrides=[
+            "encode.actors.min_size=1", f"encode.actors.max_size={max_size}", "encode.actors.gpus_per_actor=1",
+            *captions]))
+        pools = recorder.pools()
+        assert set(pools) == {"LatentEncoder"}
+        assert (pools["LatentEncoder"].min_size, pools["LatentEncoder"].initial_size,
+                pools["LatentEncoder"].max_size) == (1, max_size, max_size)
 
 
-def test_a_captioning_encode_with_one_actor_is_refused_naming_the_key(monkeypatch, no_ray):
-    import ray.data
+def _two_classes(root) -> str:
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(root / cls / f"{i}.png")
+    return str(root)
 
-    from realfake_ray._internal import cluster
-    from realfake_ray.config import ConfigError
-    from realfake_ray.stages.encode.driver import build_pipeline
 
-    monkeypatch.setattr(ray.data, "from_arrow", lambda *a, **k: _PlanRecorder())
-    monkeypatch.setattr(cluster, "node_types", lambda: None)
-    cfg = load_config(preset="tiny", out="memory://plan", overrides=[
-        "encode.caption=true", "encode.actors.max_size=1", "encode.actors.gpus_per_actor=1"])
-    with pytest.raises(ConfigError, match=r"encode.actors.max_size=1: 2 actor pools .*the captioner and the encoder; "
-                                          r"with data.captions_file or encode.caption=false the encoder runs alone"):
-        build_pipeline(_one_pending_image(), cfg)
+def test_the_training_captions_fill_the_caption_column_and_one_for_another_set_is_refused(tmp_path, no_ray):
+    lset = open_labelled_set(_two_classes(tmp_path / "data"))
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text("".join(json.dumps({"image_id": i, "caption": f"cap {i}"}) + "\n" for i in ("a/0.png", "b/1.png")))
+    rows, matched = pending_rows(lset, "train", str(tmp_path / "run"), read_captions(str(captions)), str(captions))
+    assert dict(zip(rows["image_id"].to_pylist(), rows["caption"].to_pylist())) == {
+        "a/0.png": "cap a/0.png", "a/1.png": "", "b/0.png": "", "b/1.png": "cap b/1.png"}
+    assert matched == 0.5 and set(rows["split"].to_pylist()) == {"train"}
+    # Keys without the class folder (a common mistake) match no image: refused, not silently empty captions.
+    captions.write_text("".join(json.dumps({"image_id": f"{i}.png", "caption": "x"}) + "\n" for i in range(2)))
+    with pytest.raises(DatasetError, match=r"only 0 of 4 images .* have a caption \(0% < 50%\).*'a/0.png'"):
+        pending_rows(lset, "train", str(tmp_path / "run"), read_captions(str(captions)), str(captions))
+    rows, matched = pending_rows(lset, "val", str(tmp_path / "run"), None)
+    assert matched is None and set(rows["caption"].to_pylist()) == {""}

@@ -15,7 +15,8 @@ from helpers import fabricate_synthetic, forbid_ray_work
 from realfake_ray import storage
 from realfake_ray.method.classifier import build_classifier, eval_view, evaluate_batches, to_model_input
 from realfake_ray.config import ConfigError, load_config
-from realfake_ray.data.imagefolder import DatasetError, decode_image, open_rgb, scan_image_folder
+from realfake_ray.data.imagefolder import DatasetError, decode_image, open_rgb
+from realfake_ray.data.sources import open_labelled_set
 from realfake_ray.data.evaluation import plan_sets
 from realfake_ray.method.classifier_file import load_classifier, model_url, read_classifier_info, save_classifier
 from realfake_ray.stages.evaluate.driver import _markdown, run_evaluate
@@ -32,14 +33,14 @@ def _cfg(out, *overrides):
 def _fit_head(model: torch.nn.Module) -> None:
     """Least-squares fit of the last (linear) layer on random-conv features of the real train split:
     a deterministic, better-than-chance model with varied predictions, in a few seconds."""
-    index = scan_image_folder("embedded:digits/train", check_readable=False)
+    items = open_labelled_set("embedded:digits/train").items
     t = load_config(preset="tiny").train  # the eval view of the tiny preset's recipe
-    pixels = np.stack([eval_view(open_rgb(storage.read_bytes(r.url)), 32, t.eval_crop_pct, t.eval_interpolation)
-                       for r in index.records])
+    pixels = np.stack([eval_view(open_rgb(storage.read_bytes(url)), 32, t.eval_crop_pct, t.eval_interpolation)
+                       for url in items["url"].to_pylist()])
     with torch.no_grad():
         feats = model[:-1](to_model_input(pixels))
     feats = torch.cat([feats, torch.ones(len(feats), 1)], 1)
-    target = torch.nn.functional.one_hot(torch.tensor([r.label for r in index.records]), 10).float()
+    target = torch.nn.functional.one_hot(torch.tensor(items["label"].to_pylist()), 10).float()
     solution = torch.linalg.solve(feats.T @ feats + 1e-2 * torch.eye(feats.shape[1]), feats.T @ target)
     model[-1].weight.data, model[-1].bias.data = solution[:-1].T.contiguous(), solution[-1].contiguous()
 
@@ -133,11 +134,11 @@ def evaluated(tiny_bank, tmp_path_factory):
 
 
 def _direct(model, root, class_subset=None):
-    index = scan_image_folder(root)
-    labels = torch.tensor([CLASS_DIRS.index(r.class_dir) for r in index.records])
+    items = open_labelled_set(root, class_dirs=CLASS_DIRS).items
+    labels = torch.tensor(items["label"].to_pylist())
     t = load_config(preset="tiny").train  # the eval view of the tiny preset's recipe
-    pixels = np.stack([eval_view(open_rgb(storage.read_bytes(r.url)), 32, t.eval_crop_pct, t.eval_interpolation)
-                       for r in index.records])
+    pixels = np.stack([eval_view(open_rgb(storage.read_bytes(url)), 32, t.eval_crop_pct, t.eval_interpolation)
+                       for url in items["url"].to_pylist()])
     return evaluate_batches(model, [(to_model_input(pixels), labels)], 10, class_subset)
 
 

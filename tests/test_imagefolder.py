@@ -1,18 +1,13 @@
+"""Image decoding (realfake_ray.data.imagefolder): every mode to RGB, the views, safe stems. Listing datasets and
+class names: tests/test_sources.py."""
+
 import io
-import json
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from realfake_ray.data.imagefolder import (
-    DatasetError,
-    decode_image,
-    load_captions,
-    load_class_names,
-    scan_image_folder,
-    stem,
-)
+from realfake_ray.data.imagefolder import decode_image, stem
 
 
 def _png(mode: str, size=(40, 30)) -> bytes:
@@ -61,107 +56,9 @@ def test_corrupt_bytes_raise():
         decode_image(b"not an image", 8)
 
 
-def _make_folder(root, layout: dict[str, dict[str, bytes]]):
-    for cls, files in layout.items():
-        for name, data in files.items():
-            path = root / cls / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
-
-
-def test_scan_odd_names_nested_files_and_labels(tmp_path):
-    _make_folder(
-        tmp_path,
-        {
-            "golden retriever": {"a.png": _png("RGB"), "sub/dir/b.jpg": _png("CMYK")},
-            "n01.tench": {"c.PNG": _png("L"), "notes.txt": b"hello"},
-            "Ünïcödé": {"d.png": _png("P")},
-        },
-    )
-    (tmp_path / "README.md").write_text("top-level file")
-    index = scan_image_folder(str(tmp_path))
-    assert index.class_dirs == ["golden retriever", "n01.tench", "Ünïcödé"]
-    assert [r.image_id for r in index.records] == [
-        "golden retriever/a.png", "golden retriever/sub/dir/b.jpg", "n01.tench/c.PNG", "Ünïcödé/d.png",
-    ]
-    assert [r.label for r in index.records] == [0, 0, 1, 2]
-    assert index.class_names == ["golden retriever", "n01.tench", "Ünïcödé"]
-    assert sorted(index.ignored_files) == ["README.md", "n01.tench/notes.txt"]
-
-
-def test_classes_file_and_captions(tmp_path):
-    _make_folder(tmp_path / "data", {"n01440764": {"x.png": _png("RGB")}, "n02102040": {"y.png": _png("RGB")}})
-    classes = tmp_path / "classes.txt"
-    classes.write_text("n01440764 tench\nn02102040 English springer\n")
-    captions = tmp_path / "captions.jsonl"
-    captions.write_text(json.dumps({"image_id": "n01440764/x.png", "caption": "a fish on grass"}) + "\n")
-    index = scan_image_folder(str(tmp_path / "data"), classes_file=str(classes), captions_file=str(captions))
-    assert index.class_names == ["tench", "English springer"]
-    assert [r.caption for r in index.records] == ["a fish on grass", ""]
-    assert index.caption_match == 0.5
-    assert load_class_names(str(classes))["n02102040"] == "English springer"
-
-
-def test_captions_file_for_another_dataset_is_refused_with_its_match_rate(tmp_path):
-    _make_folder(tmp_path / "data", {"a": {f"{i}.png": _png("RGB") for i in range(3)}})
-    captions = tmp_path / "captions.jsonl"
-    # Keys without the class folder (a common mistake) match no image: refused, not silently empty captions.
-    captions.write_text("".join(json.dumps({"image_id": f"{i}.png", "caption": "x"}) + "\n" for i in range(3)))
-    with pytest.raises(DatasetError, match=r"only 0 of 3 images .* have a caption \(0% < 50%\).*'a/0.png'"):
-        scan_image_folder(str(tmp_path / "data"), captions_file=str(captions))
-    assert scan_image_folder(str(tmp_path / "data")).caption_match is None
-
-
-def test_empty_dataset_and_empty_class_are_errors(tmp_path):
-    (tmp_path / "a").mkdir()
-    with pytest.raises(DatasetError, match="empty"):
-        scan_image_folder(str(tmp_path))
-    _make_folder(tmp_path, {"b": {"x.png": _png("RGB")}})
-    with pytest.raises(DatasetError, match="'a'"):
-        scan_image_folder(str(tmp_path))
-
-
-def test_class_with_only_corrupt_files_is_an_error(tmp_path):
-    _make_folder(tmp_path, {"good": {"x.png": _png("RGB")}, "bad": {"y.png": b"garbage", "z.jpg": b"\xff\xd8junk"}})
-    with pytest.raises(DatasetError, match="no readable image.*'bad'"):
-        scan_image_folder(str(tmp_path))
-
-
-def test_one_corrupt_file_is_not_fatal_at_scan(tmp_path):
-    _make_folder(tmp_path, {"c": {"x.png": _png("RGB"), "y.png": b"garbage"}})
-    assert len(scan_image_folder(str(tmp_path)).records) == 2  # counted and skipped at encode time
-
-
-def test_missing_root_and_val_with_unknown_class(tmp_path):
-    with pytest.raises(DatasetError, match="not found"):
-        scan_image_folder(str(tmp_path / "missing"))
-    _make_folder(tmp_path / "val", {"zebra": {"x.png": _png("RGB")}})
-    with pytest.raises(DatasetError, match="'zebra'"):
-        scan_image_folder(str(tmp_path / "val"), class_dirs=["cat", "dog"])
-
-
-def test_bad_side_files(tmp_path):
-    bad = tmp_path / "c.jsonl"
-    bad.write_text('{"image": 1}\n')
-    with pytest.raises(DatasetError, match="line 1"):
-        load_captions(str(bad))
-    with pytest.raises(DatasetError, match="not found"):
-        load_class_names(str(tmp_path / "nope.json"))
-
-
 def test_stem_is_traversal_free():
     assert stem("n01/img_1.JPEG") == "img_1"
     assert stem("cls/sub/img.png").startswith("sub_img-")
     assert stem("cls/sub/img.png") != stem("cls/sub_img.png")
     s = stem("cls/../../etc/passwd.png")
     assert "/" not in s and ".." not in s
-
-
-def test_embedded_digits_split_is_stratified_and_fixed():
-    train = scan_image_folder("embedded:digits/train", classes_file="embedded:digits/classes.json")
-    val = scan_image_folder("embedded:digits/val", class_dirs=train.class_dirs)
-    assert len(train.records) + len(val.records) == 1797
-    assert train.class_names[3] == "digit three"
-    counts = np.bincount([r.label for r in val.records])
-    assert counts.min() >= 34 and counts.max() <= 38  # ~20% of each class
-    assert not {r.image_id.split("/")[1] for r in train.records} & {r.image_id.split("/")[1] for r in val.records}

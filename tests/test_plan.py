@@ -39,6 +39,19 @@ def test_generate_hours_follow_the_measured_rate_and_the_sampler_settings():
     assert plans["generate"].objects_written < images / 500  # shards, not one object per image
 
 
+def test_the_caption_stage_has_a_row_only_when_the_job_captions():
+    in1k = str(REPO / "jobs" / "configs" / "in1k.yaml")
+    plans = {p.stage: p for p in plan_job(load_config(config_file=in1k), 1_281_167)}
+    caption = plans["caption"]  # in1k.yaml captions with BLIP-2 (no captions_file): the caption stage runs
+    assert caption.images == 1_281_167 and caption.gpu_hours > 0 and caption.note == "FLOP model"
+    assert caption.objects_written == -(-1_281_167 // load_config(config_file=in1k).caption.rows_per_file) + 3
+    given = load_config(config_file=in1k, overrides=["data.captions_file=s3://b/captions.jsonl"])
+    assert "caption" not in {p.stage for p in plan_job(given, 1_281_167)}
+    assert "caption" not in {p.stage for p in plan_job(load_config(preset="tiny"), 1437)}  # captioning off
+    rated = {p.stage: p for p in plan_job(load_config(config_file=in1k), 1_281_167, rates={"caption": 100.0})}
+    assert rated["caption"].gpu_hours == pytest.approx(1_281_167 / 100 / 3600, abs=0.1) and rated["caption"].note == "given"
+
+
 def test_a_bad_rate_is_a_config_error():
     with pytest.raises(ConfigError, match=r"--images-per-s expects stage=rate"):
         run_plan(load_config(preset="tiny"), assume_images=10, images_per_s=["generate:3"])

@@ -10,6 +10,7 @@ from helpers import forbid_ray_work
 from realfake_ray import storage
 from realfake_ray.config import load_config
 from realfake_ray.data import sources
+from realfake_ray.layout import RunLayout
 from realfake_ray.stages.pipeline import run_pipeline
 from realfake_ray.stages.preflight import PreflightError, preflight
 
@@ -32,6 +33,22 @@ def test_every_broken_input_is_named_before_any_work(tmp_path, monkeypatch):
     assert "evaluate.extra_sets['sketch']" in text and "'cat'" in text
     assert "data.captions_file: captions file not found: " in text and text.count("missing.jsonl") == 1
     assert "model.pretrained '/no/such/model': no such directory" in text
+    assert not (tmp_path / "run" / "latents").exists()
+
+
+def test_the_captioner_s_location_and_the_captions_encode_needs_are_checked(tmp_path, monkeypatch):
+    forbid_ray_work(monkeypatch)
+    cfg = load_config(preset="tiny", out=str(tmp_path / "run"), overrides=[
+        "caption.enabled=true", "caption.model=/no/such/blip2", "data.classes_file=imagenet1k"])
+    with pytest.raises(PreflightError) as caught:  # the job: caption (with a bad model), then encode, ...
+        run_pipeline(cfg)
+    text = str(caught.value)
+    assert "1 problem(s)" in text and "caption.model '/no/such/blip2': no such directory" in text
+    with pytest.raises(PreflightError, match=r"(?s)1 problem\(s\).*encode: no captions yet: .*captions/captions.jsonl "
+                                             r"does not exist; run the caption stage first"):
+        run_pipeline(cfg, only=["encode"])  # without the caption stage, and nothing captioned yet
+    storage.write_text(RunLayout(cfg.out).captions_url(), "")
+    preflight(cfg, ["encode"])  # captioned by an earlier run: fine (a shipped class list is no missing file)
     assert not (tmp_path / "run" / "latents").exists()
 
 

@@ -27,13 +27,15 @@ def test_every_stage_package_is_registered_with_its_driver_entry_point():
 
 def test_every_entry_point_is_a_function_its_module_exports():
     entries = {c.entry for c in COMMANDS.values()} | {c.job_entry for c in COMMANDS.values()}
+    entries |= {c.idle_when for c in COMMANDS.values() if c.idle_when}
     for entry in sorted(entries):
         module, function = entry.split(":")
         assert function in (declared_api(_module_file(module)) or set()), entry
 
 
 def test_the_pipeline_runs_the_stages_in_registry_order():
-    assert PIPELINE == ("encode", "finetune", "generate", "train", "evaluate")
+    assert PIPELINE == ("caption", "encode", "finetune", "generate", "train", "evaluate")
+    assert [c.name for c in COMMANDS.values() if c.idle_when] == ["caption"]  # the job leaves it out when idle
     assert not any(tool.in_pipeline for tool in TOOLS) and not RUN.in_pipeline
     assert COMMANDS["train"].job_entry != COMMANDS["train"].entry  # the job adds the real-only baseline
     assert COMMANDS["encode"].job_entry == COMMANDS["encode"].entry
@@ -62,6 +64,7 @@ def test_each_job_script_is_one_call_into_the_cli():
 
 def test_the_layout_spells_its_paths_below_the_registered_folders():
     layout = RunLayout("s3://b/run")
+    assert layout.outputs("caption") == [layout.captions_dir()] and layout.captions_url().startswith(layout.captions_dir())
     assert layout.outputs("encode") == [layout.bank_dir()] and layout.meta_url().startswith(layout.bank_dir())
     assert layout.outputs("finetune") == [layout.finetune_dir(), layout.lora_dir()]
     assert layout.outputs("generate") == [layout.synthetic_dir()] and layout.shards_dir().startswith(layout.synthetic_dir())

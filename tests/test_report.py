@@ -65,3 +65,16 @@ def test_the_report_and_its_pictures_reach_the_runs_mlflow_run(tmp_path):
         a.path for folder in ("classifier/real", "classifier/synthetic-1x") for a in client.list_artifacts(run.info.run_id, folder)}
     assert listed >= {"report.md", "scaling.png", "classifier/real/curves.png", "classifier/synthetic-1x/curves.png"}
     assert open(client.download_artifacts(run.info.run_id, "report.md")).read() == storage.read_text(f"{out}/report.md")
+
+
+def test_the_caption_stage_has_its_section_and_its_rate(tmp_path):
+    out = str(tmp_path)
+    settings = {"model": "Salesforce/blip2-opt-2.7b", "revision": None, "max_tokens": 30, "image_size": 224}
+    storage.write_json(storage.join(out, "captions", "_summary.json"),
+                       {"images": 31, "captions": 30, "unreadable": 1, "settings": settings, "images_per_s": 12.5})
+    report = write_report(load_config(preset="tiny", out=out), {"caption": {"seconds": 3.0, "skipped": False, "result": {}}})
+    assert report["captions"] == {"images": 31, "captions": 30, "unreadable": 1, "settings": settings}
+    assert {"stage": "caption", "rate": 12.5, "unit": "images/s"} in report["throughput"]
+    text = storage.read_text(storage.join(out, "report.md"))
+    assert f"\n## {COMMANDS['caption'].report}\n" in text and "Salesforce/blip2-opt-2.7b, at most 30 tokens" in text
+    assert "| 31 | 30 | 1 |" in text

@@ -29,7 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_stage_selection():
-    assert select_stages() == ["encode", "finetune", "generate", "train", "evaluate"] == list(PIPELINE)
+    assert select_stages() == ["caption", "encode", "finetune", "generate", "train", "evaluate"] == list(PIPELINE)
+    assert select_stages(cfg=load_config(preset="tiny"))[0] == "encode"  # captioning off: caption left out
     assert select_stages(from_stage="train") == ["train", "evaluate"]
     assert select_stages(only=["train", "generate"]) == ["generate", "train"]
     with pytest.raises(ConfigError, match="unknown stage 'gen'"):

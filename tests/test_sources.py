@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 
 import numpy as np
@@ -17,7 +18,9 @@ from realfake_ray.data.imagefolder import DatasetError
 from realfake_ray.data.sources import (
     check_readable,
     detect_layout,
+    display_name,
     fetch_images,
+    load_class_names,
     open_labelled_set,
     read_images_by_id,
     read_shard,
@@ -52,6 +55,113 @@ def test_imagefolder_is_listed_as_arrow_columns():
     assert s.layout == "imagefolder" and not s.sharded and s.num_images == 1437
     assert s.items.column_names == ["image_id", "url", "label"] and s.class_names[3] == "digit three"
     assert s.items["image_id"][0].as_py().startswith("digit_0/") and s.class_counts().sum() == 1437
+
+
+def _png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 6)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _folder(root, tree: dict[str, list[str]]) -> str:
+    for folder, names in tree.items():
+        for name in names:
+            (root / folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / folder / name).write_bytes(_png())
+    return str(root)
+
+
+def test_an_imagefolder_with_odd_names_nested_files_and_stray_files(tmp_path):
+    root = _folder(tmp_path, {"golden retriever": ["a.png", "sub/dir/b.jpg"], "n01.tench": ["c.PNG"], "Ünïcödé": ["d.png"]})
+    (tmp_path / "n01.tench" / "notes.txt").write_text("hello")
+    (tmp_path / "README.md").write_text("top-level file")
+    s = open_labelled_set(root)
+    assert s.class_dirs == ["golden retriever", "n01.tench", "Ünïcödé"] == s.class_names
+    assert s.items["image_id"].to_pylist() == ["golden retriever/a.png", "golden retriever/sub/dir/b.jpg",
+                                               "n01.tench/c.PNG", "Ünïcödé/d.png"]
+    assert s.items["label"].to_pylist() == [0, 0, 1, 2] and sorted(s.ignored) == ["README.md", "n01.tench/notes.txt"]
+
+
+def test_an_empty_set_an_empty_class_a_missing_root_and_an_unknown_class_are_named(tmp_path):
+    (tmp_path / "a").mkdir()
+    with pytest.raises(DatasetError, match="empty"):
+        open_labelled_set(str(tmp_path))
+    _folder(tmp_path, {"b": ["x.png"]})
+    with pytest.raises(DatasetError, match=r"class folder\(s\) with no image: 'a'"):
+        open_labelled_set(str(tmp_path))
+    with pytest.raises(DatasetError, match="not found"):
+        open_labelled_set(str(tmp_path / "missing"))
+    with pytest.raises(DatasetError, match="'zebra'"):
+        open_labelled_set(_folder(tmp_path / "val", {"zebra": ["x.png"]}), class_dirs=["cat", "dog"])
+
+
+def test_the_embedded_digits_split_is_stratified_and_fixed():
+    train = open_labelled_set("embedded:digits/train", classes_file="embedded:digits/classes.json")
+    val = open_labelled_set("embedded:digits/val", class_dirs=train.class_dirs)
+    assert train.num_images + val.num_images == 1797 and train.class_names[3] == "digit three"
+    counts = val.class_counts()
+    assert counts.min() >= 34 and counts.max() <= 38  # ~20% of each class
+    train_files, val_files = ({i.split("/")[1] for i in s.items["image_id"].to_pylist()} for s in (train, val))
+    assert not train_files & val_files
+
+
+def test_a_synset_mapping_names_each_class_by_its_first_synonym_or_all_of_them(tmp_path, capsys):
+    root = _folder(tmp_path / "data", {"n01440764": ["x.png"], "n02012849": ["y.png"], "n03126707": ["z.png"]})
+    mapping = tmp_path / "LOC_synset_mapping.txt"  # the official file's format
+    mapping.write_text("n01440764 tench, Tinca tinca\nn02012849 crane\nn03126707 crane\n")
+    assert open_labelled_set(root, classes_file=str(mapping)).class_names == ["tench", "crane", "crane"]
+    assert "gives several classes the same name ('crane')" in capsys.readouterr().out
+    open_labelled_set(root, classes_file=str(mapping), class_dirs=["n01440764", "n02012849", "n03126707"])
+    assert capsys.readouterr().out == ""  # said once per classes file
+    every = open_labelled_set(root, classes_file=str(mapping), class_name_style="all")
+    assert every.class_names == ["tench, Tinca tinca", "crane", "crane"]
+    assert load_class_names(str(mapping))["n01440764"] == "tench, Tinca tinca"  # names are read whole
+    json_file = tmp_path / "classes.json"  # JSON names too: the same display as every other name
+    json_file.write_text(json.dumps({"n01440764": "tench, a fish"}))
+    assert load_class_names(str(json_file)) == {"n01440764": "tench, a fish"}
+    assert open_labelled_set(root, classes_file=str(json_file)).class_names == ["tench", "n02012849", "n03126707"]
+    with pytest.raises(ValueError, match="class name style 'last'"):
+        open_labelled_set(root, class_name_style="last")
+    assert display_name("tench, Tinca tinca", "all") == "tench, Tinca tinca"
+
+
+def test_the_class_name_style_applies_to_parquet_class_label_names(tmp_path):
+    root = _hf_parquet(tmp_path)
+    assert open_labelled_set(root, class_name_style="all").class_names[:2] == ["tench, Tinca tinca",
+                                                                               "goldfish, Carassius auratus"]
+
+
+def test_the_shipped_imagenet1k_names_one_class_per_synset_once():
+    names = {synset: display_name(name) for synset, name in load_class_names("imagenet1k").items()}
+    assert len(names) == 1000 and len(set(names.values())) == 1000
+    assert all(re.fullmatch(r"n\d{8}", synset) for synset in names)
+    assert sorted(names) == list(names)  # the standard class order: sorted synsets
+    assert all(name and name == name.strip() and "," not in name for name in names.values())
+    assert (names["n01440764"], names["n02012849"], names["n03126707"]) == ("tench", "crane bird", "construction crane")
+    assert load_class_names("imagenet1k") == names  # one name per synset: "all" is the same list
+
+
+def test_the_shipped_class_lists_are_package_data(pyproject):
+    import fnmatch
+    import os
+
+    from realfake_ray.data.class_lists import SHIPPED_CLASS_LISTS
+
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["realfake_ray.data"]
+    for path in SHIPPED_CLASS_LISTS.values():
+        assert os.path.isfile(path) and any(fnmatch.fnmatch(os.path.basename(path), p) for p in patterns)
+
+
+def test_a_bad_or_missing_classes_file_is_named(tmp_path):
+    bad = tmp_path / "classes.txt"
+    bad.write_text("# synset name\nn01440764 tench\n\nn01443537\n")
+    with pytest.raises(DatasetError, match=r"classes.txt, line 4: expected 'folder name', got 'n01443537'"):
+        load_class_names(str(bad))
+    bad.write_text("n01440764 , Tinca tinca\n")  # no first synonym
+    with pytest.raises(DatasetError, match="line 1"):
+        load_class_names(str(bad))
+    with pytest.raises(DatasetError, match="not found"):
+        load_class_names(str(tmp_path / "nope.json"))
 
 
 def test_the_official_imagenet_val_layout_with_loc_val_solution(tmp_path):

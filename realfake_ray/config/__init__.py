@@ -26,6 +26,7 @@ from realfake_ray.config.sections import (
     TRAIN_RECIPES,
     ActorPool,
     AuditPrivacyConfig,
+    CaptionConfig,
     ConfigError,
     DataConfig,
     Dtype,
@@ -42,8 +43,8 @@ from realfake_ray.config.sections import (
 )
 
 __all__ = [
-    "Dtype", "PRESETS", "EMBEDDED_DATASET", "ConfigError", "ActorPool", "ModelConfig", "DataConfig", "EncodeConfig",
-    "FinetuneConfig", "GenerateConfig", "TRAIN_RECIPES", "TrainConfig", "EvaluateConfig", "PAPER_SAMPLER",
+    "Dtype", "PRESETS", "EMBEDDED_DATASET", "ConfigError", "ActorPool", "ModelConfig", "DataConfig", "CaptionConfig",
+    "EncodeConfig", "FinetuneConfig", "GenerateConfig", "TRAIN_RECIPES", "TrainConfig", "EvaluateConfig", "PAPER_SAMPLER",
     "TuneSamplerConfig", "AuditPrivacyConfig", "RayConfig", "TrackingConfig", "RunConfig", "deep_merge", "parse_override",
     "read_yaml_config", "build_config", "load_config", "dump_config",
 ]

@@ -22,7 +22,8 @@ __all__ = [
 _PRESET_VALUES: dict[str, dict[str, Any]] = {
     "tiny": {
         "model": {"pretrained": "preset:tiny"},
-        "encode": {"resolution": 32, "batch_size": 128, "rows_per_file": 512, "dtype": "fp32", "caption": False},
+        "caption": {"enabled": False},  # the digits need no captions: prompts are "photo of digit seven"
+        "encode": {"resolution": 32, "batch_size": 128, "rows_per_file": 512, "dtype": "fp32"},
         "finetune": {
             "num_workers": 2,
             "batch_size": 16,
@@ -52,6 +53,11 @@ RENAMED_KEYS = {
     "generate.negative_guidance_token": "generate.negative_vision_token",
     "generate.accelerator": "generate.speedup",
     "generate.rows_per_manifest_file": "generate.images_per_shard",
+    # captioning left the encode stage for its own (the caption stage, `caption:` section)
+    "encode.caption": "caption.enabled",
+    "encode.captioner": "caption.model",
+    "encode.caption_max_tokens": "caption.max_tokens",
+    "encode.caption_batch_size": "caption.batch_size",
 }
 
 
@@ -65,8 +71,10 @@ def _refuse_renamed_keys(raw: dict) -> None:
                 places[f"tune_sampler.{section}.{old.split('.')[1]}"] = (tuning.get(section), old.split(".")[1])
     for dotted, (node, key) in places.items():
         if isinstance(node, dict) and key in node:
-            new = RENAMED_KEYS.get(dotted) or RENAMED_KEYS[f"generate.{key}"]
-            raise ConfigError(f"{dotted}: this key was renamed to {new.split('.')[-1]!r} ({new}); use the new name")
+            was = dotted if dotted in RENAMED_KEYS else f"generate.{key}"
+            new = RENAMED_KEYS[was]
+            to = f"to {new.split('.')[-1]!r}" if new.split(".")[0] == was.split(".")[0] else "and moved"
+            raise ConfigError(f"{dotted}: this key was renamed {to} ({new}); use the new name")
 
 
 def deep_merge(base: dict, update: dict) -> dict:

@@ -7,11 +7,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from realfake_ray._internal.addresses import is_remote_address
+from realfake_ray.data.class_lists import SHIPPED_CLASS_LISTS
 from realfake_ray.storage import anchor
 
 __all__ = [
-    "Dtype", "PRESETS", "EMBEDDED_DATASET", "ConfigError", "ActorPool", "ModelConfig", "DataConfig", "EncodeConfig",
-    "FinetuneConfig", "GenerateConfig", "TRAIN_RECIPES", "TrainConfig", "EvaluateConfig", "PAPER_SAMPLER",
+    "Dtype", "PRESETS", "EMBEDDED_DATASET", "ConfigError", "ActorPool", "ModelConfig", "DataConfig", "CaptionConfig",
+    "EncodeConfig", "FinetuneConfig", "GenerateConfig", "TRAIN_RECIPES", "TrainConfig", "EvaluateConfig", "PAPER_SAMPLER",
     "TuneSamplerConfig", "AuditPrivacyConfig", "RayConfig", "TrackingConfig", "RunConfig",
 ]
 
@@ -65,9 +66,32 @@ class DataConfig(_Section):
     val: str | None = None
     train_labels: str | None = None  # labels file of a flat train folder (file,label CSV/TSV)
     val_labels: str | None = None  # labels file of a flat val folder: LOC_val_solution.csv or file,label CSV/TSV
-    classes_file: str | None = None  # JSON {folder: name} or lines "folder<TAB or space>name"
-    captions_file: str | None = None  # JSONL {"image_id": ..., "caption": ...}
+    # JSON {folder: name}, lines "folder<TAB or space>name" (LOC_synset_mapping.txt: "n01440764 tench, Tinca tinca"),
+    # or a list shipped with the package: "imagenet1k" (one short name per ImageNet-1K synset)
+    classes_file: str | None = None
+    # a class name "a, b, c" (a synset's synonyms, from a classes file or Parquet ClassLabel names): its first
+    # synonym in the prompts ("first"), or the whole list ("all")
+    class_name_style: Literal["first", "all"] = "first"
+    # JSONL {"image_id": ..., "caption": ...} for the training images; None: the caption stage's (see CaptionConfig)
+    captions_file: str | None = None
     extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm")
+
+
+class CaptionConfig(_Section):
+    """The caption stage: an image-to-text model (BLIP-2, as the reference) captions every training image once,
+    into ``<out>/captions/captions.jsonl``, which encode reads. It does nothing when ``data.captions_file`` is
+    given or ``enabled`` is off (then the prompts are "photo of {class}")."""
+
+    enabled: bool = True
+    model: str = "Salesforce/blip2-opt-2.7b"  # hub id, local transformers directory or fsspec URL of one
+    revision: str | None = None  # of a hub id
+    batch_size: int = Field(16, ge=1)
+    max_tokens: int = Field(30, ge=1)  # new tokens per caption
+    dtype: Dtype = "fp16"  # on GPU; CPU always computes in fp32
+    image_size: int = Field(224, ge=8)  # CPU tasks squash each image to this square: BLIP-2's input (its processor's own resize)
+    decode_cpus: float = Field(1.0, gt=0)
+    rows_per_file: int = Field(4096, ge=1)  # captions per Parquet part (the unit a rerun resumes by)
+    actors: ActorPool = ActorPool()
 
 
 class EncodeConfig(_Section):
@@ -77,10 +101,6 @@ class EncodeConfig(_Section):
     dtype: Dtype = "fp16"
     decode_cpus: float = Field(1.0, gt=0)
     actors: ActorPool = ActorPool()
-    caption: bool = True  # caption with `captioner` when no captions file is given
-    captioner: str = "Salesforce/blip2-opt-2.7b"
-    caption_max_tokens: int = Field(30, ge=1)
-    caption_batch_size: int = Field(16, ge=1)
     # The img2img start image: "squash" = the whole image resized to resolution² (the reference), "centre" =
     # short side to resolution + centre crop. Fine-tuning always takes random crops of the whole image.
     generation_view: Literal["squash", "centre"] = "squash"
@@ -338,6 +358,7 @@ class RunConfig(_Section):
     preset: Literal["tiny"] | None = None
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
+    caption: CaptionConfig = CaptionConfig()
     encode: EncodeConfig = EncodeConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     generate: GenerateConfig = GenerateConfig()
@@ -371,9 +392,11 @@ class RunConfig(_Section):
         self._refuse_relative_out_on_a_remote_cluster()
         _assign_changed(self, out=anchor(self.out))
         _assign_changed(self.model, pretrained=local_dir(self.model.pretrained), clip_vision=local_dir(self.model.clip_vision))
+        _assign_changed(self.caption, model=local_dir(self.caption.model))
+        shipped = self.data.classes_file in SHIPPED_CLASS_LISTS  # a name, not a path
         _assign_changed(self.data, **{k: anchor(v) for k in ("train", "val", "train_labels", "val_labels",
                                                               "classes_file", "captions_file")
-                                      if (v := getattr(self.data, k))})
+                                      if (v := getattr(self.data, k)) and not (k == "classes_file" and shipped)})
         if self.train.synthetic:
             _assign_changed(self.train, synthetic=anchor(self.train.synthetic))
         if any(anchor(u) != u for u in self.evaluate.extra_sets.values()):

@@ -1,22 +1,18 @@
-"""Read a labelled ImageFolder at any fsspec URL: ``root/<class_dir>/<...>/<file>``.
-
-``scan_image_folder`` lists the files (driver side, cheap) and checks the dataset before any work
-starts; ``decode_image`` turns the bytes of any common image (RGB, L, LA, P, RGBA, CMYK, 16-bit, any
-size) into an RGB uint8 array resized and centre-cropped to the model resolution.
+"""Decode images of any common kind: ``open_rgb`` turns the bytes of any image (RGB, L, LA, P, RGBA, CMYK, 16-bit,
+any size) into an upright RGB image; ``decode_image`` / ``decode_views`` cut the views the stages use from it.
+Listing datasets is :mod:`realfake_ray.data.sources`' (every layout, ImageFolder included).
 
 Example:
-    >>> index = scan_image_folder("embedded:digits/train", classes_file="embedded:digits/classes.json")
-    >>> index.class_names[0], len(index.records)
-    ('digit zero', 1437)
+    >>> from realfake_ray import storage
+    >>> pixels, width, height = decode_image(storage.read_bytes("embedded:digits/train/digit_0/0000.png"), 16)
+    >>> pixels.shape, pixels.dtype.name
+    ((16, 16, 3), 'uint8')
 """
 
 from __future__ import annotations
 
 import io
-import json
 import posixpath
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -24,9 +20,8 @@ from PIL import Image, ImageOps
 from realfake_ray import storage
 
 __all__ = [
-    "DEFAULT_EXTENSIONS", "DatasetError", "ImageRecord", "ImageFolderIndex", "load_class_names", "load_captions",
-    "MIN_CAPTION_MATCH", "caption_match_error", "scan_image_folder", "open_rgb", "decode_image", "centre_view",
-    "stem", "squash_view", "GENERATION_VIEWS", "MAX_ASPECT", "full_view", "decode_views",
+    "DEFAULT_EXTENSIONS", "DatasetError", "open_rgb", "decode_image", "centre_view", "stem", "squash_view",
+    "GENERATION_VIEWS", "MAX_ASPECT", "full_view", "decode_views",
 ]
 
 DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm")
@@ -34,163 +29,6 @@ DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff",
 
 class DatasetError(ValueError):
     """The dataset cannot be used; the message names the location and the problem."""
-
-
-@dataclass(frozen=True)
-class ImageRecord:
-    image_id: str  # path relative to the root: stable across runs and machines
-    url: str
-    label: int
-    class_dir: str
-    class_name: str
-    caption: str = ""
-
-
-@dataclass
-class ImageFolderIndex:
-    root: str
-    class_dirs: list[str]
-    class_names: list[str]
-    records: list[ImageRecord]
-    ignored_files: list[str] = field(default_factory=list)  # not images, or not inside a class folder
-    caption_match: float | None = None  # fraction of images the captions file has a caption for (None: no file)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_dirs)
-
-
-def load_class_names(url: str) -> dict[str, str]:
-    """Folder → readable name, from JSON (``{"n01440764": "tench"}``) or lines ``folder<whitespace>name``."""
-    if not storage.exists(url):
-        raise DatasetError(f"classes file not found: {url}")
-    text = storage.read_text(url)
-    if text.lstrip().startswith("{"):
-        try:
-            mapping = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DatasetError(f"classes file {url}: invalid JSON ({exc})") from None
-        return {str(k): str(v) for k, v in mapping.items()}
-    mapping = {}
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip() or line.startswith("#"):
-            continue
-        parts = line.strip().split(None, 1)
-        if len(parts) != 2:
-            raise DatasetError(f"classes file {url}, line {lineno}: expected 'folder name', got {line!r}")
-        mapping[parts[0]] = parts[1].strip()
-    return mapping
-
-
-def load_captions(url: str) -> dict[str, str]:
-    """``image_id`` → caption from a JSONL file of ``{"image_id": ..., "caption": ...}`` records."""
-    if not storage.exists(url):
-        raise DatasetError(f"captions file not found: {url}")
-    captions = {}
-    for lineno, line in enumerate(storage.read_text(url).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-            captions[str(item["image_id"])] = str(item["caption"])
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise DatasetError(
-                f"captions file {url}, line {lineno}: expected {{\"image_id\": ..., \"caption\": ...}}"
-            ) from None
-    return captions
-
-
-MIN_CAPTION_MATCH = 0.5  # below this, a captions file is taken to describe another dataset
-
-
-def caption_match_error(captions_file: str, root: str, matched: int, total: int, example: str) -> DatasetError:
-    """The error for a captions file whose ``image_id`` keys miss most images of the dataset."""
-    return DatasetError(
-        f"captions file {captions_file}: only {matched} of {total} images of {root} have a caption "
-        f"({matched / max(total, 1):.0%} < {MIN_CAPTION_MATCH:.0%}); its image_id keys must be paths relative to "
-        f"the dataset root, e.g. {example!r}"
-    )
-
-
-def scan_image_folder(
-    root: str,
-    *,
-    classes_file: str | None = None,
-    captions_file: str | None = None,
-    extensions: tuple[str, ...] = DEFAULT_EXTENSIONS,
-    class_dirs: list[str] | None = None,
-    check_readable: bool = True,
-) -> ImageFolderIndex:
-    """List an ImageFolder and check it: not empty, every class has a readable image, and a captions file
-    covers at least :data:`MIN_CAPTION_MATCH` of the images (their fraction is ``caption_match``).
-
-    ``class_dirs`` fixes the label order (e.g. a validation split must use the train split's classes);
-    by default labels follow the sorted class folder names.
-    """
-    if not storage.isdir(root):
-        raise DatasetError(f"dataset not found (not a directory): {root}")
-    exts = tuple(e.lower() for e in extensions)
-    found: dict[str, list[tuple[str, str]]] = {name: [] for name, is_dir in storage.listdir(root) if is_dir}
-    ignored = []
-    for url in storage.find(root):
-        rel = storage.relative(url, root)
-        top, sep, _ = rel.partition("/")
-        if not sep or not rel.lower().endswith(exts):
-            ignored.append(rel)
-            continue
-        found[top].append((rel, url))
-    if not any(found.values()):
-        raise DatasetError(f"dataset {root} is empty: no images with extensions {', '.join(exts)} in class folders")
-    empty = sorted(c for c, files in found.items() if not files)
-    if empty:
-        raise DatasetError(f"dataset {root}: class folder(s) with no image: {', '.join(map(repr, empty))}")
-    if class_dirs is None:
-        class_dirs = sorted(found)
-    else:
-        unknown = sorted(set(found) - set(class_dirs))
-        if unknown:
-            raise DatasetError(
-                f"dataset {root}: class folder(s) {', '.join(map(repr, unknown[:10]))} are not among the "
-                f"{len(class_dirs)} training classes"
-            )
-    names = load_class_names(classes_file) if classes_file else {}
-    captions = load_captions(captions_file) if captions_file else {}
-    class_names = [names.get(c, c.replace("_", " ")) for c in class_dirs]
-    records = [
-        ImageRecord(rel, url, label, c, class_names[label], captions.get(rel, ""))
-        for label, c in enumerate(class_dirs)
-        for rel, url in sorted(found.get(c, []))
-    ]
-    index = ImageFolderIndex(root, list(class_dirs), class_names, records, ignored)
-    if captions_file:
-        matched = sum(1 for r in records if r.image_id in captions)
-        index.caption_match = matched / len(records)
-        if index.caption_match < MIN_CAPTION_MATCH:
-            raise caption_match_error(captions_file, root, matched, len(records), records[0].image_id)
-    if check_readable:
-        _check_each_class_readable(index)
-    return index
-
-
-def _first_readable(urls: list[str]) -> bool:
-    for url in urls:
-        try:
-            decode_image(storage.read_bytes(url), 8)
-            return True
-        except (OSError, ValueError):
-            continue
-    return False
-
-
-def _check_each_class_readable(index: ImageFolderIndex) -> None:
-    by_class: dict[str, list[str]] = {}
-    for rec in index.records:
-        by_class.setdefault(rec.class_dir, []).append(rec.url)
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        ok = dict(zip(by_class, pool.map(_first_readable, by_class.values())))
-    bad = sorted(c for c, readable in ok.items() if not readable)
-    if bad:
-        raise DatasetError(f"dataset {index.root}: no readable image in class folder(s) {', '.join(map(repr, bad))}")
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -37,7 +37,8 @@ from realfake_ray.seeds import derive_seed
 __all__ = [
     "output_dir", "seed_of", "real_set", "synthetic_set", "unknown_classes_error", "set_digest", "VIEWS",
     "view_settings", "decode_rows", "read_shards", "rows_dataset", "decoded_dataset", "read_error_count",
-    "ROWS_PER_BLOCK", "images_in_memory", "as_image_bytes", "cut_into_blocks",
+    "ROWS_PER_BLOCK", "images_in_memory", "as_image_bytes", "cut_into_blocks", "image_rows", "not_in",
+    "read_pending_shards", "pending_dataset",
 ]
 
 _COPY_RE = r"__c(?P<copy>\d+)\.[A-Za-z]+$"  # the copy index in an exported synthetic file's name
@@ -58,9 +59,10 @@ def seed_of(*parts: int) -> int:
 
 
 def real_set(url: str, cfg: RunConfig, class_dirs: list[str] | None = None, labels_file: str | None = None) -> LabelledSet:
-    """A real labelled set in any layout (:mod:`realfake_ray.data.sources`); ``class_dirs`` fixes the label order."""
+    """A real labelled set in any layout (:mod:`realfake_ray.data.sources`); ``class_dirs`` fixes the label order;
+    classes named by ``data.classes_file`` in ``data.class_name_style``."""
     return open_labelled_set(url, class_dirs=class_dirs, classes_file=cfg.data.classes_file, labels_file=labels_file,
-                             extensions=cfg.data.extensions)
+                             extensions=cfg.data.extensions, class_name_style=cfg.data.class_name_style)
 
 
 def unknown_classes_error(where: str, unknown: list[str], class_dirs: list[str]) -> DatasetError:
@@ -265,6 +267,66 @@ def cut_into_blocks(table: pa.Table, blocks: int) -> list[pa.Table]:
         out.append(table.slice(start, length))
         start += length
     return out
+
+
+def image_rows(lset: LabelledSet) -> pa.Table:
+    """Every image of ``lset`` as ``image_id``, ``url``, ``label`` Arrow columns, in listing order: a sharded set's
+    rows carry their shard's ``url`` and a null ``label`` (read with the image, :func:`read_pending_shards`).
+
+    Example:
+        >>> t = pa.table({"image_id": ["a/1.png"], "url": ["/d/a/1.png"], "label": [0]})
+        >>> image_rows(LabelledSet("/d", "imagefolder", ["a"], ["a"], items=t)).column_names
+        ['image_id', 'url', 'label']
+    """
+    if not lset.sharded:
+        return lset.items.select(["image_id", "url", "label"])
+    rows = lset.shards["rows"].to_numpy()
+    urls = pc.take(lset.shards["url"], pa.array(np.repeat(np.arange(len(rows)), rows)))
+    ids = lset.image_ids()
+    return pa.table({"image_id": ids, "url": urls, "label": pa.nulls(len(ids), pa.int64())})
+
+
+def not_in(rows: pa.Table, done: pa.Array) -> pa.Table:
+    """The rows of ``rows`` whose ``image_id`` is not in ``done`` (what a resumed stage has left to do)."""
+    return rows.filter(pc.invert(pc.is_in(rows["image_id"], value_set=done))) if len(done) else rows
+
+
+def read_pending_shards(batch: pa.Table, *, layout: str, root: str, label_map: list[int] | None) -> pa.Table:
+    """Read task for sharded sets: the pending rows of each shard (``batch``: one row per pending image, grouped
+    by shard ``url``), with their ``bytes`` and ``label`` from the shard. A shard that cannot be read after
+    retries gives each of its pending rows that ``error`` (label 0, no bytes)."""
+    out = []
+    for url in pc.unique(batch["url"]).to_pylist():
+        rows = batch.filter(pc.equal(batch["url"], url))
+        label_at = rows.schema.get_field_index("label")
+        try:
+            shard = read_shard(url, layout, root, label_map)
+        except Exception as exc:
+            error = f"{url}: {type(exc).__name__}: {exc}"[:300]
+            out.append(rows.set_column(label_at, "label", pa.array([0] * rows.num_rows, pa.int64()))
+                       .append_column("bytes", pa.array([b""] * rows.num_rows, pa.binary()))
+                       .append_column("error", pa.array([error] * rows.num_rows, pa.string())))
+            continue
+        taken = shard.take(pc.index_in(rows["image_id"], value_set=shard["image_id"]))
+        rows = rows.set_column(label_at, "label", taken["label"])
+        out.append(rows.append_column("bytes", taken["bytes"]).append_column("error", pa.array([""] * rows.num_rows)))
+    return pa.concat_tables(out)
+
+
+def pending_dataset(lset: LabelledSet, pending: pa.Table, batch_size: int, num_cpus: float):
+    """A Ray Dataset of ``pending`` (rows of :func:`image_rows`, in listing order): a sharded set's as one read
+    task per shard (its pending rows are adjacent), with their ``bytes``; a per-image set's in blocks of about
+    ``batch_size`` rows, as many as it needs (their images are fetched by the decode task)."""
+    import ray.data
+
+    if not lset.sharded:
+        return ray.data.from_arrow(cut_into_blocks(pending, max(1, pending.num_rows // max(batch_size, 1))))
+    urls = pending["url"]
+    bounds = np.flatnonzero(np.r_[True, pc.not_equal(urls[1:], urls[:-1]).to_numpy(zero_copy_only=False)])
+    blocks = [pending.slice(a, b - a) for a, b in zip(bounds, [*bounds[1:], pending.num_rows])]
+    return ray.data.from_arrow(blocks).map_batches(
+        read_pending_shards, batch_size=None, batch_format="pyarrow", num_cpus=num_cpus,
+        fn_kwargs={"layout": lset.layout, "root": lset.url, "label_map": lset.label_map})
 
 
 def rows_dataset(lset: LabelledSet, cfg: RunConfig, columns: dict[str, object] | None = None,

@@ -34,6 +34,7 @@ import json
 import posixpath
 import tarfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -44,11 +45,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from realfake_ray import storage
-from realfake_ray.data.imagefolder import DEFAULT_EXTENSIONS, DatasetError, decode_image, load_class_names
+from realfake_ray.data.class_lists import shipped_class_list
+from realfake_ray.data.imagefolder import DEFAULT_EXTENSIONS, DatasetError, decode_image
 
 __all__ = [
     "LAYOUTS", "LabelledSet", "detect_layout", "open_labelled_set", "listing_cache", "read_with_retries", "fetch_images",
-    "read_shard", "shard_image_ids", "read_images_by_id", "parquet_class_names", "display_name", "check_readable",
+    "read_shard", "shard_image_ids", "read_images_by_id", "parquet_class_names", "CLASS_NAME_STYLES",
+    "load_class_names", "display_name", "check_readable",
 ]
 
 LAYOUTS = ("imagefolder", "index_folders", "labels_file", "parquet", "webdataset")
@@ -87,15 +90,76 @@ class LabelledSet:
             return None
         return np.bincount(self.items["label"].to_numpy(), minlength=self.num_classes)
 
+    def image_ids(self) -> pa.Array:
+        """Every image's ``image_id``, in listing order (a sharded set's from its shard sizes, nothing read)."""
+        if not self.sharded:
+            return self.items["image_id"].combine_chunks()
+        urls, rows = self.shards["url"].to_pylist(), self.shards["rows"].to_pylist()
+        return pa.array([i for u, n in zip(urls, rows) for i in shard_image_ids(u, self.url, n)], pa.string())
 
-def display_name(name: str) -> str:
-    """A short class name for prompts: the first synonym of ``"tench, Tinca tinca"``; ``_`` as spaces.
+
+# ------------------------------------------------------------------------------------------ class names
+CLASS_NAME_STYLES = ("first", "all")
+
+
+def load_class_names(url: str) -> dict[str, str]:
+    """Class folder → name, from JSON (``{"n01440764": "tench"}``), from lines ``folder<whitespace>name``
+    (ImageNet's ``LOC_synset_mapping.txt``: ``n01440764 tench, Tinca tinca``; ``#`` comments), or from a list
+    shipped with the package, named instead of a URL (``imagenet1k``: :mod:`realfake_ray.data.class_lists`).
+    The names are returned whole; :func:`display_name` makes the prompt's name of one.
 
     Example:
-        >>> display_name("tench, Tinca tinca"), display_name("digit_7")
-        ('tench', 'digit 7')
+        >>> load_class_names("imagenet1k")["n01440764"]
+        'tench'
     """
-    return name.split(",")[0].strip().replace("_", " ")
+    path = shipped_class_list(url) or url
+    if not storage.exists(path):
+        raise DatasetError(f"classes file not found: {url}")
+    text = storage.read_text(path)
+    if text.lstrip().startswith("{"):
+        try:
+            mapping = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DatasetError(f"classes file {url}: invalid JSON ({exc})") from None
+        return {str(k): str(v) for k, v in mapping.items()}
+    names = {}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        parts = line.strip().split(None, 1)
+        if len(parts) != 2 or not display_name(parts[1]):  # "n01440764 , Tinca tinca": no first synonym
+            raise DatasetError(f"classes file {url}, line {lineno}: expected 'folder name', got {line!r}")
+        names[parts[0]] = parts[1].strip()
+    return names
+
+
+def display_name(name: str, style: str = "first") -> str:
+    """A class's name in prompts: the first synonym of ``"tench, Tinca tinca"`` (``style="first"``) or the whole
+    list (``"all"``); ``_`` as spaces.
+
+    Example:
+        >>> display_name("tench, Tinca tinca"), display_name("tench, Tinca tinca", "all"), display_name("digit_7")
+        ('tench', 'tench, Tinca tinca', 'digit 7')
+    """
+    if style not in CLASS_NAME_STYLES:
+        raise ValueError(f"class name style {style!r}: expected one of {', '.join(CLASS_NAME_STYLES)}")
+    return (name.split(",")[0] if style == "first" else name).strip().replace("_", " ")
+
+
+_WARNED_SHARED: set[tuple] = set()
+
+
+def _warn_shared_names(where: str, class_names: list[str], style: str) -> None:
+    """Say once per names source when several classes get one name (``LOC_synset_mapping.txt``'s first
+    synonyms: two "crane", two "maillot"): their prompts cannot tell them apart."""
+    shared = sorted(name for name, n in Counter(class_names).items() if n > 1)
+    if not shared or (where, style) in _WARNED_SHARED:
+        return
+    _WARNED_SHARED.add((where, style))
+    print(f"[data] warning: {where} gives several classes the same name "
+          f"({', '.join(map(repr, shared[:5]))}{', ...' if len(shared) > 5 else ''}), so their prompts are alike; "
+          "data.class_name_style=all keeps every synonym (ImageNet: data.classes_file=imagenet1k names each class "
+          "once)", flush=True)
 
 
 # ------------------------------------------------------------------------------------------ detection
@@ -161,38 +225,42 @@ def open_labelled_set(
     labels_file: str | None = None,
     layout: str | None = None,
     extensions: tuple[str, ...] = DEFAULT_EXTENSIONS,
-    name: Callable[[str], str] = display_name,
+    class_name_style: str = "first",
 ) -> LabelledSet:
     """List and check the dataset at ``url``; raises :class:`DatasetError` naming the location and the problem.
 
     ``class_dirs`` fixes the class order (a val or OOD set opened with the train set's classes); a class
-    the set has that is not in it is an error. ``classes_file`` maps class folders to readable names.
+    the set has that is not in it is an error. ``classes_file`` (:func:`load_class_names`) maps class folders to
+    readable names; every class is named by :func:`display_name` in ``class_name_style``.
     """
     key = (url, tuple(class_dirs) if class_dirs is not None else None, classes_file, labels_file, layout,
-           tuple(extensions), name)
+           tuple(extensions), class_name_style)
     if _LISTINGS is not None and key in _LISTINGS:
         return _LISTINGS[key]
-    result = _open(url, class_dirs, classes_file, labels_file, layout, extensions, name)
+    result = _open(url, class_dirs, classes_file, labels_file, layout, extensions, class_name_style)
     if _LISTINGS is not None:
         _LISTINGS[key] = result
     return result
 
 
 def _open(url: str, class_dirs: list[str] | None, classes_file: str | None, labels_file: str | None,
-          layout: str | None, extensions: tuple[str, ...], name: Callable[[str], str]) -> LabelledSet:
+          layout: str | None, extensions: tuple[str, ...], class_name_style: str) -> LabelledSet:
     layout = layout or detect_layout(url, labels_file)
     if layout not in LAYOUTS:
         raise DatasetError(f"{url}: unknown dataset layout {layout!r}; layouts: {', '.join(LAYOUTS)}")
+    display_name("", class_name_style)  # an unknown style is refused before the listing
     names = load_class_names(classes_file) if classes_file else {}
     if layout in ("parquet", "webdataset"):
-        result = _open_sharded(url, layout, class_dirs, names, name)
+        result = _open_sharded(url, layout, class_dirs)
     else:
         exts = tuple(e.lower() for e in extensions)
         openers = {"imagefolder": _open_imagefolder, "index_folders": _open_index_folders}
         result = (_open_labels_file(url, labels_file, class_dirs, exts) if layout == "labels_file"
                   else openers[layout](url, class_dirs, exts))
-        result.class_names = [name(names.get(c, c)) for c in result.class_dirs]
         _check_items(result)
+    result.class_names = [display_name(names.get(c, c), class_name_style) for c in result.class_dirs]
+    _warn_shared_names(f"classes file {classes_file}" if classes_file else f"dataset {url}", result.class_names,
+                       class_name_style)
     return result
 
 
@@ -409,8 +477,7 @@ def _wids_counts(url: str) -> dict[str, int]:
     return counts
 
 
-def _open_sharded(url: str, layout: str, class_dirs: list[str] | None, names: dict[str, str],
-                  name: Callable[[str], str]) -> LabelledSet:
+def _open_sharded(url: str, layout: str, class_dirs: list[str] | None) -> LabelledSet:
     ext = "parquet" if layout == "parquet" else "tar"
     urls = _shard_urls(url, ext)
     if not urls:
@@ -442,8 +509,8 @@ def _open_sharded(url: str, layout: str, class_dirs: list[str] | None, names: di
     shards = pa.table({"url": pa.array(urls, pa.string()), "rows": pa.array(rows, pa.int64())})
     if int(pc.sum(shards["rows"]).as_py() or 0) == 0:
         raise DatasetError(f"dataset {url} is empty: its {len(urls)} shard(s) hold no rows")
-    return LabelledSet(_root_of(url), layout, list(class_dirs), [name(names.get(c, c)) for c in class_dirs],
-                       shards=shards, label_map=_label_map(own_names, class_dirs))
+    return LabelledSet(_root_of(url), layout, list(class_dirs), [], shards=shards,
+                       label_map=_label_map(own_names, class_dirs))
 
 
 def _label_map(own: list[str] | None, class_dirs: list[str]) -> list[int] | None:

@@ -45,7 +45,7 @@ __all__ = [
     "materialise_preset", "MODEL_KINDS", "NOT_LOADED", "pipeline_components", "model_patterns", "select_files",
     "hub_reachable", "hub_snapshot", "resolve_model_dir", "read_component_config",
     "has_component", "clip_vision_dir", "guidance_widths", "check_models", "weights_sha256", "load_vae",
-    "load_clip_vision", "load_pipeline", "model_location_problem",
+    "load_clip_vision", "load_pipeline", "load_captioner", "model_location_problem",
 ]
 
 PRESET_PREFIX = "preset:"
@@ -402,6 +402,17 @@ def load_pipeline(model_dir: str, torch_dtype=None):
         requires_safety_checker=False,
         use_safetensors=True,
     )
+
+
+def load_captioner(model_dir: str, torch_dtype=None):
+    """``(model, processor)`` of an image-to-text model directory (BLIP-2: ``Blip2ForConditionalGeneration``
+    and ``Blip2Processor``, through the Auto classes), safetensors weights only, in eval mode."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise ModelLoadError(f"{model_dir}: no config.json (not a transformers image-to-text model directory?)")
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch_dtype, use_safetensors=True)
+    return model.eval(), AutoProcessor.from_pretrained(model_dir)
 
 
 def model_location_problem(spec: str, revision: str | None = None, timeout_s: float = 10.0) -> str | None:

@@ -1,8 +1,9 @@
-"""The main job: encode → finetune → generate → train → evaluate, all below one run URL.
+"""The main job: caption → encode → finetune → generate → train → evaluate, all below one run URL.
 
 Each stage skips itself when its output is complete, so a resubmitted job resumes where a failed
 one stopped; a stage starts (or joins) Ray only when it has work, so rerunning a finished job does no Ray
-work at all. ``only`` / ``from_stage`` select stages. The report is rewritten after every stage that did
+work at all. ``only`` / ``from_stage`` select stages; the caption stage is left out when it has nothing to do
+(``data.captions_file`` given, or ``caption.enabled`` off). The report is rewritten after every stage that did
 work, and after the last one.
 
 Example:
@@ -27,15 +28,29 @@ from realfake_ray.tools.report import write_report
 __all__ = ["run_pipeline", "select_stages", "train_with_baseline"]
 
 
-def select_stages(only: list[str] | None = None, from_stage: str | None = None) -> list[str]:
-    """The stages to run, in pipeline order (:data:`~realfake_ray.stages.registry.PIPELINE`)."""
+def _function(spec: str):
+    """The function a registry ``"module:function"`` names (its module imported now)."""
+    module, func = spec.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def select_stages(only: list[str] | None = None, from_stage: str | None = None,
+                  cfg: RunConfig | None = None) -> list[str]:
+    """The stages to run, in pipeline order (:data:`~realfake_ray.stages.registry.PIPELINE`). Unless named in
+    ``only``, a stage whose registry ``idle_when`` gives ``cfg`` a reason is left out (the caption stage when
+    ``data.captions_file`` is given or ``caption.enabled`` is off)."""
     for name in [*(only or []), *([from_stage] if from_stage else [])]:
         if name not in PIPELINE:
             raise ConfigError(f"unknown stage {name!r}; stages are: {', '.join(PIPELINE)}")
     if only:
         return [s for s in PIPELINE if s in only]
     start = PIPELINE.index(from_stage) if from_stage else 0
-    return list(PIPELINE[start:])
+
+    def idle(stage: str) -> bool:
+        check = COMMANDS[stage].idle_when
+        return cfg is not None and check is not None and bool(_function(check)(cfg))
+
+    return [s for s in PIPELINE[start:] if not idle(s)]
 
 
 def train_with_baseline(cfg: RunConfig) -> dict:
@@ -51,14 +66,13 @@ def train_with_baseline(cfg: RunConfig) -> dict:
 
 
 def _entry(stage: str):
-    module, func = COMMANDS[stage].job_entry.split(":")
-    return getattr(importlib.import_module(module), func)
+    return _function(COMMANDS[stage].job_entry)
 
 
 def run_pipeline(cfg: RunConfig, only: list[str] | None = None, from_stage: str | None = None) -> dict:
     """Run the selected stages in order; returns ``{stage: {"seconds", "skipped", "result"}}``."""
 
-    stages = select_stages(only, from_stage)
+    stages = select_stages(only, from_stage, cfg)
     data = cfg.require_data()
     entries = {stage: _entry(stage) for stage in stages}  # fail on a missing stage before any work
     storage.check_reachable(cfg.out, data.train, data.val or "", *cfg.evaluate.extra_sets.values())

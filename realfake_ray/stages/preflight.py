@@ -1,6 +1,6 @@
 """Preflight of the whole job (no Ray, no model weights): every dataset, labels file, classes file, captions file,
-extra evaluation set and model location the selected stages will need is checked before the first stage
-starts, and every problem is named in one error — before any GPU-hour is spent.
+extra evaluation set and model location (the diffusion model's, the captioner's) the selected stages will need is
+checked before the first stage starts, and every problem is named in one error — before any GPU-hour is spent.
 
 Listings made here are reused by the stages of the same job (``data.sources.listing_cache``).
 
@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from realfake_ray import storage
 from realfake_ray.config import RunConfig
-from realfake_ray.data.captions import read_captions
+from realfake_ray.data.captions import caption_stage_idle, missing_captions_error, read_captions, training_captions_url
 from realfake_ray.data.imagefolder import DatasetError
 from realfake_ray.data.labelled import real_set
-from realfake_ray.data.sources import check_readable
+from realfake_ray.data.sources import check_readable, load_class_names
 from realfake_ray.models.loading import model_location_problem
 
 __all__ = ["PreflightError", "preflight"]
@@ -49,31 +49,41 @@ def _datasets(cfg: RunConfig, stages: list[str], problems: list[str]) -> None:
             problems.append(_problem(what, url, exc))
 
 
-def _side_files(cfg: RunConfig, problems: list[str]) -> None:
+def _side_files(cfg: RunConfig, stages: list[str], problems: list[str]) -> None:
     d = cfg.data
-    if d.classes_file and not storage.exists(d.classes_file):
-        problems.append(f"data.classes_file {d.classes_file}: not found")
+    if d.classes_file:
+        try:
+            load_class_names(d.classes_file)
+        except Exception as exc:
+            problems.append(_problem("data.classes_file", d.classes_file, exc))
     if d.captions_file:
         try:
             read_captions(d.captions_file)
         except Exception as exc:
             problems.append(_problem("data.captions_file", d.captions_file, exc))
+    made = None if d.captions_file else training_captions_url(cfg)  # the caption stage's, when captioning is on
+    if made and "encode" in stages and "caption" not in stages and not storage.exists(made):
+        problems.append(f"encode: {missing_captions_error(made)}")
 
 
 def _models(cfg: RunConfig, stages: list[str], problems: list[str]) -> None:
-    needs_diffusion = {"encode", "finetune", "generate", "evaluate"} & set(stages)
-    if needs_diffusion:
-        problem = model_location_problem(cfg.model.pretrained, cfg.model.revision, cfg.model.hub_timeout_s)
+    needed = []
+    if {"encode", "finetune", "generate", "evaluate"} & set(stages):
+        needed.append(("model.pretrained", cfg.model.pretrained, cfg.model.revision))
+    if "caption" in stages and not caption_stage_idle(cfg):
+        needed.append(("caption.model", cfg.caption.model, cfg.caption.revision))
+    for key, spec, revision in needed:
+        problem = model_location_problem(spec, revision, cfg.model.hub_timeout_s)
         if problem:
-            problems.append(f"model.pretrained {cfg.model.pretrained!r}: {problem}")
+            problems.append(f"{key} {spec!r}: {problem}")
 
 
 def preflight(cfg: RunConfig, stages: list[str]) -> None:
     """Check every input the ``stages`` need; :class:`PreflightError` listing each problem, before any work."""
     problems: list[str] = []
-    if {"encode", "train", "evaluate"} & set(stages):
+    if {"caption", "encode", "train", "evaluate"} & set(stages):
         _datasets(cfg, stages, problems)
-    _side_files(cfg, problems)
+    _side_files(cfg, stages, problems)
     _models(cfg, stages, problems)
     if problems:
         raise PreflightError(f"preflight found {len(problems)} problem(s), nothing was started:\n  - "

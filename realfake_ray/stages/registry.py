@@ -9,7 +9,7 @@ Adding a stage: a package ``stages/<name>/`` whose ``driver.py`` exports ``run_<
 
 Example:
     >>> [stage.name for stage in STAGES if stage.in_pipeline]
-    ['encode', 'finetune', 'generate', 'train', 'evaluate']
+    ['caption', 'encode', 'finetune', 'generate', 'train', 'evaluate']
     >>> COMMANDS["train"].job_entry
     'realfake_ray.stages.pipeline:train_with_baseline'
     >>> COMMANDS["finetune"].outputs
@@ -52,8 +52,9 @@ class Command:
     ``entry``: ``"module:function"`` taking a RunConfig (imported only when the command runs: ``--help`` stays
     fast and Ray-free). ``outputs``: its folders below ``--out``, first the main one (:class:`~realfake_ray.
     layout.RunLayout` spells every path from them). ``in_pipeline``: ``realfake run`` runs it, in the order of
-    :data:`STAGES`, through ``pipeline_entry`` when that is set, else ``entry``. ``report``: the heading of its
-    section in ``report.md`` (None: the report has none)."""
+    :data:`STAGES`, through ``pipeline_entry`` when that is set, else ``entry`` — unless ``idle_when``
+    (``"module:function"`` taking a RunConfig) gives a reason it has nothing to do for that config. ``report``:
+    the heading of its section in ``report.md`` (None: the report has none)."""
 
     name: str
     entry: str
@@ -63,6 +64,7 @@ class Command:
     outputs: tuple[str, ...] = ()
     in_pipeline: bool = False
     pipeline_entry: str | None = None
+    idle_when: str | None = None
     report: str | None = None
     offline: bool = False  # runs with no storage, model or network access (no reachability probe first)
 
@@ -82,9 +84,16 @@ _SOURCE = Flag("--source", "train.source", str, "classifier training data", ("re
 
 STAGES: tuple[Command, ...] = (
     Command(
+        "caption", "realfake_ray.stages.caption.driver:run_caption",
+        "training images → one BLIP-2 caption each → <out>/captions/captions.jsonl (resumes; nothing to do when "
+        "data.captions_file is given or caption.enabled=false)",
+        outputs=("captions",), in_pipeline=True, idle_when="realfake_ray.data.captions:caption_stage_idle",
+        report="Captions",
+    ),
+    Command(
         "encode", "realfake_ray.stages.encode.driver:run_encode",
         "real dataset (ImageFolder, flat folder + labels, Parquet, WebDataset) → latent bank (VAE latents, CLIP "
-        "embeddings, captions)",
+        "embeddings, the training images' captions)",
         outputs=("latents",), in_pipeline=True, report="Latent bank",
     ),
     Command(
@@ -168,7 +177,8 @@ TOOLS: tuple[Command, ...] = (
 
 RUN = Command(
     "run", "realfake_ray.stages.pipeline:run_pipeline",
-    "the main job: encode → finetune → generate → train → evaluate (complete stages are skipped)",
+    "the main job: caption → encode → finetune → generate → train → evaluate (complete stages are skipped; caption "
+    "only when it has work)",
     flags=(_MULT, _SOURCE),
     args=(
         Arg("--only", "only", comma_list, "comma-separated stages to run, e.g. generate,train"),

@@ -15,6 +15,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from realfake_ray.config import ConfigError, RunConfig
+from realfake_ray.data.captions import caption_stage_idle
 from realfake_ray.data.labelled import real_set
 from realfake_ray.plots import markdown_table
 from realfake_ray.stages.generate.plan import images_per_shard, shards_of
@@ -86,9 +87,10 @@ def plan_job(cfg: RunConfig, train_images: int, val_images: int = 0, rates: dict
     e, f, g, t = cfg.encode, cfg.finetune, cfg.generate, cfg.train
     real = train_images + val_images
     plans = []
-    if e.caption and not cfg.data.captions_file:
+    if not caption_stage_idle(cfg):  # the caption stage: parts of caption.rows_per_file + JSONL, settings, summary
         rate = rates.get("caption") or _flop_rate(_BLIP2_FLOPS)
-        plans.append(_stage("caption", train_images, train_images, rate, math.ceil(train_images / 1024) + 1,
+        plans.append(_stage("caption", train_images, train_images, rate,
+                            math.ceil(train_images / cfg.caption.rows_per_file) + 3,
                             train_images if per_image_input else math.ceil(train_images / 1000), train_images / 1000,
                             "FLOP model" if "caption" not in rates else "given"))
     parts = math.ceil(train_images / e.rows_per_file) + math.ceil(val_images / e.rows_per_file)

@@ -159,8 +159,11 @@ def _scaling_plot(accuracy: list[dict], local_dir: str) -> str | None:
                        title="val top-1 vs training images", logx=True)
 
 
-def _throughput(meta: dict | None, finetune: dict | None, synthesis: dict | None, classifiers: list) -> list[dict]:
+def _throughput(captions: dict | None, meta: dict | None, finetune: dict | None, synthesis: dict | None,
+                classifiers: list) -> list[dict]:
     rows = []
+    if captions and captions.get("images_per_s"):
+        rows.append({"stage": "caption", "rate": captions["images_per_s"], "unit": "images/s"})
     if meta and meta.get("last_run", {}).get("images_per_s"):
         rows.append({"stage": "encode", "rate": meta["last_run"]["images_per_s"], "unit": "images/s"})
     if finetune and finetune.get("samples_per_s"):
@@ -189,6 +192,7 @@ def write_report(cfg: RunConfig, summary: dict) -> dict:
     """Write ``report.md``/``report.json`` (and PNGs) below ``cfg.out``; returns the JSON report."""
 
     times = _stage_times(cfg, summary)
+    captions = _read_json(RunLayout(cfg.out).captions_dir("_summary.json"))
     meta = _read_json(RunLayout(cfg.out).meta_url())
     finetune_done = _read_json(storage.join(RunLayout(cfg.out).finetune_dir(), "_done.json"))
     synth = _read_json(RunLayout(cfg.out).synthetic_dir("_summary.json"))
@@ -196,10 +200,11 @@ def write_report(cfg: RunConfig, summary: dict) -> dict:
     report = {
         "out": cfg.out,
         "stages": times,
+        "captions": {k: captions.get(k) for k in ("images", "captions", "unreadable", "settings")} if captions else None,
         "latent_bank": _bank_summary(meta) if meta else None,
         "finetune": finetune_done,
         "synthesis": synth,
-        "throughput": _throughput(meta, finetune_done, synth, classifiers),
+        "throughput": _throughput(captions, meta, finetune_done, synth, classifiers),
         "accuracy": _accuracy_rows(classifiers),
         "distribution": _mmd_rows(classifiers),
         "imagenet_estimate": gpu_hours_estimate(cfg, synth),
@@ -243,6 +248,10 @@ def _heading(command: str) -> str:
 def _markdown(cfg: RunConfig, report: dict, table) -> str:
     lines = [f"# realfake-ray run report\n\nRun: `{cfg.out}`\n", "## Stages\n"]
     lines.append(table([{"stage": k, **v} for k, v in report["stages"].items()], ["stage", "seconds", "skipped"]))
+    if report.get("captions"):
+        made = report["captions"]
+        lines += [_heading("caption") + f"\n{made['settings']['model']}, at most {made['settings']['max_tokens']} "
+                  f"tokens per caption\n", table([made], ["images", "captions", "unreadable"])]
     if report["latent_bank"]:
         bank = report["latent_bank"]
         lines += [_heading("encode") + f"\n{bank['resolution']} px, latents {bank['latent_shape']}\n",

@@ -2,8 +2,10 @@
 image embedding, caption).
 
 Ray Data pipeline: pending images planned on the driver (Arrow columns, or the shards holding them) → CPU
-read + decode/resize tasks → [captioner actor pool] → encoder actor pool (VAE + CLIP vision loaded once per
-actor) → Parquet part files under ``<out>/latents/<split>/``. Reruns encode only images not yet in the bank.
+read + decode/resize tasks → encoder actor pool (VAE + CLIP vision loaded once per actor) → Parquet part files
+under ``<out>/latents/<split>/``. Reruns encode only images not yet in the bank. The training images' captions
+come from ``data.captions_file`` or, without one, from the caption stage's ``<out>/captions/captions.jsonl``
+(``realfake_ray.data.captions``).
 
 Example:
     >>> from realfake_ray.config import load_config
@@ -24,11 +26,16 @@ from realfake_ray._internal.cluster import actor_pool_kwargs, init_ray
 from realfake_ray._internal.shards import read_parts, write_part
 from realfake_ray.bank import read_meta, with_arrow_tensors
 from realfake_ray.config import RunConfig
-from realfake_ray.data.imagefolder import MIN_CAPTION_MATCH, caption_match_error, decode_views
-from realfake_ray.data.captions import read_captions
-from realfake_ray.data.labelled import cut_into_blocks, real_set
-from realfake_ray.data.sources import LabelledSet, check_readable, fetch_images, read_shard, shard_image_ids
-from realfake_ray.devices import torch_device
+from realfake_ray.data.captions import (
+    MIN_CAPTION_MATCH,
+    caption_match_error,
+    missing_captions_error,
+    read_captions,
+    training_captions_url,
+)
+from realfake_ray.data.imagefolder import decode_views
+from realfake_ray.data.labelled import image_rows, not_in, pending_dataset, real_set
+from realfake_ray.data.sources import LabelledSet, check_readable, fetch_images
 from realfake_ray.method.embeddings import ClipEmbedder
 from realfake_ray.layout import RunLayout
 from realfake_ray.models import loading
@@ -58,7 +65,8 @@ def scan_splits(cfg: RunConfig) -> dict[str, LabelledSet]:
         names = splits["train"].class_names
         print(f"[encode] warning: no data.classes_file, so the prompts name classes by their folders "
               f"(\"photo of {names[0]}\"{', ...' if len(names) > 1 else ''}); for readable names pass "
-              "--set data.classes_file=URL (JSON {folder: name} or lines 'folder name')", flush=True)
+              "--set data.classes_file=URL (JSON {folder: name} or lines 'folder name'; "
+              "imagenet1k names ImageNet's synset folders)", flush=True)
     return splits
 
 
@@ -90,19 +98,19 @@ def _check_bank_compatible(meta: dict | None, identity: dict, cfg: RunConfig) ->
         )
 
 
-def _captions(cfg: RunConfig) -> pa.Table | None:
-    """``image_id``, ``caption`` of ``data.captions_file`` (None without one)."""
-    return read_captions(cfg.data.captions_file) if cfg.data.captions_file else None
+def training_captions(cfg: RunConfig) -> tuple[str | None, pa.Table | None]:
+    """The training images' captions file (``data.captions_file``, else the caption stage's JSONL, else None) and
+    its ``image_id``, ``caption`` table; refuses to start, naming the caption stage, when that stage's JSONL is
+    needed and not there."""
+    url = training_captions_url(cfg)
+    if url is None:
+        return None, None
+    if not cfg.data.captions_file and not storage.exists(url):
+        raise missing_captions_error(url)
+    return url, read_captions(url)
 
 
-def _image_ids(lset: LabelledSet) -> pa.Array:
-    if not lset.sharded:
-        return lset.items["image_id"].combine_chunks()
-    urls, rows = lset.shards["url"].to_pylist(), lset.shards["rows"].to_pylist()
-    return pa.array([i for u, n in zip(urls, rows) for i in shard_image_ids(u, lset.url, n)], pa.string())
-
-
-def _caption_column(ids: pa.Array, captions: pa.Table | None, cfg: RunConfig,
+def _caption_column(ids: pa.Array, captions: pa.Table | None, captions_url: str | None,
                     lset: LabelledSet) -> tuple[pa.Array, float | None]:
     """Each id's caption ("" without one) and the fraction of ids that have one (None without a captions file);
     refuses a captions file that matches fewer than half of the images."""
@@ -111,7 +119,7 @@ def _caption_column(ids: pa.Array, captions: pa.Table | None, cfg: RunConfig,
     position = pc.index_in(ids, value_set=captions["image_id"].combine_chunks())
     matched = len(ids) - position.null_count
     if matched < MIN_CAPTION_MATCH * len(ids):
-        raise caption_match_error(cfg.data.captions_file, lset.url, matched, len(ids), ids[0].as_py())
+        raise caption_match_error(captions_url, lset.url, matched, len(ids), ids[0].as_py())
     return pc.fill_null(pc.take(captions["caption"].combine_chunks(), position), ""), matched / max(len(ids), 1)
 
 
@@ -122,22 +130,13 @@ def _done_ids(out: str, split: str) -> pa.Array:
 
 
 def pending_rows(lset: LabelledSet, split: str, out: str, captions: pa.Table | None,
-                 cfg: RunConfig) -> tuple[pa.Table, float | None]:
+                 captions_url: str | None = None) -> tuple[pa.Table, float | None]:
     """The images of ``lset`` not yet in the bank (nor listed as unreadable) — ``image_id``, ``url`` (per-image
     layouts; the shard's URL otherwise), ``label``, ``caption``, ``split``: Arrow columns — and the fraction of
-    the set's images the captions file covers."""
-    ids = _image_ids(lset)
-    if lset.sharded:
-        rows = lset.shards["rows"].to_numpy()
-        urls = pc.take(lset.shards["url"], pa.array(np.repeat(np.arange(len(rows)), rows)))
-        labels = pa.nulls(len(ids), pa.int64())  # inside the shards: read with the images
-    else:
-        urls, labels = lset.items["url"], lset.items["label"]
-    caption, matched = _caption_column(ids, captions, cfg, lset)
-    table = pa.table({"image_id": ids, "url": urls, "label": labels, "caption": caption})
-    done = _done_ids(out, split)
-    if len(done):
-        table = table.filter(pc.invert(pc.is_in(table["image_id"], value_set=done)))
+    the set's images ``captions`` (read from ``captions_url``) covers."""
+    table = image_rows(lset)
+    caption, matched = _caption_column(table["image_id"].combine_chunks(), captions, captions_url, lset)
+    table = not_in(table.append_column("caption", caption), _done_ids(out, split))
     return table.append_column("split", pa.array([split] * table.num_rows, pa.string())), matched
 
 
@@ -169,27 +168,6 @@ def decode_batch(batch: dict[str, np.ndarray], resolution: int, view: str = "squ
     kept = {k: v for k, v in batch.items() if k not in ("bytes", "error")}
     return {**kept, "pixels": pixels, "full_pixels": full, "full_h": full_h, "full_w": full_w, "width": width,
             "height": height, "error": errors}
-
-
-def read_pending_shards(batch: pa.Table, *, layout: str, root: str, label_map: list[int] | None) -> pa.Table:
-    """Read task for sharded sets: the pending rows of each shard (``batch``: one row per pending image, grouped
-    by shard ``url``), with their ``bytes`` and ``label`` from the shard."""
-    out = []
-    for url in pc.unique(batch["url"]).to_pylist():
-        rows = batch.filter(pc.equal(batch["url"], url))
-        try:
-            shard = read_shard(url, layout, root, label_map)
-        except Exception as exc:  # the whole shard is unreadable: every pending image of it is listed as skipped
-            error = f"{url}: {type(exc).__name__}: {exc}"[:300]
-            out.append(rows.set_column(rows.schema.get_field_index("label"), "label", pa.array([0] * rows.num_rows, pa.int64()))
-                       .append_column("bytes", pa.array([b""] * rows.num_rows, pa.binary()))
-                       .append_column("error", pa.array([error] * rows.num_rows, pa.string())))
-            continue
-        position = pc.index_in(rows["image_id"], value_set=shard["image_id"])
-        taken = shard.take(position)
-        rows = rows.set_column(rows.schema.get_field_index("label"), "label", taken["label"])
-        out.append(rows.append_column("bytes", taken["bytes"]).append_column("error", pa.array([""] * rows.num_rows)))
-    return pa.concat_tables(out)
 
 
 def with_classes(batch: dict[str, np.ndarray], class_dirs: list[str], class_names: list[str]) -> dict[str, np.ndarray]:
@@ -260,36 +238,6 @@ class LatentEncoder:
                 "full_latent_h": shapes[:, 0], "full_latent_w": shapes[:, 1]}
 
 
-class Captioner:
-    """Actor: an image-to-text model (default BLIP-2) fills empty captions."""
-
-    def __init__(self, cfg: RunConfig):
-        import torch
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
-        model_dir = loading.resolve_model_dir(cfg.encode.captioner, None, cfg.model.hub_timeout_s, kind="transformers")
-        self.device = torch_device()
-        dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        self.processor = AutoProcessor.from_pretrained(model_dir)
-        self.model = AutoModelForImageTextToText.from_pretrained(model_dir, torch_dtype=dtype).to(self.device).eval()
-        self.dtype, self.max_tokens = dtype, cfg.encode.caption_max_tokens
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
-
-        todo = [i for i, c in enumerate(batch["caption"]) if not c and not batch["error"][i]]
-        if todo:
-            inputs = self.processor(images=[batch["pixels"][i] for i in todo], return_tensors="pt")
-            inputs = {k: v.to(self.device, self.dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
-            with torch.inference_mode():
-                ids = self.model.generate(**inputs, max_new_tokens=self.max_tokens)
-            captions = batch["caption"].copy()
-            for i, text in zip(todo, self.processor.batch_decode(ids, skip_special_tokens=True)):
-                captions[i] = text.strip()
-            batch = {**batch, "caption": captions}
-        return batch
-
-
 def write_bank_batch(batch: pa.Table, out: str) -> dict[str, np.ndarray]:
     """Writer task: one part file per split present in the batch (bank rows and skipped rows)."""
     import pyarrow.compute as pc
@@ -317,17 +265,8 @@ def write_bank_batch(batch: pa.Table, out: str) -> dict[str, np.ndarray]:
 
 
 def _split_dataset(lset: LabelledSet, pending: pa.Table, cfg: RunConfig, multiple: int, class_dirs, class_names):
-    import ray.data
-
     enc = cfg.encode
-    if lset.sharded:  # one read task per shard: its pending rows are adjacent (listing order)
-        bounds = np.flatnonzero(np.r_[True, pc.not_equal(pending["url"][1:], pending["url"][:-1]).to_numpy(zero_copy_only=False)])
-        blocks = [pending.slice(a, b - a) for a, b in zip(bounds, [*bounds[1:], pending.num_rows])]
-        ds = ray.data.from_arrow(blocks).map_batches(
-            read_pending_shards, batch_size=None, batch_format="pyarrow", num_cpus=enc.decode_cpus,
-            fn_kwargs={"layout": lset.layout, "root": lset.url, "label_map": lset.label_map})
-    else:  # blocks of about encode.batch_size images, as many as the set needs
-        ds = ray.data.from_arrow(cut_into_blocks(pending, max(1, pending.num_rows // max(enc.batch_size, 1))))
+    ds = pending_dataset(lset, pending, enc.batch_size, enc.decode_cpus)
     ds = ds.map_batches(with_classes, batch_size=enc.batch_size, num_cpus=enc.decode_cpus,
                         fn_kwargs={"class_dirs": class_dirs, "class_names": class_names})
     return ds.map_batches(decode_batch, batch_size=enc.batch_size, num_cpus=enc.decode_cpus,
@@ -341,18 +280,8 @@ def build_pipeline(pending: dict[str, tuple[LabelledSet, pa.Table]], cfg: RunCon
     parts = [_split_dataset(lset, rows, cfg, multiple, train.class_dirs, train.class_names)
              for lset, rows in pending.values() if rows.num_rows]
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    # With the captioner, two actor pools run at once and split encode.actors (the captioner takes the remainder).
-    captioning = enc.caption and not cfg.data.captions_file
-    pools = 2 if captioning else 1
-    why = "the captioner and the encoder; with data.captions_file or encode.caption=false the encoder runs alone"
-    if captioning:
-        ds = ds.map_batches(
-            Captioner, batch_size=enc.caption_batch_size, fn_constructor_args=(cfg,),
-            **actor_pool_kwargs(enc.actors, "encode.actors", share=(0, pools), why=why),
-        )
     ds = ds.map_batches(LatentEncoder, batch_size=enc.batch_size, fn_constructor_args=(cfg,),
-                        **actor_pool_kwargs(enc.actors, "encode.actors", reserve_cpus=enc.decode_cpus,
-                                            share=(pools - 1, pools), why=why))
+                        **actor_pool_kwargs(enc.actors, "encode.actors", reserve_cpus=enc.decode_cpus))
     return ds.map_batches(
         write_bank_batch, batch_format="pyarrow", batch_size=enc.rows_per_file, fn_kwargs={"out": cfg.out}
     )
@@ -371,14 +300,15 @@ def run_encode(cfg: RunConfig) -> dict:
 
     started = time.time()
     splits = scan_splits(cfg)
+    captions_url, captions = training_captions(cfg)  # prompts are made from the train bank: val gets none
     identity = model_identity(cfg)
     # _meta.json is written at the end; the identity file guards a bank whose first run was cut off.
     identity_url = storage.join(RunLayout(cfg.out).bank_dir(), "_identity.json")
     started_with = storage.read_json(identity_url) if storage.exists(identity_url) else None
     previous = read_meta(cfg.out)
     _check_bank_compatible(previous or started_with, identity, cfg)
-    captions = _captions(cfg)
-    planned = {name: pending_rows(lset, name, cfg.out, captions, cfg) for name, lset in splits.items()}
+    planned = {name: pending_rows(lset, name, cfg.out, captions if name == "train" else None, captions_url)
+               for name, lset in splits.items()}
     todo = sum(rows.num_rows for rows, _ in planned.values())
     if not todo and previous and previous.get("complete"):
         return {**previous, "skipped": True}  # nothing to do: the record (and its measured rate) stays
@@ -401,6 +331,7 @@ def run_encode(cfg: RunConfig) -> dict:
         "class_names": train.class_names,
         "class_names_from": "classes_file" if cfg.data.classes_file else ("dataset" if train.sharded else "folder names"),
         "layouts": {name: lset.layout for name, lset in splits.items()},
+        "captions_from": captions_url,  # the training images' captions file (None: no captions)
         "caption_match": {name: matched for name, (_, matched) in planned.items()},
         "splits": {name: _split_summary(cfg.out, name) for name in splits},
         "ignored_files": {name: lset.ignored[:1000] for name, lset in splits.items()},
