@@ -31,6 +31,12 @@ class RunLayout:
     def _at(self, *parts: str) -> str:
         return storage.join(self.out, *parts)
 
+    # the whole run
+    def lease_url(self) -> str:
+        """``<out>/_lease.json``: which job works on this run now (owner and heartbeat, see
+        ``realfake_ray._internal.lease``); present only while a job runs."""
+        return self._at("_lease.json")
+
     # encode
     def bank_dir(self, split: str | None = None) -> str:
         """``<out>/latents`` (the latent bank), or one split's Parquet parts below it."""

@@ -114,8 +114,24 @@ def run_until_fault(cmd: list[str], env: dict, fault: str, timeout: float = 300)
     """Run a stage's job script with ``REALFAKE_FAULT=fault`` (see ``realfake_ray._internal.faults``): its
     driver must die by SIGKILL at that point. Then wait until Ray has reaped every worker of the dead job,
     so that nothing of it still writes while the test resumes the run."""
-    import signal
+    reap_killed(start_with_fault(cmd, env, fault), fault, timeout)
+
+
+def start_with_fault(cmd: list[str], env: dict, fault: str):
+    """Start a stage's job script with ``REALFAKE_FAULT=fault``; returns its ``subprocess.Popen`` (its output
+    goes to a temporary file, so a test may wait on something else without the job blocking on a full pipe)."""
     import subprocess
+
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(cmd, env={**env, "REALFAKE_FAULT": fault}, stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc.log = log
+    return proc
+
+
+def reap_killed(proc, fault: str, timeout: float = 300) -> None:
+    """Wait for ``proc`` (from :func:`start_with_fault`) to die by SIGKILL, then until Ray has reaped every
+    worker of its job."""
+    import signal
     import time
 
     from ray.util.state import list_actors, list_jobs, list_tasks
@@ -123,9 +139,9 @@ def run_until_fault(cmd: list[str], env: dict, fault: str, timeout: float = 300)
     from realfake_ray._internal.cluster import state_api_address
 
     here = {"address": state_api_address()}  # this session's cluster, whatever else runs on the machine
-    proc = subprocess.Popen(cmd, env={**env, "REALFAKE_FAULT": fault}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    output, _ = proc.communicate(timeout=timeout)
+    proc.wait(timeout=timeout)
+    proc.log.seek(0)
+    output = proc.log.read()
     assert proc.returncode == -signal.SIGKILL, (
         f"expected the driver to be killed at {fault}, got exit code {proc.returncode}:\n{output[-4000:]}"
     )

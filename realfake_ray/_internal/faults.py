@@ -10,6 +10,8 @@ Points:
   node while it is known to be there; a run restored from that checkpoint never reaches it again.
 - ``generate.manifest_part:<n>`` — the writer task that finds ``n`` manifest parts written kills the driver
   (tasks already running may add a few parts before Ray reaps them).
+- ``generate.manifest_part_hold:<n>`` — every writer task that finds ``n`` manifest parts written stops there
+  (sleeps) until the job is killed: the driver stays alive, holding the run's lease, in the middle of generating.
 - ``generate.sampler_error:<copy>`` — the generate actor's sampler raises on every batch of copy ``<copy>``
   (as a CUDA OOM would), so those images are failed rows that a rerun retries.
 
@@ -34,7 +36,7 @@ __all__ = ["ENV", "POINTS", "fault_at", "kill_driver", "hold"]
 
 ENV = "REALFAKE_FAULT"
 POINTS = ("finetune.checkpoint", "finetune.checkpoint_hold", "train.checkpoint_hold", "generate.manifest_part",
-          "generate.sampler_error")
+          "generate.manifest_part_hold", "generate.sampler_error")
 
 
 def fault_at(point: str, environ: Mapping[str, str] | None = None) -> int | None:

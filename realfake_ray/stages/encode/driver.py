@@ -21,6 +21,7 @@ import pyarrow as pa
 from realfake_ray import storage
 from realfake_ray._internal.cluster import actor_pool_kwargs, init_ray
 from realfake_ray._internal.shards import existing_keys, read_parts, write_part
+from realfake_ray._internal.lease import takes_run_lease
 from realfake_ray.bank import read_meta, with_arrow_tensors
 from realfake_ray.config import RunConfig
 from realfake_ray.data.imagefolder import ImageFolderIndex, decode_views, scan_image_folder
@@ -264,6 +265,7 @@ def _split_summary(out: str, split: str) -> dict:
     return {"rows": len(_keys(RunLayout(out).bank_dir(split))), "skipped": len(skipped_rows), "skipped_files": skipped_rows}
 
 
+@takes_run_lease
 def run_encode(cfg: RunConfig) -> dict:
     """Encode every real image not yet in the bank; write ``_meta.json``; return the summary."""
 

@@ -31,6 +31,7 @@ import numpy as np
 from realfake_ray import storage
 from realfake_ray._internal.cluster import actor_pool_kwargs, init_ray
 from realfake_ray._internal.shards import read_parts
+from realfake_ray._internal.lease import takes_run_lease
 from realfake_ray.bank import read_meta
 from realfake_ray.method.classifier import build_classifier, evaluate_batches, merge_evaluations, to_model_input
 from realfake_ray.data.labelled import (
@@ -260,6 +261,7 @@ def _inputs(cfg: RunConfig, model_bytes: bytes, synth: list[dict]) -> dict:
     }
 
 
+@takes_run_lease
 def run_evaluate(cfg: RunConfig) -> dict:
     """Score ``<out>/classifier[/<tag>]/model.safetensors`` on every set, add distribution metrics, write
     ``metrics.json`` / ``metrics.md`` beside it; returns the report (``skipped`` when inputs are unchanged)."""

@@ -37,6 +37,7 @@ import numpy as np
 from realfake_ray import storage
 from realfake_ray._internal.cluster import ClusterTimeline, actor_pool_kwargs, gpus_per_actor, init_ray
 from realfake_ray._internal.faults import fault_at
+from realfake_ray._internal.lease import takes_run_lease
 from realfake_ray.bank import class_mean_embeddings
 from realfake_ray.config import RunConfig
 from realfake_ray.stages.generate.plan import GeneratePlan, plan_generate
@@ -114,7 +115,8 @@ def build_pipeline(cfg: RunConfig, plan: GeneratePlan, class_means: np.ndarray |
         batch_size=g.rows_per_manifest_file,
         num_cpus=LIGHT_TASK_CPUS,
         fn_kwargs={"directory": RunLayout(cfg.out).manifest_dir(), "constants": _manifest_constants(cfg, plan),
-                   "kill_driver_after": (kill_at, os.getpid()) if (kill_at := fault_at("generate.manifest_part")) else None},
+                   "kill_driver_after": (kill_at, os.getpid()) if (kill_at := fault_at("generate.manifest_part")) else None,
+                   "hold_after": fault_at("generate.manifest_part_hold")},
     )
 
 
@@ -171,6 +173,7 @@ def _throughput_settings(cfg: RunConfig) -> dict:
             "actors": g.actors.model_dump(), "rows_per_manifest_file": g.rows_per_manifest_file, "mult": g.mult}  # fmt: skip
 
 
+@takes_run_lease
 def run_generate(cfg: RunConfig) -> dict:
     """Generate every missing synthetic image; write ``<out>/synthetic/_summary.json``; return the summary.
 

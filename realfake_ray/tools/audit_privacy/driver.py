@@ -35,6 +35,7 @@ from PIL import Image
 from realfake_ray import storage
 from realfake_ray._internal.cluster import init_ray
 from realfake_ray._internal.shards import part_files, read_parts, tensor_column
+from realfake_ray._internal.lease import takes_run_lease
 from realfake_ray.bank import read_bank, write_train_subset
 from realfake_ray.data.labelled import real_rows
 from realfake_ray.config import ConfigError, RunConfig
@@ -208,6 +209,7 @@ def _check(cfg: RunConfig) -> None:
         raise ConfigError("audit_privacy.arms is empty: give real, synthetic or both")
 
 
+@takes_run_lease
 def run_audit_privacy(cfg: RunConfig) -> dict:
     """Run (or resume) the audit; write ``summary.json``, ``audit.md`` and ``roc.png``; return the summary.
 
