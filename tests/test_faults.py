@@ -1,11 +1,14 @@
+import contextlib
+import io
 import os
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 
-from realfake_ray._internal.faults import fault_at
+from realfake_ray._internal.faults import fault_at, hold_while_alive
 
 
 def test_fault_spec_names_a_point_and_a_count():
@@ -26,3 +29,34 @@ def test_kill_driver_sigkills_the_given_process():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert proc.returncode == -signal.SIGKILL and "killing the driver" in proc.stdout
+
+
+def test_hold_while_alive_holds_until_the_driver_is_gone_then_fails_the_task():
+    driver = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    printed, released = _Printed(), threading.Event()
+
+    def end_the_driver_once_held() -> None:
+        printed.started.wait()
+        released.set()
+        driver.stdin.close()
+        driver.wait()  # reaped: its pid is gone
+
+    ender = threading.Thread(target=end_the_driver_once_held)
+    ender.start()
+    with pytest.raises(RuntimeError, match=f"driver .pid {driver.pid}. is gone"):
+        with contextlib.redirect_stdout(printed):
+            hold_while_alive(driver.pid, "manifest part 1")
+    ender.join()
+    assert released.is_set() and "holding at manifest part 1 while the driver" in printed.getvalue()
+
+
+class _Printed(io.StringIO):
+    """A stdout that signals its first write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started = threading.Event()
+
+    def write(self, text: str) -> int:
+        self.started.set()
+        return super().write(text)

@@ -10,8 +10,9 @@ Points:
   node while it is known to be there; a run restored from that checkpoint never reaches it again.
 - ``generate.manifest_part:<n>`` — the writer task that finds ``n`` manifest parts written kills the driver
   (tasks already running may add a few parts before Ray reaps them).
-- ``generate.manifest_part_hold:<n>`` — every writer task that finds ``n`` manifest parts written stops there
-  (sleeps) until the job is killed: the driver stays alive, holding the run's lease, in the middle of generating.
+- ``generate.manifest_part_hold:<n>`` — every writer task that finds ``n`` manifest parts written waits there
+  while the driver lives: the driver stays alive, holding the run's lease, in the middle of generating. Once a
+  test kills the driver, the waiting tasks fail and free their CPUs.
 - ``generate.sampler_error:<copy>`` — the generate actor's sampler raises on every batch of copy ``<copy>``
   (as a CUDA OOM would), so those images are failed rows that a rerun retries.
 
@@ -32,7 +33,7 @@ import time
 from collections.abc import Mapping
 from typing import NoReturn
 
-__all__ = ["ENV", "POINTS", "fault_at", "kill_driver", "hold"]
+__all__ = ["ENV", "POINTS", "fault_at", "kill_driver", "hold", "hold_while_alive"]
 
 ENV = "REALFAKE_FAULT"
 POINTS = ("finetune.checkpoint", "finetune.checkpoint_hold", "train.checkpoint_hold", "generate.manifest_part",
@@ -64,3 +65,14 @@ def hold(point: str) -> NoReturn:
     print(f"[fault] {ENV}: holding at {point} until this worker is killed", flush=True)
     while True:
         time.sleep(60)
+
+
+def hold_while_alive(pid: int, point: str) -> NoReturn:
+    """Stop here while the driver process ``pid`` lives (a test kills it); then fail this task."""
+    print(f"[fault] {ENV}: holding at {point} while the driver (pid {pid}) lives", flush=True)
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            raise RuntimeError(f"[fault] {ENV}: the driver (pid {pid}) is gone") from None
+        time.sleep(0.2)

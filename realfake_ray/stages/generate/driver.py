@@ -116,7 +116,7 @@ def build_pipeline(cfg: RunConfig, plan: GeneratePlan, class_means: np.ndarray |
         num_cpus=LIGHT_TASK_CPUS,
         fn_kwargs={"directory": RunLayout(cfg.out).manifest_dir(), "constants": _manifest_constants(cfg, plan),
                    "kill_driver_after": (kill_at, os.getpid()) if (kill_at := fault_at("generate.manifest_part")) else None,
-                   "hold_after": fault_at("generate.manifest_part_hold")},
+                   "hold_after": (hold_at, os.getpid()) if (hold_at := fault_at("generate.manifest_part_hold")) else None},
     )
 
 

@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from realfake_ray import storage
-from realfake_ray._internal.faults import hold, kill_driver
+from realfake_ray._internal.faults import hold_while_alive, kill_driver
 from realfake_ray._internal.quiet import quiet_libraries
 from realfake_ray._internal.shards import PART_PREFIX, part_files, tensor_column
 from realfake_ray.method.speedups import apply_speedup
@@ -249,9 +249,9 @@ def _part_name(table: pa.Table) -> str:
 
 def write_manifest(batch: pa.Table, *, directory: str, constants: dict,
                    kill_driver_after: tuple[int, int] | None = None,
-                   hold_after: int | None = None) -> dict[str, np.ndarray]:
+                   hold_after: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
     """Writer task: the rows whose files were written become one manifest part; returns counts.
-    ``kill_driver_after=(parts, pid)``, ``hold_after=parts``: tests only, see ``_internal.faults``."""
+    ``kill_driver_after=(parts, pid)``, ``hold_after=(parts, pid)``: tests only, see ``_internal.faults``."""
     ok = pc.equal(batch["error"], "")
     good, bad = batch.filter(ok), batch.filter(pc.invert(ok))
     if good.num_rows:
@@ -265,8 +265,8 @@ def write_manifest(batch: pa.Table, *, directory: str, constants: dict,
         storage.write_bytes(storage.join(directory, _part_name(table)), buffer.getvalue())
         if kill_driver_after and len(part_files(directory)) >= kill_driver_after[0]:
             kill_driver(kill_driver_after[1])
-        if hold_after and len(part_files(directory)) >= hold_after:
-            hold(f"manifest part {hold_after}")
+        if hold_after and len(part_files(directory)) >= hold_after[0]:
+            hold_while_alive(hold_after[1], f"manifest part {hold_after[0]}")
     first_error = bad.column("error")[0].as_py() if bad.num_rows else ""
     return {
         "written": np.array([good.num_rows]),
