@@ -43,6 +43,12 @@ class RunLayout:
         """Every folder ``command`` (a stage or a tool) writes below ``out``."""
         return [self._at(folder) for folder in COMMANDS[command].outputs]
 
+    # the whole run
+    def lease_url(self) -> str:
+        """``<out>/_lease.json``: which job works on this run now (owner and heartbeat, see
+        ``realfake_ray._internal.lease``); present only while a job runs."""
+        return self._at("_lease.json")
+
     # encode
     def bank_dir(self, split: str | None = None) -> str:
         """``<out>/latents`` (the latent bank), or one split's Parquet parts below it."""
