@@ -45,6 +45,12 @@ class RunLayout:
         """Every folder ``command`` (a stage or a tool) writes below ``out``."""
         return [self._at(folder) for folder in COMMANDS[command].outputs]
 
+    # the whole run
+    def lease_url(self) -> str:
+        """``<out>/_lease.json``: which job works on this run now (owner and heartbeat, see
+        ``realfake_ray._internal.lease``); present only while a job runs."""
+        return self._at("_lease.json")
+
     # caption
     def captions_dir(self, *parts: str) -> str:
         """``<out>/captions`` or a path below it (``_parts/``: Parquet parts of (image_id, caption, error);

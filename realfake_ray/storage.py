@@ -37,7 +37,7 @@ __all__ = [
     "EMBEDDED_SCHEME", "OBJECT_STORES", "StorageError", "cache_dir", "resolve_embedded", "filesystem", "anchor",
     "arrow_filesystem", "check_reachable", "protocol", "is_local", "is_object_store", "local_path", "join",
     "relative", "exists", "isdir", "makedirs", "find", "glob", "listdir", "open_file", "read_bytes", "read_text",
-    "read_json", "write_bytes", "write_text", "write_json", "upload_file", "written_from_local", "remove",
+    "read_json", "write_bytes", "write_text", "write_json", "create_local", "upload_file", "written_from_local", "remove",
     "COPY_CHUNK_BYTES", "COPY_WORKERS", "copy_tree_to_local", "safe_name",
 ]
 
@@ -284,6 +284,34 @@ def write_text(url: str, text: str) -> None:
 
 def write_json(url: str, obj: Any) -> None:
     write_text(url, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def create_local(url: str, data: bytes) -> bool:
+    """Create the local file ``url`` holding ``data`` unless something is already there (then False).
+
+    Of two processes creating the same file at once exactly one gets True: the data goes to a temporary
+    sibling that is then hard-linked into place (a link never replaces a file). Readers see no file or the
+    whole one. Local disks only; a filesystem without hard links raises its ``OSError``.
+
+    Example:
+        >>> import tempfile; target = os.path.join(tempfile.mkdtemp(), "lock.json")
+        >>> create_local(target, b"first"), create_local(target, b"second"), read_text(target)
+        (True, False, 'first')
+    """
+    path = local_path(url)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f"{_TMP_MARK}{uuid.uuid4().hex}-{os.path.basename(path)}")
+    try:
+        with open(tmp, "xb") as handle:
+            handle.write(data)
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def upload_file(local: str, url: str) -> None:

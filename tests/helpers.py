@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,7 +28,8 @@ from realfake_ray.data.synthetic import shard_bytes, shard_name, shard_table
 from realfake_ray.layout import RunLayout
 
 __all__ = ["declared_api", "small_bank", "fabricate_synthetic", "forbid_ray_work", "PlanRecorder", "record_plan",
-           "run_until_fault", "run_with_node_loss", "mlflow_runs", "mlflow_points", "tensorboard_points"]
+           "run_until_fault", "start_with_fault", "reap_killed", "run_with_node_loss", "mlflow_runs", "mlflow_points",
+           "tensorboard_points"]
 
 TESTS = Path(__file__).resolve().parent
 
@@ -141,14 +143,29 @@ def run_until_fault(cmd: list[str], env: dict, fault: str, timeout: float = 300)
     """Run a stage's job script with ``REALFAKE_FAULT=fault`` (see ``realfake_ray._internal.faults``): its
     driver must die by SIGKILL at that point. Then wait until Ray has reaped every worker of the dead job,
     so that nothing of it still writes while the test resumes the run."""
+    reap_killed(start_with_fault(cmd, env, fault), fault, timeout)
+
+
+def start_with_fault(cmd: list[str], env: dict, fault: str) -> subprocess.Popen:
+    """Start a stage's job script with ``REALFAKE_FAULT=fault``; its output goes to a temporary file (``.log``),
+    so that a test may wait on something else without the job blocking on a full pipe."""
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(cmd, env={**env, "REALFAKE_FAULT": fault}, stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc.log = log
+    return proc
+
+
+def reap_killed(proc: subprocess.Popen, fault: str, timeout: float = 300) -> None:
+    """Wait for ``proc`` (from :func:`start_with_fault`) to die by SIGKILL, then until Ray has reaped every
+    worker of its job."""
     from ray.util.state import list_actors, list_jobs, list_tasks
 
     from realfake_ray._internal.cluster import state_api_address
 
     here = {"address": state_api_address()}  # this session's cluster, whatever else runs on the machine
-    proc = subprocess.Popen(cmd, env={**env, "REALFAKE_FAULT": fault}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    output, _ = proc.communicate(timeout=timeout)
+    proc.wait(timeout=timeout)
+    proc.log.seek(0)
+    output = proc.log.read()
     assert proc.returncode == -signal.SIGKILL, (
         f"expected the driver to be killed at {fault}, got exit code {proc.returncode}:\n{output[-4000:]}"
     )

@@ -148,15 +148,15 @@ def test_the_stage_runs_only_when_it_has_work(tmp_path, no_ray):
     assert not storage.exists(RunLayout(str(tmp_path)).captions_dir())
 
 
-def test_in1k_config_works_with_and_without_a_captions_file(no_ray):
+def test_in1k_config_works_with_and_without_a_captions_file(tmp_path, no_ray):
     without = load_config(config_file=IN1K, out="s3://bucket/run")
     assert without.data.captions_file is None and without.caption.enabled
     assert without.caption.model == "Salesforce/blip2-opt-2.7b" and without.caption.actors.gpus_per_actor == 1
     assert select_stages(cfg=without)[:2] == ["caption", "encode"]  # BLIP-2 captions every training image
     assert without.data.classes_file == "imagenet1k"  # the shipped names, not a path below the working directory
     assert load_config(data__train="imagenet1k").data.train == os.path.abspath("imagenet1k")  # a dataset path is one
-    given = load_config(config_file=IN1K, out="s3://bucket/run", overrides=["data.captions_file=s3://bucket/c.jsonl"])
-    assert select_stages(cfg=given)[0] == "encode" and run_caption(given)["skipped"]
+    given = load_config(config_file=IN1K, out=str(tmp_path), overrides=["data.captions_file=s3://bucket/c.jsonl"])
+    assert select_stages(cfg=given)[0] == "encode" and run_caption(given)["skipped"]  # holding the run's lease
 
 
 def test_the_encode_stage_s_caption_keys_are_refused_naming_the_caption_section():

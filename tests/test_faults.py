@@ -1,7 +1,10 @@
+import contextlib
+import io
 import os
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -72,3 +75,34 @@ def test_hold_at_returns_unless_its_point_is_reached(monkeypatch):
     assert "holding at train.checkpoint_hold:1" in held.stdout.readline()
     held.kill()
     held.wait()
+
+
+def test_hold_while_driver_lives_holds_until_the_driver_is_gone_then_fails_the_task():
+    driver = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    printed, released = _Printed(), threading.Event()
+
+    def end_the_driver_once_held() -> None:
+        printed.started.wait()
+        released.set()
+        driver.stdin.close()
+        driver.wait()  # reaped: its pid is gone
+
+    ender = threading.Thread(target=end_the_driver_once_held)
+    ender.start()
+    with pytest.raises(RuntimeError, match=f"driver .pid {driver.pid}. is gone"):
+        with contextlib.redirect_stdout(printed):
+            faults.hold_while_driver_lives("generate.shard_hold:1", driver.pid)
+    ender.join()
+    assert released.is_set() and "holding at generate.shard_hold:1 while the driver" in printed.getvalue()
+
+
+class _Printed(io.StringIO):
+    """A stdout that signals its first write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started = threading.Event()
+
+    def write(self, text: str) -> int:
+        self.started.set()
+        return super().write(text)

@@ -7,7 +7,10 @@ to 4 so each run is dominated by actor start-up, not sampling. Shards of 8 image
 import io
 import os
 import shutil
+import signal
+import socket
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import forbid_ray_work, run_until_fault, run_with_node_loss, small_bank
+from helpers import forbid_ray_work, reap_killed, run_with_node_loss, small_bank, start_with_fault
 from PIL import Image
 
 from realfake_ray import storage
@@ -116,7 +119,7 @@ class _StubActor(SynthesisActor):
         self.started = 100.0
         self.settings = {"mode": "img2img", "vision_token": "image", "strength": 0.75, "steps": 4,
                          "scheduler": "unipc", "guidance_scale": 2.0, "lora_scale": 0.5, "lora_sha256": "ab"}
-        self.first_batch_s, self.kill_after, self.fail_at, self.calls = None, None, fail_at, []
+        self.first_batch_s, self.kill_after, self.hold_after, self.fail_at, self.calls = None, None, None, fail_at, []
         from concurrent.futures import ThreadPoolExecutor
 
         self.encoder = ThreadPoolExecutor(max_workers=2)
@@ -452,19 +455,36 @@ def test_bank_from_another_resolution_is_refused(bank, tmp_path_factory, no_ray)
 
 
 @pytest.mark.e2e
-def test_killed_driver_then_rerun_leaves_no_gap_and_no_duplicate(bank, tmp_path_factory, ray_cluster):
-    """`jobs/generate.py` SIGKILLed once its first shard is written (fault injection); the rerun generates
-    exactly the missing shards, and the set equals an uninterrupted run's byte for byte."""
+def test_a_second_job_is_refused_then_a_killed_drivers_rerun_leaves_no_gap_and_no_duplicate(
+        bank, tmp_path_factory, ray_cluster, capsys):
+    """`jobs/generate.py` stops mid-generation once its first shard is written (fault injection: its actors
+    hold, its driver lives on and keeps the run's lease). A second `realfake generate` on the same --out fails
+    at once, naming the first, before any work. The first is then SIGKILLed; the rerun takes over its lease,
+    generates exactly the missing shards, and the set equals an uninterrupted run's byte for byte."""
     out = _new_run(bank, tmp_path_factory, "gen-kill")
     overrides = ["generate.mult=4", "generate.batch_size=2", "generate.images_per_shard=4", "generate.steps=10"]
+    sets = [arg for o in overrides for arg in ("--set", o)]
     env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address, PYTHONPATH=str(REPO))
-    cmd = [sys.executable, str(REPO / "jobs" / "generate.py"), "--preset", "tiny", "--out", str(out)]
-    run_until_fault(cmd + [arg for o in overrides for arg in ("--set", o)], env, "generate.shard:1")
+    fault = "generate.shard_hold:1"
+    first = start_with_fault([sys.executable, str(REPO / "jobs" / "generate.py"), "--preset", "tiny", "--out",
+                              str(out), *sets], env, fault)
+    deadline = time.monotonic() + 300
+    while not list_shards(RunLayout(str(out)).shards_dir()).urls:
+        assert first.poll() is None and time.monotonic() < deadline, "the first job ended before its first shard"
+        time.sleep(0.1)
+    capsys.readouterr()
+    assert cli_main(["generate", "--preset", "tiny", "--out", str(out), *sets]) == 2
+    second = capsys.readouterr()
+    assert f"is in use by another job (host {socket.gethostname()}, pid {first.pid}" in second.err, second.err
+    assert "[generate]" not in second.out  # refused before planning anything
+    os.kill(first.pid, signal.SIGKILL)
+    reap_killed(first, fault)
     partial = _rows(out).num_rows
     assert 3 <= partial < 120  # whole shards only: the fault's, plus any finished meanwhile
     assert partial == sum(list_shards(RunLayout(str(out)).shards_dir()).rows)
     assert not [p for p in (out / "synthetic" / "data").iterdir() if not p.name.startswith("train-")]
     summary = run_generate(_cfg(out, *overrides))
+    assert f"took over {RunLayout(str(out)).lease_url()} from host" in capsys.readouterr().out
     assert summary["already_present"] == partial and summary["count"] == 120
     _check_set(out, bank, 4)
 

@@ -10,6 +10,9 @@ Points:
   node while it is known to be there; a run restored from that checkpoint never reaches it again.
 - ``generate.shard:<n>`` — the generate actor that finds ``n`` shards written (after writing one) kills the
   driver (actors still sampling may add a shard or two before Ray reaps them).
+- ``generate.shard_hold:<n>`` — every generate actor that finds ``n`` shards written (after writing one) waits
+  there while the driver lives: the driver stays alive, holding the run's lease, in the middle of generating.
+  Once a test kills the driver, the waiting actors fail and free their resources.
 - ``generate.sampler_error:<copy>`` — the generate actor's sampler raises on every batch of copy ``<copy>``
   (as a CUDA OOM would), so those images are failed rows that a rerun retries.
 
@@ -34,12 +37,12 @@ from collections.abc import Mapping
 from typing import NoReturn
 
 __all__ = ["ENV", "DRIVER_PID_ENV", "POINTS", "fault_at", "worker_env", "kill_driver", "hold", "kill_driver_at",
-           "hold_at"]
+           "hold_at", "hold_while_driver_lives"]
 
 ENV = "REALFAKE_FAULT"
 DRIVER_PID_ENV = "REALFAKE_FAULT_DRIVER_PID"  # set for the workers by worker_env(): whom kill_driver() kills
 POINTS = ("finetune.checkpoint", "finetune.checkpoint_hold", "train.checkpoint_hold", "generate.shard",
-          "generate.sampler_error")
+          "generate.shard_hold", "generate.sampler_error")
 
 
 def fault_at(point: str, environ: Mapping[str, str] | None = None) -> int | None:
@@ -93,3 +96,17 @@ def hold_at(point: str, n: int) -> None:
     """:func:`hold` when ``REALFAKE_FAULT`` is ``<point>:<n>``; otherwise return at once."""
     if fault_at(point) == n:
         hold(f"{point}:{n}")
+
+
+def hold_while_driver_lives(point: str, pid: int | None = None) -> NoReturn:
+    """Stop here while the driver process ``pid`` (default: the one :func:`worker_env` named) lives; once a
+    test kills it, fail this task or actor call."""
+    if pid is None:
+        pid = int(os.environ.get(DRIVER_PID_ENV) or os.getpid())
+    print(f"[fault] {ENV}: holding at {point} while the driver (pid {pid}) lives", flush=True)
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            raise RuntimeError(f"[fault] {ENV}: the driver (pid {pid}) is gone") from None
+        time.sleep(0.2)

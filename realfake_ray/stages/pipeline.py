@@ -18,6 +18,7 @@ import importlib
 import time
 
 from realfake_ray import storage
+from realfake_ray._internal.lease import takes_run_lease
 from realfake_ray.config import ConfigError, RunConfig, dump_config
 from realfake_ray.data.sources import listing_cache
 from realfake_ray.stages.preflight import preflight
@@ -69,6 +70,7 @@ def _entry(stage: str):
     return _function(COMMANDS[stage].job_entry)
 
 
+@takes_run_lease
 def run_pipeline(cfg: RunConfig, only: list[str] | None = None, from_stage: str | None = None) -> dict:
     """Run the selected stages in order; returns ``{stage: {"seconds", "skipped", "result"}}``."""
 

@@ -11,7 +11,7 @@ captioning is off.
 Example:
     >>> from realfake_ray.config import load_config
     >>> from realfake_ray.stages.caption.driver import run_caption
-    >>> run_caption(load_config(preset="tiny"))["skipped"]  # the tiny preset turns captioning off
+    >>> run_caption(load_config(preset="tiny", out="memory://caption-demo"))["skipped"]  # tiny: no captioning
     [caption] nothing to do: caption.enabled is off
     True
 """
@@ -24,6 +24,7 @@ import pyarrow as pa
 
 from realfake_ray import storage
 from realfake_ray._internal.cluster import actor_pool_kwargs, init_ray
+from realfake_ray._internal.lease import takes_run_lease
 from realfake_ray._internal.settings import refuse_changed_settings
 from realfake_ray.config import RunConfig
 from realfake_ray.data.captions import caption_stage_idle
@@ -54,6 +55,7 @@ def _check_model(cfg: RunConfig) -> None:
         raise ModelLoadError(f"caption.model {cfg.caption.model!r}: {problem}")
 
 
+@takes_run_lease
 def run_caption(cfg: RunConfig) -> dict:
     """Caption every training image that has no caption yet; write the captions JSONL and ``_summary.json``.
 

@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 
 from realfake_ray import storage
 from realfake_ray._internal.cluster import actor_pool_kwargs, init_ray
+from realfake_ray._internal.lease import takes_run_lease
 from realfake_ray._internal.shards import read_parts, write_part
 from realfake_ray.bank import read_meta, with_arrow_tensors
 from realfake_ray.config import RunConfig
@@ -295,6 +296,7 @@ def _split_summary(out: str, split: str) -> dict:
             "skipped_files": skipped_rows}
 
 
+@takes_run_lease
 def run_encode(cfg: RunConfig) -> dict:
     """Encode every real image not yet in the bank; write ``_meta.json``; return the summary."""
 

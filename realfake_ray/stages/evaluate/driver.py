@@ -28,6 +28,7 @@ import numpy as np
 
 from realfake_ray import storage
 from realfake_ray._internal.cluster import actor_pool_kwargs, init_ray
+from realfake_ray._internal.lease import takes_run_lease
 from realfake_ray._internal.shards import read_parts
 from realfake_ray.config import RunConfig
 from realfake_ray.data.evaluation import distribution_inputs, plan_sets
@@ -186,6 +187,7 @@ def _inputs(cfg: RunConfig, model_bytes: bytes, synth: LabelledSet | None) -> di
     }
 
 
+@takes_run_lease
 def run_evaluate(cfg: RunConfig) -> dict:
     """Score ``<out>/classifier[/<tag>]/model.safetensors`` on every set, add distribution metrics, write
     ``metrics.json`` / ``metrics.md`` beside it; returns the report (``skipped`` when inputs are unchanged)."""

@@ -50,6 +50,7 @@ from realfake_ray._internal.trainer import (
     write_curves,
     write_metrics,
 )
+from realfake_ray._internal.lease import takes_run_lease
 from realfake_ray.bank import read_bank
 from realfake_ray.config import FinetuneConfig, RunConfig, build_config, dump_config
 from realfake_ray.stages.finetune.plan import FinetunePlan, finetune_settings, plan_finetune, step_target
@@ -417,6 +418,7 @@ def _finish(cfg: RunConfig, result, started: float, restarts: int) -> dict:
     return done
 
 
+@takes_run_lease
 def run_finetune(cfg: RunConfig) -> dict:
     """Fine-tune the LoRA adapter on ``<out>/latents/train``; resume or skip when work already exists.
 

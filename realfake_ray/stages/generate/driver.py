@@ -33,6 +33,7 @@ import numpy as np
 
 from realfake_ray import storage
 from realfake_ray._internal.cluster import ClusterTimeline, actor_pool_kwargs, gpus_per_actor, init_ray
+from realfake_ray._internal.lease import takes_run_lease
 from realfake_ray.bank import class_mean_embeddings
 from realfake_ray.config import RunConfig
 from realfake_ray.stages.generate.plan import GeneratePlan, plan_generate, shard_settings, throughput_settings
@@ -131,6 +132,7 @@ def _execute(cfg: RunConfig, plan: GeneratePlan) -> dict:
             "actors": sorted(actors.values(), key=lambda a: a["actor"])}
 
 
+@takes_run_lease
 def run_generate(cfg: RunConfig) -> dict:
     """Generate every missing synthetic image; write ``<out>/synthetic/_summary.json``; return the summary.
 

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from realfake_ray import storage
-from realfake_ray._internal.faults import fault_at, kill_driver
+from realfake_ray._internal.faults import fault_at, hold_while_driver_lives, kill_driver
 from realfake_ray._internal.quiet import quiet_libraries
 from realfake_ray._internal.shards import tensor_column
 from realfake_ray.config import RunConfig
@@ -130,6 +130,7 @@ class SynthesisActor:
         self.class_dirs = list(spec.get("class_dirs") or [])
         self.fail_copy = fault_at("generate.sampler_error")  # tests only (_internal.faults); None in production
         self.kill_after = fault_at("generate.shard")
+        self.hold_after = fault_at("generate.shard_hold")
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.load_s = time.time() - self.started
         self.first_batch_s: float | None = None
@@ -199,6 +200,8 @@ class SynthesisActor:
         summary["first_batch_at"] = None if self.first_batch_s is None else self.started + self.first_batch_s
         if self.kill_after and summary["written"] and len(list_shards(self.shards_dir).urls) >= self.kill_after:
             kill_driver()
+        if self.hold_after and summary["written"] and len(list_shards(self.shards_dir).urls) >= self.hold_after:
+            hold_while_driver_lives(f"generate.shard_hold:{self.hold_after}")
         return summary
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:

@@ -27,6 +27,7 @@ from realfake_ray import storage
 from realfake_ray._internal import trainer
 from realfake_ray._internal.checkpoints import checkpoint_number, newest_complete, prune_checkpoints, resume_checkpoint
 from realfake_ray._internal.cluster import check_fits_a_node, cluster_gpus, init_ray, quiet_train_worker, train_logging
+from realfake_ray._internal.lease import takes_run_lease
 from realfake_ray._internal.faults import hold_at
 from realfake_ray._internal.tracking import StageRun, evaluation_metrics
 from realfake_ray.method.classifier import (
@@ -346,6 +347,7 @@ def _final_state(result) -> dict:
         return torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
 
 
+@takes_run_lease
 def run_train(cfg: RunConfig) -> dict:
     """Train (or resume, or return the finished run), save ``model.safetensors``, evaluate; return a summary."""
 

@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 
 from realfake_ray import storage
 from realfake_ray._internal.cluster import init_ray
+from realfake_ray._internal.lease import takes_run_lease
 from realfake_ray._internal.shards import part_files, read_parts, tensor_column
 from realfake_ray.bank import read_bank, read_meta, write_train_subset
 from realfake_ray.config import ConfigError, RunConfig
@@ -204,6 +205,7 @@ def _check(cfg: RunConfig) -> None:
         raise ConfigError("audit_privacy.arms is empty: give real, synthetic or both")
 
 
+@takes_run_lease
 def run_audit_privacy(cfg: RunConfig) -> dict:
     """Run (or resume) the audit; write ``summary.json``, ``audit.md`` and ``roc.png``; return the summary.
 

@@ -32,6 +32,7 @@ import torch
 from realfake_ray import storage
 from realfake_ray._internal.cluster import cluster_gpus, init_ray
 from realfake_ray._internal.shards import part_files, read_parts, tensor_column
+from realfake_ray._internal.lease import takes_run_lease
 from realfake_ray.bank import class_mean_embeddings, read_bank
 from realfake_ray.tools.sampler_bench import model_flops, sampler_flops
 from realfake_ray.data.labelled import images_in_memory, real_set
@@ -291,6 +292,7 @@ def _write_outputs(cfg: RunConfig, rows: list[dict], best: dict | None, referenc
     return summary
 
 
+@takes_run_lease
 def run_tune_sampler(cfg: RunConfig) -> dict:
     """Run both rounds (stored trials are not rerun), write the table, the front and the recommendation.
 
