@@ -149,13 +149,15 @@ def display_name(name: str, style: str = "first") -> str:
 _WARNED_SHARED: set[tuple] = set()
 
 
-def _warn_shared_names(where: str, class_names: list[str], style: str) -> None:
-    """Say once per names source when several classes get one name (``LOC_synset_mapping.txt``'s first
-    synonyms: two "crane", two "maillot"): their prompts cannot tell them apart."""
-    shared = sorted(name for name, n in Counter(class_names).items() if n > 1)
-    if not shared or (where, style) in _WARNED_SHARED:
+def _warn_shared_names(classes_file: str | None, url: str, class_names: list[str]) -> None:
+    """Say once per classes file (or, without one, per set of shared names) when several classes get one name
+    (``LOC_synset_mapping.txt``'s first synonyms: two "crane", two "maillot"): their prompts cannot tell them
+    apart. A job's train, val and extra sets share their classes: said once."""
+    shared = tuple(sorted(name for name, n in Counter(class_names).items() if n > 1))
+    if not shared or (classes_file, shared) in _WARNED_SHARED:
         return
-    _WARNED_SHARED.add((where, style))
+    _WARNED_SHARED.add((classes_file, shared))
+    where = f"classes file {classes_file}" if classes_file else f"dataset {url}"
     print(f"[data] warning: {where} gives several classes the same name "
           f"({', '.join(map(repr, shared[:5]))}{', ...' if len(shared) > 5 else ''}), so their prompts are alike; "
           "data.class_name_style=all keeps every synonym (ImageNet: data.classes_file=imagenet1k names each class "
@@ -259,8 +261,7 @@ def _open(url: str, class_dirs: list[str] | None, classes_file: str | None, labe
                   else openers[layout](url, class_dirs, exts))
         _check_items(result)
     result.class_names = [display_name(names.get(c, c), class_name_style) for c in result.class_dirs]
-    _warn_shared_names(f"classes file {classes_file}" if classes_file else f"dataset {url}", result.class_names,
-                       class_name_style)
+    _warn_shared_names(classes_file, url, result.class_names)
     return result
 
 
