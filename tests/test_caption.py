@@ -1,5 +1,5 @@
 """Caption stage: what it decides without Ray, then end to end with a config-built tiny BLIP-2 (random weights,
-an offline tokenizer) on a few dozen embedded digits, through encode's prompts."""
+an offline tokenizer) on a few dozen embedded digits, into encode's planned rows."""
 
 import json
 import os
@@ -18,7 +18,6 @@ from realfake_ray.config import ConfigError, load_config
 from realfake_ray.data.captions import caption_stage_idle
 from realfake_ray.data.labelled import read_pending_shards, real_set
 from realfake_ray.layout import RunLayout
-from realfake_ray.method.prompts import build_prompt
 from realfake_ray.models.loading import TINY_BASE_DIR
 from realfake_ray.stages.caption.driver import build_pipeline, run_caption
 from realfake_ray.stages.caption.plan import PARTS, pending_rows
@@ -29,7 +28,7 @@ from realfake_ray.stages.caption.workers import (
     write_caption_batch,
     write_captions_jsonl,
 )
-from realfake_ray.stages.encode.driver import run_encode
+from realfake_ray.stages.encode import driver as encode
 from realfake_ray.stages.pipeline import select_stages
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -171,7 +170,7 @@ def test_encode_without_captions_names_the_caption_stage_before_any_work(tmp_pat
     cfg = load_config(out=str(tmp_path), data__train=few_digits)  # captioning on (the default), no captions yet
     with pytest.raises(ValueError, match=r"no captions yet: .*captions/captions.jsonl does not exist; run the "
                                          r"caption stage first \(`realfake caption`"):
-        run_encode(cfg)
+        encode.run_encode(cfg)
 
 
 def test_decode_marks_unreadable_images_and_captions_are_one_line(tmp_path, few_digits):
@@ -239,7 +238,7 @@ def test_a_sharded_training_set_is_captioned_under_its_shard_row_ids(tmp_path, t
 
 
 @pytest.mark.e2e
-def test_one_caption_per_image_resumed_by_part_and_in_the_encoder_s_prompts(ray_cluster, tmp_path, tiny_blip2,
+def test_one_caption_per_image_resumed_by_part_and_read_by_encode(ray_cluster, tmp_path, tiny_blip2,
                                                                              few_digits, monkeypatch):
     out = tmp_path / "run"
     cfg, layout = _config(out, few_digits, tiny_blip2), RunLayout(str(out))
@@ -277,10 +276,9 @@ def test_one_caption_per_image_resumed_by_part_and_in_the_encoder_s_prompts(ray_
     assert again["skipped"] and again["captioned_now"] == len(lost) and sorted(part_files(layout.captions_dir(PARTS))) == parts
     assert _jsonl(out) == made
 
-    # Encode reads the stage's captions: the bank's caption column, and so every prompt, carries them.
-    meta = run_encode(cfg)
-    assert meta["captions_from"] == layout.captions_url() and meta["caption_match"]["train"] == 30 / 31
-    bank = read_parts(layout.bank_dir("train"), ["image_id", "class_name", "caption"]).to_pylist()
-    assert len(bank) == 30 and {r["image_id"]: r["caption"] for r in bank} == made
-    for row in bank:
-        assert build_prompt(row["class_name"], row["caption"]) == f"photo of {row['class_name']}, {made[row['image_id']]}"
+    # Encode plans its rows with the stage's captions (planning only: that a captions file's captions reach the
+    # bank's caption column, which the prompts are built from, tests/test_encode.py follows on Ray).
+    url, captions = encode.training_captions(cfg)
+    planned, matched = encode.pending_rows(real_set(cfg.data.train, cfg), "train", cfg.out, captions, url)
+    assert url == layout.captions_url() and matched == 30 / 31
+    assert {r["image_id"]: r["caption"] for r in planned.to_pylist() if r["caption"]} == made

@@ -87,20 +87,27 @@ def test_partial_bank_is_completed_and_corrupt_files_are_listed(ray_cluster, tmp
             Image.new("RGB", (20 + i, 24), (i * 40, 100, 200)).save(buf, format="PNG")
             (data / cls / f"{i}.png").write_bytes(buf.getvalue())
     (data / "b" / "broken.png").write_bytes(b"\x89PNG not really")
+    captions = {f"{c}/{i}.png": f"a {c} square number {i}" for c in "ab" for i in range(5) if i != 3}
+    (tmp_path / "captions.jsonl").write_text("".join(json.dumps({"image_id": k, "caption": v}) + "\n"
+                                                     for k, v in captions.items()))
     out = str(tmp_path / "run")
-    cfg = load_config(preset="tiny", out=out, data__train=str(data), overrides=["encode.rows_per_file=4"])
+    cfg = load_config(preset="tiny", out=out, data__train=str(data), overrides=[
+        "encode.rows_per_file=4", f"data.captions_file={tmp_path / 'captions.jsonl'}"])
     first = run_encode(cfg)
     assert first["splits"]["train"]["rows"] == 10 and first["splits"]["train"]["skipped"] == 1
     assert first["splits"]["train"]["skipped_files"][0]["image_id"] == "b/broken.png"
+    assert first["captions_from"] == str(tmp_path / "captions.jsonl") and first["caption_match"]["train"] == 8 / 11
     # Simulate a run killed after some parts were written: drop two parts, rerun, nothing lost or doubled.
     parts = sorted(part_files(RunLayout(out).bank_dir("train")))
     for url in parts[:2]:
         storage.remove(url)
     second = run_encode(cfg)
     assert 0 < second["last_run"]["encoded_now"] < 10
-    ids = _bank_table(out, "train")["image_id"].to_pylist()
-    assert sorted(ids) == sorted(f"{c}/{i}.png" for c in "ab" for i in range(5))
-    assert second["splits"]["train"]["skipped"] == 1
+    bank = _bank_table(out, "train").select(["image_id", "caption"]).to_pylist()
+    ids = sorted(f"{c}/{i}.png" for c in "ab" for i in range(5))
+    assert sorted(r["image_id"] for r in bank) == ids and second["splits"]["train"]["skipped"] == 1
+    # each image's caption from the captions file ("" for those it lacks), through the resumed run too
+    assert {r["image_id"]: r["caption"] for r in bank} == {i: captions.get(i, "") for i in ids}
 
 
 @pytest.mark.e2e
