@@ -6,6 +6,8 @@ of synthetic rows; fitted and extrapolated to ImageNet-1K × 10.
     python benchmarks/scale.py job --sizes 10000,100000 --storage disk,s3      # the tiny job end to end
     python benchmarks/scale.py driver --rows 10000,100000,1000000,2000000       # planning on fabricated shards
     python benchmarks/scale.py finetune-order --bank runs/scale/disk-100000    # global vs files+buffer shuffle
+    python benchmarks/scale.py cache --sizes 10000                              # S3 GETs per image in epoch 2
+    python benchmarks/scale.py decode --sizes 10000                             # decode images/s on 1 and 2 CPUs
     python benchmarks/scale.py report --write BENCHMARKS.md                    # fits, plots, the section
 
 Every stage runs as its own `realfake run --only <stage>` process: its wall time, the driver's peak RSS (the
@@ -299,6 +301,74 @@ def finetune_order(bank: str, batches: int = 20) -> None:
         ray.shutdown()
 
 
+# ------------------------------------------------------------------------------------------ epochs from S3
+def cache(size: int) -> None:
+    """GETs per synthetic image in a classifier run's second epoch, with and without ``train.cache``: the
+    difference between a 2-epoch and a 1-epoch run on the S3 job of ``size`` (each with an empty per-node cache,
+    so epoch 1 fetches in both)."""
+    import tempfile
+
+    server = _server()
+    try:
+        out = f"s3://scale/run-{size}"
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        gets = {}
+        for cached in (False, True):
+            for epochs in (1, 2):
+                tag = f"cache{int(cached)}-e{epochs}"
+                cmd = [sys.executable, "-m", "realfake_ray", "train", "--preset", "tiny", "--out", out,
+                       *[a for o in [*FAST, f"train.epochs={epochs}", f"train.cache={str(cached).lower()}",
+                                     f"train.tag={tag}", "train.source=synthetic"] for a in ("--set", o)]]
+                before = server.by_method()
+                code, seconds, rss, tail = _peak_rss(cmd, {**env, "REALFAKE_CACHE": tempfile.mkdtemp(prefix="scale-cache-")})
+                if code != 0:
+                    raise SystemExit(f"train {tag} failed:\n{tail}")
+                gets[(cached, epochs)] = (server.by_method() - before).get("GET", 0)
+            second = gets[(cached, 2)] - gets[(cached, 1)]
+            _save({"part": "cache", "storage": "s3", "size": size, "what": f"train.cache={str(cached).lower()}",
+                   "gets_epoch_1_run": gets[(cached, 1)], "gets_epoch_1_and_2_run": gets[(cached, 2)],
+                   "gets_per_image_epoch_2": round(second / size, 4)})
+    finally:
+        server.stop()
+
+
+# ------------------------------------------------------------------------------------------ decode rate
+_DECODE_CODE = r"""
+import json, sys, time
+import ray
+from realfake_ray._internal.cluster import init_ray
+from realfake_ray.config import load_config
+from realfake_ray.bank import read_meta
+from realfake_ray.data.labelled import decoded_dataset, rows_dataset, synthetic_set
+
+out, cpus = sys.argv[1], int(sys.argv[2])
+cfg = load_config(preset="tiny", out=out, overrides=[f"ray.num_cpus={cpus}", "train.decode_cpus=1"])
+init_ray(cfg.ray)
+lset = synthetic_set(cfg, read_meta(out)["class_dirs"])
+ds = decoded_dataset(rows_dataset(lset, cfg), cfg.train.image_size, cfg, view="train")
+started, n = time.time(), 0
+for batch in ds.iter_batches(batch_size=256, batch_format="numpy"):
+    n += len(batch["pixels"])
+print("RESULT", json.dumps({"images": n, "seconds": time.time() - started}))
+"""
+
+
+def decode(size: int) -> None:
+    """Images/s of the classifier's read + decode (+ train-view augmentation) pipeline over the synthetic shards
+    of the disk job of ``size``, on a Ray cluster of 1 and of 2 CPUs (one CPU per decode task)."""
+    out = str((ROOT / f"disk-{size}").resolve())
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    for cpus in (1, 2):
+        code, seconds, rss, tail = _peak_rss([sys.executable, "-c", _DECODE_CODE, out, str(cpus)], env)
+        line = next((x for x in tail.splitlines() if x.startswith("RESULT ")), None)
+        if code or not line:
+            raise SystemExit(f"decode on {cpus} CPUs failed:\n{tail}")
+        found = json.loads(line[7:])
+        _save({"part": "decode", "storage": "disk", "size": found["images"], "what": f"{cpus} CPU",
+               "seconds": round(found["seconds"], 1), "images_per_s": round(found["images"] / found["seconds"], 1),
+               "images_per_s_per_cpu": round(found["images"] / found["seconds"] / cpus, 1)})
+
+
 # ------------------------------------------------------------------------------------------ report
 def _fit(points: list[tuple[int, float]]) -> tuple[float, float]:
     import numpy as np
@@ -347,6 +417,11 @@ def report(write: str | None) -> None:
         plot_curves(points, "synthetic rows", sorted({k for p in points for k in p if k != "synthetic rows"}),
                     str(picture), title="driver peak RSS (MiB) vs synthetic rows", logx=True)
         lines += [f"![driver peak RSS vs rows]({picture.name})", ""]
+    for part, heading in (("cache", "### Classifier epochs from S3: GETs per image in the second epoch"),
+                          ("decode", "### Classifier read + decode rate by CPUs (train view, shards on local disk)")):
+        found = [{k: v for k, v in r.items() if k != "part"} for r in rows if r["part"] == part]
+        if found:
+            lines += [heading, "", markdown_table(found), ""]
     order = [r for r in rows if r["part"] == "finetune-order"]
     if order:
         lines += ["### Fine-tuning data order on a large bank", "", markdown_table(order), ""]
@@ -358,7 +433,7 @@ def report(write: str | None) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("part", choices=["job", "driver", "finetune-order", "report"])
+    parser.add_argument("part", choices=["job", "driver", "finetune-order", "cache", "decode", "report"])
     parser.add_argument("--sizes", default="10000,100000")
     parser.add_argument("--rows", default="10000,100000,1000000")
     parser.add_argument("--storage", default="disk,s3")
@@ -372,6 +447,9 @@ def main() -> None:
         driver([int(s) for s in args.rows.split(",")], storages)
     elif args.part == "finetune-order":
         finetune_order(args.bank)
+    elif args.part in ("cache", "decode"):
+        for size in (int(s) for s in args.sizes.split(",")):
+            (cache if args.part == "cache" else decode)(size)
     else:
         report(args.write)
 

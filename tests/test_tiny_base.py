@@ -84,7 +84,7 @@ def test_image_guidance_pulls_the_output_towards_the_guiding_image(pipe):
     tokens = _clip_embed(pipe, images)
     sampler = Sampler(pipe, SamplerSettings(mode="txt2img", steps=20, guidance_scale=5.0))
     prompts, seeds = ["photo of a digit, best quality"] * len(images), list(range(len(images)))
-    guided = _clip_embed(pipe, np.asarray(sampler(prompts=prompts, seeds=seeds, guidance_tokens=tokens)))
+    guided = _clip_embed(pipe, np.asarray(sampler(prompts=prompts, seeds=seeds, vision_tokens=tokens)))
     plain = _clip_embed(pipe, np.asarray(sampler(prompts=prompts, seeds=seeds)))
     cosine = torch.nn.functional.cosine_similarity
     to_token_guided, to_token_plain = cosine(guided, tokens), cosine(plain, tokens)
