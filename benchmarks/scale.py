@@ -5,8 +5,8 @@ of synthetic rows; fitted and extrapolated to ImageNet-1K × 10.
 
     python benchmarks/scale.py job --sizes 10000,100000 --storage disk,s3      # the tiny job end to end
     python benchmarks/scale.py driver --rows 10000,100000,1000000,2000000       # planning on fabricated shards
-    python benchmarks/scale.py finetune-order --bank runs/scale/disk-100000    # global vs files+buffer shuffle
-    python benchmarks/scale.py cache --sizes 10000                              # S3 GETs per image in epoch 2
+    python benchmarks/scale.py finetune-order --bank runs/scale/disk-10000 --replicate 10  # global vs files+buffer
+    python benchmarks/scale.py cache --sizes 10000          # the S3 job, then its GETs per image in epoch 2
     python benchmarks/scale.py decode --sizes 10000                             # decode images/s on 1 and 2 CPUs
     python benchmarks/scale.py report --write BENCHMARKS.md                    # fits, plots, the section
 
@@ -136,8 +136,9 @@ def _server():
     return server
 
 
-def job(sizes: list[int], storages: list[str]) -> None:
-    server = _server() if "s3" in storages else None
+def job(sizes: list[int], storages: list[str], server=None) -> None:
+    own = server is None and "s3" in storages
+    server = _server() if own else server
     try:
         for size in sizes:
             local = ROOT / f"data-{size}"
@@ -148,7 +149,7 @@ def job(sizes: list[int], storages: list[str]) -> None:
                 out = f"s3://scale/run-{size}" if storage == "s3" else str((ROOT / f"{storage}-{size}").resolve())
                 _run_job(storage, size, data, out, server)
     finally:
-        if server:
+        if own:
             server.stop()
 
 
@@ -270,6 +271,27 @@ def driver(rows_list: list[int], storages: list[str]) -> None:
 
 
 # ------------------------------------------------------------------------------------------ fine-tune data order
+def replicated_bank(source: str, copies: int) -> str:
+    """A bank of ``copies`` × the rows of ``source``'s train bank (its part files copied under new names; ids
+    repeat, which data order does not care about): a ≥100 k-row bank without encoding 100 k images."""
+    import shutil
+
+    target = ROOT / f"bank-x{copies}-{Path(source).name}"
+    train = target / "latents" / "train"
+    if not train.exists():
+        parts = sorted((Path(source) / "latents" / "train").glob("part-*.parquet"))
+        tmp = target / "latents" / "train.tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        for copy in range(copies):
+            for part in parts:
+                shutil.copyfile(part, tmp / f"part-{copy:04d}{part.name[5 + 4:]}")
+        for name in ("_meta.json", "_identity.json"):
+            if (Path(source) / "latents" / name).exists():
+                shutil.copyfile(Path(source) / "latents" / name, target / "latents" / name)
+        tmp.rename(train)
+    return str(target.resolve())
+
+
 def finetune_order(bank: str, batches: int = 20) -> None:
     """One epoch's data order from a ≥100 k-row bank, both ways: wall time, bytes moved through the object store
     (Ray's own counter), and the class mix of the first batches (distinct classes among the first 8 × 16 rows)."""
@@ -285,7 +307,7 @@ def finetune_order(bank: str, batches: int = 20) -> None:
     for shuffle in ("global", "files"):
         cfg = load_config(preset="tiny", out=bank, overrides=[f"finetune.shuffle={shuffle}", "ray.num_cpus=2"])
         init_ray(cfg.ray)
-        ds = bank_dataset(tuple(part_files(RunLayout(bank).bank_dir("train"))), cfg.finetune, cfg.seed)
+        ds = bank_dataset(tuple(part_files(RunLayout(bank).bank_dir("train"))), shuffle, cfg.seed)
         started, first, rows = time.time(), [], 0
         for batch in ds.iter_batches(batch_size=16, batch_format="numpy",
                                      local_shuffle_buffer_size=cfg.finetune.shuffle_buffer_size if shuffle == "files" else None):
@@ -302,14 +324,17 @@ def finetune_order(bank: str, batches: int = 20) -> None:
 
 
 # ------------------------------------------------------------------------------------------ epochs from S3
-def cache(size: int) -> None:
+def cache(size: int, server=None) -> None:
     """GETs per synthetic image in a classifier run's second epoch, with and without ``train.cache``: the
     difference between a 2-epoch and a 1-epoch run on the S3 job of ``size`` (each with an empty per-node cache,
     so epoch 1 fetches in both)."""
     import tempfile
 
-    server = _server()
+    own = server is None
+    server = _server() if own else server
     try:
+        if own:  # the server keeps objects in memory: the S3 job of this size first
+            job([size], ["s3"], server)
         out = f"s3://scale/run-{size}"
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
         gets = {}
@@ -329,7 +354,8 @@ def cache(size: int) -> None:
                    "gets_epoch_1_run": gets[(cached, 1)], "gets_epoch_1_and_2_run": gets[(cached, 2)],
                    "gets_per_image_epoch_2": round(second / size, 4)})
     finally:
-        server.stop()
+        if own:
+            server.stop()
 
 
 # ------------------------------------------------------------------------------------------ decode rate
@@ -438,6 +464,7 @@ def main() -> None:
     parser.add_argument("--rows", default="10000,100000,1000000")
     parser.add_argument("--storage", default="disk,s3")
     parser.add_argument("--bank", default=str(ROOT / "disk-100000"))
+    parser.add_argument("--replicate", type=int, default=1, help="finetune-order: the bank's rows copied N times")
     parser.add_argument("--write", metavar="BENCHMARKS.md")
     args = parser.parse_args()
     storages = args.storage.split(",")
@@ -446,7 +473,7 @@ def main() -> None:
     elif args.part == "driver":
         driver([int(s) for s in args.rows.split(",")], storages)
     elif args.part == "finetune-order":
-        finetune_order(args.bank)
+        finetune_order(replicated_bank(args.bank, args.replicate) if args.replicate > 1 else args.bank)
     elif args.part in ("cache", "decode"):
         for size in (int(s) for s in args.sizes.split(",")):
             (cache if args.part == "cache" else decode)(size)

@@ -18,7 +18,7 @@ from realfake_ray.bank import class_mean_embeddings, read_meta
 from realfake_ray.cli import main as cli_main
 from realfake_ray.config import FinetuneConfig, load_config
 from realfake_ray.stages.finetune.driver import bank_dataset, checkpoint_steps, derive_seed, resume_position, run_finetune
-from realfake_ray.stages.finetune.plan import check_model_and_bank, step_target
+from realfake_ray.stages.finetune.plan import check_model_and_bank, data_order, finetune_settings, step_target
 from realfake_ray.layout import RunLayout
 from realfake_ray.method.lora import LORA_WEIGHT_NAME, add_lora, lora_state_dict
 from realfake_ray.models.loading import load_pipeline
@@ -60,6 +60,17 @@ def test_resume_position_continues_the_epoch_only_at_the_same_world_size():
     assert resume_position({"epoch": 3}, 44, 2) == (3, 0)  # a checkpoint from before epoch_step was recorded
 
 
+def test_auto_data_order_is_the_global_shuffle_up_to_its_row_limit_and_is_recorded_resolved():
+    ft = FinetuneConfig(global_shuffle_max_rows=1000)
+    assert (data_order(ft, 1000), data_order(ft, 1001)) == ("global", "files")
+    assert data_order(FinetuneConfig(shuffle="global", global_shuffle_max_rows=10), 10**6) == "global"
+    cfg = load_config(preset="tiny", out="memory://ft", overrides=["finetune.global_shuffle_max_rows=1000"])
+    small, large = finetune_settings(cfg, 1000), finetune_settings(cfg, 5000)
+    assert (small["shuffle"], large["shuffle"]) == ("global", "files") and "global_shuffle_max_rows" not in small
+    explicit = load_config(preset="tiny", out="memory://ft", overrides=["finetune.shuffle=global"])
+    assert finetune_settings(explicit, 1000) == small  # a run recorded as "global" resumes under auto
+
+
 def test_derived_seeds_differ_by_label_and_are_stable():
     assert derive_seed(42, "rng", 0) == derive_seed(42, "rng", 0) != derive_seed(42, "rng", 1)
 
@@ -67,11 +78,11 @@ def test_derived_seeds_differ_by_label_and_are_stable():
 # ------------------------------------------------------------------------------ e2e
 
 
-def _epoch_labels(tiny_bank, first_epoch, epochs, **ft):
+def _epoch_labels(tiny_bank, first_epoch, epochs, shuffle="global"):
     """Labels in the order the trainer's bank dataset yields them, for ``epochs`` executions."""
     from realfake_ray._internal.shards import part_files
 
-    ds = bank_dataset(tuple(part_files(RunLayout(tiny_bank).bank_dir("train"))), FinetuneConfig(**ft), 42, first_epoch)
+    ds = bank_dataset(tuple(part_files(RunLayout(tiny_bank).bank_dir("train"))), shuffle, 42, first_epoch)
     ds.context.execution_options.preserve_order = True  # as the trainer runs it (DataConfig)
     return [[int(r["label"]) for r in ds.iter_rows()] for _ in range(epochs)]
 

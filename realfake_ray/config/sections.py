@@ -136,7 +136,11 @@ class FinetuneConfig(_Section):
     keep_checkpoints: int = Field(2, ge=1)  # newest checkpoints kept under <out>/finetune/finetune
     max_failures: int = Field(3, ge=-1)  # restarts after a lost worker, from the newest checkpoint (-1: unlimited)
     log_every: int = Field(10, ge=1)
-    shuffle: Literal["global", "files"] = "global"  # global: a seeded permutation of the bank every epoch (reference)
+    # global: a seeded permutation of the bank every epoch (the reference), the whole fine-tuning view through
+    # Ray's object store each epoch; files: part files in a fresh seeded order + each worker's shuffle buffer;
+    # auto: global up to global_shuffle_max_rows bank rows, files above (BENCHMARKS "Scale")
+    shuffle: Literal["auto", "global", "files"] = "auto"
+    global_shuffle_max_rows: int = Field(200_000, ge=0)
     shuffle_buffer_size: int = Field(1000, ge=0)  # shuffle=files only: rows per worker's local shuffle buffer
 
     @model_validator(mode="after")

@@ -237,7 +237,7 @@ def train_loop(loop_config: dict) -> None:
     window = torch.zeros(len(METRIC_KEYS), device=device)
     window_steps, window_start, run_start, run_steps = 0, time.perf_counter(), time.perf_counter(), 0
     while st.step < plan.total_steps:
-        local_buffer = ft.shuffle_buffer_size if ft.shuffle == "files" else 0
+        local_buffer = ft.shuffle_buffer_size if plan.shuffle == "files" else 0
         collate = BankCollate(models.tokenizer, side, cfg.seed, st.epoch, channels)
         batches = shard.iter_torch_batches(
             batch_size=ft.batch_size, drop_last=True, collate_fn=collate,
@@ -320,17 +320,17 @@ def _cpus_per_worker(ft: FinetuneConfig, use_gpu: bool) -> float:
     return share
 
 
-def bank_dataset(files: tuple[str, ...], ft: FinetuneConfig, seed: int, first_epoch: int = 0):
+def bank_dataset(files: tuple[str, ...], shuffle: str, seed: int, first_epoch: int = 0):
     """The train bank as a Ray Dataset over its complete part files, in a new seeded order every epoch.
 
-    ``finetune.shuffle=global`` (the reference: a ``DataLoader(shuffle=True)`` over the whole set):
+    ``shuffle="global"`` (the reference: a ``DataLoader(shuffle=True)`` over the whole set):
     ``random_shuffle`` re-seeded at every execution (= every epoch), the execution count starting at
     ``first_epoch`` so that epoch e is permuted by ``(seed, e)`` whether the run started at epoch 0 or
     resumed at e. ``files``: part files in a seeded random order per epoch, rows mixed only by each
     worker's local buffer (cheaper on huge banks; batches are not i.i.d. when the bank is class-sorted).
 
     Example:
-        >>> ds = bank_dataset(tuple(part_files(RunLayout("runs/tiny").bank_dir("train"))), FinetuneConfig(), 42)  # doctest: +SKIP
+        >>> ds = bank_dataset(tuple(part_files(RunLayout("runs/tiny").bank_dir("train"))), "global", 42)  # doctest: +SKIP
     """
     import ray.data
     from ray.data import RandomSeedConfig
@@ -338,7 +338,7 @@ def bank_dataset(files: tuple[str, ...], ft: FinetuneConfig, seed: int, first_ep
     fs, _ = storage.arrow_filesystem(files[0])
     paths = [storage.filesystem(url)[1] for url in files]
     order = RandomSeedConfig(seed=derive_seed(seed, "finetune-shuffle") % 2**31, reseed_after_execution=True)
-    if ft.shuffle == "files":
+    if shuffle == "files":
         from ray.data import FileShuffleConfig
 
         ds = ray.data.read_parquet(paths, filesystem=fs, columns=BANK_READ_COLUMNS,
@@ -383,7 +383,7 @@ def _fit(cfg: RunConfig, plan: FinetunePlan):
             checkpoint_config=train.CheckpointConfig(num_to_keep=cfg.finetune.keep_checkpoints),
             logging_config=train_logging(cfg.ray.verbose),
         ),
-        datasets={"train": bank_dataset(plan.bank_files, cfg.finetune, cfg.seed, plan.first_epoch)},
+        datasets={"train": bank_dataset(plan.bank_files, plan.shuffle, cfg.seed, plan.first_epoch)},
         dataset_config=ordered_data_config("train"),
     )
     return trainer.fit()
@@ -432,8 +432,9 @@ def run_finetune(cfg: RunConfig) -> dict:
 
     started = time.time()
     meta, files = read_bank(cfg.out)
-    _, total = step_target(cfg.finetune, int(meta["splits"]["train"]["rows"]))
-    settings_url, settings = storage.join(RunLayout(cfg.out).finetune_dir(), "_settings.json"), finetune_settings(cfg)
+    rows = int(meta["splits"]["train"]["rows"])
+    _, total = step_target(cfg.finetune, rows)
+    settings_url, settings = storage.join(RunLayout(cfg.out).finetune_dir(), "_settings.json"), finetune_settings(cfg, rows)
     refuse_changed_settings(settings_url, settings, f"the fine-tuning run at {RunLayout(cfg.out).finetune_dir()}")
     done_url = storage.join(RunLayout(cfg.out).finetune_dir(), "_done.json")
     if storage.exists(done_url):

@@ -17,7 +17,7 @@ from realfake_ray.method.vision_token import check_vision_token_width
 from realfake_ray.layout import RunLayout
 from realfake_ray.models import loading
 
-__all__ = ["finetune_settings", "FinetunePlan", "step_target", "check_model_and_bank", "plan_finetune"]
+__all__ = ["finetune_settings", "data_order", "FinetunePlan", "step_target", "check_model_and_bank", "plan_finetune"]
 
 # Keys that only place or pace the run: they may change between a run and its resume. Everything else in
 # the finetune section shapes the LoRA, so a rerun into the same --out with another value is refused.
@@ -25,12 +25,24 @@ _PLACEMENT_KEYS = {"num_workers", "use_gpu", "cpus_per_worker", "epochs", "max_s
                    "keep_checkpoints", "max_failures", "log_every"}
 
 
-def finetune_settings(cfg: RunConfig) -> dict:
-    """What defines the LoRA of a run (recorded in ``<out>/finetune/_settings.json``)."""
-    return {
-        "model": cfg.model.pretrained, "revision": cfg.model.revision, "seed": cfg.seed,
-        **cfg.finetune.model_dump(mode="json", exclude=_PLACEMENT_KEYS),
-    }
+def finetune_settings(cfg: RunConfig, rows: int) -> dict:
+    """What defines the LoRA of a run on a bank of ``rows`` training rows (recorded in
+    ``<out>/finetune/_settings.json``): the data order as resolved (:func:`data_order`), not how it was asked for."""
+    section = cfg.finetune.model_dump(mode="json", exclude=_PLACEMENT_KEYS | {"global_shuffle_max_rows"})
+    return {"model": cfg.model.pretrained, "revision": cfg.model.revision, "seed": cfg.seed,
+            **section, "shuffle": data_order(cfg.finetune, rows)}
+
+
+def data_order(ft: FinetuneConfig, rows: int) -> str:
+    """``"global"`` or ``"files"``: ``finetune.shuffle`` with ``auto`` resolved by the bank's size.
+
+    Example:
+        >>> data_order(FinetuneConfig(), 1_281_167), data_order(FinetuneConfig(), 9_000)
+        ('files', 'global')
+    """
+    if ft.shuffle != "auto":
+        return ft.shuffle
+    return "global" if rows <= ft.global_shuffle_max_rows else "files"
 
 
 @dataclass(frozen=True)
@@ -46,6 +58,7 @@ class FinetunePlan:
     class_means: tuple[tuple[float, ...], ...] | None = None  # only for vision_token="class_mean"
     resume_dir: str | None = None  # newest complete checkpoint folder found by the driver (see _internal.checkpoints)
     first_epoch: int = 0  # the epoch that checkpoint was taken in (seeds the data order, see bank_dataset)
+    shuffle: str = "global"  # the data order, "global" or "files" (see data_order)
 
 
 def step_target(ft: FinetuneConfig, rows: int) -> tuple[int, int]:
@@ -137,6 +150,7 @@ def plan_finetune(cfg: RunConfig, meta: dict, files: list[str], total_steps: int
         bank_files=tuple(files),
         rows=int(meta["splits"]["train"]["rows"]),
         total_steps=total_steps,
+        shuffle=data_order(cfg.finetune, int(meta["splits"]["train"]["rows"])),
         num_classes=num_classes,
         class_means=means,
         **facts,
