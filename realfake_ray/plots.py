@@ -244,18 +244,18 @@ def image_grid(
 ) -> str:
     """Write a grid of uint8 HxWx3 images (``images[row][col]``) to a PNG; return ``path``.
 
-    Rows may have different lengths (missing cells stay blank). Labels, when given, must match the
-    number of rows / the widest row.
+    Rows may have different lengths, and a cell may be None (missing cells stay blank). Labels, when given,
+    must match the number of rows / the widest row.
 
     Example:
         >>> real, fake = np.zeros((64, 64, 3), np.uint8), np.full((64, 64, 3), 255, np.uint8)
         >>> image_grid([[real, fake], [real, fake]], "/tmp/grid.png", ["tench", "goldfish"], ["real", "synthetic"])
         '/tmp/grid.png'
     """
-    if not images or not any(len(row) for row in images):
+    if not images or not any(img is not None for row in images for img in row):
         raise ValueError("image_grid: images is empty")
     n_rows, n_cols = len(images), max(len(row) for row in images)
-    cells = [[_check_image(img, r, c) for c, img in enumerate(row)] for r, row in enumerate(images)]
+    cells = [[None if img is None else _check_image(img, r, c) for c, img in enumerate(row)] for r, row in enumerate(images)]
     if row_labels is not None and len(row_labels) != n_rows:
         raise ValueError(f"image_grid: {len(row_labels)} row_labels for {n_rows} rows")
     if col_labels is not None and len(col_labels) != n_cols:
@@ -267,7 +267,7 @@ def image_grid(
             ax = axes[r][c]
             ax.set_xticks([])
             ax.set_yticks([])
-            if c < len(cells[r]):
+            if c < len(cells[r]) and cells[r][c] is not None:
                 ax.imshow(cells[r][c], interpolation="nearest")
             else:
                 ax.set_axis_off()

@@ -110,6 +110,10 @@ def test_image_grid_ragged_rows(tmp_path) -> None:
     img = np.zeros((32, 32, 3), np.uint8)
     out = plots.image_grid([[img, img, img], [img]], str(tmp_path / "ragged.png"), col_labels=["a", "b", "c"])
     assert_png(out)
+    blanks = plots.image_grid([[img, None, img], [None, img]], str(tmp_path / "blanks.png"), col_labels=["a", "b", "c"])
+    assert_png(blanks)
+    with pytest.raises(ValueError, match="empty"):
+        plots.image_grid([[None]], str(tmp_path / "none.png"))
 
 
 @pytest.mark.parametrize(

@@ -62,16 +62,32 @@ def _sample_grid(cfg: RunConfig, meta: dict, local_dir: str) -> str | None:
         return None
     data = cfg.require_data()
     real = read_images_by_id(data.train, detect_layout(data.train, data.train_labels), [r["image_id"] for r in fakes])
-    size = min(cfg.encode.resolution, 128)
-    rows, labels = [], []
+    rows, labels, cols = _grid_cells(fakes, real, meta["class_names"], lambda data: _thumbnail(data, min(cfg.encode.resolution, 128)))
+    return image_grid(rows, os.path.join(local_dir, "samples.png"), row_labels=labels, col_labels=cols) if rows else None
+
+
+def _grid_cells(fakes: list[dict], real: dict[str, bytes], class_names: list[str], thumbnail) -> tuple[list, list, list]:
+    """``(rows, row labels, column labels)`` of the sample grid: per class its real images, then their synthetic
+    copies in the same order, as many columns of each as the class with most (a class with fewer leaves blanks,
+    so that "synthetic i" always sits under the copy of "real i").
+
+    Example:
+        >>> fakes = [{"label": 0, "image_id": "a", "bytes": b"A'"}, {"label": 1, "image_id": "b", "bytes": b"B'"},
+        ...          {"label": 1, "image_id": "c", "bytes": b"C'"}]
+        >>> _grid_cells(fakes, {"a": b"A", "b": b"B", "c": b"C"}, ["zero", "one"], lambda data: data)
+        ([[b'A', None, b"A'", None], [b'B', b'C', b"B'", b"C'"]], ['zero', 'one'], ['real 1', 'real 2', 'synthetic 1', 'synthetic 2'])
+    """
+    picked = {}
     for label in sorted({r["label"] for r in fakes}):
-        picked = [r for r in fakes if r["label"] == label and r["image_id"] in real]
-        cells = [_thumbnail(real[r["image_id"]], size) for r in picked] + [_thumbnail(r["bytes"], size) for r in picked]
-        if cells:
-            rows.append(cells)
-            labels.append(meta["class_names"][label])
-    cols = [f"real {i + 1}" for i in range(GRID_PER_CLASS)] + [f"synthetic {i + 1}" for i in range(GRID_PER_CLASS)]
-    return image_grid(rows, os.path.join(local_dir, "samples.png"), row_labels=labels, col_labels=cols)
+        found = [r for r in fakes if r["label"] == label and r["image_id"] in real]
+        if found:
+            picked[label] = found
+    width = max((len(found) for found in picked.values()), default=0)
+    pad = [None] * width
+    rows = [([thumbnail(real[r["image_id"]]) for r in found] + pad)[:width] + ([thumbnail(r["bytes"]) for r in found] + pad)[:width]
+            for found in picked.values()]
+    cols = [f"real {i + 1}" for i in range(width)] + [f"synthetic {i + 1}" for i in range(width)]
+    return rows, [class_names[label] for label in picked], cols
 
 
 def gpu_hours_estimate(cfg: RunConfig, synthesis: dict | None = None, mfu: float = 0.4) -> dict:
