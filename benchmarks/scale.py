@@ -30,7 +30,7 @@ from pathlib import Path
 
 from _common import machine, write_section  # first: puts the repository on sys.path
 
-SECTION = "## Scale (CPU, tiny preset): ImageNet-shaped inputs, 10 k → 1.28 M images, disk and S3"
+SECTION = "## Scale (CPU, tiny preset): ImageNet-shaped inputs on disk and S3, the driver at 1 M synthetic rows"
 ROOT = Path("runs/scale")
 RESULTS = ROOT / "results.json"
 STAGES = ("encode", "finetune", "generate", "train", "evaluate")
@@ -411,7 +411,7 @@ def report(write: str | None) -> None:
 
     rows = _load()
     lines = [SECTION, "", f"Machine: {machine()}. `python benchmarks/scale.py` (parts: job, driver, finetune-order, "
-             "report); the tiny preset with 2 sampling steps and 1 classifier epoch: these rows measure the plumbing "
+             "cache, decode, report); the tiny preset with 2 sampling steps and 1 classifier epoch: these rows measure the plumbing "
              "(listing, reading, writing, planning), not the models. S3 = moto's server on 127.0.0.1 through the real "
              "s3fs client: request counts carry over to a real bucket, latencies do not.", ""]
     job_rows = [r for r in rows if r["part"] == "job"]
