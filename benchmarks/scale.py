@@ -442,7 +442,7 @@ def report(write: str | None) -> None:
         points = [{"synthetic rows": r["size"], f"{r['what']} ({r['storage']})": r["peak_mib"]} for r in driver_rows]
         plot_curves(points, "synthetic rows", sorted({k for p in points for k in p if k != "synthetic rows"}),
                     str(picture), title="driver peak RSS (MiB) vs synthetic rows", logx=True)
-        lines += [f"![driver peak RSS vs rows]({picture.name})", ""]
+        lines += [f"![driver peak RSS vs rows]({picture})", ""]
     for part, heading in (("cache", "### Classifier epochs from S3: GETs per image in the second epoch"),
                           ("decode", "### Classifier read + decode rate by CPUs (train view, shards on local disk)")):
         found = [{k: v for k, v in r.items() if k != "part"} for r in rows if r["part"] == part]
