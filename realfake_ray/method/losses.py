@@ -13,7 +13,7 @@ Example:
     >>> pred, target = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
     >>> out = finetune_loss(pred, target, torch.tensor([1, 10, 500, 999]), alphas_cumprod)
     >>> sorted(out)
-    ['denoise', 'mmd', 'loss']
+    ['denoise', 'loss', 'mmd']
 """
 
 from __future__ import annotations
