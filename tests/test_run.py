@@ -172,9 +172,11 @@ def test_ray_job_submit_runs_resumes_and_skips_on_object_storage(local_head, s3_
     summary = storage.read_json(f"{out}/synthetic/_summary.json")
     assert summary["count"] == 2 * 36 and summary["generated_now"] == shards.rows[0] and summary["shards_written_now"] == 1
     report_md = storage.read_text(f"{out}/report.md")
-    for section in ("## Stages", *(f"## {COMMANDS[stage].report}" for stage in PIPELINE), "## Throughput",
+    ran = [stage for stage in PIPELINE if stage != "caption"]  # the tiny preset captions nothing: no caption stage
+    for section in ("## Stages", *(f"## {COMMANDS[stage].report}" for stage in ran), "## Throughput",
                     "GPU-hours", "## Resolved config"):
         assert section in report_md
+    assert f"## {COMMANDS['caption'].report}" not in report_md
     report = storage.read_json(f"{out}/report.json")
     assert report["latent_bank"]["splits"]["train"]["rows"] == 36 and report["config"]["generate"]["mult"] == 2
     assert {r["set"] for r in report["accuracy"]} == {"val"}
@@ -190,8 +192,9 @@ def test_ray_job_submit_runs_resumes_and_skips_on_object_storage(local_head, s3_
         forbid_ray_work(mp)
         assert cli_main(["run", *args]) == 0
     printed = capsys.readouterr().out
-    for stage in PIPELINE:
+    for stage in ran:
         assert f"stage {stage}: skipped" in printed, printed[-3000:]
+    assert "stage caption" not in printed
     assert storage.read_text(f"{out}/classifier/metrics.json") == metrics_before
 
 
