@@ -63,7 +63,7 @@ def test_stage_rows_and_markdown_from_a_run_report(gp):
     report = {
         "stages": {s: {"seconds": 10.0 + i, "skipped": s == "evaluate"} for i, s in enumerate(gp.STAGES)},
         "throughput": [{"stage": "generate", "rate": 6.5, "unit": "images/s end to end"},
-                       {"stage": "train (default)", "rate": 400.0, "unit": "images/s, last epoch, 1 workers"}],
+                       {"stage": "train (default)", "rate": 400.0, "unit": "images/s (last epoch, 1 workers)"}],
         "finetune": {"wall_seconds": 40.0, "train_seconds": 12.5},
         "synthesis": {"timeline": [{"t": 0.5, "images": 0, "nodes": 1, "actors": 0, "actors_pending": 1},
                                    {"t": 9.0, "images": 24, "nodes": 1, "actors": 1, "actors_pending": 0}]},

@@ -192,7 +192,7 @@ def _throughput(captions: dict | None, meta: dict | None, finetune: dict | None,
         last = done.get("last_epoch") or {}
         if last.get("images_per_s"):
             rows.append({"stage": f"train ({name})", "rate": round(last["images_per_s"], 1),
-                         "unit": f"images/s, last epoch, {last.get('workers')} workers"})
+                         "unit": f"images/s (last epoch, {last.get('workers')} workers)"})
     return rows
 
 
