@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast test-cluster bench clean
+.PHONY: install demo test test-fast test-cluster test-system test-all bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,6 +25,12 @@ test-fast: $(STAMP)
 
 test-cluster: $(STAMP)
 	$(BIN)/python -m pytest -q -m cluster_sim
+
+test-system: $(STAMP)
+	$(BIN)/python -m pytest -q -m "system or cluster_sim"
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q -m ""
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

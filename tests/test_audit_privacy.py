@@ -36,6 +36,7 @@ def test_a_run_without_a_bank_is_a_clear_error(tmp_path, no_ray):
 
 
 @pytest.mark.e2e
+@pytest.mark.system
 def test_tiny_audit_runs_both_arms_on_shadow_halves_and_resumes(tiny_bank, tmp_path, monkeypatch):
     out = tmp_path / "run"
     small_bank(tiny_bank, out, per_class=12)  # a 120-image bank: the audit's wiring, quickly

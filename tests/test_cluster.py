@@ -147,6 +147,7 @@ def test_a_v1_autoscaler_is_left_to_judge(ray_cluster, monkeypatch):
 
 
 @pytest.mark.e2e
+@pytest.mark.system
 def test_no_address_starts_a_new_local_cluster_even_after_a_head_died_without_ray_stop():
     """Ray's own discovery reads the last `ray start` address from its temp directory; a run given no
     address must not attach to (or wait on) that dead head."""
@@ -223,6 +224,7 @@ cluster.shutdown()
 
 
 @pytest.mark.e2e
+@pytest.mark.system
 def test_state_api_calls_reach_this_cluster_while_a_newer_one_runs(ray_cluster):
     """Ray's State API finds "the" cluster by discovery: the newest one on the machine. With another cluster
     started after ours, Ray Train's placement-group cleaner looked its controller up there, found nothing

@@ -216,6 +216,7 @@ def _imagenet_shaped(root, per_class: int = 4) -> dict:
 
 
 @pytest.mark.e2e
+@pytest.mark.system
 def test_imagenet_shaped_inputs_encode_and_train(ray_cluster, tmp_path):
     """Hugging Face Parquet train shards, the official flat val + LOC_val_solution.csv, and ImageNet-V2-style
     index folders and WebDataset tars as OOD sets: encoded into one bank, then a real-only classifier trained

@@ -91,15 +91,15 @@ def _epoch_labels(tiny_bank, first_epoch, epochs, shuffle="global"):
 def test_every_epoch_is_a_seeded_global_permutation_of_the_class_sorted_bank(tiny_bank):
     from collections import Counter
 
-    epochs = _epoch_labels(tiny_bank, 0, 3)
+    epochs = _epoch_labels(tiny_bank, 0, 2)
     bank = sorted(_bank_labels(tiny_bank))  # the encoder writes its part files class by class
     for labels in epochs:
         assert sorted(labels) == bank  # each epoch is a permutation of the whole bank ...
         first = Counter(labels[:64])  # ... whose first 4 batches of 16 hold every class about equally
         assert len(first) == 10 and max(first.values()) <= 16, first
-    assert epochs[0] != epochs[1] != epochs[2]
-    # A run resumed in epoch 2 draws epoch 2's permutation, not epoch 0's, and the same seed repeats it.
-    assert _epoch_labels(tiny_bank, 2, 1)[0] == epochs[2]
+    assert epochs[0] != epochs[1]
+    # A run resumed in epoch 1 draws epoch 1's permutation, not epoch 0's, and the same seed repeats it.
+    assert _epoch_labels(tiny_bank, 1, 1)[0] == epochs[1]
 
 
 def _bank_labels(out):
@@ -276,6 +276,7 @@ def _steps(models, ft, batch, steps: int = 3) -> torch.Tensor:
     return torch.stack([train_step(models, batch, generator, ft, "epsilon", None, optimizer, None) for _ in range(steps)])
 
 
+@pytest.mark.system  # torch.compile on a CPU: ~30 s of inductor work
 def test_the_compiled_unet_step_gives_the_eager_losses(tiny_model_dir):
     """finetune.compile: the UNet's forward compiled in place trains as the eager step does — equal losses over
     3 steps (1e-5 relative) and equal LoRA weights — and is saved under the same names. Graph capture and AOT
@@ -353,6 +354,7 @@ def test_losing_the_node_of_the_training_worker_restarts_from_its_checkpoint(tin
 
 
 @pytest.mark.e2e
+@pytest.mark.system
 def test_killed_driver_resumes_from_its_last_checkpoint_and_ends_as_an_uninterrupted_run(first_run, tiny_bank,
                                                                                          tmp_path_factory, ray_cluster):
     """`jobs/finetune.py` SIGKILLed right after its checkpoint at step 2 (fault injection); the rerun resumes

@@ -364,6 +364,7 @@ def test_raising_mult_adds_only_the_new_copy(run_a, bank):
 
 
 @pytest.mark.e2e
+@pytest.mark.system
 def test_failed_batches_are_counted_then_a_rerun_generates_only_them(bank, tmp_path_factory, monkeypatch):
     """Every batch of copy 1 raises in the actor (fault injection): the run completes copy 0, counts copy 1 as
     failed, writes no shard of it and is not complete; the rerun generates exactly copy 1."""
@@ -389,8 +390,13 @@ def test_changed_settings_into_the_same_out_are_refused(run_a, no_ray):
 
 
 @pytest.mark.e2e
-def test_txt2img_without_lora_and_with_class_mean_guidance(bank, tmp_path_factory, run_a):
-    out = _new_run(bank, tmp_path_factory, "gen-t2i")
+def test_a_missing_lora_is_refused_unless_use_lora_is_off_then_txt2img_runs_with_class_mean_guidance(
+        bank, tmp_path_factory, run_a, monkeypatch):
+    out = _new_run(bank, tmp_path_factory, "gen-t2i", lora=False)
+    with monkeypatch.context() as mp:
+        forbid_ray_work(mp)
+        with pytest.raises(FileNotFoundError, match=r"no LoRA at .*lora/pytorch_lora_weights.safetensors.*generate.use_lora=false"):
+            run_generate(_cfg(out))  # use_lora is on, but <out>/lora does not exist
     summary = run_generate(_cfg(out, "generate.mode=txt2img", "generate.use_lora=false", "generate.vision_token=class_mean"))
     rows = _check_set(out, bank, 1)
     assert summary["settings"]["lora_sha256"] is None and summary["settings"]["mode"] == "txt2img"
@@ -400,21 +406,6 @@ def test_txt2img_without_lora_and_with_class_mean_guidance(bank, tmp_path_factor
     out_a, _ = run_a
     first = _files(out_a)[sorted(_files(out))[0]]
     assert storage.read_bytes(_files(out)[sorted(_files(out))[0]]) != storage.read_bytes(first)
-
-
-@pytest.mark.e2e
-def test_a_missing_lora_is_an_error_unless_use_lora_is_off(bank, tmp_path_factory, run_a, monkeypatch):
-    out = _new_run(bank, tmp_path_factory, "gen-nolora", lora=False)
-    with monkeypatch.context() as mp:
-        forbid_ray_work(mp)
-        with pytest.raises(FileNotFoundError, match=r"no LoRA at .*lora/pytorch_lora_weights.safetensors.*generate.use_lora=false"):
-            run_generate(_cfg(out))  # use_lora is on, but <out>/lora does not exist
-    summary = run_generate(_cfg(out, "generate.use_lora=false"))
-    rows = _check_set(out, bank, 1)
-    assert summary["settings"]["lora_sha256"] is None and {r["lora_sha256"] for r in rows} == {None}
-    out_a, _ = run_a
-    with_lora = {(r["image_id"], r["copy_idx"]): r["image"]["bytes"] for r in _rows(out_a).to_pylist()}
-    assert sum(r["image"]["bytes"] != with_lora[(r["image_id"], 0)] for r in rows) > len(rows) // 2
 
 
 @pytest.mark.e2e
@@ -455,6 +446,7 @@ def test_bank_from_another_resolution_is_refused(bank, tmp_path_factory, no_ray)
 
 
 @pytest.mark.e2e
+@pytest.mark.system
 def test_a_second_job_is_refused_then_a_killed_drivers_rerun_leaves_no_gap_and_no_duplicate(
         bank, tmp_path_factory, ray_cluster, capsys):
     """`jobs/generate.py` stops mid-generation once its first shard is written (fault injection: its actors

@@ -112,6 +112,7 @@ def test_profile_groups_kernel_names():
 
 
 @pytest.mark.e2e
+@pytest.mark.system
 def test_the_gpu_check_dry_run_runs_every_stage_and_measures_it(ray_cluster, tmp_path):
     """``gpu_pipeline.sh --dry-run`` on the session's cluster: the whole job through ``realfake run`` (a driver of
     its own, attached to the cluster) with a speed option set, and its results files."""

@@ -138,6 +138,7 @@ def _small_dataset(root: str) -> tuple[str, str]:
 
 
 @pytest.mark.e2e
+@pytest.mark.system
 def test_ray_job_submit_runs_resumes_and_skips_on_object_storage(local_head, s3_bucket, capsys):
     """The tiny job submitted to a cluster, reading its data from and writing its run to S3 (a local
     S3-compatible server, the real s3fs client): killed mid-generate, resubmitted, then run once more."""
@@ -198,12 +199,15 @@ def test_ray_job_submit_runs_resumes_and_skips_on_object_storage(local_head, s3_
     assert storage.read_text(f"{out}/classifier/metrics.json") == metrics_before
 
 
-def test_typo_and_impossible_value_rejected_before_any_work(tmp_path):
+def test_typo_and_impossible_value_rejected_before_any_work(tmp_path, capsys):
     out = tmp_path / "run"
-    for bad in ("generate.strenght=0.5", "generate.mult=0"):
-        result = subprocess.run(
-            [sys.executable, "jobs/scale_in1k.py", "--preset", "tiny", "--out", str(out), "--set", bad],
-            capture_output=True, text=True, cwd=REPO,
-        )
-        assert result.returncode == 2 and bad.split("=")[0] in result.stderr
-        assert not out.exists()  # nothing written, no Ray started
+    typo = subprocess.run(  # the job script as Ray runs it
+        [sys.executable, "jobs/scale_in1k.py", "--preset", "tiny", "--out", str(out), "--set", "generate.strenght=0.5"],
+        capture_output=True, text=True, cwd=REPO,
+    )
+    assert typo.returncode == 2 and "generate.strenght" in typo.stderr
+    with pytest.MonkeyPatch.context() as mp:  # the same entry point in-process: no Ray either
+        forbid_ray_work(mp)
+        assert cli_main(["run", "--preset", "tiny", "--out", str(out), "--set", "generate.mult=0"]) == 2
+    assert "generate.mult" in capsys.readouterr().err
+    assert not out.exists()  # nothing written, no Ray started

@@ -51,6 +51,7 @@ def test_shipped_weights_load_with_stock_diffusers_and_fit_the_size_budget():
     assert os.path.exists(f"{TINY_BASE_DIR}/training.json") and os.path.exists(f"{TINY_BASE_DIR}/README.md")
 
 
+@pytest.mark.system
 def test_txt2img_draws_the_digit_its_prompt_names(pipe, judge):
     from realfake_ray.models.base_quality import per_class_recognition, txt2img_per_class
 
@@ -73,6 +74,7 @@ def _clip_embed(pipe, images: np.ndarray) -> torch.Tensor:
         return pipe.image_encoder(pixel_values=_to_clip_input(images)).image_embeds
 
 
+@pytest.mark.system
 def test_image_guidance_pulls_the_output_towards_the_guiding_image(pipe):
     """A prompt that names no digit, with and without the guidance token of a real digit: the guided sample's
     CLIP image embedding lies closer to that token (a token that is dropped, zeroed or never read fails).
@@ -92,6 +94,7 @@ def test_image_guidance_pulls_the_output_towards_the_guiding_image(pipe):
     assert (to_token_guided - to_token_plain).mean() > 0.2
 
 
+@pytest.mark.system
 def test_a_short_finetune_with_the_mmd_term_lowers_the_mmd_it_matches(pipe):
     """Same batches, noise and steps, λ > 0 vs λ = 0: the distribution-matching term between the denoiser's
     predictions and targets ends lower with it (a sign error or a detached term would not)."""

@@ -1,6 +1,6 @@
 """Train stage: fast planning / bad-input tests (no Ray), then tiny-preset Ray Train runs (e2e):
-a real-only run stopped after 1 epoch and resumed to 2, a synthetic-only run on generate's output and a
-mixed run."""
+a real-only run stopped after 1 epoch and resumed to 2, a synthetic-only run on generate's output, and a
+mixed epoch as its workers would receive it."""
 
 from __future__ import annotations
 
@@ -214,6 +214,7 @@ def test_a_resumed_run_draws_each_epoch_as_an_uninterrupted_run_does(ray_cluster
 
 
 @pytest.mark.e2e
+@pytest.mark.system
 def test_resume_continues_at_the_saved_epoch(real_run):
     assert [r["epoch"] for r in real_run["first_metrics"]] == [0]
     assert real_run["second"]["resumed_at_epoch"] == FIRST_EPOCHS
@@ -226,6 +227,7 @@ def test_resume_continues_at_the_saved_epoch(real_run):
 
 
 @pytest.mark.e2e
+@pytest.mark.system
 def test_epoch_metrics_and_the_evaluation_reach_mlflow_and_tensorboard_once_across_the_resume(real_run):
     from mlflow import MlflowClient
 
@@ -236,9 +238,9 @@ def test_epoch_metrics_and_the_evaluation_reach_mlflow_and_tensorboard_once_acro
     assert run.info.status == "FINISHED" and run.data.tags["realfake.key"] == rows[0]["run"]
     assert run.data.params["train.epochs"] == str(FIRST_EPOCHS)  # the first call's; the resumed call continued it
     for key in ("train_loss", "train_acc", "val_top1", "val_top5", "lr", "images_per_s"):
-        expected = [(r["epoch"], pytest.approx(r[key])) for r in rows]
-        assert mlflow_points(uri, run.info.run_id, key) == expected, key  # epochs 0 and 1, once each
-        assert tensorboard_points(f"{out}/tensorboard/train", key) == [(e, pytest.approx(v, rel=1e-6)) for e, v in expected]
+        values = [(r["epoch"], r[key]) for r in rows]
+        assert mlflow_points(uri, run.info.run_id, key) == [(e, pytest.approx(v)) for e, v in values], key  # once each
+        assert tensorboard_points(f"{out}/tensorboard/train", key) == [(e, pytest.approx(v, rel=1e-6)) for e, v in values]
     evaluations = [(0, real_run["first"]["evaluation"]), (1, real_run["second"]["evaluation"])]
     expected = [(epoch, pytest.approx(e["sets"]["val"]["top1"])) for epoch, e in evaluations]
     assert mlflow_points(uri, run.info.run_id, "eval/val/top1") == expected
@@ -248,45 +250,15 @@ def test_epoch_metrics_and_the_evaluation_reach_mlflow_and_tensorboard_once_acro
 
 
 @pytest.mark.e2e
+@pytest.mark.system
 def test_real_only_run_is_evaluated_on_every_val_image(real_run):
     # How well it learns is the benchmark's question (BENCHMARKS.md, effectiveness: real-only 0.99 after 30
     # epochs); here, that the evaluation covers the val set and agrees with the last epoch's own val row.
     val = real_run["second"]["evaluation"]["sets"]["val"]
     assert val["count"] == 360 and len(val["per_class"]) == 10 and 0.0 <= val["top1"] <= val["top5"] <= 1.0
     last = read_metrics(RunLayout(str(real_run["out"])).classifier_dir())[-1]
+    assert "no latent bank" in real_run["second"]["evaluation"]["distribution"]["skipped"]
     assert last["epoch"] == EPOCHS - 1 and last["val_top1"] == pytest.approx(val["top1"], abs=0.02)
-
-
-@pytest.mark.e2e
-def test_ood_set_with_a_class_subset(real_run):
-    ood = real_run["second"]["evaluation"]["sets"]["digits_3_7"]
-    assert ood["classes"] == 2 and ood["k"] == 2 and ood["count"] == 73
-    assert set(ood["per_class"]) == {"digit_3", "digit_7"}
-    assert ood["top5"] == 1.0  # a 2-way choice between the two classes present
-    # The same 73 images as val's digit_3 + digit_7: restricting the logits to those two classes can only turn
-    # wrong answers right, so the subset's top-1 is at least the 10-way accuracy on them.
-    val = real_run["second"]["evaluation"]["sets"]["val"]["per_class"]
-    counts = {d: len(os.listdir(real_run["out"] / "digits_3_7" / d)) for d in ("digit_3", "digit_7")}
-    ten_way = sum(val[d] * n for d, n in counts.items()) / sum(counts.values())
-    assert ood["top1"] >= ten_way - 1e-9
-
-
-@pytest.mark.e2e
-def test_outputs_and_done_marker(real_run):
-    out = str(real_run["out"])
-    cdir = RunLayout(out).classifier_dir()
-    for name in ("model.safetensors", "curves.png", "metrics.json", "metrics.md", "_done.json", "metrics.jsonl"):
-        assert os.path.exists(os.path.join(cdir, name)), name
-    report = json.loads(open(os.path.join(cdir, "metrics.json")).read())
-    assert report["source"] == "real" and report["arch"] == "resnet_tiny" and report["epochs"] == EPOCHS
-    assert "no latent bank" in report["distribution"]["skipped"]
-    assert "| val |" in open(os.path.join(cdir, "metrics.md")).read()
-    with pytest.MonkeyPatch.context() as mp:  # complete, same inputs: the stored result, no Ray work at all
-        forbid_ray_work(mp)
-        again = run_train(_cfg(out, "train.source=real", SHORT, f"train.epochs={EPOCHS}",
-                               f"evaluate.extra_sets={{digits_3_7: {out}/digits_3_7}}"))
-    assert again.pop("skipped") is True
-    assert again == json.loads(json.dumps(real_run["second"]))
 
 
 PER_CLASS = 3
@@ -308,11 +280,23 @@ def generated(tiny_bank, tmp_path_factory):
     return {"out": out, "data": str(data)}
 
 
+def _synthetic_cfg(generated, *more):
+    return _cfg(generated["out"], *SMALL, "train.source=synthetic", "train.tag=synthetic-2x",
+                f"evaluate.extra_sets={{digits_3_7: {generated['out'] / 'digits_3_7'}}}", *more,
+                data__train=generated["data"], data__val=VAL)
+
+
+@pytest.fixture(scope="module")
+def synthetic_run(generated):
+    """A synthetic-only run on generate's output, evaluated on val and on an OOD subset set (digits 3 and 7)."""
+    for d in ("digit_3", "digit_7"):
+        shutil.copytree(storage.resolve_embedded(f"{VAL}/{d}"), generated["out"] / "digits_3_7" / d)
+    return run_train(_synthetic_cfg(generated))
+
+
 @pytest.mark.e2e
-def test_synthetic_only_run_on_generated_output(generated):
-    out = generated["out"]
-    cfg = _cfg(out, *SMALL, "train.source=synthetic", "train.tag=synthetic-2x", data__train=generated["data"], data__val=VAL)
-    summary = run_train(cfg)
+def test_synthetic_only_run_on_generated_output(generated, synthetic_run):
+    out, summary = generated["out"], synthetic_run
     assert summary["synthetic_images"] == 60 and summary["real_images"] == 0
     assert summary["model"].endswith("classifier/synthetic-2x/model.safetensors")
     [row] = read_metrics(RunLayout(str(out)).classifier_dir("synthetic-2x"))
@@ -320,24 +304,62 @@ def test_synthetic_only_run_on_generated_output(generated):
     report = summary["evaluation"]
     assert report["source"] == "synthetic" and report["sets"]["val"]["count"] == 360
     assert 0 <= report["sets"]["val"]["top1"] <= 1
+    assert row["val_top1"] == pytest.approx(report["sets"]["val"]["top1"], abs=0.02)  # the epoch's own val row agrees
     dist = report["distribution"]  # the bank of this run (30 real) against the 60 generated images
     assert dist["n_real"] == 30 and dist["n_synth"] == 60 and dist["mmd2"] is not None
     assert set(dist["per_class_mmd2"]) == {f"digit_{i}" for i in range(10)}
-    assert os.path.exists(os.path.join(RunLayout(str(out)).classifier_dir("synthetic-2x"), "metrics.md"))
 
 
 @pytest.mark.e2e
-def test_mixed_run(generated):
+def test_ood_set_with_a_class_subset(generated, synthetic_run):
+    ood = synthetic_run["evaluation"]["sets"]["digits_3_7"]
+    assert ood["classes"] == 2 and ood["k"] == 2 and ood["count"] == 73
+    assert set(ood["per_class"]) == {"digit_3", "digit_7"}
+    assert ood["top5"] == 1.0  # a 2-way choice between the two classes present
+    # The same 73 images as val's digit_3 + digit_7: restricting the logits to those two classes can only turn
+    # wrong answers right, so the subset's top-1 is at least the 10-way accuracy on them.
+    val = synthetic_run["evaluation"]["sets"]["val"]["per_class"]
+    counts = {d: len(os.listdir(generated["out"] / "digits_3_7" / d)) for d in ("digit_3", "digit_7")}
+    ten_way = sum(val[d] * n for d, n in counts.items()) / sum(counts.values())
+    assert ood["top1"] >= ten_way - 1e-9
+
+
+@pytest.mark.e2e
+def test_outputs_and_done_marker(generated, synthetic_run):
+    cdir = RunLayout(str(generated["out"])).classifier_dir("synthetic-2x")
+    for name in ("model.safetensors", "curves.png", "metrics.json", "metrics.md", "_done.json", "metrics.jsonl"):
+        assert os.path.exists(os.path.join(cdir, name)), name
+    report = json.loads(open(os.path.join(cdir, "metrics.json")).read())
+    assert report["source"] == "synthetic" and report["arch"] == "resnet_tiny" and report["epochs"] == 1
+    assert "| val |" in open(os.path.join(cdir, "metrics.md")).read()
+    with pytest.MonkeyPatch.context() as mp:  # complete, same inputs: the stored result, no Ray work at all
+        forbid_ray_work(mp)
+        again = run_train(_synthetic_cfg(generated))
+    assert again.pop("skipped") is True
+    assert again == json.loads(json.dumps(synthetic_run))
+
+
+@pytest.mark.e2e
+def test_a_mixed_epoch_unions_every_real_image_with_a_seeded_share_of_the_synthetic_ones(generated):
+    """The mix as the trainer's workers receive it (the fit itself is the synthetic-only run's code): real rows
+    (URLs) and synthetic ones (shard rows) meet as image bytes, all 30 real images and a seeded ~half of the 60
+    synthetic ones, decoded to training views; the same epoch again draws the same images."""
     out = generated["out"]
     cfg = _cfg(out, *SMALL, "train.source=mix", "train.mix_ratio=0.5", "train.tag=mix", "evaluate.distribution_metrics=false",
                data__train=generated["data"], data__val=VAL)
     plan = plan_training(cfg)
     assert (plan.real_fraction, plan.synthetic_fraction, plan.epoch_images) == (1.0, 0.5, 60)
-    summary = run_train(cfg)
-    assert summary["source"] == "mix" and summary["real_images"] == 30 and summary["synthetic_images"] == 60
-    [row] = read_metrics(RunLayout(str(out)).classifier_dir("mix"))
-    assert 32 <= row["train_images"] <= 80  # 30 real + a seeded ~half of the 60 synthetic, full batches of 8
-    assert summary["evaluation"]["sets"]["val"]["count"] == 360
+    assert (plan.real.num_images, plan.synthetic.num_images) == (30, 60)
+
+    def epoch(first_epoch: int) -> np.ndarray:
+        batches = list(train_dataset(plan, cfg, first_epoch).iter_batches(batch_size=64))
+        assert all(b["pixels"].shape[1:] == (3, 32, 32) for b in batches)
+        return np.sort(np.concatenate([b["label"] for b in batches]))
+
+    labels = epoch(0)
+    assert 40 <= len(labels) <= 80  # 30 real + a seeded ~half of the 60 synthetic
+    assert all(np.bincount(labels, minlength=10) >= 3)  # every class's 3 real images at least
+    assert np.array_equal(epoch(0), labels)
 
 
 def test_a_budget_gives_every_set_size_the_same_images_and_schedule_shape():

@@ -36,6 +36,7 @@ def test_a_run_without_a_bank_is_a_clear_error(tmp_path, no_ray):
 
 
 @pytest.mark.e2e
+@pytest.mark.system
 def test_tiny_sweep_writes_table_front_and_recommendation_then_reruns_nothing(tiny_bank, tmp_path, monkeypatch):
     import shutil
 

@@ -18,7 +18,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -142,6 +141,19 @@ def _report(row: dict, state: dict | None) -> None:
         torch.save(state, os.path.join(tmp, STATE_FILE))
         checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(row, checkpoint=checkpoint, checkpoint_dir_name=f"{EPOCH_PREFIX}{row['epoch']:04d}")
+
+
+def _epoch_line(row: dict, epochs: int) -> str:
+    """One console line per classifier epoch (the full row is in metrics.jsonl).
+
+    Example:
+        >>> _epoch_line({"epoch": 4, "train_loss": 1.3912, "train_acc": 0.6234, "val_top1": 0.6601, "val_top5": 0.9712,
+        ...              "lr": 0.09731, "images_per_s": 460.4}, 30)
+        '[train] epoch 5/30 loss 1.39 acc 0.62 val 0.66/0.97 lr 0.0973 460 img/s'
+    """
+    val = "-" if row["val_top1"] is None else f"{row['val_top1']:.2f}/{row['val_top5']:.2f}"
+    return (f"[train] epoch {row['epoch'] + 1}/{epochs} loss {row['train_loss']:.2f} acc {row['train_acc']:.2f} "
+            f"val {val} lr {row['lr']:.3g} {row['images_per_s']:.0f} img/s")
 
 
 def metrics_url(cdir: str) -> str:
@@ -269,7 +281,7 @@ def train_loop(config: dict) -> None:
             trainer.write_metrics(metrics_url(cdir), history)
             write_curves(cdir, history)
             tracker.log(history)  # MLflow / TensorBoard, if on
-            print(f"[train] epoch {epoch + 1}/{t.epochs} " + json.dumps({k: row[k] for k in _CURVE_KEYS + ["lr", "images_per_s"]}))
+            print(_epoch_line(row, t.epochs), flush=True)
             state = {"model": base.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "epoch": epoch, "scaler": amp[1].state_dict() if amp[1] else {}}
         _report(row, state)
