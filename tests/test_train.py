@@ -353,7 +353,7 @@ def test_a_mixed_epoch_unions_every_real_image_with_a_seeded_share_of_the_synthe
 
     def epoch(first_epoch: int) -> np.ndarray:
         batches = list(train_dataset(plan, cfg, first_epoch).iter_batches(batch_size=64))
-        assert all(b["pixels"].shape[1:] == (3, 32, 32) for b in batches)
+        assert all(b["pixels"].shape[1:] == (32, 32, 3) for b in batches)  # HWC uint8, decoded on CPU tasks
         return np.sort(np.concatenate([b["label"] for b in batches]))
 
     labels = epoch(0)
