@@ -21,12 +21,14 @@ __all__ = [
     "ClusterTimeline",
 ]
 
+log = logging.getLogger(__name__)
+
 # Ray's switch for a single-machine cluster: its processes take 127.0.0.1 as the node address and bind their
 # servers to it (otherwise Ray swaps 127.0.0.1 for the host's reachable address and listens on all interfaces).
 _LOOPBACK_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 # Environment every worker needs to resolve per-node caches and presets the same way as the driver.
-_FORWARDED_ENV = ("REALFAKE_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "HF_ENDPOINT")
+_FORWARDED_ENV = ("REALFAKE_CACHE", "REALFAKE_LOG_LEVEL", "HF_HOME", "HF_HUB_OFFLINE", "HF_ENDPOINT")
 
 # Where Ray's State API calls go. Without it a process finds "the" cluster by discovery — the newest one
 # started on this machine, not the one it belongs to. With two clusters on one machine (two local runs, a
@@ -247,8 +249,8 @@ def fit_cpu_pool(pool: ActorPool, cluster_cpus: float, reserve_cpus: float, fiel
             f"{field}.cpus_per_actor={pool.cpus_per_actor:g}: the cluster has {cluster_cpus:g} CPUs and the "
             f"stage's other tasks need {reserve_cpus:g}; lower {field}.cpus_per_actor"
         )
-    print(f"[ray] {field}: {pool.max_size} actors x {pool.cpus_per_actor:g} CPU would leave no CPU for the "
-          f"stage's other tasks on this {cluster_cpus:g}-CPU cluster; using {fit}", flush=True)
+    log.info(f"{field}: {pool.max_size} actors x {pool.cpus_per_actor:g} CPU would leave no CPU for the "
+             f"stage's other tasks on this {cluster_cpus:g}-CPU cluster; using {fit}")
     return pool.model_copy(update={"min_size": min(pool.min_size, fit), "max_size": fit})
 
 
