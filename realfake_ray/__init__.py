@@ -5,3 +5,7 @@ Importing the package is cheap and does not import Ray: the pure modules (``meth
 """
 
 __version__ = "0.1.0"
+
+from realfake_ray._internal.log import install_console as _install_console
+
+_install_console()  # "[<tag>] message" on stdout in the driver and in every Ray worker (see _internal/log.py)

@@ -7,11 +7,14 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 
 __all__ = ["COMPILE_MODES", "torch_device", "device_and_dtype", "records_cuda_graphs", "compile_mode_on"]
+
+log = logging.getLogger(__name__)
 
 _warned = False
 # torch.compile's modes; two of them also record CUDA graphs, which exist only on CUDA
@@ -32,8 +35,7 @@ def torch_device() -> torch.device:
     assigned = os.environ.get("CUDA_VISIBLE_DEVICES", "")
     if assigned and not _warned:
         _warned = True
-        print(f"[device] Ray assigned GPU {assigned} to this process but torch sees no CUDA device: running on CPU",
-              flush=True)
+        log.warning(f"Ray assigned GPU {assigned} to this process but torch sees no CUDA device: running on CPU")
     return torch.device("cpu")
 
 

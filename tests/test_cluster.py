@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from realfake_ray._internal import cluster
-from realfake_ray._internal.cluster import actor_pool_kwargs, check_fits_a_node, fit_cpu_pool, share_pool
+from realfake_ray._internal.cluster import actor_pool_kwargs, check_fits_a_node, fit_cpu_pool
 from realfake_ray.config import ActorPool, ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,46 +36,13 @@ def test_an_actor_larger_than_the_cluster_is_a_config_error():
         fit_cpu_pool(ActorPool(cpus_per_actor=4), 2.0, 0.5, "generate.actors")
 
 
-def test_pools_that_run_at_once_split_the_stages_maximum_and_never_exceed_it():
-    """Every (min_size, max_size) up to 24 split between 1-3 concurrent pools: together exactly max_size (no
-    GPU requested beyond it, none left idle), every pool at least one actor and min_size <= max_size."""
-    for count in (1, 2, 3):
-        for max_size in range(count, 25):
-            for min_size in range(1, max_size + 1):
-                pool = ActorPool(min_size=min_size, max_size=max_size, gpus_per_actor=1)
-                parts = [share_pool(pool, i, count, "encode.actors") for i in range(count)]
-                assert sum(p.max_size for p in parts) == max_size
-                assert all(1 <= p.min_size <= p.max_size for p in parts)
-                assert sum(p.min_size for p in parts) <= max(min_size, count)
-                assert max(p.max_size for p in parts) - min(p.max_size for p in parts) <= 1
-
-
-def test_a_64_actor_pool_is_halved_between_two_concurrent_pools():
-    pool = ActorPool(min_size=1, max_size=64, gpus_per_actor=1)
-    first, second = (share_pool(pool, i, 2, "encode.actors") for i in range(2))
-    assert (first.min_size, first.max_size, second.min_size, second.max_size) == (1, 32, 1, 32)
-    odd = [share_pool(ActorPool(min_size=5, max_size=5), i, 2, "encode.actors") for i in range(2)]
-    assert [(p.min_size, p.max_size) for p in odd] == [(3, 3), (2, 2)]  # the first pool takes the remainder
-    assert share_pool(pool, 0, 1, "encode.actors") is pool
-
-
-def test_a_maximum_too_small_to_share_is_a_config_error_naming_the_key_and_the_pools():
-    with pytest.raises(ConfigError, match=r"encode.actors.max_size=1: 2 actor pools of this stage run at the same "
-                                          r"time and share it \(pools a and b\).*set "
-                                          r"encode.actors.max_size to 2 or more"):
-        share_pool(ActorPool(max_size=1), 1, 2, "encode.actors", why="pools a and b")
-
-
-def test_two_shared_gpu_pools_ask_for_their_shares_at_once_and_together_for_max_size(monkeypatch):
+def test_a_gpu_pool_asks_for_all_its_actors_at_once(monkeypatch):
     """No Ray: the node-type check is the only cluster query a GPU pool makes. A GPU pool's initial size is its
-    maximum (all its GPU nodes requested together); shared, the two initial sizes add up to max_size."""
+    maximum (all its GPU nodes requested together)."""
     monkeypatch.setattr(cluster, "node_types", lambda: None)
     pool = ActorPool(min_size=2, max_size=9, gpus_per_actor=1, cpus_per_actor=4)
-    alone = actor_pool_kwargs(pool, "generate.actors")["compute"]
-    assert (alone.min_size, alone.initial_size, alone.max_size) == (2, 9, 9)
-    shared = [actor_pool_kwargs(pool, "encode.actors", share=(i, 2))["compute"] for i in range(2)]
-    assert [(c.min_size, c.initial_size, c.max_size) for c in shared] == [(1, 5, 5), (1, 4, 4)]
-    assert sum(c.initial_size for c in shared) == sum(c.max_size for c in shared) == 9
+    compute = actor_pool_kwargs(pool, "generate.actors")["compute"]
+    assert (compute.min_size, compute.initial_size, compute.max_size) == (2, 9, 9)
 
 
 def test_the_no_ray_guard_catches_data_train_and_tune_work(no_ray):

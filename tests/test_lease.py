@@ -254,7 +254,7 @@ def test_a_lease_taken_over_while_held_is_reported_and_left_to_its_new_owner(out
     assert theirs["token"] == "their-token"
     with pytest.raises(LeaseLostError, match="taken over by host gpu-node-7, pid 4242"):
         lease.release()
-    assert _stored(out) == theirs and "[lease] LOST" in capsys.readouterr().out
+    assert _stored(out) == theirs and "[lease] warning: LOST" in capsys.readouterr().out
 
 
 def test_on_s3_refused_taken_and_released(s3_bucket):

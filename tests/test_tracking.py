@@ -165,7 +165,7 @@ def test_a_failed_log_is_printed_and_its_rows_retried_at_the_next_log(tracked, m
 
     monkeypatch.setattr(MlflowClient, "log_batch", down_once)
     logger.log(_rows([1]))
-    assert "[tracking] logging metrics to MLflow failed (ConnectionError: tracking server unreachable)" in \
+    assert "[tracking] warning: logging metrics to MLflow failed (ConnectionError: tracking server unreachable)" in \
         capsys.readouterr().out
     logger.log(_rows([1, 2]))
     assert [s for s, _ in mlflow_points(uri, _run(uri, "finetune").info.run_id, "loss")] == [1, 2]

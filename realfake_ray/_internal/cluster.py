@@ -17,16 +17,18 @@ from realfake_ray.config import ActorPool, ConfigError, RayConfig
 
 __all__ = [
     "init_ray", "state_api_address", "quiet_data", "train_logging", "quiet_train_worker", "cluster_gpus",
-    "gpus_per_actor", "node_types", "check_fits_a_node", "fit_cpu_pool", "share_pool", "actor_pool_kwargs",
+    "gpus_per_actor", "node_types", "check_fits_a_node", "fit_cpu_pool", "actor_pool_kwargs",
     "ClusterTimeline",
 ]
+
+log = logging.getLogger(__name__)
 
 # Ray's switch for a single-machine cluster: its processes take 127.0.0.1 as the node address and bind their
 # servers to it (otherwise Ray swaps 127.0.0.1 for the host's reachable address and listens on all interfaces).
 _LOOPBACK_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 # Environment every worker needs to resolve per-node caches and presets the same way as the driver.
-_FORWARDED_ENV = ("REALFAKE_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "HF_ENDPOINT")
+_FORWARDED_ENV = ("REALFAKE_CACHE", "REALFAKE_LOG_LEVEL", "HF_HOME", "HF_HUB_OFFLINE", "HF_ENDPOINT")
 
 # Where Ray's State API calls go. Without it a process finds "the" cluster by discovery — the newest one
 # started on this machine, not the one it belongs to. With two clusters on one machine (two local runs, a
@@ -247,46 +249,14 @@ def fit_cpu_pool(pool: ActorPool, cluster_cpus: float, reserve_cpus: float, fiel
             f"{field}.cpus_per_actor={pool.cpus_per_actor:g}: the cluster has {cluster_cpus:g} CPUs and the "
             f"stage's other tasks need {reserve_cpus:g}; lower {field}.cpus_per_actor"
         )
-    print(f"[ray] {field}: {pool.max_size} actors x {pool.cpus_per_actor:g} CPU would leave no CPU for the "
-          f"stage's other tasks on this {cluster_cpus:g}-CPU cluster; using {fit}", flush=True)
+    log.info(f"{field}: {pool.max_size} actors x {pool.cpus_per_actor:g} CPU would leave no CPU for the "
+             f"stage's other tasks on this {cluster_cpus:g}-CPU cluster; using {fit}")
     return pool.model_copy(update={"min_size": min(pool.min_size, fit), "max_size": fit})
 
 
-def _split(total: int, index: int, count: int) -> int:
-    """Part ``index`` of ``total`` split into ``count`` integer parts as evenly as possible (first parts larger)."""
-    return total // count + (1 if index < total % count else 0)
-
-
-def share_pool(pool: ActorPool, index: int, count: int, field: str, why: str = "") -> ActorPool:
-    """Pool ``index`` of the ``count`` actor pools of one stage that run at the same time, all configured by
-    ``pool``: ``max_size`` and ``min_size`` are split between them as evenly as integers allow (the first pools
-    take the remainder), so together they never ask for more actors — GPUs — than ``pool.max_size``.
-    ``ConfigError`` when ``max_size`` < ``count`` (every pool needs an actor); ``why`` names the pools there.
-
-    Example:
-        >>> [share_pool(ActorPool(min_size=1, max_size=5), i, 2, "encode.actors").max_size for i in range(2)]
-        [3, 2]
-    """
-    if count == 1:
-        return pool
-    if not 0 <= index < count:
-        raise ValueError(f"pool index {index} is not one of {count} pools")
-    if pool.max_size < count:
-        raise ConfigError(
-            f"{field}.max_size={pool.max_size}: {count} actor pools of this stage run at the same time and share "
-            f"it{f' ({why})' if why else ''}, each with one actor at least; set {field}.max_size to {count} or more"
-        )
-    max_size = _split(pool.max_size, index, count)
-    min_size = min(max(1, _split(pool.min_size, index, count)), max_size)
-    return pool.model_copy(update={"min_size": min_size, "max_size": max_size})
-
-
-def actor_pool_kwargs(pool: ActorPool, field: str, reserve_cpus: float = 0.0, share: tuple[int, int] = (0, 1),
-                      why: str = "") -> dict:
+def actor_pool_kwargs(pool: ActorPool, field: str, reserve_cpus: float = 0.0) -> dict:
     """``map_batches`` keyword arguments for a callable-class stage on an actor pool (``field``: its
-    config key, for messages). ``share=(i, n)``: this is pool ``i`` of ``n`` pools of the stage that run at the
-    same time and split ``pool`` (:func:`share_pool`; ``why`` names them in its error). A CPU-only pool is
-    fitted to the cluster, or to 1/n of it when shared (:func:`fit_cpu_pool`).
+    config key, for messages). A CPU-only pool is fitted to the cluster (:func:`fit_cpu_pool`).
 
     A GPU pool asks for all its ``max_size`` actors at once (Ray Data's ``initial_size``): on an autoscaling
     cluster their pending resources make the autoscaler launch the GPU nodes together, and the pool's live
@@ -296,12 +266,10 @@ def actor_pool_kwargs(pool: ActorPool, field: str, reserve_cpus: float = 0.0, sh
     """
     from ray.data import ActorPoolStrategy
 
-    index, count = share
-    pool = share_pool(pool, index, count, field, why)
     gpus = gpus_per_actor(pool)
     check_fits_a_node({"GPU": gpus, "CPU": pool.cpus_per_actor}, f"{field}.gpus_per_actor")
     if gpus == 0:
-        pool = fit_cpu_pool(pool, float(ray.cluster_resources().get("CPU", 0.0)) / count, reserve_cpus, field)
+        pool = fit_cpu_pool(pool, float(ray.cluster_resources().get("CPU", 0.0)), reserve_cpus, field)
     initial = pool.max_size if gpus > 0 else None
     return dict(
         compute=ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size, initial_size=initial),

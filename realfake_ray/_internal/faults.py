@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
@@ -38,6 +39,8 @@ from typing import NoReturn
 
 __all__ = ["ENV", "DRIVER_PID_ENV", "POINTS", "fault_at", "worker_env", "kill_driver", "hold", "kill_driver_at",
            "hold_at", "hold_while_driver_lives"]
+
+log = logging.getLogger(__name__)
 
 ENV = "REALFAKE_FAULT"
 DRIVER_PID_ENV = "REALFAKE_FAULT_DRIVER_PID"  # set for the workers by worker_env(): whom kill_driver() kills
@@ -73,7 +76,7 @@ def kill_driver(pid: int | None = None) -> NoReturn:
     never return: a Ray worker calling this dies with the job instead of making more progress."""
     if pid is None:
         pid = int(os.environ.get(DRIVER_PID_ENV) or os.getpid())
-    print(f"[fault] {ENV}: killing the driver (pid {pid})", flush=True)
+    log.info(f"{ENV}: killing the driver (pid {pid})")
     os.kill(pid, signal.SIGKILL)
     while True:
         time.sleep(60)
@@ -81,7 +84,7 @@ def kill_driver(pid: int | None = None) -> NoReturn:
 
 def hold(point: str) -> NoReturn:
     """Stop here until this process is killed from outside (a test removes its node)."""
-    print(f"[fault] {ENV}: holding at {point} until this worker is killed", flush=True)
+    log.info(f"{ENV}: holding at {point} until this worker is killed")
     while True:
         time.sleep(60)
 
@@ -103,7 +106,7 @@ def hold_while_driver_lives(point: str, pid: int | None = None) -> NoReturn:
     test kills it, fail this task or actor call."""
     if pid is None:
         pid = int(os.environ.get(DRIVER_PID_ENV) or os.getpid())
-    print(f"[fault] {ENV}: holding at {point} while the driver (pid {pid}) lives", flush=True)
+    log.info(f"{ENV}: holding at {point} while the driver (pid {pid}) lives")
     while True:
         try:
             os.kill(pid, 0)

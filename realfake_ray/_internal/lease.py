@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import functools
 import json
 import os
@@ -46,6 +47,8 @@ from realfake_ray.layout import RunLayout
 
 __all__ = ["TIMEOUT_ENV", "SETTLE_ENV", "LeaseSettings", "LeaseHeldError", "LeaseLostError", "RunLease",
            "run_lease", "takes_run_lease", "this_process"]
+
+log = logging.getLogger(__name__)
 
 TIMEOUT_ENV = "REALFAKE_LEASE_TIMEOUT_S"
 SETTLE_ENV = "REALFAKE_LEASE_SETTLE_S"
@@ -186,7 +189,7 @@ class RunLease:
         if not (current is None and self._create_exclusive()):
             self._write_and_check()
         if current is not None:
-            print(f"[lease] took over {self.url} from {_describe(current.get('owner') or {})}: {stale}", flush=True)
+            log.info(f"took over {self.url} from {_describe(current.get('owner') or {})}: {stale}")
         self._thread = threading.Thread(target=self._beat, name=f"lease-heartbeat {self.url}", daemon=True)
         self._thread.start()
 
@@ -205,13 +208,13 @@ class RunLease:
         except Exception as exc:
             if raise_if_lost:
                 raise
-            print(f"[lease] could not delete {self.url} ({type(exc).__name__}: {exc}): it goes stale after "
-                  f"{self.settings.timeout_s:g} s", flush=True)
+            log.warning(f"could not delete {self.url} ({type(exc).__name__}: {exc}): it goes stale after "
+                        f"{self.settings.timeout_s:g} s")
             return
         if self.lost is not None:
             if raise_if_lost:
                 raise LeaseLostError(self._lost_message())
-            print(f"[lease] {self._lost_message()}", flush=True)
+            log.warning(self._lost_message())
 
     def _record(self) -> bytes:
         now = self._clock()
@@ -272,11 +275,11 @@ class RunLease:
                 stored = self._read()
                 if stored is None or stored.get("token") != self.token:
                     self.lost = stored or {}
-                    print(f"[lease] LOST {self.url}: {self._lost_message()}", flush=True)
+                    log.warning(f"LOST {self.url}: {self._lost_message()}")
                     return
                 storage.write_bytes(self.url, self._record())
             except Exception as exc:  # a storage hiccup: the next beat tries again, well within the timeout
-                print(f"[lease] heartbeat of {self.url} failed ({type(exc).__name__}: {exc}); retrying", flush=True)
+                log.warning(f"heartbeat of {self.url} failed ({type(exc).__name__}: {exc}); retrying")
 
     def _held_message(self, record: dict) -> str:
         owner = record.get("owner") or {}

@@ -31,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import hashlib
 import json
 import os
@@ -49,6 +50,8 @@ from realfake_ray.config import ConfigError, RunConfig, dump_config
 from realfake_ray.layout import RunLayout
 
 __all__ = ["flatten_params", "evaluation_metrics", "StageRun", "MetricLogger", "log_report"]
+
+log = logging.getLogger(__name__)
 
 _ID_TAG = "realfake.id"  # a digest of the identifying tags: safe to quote in a search filter
 _EVENT_FILE = "events.out.tfevents"
@@ -112,8 +115,7 @@ def _best_effort(what: str) -> Iterator[None]:
     try:
         yield
     except Exception as error:  # whatever a tracker raises: say so and carry on
-        print(f"[tracking] {what} failed ({type(error).__name__}: {error}); metrics.jsonl and the PNGs have them",
-              flush=True)
+        log.warning(f"{what} failed ({type(error).__name__}: {error}); metrics.jsonl and the PNGs have them")
 
 
 # ------------------------------------------------------------------------------------------------ MLflow

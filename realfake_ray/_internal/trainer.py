@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -34,6 +35,8 @@ __all__ = [
     "all_gather_objects", "write_metrics", "read_metrics", "write_curves", "ordered_data_config",
     "count_epochs_from",
 ]
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -74,8 +77,8 @@ def fit_with_restarts(fit: Callable[[int], T], max_restarts: int, what: str) -> 
                 raise
             restarts += 1
             limit = "unlimited" if max_restarts < 0 else max_restarts
-            print(f"[{what}] lost worker(s) {ranks}; restarting from the newest checkpoint ({restarts}/{limit})",
-                  flush=True)
+            log.warning(f"lost worker(s) {ranks}; restarting from the newest checkpoint ({restarts}/{limit})",
+                        extra={"tag": what})
 
 
 # ------------------------------------------------------------------ helpers both Ray Train loops share

@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import hashlib
 import io
 import os
@@ -40,6 +41,8 @@ __all__ = [
     "ROWS_PER_BLOCK", "images_in_memory", "as_image_bytes", "cut_into_blocks", "image_rows", "not_in",
     "read_pending_shards", "pending_dataset",
 ]
+
+log = logging.getLogger(__name__)
 
 _COPY_RE = r"__c(?P<copy>\d+)\.[A-Za-z]+$"  # the copy index in an exported synthetic file's name
 ROWS_PER_BLOCK = 256  # per-image sets: images per read/decode block (more blocks as the set grows)
@@ -204,7 +207,7 @@ def decode_rows(batch: dict[str, np.ndarray], size: int, view: str = "centre", s
             message = str(exc) if errors is not None and errors[i] else f"{names[i]}: {type(exc).__name__}: {exc}"
             bad.append(message[:300])
     if bad:
-        print(f"[realfake] skipped {len(bad)} unreadable image(s): {'; '.join(bad[:3])}")
+        log.info(f"skipped {len(bad)} unreadable image(s): {'; '.join(bad[:3])}")
         _record_errors(errors_dir, bad)
     drop = ("url", "bytes", "copy_idx", "aug", "error", "image_id")
     keep = {k: np.asarray(v)[ok] for k, v in batch.items() if k not in drop}

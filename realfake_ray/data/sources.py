@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import csv
 import io
 from contextlib import contextmanager
@@ -53,6 +54,8 @@ __all__ = [
     "read_shard", "shard_image_ids", "read_images_by_id", "parquet_class_names", "CLASS_NAME_STYLES",
     "load_class_names", "display_name", "check_readable",
 ]
+
+log = logging.getLogger(__name__)
 
 LAYOUTS = ("imagefolder", "index_folders", "labels_file", "parquet", "webdataset")
 _IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff", "gif")
@@ -158,10 +161,10 @@ def _warn_shared_names(classes_file: str | None, url: str, class_names: list[str
         return
     _WARNED_SHARED.add((classes_file, shared))
     where = f"classes file {classes_file}" if classes_file else f"dataset {url}"
-    print(f"[data] warning: {where} gives several classes the same name "
-          f"({', '.join(map(repr, shared[:5]))}{', ...' if len(shared) > 5 else ''}), so their prompts are alike; "
-          "data.class_name_style=all keeps every synonym (ImageNet: data.classes_file=imagenet1k names each class "
-          "once)", flush=True)
+    log.warning(f"{where} gives several classes the same name "
+                f"({', '.join(map(repr, shared[:5]))}{', ...' if len(shared) > 5 else ''}), so their prompts are alike; "
+                "data.class_name_style=all keeps every synonym (ImageNet: data.classes_file=imagenet1k names each class "
+                "once)")
 
 
 # ------------------------------------------------------------------------------------------ detection

@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import glob
 import hashlib
 import json
@@ -47,6 +48,8 @@ __all__ = [
     "has_component", "clip_vision_dir", "guidance_widths", "check_models", "weights_sha256", "load_vae",
     "load_clip_vision", "load_pipeline", "load_captioner", "model_location_problem",
 ]
+
+log = logging.getLogger(__name__)
 
 PRESET_PREFIX = "preset:"
 PRESETS = ("tiny",)
@@ -81,7 +84,7 @@ def _node_lock(target: str, what: str) -> Iterator[None]:
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        print(f"[models] waiting for another process of this node to finish {what}", flush=True)
+        log.info(f"waiting for another process of this node to finish {what}")
         lock.acquire()
     try:
         yield

@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import importlib
 import time
 
@@ -27,6 +28,8 @@ from realfake_ray.stages.train.driver import run_train
 from realfake_ray.tools.report import write_report
 
 __all__ = ["run_pipeline", "select_stages", "train_with_baseline"]
+
+log = logging.getLogger(__name__)
 
 
 def _function(spec: str):
@@ -87,13 +90,13 @@ def run_pipeline(cfg: RunConfig, only: list[str] | None = None, from_stage: str 
 def _run_stages(cfg: RunConfig, stages: list[str], entries: dict) -> dict:
     summary: dict = {}
     for stage in stages:
-        print(f"[realfake] stage {stage}: starting", flush=True)
+        log.info(f"stage {stage}: starting")
         started = time.time()
         result = entries[stage](cfg) or {}
         seconds = round(time.time() - started, 2)
         skipped = bool(result.get("skipped", False))
         summary[stage] = {"seconds": seconds, "skipped": skipped, "result": result}
-        print(f"[realfake] stage {stage}: {'skipped (complete)' if skipped else 'done'} in {seconds:.1f} s", flush=True)
+        log.info(f"stage {stage}: {'skipped (complete)' if skipped else 'done'} in {seconds:.1f} s")
         if not skipped or stage == stages[-1]:  # a skipped stage changes nothing the report shows
             write_report(cfg, summary)
     return summary

@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import time
 
 import pyarrow as pa
@@ -36,6 +37,8 @@ from realfake_ray.stages.caption.plan import caption_settings, pending_rows
 from realfake_ray.stages.caption.workers import Captioner, decode_batch, write_caption_batch, write_captions_jsonl
 
 __all__ = ["run_caption"]
+
+log = logging.getLogger(__name__)
 
 
 def build_pipeline(lset: LabelledSet, rows: pa.Table, cfg: RunConfig):
@@ -63,7 +66,7 @@ def run_caption(cfg: RunConfig) -> dict:
     input (dataset, model location, or captions of this run made with another model / token limit / image size)."""
     reason = caption_stage_idle(cfg)
     if reason:
-        print(f"[caption] nothing to do: {reason}", flush=True)
+        log.info(f"nothing to do: {reason}")
         return {"skipped": True, "reason": reason}
     started, layout, data = time.time(), RunLayout(cfg.out), cfg.require_data()
     lset = real_set(data.train, cfg, labels_file=data.train_labels)
@@ -73,8 +76,8 @@ def run_caption(cfg: RunConfig) -> dict:
     rows = pending_rows(lset, cfg.out)
     if not rows.num_rows and storage.exists(summary_url) and storage.exists(layout.captions_url()):
         return {**storage.read_json(summary_url), "skipped": True}  # the record of the run that did the work
-    print(f"[caption] {lset.num_images} training images: {lset.num_images - rows.num_rows} captioned, "
-          f"{rows.num_rows} to caption with {cfg.caption.model}", flush=True)
+    log.info(f"{lset.num_images} training images: {lset.num_images - rows.num_rows} captioned, "
+             f"{rows.num_rows} to caption with {cfg.caption.model}")
     if rows.num_rows:
         _check_model(cfg)
         storage.write_json(settings_url, caption_settings(cfg))

@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
@@ -43,6 +44,8 @@ from realfake_ray.models import loading
 
 __all__ = ["run_encode"]
 
+log = logging.getLogger(__name__)
+
 SPLITS = ("train", "val")
 BANK_FORMAT = 2  # 2: + the fine-tuning view (full_latent_*); banks of format 1 must be re-encoded
 BANK_COLUMNS = (
@@ -64,10 +67,10 @@ def scan_splits(cfg: RunConfig) -> dict[str, LabelledSet]:
         check_readable(lset)
     if not d.classes_file and splits["train"].class_names == [n.replace("_", " ") for n in splits["train"].class_dirs]:
         names = splits["train"].class_names
-        print(f"[encode] warning: no data.classes_file, so the prompts name classes by their folders "
-              f"(\"photo of {names[0]}\"{', ...' if len(names) > 1 else ''}); for readable names pass "
-              "--set data.classes_file=URL (JSON {folder: name} or lines 'folder name'; "
-              "imagenet1k names ImageNet's synset folders)", flush=True)
+        log.warning(f"no data.classes_file, so the prompts name classes by their folders "
+                    f"(\"photo of {names[0]}\"{', ...' if len(names) > 1 else ''}); for readable names pass "
+                    "--set data.classes_file=URL (JSON {folder: name} or lines 'folder name'; "
+                    "imagenet1k names ImageNet's synset folders)")
     return splits
 
 

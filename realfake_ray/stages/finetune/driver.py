@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import io
 import json
 import os
@@ -69,6 +70,8 @@ from realfake_ray.method.prompts import build_prompt, tokenize
 from realfake_ray.seeds import derive_seed
 
 __all__ = ["run_finetune"]
+
+log = logging.getLogger(__name__)
 
 RUN_NAME = "finetune"  # Ray Train run name: checkpoints live in <out>/finetune/finetune/checkpoint_<step>
 CHECKPOINT_PREFIX = "checkpoint_"
@@ -206,8 +209,8 @@ def _report(st: _TrainState, models, optimizer, scaler, generator, cfg: RunConfi
                      checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{st.step:08d}")
     write_metrics(_metrics_url(cfg.out), st.history)
     last = st.history[-1]
-    print(f"[finetune] step {st.step}: loss {last['loss']:.4f} (denoise {last['denoise']:.4f}, mmd {last['mmd']:.4g}), "
-          f"{last['samples_per_s']:.0f} samples/s, checkpoint saved", flush=True)
+    log.info(f"step {st.step}: loss {last['loss']:.4f} (denoise {last['denoise']:.4f}, mmd {last['mmd']:.4g}), "
+             f"{last['samples_per_s']:.0f} samples/s, checkpoint saved")
 
 
 def train_loop(loop_config: dict) -> None:

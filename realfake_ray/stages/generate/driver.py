@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
@@ -42,6 +43,8 @@ from realfake_ray.data.synthetic import dataset_card
 from realfake_ray.stages.generate.workers import SynthesisActor, load_units
 
 __all__ = ["run_generate"]
+
+log = logging.getLogger(__name__)
 
 SYNTHETIC = "synthetic"
 LIGHT_TASK_CPUS = 0.25
@@ -120,12 +123,9 @@ def _execute(cfg: RunConfig, plan: GeneratePlan) -> dict:
         if bar.disable and (now - last >= _PROGRESS_EVERY_S or written + failed == plan.pending):
             last = now
             rate = written / max(now - started, 1e-9)
-            print(
-                f"[generate] {present + written}/{plan.expected} images "
-                f"({100 * (present + written) / max(plan.expected, 1):.1f}%), "
-                f"this run {written}/{plan.pending} at {rate:.2f} images/s, failed {failed}",
-                flush=True,
-            )
+            log.info(f"{present + written}/{plan.expected} images "
+                     f"({100 * (present + written) / max(plan.expected, 1):.1f}%), "
+                     f"this run {written}/{plan.pending} at {rate:.2f} images/s, failed {failed}")
     bar.close()
     return {"written": written, "failed": failed, "errors": errors, "seconds": time.time() - started,
             "sampler_s": sampler_s, "timeline": timeline.stop(), "shards": shards, "bytes": size,
@@ -146,13 +146,10 @@ def run_generate(cfg: RunConfig) -> dict:
 
     started = time.time()
     plan = plan_generate(cfg)
-    print(
-        f"[generate] {plan.bank_rows} bank rows x mult {cfg.generate.mult} = {plan.expected} images; "
-        f"{plan.expected - plan.pending} present, {plan.pending} to generate in {len(plan.units)} of "
-        f"{plan.shards} shards ({plan.settings['images_per_shard']} images each)"
-        + (f"; LoRA {plan.lora_sha256[:12]}" if plan.lora_sha256 else "; no LoRA"),
-        flush=True,
-    )
+    log.info(f"{plan.bank_rows} bank rows x mult {cfg.generate.mult} = {plan.expected} images; "
+             f"{plan.expected - plan.pending} present, {plan.pending} to generate in {len(plan.units)} of "
+             f"{plan.shards} shards ({plan.settings['images_per_shard']} images each)"
+             + (f"; LoRA {plan.lora_sha256[:12]}" if plan.lora_sha256 else "; no LoRA"))
     summary_url = RunLayout(cfg.out).synthetic_dir("_summary.json")
     if not plan.units and storage.exists(summary_url):
         stored = storage.read_json(summary_url)

@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import io
 import os
 import socket
@@ -38,6 +39,8 @@ from realfake_ray.models import loading
 from realfake_ray.stages.generate.plan import image_seed, local_lora_dir, sampler_settings, synthetic_path, unit_rows
 
 __all__ = ["load_units", "SynthesisActor", "GeneratedSet", "generate_in_process", "encode_jpeg", "SUMMARY_KEYS"]
+
+log = logging.getLogger(__name__)
 
 _BATCH_SCHEMA = pa.schema(
     [("copy_idx", pa.int64()), ("shard", pa.string())]
@@ -195,7 +198,7 @@ class SynthesisActor:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             summary.update(failed=n, error=f"{type(exc).__name__}: {exc}"[:500])
-            print(f"[generate] shard {row['shard']} ({n} images) failed: {summary['error']}", flush=True)
+            log.warning(f"shard {row['shard']} ({n} images) failed: {summary['error']}")
         summary["first_batch_s"] = self.first_batch_s
         summary["first_batch_at"] = None if self.first_batch_s is None else self.started + self.first_batch_s
         if self.kill_after and summary["written"] and len(list_shards(self.shards_dir).urls) >= self.kill_after:

@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
@@ -54,6 +55,8 @@ from realfake_ray.stages.evaluate.driver import run_evaluate
 from realfake_ray.stages.train.plan import TrainPlan, apply_budget, plan_training
 
 __all__ = ["run_train"]
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
 EPOCH_PREFIX = "epoch_"  # checkpoint folders: <classifier dir>/<run name>/epoch_NNNN (the epoch it ends)
@@ -149,10 +152,10 @@ def _epoch_line(row: dict, epochs: int) -> str:
     Example:
         >>> _epoch_line({"epoch": 4, "train_loss": 1.3912, "train_acc": 0.6234, "val_top1": 0.6601, "val_top5": 0.9712,
         ...              "lr": 0.09731, "images_per_s": 460.4}, 30)
-        '[train] epoch 5/30 loss 1.39 acc 0.62 val 0.66/0.97 lr 0.0973 460 img/s'
+        'epoch 5/30 loss 1.39 acc 0.62 val 0.66/0.97 lr 0.0973 460 img/s'
     """
     val = "-" if row["val_top1"] is None else f"{row['val_top1']:.2f}/{row['val_top5']:.2f}"
-    return (f"[train] epoch {row['epoch'] + 1}/{epochs} loss {row['train_loss']:.2f} acc {row['train_acc']:.2f} "
+    return (f"epoch {row['epoch'] + 1}/{epochs} loss {row['train_loss']:.2f} acc {row['train_acc']:.2f} "
             f"val {val} lr {row['lr']:.3g} {row['images_per_s']:.0f} img/s")
 
 
@@ -281,7 +284,7 @@ def train_loop(config: dict) -> None:
             trainer.write_metrics(metrics_url(cdir), history)
             write_curves(cdir, history)
             tracker.log(history)  # MLflow / TensorBoard, if on
-            print(_epoch_line(row, t.epochs), flush=True)
+            log.info(_epoch_line(row, t.epochs))
             state = {"model": base.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "epoch": epoch, "scaler": amp[1].state_dict() if amp[1] else {}}
         _report(row, state)
@@ -301,10 +304,10 @@ def _warn_if_no_cpu_for_data(cfg: RunConfig) -> None:
     cpus, t = float(ray.cluster_resources().get("CPU", 0.0)), cfg.train
     held = t.num_workers * t.worker_cpus
     if cpus < held + t.decode_cpus:
-        print(f"[train] warning: the cluster has {cpus:g} CPUs; {t.num_workers} training workers hold {held:g} "
-              f"(train.worker_cpus={t.worker_cpus:g}) and Ray Data decode tasks need train.decode_cpus="
-              f"{t.decode_cpus:g} more. Unless the cluster autoscales, add CPUs (ray.num_cpus) or lower "
-              f"train.worker_cpus / train.num_workers, or the run will wait.")
+        log.warning(f"the cluster has {cpus:g} CPUs; {t.num_workers} training workers hold {held:g} "
+                    f"(train.worker_cpus={t.worker_cpus:g}) and Ray Data decode tasks need train.decode_cpus="
+                    f"{t.decode_cpus:g} more. Unless the cluster autoscales, add CPUs (ray.num_cpus) or lower "
+                    f"train.worker_cpus / train.num_workers, or the run will wait.")
 
 
 def _trainer(plan: TrainPlan, cfg: RunConfig, first_epoch: int, resume_dir: str | None):
@@ -375,7 +378,7 @@ def run_train(cfg: RunConfig) -> dict:
         evaluation.pop("skipped", None)
         return {**done, "evaluation": evaluation, "skipped": True}
     if plan.missing_synthetic_classes:
-        print(f"[train] warning: the synthetic set has no image of class(es) {plan.missing_synthetic_classes[:10]}")
+        log.warning(f"the synthetic set has no image of class(es) {plan.missing_synthetic_classes[:10]}")
     started = time.time()
     tracked = StageRun.of(cfg, "train", cfg.train.tag, plan.run_name)
     tracked.start(cfg)
@@ -392,7 +395,7 @@ def run_train(cfg: RunConfig) -> dict:
     state = _final_state(result)
     prune_checkpoints(storage.join(output_dir(cfg), plan.run_name), EPOCH_PREFIX, cfg.train.checkpoint_keep)
     if int(state["epoch"]) + 1 > cfg.train.epochs:
-        print(f"[train] note: the latest checkpoint is epoch {int(state['epoch']) + 1} > train.epochs={cfg.train.epochs}; using it")
+        log.info(f"note: the latest checkpoint is epoch {int(state['epoch']) + 1} > train.epochs={cfg.train.epochs}; using it")
     info = {"arch": cfg.train.arch, "image_size": cfg.train.image_size, "source": cfg.train.source,
             "class_dirs": plan.class_dirs, "class_names": plan.class_names, "epochs": int(state["epoch"]) + 1}
     save_classifier(model_url(cdir), state["model"], info)

@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import io
 import os
 import time
@@ -53,6 +54,8 @@ from realfake_ray.seeds import derive_seed
 from realfake_ray.stages.generate.workers import generate_in_process
 
 __all__ = ["run_audit_privacy"]
+
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -142,8 +145,7 @@ def _run_arm(cfg: RunConfig, arm: str, masks: np.ndarray, bank: pa.Table, real: 
     ap = cfg.audit_privacy
     real_images, real_labels = real
     pending = [k for k in range(len(masks)) if not storage.exists(_shadow_url(cfg, arm, k))]
-    print(f"[audit-privacy] {arm}: {len(masks)} shadows, {len(masks) - len(pending)} stored, {len(pending)} to run",
-          flush=True)
+    log.info(f"{arm}: {len(masks)} shadows, {len(masks) - len(pending)} stored, {len(pending)} to run")
     if pending:
         init_ray(cfg.ray)
         judge = ray.remote(num_cpus=ap.cpus_per_task)(_judge)
@@ -192,7 +194,7 @@ def _strength_study(cfg: RunConfig, meta: dict, bank: pa.Table) -> list[dict]:
         distances = copy_distances(synthetic.astype(np.float32), rows, real_embeddings)
         out.append({"strength": strength, "images": len(images), "lora": bool(lora_url),
                     **copy_summary(distances, ap.near_copy_threshold)})
-        print(f"[audit-privacy] strength {strength}: {out[-1]}", flush=True)
+        log.info(f"strength {strength}: {out[-1]}")
     return out
 
 

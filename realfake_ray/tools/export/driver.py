@@ -9,6 +9,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
@@ -22,6 +23,8 @@ from realfake_ray.layout import RunLayout
 from realfake_ray.tools.export.writers import FORMATS, done_url, export_shard, wids_index
 
 __all__ = ["run_export"]
+
+log = logging.getLogger(__name__)
 
 
 def _export_batch(batch: dict[str, np.ndarray], *, dest: str, fmt: str) -> dict[str, np.ndarray]:
@@ -52,6 +55,6 @@ def run_export(cfg: RunConfig, fmt: str | None = None, dest: str | None = None) 
         wids_index(dest, shards.urls, shards.rows)
     summary = {"format": fmt, "dest": dest, "images": shards.images, "shards": len(shards.urls),
                "exported_now": len(pending), "seconds": round(time.time() - started, 2)}
-    print(f"[export] {shards.images} images of {len(shards.urls)} shards as {fmt} at {dest} "
-          f"({len(pending)} shards written now)", flush=True)
+    log.info(f"{shards.images} images of {len(shards.urls)} shards as {fmt} at {dest} "
+             f"({len(pending)} shards written now)")
     return summary

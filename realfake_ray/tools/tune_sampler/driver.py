@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import csv
 import io
 import time
@@ -58,6 +59,8 @@ from realfake_ray.tools.tune_sampler.grid import (
 )
 
 __all__ = ["run_tune_sampler"]
+
+log = logging.getLogger(__name__)
 
 _COLUMNS = ("name", "reference", "images_per_s", "tflop_per_img", "mfu", "peak_mem_gib", "kid", "kid_std", "mmd2",
             "accuracy", "finalist", "recommended", "error", *AXES)  # fmt: skip
@@ -211,7 +214,7 @@ def _trial(config: dict, plan: TunePlan) -> dict:
         row = {"error": f"{type(exc).__name__}: {exc}"[:400]}
     storage.write_json(url, {"phase": phase, "setting": setting, **row})
     shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
-    print(f"[tune-sampler] {phase} {setting['name']}: {shown}", flush=True)
+    log.info(f"{phase} {setting['name']}: {shown}")
     return {k: v for k, v in row.items() if isinstance(v, (int, float, str))}
 
 
@@ -234,13 +237,13 @@ def _run_round(cfg: RunConfig, plan: TunePlan, settings: list[dict], phase: str)
     from ray import tune
 
     missing = [s for s in settings if not storage.exists(_trial_url(cfg.out, phase, s, plan.context))]
-    print(f"[tune-sampler] {phase}: {len(settings)} settings, {len(settings) - len(missing)} stored, "
-          f"{len(missing)} to run", flush=True)
+    log.info(f"{phase}: {len(settings)} settings, {len(settings) - len(missing)} stored, "
+             f"{len(missing)} to run")
     if missing:
         init_ray(cfg.ray)
         fs, path = storage.arrow_filesystem(RunLayout(cfg.out).tune_dir("ray_tune"))
         name = f"{phase}-{time.strftime('%Y%m%d-%H%M%S')}"
-        print(f"[tune-sampler] Ray Tune experiment {RunLayout(cfg.out).tune_dir('ray_tune', name)}", flush=True)
+        log.info(f"Ray Tune experiment {RunLayout(cfg.out).tune_dir('ray_tune', name)}")
         trainable = tune.with_resources(tune.with_parameters(_trial, plan=plan), _trial_resources(cfg))
         tuner = tune.Tuner(
             trainable,
