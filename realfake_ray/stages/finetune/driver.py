@@ -468,5 +468,5 @@ def _plan_from_newest(cfg: RunConfig, meta: dict, files: tuple[str, ...], total:
     """The plan of one fit: resume from the newest complete checkpoint (none: a fresh start)."""
     run_dir = storage.join(RunLayout(cfg.out).finetune_dir(), RUN_NAME)
     complete = newest_complete(run_dir, CHECKPOINT_PREFIX, (LORA_WEIGHT_NAME, _OPTIMIZER_FILE, _STATE_FILE, _HISTORY_FILE))
-    return replace(plan_finetune(cfg, meta, files, total), resume_dir=complete,
-                   first_epoch=_checkpoint_epoch(complete, cfg.finetune, int(meta["splits"]["train"]["rows"])))
+    plan = plan_finetune(cfg, meta, files, total)
+    return replace(plan, resume_dir=complete, first_epoch=_checkpoint_epoch(complete, cfg.finetune, plan.rows))

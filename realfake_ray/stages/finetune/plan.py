@@ -141,16 +141,16 @@ def plan_finetune(cfg: RunConfig, meta: dict, files: list[str], total_steps: int
     """Resolve the model and check it against the bank (no Ray); see :func:`check_model_and_bank`."""
     model_dir = loading.resolve_model_dir(cfg.model.pretrained, cfg.model.revision, cfg.model.hub_timeout_s)
     facts = check_model_and_bank(cfg, meta, files, model_dir)
-    num_classes = len(meta["class_dirs"])
+    num_classes, rows = len(meta["class_dirs"]), int(meta["splits"]["train"]["rows"])
     means = None
     if cfg.finetune.vision_token == "class_mean":
         means = tuple(tuple(float(v) for v in row) for row in class_mean_embeddings(files, num_classes))
     return FinetunePlan(
         model_dir=model_dir,
         bank_files=tuple(files),
-        rows=int(meta["splits"]["train"]["rows"]),
+        rows=rows,
         total_steps=total_steps,
-        shuffle=data_order(cfg.finetune, int(meta["splits"]["train"]["rows"])),
+        shuffle=data_order(cfg.finetune, rows),
         num_classes=num_classes,
         class_means=means,
         **facts,
