@@ -292,9 +292,38 @@ def replicated_bank(source: str, copies: int) -> str:
     return str(target.resolve())
 
 
+class ObjectStorePeak:
+    """Samples the cluster's object-store bytes in use (Ray's store stats, the numbers ``ray memory --stats-only``
+    prints) every ``every_s`` on a thread; ``stop()`` returns ``(peak MiB, MiB spilled to disk meanwhile)``."""
+
+    def __init__(self, every_s: float = 0.25) -> None:
+        import threading
+
+        from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+        self._read = lambda: get_memory_info_reply(get_state_from_address(None)).store_stats
+        self._every_s, self._done = every_s, threading.Event()
+        first = self._read()
+        self._spilled0, self.peak = first.spilled_bytes_total, first.object_store_bytes_used
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._done.wait(self._every_s):
+            self.peak = max(self.peak, self._read().object_store_bytes_used)
+
+    def stop(self) -> tuple[float, float]:
+        self._done.set()
+        self._thread.join()
+        last = self._read()
+        mib = 1024 * 1024
+        return round(max(self.peak, last.object_store_bytes_used) / mib, 1), round((last.spilled_bytes_total - self._spilled0) / mib, 1)
+
+
 def finetune_order(bank: str, batches: int = 20) -> None:
-    """One epoch's data order from a ≥100 k-row bank, both ways: wall time, bytes moved through the object store
-    (Ray's own counter), and the class mix of the first batches (distinct classes among the first 8 × 16 rows)."""
+    """One epoch's data order from a ≥100 k-row bank, both ways: wall time, the peak of object-store bytes in use
+    and the bytes spilled to disk meanwhile (:class:`ObjectStorePeak`), and the class mix of the first batches
+    (distinct classes among the first 20 batches of 16 rows)."""
     import numpy as np
     import ray
 
@@ -308,6 +337,7 @@ def finetune_order(bank: str, batches: int = 20) -> None:
         cfg = load_config(preset="tiny", out=bank, overrides=[f"finetune.shuffle={shuffle}", "ray.num_cpus=2"])
         init_ray(cfg.ray)
         ds = bank_dataset(tuple(part_files(RunLayout(bank).bank_dir("train"))), shuffle, cfg.seed)
+        store = ObjectStorePeak()
         started, first, rows = time.time(), [], 0
         for batch in ds.iter_batches(batch_size=16, batch_format="numpy",
                                      local_shuffle_buffer_size=cfg.finetune.shuffle_buffer_size if shuffle == "files" else None):
@@ -315,11 +345,11 @@ def finetune_order(bank: str, batches: int = 20) -> None:
                 first.append(batch["label"])
             rows += len(batch["label"])
         seconds = time.time() - started
-        stats = ds.stats() if hasattr(ds, "stats") else ""
-        spilled = [line for line in str(stats).splitlines() if "spilled" in line.lower() or "object store" in line.lower()][:3]
+        peak_mib, spilled_mib = store.stop()
         mix = float(np.mean([len(set(b.tolist())) for b in first]))
         _save({"part": "finetune-order", "storage": "disk", "size": rows, "what": shuffle, "seconds": round(seconds, 1),
-               "distinct_classes_per_batch_of_16": round(mix, 2), "store_notes": spilled})
+               "distinct_classes_per_batch_of_16": round(mix, 2), "object_store_peak_mib": peak_mib,
+               "spilled_mib": spilled_mib})
         ray.shutdown()
 
 
@@ -361,17 +391,19 @@ def cache(size: int, server=None) -> None:
 # ------------------------------------------------------------------------------------------ decode rate
 _DECODE_CODE = r"""
 import json, sys, time
-import ray
 from realfake_ray._internal.cluster import init_ray
 from realfake_ray.config import load_config
-from realfake_ray.bank import read_meta
-from realfake_ray.data.labelled import decoded_dataset, rows_dataset, synthetic_set
+from realfake_ray.stages.train.driver import train_dataset
+from realfake_ray.stages.train.plan import plan_training
 
 out, cpus = sys.argv[1], int(sys.argv[2])
-cfg = load_config(preset="tiny", out=out, overrides=[f"ray.num_cpus={cpus}", "train.decode_cpus=1"])
+import yaml
+with open(f"{out}/config.yaml") as fh:  # the job's data (its other keys may predate renames)
+    data = {k: v for k, v in yaml.safe_load(fh)["data"].items() if k in ("train", "val", "val_labels", "classes_file") and v}
+cfg = load_config(preset="tiny", out=out, **{f"data__{k}": v for k, v in data.items()}, overrides=[
+    f"ray.num_cpus={cpus}", "train.decode_cpus=1", "train.source=synthetic", "train.budget_images=null"])
 init_ray(cfg.ray)
-lset = synthetic_set(cfg, read_meta(out)["class_dirs"])
-ds = decoded_dataset(rows_dataset(lset, cfg), cfg.train.image_size, cfg, view="train")
+ds = train_dataset(plan_training(cfg), cfg, 0)  # one epoch of the classifier's own pipeline
 started, n = time.time(), 0
 for batch in ds.iter_batches(batch_size=256, batch_format="numpy"):
     n += len(batch["pixels"])
@@ -380,8 +412,9 @@ print("RESULT", json.dumps({"images": n, "seconds": time.time() - started}))
 
 
 def decode(size: int) -> None:
-    """Images/s of the classifier's read + decode (+ train-view augmentation) pipeline over the synthetic shards
-    of the disk job of ``size``, on a Ray cluster of 1 and of 2 CPUs (one CPU per decode task)."""
+    """Images/s of one epoch of the classifier's input pipeline (``train_dataset``: read, shuffle, decode,
+    train-view augmentation) over the synthetic shards of the disk job of ``size``, on a Ray cluster of 1 and of 2
+    CPUs (one CPU per decode task); 0 images is an error, not a row."""
     out = str((ROOT / f"disk-{size}").resolve())
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     for cpus in (1, 2):
@@ -390,6 +423,8 @@ def decode(size: int) -> None:
         if code or not line:
             raise SystemExit(f"decode on {cpus} CPUs failed:\n{tail}")
         found = json.loads(line[7:])
+        if not found["images"]:
+            raise SystemExit(f"decode on {cpus} CPUs read no image from {out}:\n{tail}")
         _save({"part": "decode", "storage": "disk", "size": found["images"], "what": f"{cpus} CPU",
                "seconds": round(found["seconds"], 1), "images_per_s": round(found["images"] / found["seconds"], 1),
                "images_per_s_per_cpu": round(found["images"] / found["seconds"] / cpus, 1)})
