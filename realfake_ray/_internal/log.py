@@ -5,8 +5,8 @@ every Ray worker (each process imports the package, so the format is the same in
 The tag is the stage or tool (``[train]``, ``[generate]``, ``[audit-privacy]``), the pipeline's ``[realfake]``,
 or the module's own name for the shared parts (``[lease]``, ``[tracking]``); warnings read ``[<tag>] warning:``.
 ``REALFAKE_LOG_LEVEL`` (default ``INFO``; forwarded to the workers) sets the level; a program that configures
-logging itself can replace the handler: ``logging.getLogger("realfake_ray").handlers.clear()`` and let records
-propagate.
+logging itself can take the records over: clear ``logging.getLogger("realfake_ray").handlers`` and set its
+``propagate`` back to True (the console handler turns it off so that lines are not printed twice).
 
 Example:
     >>> import logging
