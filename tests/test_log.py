@@ -56,3 +56,48 @@ def test_library_code_logs_and_prints_only_a_commands_result():
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "print" and rel not in RESULT_PRINTS:
                 printing.append(f"{rel}:{node.lineno}")
     assert not printing, "use logging.getLogger(__name__) (see realfake_ray/_internal/log.py): " + ", ".join(printing)
+
+
+# Lines from the console of a `make demo` run (2026-12-05), as the driver received them from Ray's processes.
+_RAY_NOISE_SEEN = [
+    "[2026-12-05 10:52:52,009 E 6416 6447] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' and ID: "
+    "'452c55245e0a6d6af4d9759801000000' has constructor arguments in the object store and max_restarts > 0. If the "
+    "arguments in the object store go out of scope or are lost, the actor restart will fail.",
+    "[2026-12-05 10:53:23,339 E 5408 5408] (gcs_server) gcs_actor_scheduler.cc:538: Failed to kill actor "
+    "f3cf2360cb519bd13484a97301000000, return status: Invalid: KillActor RPC failed for actor "
+    "f3cf2360cb519bd13484a97301000000: RpcError: RPC error: Socket closed rpc_code: 14",
+    "WARNING: 8 PYTHON worker processes have been started on node: 0a8859a780f60dc7ef6f4e9812a83cd70d7b7f5c6106107437a"
+    "31467 with address: 127.0.0.1, which is 4x the maximum expected startup concurrency (2).",
+    "Progress bars disabled. To enable, set `ray.data.DataContext.get_current().enable_progress_bars = True`.",
+]
+_RAY_ERRORS = [
+    "[2026-12-05 10:52:52,009 E 6416 6447] core_worker.cc:1123: Unhandled error (suppress with 'RAY_IGNORE_UNHANDLED"
+    "_ERRORS=1'): ray::SynthesisActor.submit() (pid=6485) RuntimeError: CUDA out of memory",
+    "[2026-12-05 10:53:23,339 E 5408 5408] (gcs_server) gcs_actor_scheduler.cc:538: Failed to create actor, "
+    "return status: RpcError",
+    "A worker died or was killed while executing a task by an unexpected system error.",
+    "[finetune] step 100: loss 0.0697 (denoise 0.0657, mmd 1.348), 38 samples/s, checkpoint saved",
+]
+
+
+def test_ray_s_non_error_lines_are_dropped_from_the_console_and_its_errors_are_not():
+    """Through Ray's own log deduplicator, with the skip pattern a quiet run (no --verbose) sets."""
+    from ray._private.ray_logging import LogDeduplicator
+
+    from realfake_ray._internal.quiet import QUIET_ENV
+
+    dedup = LogDeduplicator(5, None, QUIET_ENV["RAY_DEDUP_LOGS_SKIP_REGEX"], _timesource=lambda: 0.0)
+    batch = {"ip": "127.0.0.1", "pid": 6416, "job": "01", "is_err": True, "lines": _RAY_NOISE_SEEN + _RAY_ERRORS}
+    printed = [line for out in dedup.deduplicate(batch) for line in out["lines"]]
+    assert printed == _RAY_ERRORS
+
+
+def test_a_quiet_command_sets_the_skip_pattern_and_verbose_leaves_it_unset(monkeypatch, capsys):
+    """The CLI sets it before it imports Ray (cli.py imports no Ray: test_imports' layer rule), where Ray reads it."""
+    from realfake_ray import cli
+
+    for flags, expected in (([], True), (["--verbose"], False)):
+        monkeypatch.delenv("RAY_DEDUP_LOGS_SKIP_REGEX", raising=False)
+        assert cli.main(["train", "--preset", "tiny", "--print-config", *flags]) == 0
+        assert ("RAY_DEDUP_LOGS_SKIP_REGEX" in os.environ) is expected
+    capsys.readouterr()

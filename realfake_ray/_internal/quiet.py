@@ -10,7 +10,21 @@ from __future__ import annotations
 import logging
 import warnings
 
-__all__ = ["QUIET_ENV", "quiet_libraries"]
+__all__ = ["QUIET_ENV", "RAY_NOISE", "quiet_libraries"]
+
+# Lines Ray's processes print at error or warning level that are not a problem of the run, dropped from the
+# console (not from Ray's log files) through Ray's own switch, RAY_DEDUP_LOGS_SKIP_REGEX, which the driver reads
+# when it imports Ray. Each is narrow: a real error of the same component still prints.
+RAY_NOISE = (
+    # Ray Train's controller starts its PreemptionWatcher actor with arguments in the object store
+    r"core_worker\.cc:\d+: Actor with class name: '\w+' and ID: '\w+' has constructor arguments in the object store",
+    # the GCS asked a worker that had already exited to stop (actor pools and Ray Train at their end)
+    r"gcs_actor_scheduler\.cc:\d+: Failed to kill actor \w+, return status: Invalid: KillActor RPC failed",
+    # fractional-CPU actors and tasks start more worker processes than the raylet's rule of thumb
+    r"PYTHON worker processes have been started on node: \w+ with address: [\d.]+, which is \d+x the maximum",
+    # Ray Data's own notice in its coordinator actors that the progress bars are off, as they are on purpose
+    r"Progress bars disabled\. To enable, set",
+)
 
 # No model-loading progress bars, advisory logs, deprecation notices or per-execution Ray Data info lines
 # from the libraries, in the driver and in every worker (one copy per actor and per Ray Train worker in the
@@ -19,6 +33,7 @@ QUIET_ENV = {
     "TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning",
     "RAY_DATA_LOG_LEVEL": "WARNING",
+    "RAY_DEDUP_LOGS_SKIP_REGEX": "|".join(RAY_NOISE),
 }
 
 
