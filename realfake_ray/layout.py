@@ -98,6 +98,11 @@ class RunLayout:
         """``<out>/classifier[/<tag>]``: checkpoints, metrics, curves, final weights and reports."""
         return self._of("train", *([tag] if tag else []))
 
+    def distribution_url(self) -> str:
+        """``<out>/classifier/distribution.json``: the synthetic-vs-real CLIP metrics, which depend on the
+        synthetic set and the bank, not on a classifier: computed once, shared by every tag's evaluation."""
+        return self._of("train", "distribution.json")
+
     # the run's report and the tools on top of a run
     def report_url(self, suffix: str = "json") -> str:
         """``<out>/report.json`` / ``report.md``."""

@@ -176,6 +176,28 @@ def test_distribution_metrics_against_the_bank(evaluated):
     assert set(dist["per_class_mmd2"]) == set(CLASS_DIRS) and dist["kernel"] == "gaussian"
     # The fabricated "synthetic" images are JPEG re-saves of real train images: near-copies of them.
     assert dist["nn"]["label_agreement"] > 0.95 and dist["nn"]["fraction"] > 0.9
+    assert storage.read_json(RunLayout(str(evaluated["out"])).distribution_url())["report"] == dist  # shared per run
+
+
+def test_the_distribution_report_is_computed_once_per_synthetic_set_bank_and_settings(tmp_path, monkeypatch):
+    """The job's two classifiers (synthetic and the real-only baseline) share one synthetic set: the second
+    evaluation reuses the first's CLIP pass; another set, bank or setting computes it again."""
+    from types import SimpleNamespace
+
+    from realfake_ray.stages.evaluate import driver
+
+    calls = []
+    monkeypatch.setattr(driver, "distribution_metrics", lambda cfg, meta, synth, dirs: calls.append(1) or {"mmd2": len(calls)})
+    synth, meta = SimpleNamespace(url="s://set", num_images=60), {"class_dirs": CLASS_DIRS, "resolution": 32}
+
+    def report(digest="d1", meta=meta, *overrides):
+        return driver.shared_distribution(_cfg(tmp_path, *overrides), meta, synth, digest, CLASS_DIRS)
+
+    assert report() == report() == report(*["d1", meta, "train.tag=real", "train.source=real"]) == {"mmd2": 1}
+    assert report("d2") == {"mmd2": 2}  # another synthetic set
+    assert report("d2", {**meta, "resolution": 64}) == {"mmd2": 3}  # another bank
+    assert report("d2", {**meta, "resolution": 64}, "evaluate.nn_threshold=0.1") == {"mmd2": 4}
+    assert len(calls) == 4
 
 
 @pytest.mark.e2e

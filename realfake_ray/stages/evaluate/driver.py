@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import json
 
 import numpy as np
 
@@ -155,6 +156,24 @@ def distribution_metrics(cfg: RunConfig, meta: dict, synth: LabelledSet, class_d
     return report
 
 
+def shared_distribution(cfg: RunConfig, meta: dict, synth: LabelledSet, digest: str, class_dirs: list[str]) -> dict:
+    """:func:`distribution_metrics`, or the report a classifier of another tag already got from the same synthetic
+    set, bank and settings (``<out>/classifier/distribution.json``): the job's real-only baseline and its
+    synthetic classifier share one synthetic set, so its CLIP pass runs once per job."""
+    ev = cfg.evaluate
+    bank = hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()
+    inputs = {"synthetic": [synth.url, synth.num_images, digest], "bank_meta_sha256": bank, "seed": cfg.seed,
+              "model": cfg.model.model_dump(mode="json"),
+              "settings": ev.model_dump(mode="json", include={"mmd_kernel", "nn_threshold", "max_samples",
+                                                               "distribution_max_images"})}
+    url = RunLayout(cfg.out).distribution_url()
+    if storage.exists(url) and (stored := storage.read_json(url)).get("inputs") == inputs:
+        return stored["report"]
+    report = distribution_metrics(cfg, meta, synth, class_dirs)
+    storage.write_json(url, {"inputs": inputs, "report": report})
+    return report
+
+
 # ------------------------------------------------------------------------------------ reports
 def _markdown(report: dict) -> str:
     sets = report["sets"]
@@ -178,12 +197,12 @@ def _markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _inputs(cfg: RunConfig, model_bytes: bytes, synth: LabelledSet | None) -> dict:
+def _inputs(cfg: RunConfig, model_bytes: bytes, synth: LabelledSet | None, digest: str | None) -> dict:
     """What a report depends on: a rerun with the same inputs returns the stored report."""
     return {
         "model_sha256": hashlib.sha256(model_bytes).hexdigest(), "seed": cfg.seed, "val": cfg.data.val,
         "evaluate": cfg.evaluate.model_dump(mode="json", exclude={"actors", "batch_size"}),
-        "synthetic": [synth.url, synth.num_images, set_digest(synth)] if synth else None,
+        "synthetic": [synth.url, synth.num_images, digest] if synth else None,
     }
 
 
@@ -201,12 +220,13 @@ def run_evaluate(cfg: RunConfig) -> dict:
     class_dirs = info["class_dirs"]
     names, labelled, subsets = plan_sets(cfg, class_dirs)
     skipped, meta, synth = distribution_inputs(cfg, class_dirs)
-    inputs, report_url = _inputs(cfg, model_bytes, synth), storage.join(cdir, "metrics.json")
+    digest = set_digest(synth) if synth else None
+    inputs, report_url = _inputs(cfg, model_bytes, synth, digest), storage.join(cdir, "metrics.json")
     if storage.exists(report_url) and storage.read_json(report_url).get("inputs") == inputs:
         return {**storage.read_json(report_url), "skipped": True}
     init_ray(cfg.ray)
     sets = evaluate_sets(cfg, url, names, labelled, subsets, info) if labelled else {}
-    distribution = {"skipped": skipped} if skipped else distribution_metrics(cfg, meta, synth, class_dirs)
+    distribution = {"skipped": skipped} if skipped else shared_distribution(cfg, meta, synth, digest, class_dirs)
     report = {
         "source": info["source"], "arch": info["arch"], "image_size": info["image_size"], "epochs": info.get("epochs"),
         "num_classes": len(class_dirs), "class_dirs": class_dirs, "class_names": info["class_names"],
