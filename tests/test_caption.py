@@ -238,6 +238,7 @@ def test_a_sharded_training_set_is_captioned_under_its_shard_row_ids(tmp_path, t
 
 
 @pytest.mark.e2e
+@pytest.mark.system  # the caption stage and an encode of its own (~35 s in CI); off in the tiny preset
 def test_one_caption_per_image_resumed_by_part_and_read_by_encode(ray_cluster, tmp_path, tiny_blip2,
                                                                              few_digits, monkeypatch):
     out = tmp_path / "run"

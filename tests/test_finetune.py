@@ -145,6 +145,8 @@ def test_two_worker_run_trains_the_lora_and_writes_every_output(first_run, tiny_
     for row in history:
         assert all(math.isfinite(row[k]) for k in ("loss", "denoise", "mmd", "samples_per_s"))
         assert row["lr"] == pytest.approx(1e-3)
+    assert tensorboard_points(f"{out}/tensorboard/finetune", "loss") == \
+        [(row["step"], pytest.approx(row["loss"], rel=1e-6)) for row in history]
     assert checkpoint_steps(out) == [2, 4]
     for name in ("config.yaml", "metrics.jsonl", "loss.png", "_done.json"):
         assert storage.exists(storage.join(RunLayout(out).finetune_dir(), name)), name
@@ -172,7 +174,25 @@ def test_two_worker_run_trains_the_lora_and_writes_every_output(first_run, tiny_
 
 
 @pytest.mark.e2e
-def test_larger_target_resumes_from_the_checkpoint_then_skips(first_run, capsys):
+def test_a_complete_run_is_skipped_without_ray_and_a_changed_target_or_setting_is_refused(first_run, capsys):
+    out, done, _, _ = first_run
+    with pytest.MonkeyPatch.context() as mp:  # complete: the stored result, no Ray work at all
+        forbid_ray_work(mp)
+        again = run_finetune(_cfg(out, FIRST))
+    assert again["skipped"] and again["lora_sha256"] == done["lora_sha256"]
+    assert cli_main(["finetune", "--preset", "tiny", "--out", out, "--max-steps", str(FIRST)]) == 0
+    assert '"skipped": true' in capsys.readouterr().out
+    with pytest.raises(ValueError, match=f"checkpoint at step {FIRST}"):
+        run_finetune(_cfg(out, FIRST - 1))
+    # A LoRA-shaping setting changed: refused at once, naming the key; nothing is retrained or skipped.
+    with pytest.raises(ValueError, match=r"other settings \(lr: .* → 0\.5\)"):
+        run_finetune(_cfg(out, FIRST, "finetune.lr=0.5"))
+    assert checkpoint_steps(out) == [2, FIRST]
+
+
+@pytest.mark.e2e
+@pytest.mark.system  # a second Ray Train fit (~70 s in CI); the skip and refusal checks above stay in make test
+def test_larger_target_resumes_from_the_checkpoint(first_run):
     out, _, first_history, _ = first_run
     done = run_finetune(_cfg(out, SECOND, TENSORBOARD))
     history = _history(out)
@@ -183,19 +203,7 @@ def test_larger_target_resumes_from_the_checkpoint_then_skips(first_run, capsys)
         assert tensorboard_points(f"{out}/tensorboard/finetune", key) == \
             [(row["step"], pytest.approx(row[key], rel=1e-6)) for row in history], key
     assert checkpoint_steps(out) == [FIRST, SECOND]  # keep_checkpoints=2
-
-    with pytest.MonkeyPatch.context() as mp:  # complete: the stored result, no Ray work at all
-        forbid_ray_work(mp)
-        again = run_finetune(_cfg(out, SECOND))
-    assert again["skipped"] and again["lora_sha256"] == done["lora_sha256"]
-    assert cli_main(["finetune", "--preset", "tiny", "--out", out, "--max-steps", str(SECOND)]) == 0
-    assert '"skipped": true' in capsys.readouterr().out
-    with pytest.raises(ValueError, match=f"checkpoint at step {SECOND}"):
-        run_finetune(_cfg(out, 3))
-    # A LoRA-shaping setting changed: refused at once, naming the key; nothing is retrained or skipped.
-    with pytest.raises(ValueError, match=r"other settings \(lr: .* → 0\.5\)"):
-        run_finetune(_cfg(out, SECOND, "finetune.lr=0.5"))
-    assert checkpoint_steps(out) == [FIRST, SECOND]
+    assert run_finetune(_cfg(out, SECOND))["skipped"]
 
 
 def _bank_rows(rng) -> dict:

@@ -390,13 +390,16 @@ def test_changed_settings_into_the_same_out_are_refused(run_a, no_ray):
 
 
 @pytest.mark.e2e
-def test_a_missing_lora_is_refused_unless_use_lora_is_off_then_txt2img_runs_with_class_mean_guidance(
-        bank, tmp_path_factory, run_a, monkeypatch):
+def test_a_missing_lora_is_refused_before_any_ray_work(bank, tmp_path_factory, no_ray):
+    out = _new_run(bank, tmp_path_factory, "gen-nolora", lora=False)
+    with pytest.raises(FileNotFoundError, match=r"no LoRA at .*lora/pytorch_lora_weights.safetensors.*generate.use_lora=false"):
+        run_generate(_cfg(out))  # use_lora is on, but <out>/lora does not exist
+
+
+@pytest.mark.e2e
+@pytest.mark.system  # a generate run of its own (~35 s in CI); the sampler's txt2img is unit-tested in test_sampler.py
+def test_without_a_lora_txt2img_runs_with_class_mean_guidance(bank, tmp_path_factory, run_a):
     out = _new_run(bank, tmp_path_factory, "gen-t2i", lora=False)
-    with monkeypatch.context() as mp:
-        forbid_ray_work(mp)
-        with pytest.raises(FileNotFoundError, match=r"no LoRA at .*lora/pytorch_lora_weights.safetensors.*generate.use_lora=false"):
-            run_generate(_cfg(out))  # use_lora is on, but <out>/lora does not exist
     summary = run_generate(_cfg(out, "generate.mode=txt2img", "generate.use_lora=false", "generate.vision_token=class_mean"))
     rows = _check_set(out, bank, 1)
     assert summary["settings"]["lora_sha256"] is None and summary["settings"]["mode"] == "txt2img"

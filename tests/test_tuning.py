@@ -86,6 +86,7 @@ def test_recommended_yaml_loads_as_a_config_file(tmp_path):
     assert (g.scheduler, g.steps, g.guidance_scale, g.speedup, g.batch_size) == ("ddim", 8, 1.0, "deepcache:3", 64)
 
 
+@pytest.mark.system  # two classifier fits (~30 s in CI); its users, tune-sampler and audit-privacy, are system tests
 def test_quick_classifier_learns_the_real_digits_and_is_seeded():
     from realfake_ray.data.labelled import images_in_memory, real_set
 
