@@ -149,7 +149,8 @@ def run_row(root: Path, bank: Path, variant: dict, seed: int, data: dict | None,
     times["train_s"] = summary.get("seconds", round(time.time() - began, 1))
     val = summary["evaluation"]["sets"]["val"]
     return {"row": variant["row"], "seed": seed, "synthetic_images": summary["synthetic_images"],
-            "real_images": summary["real_images"], "top1": val["top1"], "per_class": val["per_class"],
+            "real_images": summary["real_images"], "top1": val["top1"], "top1_last5": summary.get("val_top1_last5"),
+            "per_class": val["per_class"],
             **_distances(cfg, summary, val_embeddings), **times}
 
 
@@ -207,10 +208,21 @@ def aggregate(rows: list[dict]) -> list[dict]:
         table.append({
             "row": name, "seeds": len(group), "synthetic images": group[0]["synthetic_images"],
             "val top-1": f"{top1.mean():.4f} ± {top1.std(ddof=1):.4f}" if len(top1) > 1 else f"{top1[0]:.4f}",
+            "val top-1, last 5 epochs": _mean_std([r.get("top1_last5") for r in group]),
             "MMD² (CLIP)": mean("mmd2"), "KID (CLIP)": mean("kid"),
             "finetune s": mean("finetune_s", 0), "generate s": mean("generate_s", 0), "train s": mean("train_s", 0),
         })
     return table
+
+
+def _mean_std(values: list) -> str | None:
+    """``mean ± std`` over seeds (rows run before the statistic existed have none: None)."""
+    import numpy as np
+
+    found = np.array([v for v in values if v is not None], dtype=float)
+    if not len(found):
+        return None
+    return f"{found.mean():.4f} ± {found.std(ddof=1):.4f}" if len(found) > 1 else f"{found[0]:.4f}"
 
 
 def stage_minutes(rows: list[dict], names: list[str], seeds: list[int]) -> float:

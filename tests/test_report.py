@@ -17,7 +17,8 @@ def _classifier(out: str, tag: str | None, source: str, real: int, synthetic: in
     storage.write_json(storage.join(cdir, "metrics.json"), {"source": source, "arch": "resnet_tiny", "epochs": 4,
                                                             "sets": sets, "distribution": dist if synthetic else {"skipped": "x"}})
     storage.write_json(storage.join(cdir, "_done.json"), {"real_images": real, "synthetic_images": synthetic,
-                                                          "last_epoch": {"images_per_s": 250.0, "workers": 2}})
+                                                          "last_epoch": {"images_per_s": 250.0, "workers": 2},
+                                                          "val_top1_last5": top1 - 0.01})
     rows = [{"epoch": e, "train_loss": 1.0 / (e + 1)} for e in range(3)]
     storage.upload_file(plot_curves(rows, "epoch", ["train_loss"], f"{out}/curves-{tag}.png"), storage.join(cdir, "curves.png"))
 
@@ -35,6 +36,7 @@ def test_report_lists_every_classifier_with_its_data_and_pictures(tmp_path):
     accuracy = {r["classifier"]: r for r in report["accuracy"]}
     assert set(accuracy) == {"default", "real", "synthetic-1x"}
     assert (accuracy["real"]["real_images"], accuracy["default"]["synthetic_images"]) == (1437, 14370)
+    assert accuracy["real"]["val_top1_last5"] == 0.92  # beside the final epoch's top-1, from train's summary
     assert [r["classifier"] for r in report["distribution"]] == ["default", "synthetic-1x"]  # real-only: none
     assert {r["stage"] for r in report["throughput"]} == {"generate", "train (default)", "train (real)", "train (synthetic-1x)"}
     assert report["pictures"]["scaling"] == "scaling.png" and storage.exists(storage.join(out, "scaling.png"))

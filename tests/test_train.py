@@ -305,6 +305,7 @@ def test_synthetic_only_run_on_generated_output(generated, synthetic_run):
     assert report["source"] == "synthetic" and report["sets"]["val"]["count"] == 360
     assert 0 <= report["sets"]["val"]["top1"] <= 1
     assert row["val_top1"] == pytest.approx(report["sets"]["val"]["top1"], abs=0.02)  # the epoch's own val row agrees
+    assert summary["val_top1_last5"] == pytest.approx(row["val_top1"])  # one epoch: its own val score
     dist = report["distribution"]  # the bank of this run (30 real) against the 60 generated images
     assert dist["n_real"] == 30 and dist["n_synth"] == 60 and dist["mmd2"] is not None
     assert set(dist["per_class_mmd2"]) == {f"digit_{i}" for i in range(10)}

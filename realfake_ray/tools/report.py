@@ -147,7 +147,9 @@ def _accuracy_rows(classifiers: list[tuple[str, str, dict, dict]]) -> list[dict]
             rows.append({"classifier": name, "source": metrics.get("source"), "arch": metrics.get("arch"),
                          "real_images": done.get("real_images"), "synthetic_images": done.get("synthetic_images"),
                          "epochs": metrics.get("epochs"), "set": set_name,
-                         "top1": res.get("top1"), "top5": res.get("top5"), "count": res.get("count")})
+                         "top1": res.get("top1"), "top5": res.get("top5"), "count": res.get("count"),
+                         # the epoch-to-epoch steadier statistic: mean val top-1 of the last 5 epochs (train's run)
+                         "val_top1_last5": done.get("val_top1_last5") if set_name == "val" else None})
     return rows
 
 
