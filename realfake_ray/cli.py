@@ -22,6 +22,7 @@ from typing import NoReturn
 from realfake_ray import storage
 from realfake_ray._internal.quiet import QUIET_ENV, quiet_libraries
 from realfake_ray.config import ConfigError, RunConfig, dump_config, load_config
+from realfake_ray.layout import RunLayout
 from realfake_ray.models import pretrain
 from realfake_ray.models.loading import materialise_preset, write_fp32_copy
 from realfake_ray.stages.registry import COMMANDS, Command
@@ -82,8 +83,34 @@ def _run_stage(name: str, args: argparse.Namespace) -> None:
     module, func = stage.entry.split(":")
     kwargs = {arg.kwarg: getattr(args, arg.kwarg) for arg in stage.args}
     result = getattr(importlib.import_module(module), func)(cfg, **kwargs)
-    if result is not None:
+    if name == "run":
+        print(job_summary(result, RunLayout(cfg.out).report_url("md")))
+    elif result is not None:
         print(json.dumps(result, indent=2, default=str)[:4000])
+
+
+def job_summary(result: dict, report: str) -> str:
+    """What a finished job prints: each stage's time, the val top-1 of its classifiers, and where the report is
+    (the whole record is in the report and each stage's own files).
+
+    Example:
+        >>> print(job_summary({"encode": {"seconds": 45.2, "skipped": False, "result": {}},
+        ...                    "train": {"seconds": 427.8, "skipped": False, "result": {"source": "synthetic",
+        ...                              "evaluation": {"sets": {"val": {"top1": 0.8194}}}, "real_baseline":
+        ...                              {"source": "real", "evaluation": {"sets": {"val": {"top1": 0.9722}}}}}}},
+        ...                   "runs/demo/report.md"))
+        encode      45.2 s
+        train      427.8 s
+        val top-1: synthetic 0.819, real 0.972
+        report: runs/demo/report.md
+    """
+    lines = [f"{stage:<8} {s['seconds']:>7.1f} s{'  (skipped: complete)' if s['skipped'] else ''}"
+             for stage, s in result.items()]
+    train = (result.get("train") or {}).get("result") or {}
+    scores = [(run.get("source"), ((run.get("evaluation") or {}).get("sets") or {}).get("val", {}).get("top1"))
+              for run in (train, train.get("real_baseline") or {})]
+    scores = [f"{source} {top1:.3f}" for source, top1 in scores if source and top1 is not None]
+    return "\n".join(lines + ([f"val top-1: {', '.join(scores)}"] if scores else []) + [f"report: {report}"])
 
 
 def _pretrain_base(args: argparse.Namespace) -> None:

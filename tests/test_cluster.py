@@ -317,3 +317,30 @@ def test_attached_workers_find_their_clusters_state_api_through_the_given_addres
         cluster.init_ray(RayConfig(address=address))
     sent = [call["runtime_env"]["env_vars"].get("RAY_ADDRESS") for call in calls]
     assert sent == ["10.0.0.5:6379", None, None]  # discovery and Ray Client addresses are not GCS addresses
+
+
+def test_ray_data_shows_its_progress_bar_on_a_terminal_and_its_operator_bars_only_when_verbose(monkeypatch):
+    import io
+    import logging
+
+    import ray.data
+
+    from realfake_ray._internal.cluster import quiet_data
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    ctx = ray.data.DataContext.get_current()
+    saved = (ctx.enable_progress_bars, ctx.enable_operator_progress_bars, ctx.print_on_execution_start)
+    monkeypatch.setattr(ctx, "enable_auto_log_stats", ctx.enable_auto_log_stats)
+    logger = logging.getLogger("ray.data")
+    monkeypatch.setattr(logger, "level", logger.level)
+    try:
+        for stdout, verbose, expected in ((io.StringIO(), False, (False, False)), (Terminal(), False, (True, False)),
+                                          (io.StringIO(), True, (True, True))):
+            monkeypatch.setattr("sys.stdout", stdout)
+            quiet_data(verbose)
+            assert (ctx.enable_progress_bars, ctx.enable_operator_progress_bars) == expected
+    finally:
+        ctx.enable_progress_bars, ctx.enable_operator_progress_bars, ctx.print_on_execution_start = saved

@@ -116,12 +116,15 @@ def _loopback_only():
 
 
 def quiet_data(verbose: bool = False) -> None:
-    """Ray Data's progress bars and per-execution log lines only when ``verbose``: in a job log (no
-    terminal) every bar update is a new line, thousands per run. Our stages print their own progress."""
+    """Ray Data's progress bar when the console is a terminal or ``verbose``; its per-operator bars and
+    per-execution log lines only when ``verbose``: in a job log (no terminal) every bar update is a new line,
+    thousands per run, and our stages print their own progress lines there."""
+    import sys
+
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = verbose
+    ctx.enable_progress_bars = verbose or sys.stdout.isatty()
     ctx.enable_operator_progress_bars = verbose
     ctx.print_on_execution_start = verbose
     ctx.enable_auto_log_stats = verbose
