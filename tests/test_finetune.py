@@ -192,8 +192,10 @@ def test_a_complete_run_is_skipped_without_ray_and_a_changed_target_or_setting_i
 
 @pytest.mark.e2e
 @pytest.mark.system  # a second Ray Train fit (~70 s in CI); the skip and refusal checks above stay in make test
-def test_larger_target_resumes_from_the_checkpoint(first_run):
-    out, _, first_history, _ = first_run
+def test_larger_target_resumes_from_the_checkpoint(first_run, tmp_path):
+    first_out, _, first_history, _ = first_run
+    out = str(tmp_path / "run")  # a copy: first_run stays at FIRST steps for the tests that share it
+    shutil.copytree(first_out, out)
     done = run_finetune(_cfg(out, SECOND, TENSORBOARD))
     history = _history(out)
     assert done["step"] == SECOND and done["resumed_from"] == FIRST

@@ -167,11 +167,11 @@ def late_val_top1(history: list[dict], last: int = LATE_EPOCHS) -> float | None:
     that epoch-to-epoch swings (±0.1 late in a digits run) move less. None without a val score.
 
     Example:
-        >>> late_val_top1([{"val_top1": v} for v in (0.2, 0.6, 0.8, 0.7, 0.9, 0.8, 0.7)])
+        >>> round(late_val_top1([{"val_top1": v} for v in (0.2, 0.6, 0.8, 0.7, 0.9, 0.8, 0.7)]), 4)
         0.78
     """
     scores = [r["val_top1"] for r in history if r.get("val_top1") is not None][-last:]
-    return round(sum(scores) / len(scores), 6) if scores else None
+    return sum(scores) / len(scores) if scores else None
 
 
 def metrics_url(cdir: str) -> str:
