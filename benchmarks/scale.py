@@ -115,12 +115,16 @@ def _paths(local: Path) -> dict:
     return {"train": str(local / "train"), "val": str(local / "val"), "labels": str(local / "LOC_val_solution.csv")}
 
 
+def _s3_paths(url: str) -> dict:
+    return {"train": f"{url}/train", "val": f"{url}/val", "labels": f"{url}/LOC_val_solution.csv"}
+
+
 def _upload(local: Path, url: str) -> dict:
     import fsspec
 
     fs = fsspec.filesystem("s3")
     fs.put(str(local) + "/", url.removeprefix("s3://") + "/", recursive=True)
-    return {"train": f"{url}/train", "val": f"{url}/val", "labels": f"{url}/LOC_val_solution.csv"}
+    return _s3_paths(url)
 
 
 # ------------------------------------------------------------------------------------------ the job
@@ -153,10 +157,15 @@ def job(sizes: list[int], storages: list[str], server=None) -> None:
             server.stop()
 
 
+def _command(command: str, out: str, data: dict, *overrides: str) -> list[str]:
+    """``realfake <command>`` on the job's data (the ImageNet-shaped set at ``data``) with FAST and ``overrides``."""
+    return [sys.executable, "-m", "realfake_ray", command, "--preset", "tiny", "--out", out, "--data", data["train"],
+            "--val-data", data["val"], *[a for o in (f"data.val_labels={data['labels']}", "data.classes_file=null",
+                                                     *FAST, *overrides) for a in ("--set", o)]]
+
+
 def _run_job(storage: str, size: int, data: dict, out: str, server) -> None:
-    base = [sys.executable, "-m", "realfake_ray", "run", "--preset", "tiny", "--out", out, "--data", data["train"],
-            "--val-data", data["val"], "--set", f"data.val_labels={data['labels']}", "--set", "data.classes_file=null",
-            *[a for o in FAST for a in ("--set", o)]]
+    base = _command("run", out, data)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     for stage in STAGES:
         before = server.by_method() if server else None
@@ -172,8 +181,10 @@ def _run_job(storage: str, size: int, data: dict, out: str, server) -> None:
                "requests": sum(delta.values()) if server else None,
                "puts": delta.get("PUT", 0) if server else None, "gets": delta.get("GET", 0) if server else None,
                "requests_per_image": round(sum(delta.values()) / images, 4) if server and images else None})
+    before = server.by_method() if server else None  # counted from here: the rerun's own requests
     code, seconds, rss, tail = _peak_rss(base, env)  # the finished job again: every stage skips
-    before = server.by_method() if server else None
+    if code != 0:
+        raise SystemExit(f"{storage} {size} rerun failed:\n{tail}")
     _save({"part": "job", "storage": storage, "size": size, "stage": "rerun", "seconds": round(seconds, 1),
            "driver_peak_mib": round(rss), "requests": sum((server.by_method() - before).values()) if server else None})
 
@@ -365,15 +376,14 @@ def cache(size: int, server=None) -> None:
     try:
         if own:  # the server keeps objects in memory: the S3 job of this size first
             job([size], ["s3"], server)
-        out = f"s3://scale/run-{size}"
+        out, data = f"s3://scale/run-{size}", _s3_paths(f"s3://scale/data-{size}")
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
         gets = {}
         for cached in (False, True):
             for epochs in (1, 2):
                 tag = f"cache{int(cached)}-e{epochs}"
-                cmd = [sys.executable, "-m", "realfake_ray", "train", "--preset", "tiny", "--out", out,
-                       *[a for o in [*FAST, f"train.epochs={epochs}", f"train.cache={str(cached).lower()}",
-                                     f"train.tag={tag}", "train.source=synthetic"] for a in ("--set", o)]]
+                cmd = _command("train", out, data, f"train.epochs={epochs}", f"train.cache={str(cached).lower()}",
+                               f"train.tag={tag}", "train.source=synthetic")
                 before = server.by_method()
                 code, seconds, rss, tail = _peak_rss(cmd, {**env, "REALFAKE_CACHE": tempfile.mkdtemp(prefix="scale-cache-")})
                 if code != 0:
