@@ -531,6 +531,9 @@ def check_readable(lset: LabelledSet, threads: int = 16) -> None:
     their footers when opened."""
     if lset.sharded:
         return
+    checked = ("readable", lset.url, lset.num_images)  # inside listing_cache(): once per job, not per stage
+    if _LISTINGS is not None and checked in _LISTINGS:
+        return
     first: dict[int, list[str]] = {}
     for url, label in zip(lset.items["url"].to_pylist(), lset.items["label"].to_pylist()):
         urls = first.setdefault(label, [])
@@ -551,6 +554,8 @@ def check_readable(lset: LabelledSet, threads: int = 16) -> None:
     bad = sorted(lset.class_dirs[c] for c, good in ok.items() if not good)
     if bad:
         raise DatasetError(f"dataset {lset.url}: no readable image in class(es) {', '.join(map(repr, bad))}")
+    if _LISTINGS is not None:
+        _LISTINGS[checked] = True
 
 
 # ------------------------------------------------------------------------------------------ reading (workers)
