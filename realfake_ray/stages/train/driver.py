@@ -159,10 +159,7 @@ def _epoch_line(row: dict, epochs: int) -> str:
             f"val {val} lr {row['lr']:.3g} {row['images_per_s']:.0f} img/s")
 
 
-LATE_EPOCHS = 5  # the lower-variance statistic: mean val top-1 over this many last epochs
-
-
-def late_val_top1(history: list[dict], last: int = LATE_EPOCHS) -> float | None:
+def late_val_top1(history: list[dict], last: int = 5) -> float | None:
     """Mean val top-1 over the ``last`` epochs with a val score: next to the final epoch's value, a statistic
     that epoch-to-epoch swings (±0.1 late in a digits run) move less. None without a val score.
 
@@ -426,7 +423,7 @@ def run_train(cfg: RunConfig) -> dict:
         "restarts": restarts, "shuffle": plan.shuffle,
         "read_errors": check_read_errors(cfg, plan.run_name, sum(r["train_images"] for r in history)),
         "seconds": round(time.time() - started, 2), "last_epoch": history[-1] if history else None,
-        f"val_top1_last{LATE_EPOCHS}": late_val_top1(history),
+        "val_top1_last5": late_val_top1(history),
         "model": model_url(cdir), "evaluation": evaluation,
     }
     storage.write_json(done_url(cdir), summary)
