@@ -54,3 +54,22 @@ def test_set_digest_ignores_order_and_sees_labels_and_shards():
     assert set_digest(shards(["s3://b/a/x.parquet", "s3://b/a/y.parquet"], [3, 4])) == \
         set_digest(shards(["/other/y.parquet", "/other/x.parquet"], [4, 3]))  # names and sizes, not where
     assert set_digest(shards(["x.parquet"], [3])) != set_digest(shards(["x.parquet"], [4]))
+
+
+def test_train_cache_fetches_a_remote_image_once_per_node_and_reads_local_files_in_place(tmp_path, monkeypatch):
+    monkeypatch.setenv("REALFAKE_CACHE", str(tmp_path / "cache"))
+    remote = "memory://realfake-test-cache/val/a.png"
+    storage.write_bytes(remote, _png(10))
+    local = storage.join(str(tmp_path), "b.png")
+    storage.write_bytes(local, _png(30))
+    reads, read = [], storage.read_bytes
+    monkeypatch.setattr(storage, "read_bytes", lambda url: reads.append(url) or read(url))
+    batch = {"url": np.array([remote, local], dtype=object), "label": np.arange(2)}
+
+    first = decode_rows(dict(batch), 16, "eval", view_settings(RunConfig()), cache=True)
+    second = decode_rows(dict(batch), 16, "eval", view_settings(RunConfig()), cache=True)
+    assert reads.count(remote) == 1 and reads.count(local) == 2  # the second epoch reads the node's copy
+    np.testing.assert_array_equal(first["pixels"], second["pixels"])
+    assert [p.name.split("-", 1)[1] for p in (tmp_path / "cache").rglob("*.png")] == ["a.png"]  # local files stay put
+    decode_rows(dict(batch), 16, "eval", view_settings(RunConfig()))
+    assert reads.count(remote) == 2  # without train.cache every epoch fetches

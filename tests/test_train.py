@@ -49,6 +49,8 @@ def test_seeds_and_run_names_are_stable():
     b = _cfg("/tmp/x", "train.epochs=9")  # more epochs: the same run (it resumes)
     c = _cfg("/tmp/x", "train.base_lr=0.2")  # another recipe: another run
     assert fingerprint(a) == fingerprint(b) and run_name(a) == run_name(b) != run_name(c)
+    placed = _cfg("/tmp/x", "train.epochs=2", "train.cache=true", "train.worker_cpus=2", "train.decode_cpus=0.25")
+    assert run_name(placed) == run_name(a)  # where and how it reads and runs: the same run
     assert run_name(a).startswith("run-synthetic-resnet_tiny-")
 
 

@@ -4,8 +4,8 @@ pipelines that read and decode them into train / eval views. Shared by ``train``
 Nothing per image lives in the driver: a set is a :class:`~realfake_ray.data.sources.LabelledSet` (Arrow
 columns of a per-image listing, or a shard listing), and rows become Python objects only inside the tasks.
 Reading scales with the data and the cluster: per-image sets are cut into blocks of ~256 images whose fetches
-overlap inside a task; sharded sets are read one shard per task, in one request, optionally from a per-node
-cache (``train.cache``) after the first epoch. A read that fails is retried; one that keeps failing is
+overlap inside a task; sharded sets are read one shard per task, in one request. With ``train.cache`` every remote file read (a
+shard or an image) is kept on the node's disk and later epochs read that copy. A read that fails is retried; one that keeps failing is
 skipped, named, and counted against ``train.max_read_errors``.
 
 Example:
@@ -39,7 +39,7 @@ __all__ = [
     "output_dir", "seed_of", "real_set", "synthetic_set", "unknown_classes_error", "set_digest", "VIEWS",
     "view_settings", "decode_rows", "read_shards", "rows_dataset", "decoded_dataset", "read_error_count",
     "ROWS_PER_BLOCK", "images_in_memory", "as_image_bytes", "cut_into_blocks", "image_rows", "not_in",
-    "read_pending_shards", "pending_dataset",
+    "read_pending_shards", "pending_dataset", "read_cached",
 ]
 
 log = logging.getLogger(__name__)
@@ -184,15 +184,16 @@ def _record_errors(errors_dir: str | None, bad: list[str]) -> None:
 
 
 def decode_rows(batch: dict[str, np.ndarray], size: int, view: str = "centre", settings: dict | None = None,
-                errors_dir: str | None = None) -> dict[str, np.ndarray]:
+                errors_dir: str | None = None, cache: bool = False) -> dict[str, np.ndarray]:
     """CPU task: decode each row's image and cut its ``view`` (``centre``: the latent bank's resize + centre crop;
     ``train``: seeded :class:`~realfake_ray.method.classifier.TrainView`; ``eval``: resize to ⌊S/crop_pct⌋ +
     centre crop; ``settings`` from :func:`view_settings`) into ``pixels`` uint8 [S,S,3]. Rows carry their
-    ``bytes`` (sharded sets) or a ``url``, fetched here, concurrently and with retries. Drops the
+    ``bytes`` (sharded sets) or a ``url``, fetched here, concurrently and with retries (through the node's
+    file cache when ``cache``: ``train.cache``). Drops the
     ``url``/``bytes``/``aug``/``copy_idx``/``error`` columns; unreadable or undecodable rows are skipped, named
     (printed, and written to ``errors_dir`` when given) and counted against the stage's threshold."""
     if "bytes" not in batch:
-        batch = fetch_images(batch)
+        batch = fetch_images(batch, reader=_reader(cache))
     make, n = _view_fn(view, size, settings or view_settings(RunConfig())), len(batch["bytes"])
     pixels, ok, bad = np.zeros((n, size, size, 3), np.uint8), np.ones(n, bool), []
     names = batch["url"] if "url" in batch else batch.get("image_id", np.arange(n))
@@ -214,26 +215,28 @@ def decode_rows(batch: dict[str, np.ndarray], size: int, view: str = "centre", s
     return {**keep, "pixels": pixels[ok]}
 
 
-def _cached_reader(cache: bool):
-    """``storage.read_bytes``, or a per-node cache of whole files below ``$REALFAKE_CACHE/files`` (a file is
-    fetched once per node; later epochs read the local copy)."""
-    if not cache:
-        return None
+def read_cached(url: str) -> bytes:
+    """The bytes at ``url`` through this node's cache of whole files below ``$REALFAKE_CACHE/files``: a remote
+    file (object store, URL) is fetched once per node and later epochs read the local copy; a local file is
+    read in place."""
+    if storage.is_local(url):
+        return storage.read_bytes(url)
+    local = storage.cache_dir("files", hashlib.sha256(url.encode()).hexdigest()[:32] + "-" + url.rsplit("/", 1)[-1])
+    if os.path.exists(local):
+        with open(local, "rb") as f:
+            return f.read()
+    data = storage.read_bytes(url)
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    tmp = f"{local}.tmp-{uuid.uuid4().hex}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, local)
+    return data
 
-    def read(url: str) -> bytes:
-        local = storage.cache_dir("files", hashlib.sha256(url.encode()).hexdigest()[:32] + "-" + url.rsplit("/", 1)[-1])
-        if os.path.exists(local):
-            with open(local, "rb") as f:
-                return f.read()
-        data = storage.read_bytes(url)
-        os.makedirs(os.path.dirname(local), exist_ok=True)
-        tmp = f"{local}.tmp-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, local)
-        return data
 
-    return read
+def _reader(cache: bool):
+    """What the read tasks read files with: :func:`read_cached` under ``train.cache``, else storage (``None``)."""
+    return read_cached if cache else None
 
 
 def read_shards(batch: dict[str, np.ndarray], *, layout: str, root: str, label_map: list[int] | None,
@@ -241,7 +244,7 @@ def read_shards(batch: dict[str, np.ndarray], *, layout: str, root: str, label_m
     """Read task for sharded sets: every row of each shard in ``batch["url"]`` (``image_id``, ``label``,
     ``bytes``, plus any other column of ``batch`` repeated). A shard that cannot be read after retries gives
     one row with its ``error`` (named and counted downstream)."""
-    tables, reader = [], _cached_reader(cache)
+    tables, reader = [], _reader(cache)
     extra = [k for k in batch if k not in ("url", "rows")]
     for i, url in enumerate(batch["url"]):
         try:
@@ -360,7 +363,8 @@ def as_image_bytes(ds, lset: LabelledSet, cfg: RunConfig):
     """``ds`` of :func:`rows_dataset` as ``bytes``, ``label``, ``error`` rows whatever the layout (per-image rows
     are fetched here), so that sets of different layouts can be unioned before one shuffle."""
     if not lset.sharded:
-        ds = ds.map_batches(fetch_images, batch_size=64, num_cpus=cfg.train.decode_cpus)
+        ds = ds.map_batches(fetch_images, batch_size=64, num_cpus=cfg.train.decode_cpus,
+                            fn_kwargs={"reader": _reader(cfg.train.cache)})
     return ds.select_columns(["bytes", "label", "error"])
 
 
@@ -368,7 +372,8 @@ def decoded_dataset(ds, size: int, cfg: RunConfig, view: str = "centre", errors_
     """``ds`` (rows with ``bytes`` or ``url``; ``aug`` for the train view) → ``pixels`` uint8 [S,S,3] on CPU tasks."""
     if view not in VIEWS:
         raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
-    kwargs = {"size": size, "view": view, "settings": view_settings(cfg), "errors_dir": errors_dir}
+    kwargs = {"size": size, "view": view, "settings": view_settings(cfg), "errors_dir": errors_dir,
+              "cache": bool(cfg.train.cache)}
     return ds.map_batches(decode_rows, batch_size=64, fn_kwargs=kwargs, num_cpus=cfg.train.decode_cpus)
 
 

@@ -575,15 +575,16 @@ def read_with_retries(url: str, attempts: int = 3, backoff_s: float = 0.5, reade
     raise AssertionError("unreachable")
 
 
-def fetch_images(batch: dict[str, np.ndarray], threads: int = 16, attempts: int = 3) -> dict[str, np.ndarray]:
+def fetch_images(batch: dict[str, np.ndarray], threads: int = 16, attempts: int = 3,
+                 reader: Callable[[str], bytes] | None = None) -> dict[str, np.ndarray]:
     """Worker task for per-image layouts: the ``bytes`` of each row's ``url``, fetched concurrently (a task's
-    requests overlap instead of running one after another); a read that still fails after ``attempts``
-    leaves empty bytes and its ``error``."""
+    requests overlap instead of running one after another) by ``reader`` (default: storage); a read that still
+    fails after ``attempts`` leaves empty bytes and its ``error``."""
     urls = list(batch["url"])
 
     def one(url: str) -> tuple[bytes, str]:
         try:
-            return read_with_retries(url, attempts), ""
+            return read_with_retries(url, attempts, reader=reader), ""
         except Exception as exc:
             return b"", f"{url}: {type(exc).__name__}: {exc}"[:300]
 
