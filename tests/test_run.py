@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -37,19 +38,45 @@ def test_stage_selection():
         select_stages(only=["gen"])
 
 
-def test_train_stage_adds_a_real_only_baseline(monkeypatch, tmp_path):
-    trained = []
-    monkeypatch.setattr(run, "run_train", lambda cfg: trained.append(cfg.train) or {"skipped": cfg.train.tag == "real"})
+@pytest.mark.parametrize("together", [False, True])
+def test_train_stage_adds_a_real_only_baseline(monkeypatch, tmp_path, together):
+    trained, threads = [], set()
+
+    def fake_run_train(cfg):
+        trained.append(cfg.train)
+        threads.add(threading.current_thread().name)
+        return {"skipped": cfg.train.tag == "real"}
+
+    monkeypatch.setattr(run, "run_train", fake_run_train)
+    monkeypatch.setattr(run, "is_complete", lambda cfg: False)
+    monkeypatch.setattr(run, "side_by_side", lambda cfg: together)
     cfg = load_config(preset="tiny", out=str(tmp_path))  # the tiny preset turns train.real_baseline on
     result = run.train_with_baseline(cfg)
-    assert [(t.source, t.tag) for t in trained] == [(cfg.train.source, cfg.train.tag), ("real", "real")]
-    assert trained[1].synthetic_mult is None and result["real_baseline"] == {"skipped": True}
+    assert sorted((t.source, str(t.tag)) for t in trained) == [("real", "real"), (cfg.train.source, str(cfg.train.tag))]
+    assert [t for t in trained if t.tag == "real"][0].synthetic_mult is None and result["real_baseline"] == {"skipped": True}
     assert result["skipped"] is False  # skipped only when both classifiers were
+    assert (threading.current_thread().name in threads) is not together  # side by side: in two threads of their own
     for override in ("train.real_baseline=false", "train.source=real"):
         trained.clear()
         assert "real_baseline" not in run.train_with_baseline(load_config(preset="tiny", out=str(tmp_path),
                                                                           overrides=[override]))
         assert len(trained) == 1
+
+
+def test_two_classifiers_train_side_by_side_only_when_the_cluster_holds_both(monkeypatch):
+    import ray
+
+    monkeypatch.setattr(run, "init_ray", lambda cfg: None)
+    cluster = {"CPU": 2.0}
+    monkeypatch.setattr(ray, "cluster_resources", lambda: cluster)
+    tiny = load_config(preset="tiny")  # 0.5 CPU per worker and per decode task
+    assert run.side_by_side(tiny)
+    assert not run.side_by_side(load_config(preset="tiny", overrides=["train.worker_cpus=1", "train.decode_cpus=1"]))
+    cluster.update(CPU=64.0, GPU=1.0)  # one GPU: the two would queue for it
+    assert not run.side_by_side(load_config(overrides=["train.num_workers=1"]))
+    cluster.update(GPU=2.0)
+    assert run.side_by_side(load_config(overrides=["train.num_workers=1"]))
+    assert not run.side_by_side(load_config(overrides=["train.num_workers=2"]))
 
 
 def test_imagenet_estimate_uses_the_reference_flops():

@@ -17,17 +17,19 @@ from __future__ import annotations
 import logging
 import importlib
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from realfake_ray import storage
+from realfake_ray._internal.cluster import init_ray
 from realfake_ray._internal.lease import takes_run_lease
 from realfake_ray.config import ConfigError, RunConfig, dump_config
 from realfake_ray.data.sources import listing_cache
 from realfake_ray.stages.preflight import preflight
 from realfake_ray.stages.registry import COMMANDS, PIPELINE
-from realfake_ray.stages.train.driver import run_train
+from realfake_ray.stages.train.driver import is_complete, run_train
 from realfake_ray.tools.report import write_report
 
-__all__ = ["run_pipeline", "select_stages", "train_with_baseline"]
+__all__ = ["run_pipeline", "select_stages", "train_with_baseline", "side_by_side"]
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +61,34 @@ def select_stages(only: list[str] | None = None, from_stage: str | None = None,
 
 def train_with_baseline(cfg: RunConfig) -> dict:
     """The train stage of the job: the ``train.source`` classifier, and with ``train.real_baseline`` also a
-    real-only one (tag ``real``), so the report sets synthetic and real accuracy side by side."""
+    real-only one (tag ``real``), so the report sets synthetic and real accuracy side by side. The two train
+    at the same time when the cluster holds both (:func:`side_by_side`), else one after the other."""
 
-    result = run_train(cfg)
     if not cfg.train.real_baseline or cfg.train.source == "real":
-        return result
-    real = cfg.train.model_copy(update={"source": "real", "tag": "real", "synthetic_mult": None})
-    baseline = run_train(cfg.model_copy(update={"train": real}))
+        return run_train(cfg)
+    real = cfg.model_copy(update={"train": cfg.train.model_copy(
+        update={"source": "real", "tag": "real", "synthetic_mult": None})})
+    if not (is_complete(cfg) and is_complete(real)) and side_by_side(cfg):
+        log.info("training the real-only baseline beside the synthetic classifier")
+        with ThreadPoolExecutor(2, thread_name_prefix="train") as pool:
+            runs = [pool.submit(run_train, c) for c in (cfg, real)]
+        result, baseline = (run.result() for run in runs)  # the first failure is raised, after both ended
+    else:
+        result, baseline = run_train(cfg), run_train(real)
     return {**result, "real_baseline": baseline, "skipped": bool(result.get("skipped") and baseline.get("skipped"))}
+
+
+def side_by_side(cfg: RunConfig) -> bool:
+    """Whether the cluster (started now, if it is not) holds two classifiers' training workers and a decode
+    task for each at once: ``2 × (num_workers × worker_cpus + decode_cpus)`` CPUs and, on GPUs, twice the
+    workers. On a smaller cluster two runs would each hold workers while their decode tasks wait."""
+    import ray
+
+    init_ray(cfg.ray)
+    t, have = cfg.train, ray.cluster_resources()
+    use_gpu = have.get("GPU", 0) > 0 if t.use_gpu == "auto" else bool(t.use_gpu)
+    cpus = 2 * (t.num_workers * t.worker_cpus + t.decode_cpus)
+    return have.get("CPU", 0) >= cpus and (not use_gpu or have.get("GPU", 0) >= 2 * t.num_workers)
 
 
 def _entry(stage: str):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 
 import numpy as np
 
@@ -44,6 +45,10 @@ from realfake_ray.method.metrics import distribution_report, subsample
 from realfake_ray.plots import markdown_table
 
 __all__ = ["run_evaluate"]
+
+# One evaluation's actor pools at a time per driver: two classifiers trained side by side (the job's real
+# baseline) must not each hold actors while the other's decode tasks wait for a CPU.
+_ACTOR_POOLS = threading.Lock()
 
 
 class ClassifierActor:
@@ -224,9 +229,10 @@ def run_evaluate(cfg: RunConfig) -> dict:
     inputs, report_url = _inputs(cfg, model_bytes, synth, digest), storage.join(cdir, "metrics.json")
     if storage.exists(report_url) and storage.read_json(report_url).get("inputs") == inputs:
         return {**storage.read_json(report_url), "skipped": True}
-    init_ray(cfg.ray)
-    sets = evaluate_sets(cfg, url, names, labelled, subsets, info) if labelled else {}
-    distribution = {"skipped": skipped} if skipped else shared_distribution(cfg, meta, synth, digest, class_dirs)
+    with _ACTOR_POOLS:
+        init_ray(cfg.ray)
+        sets = evaluate_sets(cfg, url, names, labelled, subsets, info) if labelled else {}
+        distribution = {"skipped": skipped} if skipped else shared_distribution(cfg, meta, synth, digest, class_dirs)
     report = {
         "source": info["source"], "arch": info["arch"], "image_size": info["image_size"], "epochs": info.get("epochs"),
         "num_classes": len(class_dirs), "class_dirs": class_dirs, "class_names": info["class_names"],

@@ -54,7 +54,7 @@ from realfake_ray.method.classifier_file import model_url, save_classifier
 from realfake_ray.stages.evaluate.driver import run_evaluate
 from realfake_ray.stages.train.plan import TrainPlan, apply_budget, plan_training
 
-__all__ = ["run_train"]
+__all__ = ["run_train", "is_complete"]
 
 log = logging.getLogger(__name__)
 
@@ -296,7 +296,7 @@ def train_loop(config: dict) -> None:
             trainer.write_metrics(metrics_url(cdir), history)
             write_curves(cdir, history)
             tracker.log(history)  # MLflow / TensorBoard, if on
-            log.info(_epoch_line(row, t.epochs))
+            log.info(_epoch_line(row, t.epochs), extra={"tag": f"train {t.tag}" if t.tag else "train"})
             state = {"model": base.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "epoch": epoch, "scaler": amp[1].state_dict() if amp[1] else {}}
         _report(row, state)
@@ -374,6 +374,21 @@ def _final_state(result) -> dict:
         return torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
 
 
+def _finished(cfg: RunConfig, plan: TrainPlan) -> dict | None:
+    """The summary of this run when its training is complete (``cfg`` with its budget applied), else None."""
+    url = done_url(output_dir(cfg))
+    done = storage.read_json(url) if storage.exists(url) else None
+    return done if done and done.get("fingerprint") == plan.fingerprint and done.get("epochs") == cfg.train.epochs \
+        else None
+
+
+def is_complete(cfg: RunConfig) -> bool:
+    """Whether this classifier's training is complete (a run of :func:`run_train` would only re-check its
+    evaluation). No Ray."""
+    plan = plan_training(cfg)
+    return _finished(apply_budget(cfg, plan.epoch_images), plan) is not None
+
+
 @takes_run_lease
 def run_train(cfg: RunConfig) -> dict:
     """Train (or resume, or return the finished run), save ``model.safetensors``, evaluate; return a summary."""
@@ -383,8 +398,8 @@ def run_train(cfg: RunConfig) -> dict:
     plan_sets(cfg, plan.class_dirs)  # the evaluation's inputs too: a bad extra set fails now, not after training
     distribution_inputs(cfg, plan.class_dirs)
     cdir = output_dir(cfg)
-    done = storage.read_json(done_url(cdir)) if storage.exists(done_url(cdir)) else None
-    if done and done.get("fingerprint") == plan.fingerprint and done.get("epochs") == cfg.train.epochs:
+    done = _finished(cfg, plan)
+    if done:
         # Training is complete; the evaluation is refreshed when its own inputs changed (e.g. a new extra set).
         evaluation = run_evaluate(cfg)
         evaluation.pop("skipped", None)
