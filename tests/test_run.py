@@ -69,9 +69,8 @@ def test_two_classifiers_train_side_by_side_only_when_the_cluster_holds_both(mon
     monkeypatch.setattr(run, "init_ray", lambda cfg: None)
     cluster = {"CPU": 2.0}
     monkeypatch.setattr(ray, "cluster_resources", lambda: cluster)
-    tiny = load_config(preset="tiny")  # 0.5 CPU per worker and per decode task
-    assert run.side_by_side(tiny)
-    assert not run.side_by_side(load_config(preset="tiny", overrides=["train.worker_cpus=1", "train.decode_cpus=1"]))
+    assert not run.side_by_side(load_config(preset="tiny"))  # 1 CPU per worker and per decode task: 4 for both
+    assert run.side_by_side(load_config(preset="tiny", overrides=["train.worker_cpus=0.5", "train.decode_cpus=0.5"]))
     cluster.update(CPU=64.0, GPU=1.0)  # one GPU: the two would queue for it
     assert not run.side_by_side(load_config(overrides=["train.num_workers=1"]))
     cluster.update(GPU=2.0)
