@@ -26,7 +26,8 @@ from realfake_ray.config import ConfigError, RunConfig, dump_config
 from realfake_ray.data.sources import listing_cache
 from realfake_ray.stages.preflight import preflight
 from realfake_ray.stages.registry import COMMANDS, PIPELINE
-from realfake_ray.stages.train.driver import is_complete, run_train
+from realfake_ray.stages.train.driver import run_train
+from realfake_ray.stages.train.plan import is_complete
 from realfake_ray.tools.report import write_report
 
 __all__ = ["run_pipeline", "select_stages", "train_with_baseline", "side_by_side"]

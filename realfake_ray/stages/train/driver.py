@@ -52,9 +52,9 @@ from realfake_ray.config import RunConfig
 from realfake_ray.data.evaluation import distribution_inputs, plan_sets
 from realfake_ray.method.classifier_file import model_url, save_classifier
 from realfake_ray.stages.evaluate.driver import run_evaluate
-from realfake_ray.stages.train.plan import TrainPlan, apply_budget, plan_training
+from realfake_ray.stages.train.plan import TrainPlan, apply_budget, done_url, finished_summary, plan_training
 
-__all__ = ["run_train", "is_complete"]
+__all__ = ["run_train"]
 
 log = logging.getLogger(__name__)
 
@@ -305,10 +305,6 @@ def train_loop(config: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------ driver
-def done_url(cdir: str) -> str:
-    return storage.join(cdir, "_done.json")
-
-
 def _warn_if_no_cpu_for_data(cfg: RunConfig) -> None:
     """Training workers hold ``worker_cpus`` each; decode tasks need CPUs beyond those, or the run waits forever."""
     import ray
@@ -374,21 +370,6 @@ def _final_state(result) -> dict:
         return torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
 
 
-def _finished(cfg: RunConfig, plan: TrainPlan) -> dict | None:
-    """The summary of this run when its training is complete (``cfg`` with its budget applied), else None."""
-    url = done_url(output_dir(cfg))
-    done = storage.read_json(url) if storage.exists(url) else None
-    return done if done and done.get("fingerprint") == plan.fingerprint and done.get("epochs") == cfg.train.epochs \
-        else None
-
-
-def is_complete(cfg: RunConfig) -> bool:
-    """Whether this classifier's training is complete (a run of :func:`run_train` would only re-check its
-    evaluation). No Ray."""
-    plan = plan_training(cfg)
-    return _finished(apply_budget(cfg, plan.epoch_images), plan) is not None
-
-
 @takes_run_lease
 def run_train(cfg: RunConfig) -> dict:
     """Train (or resume, or return the finished run), save ``model.safetensors``, evaluate; return a summary."""
@@ -398,7 +379,7 @@ def run_train(cfg: RunConfig) -> dict:
     plan_sets(cfg, plan.class_dirs)  # the evaluation's inputs too: a bad extra set fails now, not after training
     distribution_inputs(cfg, plan.class_dirs)
     cdir = output_dir(cfg)
-    done = _finished(cfg, plan)
+    done = finished_summary(cfg, plan)
     if done:
         # Training is complete; the evaluation is refreshed when its own inputs changed (e.g. a new extra set).
         evaluation = run_evaluate(cfg)

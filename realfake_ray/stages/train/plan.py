@@ -19,7 +19,8 @@ from realfake_ray.data.labelled import output_dir, real_set, set_digest, synthet
 from realfake_ray.data.sources import LabelledSet
 from realfake_ray.config import ConfigError, RunConfig
 
-__all__ = ["TrainPlan", "epoch_composition", "fingerprint", "run_name", "apply_budget", "shuffle_mode", "plan_training"]
+__all__ = ["TrainPlan", "epoch_composition", "fingerprint", "run_name", "apply_budget", "shuffle_mode", "plan_training",
+           "done_url", "finished_summary", "is_complete"]
 
 
 def epoch_composition(n_real: int, n_synth: int, source: str, mix_ratio: float) -> tuple[float, float, int]:
@@ -158,3 +159,22 @@ def plan_training(cfg: RunConfig) -> TrainPlan:
         class_dirs, listed.class_names, real, synth, val, real_frac, synth_frac, n_epoch, (n_epoch // t.num_workers) // t.batch_size, run_name(cfg, digest),
         _missing_classes(synth, class_dirs), fingerprint(cfg, digest), shuffle_mode(cfg, synth, synth_frac),
     )
+
+
+def done_url(cdir: str) -> str:
+    """``<classifier dir>/_done.json``: the summary of a complete run, written last."""
+    return storage.join(cdir, "_done.json")
+
+
+def finished_summary(cfg: RunConfig, plan: TrainPlan) -> dict | None:
+    """The summary of this run when its training is complete (``cfg`` with its budget applied), else None."""
+    url = done_url(output_dir(cfg))
+    done = storage.read_json(url) if storage.exists(url) else None
+    return done if done and done.get("fingerprint") == plan.fingerprint and done.get("epochs") == cfg.train.epochs \
+        else None
+
+
+def is_complete(cfg: RunConfig) -> bool:
+    """Whether this classifier's training is complete (the train stage would only re-check its evaluation)."""
+    plan = plan_training(cfg)
+    return finished_summary(apply_budget(cfg, plan.epoch_images), plan) is not None
