@@ -32,7 +32,7 @@ from realfake_ray.data.imagefolder import DatasetError, centre_view, open_rgb
 from realfake_ray.data.sources import LabelledSet, fetch_images, open_labelled_set, parquet_class_names, read_shard
 from realfake_ray.data.synthetic import SyntheticShards, list_shards
 from realfake_ray.layout import RunLayout
-from realfake_ray.method.classifier import TrainView, eval_view
+from realfake_ray.data.views import TrainView, eval_view
 from realfake_ray.seeds import derive_seed
 
 __all__ = [
@@ -186,7 +186,7 @@ def _record_errors(errors_dir: str | None, bad: list[str]) -> None:
 def decode_rows(batch: dict[str, np.ndarray], size: int, view: str = "centre", settings: dict | None = None,
                 errors_dir: str | None = None, cache: bool = False) -> dict[str, np.ndarray]:
     """CPU task: decode each row's image and cut its ``view`` (``centre``: the latent bank's resize + centre crop;
-    ``train``: seeded :class:`~realfake_ray.method.classifier.TrainView`; ``eval``: resize to ⌊S/crop_pct⌋ +
+    ``train``: seeded :class:`~realfake_ray.data.views.TrainView`; ``eval``: resize to ⌊S/crop_pct⌋ +
     centre crop; ``settings`` from :func:`view_settings`) into ``pixels`` uint8 [S,S,3]. Rows carry their
     ``bytes`` (sharded sets) or a ``url``, fetched here, concurrently and with retries (through the node's
     file cache when ``cache``: ``train.cache``). Drops the

@@ -1,4 +1,5 @@
-"""Classifier side of Real-Fake: models, transforms, optimiser/schedule, one train step, evaluation.
+"""Classifier side of Real-Fake: models, input normalisation, optimiser/schedule, one train step, evaluation
+(the image views the decode tasks cut are in :mod:`realfake_ray.data.views`).
 
 Pure torch/torchvision (no Ray): the Ray Train loop in ``train.py`` and the evaluation stage call these.
 The reference recipe (timm 0.9 ``train.py`` as the paper's scripts call it; ``train.recipe=realfake-ref``)
@@ -13,8 +14,7 @@ Example::
     model = build_classifier("resnet_tiny", num_classes=10)
     opt = build_optimizer(model, lr=scaled_lr(0.1, global_batch=128), nesterov=True, decay_norm_and_bias=False)
     sched = build_scheduler(opt, "multistep", total_steps=1000, warmup_steps=50, warmup_start=1e-4)
-    view = TrainView(32, crop_scale=(0.08, 1.0), interpolation="random", color_jitter=0.4)
-    pixels = np.stack([view(image, np.random.default_rng(i)) for i, image in enumerate(pil_images)])
+    pixels = np.stack([TrainView(32)(image, np.random.default_rng(i)) for i, image in enumerate(pil_images)])
     stats = train_step(model, opt, sched, to_model_input(pixels), labels)   # {"loss", "acc", "lr"}
     report = evaluate_batches(model, [(to_model_input(val_uint8), val_labels)], num_classes=10)
 """
@@ -23,24 +23,21 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
-from PIL import Image
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 from torchvision.transforms.v2 import functional as TF
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "TINY_ARCH", "SCHEDULES", "DEFAULT_MILESTONE_FRACTIONS",
-    "available_architectures", "resnet_tiny", "build_classifier", "to_model_input", "random_crop_box",
-    "colour_jitter", "TrainView", "eval_view", "scaled_lr", "build_optimizer", "build_scheduler", "train_step",
+    "available_architectures", "resnet_tiny", "build_classifier", "to_model_input",
+    "scaled_lr", "build_optimizer", "build_scheduler", "train_step",
     "evaluate_batches", "merge_evaluations",
 ]
 
@@ -50,7 +47,6 @@ TINY_ARCH = "resnet_tiny"
 SCHEDULES = ("cosine", "multistep")
 #: Multistep milestones (fractions of the run) when none are given: epochs 50/100/150 of a 200-epoch run.
 DEFAULT_MILESTONE_FRACTIONS = (0.25, 0.5, 0.75)
-_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
 
 # ----------------------------------------------------------------------------------------------- models
@@ -128,89 +124,6 @@ def to_model_input(images: Any) -> torch.Tensor:
         raise ValueError(f"images must be uint8 [B,H,W,3] (channels last), got {x.dtype} {list(x.shape)}")
     x = x.permute(0, 3, 1, 2).contiguous()  # NCHW memory, as the model's (and DDP's gradient buckets') layout
     return TF.normalize(TF.to_dtype(x, torch.float32, scale=True), list(IMAGENET_MEAN), list(IMAGENET_STD))
-
-
-def random_crop_box(
-    width: int, height: int, scale: tuple[float, float], rng: np.random.Generator
-) -> tuple[int, int, int, int]:
-    """torchvision's RandomResizedCrop draw as ``(left, top, w, h)``, on an explicit numpy generator.
-
-    Example: ``random_crop_box(500, 375, (0.08, 1.0), np.random.default_rng(0))``.
-    """
-    area, log_ratio = width * height, (math.log(_RATIO[0]), math.log(_RATIO[1]))
-    for _ in range(10):
-        u = rng.random(4)
-        target = area * (scale[0] + (scale[1] - scale[0]) * u[0])
-        aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u[1])
-        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            return int(u[3] * (width - w + 1)), int(u[2] * (height - h + 1)), w, h
-    in_ratio = width / height  # fallback: centre crop at the aspect ratio clamped to _RATIO
-    if in_ratio < _RATIO[0]:
-        w, h = width, int(round(width / _RATIO[0]))
-    elif in_ratio > _RATIO[1]:
-        w, h = int(round(height * _RATIO[1])), height
-    else:
-        w, h = width, height
-    return (width - w) // 2, (height - h) // 2, w, h
-
-
-_RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
-
-
-def colour_jitter(image: Image.Image, strength: float, rng: np.random.Generator) -> Image.Image:
-    """torchvision/timm ``ColorJitter(strength, strength, strength)``: brightness, contrast and saturation
-    factors uniform in [1 − s, 1 + s], applied in a random order, all draws from ``rng``.
-
-    Example: ``colour_jitter(image, 0.4, np.random.default_rng(0))``.
-    """
-    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
-    factors = rng.uniform(max(0.0, 1 - strength), 1 + strength, 3)
-    for i in rng.permutation(3):
-        image = ops[i](image, float(factors[i]))
-    return image
-
-
-@dataclass(frozen=True)
-class TrainView:
-    """The training view of one decoded RGB image: RandomResizedCrop(``size``, ``crop_scale``, ratio 3/4–4/3)
-    resized with ``interpolation`` (``random``: bilinear or bicubic per image, as timm), horizontal flip
-    (p = ½, when ``hflip``), ColorJitter(``color_jitter``) → uint8 ``[size, size, 3]``. Every random draw
-    comes from the ``rng`` passed per image.
-
-    Example: ``TrainView(224)(Image.open(path).convert("RGB"), np.random.default_rng(seed))``.
-    """
-
-    size: int
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    interpolation: str = "random"
-    hflip: bool = True
-    color_jitter: float = 0.0
-
-    def __call__(self, image: Image.Image, rng: np.random.Generator) -> np.ndarray:
-        left, top, w, h = random_crop_box(image.width, image.height, self.crop_scale, rng)
-        mode = self.interpolation if self.interpolation != "random" else ("bilinear", "bicubic")[int(rng.integers(2))]
-        view = image.resize((self.size, self.size), _RESAMPLE[mode], box=(left, top, left + w, top + h))
-        if rng.random() < 0.5 and self.hflip:
-            view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        if self.color_jitter > 0:
-            view = colour_jitter(view, self.color_jitter, rng)
-        return np.array(view, dtype=np.uint8)  # a writable copy (torch.from_numpy warns on read-only)
-
-
-def eval_view(image: Image.Image, image_size: int, crop_pct: float = 0.875, interpolation: str = "bilinear") -> np.ndarray:
-    """The standard eval view: short side to ⌊S / crop_pct⌋ and a centre S×S crop → uint8 ``[S,S,3]``
-    (the reference: crop_pct 0.95, bicubic → resize 235, crop 224; crop_pct 1 keeps a square S-px image as is).
-
-    Example: ``eval_view(Image.open(path).convert("RGB"), 224, 0.95, "bicubic").shape`` → ``(224, 224, 3)``.
-    """
-    short = int(math.floor(image_size / crop_pct))
-    factor = short / min(image.width, image.height)
-    size = (max(short, round(image.width * factor)), max(short, round(image.height * factor)))
-    if size != image.size:
-        image = image.resize(size, _RESAMPLE[interpolation])
-    left, top = (image.width - image_size) // 2, (image.height - image_size) // 2
-    return np.array(image.crop((left, top, left + image_size, top + image_size)), dtype=np.uint8)
 
 
 # ------------------------------------------------------------------------------ optimiser and schedule

@@ -24,12 +24,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from realfake_ray.data.views import TrainView, eval_view
 from realfake_ray.method.classifier import (
-    TrainView,
     build_classifier,
     build_optimizer,
     build_scheduler,
-    eval_view,
     evaluate_batches,
     scaled_lr,
     to_model_input,
