@@ -406,38 +406,45 @@ from realfake_ray.config import load_config
 from realfake_ray.stages.train.driver import train_dataset
 from realfake_ray.stages.train.plan import plan_training
 
-out, cpus = sys.argv[1], int(sys.argv[2])
+out, cpus, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 import yaml
 with open(f"{out}/config.yaml") as fh:  # the job's data (its other keys may predate renames)
     data = {k: v for k, v in yaml.safe_load(fh)["data"].items() if k in ("train", "val", "val_labels", "classes_file") and v}
 cfg = load_config(preset="tiny", out=out, **{f"data__{k}": v for k, v in data.items()}, overrides=[
-    f"ray.num_cpus={cpus}", "train.decode_cpus=1", "train.source=synthetic", "train.budget_images=null"])
+    f"ray.num_cpus={cpus}", "train.decode_cpus=1", "train.source=synthetic", "train.budget_images=null",
+    f"train.image_size={size}"])
 init_ray(cfg.ray)
-ds = train_dataset(plan_training(cfg), cfg, 0)  # one epoch of the classifier's own pipeline
-started, n = time.time(), 0
-for batch in ds.iter_batches(batch_size=256, batch_format="numpy"):
-    n += len(batch["pixels"])
-print("RESULT", json.dumps({"images": n, "seconds": time.time() - started}))
+ds = train_dataset(plan_training(cfg), cfg, 0)  # the classifier's own pipeline; each iteration is an epoch
+for epoch in range(2):  # the first epoch starts the worker processes; the second is the steady rate
+    started, n = time.time(), 0
+    for batch in ds.iter_batches(batch_size=256, batch_format="numpy"):
+        n += len(batch["pixels"])
+    print("RESULT", json.dumps({"epoch": epoch, "images": n, "seconds": time.time() - started}))
 """
 
 
-def decode(size: int) -> None:
-    """Images/s of one epoch of the classifier's input pipeline (``train_dataset``: read, shuffle, decode,
-    train-view augmentation) over the synthetic shards of the disk job of ``size``, on a Ray cluster of 1 and of 2
-    CPUs (one CPU per decode task); 0 images is an error, not a row."""
+def decode(size: int, image_sizes: tuple[int, ...] = (32, 224)) -> None:
+    """Images/s of the classifier's input pipeline (``train_dataset``: read, shuffle, decode, train-view
+    augmentation) over the synthetic shards of the disk job of ``size``, on a Ray cluster of 1 and of 2 CPUs
+    (one CPU per decode task), cutting views of the tiny preset's 32 px and of ImageNet's 224 px: the second
+    of two epochs (the first also starts the worker processes); 0 images is an error, not a row."""
     out = str((ROOT / f"disk-{size}").resolve())
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    for cpus in (1, 2):
-        code, seconds, rss, tail = _peak_rss([sys.executable, "-c", _DECODE_CODE, out, str(cpus)], env)
-        line = next((x for x in tail.splitlines() if x.startswith("RESULT ")), None)
-        if code or not line:
-            raise SystemExit(f"decode on {cpus} CPUs failed:\n{tail}")
-        found = json.loads(line[7:])
-        if not found["images"]:
-            raise SystemExit(f"decode on {cpus} CPUs read no image from {out}:\n{tail}")
-        _save({"part": "decode", "storage": "disk", "size": found["images"], "what": f"{cpus} CPU",
-               "seconds": round(found["seconds"], 1), "images_per_s": round(found["images"] / found["seconds"], 1),
-               "images_per_s_per_cpu": round(found["images"] / found["seconds"] / cpus, 1)})
+    for image_size in image_sizes:
+        for cpus in (1, 2):
+            cmd = [sys.executable, "-c", _DECODE_CODE, out, str(cpus), str(image_size)]
+            code, seconds, rss, tail = _peak_rss(cmd, env)
+            lines = [json.loads(x[7:]) for x in tail.splitlines() if x.startswith("RESULT ")]
+            if code or len(lines) != 2:
+                raise SystemExit(f"decode on {cpus} CPUs failed:\n{tail}")
+            found = lines[1]
+            if not found["images"]:
+                raise SystemExit(f"decode on {cpus} CPUs read no image from {out}:\n{tail}")
+            _save({"part": "decode", "storage": "disk", "size": found["images"],
+                   "what": f"{cpus} CPU, {image_size} px view",
+                   "first_epoch_seconds": round(lines[0]["seconds"], 1), "seconds": round(found["seconds"], 1),
+                   "images_per_s": round(found["images"] / found["seconds"], 1),
+                   "images_per_s_per_cpu": round(found["images"] / found["seconds"] / cpus, 1)})
 
 
 # ------------------------------------------------------------------------------------------ report
