@@ -475,7 +475,7 @@ def report(write: str | None) -> None:
         for storage in sorted({r["storage"] for r in job_rows}):
             for stage in STAGES:
                 pts = [(r["size"], r["seconds"]) for r in job_rows if r["storage"] == storage and r["stage"] == stage]
-                if len(pts) >= 2:
+                if len({size for size, _ in pts}) >= 3:  # two points (often from different days) fit anything
                     a, b = _fit(pts)
                     n = IMAGENET * (MULT if stage == "generate" else 1)
                     fits.append({"storage": storage, "stage": stage, "fixed_s": round(a, 1), "s_per_1k_images": round(1000 * b, 2),
@@ -485,6 +485,9 @@ def report(write: str | None) -> None:
                       "ImageNet-1K (× 10 for generate) on this 2-core machine — CPU-bound tiny-model work, so what "
                       "carries to a GPU cluster is the shape (linear, no super-linear driver term), not the hours:", "",
                       markdown_table(fits), ""]
+        else:
+            lines += ["No per-stage fit yet: it needs at least three sizes of one storage (two points, measured hours "
+                      "apart at this machine's varying speed, fit anything).", ""]
     driver_rows = [r for r in rows if r["part"] == "driver"]
     if driver_rows:
         lines += ["### The driver at millions of synthetic rows (fabricated shards, 1,000 rows each)", "",
