@@ -13,7 +13,8 @@ import torch
 from helpers import fabricate_synthetic, forbid_ray_work
 
 from realfake_ray import storage
-from realfake_ray.method.classifier import build_classifier, eval_view, evaluate_batches, to_model_input
+from realfake_ray.data.views import eval_view
+from realfake_ray.method.classifier import build_classifier, evaluate_batches, to_model_input
 from realfake_ray.config import ConfigError, load_config
 from realfake_ray.data.imagefolder import DatasetError, decode_image, open_rgb
 from realfake_ray.data.sources import open_labelled_set
