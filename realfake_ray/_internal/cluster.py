@@ -17,6 +17,7 @@ from realfake_ray.config import ActorPool, ConfigError, RayConfig
 
 __all__ = [
     "init_ray", "state_api_address", "quiet_data", "train_logging", "quiet_train_worker", "cluster_gpus",
+    "resolve_use_gpu",
     "gpus_per_actor", "node_types", "check_fits_a_node", "fit_cpu_pool", "actor_pool_kwargs",
     "ClusterTimeline",
 ]
@@ -152,6 +153,11 @@ def quiet_train_worker(verbose: bool = False) -> None:
 
 def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def resolve_use_gpu(setting: bool | str) -> bool:
+    """A stage's ``use_gpu``: ``auto`` means GPUs when the cluster has them now."""
+    return cluster_gpus() > 0 if setting == "auto" else bool(setting)
 
 
 def gpus_per_actor(pool: ActorPool) -> float:

@@ -4,9 +4,9 @@ pipelines that read and decode them into train / eval views. Shared by ``train``
 Nothing per image lives in the driver: a set is a :class:`~realfake_ray.data.sources.LabelledSet` (Arrow
 columns of a per-image listing, or a shard listing), and rows become Python objects only inside the tasks.
 Reading scales with the data and the cluster: per-image sets are cut into blocks of ~256 images whose fetches
-overlap inside a task; sharded sets are read one shard per task, in one request. With ``train.cache`` every remote file read (a
-shard or an image) is kept on the node's disk and later epochs read that copy. A read that fails is retried; one that keeps failing is
-skipped, named, and counted against ``train.max_read_errors``.
+overlap inside a task; sharded sets are read one shard per task, in one request. With ``train.cache`` every
+remote file read (a shard or an image) is kept on the node's disk and later epochs read that copy. A read
+that fails is retried; one that keeps failing is skipped, named, and counted against ``train.max_read_errors``.
 
 Example:
     >>> val = real_set("embedded:digits/val", cfg)  # doctest: +SKIP

@@ -20,7 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from realfake_ray import storage
-from realfake_ray._internal.cluster import init_ray
+from realfake_ray._internal.cluster import init_ray, resolve_use_gpu
 from realfake_ray._internal.lease import takes_run_lease
 from realfake_ray.config import ConfigError, RunConfig, dump_config
 from realfake_ray.data.sources import listing_cache
@@ -87,9 +87,8 @@ def side_by_side(cfg: RunConfig) -> bool:
 
     init_ray(cfg.ray)
     t, have = cfg.train, ray.cluster_resources()
-    use_gpu = have.get("GPU", 0) > 0 if t.use_gpu == "auto" else bool(t.use_gpu)
     cpus = 2 * (t.num_workers * t.worker_cpus + t.decode_cpus)
-    return have.get("CPU", 0) >= cpus and (not use_gpu or have.get("GPU", 0) >= 2 * t.num_workers)
+    return have.get("CPU", 0) >= cpus and (not resolve_use_gpu(t.use_gpu) or have.get("GPU", 0) >= 2 * t.num_workers)
 
 
 def _entry(stage: str):

@@ -38,7 +38,7 @@ from realfake_ray._internal.checkpoints import (
     prune_checkpoints,
     resume_checkpoint,
 )
-from realfake_ray._internal.cluster import check_fits_a_node, cluster_gpus, init_ray, quiet_train_worker, train_logging
+from realfake_ray._internal.cluster import check_fits_a_node, init_ray, quiet_train_worker, resolve_use_gpu, train_logging
 from realfake_ray._internal.faults import hold_at, kill_driver_at
 from realfake_ray._internal.settings import refuse_changed_settings
 from realfake_ray._internal.tracking import StageRun
@@ -301,7 +301,7 @@ def _write_outputs(out: str, history: list[dict]) -> None:
 
 
 def _use_gpu(ft: FinetuneConfig) -> bool:
-    return cluster_gpus() > 0 if ft.use_gpu == "auto" else bool(ft.use_gpu)
+    return resolve_use_gpu(ft.use_gpu)
 
 
 def _cpus_per_worker(ft: FinetuneConfig, use_gpu: bool) -> float:

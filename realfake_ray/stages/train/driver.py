@@ -26,7 +26,7 @@ import time
 from realfake_ray import storage
 from realfake_ray._internal import trainer
 from realfake_ray._internal.checkpoints import checkpoint_number, newest_complete, prune_checkpoints, resume_checkpoint
-from realfake_ray._internal.cluster import check_fits_a_node, cluster_gpus, init_ray, quiet_train_worker, train_logging
+from realfake_ray._internal.cluster import check_fits_a_node, init_ray, resolve_use_gpu, quiet_train_worker, train_logging
 from realfake_ray._internal.lease import takes_run_lease
 from realfake_ray._internal.faults import hold_at
 from realfake_ray._internal.tracking import StageRun, evaluation_metrics
@@ -324,7 +324,7 @@ def _trainer(plan: TrainPlan, cfg: RunConfig, first_epoch: int, resume_dir: str 
 
     t = cfg.train
     _warn_if_no_cpu_for_data(cfg)
-    use_gpu = cluster_gpus() > 0 if t.use_gpu == "auto" else bool(t.use_gpu)
+    use_gpu = resolve_use_gpu(t.use_gpu)
     check_fits_a_node({"CPU": t.worker_cpus, **({"GPU": 1} if use_gpu else {})}, "train.use_gpu")
     out_dir = output_dir(cfg)
     loop_plan = {"num_classes": len(plan.class_dirs), "steps_per_epoch": max(1, plan.steps_per_epoch),
