@@ -24,6 +24,7 @@ from realfake_ray._internal.quiet import QUIET_ENV, quiet_libraries
 from realfake_ray.config import ConfigError, RunConfig, dump_config, load_config
 from realfake_ray.layout import RunLayout
 from realfake_ray.models import pretrain
+from realfake_ray.models.tiny import UNET_LAYOUTS
 from realfake_ray.models.loading import materialise_preset, write_fp32_copy
 from realfake_ray.stages.registry import COMMANDS, Command
 
@@ -54,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     base.add_argument("--seed", type=int, default=0, help="corpus and initialisation seed (default 0)")
     for option in ("corpus_size", "vae_steps", "clip_steps", "unet_steps"):
         base.add_argument(f"--{option.replace('_', '-')}", type=int, dest=option, help=f"default: PretrainConfig.{option}")
+    base.add_argument("--unet-layout", choices=sorted(UNET_LAYOUTS), default="v1",
+                      help="the UNet's levels: v1 (the shipped base) or sd (cross-attention where SD v1.5 has it)")
+    base.add_argument("--encoders-from", metavar="DIR",
+                      help="take the VAE, CLIP and tokenizer of this base (same corpus seed) and train only the UNet")
     for name, stage in COMMANDS.items():
         p = sub.add_parser(name, help=stage.help)
         _add_common(p)
@@ -116,7 +121,8 @@ def job_summary(result: dict, report: str) -> str:
 def _pretrain_base(args: argparse.Namespace) -> None:
     given = {k: getattr(args, k) for k in ("corpus_size", "vae_steps", "clip_steps", "unet_steps")}
     steps = {k: v for k, v in given.items() if v is not None}
-    record = pretrain.pretrain_base(args.out, pretrain.PretrainConfig(seed=args.seed, **steps))
+    record = pretrain.pretrain_base(args.out, pretrain.PretrainConfig(
+        seed=args.seed, unet_layout=args.unet_layout, encoders_from=args.encoders_from, **steps))
     print(f"wrote {args.out} in {record['wall_seconds'] / 60:.1f} min; use it with --set model.pretrained={args.out}")
 
 

@@ -1,5 +1,6 @@
 """Pretraining the tiny base: a few steps of every phase write a pipeline stock diffusers loads."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -35,6 +36,19 @@ def test_a_short_pretraining_writes_a_stock_diffusers_pipeline_with_its_record(t
     saved = json.loads((tmp_path / "base" / "training.json").read_text())
     assert saved["config"]["unet_steps"] == 2 and saved["machine"]["cpus"] >= 1
     assert "realfake-ray tiny base" in (tmp_path / "base" / "README.md").read_text()
+    # A UNet of another layout on the same encoders (how the SD-shaped base is retrained): the VAE and CLIP
+    # towers are taken byte for byte, only the UNet trains; encoders of another corpus are refused.
+    sd = dataclasses.replace(cfg, unet_layout="sd", encoders_from=str(tmp_path / "base"))
+    record = pretrain_base(str(tmp_path / "sd"), sd, log=lambda _: None)
+    assert record["phases"]["vae"]["reused_from"] == str(tmp_path / "base") and "history" not in record["phases"]["clip"]
+    for part in ("vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
+                 "image_encoder/model.safetensors"):
+        assert (tmp_path / "sd" / part).read_bytes() == (tmp_path / "base" / part).read_bytes(), part
+    unet = StableDiffusionPipeline.from_pretrained(str(tmp_path / "sd")).unet
+    assert unet.config.down_block_types[0] == "CrossAttnDownBlock2D" and unet.config.down_block_types[-1] == "DownBlock2D"
+    assert "cross-attention at 8×8, 4×4" in (tmp_path / "sd" / "README.md").read_text()
+    with pytest.raises(ValueError, match="pretrained on corpus"):
+        pretrain_base(str(tmp_path / "other"), dataclasses.replace(sd, seed=1), log=lambda _: None)
 
 
 def test_pretrain_base_cli_passes_its_step_flags(tmp_path, monkeypatch):
@@ -47,6 +61,9 @@ def test_pretrain_base_cli_passes_its_step_flags(tmp_path, monkeypatch):
     monkeypatch.setattr("realfake_ray.models.pretrain.pretrain_base", fake)
     assert cli_main(["pretrain-base", "--out", str(tmp_path), "--seed", "3", "--unet-steps", "7"]) == 0
     assert seen["cfg"].seed == 3 and seen["cfg"].unet_steps == 7 and seen["cfg"].vae_steps == PretrainConfig().vae_steps
+    assert seen["cfg"].unet_layout == "v1" and seen["cfg"].encoders_from is None
+    assert cli_main(["pretrain-base", "--out", str(tmp_path), "--unet-layout", "sd", "--encoders-from", "/b"]) == 0
+    assert (seen["cfg"].unet_layout, seen["cfg"].encoders_from) == ("sd", "/b")
 
 
 def test_vae_psnr_of_an_untrained_vae_is_low():

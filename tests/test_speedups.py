@@ -68,3 +68,28 @@ def test_speedups_refuse_compile():
     sampler = Sampler(build_random_tiny_pipeline(), SamplerSettings(steps=4, compile=True))
     with pytest.raises(ValueError, match="does not compose with compile"):
         apply_speedup(sampler, "deepcache")
+
+
+def test_the_sd_layout_attends_where_sd_v15_does_so_lora_and_token_merging_reach_the_high_resolution():
+    """The SD-shaped tiny UNet (UNET_LAYOUTS["sd"]): cross-attention at 8×8 and 4×4, none at 2×2, as SD v1.5 has
+    it at 64/32/16 and not at 8; the LoRA's targets are there, ToMe now merges tokens (it changes the output,
+    unlike on the v1 UNet above) and DeepCache still runs."""
+    from realfake_ray.method.lora import add_lora
+
+    pipe = build_random_tiny_pipeline(unet_layout="sd")
+    unet = pipe.unet
+    assert [hasattr(b, "attentions") for b in unet.down_blocks] == [True, True, False]
+    assert [hasattr(b, "attentions") for b in unet.up_blocks] == [False, True, True]
+    add_lora(unet, rank=2)
+    adapted = {n.split(".attentions")[0] for n, _ in unet.named_parameters() if "lora_A" in n}
+    assert {"down_blocks.0", "down_blocks.1", "up_blocks.1", "up_blocks.2", "mid_block"} == adapted
+    torch.manual_seed(0)
+    sampler = Sampler(build_random_tiny_pipeline(unet_layout="sd"), SamplerSettings(steps=8, strength=1.0))
+    baseline = _images(sampler)
+    for spec in ("tomesd:0.5", "deepcache:3"):
+        undo = apply_speedup(sampler, spec)
+        assert not (_images(sampler) == baseline).all(), spec
+        undo()
+    assert (_images(sampler) == baseline).all()
+    with pytest.raises(ValueError, match="unet_layout: 'sd2' is not one of"):
+        build_random_tiny_pipeline(unet_layout="sd2")

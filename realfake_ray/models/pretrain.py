@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from realfake_ray.data.corpus import CLASS_NAMES, DigitCorpus
 from realfake_ray.method.losses import denoising_loss, min_snr_weights
-from realfake_ray.models.tiny import build_random_tiny_pipeline
+from realfake_ray.models.tiny import UNET_LAYOUTS, build_random_tiny_pipeline
 from realfake_ray.method.prompts import build_prompt, tokenize
 from realfake_ray.seeds import derive_seed
 
@@ -75,6 +75,10 @@ class PretrainConfig:
     snr_gamma: float = 5.0
     ema_decay: float = 0.999
     threads: int | None = None  # torch intra-op threads (None: torch's default)
+    unet_layout: str = "v1"  # the UNet's levels (realfake_ray.models.tiny.UNET_LAYOUTS)
+    # A base directory pretrained on the same corpus: its VAE, CLIP towers and tokenizer are taken as they are
+    # (they are frozen while the UNet trains anyway) and only the UNet is trained. None: train every component.
+    encoders_from: str | None = None
 
     def steps(self) -> dict[str, int]:
         return {"vae": self.vae_steps, "clip": self.clip_steps, "unet": self.unet_steps}
@@ -326,7 +330,7 @@ def pretrain_base(out_dir: str, cfg: PretrainConfig | None = None, log: Callable
         torch.set_num_threads(cfg.threads)
     started = time.time()
     torch.manual_seed(derive_seed(cfg.seed, "pretrain-init") % 2**63)
-    pipe = build_random_tiny_pipeline(seed=cfg.seed)
+    pipe = build_random_tiny_pipeline(seed=cfg.seed, unet_layout=cfg.unet_layout)
     t0 = time.perf_counter()
     images, labels, captions = render_corpus(cfg.seed, 0, cfg.corpus_size + cfg.holdout_size)
     held = slice(cfg.corpus_size, None)
@@ -335,13 +339,17 @@ def pretrain_base(out_dir: str, cfg: PretrainConfig | None = None, log: Callable
     phases = {"corpus": {"images": cfg.corpus_size, "holdout": cfg.holdout_size, "fonts": len(corpus.fonts),
                          "identity": corpus.identity(), "seconds": round(time.perf_counter() - t0, 1)}}
     log(f"[pretrain] corpus: {cfg.corpus_size} + {cfg.holdout_size} images from {len(corpus.fonts)} fonts")
-    phases["vae"] = train_vae(pipe.vae, train_images, cfg)
-    phases["vae"]["holdout_psnr"] = vae_psnr(pipe.vae, images[held])
-    log(f"[pretrain] vae: holdout PSNR {phases['vae']['holdout_psnr']:.2f} dB, scaling {pipe.vae.config.scaling_factor}")
-    phases["clip"] = train_clip(pipe.text_encoder, pipe.image_encoder, pipe.tokenizer, train_images, train_captions, cfg)
-    phases["clip"]["holdout_zero_shot"] = clip_zero_shot(pipe.text_encoder, pipe.image_encoder, pipe.tokenizer,
-                                                         images[held], labels[held])
-    log(f"[pretrain] clip: holdout zero-shot top-1 {phases['clip']['holdout_zero_shot']:.3f}")
+    if cfg.encoders_from:
+        phases.update(reuse_encoders(pipe, cfg.encoders_from, cfg.seed, corpus.identity()))
+        log(f"[pretrain] vae, clip: taken from {cfg.encoders_from}")
+    else:
+        phases["vae"] = train_vae(pipe.vae, train_images, cfg)
+        phases["vae"]["holdout_psnr"] = vae_psnr(pipe.vae, images[held])
+        log(f"[pretrain] vae: holdout PSNR {phases['vae']['holdout_psnr']:.2f} dB, scaling {pipe.vae.config.scaling_factor}")
+        phases["clip"] = train_clip(pipe.text_encoder, pipe.image_encoder, pipe.tokenizer, train_images, train_captions, cfg)
+        phases["clip"]["holdout_zero_shot"] = clip_zero_shot(pipe.text_encoder, pipe.image_encoder, pipe.tokenizer,
+                                                             images[held], labels[held])
+        log(f"[pretrain] clip: holdout zero-shot top-1 {phases['clip']['holdout_zero_shot']:.3f}")
     ddpm = DDPMScheduler.from_config(pipe.scheduler.config)
     phases["unet"] = train_unet(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, ddpm, train_images,
                                 train_captions, cfg)
@@ -350,6 +358,30 @@ def pretrain_base(out_dir: str, cfg: PretrainConfig | None = None, log: Callable
               "machine": _machine(), "created": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     save_base(pipe, out_dir, record)
     return record
+
+
+def reuse_encoders(pipe, base_dir: str, seed: int, corpus_identity: str) -> dict:
+    """Put ``base_dir``'s VAE, CLIP towers and tokenizer into ``pipe`` (fp32); their phases' records, marked
+    ``reused_from``. Refuses a base pretrained on another corpus (seed or fonts): its latents and embeddings
+    would not be the ones this UNet learns on."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
+
+    with open(os.path.join(base_dir, "training.json")) as f:
+        record = json.load(f)
+    theirs = (record["config"]["seed"], record["phases"]["corpus"]["identity"])
+    if theirs != (seed, corpus_identity):
+        raise ValueError(f"encoders_from {base_dir}: pretrained on corpus (seed, identity) {theirs}, this run's is "
+                         f"{(seed, corpus_identity)}")
+    fp32 = {"torch_dtype": torch.float32}
+    pipe.register_modules(
+        vae=AutoencoderKL.from_pretrained(base_dir, subfolder="vae", **fp32).eval().requires_grad_(False),
+        text_encoder=CLIPTextModel.from_pretrained(base_dir, subfolder="text_encoder", **fp32).eval().requires_grad_(False),
+        image_encoder=CLIPVisionModelWithProjection.from_pretrained(base_dir, subfolder="image_encoder", **fp32).eval(),
+        tokenizer=CLIPTokenizer.from_pretrained(base_dir, subfolder="tokenizer"),
+    )
+    return {phase: {**{k: v for k, v in record["phases"][phase].items() if k != "history"}, "reused_from": base_dir}
+            for phase in ("vae", "clip")}
 
 
 @torch.no_grad()
@@ -381,6 +413,15 @@ def save_base(pipe, out_dir: str, record: dict) -> None:
         f.write(_model_card(slim))
 
 
+def _layout_text(layout: str) -> str:
+    """``"channels 64/96/128, cross-attention at 8×8, 4×4 and in the middle block"`` for a UNet layout."""
+    spec, side, where = UNET_LAYOUTS[layout], 8, []
+    for kind in spec["down_block_types"]:
+        where += [f"{side}×{side}"] if kind.startswith("CrossAttn") else []
+        side //= 2
+    return f"channels {'/'.join(map(str, spec['block_out_channels']))}, cross-attention at {', '.join(where)} and in the middle block"
+
+
 def _model_card(record: dict) -> str:
     p, c = record["phases"], record["config"]
     return f"""# realfake-ray tiny base (32 px, Stable Diffusion architecture)
@@ -394,7 +435,7 @@ seen the real handwritten digits of the embedded dataset; Real-Fake adapts it to
 |---|---|---|
 | vae | AutoencoderKL, 32 px → 4×8×8 latents | {c['vae_steps']} steps × {c['vae_batch']}; holdout PSNR {p['vae'].get('holdout_psnr', float('nan')):.2f} dB; scaling factor {p['vae'].get('scaling_factor')} |
 | text_encoder, image_encoder | CLIP text + vision towers, width 64 | contrastive, {c['clip_steps']} steps × {c['clip_batch']}; zero-shot top-1 on held-out corpus {p['clip'].get('holdout_zero_shot', float('nan')):.3f} |
-| unet | UNet2DConditionModel, 8×8 latents, cross-attention at 4×4 and in the middle block, text width 64 | ε-prediction, Min-SNR-γ {c['snr_gamma']}, caption dropout {c['caption_dropout']}, EMA {c['ema_decay']}; {c['unet_steps']} steps × {c['unet_batch']} |
+| unet | UNet2DConditionModel, 8×8 latents, layout `{c.get('unet_layout', 'v1')}`: {_layout_text(c.get('unet_layout', 'v1'))}, text width 64 | ε-prediction, Min-SNR-γ {c['snr_gamma']}, caption dropout {c['caption_dropout']}, EMA {c['ema_decay']}; {c['unet_steps']} steps × {c['unet_batch']} |
 | scheduler | UniPC with SD v1.5's scaled-linear β schedule | — |
 
 Corpus: seed {c['seed']}, {c['corpus_size']:,} training + {c['holdout_size']:,} held-out images, {p['corpus']['fonts']} fonts

@@ -26,13 +26,24 @@ import re
 import torch
 
 __all__ = [
-    "TINY_RESOLUTION", "TINY_SEED", "TINY_WIDTH", "build_tiny_tokenizer", "build_random_tiny_pipeline",
+    "TINY_RESOLUTION", "TINY_SEED", "TINY_WIDTH", "UNET_LAYOUTS", "build_tiny_tokenizer", "build_random_tiny_pipeline",
     "save_random_tiny_pipeline",
 ]
 
 TINY_RESOLUTION = 32
 TINY_SEED = 0
 TINY_WIDTH = 64  # text hidden size == CLIP projection width (768 in SD v1.5)
+
+# The UNet's levels on 8×8 latents. "v1" (the shipped base): cross-attention only at 4×4 and in the middle
+# block. "sd": SD v1.5's pattern — cross-attention blocks at every level but the lowest (here 8×8 and 4×4,
+# none at 2×2), attention in the middle block — so the LoRA's targets sit at the high resolutions, as on SD.
+UNET_LAYOUTS: dict[str, dict] = {
+    "v1": {"down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+           "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"), "block_out_channels": (64, 128)},
+    "sd": {"down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+           "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+           "block_out_channels": (64, 96, 128)},
+}
 
 # Words the tiny tokenizer learns merges for: prompts, class names, the negative prompt and the words of
 # the pretraining corpus's captions (realfake_ray.data.corpus).
@@ -86,8 +97,11 @@ def build_tiny_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
-def build_random_tiny_pipeline(seed: int = TINY_SEED):
-    """The tiny SD architecture with random weights (seeded) and a CLIP image encoder component."""
+def build_random_tiny_pipeline(seed: int = TINY_SEED, unet_layout: str = "v1"):
+    """The tiny SD architecture with random weights (seeded) and a CLIP image encoder component; the UNet's
+    levels from :data:`UNET_LAYOUTS`."""
+    if unet_layout not in UNET_LAYOUTS:
+        raise ValueError(f"unet_layout: {unet_layout!r} is not one of {sorted(UNET_LAYOUTS)}")
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel, UniPCMultistepScheduler
     from transformers import (
         CLIPImageProcessor,
@@ -117,9 +131,7 @@ def build_random_tiny_pipeline(seed: int = TINY_SEED):
         sample_size=latent_size,
         in_channels=4,
         out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(64, 128),
+        **UNET_LAYOUTS[unet_layout],
         layers_per_block=1,
         cross_attention_dim=TINY_WIDTH,
         attention_head_dim=4,  # diffusers reads this as the number of heads: 4 heads of width 32
