@@ -21,6 +21,7 @@ set size. λ is chosen on a held-out fifth of the real *train* split (``--sweep`
     python benchmarks/effectiveness.py --write BENCHMARKS.md            # the full table (~3 h on 2 cores)
     python benchmarks/effectiveness.py --quick                          # 1 seed, 1x rows only (~25 min)
     python benchmarks/effectiveness.py --sweep 0,0.003,0.03,0.3,3       # λ on the hold-out split first
+    python benchmarks/effectiveness.py --scarce 10,30                   # + the data-scarce rows (per class)
 
 Runs land below ``--out`` (default ``runs/effectiveness``) and every stage resumes, so an interrupted
 benchmark continues where it stopped; results accumulate in ``<out>/results.json``.
@@ -67,6 +68,21 @@ def variants(best_lambda: float, mults: tuple[int, ...]) -> list[dict]:
     return rows
 
 
+def scarce_variants(per_class: int, best_lambda: float, mult: int = 10) -> list[dict]:
+    """The data-scarce regime (issue 24, item 6): every stage sees ``per_class`` real train digits of each class
+    (``data.train_per_class``); real-only, Real-Fake ``mult``× synthetic-only, and both together (the union:
+    every real and every synthetic image, ``train.mix_ratio`` = mult / (mult + 1))."""
+    subset = [f"data.train_per_class={per_class}"]
+    full = [*subset, f"finetune.mmd_weight={best_lambda}", f"generate.mult={mult}"]
+    run = f"full-{per_class}pc"
+    return [
+        {"row": f"real, {per_class} per class", "run": run, "stages": [], "set": subset, "train": ["train.source=real"]},
+        {"row": f"Real-Fake {mult}x, {per_class} per class", "run": run, "stages": ["finetune", "generate"], "set": full},
+        {"row": f"real + Real-Fake {mult}x, {per_class} per class", "run": run, "stages": ["finetune", "generate"],
+         "set": full, "train": ["train.source=mix", f"train.mix_ratio={mult / (mult + 1):.6f}"]},
+    ]
+
+
 def _config(out: Path, seed: int, overrides: list[str], data: dict | None = None):
     from realfake_ray.config import load_config
 
@@ -83,12 +99,33 @@ def _shared_bank(root: Path, data: dict | None) -> Path:
     return bank
 
 
+def _subset_bank(root: Path, per_class: int, seed: int) -> Path:
+    """The bank of a data-scarce run: the seed draws the subset, so each seed encodes its own (seconds, not minutes)."""
+    from realfake_ray.stages.encode.driver import run_encode
+
+    bank = root / f"bank-{per_class}pc-seed{seed}"
+    run_encode(_config(bank, seed, [f"data.train_per_class={per_class}"]))
+    return bank
+
+
 def _run_dir(root: Path, bank: Path, seed: int, run: str) -> Path:
     out = root / f"seed{seed}" / run
     if not (out / "latents").exists():
         out.mkdir(parents=True, exist_ok=True)
         shutil.copytree(bank / "latents", out / "latents")
     return out
+
+
+def _run_variants(root: Path, results: dict, results_file: Path, seed: int, rows: list[dict], bank_of, val_embeddings) -> None:
+    """Each row of ``rows`` not in ``results`` yet, for ``seed`` (``bank_of()`` gives its bank), saved as it ends."""
+    done = {(r["row"], r["seed"]) for r in results["rows"]}
+    for variant in rows:
+        if (variant["row"], seed) in done:
+            continue
+        row = run_row(root, bank_of(), variant, seed, None, val_embeddings)
+        print(f"[effectiveness] seed {seed} {row['row']}: top-1 {row['top1']:.4f}", flush=True)
+        results["rows"].append(row)
+        results_file.write_text(json.dumps(results, indent=1))
 
 
 def _embed_pixels(cfg, pixels):
@@ -272,6 +309,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one seed, 1x rows only")
     parser.add_argument("--sweep", default="", help="comma list of λ to try on the hold-out split first")
     parser.add_argument("--lambda", dest="best_lambda", type=float, help="skip the sweep: use this λ for the full rows")
+    parser.add_argument("--scarce", default="", help="comma list of real images per class: the data-scarce rows too")
     parser.add_argument("--write", metavar="BENCHMARKS.md", help="write the results as this script's section")
     args = parser.parse_args()
 
@@ -299,15 +337,12 @@ def main() -> None:
     mults = (1,) if args.quick else (1, 2, 5, 10)
     bank = _shared_bank(root, None)
     val_embeddings = _val_embeddings(bank)
-    done = {(r["row"], r["seed"]) for r in results["rows"]}
+    scarce = [int(k) for k in args.scarce.split(",") if k]
     for seed in seeds:
-        for variant in variants(best, mults):
-            if (variant["row"], seed) in done:
-                continue
-            row = run_row(root, bank, variant, seed, None, val_embeddings)
-            print(f"[effectiveness] seed {seed} {row['row']}: top-1 {row['top1']:.4f}", flush=True)
-            results["rows"].append(row)
-            results_file.write_text(json.dumps(results, indent=1))
+        _run_variants(root, results, results_file, seed, variants(best, mults), lambda: bank, val_embeddings)
+        for k in scarce:
+            _run_variants(root, results, results_file, seed, scarce_variants(k, best),
+                          lambda k=k, seed=seed: _subset_bank(root, k, seed), val_embeddings)
     budget = _config(root / "bank", 0, []).train.budget_images
     names = [v["row"] for v in variants(best, mults)]
     table = aggregate([r for r in results["rows"] if r["row"] in names and r["seed"] in seeds])
@@ -323,6 +358,13 @@ def main() -> None:
             f"(synthetic-only top-1): {sweep_text}; λ used for the Real-Fake rows: {best:g}. MMD² and KID: "
             f"tiny-CLIP embeddings of up to 2,000 synthetic images vs the 360 real val digits.\n\n"
             f"{markdown_table(table)}\n\n![ablation](benchmarks/{os.path.basename(chart)})\n")
+    scarce_names = [v["row"] for k in scarce for v in scarce_variants(k, best)]
+    if scarce_names:
+        scarce_table = aggregate([r for r in results["rows"] if r["row"] in scarce_names and r["seed"] in seeds])
+        text += (f"\n### The data-scarce regime: {', '.join(map(str, scarce))} real train digits per class\n\n"
+                 "Every stage sees only the subset (`data.train_per_class`, drawn by the seed); each classifier the "
+                 "same budget (a small set passes several times per epoch); the mix row trains on the union of the "
+                 "real subset and its 10x synthetic set.\n\n" + markdown_table(scarce_table) + "\n")
     print(text)
     if args.write:
         write_section(args.write, SECTION, text)

@@ -73,3 +73,26 @@ def test_train_cache_fetches_a_remote_image_once_per_node_and_reads_local_files_
     assert [p.name.split("-", 1)[1] for p in (tmp_path / "cache").rglob("*.png")] == ["a.png"]  # local files stay put
     decode_rows(dict(batch), 16, "eval", view_settings(RunConfig()))
     assert reads.count(remote) == 2  # without train.cache every epoch fetches
+
+
+def test_train_per_class_draws_a_seeded_subset_of_each_class_in_listing_order(caplog):
+    """The data-scarce regime's subset: k images of every class, the same for the same seed, another for another
+    seed, every image of a class that has fewer; sharded train sets are refused by name."""
+    from realfake_ray.config import ConfigError, load_config
+    from realfake_ray.data.labelled import per_class_subset, real_train_set, repeated
+
+    full = real_train_set(load_config(preset="tiny"))
+    ten = real_train_set(load_config(preset="tiny", overrides=["data.train_per_class=10"]))
+    assert full.num_images == 1437 and ten.num_images == 100 and list(ten.class_counts()) == [10] * 10
+    ids = ten.items["image_id"].to_pylist()
+    assert set(ids) <= set(full.items["image_id"].to_pylist())
+    order = {i: n for n, i in enumerate(full.items["image_id"].to_pylist())}
+    assert [order[i] for i in ids] == sorted(order[i] for i in ids)  # listing order kept
+    again = real_train_set(load_config(preset="tiny", overrides=["data.train_per_class=10"]))
+    other = real_train_set(load_config(preset="tiny", overrides=["data.train_per_class=10", "seed=7"]))
+    assert again.items["image_id"].to_pylist() == ids != other.items["image_id"].to_pylist()
+    assert per_class_subset(full, 1000, 0).num_images == 1437 and "kept whole" in caplog.text
+    assert repeated(ten, 3).num_images == 300 and repeated(ten, 3).items["url"].to_pylist() == 3 * ten.items["url"].to_pylist()
+    sharded = LabelledSet("/d", "parquet", ["x", "y"], ["x", "y"], shards=pa.table({"url": ["/d/a.parquet"], "rows": [5]}))
+    with pytest.raises(ConfigError, match="data.train_per_class=10 needs a per-image train set"):
+        per_class_subset(sharded, 10, 0)

@@ -151,6 +151,16 @@ def test_cut_off_first_run_with_another_model_is_refused(tmp_path, no_ray):
         run_encode(load_config(preset="tiny", out=str(tmp_path)))
 
 
+def test_a_bank_of_another_train_subset_is_refused(tmp_path, no_ray):
+    """A bank begun from the whole train set (or another data.train_per_class / seed) is not silently reused by a
+    data-scarce run: every stage after encode would otherwise fine-tune and generate from the wrong images."""
+    out = str(tmp_path)
+    storage.write_json(storage.join(RunLayout(out).bank_dir(), "_identity.json"),
+                       {"model": {"vae_sha256": "0" * 64, "pretrained": "other/model"}, "resolution": 32})
+    with pytest.raises(ValueError, match=r"train_subset None .*asks for \{'per_class': 10, 'seed': 42\}"):
+        run_encode(load_config(preset="tiny", out=out, overrides=["data.train_per_class=10"]))
+
+
 def test_decode_batch_marks_errors_without_raising():
     batch = {"url": np.array(["memory://nope.png"], dtype=object), "image_id": np.array(["x"], dtype=object)}
     out = decode_batch(batch, 8)

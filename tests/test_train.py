@@ -21,7 +21,7 @@ from realfake_ray.data.labelled import seed_of, synthetic_set
 from realfake_ray.data.synthetic import shard_name
 from realfake_ray.layout import RunLayout
 from realfake_ray.stages.train.driver import read_metrics, run_train, train_dataset
-from realfake_ray.stages.train.plan import apply_budget, epoch_composition, fingerprint, plan_training, run_name
+from realfake_ray.stages.train.plan import apply_budget, epoch_composition, epoch_repeats, fingerprint, plan_training, run_name
 
 REAL = "embedded:digits/train"
 
@@ -130,7 +130,7 @@ def test_unknown_architecture(tmp_path, no_ray):
 def test_batch_larger_than_an_epoch(tmp_path, no_ray):
     fabricate_synthetic(str(tmp_path), per_class=5)
     with pytest.raises(ConfigError, match=r"train.batch_size × train.num_workers = 64 exceeds the 50 images"):
-        run_train(_cfg(tmp_path, "train.source=synthetic"))
+        run_train(_cfg(tmp_path, "train.source=synthetic", "train.epochs=2"))  # no budget: one pass per epoch
 
 
 def test_bad_evaluation_set_is_reported_before_training(tmp_path, no_ray):
@@ -376,6 +376,19 @@ def test_a_budget_gives_every_set_size_the_same_images_and_schedule_shape():
     assert apply_budget(no_budget, 14370).train.epochs == 30  # no budget: epochs as given
     explicit = load_config(preset="tiny", overrides=["train.epochs=4"])
     assert explicit.train.budget_images is None and apply_budget(explicit, 14370).train.epochs == 4
+
+
+def test_a_small_set_passes_several_times_per_epoch_so_the_budget_keeps_its_epoch_count(tmp_path):
+    """The data-scarce regime: 10 real digits per class under the digits-32px budget (43,110 images) would be
+    431 epochs of 100 images, each with its validation pass; instead an epoch passes 15 times over the 100
+    (1,500 images) and the budget takes 29 epochs. Sets the size of the real one keep one pass."""
+    t = load_config(preset="tiny").train
+    assert [epoch_repeats(t, n) for n in (100, 300, 1437, 2874, 14370)] == [15, 5, 1, 1, 1]
+    assert epoch_repeats(load_config(preset="tiny", overrides=["train.epochs=4"]).train, 100) == 1  # no budget
+    cfg = _cfg(tmp_path, "train.source=real", "data.train_per_class=10")
+    plan = plan_training(cfg)
+    assert plan.real.num_images == 100 and plan.repeats == 15 and plan.epoch_images == 1500
+    assert plan.steps_per_epoch == 1500 // 64 and apply_budget(cfg, plan.epoch_images).train.epochs == 29
 
 
 def test_unreadable_images_are_recorded_and_over_the_threshold_fail_the_stage(tmp_path, capsys):

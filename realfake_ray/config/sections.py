@@ -75,6 +75,9 @@ class DataConfig(_Section):
     # JSONL {"image_id": ..., "caption": ...} for the training images; None: the caption stage's (see CaptionConfig)
     captions_file: str | None = None
     extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm")
+    # The data-scarce regime: every stage sees only a seeded subset of this many train images per class (all of
+    # a class's images when it has fewer; per-image layouts). None: the whole train set.
+    train_per_class: int | None = Field(None, ge=1)
 
 
 class CaptionConfig(_Section):

@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import hashlib
 import io
@@ -36,7 +37,7 @@ from realfake_ray.data.views import TrainView, eval_view
 from realfake_ray.seeds import derive_seed
 
 __all__ = [
-    "output_dir", "seed_of", "real_set", "synthetic_set", "unknown_classes_error", "set_digest", "VIEWS",
+    "output_dir", "seed_of", "real_set", "real_train_set", "per_class_subset", "repeated", "synthetic_set", "unknown_classes_error", "set_digest", "VIEWS",
     "view_settings", "decode_rows", "read_shards", "rows_dataset", "decoded_dataset", "read_error_count",
     "ROWS_PER_BLOCK", "images_in_memory", "as_image_bytes", "cut_into_blocks", "image_rows", "not_in",
     "read_pending_shards", "pending_dataset", "read_cached",
@@ -66,6 +67,40 @@ def real_set(url: str, cfg: RunConfig, class_dirs: list[str] | None = None, labe
     classes named by ``data.classes_file`` in ``data.class_name_style``."""
     return open_labelled_set(url, class_dirs=class_dirs, classes_file=cfg.data.classes_file, labels_file=labels_file,
                              extensions=cfg.data.extensions, class_name_style=cfg.data.class_name_style)
+
+
+def real_train_set(cfg: RunConfig) -> LabelledSet:
+    """``data.train`` as every stage sees it: the whole set, or its ``data.train_per_class`` subset."""
+    d = cfg.require_data()
+    lset = real_set(d.train, cfg, labels_file=d.train_labels)
+    return lset if d.train_per_class is None else per_class_subset(lset, d.train_per_class, cfg.seed)
+
+
+def per_class_subset(lset: LabelledSet, per_class: int, seed: int) -> LabelledSet:
+    """``per_class`` images of each class of ``lset`` (all of a smaller class), drawn with a generator seeded by
+    ``seed``, kept in listing order. Per-image layouts only: a sharded set's labels are inside its shards."""
+    if lset.sharded:
+        raise ConfigError(f"data.train_per_class={per_class} needs a per-image train set (ImageFolder, class-index "
+                          f"folders or a labels file); {lset.url} is {lset.layout} shards")
+    rng = np.random.default_rng(seed_of(seed, 0x5CA2CE))
+    labels = lset.items["label"].to_numpy()
+    chosen = [rng.choice(idx, min(per_class, len(idx)), replace=False)
+              for idx in (np.flatnonzero(labels == c) for c in range(lset.num_classes))]
+    keep = np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)
+    short = {d: int(n) for d, n in zip(lset.class_dirs, lset.class_counts()) if n < per_class}
+    if short:
+        log.warning(f"data.train_per_class={per_class}: {len(short)} class(es) have fewer images and are kept whole "
+                    f"({', '.join(f'{d}: {n}' for d, n in list(short.items())[:5])}{' ...' if len(short) > 5 else ''})")
+    return dataclasses.replace(lset, items=lset.items.take(keep))
+
+
+def repeated(lset: LabelledSet, times: int) -> LabelledSet:
+    """``lset`` listed ``times`` times over (its images, or its shards): an epoch that passes over it repeatedly."""
+    if times == 1:
+        return lset
+    if lset.sharded:
+        return dataclasses.replace(lset, shards=pa.concat_tables([lset.shards] * times))
+    return dataclasses.replace(lset, items=pa.concat_tables([lset.items] * times))
 
 
 def unknown_classes_error(where: str, unknown: list[str], class_dirs: list[str]) -> DatasetError:

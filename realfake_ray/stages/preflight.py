@@ -14,7 +14,7 @@ from realfake_ray import storage
 from realfake_ray.config import RunConfig
 from realfake_ray.data.captions import caption_stage_idle, missing_captions_error, read_captions, training_captions_url
 from realfake_ray.data.imagefolder import DatasetError
-from realfake_ray.data.labelled import real_set
+from realfake_ray.data.labelled import real_set, real_train_set
 from realfake_ray.data.sources import check_readable, load_class_names
 from realfake_ray.models.loading import model_location_problem
 
@@ -34,7 +34,7 @@ def _problem(what: str, url: str, exc: Exception) -> str:
 def _datasets(cfg: RunConfig, stages: list[str], problems: list[str]) -> None:
     d = cfg.require_data()
     try:
-        train = real_set(d.train, cfg, labels_file=d.train_labels)
+        train = real_train_set(cfg)
         check_readable(train)
     except Exception as exc:
         problems.append(_problem("data.train", d.train, exc))

@@ -16,9 +16,10 @@ from dataclasses import asdict, dataclass
 
 from realfake_ray.config import ConfigError, RunConfig
 from realfake_ray.data.captions import caption_stage_idle
-from realfake_ray.data.labelled import real_set
+from realfake_ray.data.labelled import real_set, real_train_set
 from realfake_ray.plots import markdown_table
 from realfake_ray.stages.generate.plan import images_per_shard, shards_of
+from realfake_ray.stages.train.plan import epoch_repeats
 from realfake_ray.tools.flops import SD15_FLOPS, TFLOP, img2img_flops
 
 __all__ = ["MEASURED_RATES", "S3_PRICES", "StagePlan", "plan_job", "plan_markdown", "run_plan"]
@@ -116,10 +117,12 @@ def plan_job(cfg: RunConfig, train_images: int, val_images: int = 0, rates: dict
                         f"{shards:,} shards of ~{per_shard} images"))
     source = t.source
     epoch_images = synthetic if source == "synthetic" else train_images if source == "real" else 2 * train_images
+    repeats = epoch_repeats(t, epoch_images)  # passes over a small set per epoch
+    epoch_images *= repeats
     budget_epochs = max(1, round(t.budget_images / epoch_images)) if t.budget_images else t.epochs
     seen = epoch_images * budget_epochs
-    shard_reads = (1 if t.cache else budget_epochs) * (shards if source != "real" else 0)
-    real_reads = budget_epochs * train_images if source != "synthetic" and per_image_input else 0
+    shard_reads = (1 if t.cache else budget_epochs * repeats) * (shards if source != "real" else 0)
+    real_reads = budget_epochs * repeats * train_images if source != "synthetic" and per_image_input else 0
     plans.append(_stage("train", seen, seen, rates.get("train") or MEASURED_RATES["train"]["per_gpu"],
                         2 * budget_epochs + 4, shard_reads + real_reads, budget_epochs,
                         f"{budget_epochs} epochs of {epoch_images:,} images"))
@@ -155,7 +158,7 @@ def run_plan(cfg: RunConfig, assume_images: int | None = None, assume_val_images
     """Print the plan (a Markdown table) and return it; lists the dataset only without ``assume_images``."""
     if assume_images is None:
         data = cfg.require_data()
-        train = real_set(data.train, cfg, labels_file=data.train_labels)
+        train = real_train_set(cfg)
         val = real_set(data.val, cfg, train.class_dirs, data.val_labels).num_images if data.val else 0
         train_images, per_image = train.num_images, not train.sharded
     else:

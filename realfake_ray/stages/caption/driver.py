@@ -29,7 +29,7 @@ from realfake_ray._internal.lease import takes_run_lease
 from realfake_ray._internal.settings import refuse_changed_settings
 from realfake_ray.config import RunConfig
 from realfake_ray.data.captions import caption_stage_idle
-from realfake_ray.data.labelled import pending_dataset, real_set
+from realfake_ray.data.labelled import pending_dataset, real_train_set
 from realfake_ray.data.sources import LabelledSet, check_readable
 from realfake_ray.layout import RunLayout
 from realfake_ray.models.loading import ModelLoadError, model_location_problem
@@ -68,8 +68,8 @@ def run_caption(cfg: RunConfig) -> dict:
     if reason:
         log.info(f"nothing to do: {reason}")
         return {"skipped": True, "reason": reason}
-    started, layout, data = time.time(), RunLayout(cfg.out), cfg.require_data()
-    lset = real_set(data.train, cfg, labels_file=data.train_labels)
+    started, layout = time.time(), RunLayout(cfg.out)
+    lset = real_train_set(cfg)
     check_readable(lset)
     settings_url, summary_url = layout.captions_dir("_settings.json"), layout.captions_dir("_summary.json")
     refuse_changed_settings(settings_url, caption_settings(cfg), f"the captions at {layout.captions_dir()}")

@@ -36,7 +36,7 @@ from realfake_ray.data.captions import (
     training_captions_url,
 )
 from realfake_ray.data.imagefolder import decode_views
-from realfake_ray.data.labelled import image_rows, not_in, pending_dataset, real_set
+from realfake_ray.data.labelled import image_rows, not_in, pending_dataset, real_set, real_train_set
 from realfake_ray.data.sources import LabelledSet, check_readable, fetch_images
 from realfake_ray.method.embeddings import ClipEmbedder
 from realfake_ray.layout import RunLayout
@@ -60,7 +60,7 @@ BANK_COLUMNS = (
 def scan_splits(cfg: RunConfig) -> dict[str, LabelledSet]:
     """List and check the train (and val) sets, the train set's classes defining the labels."""
     d = cfg.require_data()
-    splits = {"train": real_set(d.train, cfg, labels_file=d.train_labels)}
+    splits = {"train": real_train_set(cfg)}
     if d.val:
         splits["val"] = real_set(d.val, cfg, splits["train"].class_dirs, d.val_labels)
     for lset in splits.values():
@@ -89,9 +89,21 @@ def model_identity(cfg: RunConfig) -> dict:
     }
 
 
+def _train_subset(cfg: RunConfig) -> dict | None:
+    """What selects the train images of a data-scarce run (``data.train_per_class`` and the seed that draws it)."""
+    k = cfg.require_data().train_per_class
+    return None if k is None else {"per_class": k, "seed": cfg.seed}
+
+
 def _check_bank_compatible(meta: dict | None, identity: dict, cfg: RunConfig) -> None:
     if not meta:
         return
+    if meta.get("train_subset") != _train_subset(cfg):
+        raise ValueError(
+            f"the latent bank at {RunLayout(cfg.out).bank_dir()} holds the train images of train_subset "
+            f"{meta.get('train_subset')} (data.train_per_class, seed), this run asks for {_train_subset(cfg)}; "
+            "use a new --out for another subset"
+        )
     view = meta.get("generation_view", "centre")
     if (meta["model"]["vae_sha256"] != identity["vae_sha256"] or meta["resolution"] != cfg.encode.resolution
             or meta.get("format", 1) != BANK_FORMAT or view != cfg.encode.generation_view):
@@ -319,7 +331,7 @@ def run_encode(cfg: RunConfig) -> dict:
         return {**previous, "skipped": True}  # nothing to do: the record (and its measured rate) stays
     if todo:
         storage.write_json(identity_url, {"model": identity, "resolution": cfg.encode.resolution, "format": BANK_FORMAT,
-                                          "generation_view": cfg.encode.generation_view})
+                                          "generation_view": cfg.encode.generation_view, "train_subset": _train_subset(cfg)})
         init_ray(cfg.ray)
         pending = {name: (splits[name], rows) for name, (rows, _) in planned.items()}
         build_pipeline(pending, cfg, identity["vae_downsample"]).materialize()
@@ -330,6 +342,7 @@ def run_encode(cfg: RunConfig) -> dict:
         "model": identity,
         "resolution": cfg.encode.resolution,
         "generation_view": cfg.encode.generation_view,
+        "train_subset": _train_subset(cfg),
         "scaling_factor": identity["scaling_factor"],
         "latent_shape": [identity["latent_channels"], *(2 * [cfg.encode.resolution // identity["vae_downsample"]])],
         "class_dirs": train.class_dirs,

@@ -45,6 +45,7 @@ from realfake_ray.data.labelled import (
     decoded_dataset,
     output_dir,
     read_error_count,
+    repeated,
     rows_dataset,
     seed_of,
 )
@@ -91,7 +92,7 @@ def train_dataset(plan: TrainPlan, cfg: RunConfig, first_epoch: int = 0):
     mixed = len({s.sharded for _, s, _ in chosen}) > 1  # URL rows and shard rows: both as image bytes before the union
     for tag, lset, fraction in chosen:
         order = seed(20 + tag) if plan.shuffle == "blocks" and lset.sharded else None
-        ds = rows_dataset(lset, cfg, shard_order=order)
+        ds = rows_dataset(repeated(lset, plan.repeats), cfg, shard_order=order)
         ds = as_image_bytes(ds, lset, cfg) if mixed else ds
         ds = ds.with_column("aug", random(seed=seed(10 + tag).seed, reseed_after_execution=True))
         ds = ds if fraction >= 1.0 else ds.random_sample(fraction, seed=seed(tag))

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 
 from realfake_ray import storage
 from realfake_ray.method.classifier import build_classifier
-from realfake_ray.data.labelled import output_dir, real_set, set_digest, synthetic_set
+from realfake_ray.data.labelled import output_dir, real_set, real_train_set, set_digest, synthetic_set
 from realfake_ray.data.sources import LabelledSet
-from realfake_ray.config import ConfigError, RunConfig
+from realfake_ray.config import ConfigError, RunConfig, TrainConfig
 
-__all__ = ["TrainPlan", "epoch_composition", "fingerprint", "run_name", "apply_budget", "shuffle_mode", "plan_training",
+__all__ = ["TrainPlan", "epoch_composition", "epoch_repeats", "fingerprint", "run_name", "apply_budget", "shuffle_mode", "plan_training",
            "done_url", "finished_summary", "is_complete"]
 
 
@@ -42,6 +43,16 @@ def epoch_composition(n_real: int, n_synth: int, source: str, mix_ratio: float) 
     return want_real / n_real, 1.0, n_synth + round(want_real)
 
 
+def epoch_repeats(train: TrainConfig, images: int) -> int:
+    """How many times an epoch passes over its ``images``: 1, or — when ``train.budget_images`` would take more
+    than ``train.epochs`` epochs of a small set (the data-scarce regime) — enough passes that the budget fits in
+    about ``train.epochs`` epochs, so a 100-image set trains 29 epochs of 1,500 images, not 431 of 100 (each
+    with its validation pass). Example: ``epoch_repeats(digits-32px recipe, 100)`` → 15."""
+    if train.budget_images is None or images <= 0:
+        return 1
+    return max(1, math.ceil(train.budget_images / (train.epochs * images)))
+
+
 @dataclass
 class TrainPlan:
     """Everything the trainer needs, checked on the driver before any Ray work. The sets are listings (Arrow
@@ -60,6 +71,7 @@ class TrainPlan:
     missing_synthetic_classes: list[str]
     fingerprint: dict
     shuffle: str = "global"  # "global" or "blocks" (see train.shuffle)
+    repeats: int = 1  # passes over the sampled sets per epoch (epoch_repeats); epoch_images counts them all
 
     @property
     def real_images(self) -> int:
@@ -139,13 +151,15 @@ def plan_training(cfg: RunConfig) -> TrainPlan:
     """Validate data, classes, architecture and batch sizes; list the sets. No Ray work."""
 
     t, data = cfg.train, cfg.require_data()
-    listed = real = real_set(data.train, cfg, labels_file=data.train_labels)
+    listed = real = real_train_set(cfg)
     class_dirs = real.class_dirs
     build_classifier(t.arch, len(class_dirs))  # unknown arch: the classifier's error, with suggestions
     synth = synthetic_set(cfg, class_dirs, real.class_names) if t.source in ("synthetic", "mix") else None
     val = real_set(data.val, cfg, class_dirs, data.val_labels) if data.val else None
     n_synth = synth.num_images if synth else 0
     real_frac, synth_frac, n_epoch = epoch_composition(real.num_images, n_synth, t.source, t.mix_ratio)
+    repeats = epoch_repeats(t, n_epoch)
+    n_epoch *= repeats
     global_batch = t.batch_size * t.num_workers
     if n_epoch < global_batch:
         raise ConfigError(
@@ -157,7 +171,7 @@ def plan_training(cfg: RunConfig) -> TrainPlan:
     digest = hashlib.sha256("".join(set_digest(s) for s in (real, synth) if s is not None).encode()).hexdigest()
     return TrainPlan(
         class_dirs, listed.class_names, real, synth, val, real_frac, synth_frac, n_epoch, (n_epoch // t.num_workers) // t.batch_size, run_name(cfg, digest),
-        _missing_classes(synth, class_dirs), fingerprint(cfg, digest), shuffle_mode(cfg, synth, synth_frac),
+        _missing_classes(synth, class_dirs), fingerprint(cfg, digest), shuffle_mode(cfg, synth, synth_frac), repeats,
     )
 
 
