@@ -480,6 +480,17 @@ def report(write: str | None) -> None:
                     n = IMAGENET * (MULT if stage == "generate" else 1)
                     fits.append({"storage": storage, "stage": stage, "fixed_s": round(a, 1), "s_per_1k_images": round(1000 * b, 2),
                                  "extrapolated_to": n, "cpu_hours_at_imagenet": round((a + b * n) / 3600, 1)})
+        for storage in sorted({r["storage"] for r in job_rows}):
+            mine = [r for r in job_rows if r["storage"] == storage and r["stage"] in STAGES]
+            if len({r["size"] for r in mine}) < 3:
+                continue
+            picture = Path(f"benchmarks/scale_job_{storage}.png")
+            points = [{"input images": r["size"], f"{r['stage']} s": r["seconds"],
+                       f"{r['stage']} driver MiB": r["driver_peak_mib"]} for r in mine]
+            plot_curves(points, "input images", [f"{s} s" for s in STAGES] + [f"{s} driver MiB" for s in STAGES],
+                        str(picture), title=f"the job on {storage}: stage seconds and driver peak RSS (MiB)",
+                        logx=True, logy=True)
+            lines += [f"![the job on {storage} by size]({picture})", ""]
         if fits:
             lines += ["Linear fits `seconds = fixed + per_image × images` over the sizes measured, extrapolated to "
                       "ImageNet-1K (× 10 for generate) on this 2-core machine — CPU-bound tiny-model work, so what "

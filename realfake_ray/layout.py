@@ -116,6 +116,10 @@ class RunLayout:
         """``<out>/tensorboard/<stage>[/<tag>]``: a stage's TensorBoard event files (``tracking.tensorboard``)."""
         return self._at("tensorboard", stage, *([tag] if tag else []))
 
+    def filtered_dir(self, *parts: str) -> str:
+        """``<out>/synthetic_filtered[/parts...]``: label-agreement filtered synthetic sets, one per classifier."""
+        return self._of("filter-synthetic", *parts)
+
     def audit_dir(self, *parts: str) -> str:
         """``<out>/audit_privacy[/parts...]``: the privacy audit's shadow runs and results."""
         return self._of("audit-privacy", *parts)

@@ -146,6 +146,13 @@ TOOLS: tuple[Command, ...] = (
         ),
     ),
     Command(
+        "filter-synthetic", "realfake_ray.tools.filter_synthetic.driver:run_filter_synthetic",
+        "the synthetic set without the images a classifier trained on real images does not label as their class "
+        "(beyond the paper; resumes) → <out>/synthetic_filtered/<classifier hash>, a set for train.synthetic",
+        args=(Arg("--classifier", "classifier", str, "a classifier file (default: <out>/classifier/real/model.safetensors)"),),
+        outputs=("synthetic_filtered",),
+    ),
+    Command(
         "bench-sampler", "realfake_ray.tools.sampler_bench:run_bench_sampler",
         "time the sampler on model.pretrained over a grid; table + <out>/bench/sampler.csv",
         args=(
