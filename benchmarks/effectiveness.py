@@ -22,6 +22,7 @@ set size. λ is chosen on a held-out fifth of the real *train* split (``--sweep`
     python benchmarks/effectiveness.py --quick                          # 1 seed, 1x rows only (~25 min)
     python benchmarks/effectiveness.py --sweep 0,0.003,0.03,0.3,3       # λ on the hold-out split first
     python benchmarks/effectiveness.py --scarce 10,30                   # + the data-scarce rows (per class)
+    python benchmarks/effectiveness.py --beyond                         # + the beyond-the-paper rows
 
 Runs land below ``--out`` (default ``runs/effectiveness``) and every stage resumes, so an interrupted
 benchmark continues where it stopped; results accumulate in ``<out>/results.json``.
@@ -66,6 +67,33 @@ def variants(best_lambda: float, mults: tuple[int, ...]) -> list[dict]:
     rows.append({"row": "real + Real-Fake 1x (mix)", "run": "full", "stages": ["finetune", "generate"], "set": full,
                  "train": ["train.source=mix", "train.synthetic_mult=1"]})
     return rows
+
+
+RECOMMENDED_SAMPLER = ["generate.scheduler=euler", "generate.steps=8", "generate.guidance_scale=1.0",
+                       "generate.speedup=deepcache:3"]  # `realfake tune-sampler --preset tiny` (BENCHMARKS)
+
+
+def beyond_variants(best_lambda: float, mult: int) -> list[dict]:
+    """Beyond the paper (issue 24, item 4): each a change to Real-Fake 1× — the sampler tuning recommends,
+    strength 0.5, a larger LoRA, LoRA on the convolution and feed-forward layers too, the intra-class token
+    (class-mean CLIP embedding), and label-agreement filtering by the seed's real-only classifier."""
+    base = [f"finetune.mmd_weight={best_lambda}"]
+    one = ["train.synthetic_mult=1"]
+    wide = 'finetune.lora_targets=["to_q","to_k","to_v","to_out.0","proj_in","proj_out","ff.net.0.proj","ff.net.2","conv1","conv2"]'
+    return [
+        {"row": "Real-Fake 1x, tuned sampler", "run": "sampler", "stages": ["finetune", "generate"],
+         "set": [*base, *RECOMMENDED_SAMPLER]},
+        {"row": "Real-Fake 1x, strength 0.5", "run": "strength-0.5", "stages": ["finetune", "generate"],
+         "set": [*base, "generate.strength=0.5"]},
+        {"row": "Real-Fake 1x, LoRA rank 16", "run": "rank-16", "stages": ["finetune", "generate"],
+         "set": [*base, "finetune.lora_rank=16"]},
+        {"row": "Real-Fake 1x, LoRA on conv + feed-forward too", "run": "lora-wide", "stages": ["finetune", "generate"],
+         "set": [*base, wide]},
+        {"row": "Real-Fake 1x, class-mean token", "run": "class-mean", "stages": ["finetune", "generate"],
+         "set": [*base, "finetune.vision_token=class_mean", "generate.vision_token=class_mean"]},
+        {"row": "Real-Fake 1x, label-agreement filter", "run": "full", "stages": ["finetune", "generate"],
+         "set": [*base, f"generate.mult={mult}"], "train": one, "filter": True},  # the "full" rows' run
+    ]
 
 
 def scarce_variants(per_class: int, best_lambda: float, mult: int = 10) -> list[dict]:
@@ -174,20 +202,30 @@ def run_row(root: Path, bank: Path, variant: dict, seed: int, data: dict | None,
     out = _run_dir(root, bank, seed, variant["run"])
     # e.g. "synthetic_mult-1" (a bare "1" would be read as a number)
     tag = "_".join(o.removeprefix("train.").replace("=", "-") for o in variant.get("train", [])) or "synthetic"
+    tag += "_filtered" if variant.get("filter") else ""
     overrides = [*variant.get("set", []), f"train.tag={tag}", *variant.get("train", ["train.source=synthetic"])]
     cfg = _config(out, seed, overrides, data)
-    times = {}
+    times, kept = {}, {}
     if "finetune" in variant["stages"]:
         times["finetune_s"] = run_finetune(cfg).get("wall_seconds")
     if "generate" in variant["stages"]:
         times["generate_s"] = run_generate(cfg).get("wall_s")
+    if variant.get("filter"):  # by the real-only row's classifier of this seed (the "real" row runs first)
+        from realfake_ray.method.classifier_file import model_url
+        from realfake_ray.tools.filter_synthetic.driver import run_filter_synthetic
+
+        judge = model_url(str(root / f"seed{seed}" / "real" / "classifier" / "source-real"))
+        filtered = run_filter_synthetic(cfg, classifier=judge)
+        kept = {"kept": filtered["kept"], "dropped": filtered["dropped"],
+                "kept_per_class": {c: v["kept_fraction"] for c, v in filtered["per_class"].items()}}
+        cfg = _config(out, seed, [*overrides, f"train.synthetic={filtered['dest']}"], data)
     began = time.time()
     summary = run_train(cfg)
     times["train_s"] = summary.get("seconds", round(time.time() - began, 1))
     val = summary["evaluation"]["sets"]["val"]
     return {"row": variant["row"], "seed": seed, "synthetic_images": summary["synthetic_images"],
             "real_images": summary["real_images"], "top1": val["top1"], "top1_last5": summary.get("val_top1_last5"),
-            "per_class": val["per_class"],
+            "per_class": val["per_class"], **kept,
             **_distances(cfg, summary, val_embeddings), **times}
 
 
@@ -309,6 +347,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one seed, 1x rows only")
     parser.add_argument("--sweep", default="", help="comma list of λ to try on the hold-out split first")
     parser.add_argument("--lambda", dest="best_lambda", type=float, help="skip the sweep: use this λ for the full rows")
+    parser.add_argument("--beyond", action="store_true", help="+ the beyond-the-paper rows (Real-Fake 1x variants)")
     parser.add_argument("--scarce", default="", help="comma list of real images per class: the data-scarce rows too")
     parser.add_argument("--write", metavar="BENCHMARKS.md", help="write the results as this script's section")
     args = parser.parse_args()
@@ -338,13 +377,14 @@ def main() -> None:
     bank = _shared_bank(root, None)
     val_embeddings = _val_embeddings(bank)
     scarce = [int(k) for k in args.scarce.split(",") if k]
+    beyond = beyond_variants(best, max(mults)) if args.beyond else []
     for seed in seeds:
-        _run_variants(root, results, results_file, seed, variants(best, mults), lambda: bank, val_embeddings)
+        _run_variants(root, results, results_file, seed, variants(best, mults) + beyond, lambda: bank, val_embeddings)
         for k in scarce:
             _run_variants(root, results, results_file, seed, scarce_variants(k, best),
                           lambda k=k, seed=seed: _subset_bank(root, k, seed), val_embeddings)
     budget = _config(root / "bank", 0, []).train.budget_images
-    names = [v["row"] for v in variants(best, mults)]
+    names = [v["row"] for v in variants(best, mults) + beyond]
     table = aggregate([r for r in results["rows"] if r["row"] in names and r["seed"] in seeds])
     chart = bar_chart(table, str(Path(__file__).with_name("effectiveness.png")))
     encode_s = json.loads((root / "encode.json").read_text()).get("seconds")

@@ -6,7 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from realfake_ray.method.lora import LORA_WEIGHT_NAME, add_lora, load_lora, lora_parameters, lora_sha256, save_lora
+from realfake_ray.method.lora import (
+    LORA_WEIGHT_NAME,
+    add_lora,
+    apply_lora,
+    load_lora,
+    lora_parameters,
+    lora_sha256,
+    lora_state_dict,
+    save_lora,
+)
 from realfake_ray.models.loading import load_pipeline
 
 
@@ -90,3 +99,38 @@ def test_load_lora_restores_weights_and_sha_is_stable(pipe, tiny_model_dir, tmp_
     add_lora(wrong_rank, rank=3)
     with pytest.raises((ValueError, RuntimeError)):
         load_lora(wrong_rank, str(tmp_path))
+
+
+WIDE = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2")
+
+
+def test_an_adapter_on_convolutions_and_feed_forward_too_loads_whole(pipe, tiny_model_dir, tmp_path):
+    """diffusers converts only the attention projections to its own key format and its loader reads a file of
+    mixed formats only in part: an adapter on attention + convolutions came back without its attention factors
+    (silently). Such an adapter is saved in one format (PEFT's) and loads whole; a file the loader takes only in
+    part is refused by name."""
+    from diffusers import StableDiffusionPipeline
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in add_lora(pipe.unet, rank=2, targets=WIDE):
+            p.add_(0.05 * torch.randn_like(p))
+    keys = list(lora_state_dict(pipe.unet))
+    assert all(".lora_A." in k or ".lora_B." in k for k in keys) and any(".conv1." in k for k in keys)
+    expected = _unet_out(pipe.unet)
+    save_lora(pipe.unet, str(tmp_path / "wide"))
+    stock = load_pipeline(tiny_model_dir)
+    apply_lora(stock, str(tmp_path / "wide"), lora_scale=1.0)
+    torch.testing.assert_close(_unet_out(stock.unet), expected, rtol=1e-4, atol=1e-5)
+    resumed = load_pipeline(tiny_model_dir).unet  # fine-tuning's resume reads the same file into its adapter
+    add_lora(resumed, rank=2, targets=WIDE)
+    load_lora(resumed, str(tmp_path / "wide"))
+    torch.testing.assert_close(_unet_out(resumed), expected)
+
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    mixed = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet, adapter_name="default"))
+    StableDiffusionPipeline.save_lora_weights(str(tmp_path / "mixed"), unet_lora_layers=mixed, safe_serialization=True)
+    with pytest.raises(ValueError, match="the loader attached no adapter to"):
+        apply_lora(load_pipeline(tiny_model_dir), str(tmp_path / "mixed"))

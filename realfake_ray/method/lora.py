@@ -95,12 +95,18 @@ def lora_parameters(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's weights in the diffusers format (``...to_q.lora.down.weight``), detached, on CPU."""
+    """The adapter's weights, detached, on CPU, in one key format: diffusers' (``...to_q.lora.down.weight``) when
+    every key converts to it — attention-only adapters, the default — else PEFT's (``...lora_A.weight``) for all.
+    diffusers converts only the attention projections, and its loader reads a file of mixed formats only in part
+    (an adapter on attention + convolutions loaded without its attention factors)."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME))
-    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    state = get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME)
+    converted = convert_state_dict_to_diffusers(state)
+    peft_keys = [k for k in converted if ".lora_A." in k or ".lora_B." in k]
+    chosen = state if peft_keys and len(peft_keys) < len(converted) else converted
+    return {k: v.detach().to("cpu").contiguous() for k, v in chosen.items()}
 
 
 def save_lora(unet: torch.nn.Module, directory: str) -> str:
@@ -296,6 +302,25 @@ def apply_lora(pipe, lora_dir: str, lora_scale: float = 0.5) -> str:
     except (RuntimeError, KeyError) as err:
         first_line = str(err).strip().splitlines()[:2]
         raise ValueError(f"LoRA file {lora_file} could not be loaded into this model: {' '.join(first_line)}") from err
+    _check_all_loaded(pipe, lora_file)
     pipe.fuse_lora(lora_scale=lora_scale)
     pipe.unload_lora_weights()
     return lora_file
+
+
+def _check_all_loaded(pipe, lora_file: str) -> None:
+    """ValueError naming the modules of ``lora_file`` that the loader left without their adapter."""
+    from diffusers import StableDiffusionPipeline
+
+    state_dict, _ = StableDiffusionPipeline.lora_state_dict(lora_file)
+    named = {key[: -len(s)] for key in state_dict for s, _ in _LORA_SUFFIXES if key.endswith(s)}
+    components = {"unet": pipe.unet, "text_encoder": getattr(pipe, "text_encoder", None)}
+    missing = []
+    for path in sorted(named):
+        prefix, _, sub = path.partition(".")
+        module = components.get(prefix).get_submodule(sub) if components.get(prefix) is not None else None
+        if module is not None and not getattr(module, "lora_A", None):
+            missing.append(path)
+    if missing:
+        raise ValueError(f"LoRA file {lora_file}: the loader attached no adapter to {len(missing)} of its "
+                         f"{len(named)} modules ({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''})")
