@@ -144,13 +144,14 @@ def _run_dir(root: Path, bank: Path, seed: int, run: str) -> Path:
     return out
 
 
-def _run_variants(root: Path, results: dict, results_file: Path, seed: int, rows: list[dict], bank_of, val_embeddings) -> None:
+def _run_variants(root: Path, results: dict, results_file: Path, seed: int, rows: list[dict], bank_of, val_embeddings,
+                  extra: list[str]) -> None:
     """Each row of ``rows`` not in ``results`` yet, for ``seed`` (``bank_of()`` gives its bank), saved as it ends."""
     done = {(r["row"], r["seed"]) for r in results["rows"]}
     for variant in rows:
         if (variant["row"], seed) in done:
             continue
-        row = run_row(root, bank_of(), variant, seed, None, val_embeddings)
+        row = run_row(root, bank_of(), variant, seed, None, val_embeddings, extra)
         print(f"[effectiveness] seed {seed} {row['row']}: top-1 {row['top1']:.4f}", flush=True)
         results["rows"].append(row)
         results_file.write_text(json.dumps(results, indent=1))
@@ -193,7 +194,8 @@ def _val_embeddings(bank: Path):
     return tensor_column(read_parts(RunLayout(str(bank)).bank_dir("val"), ["clip_embed"]), "clip_embed")
 
 
-def run_row(root: Path, bank: Path, variant: dict, seed: int, data: dict | None, val_embeddings) -> dict:
+def run_row(root: Path, bank: Path, variant: dict, seed: int, data: dict | None, val_embeddings,
+            extra: list[str] = ()) -> dict:
     """One row for one seed: the stages it needs (each skips itself when complete), then its classifier."""
     from realfake_ray.stages.finetune.driver import run_finetune
     from realfake_ray.stages.generate.driver import run_generate
@@ -203,7 +205,7 @@ def run_row(root: Path, bank: Path, variant: dict, seed: int, data: dict | None,
     # e.g. "synthetic_mult-1" (a bare "1" would be read as a number)
     tag = "_".join(o.removeprefix("train.").replace("=", "-") for o in variant.get("train", [])) or "synthetic"
     tag += "_filtered" if variant.get("filter") else ""
-    overrides = [*variant.get("set", []), f"train.tag={tag}", *variant.get("train", ["train.source=synthetic"])]
+    overrides = [*variant.get("set", []), f"train.tag={tag}", *variant.get("train", ["train.source=synthetic"]), *extra]
     cfg = _config(out, seed, overrides, data)
     times, kept = {}, {}
     if "finetune" in variant["stages"]:
@@ -225,6 +227,7 @@ def run_row(root: Path, bank: Path, variant: dict, seed: int, data: dict | None,
     val = summary["evaluation"]["sets"]["val"]
     return {"row": variant["row"], "seed": seed, "synthetic_images": summary["synthetic_images"],
             "real_images": summary["real_images"], "top1": val["top1"], "top1_last5": summary.get("val_top1_last5"),
+            "top1_ema": summary.get("val_top1_ema"),
             "per_class": val["per_class"], **kept,
             **_distances(cfg, summary, val_embeddings), **times}
 
@@ -284,6 +287,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
             "row": name, "seeds": len(group), "synthetic images": group[0]["synthetic_images"],
             "val top-1": f"{top1.mean():.4f} ± {top1.std(ddof=1):.4f}" if len(top1) > 1 else f"{top1[0]:.4f}",
             "val top-1, last 5 epochs": _mean_std([r.get("top1_last5") for r in group]),
+            "val top-1, weight EMA": _mean_std([r.get("top1_ema") for r in group]),
             "MMD² (CLIP)": mean("mmd2"), "KID (CLIP)": mean("kid"),
             "finetune s": mean("finetune_s", 0), "generate s": mean("generate_s", 0), "train s": mean("train_s", 0),
         })
@@ -347,6 +351,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one seed, 1x rows only")
     parser.add_argument("--sweep", default="", help="comma list of λ to try on the hold-out split first")
     parser.add_argument("--lambda", dest="best_lambda", type=float, help="skip the sweep: use this λ for the full rows")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every row (e.g. train.ema_decay=0.999); results are kept per --out")
     parser.add_argument("--beyond", action="store_true", help="+ the beyond-the-paper rows (Real-Fake 1x variants)")
     parser.add_argument("--scarce", default="", help="comma list of real images per class: the data-scarce rows too")
     parser.add_argument("--write", metavar="BENCHMARKS.md", help="write the results as this script's section")
@@ -379,10 +385,11 @@ def main() -> None:
     scarce = [int(k) for k in args.scarce.split(",") if k]
     beyond = beyond_variants(best, max(mults)) if args.beyond else []
     for seed in seeds:
-        _run_variants(root, results, results_file, seed, variants(best, mults) + beyond, lambda: bank, val_embeddings)
+        _run_variants(root, results, results_file, seed, variants(best, mults) + beyond, lambda: bank, val_embeddings,
+                      args.set)
         for k in scarce:
             _run_variants(root, results, results_file, seed, scarce_variants(k, best),
-                          lambda k=k, seed=seed: _subset_bank(root, k, seed), val_embeddings)
+                          lambda k=k, seed=seed: _subset_bank(root, k, seed), val_embeddings, args.set)
     budget = _config(root / "bank", 0, []).train.budget_images
     names = [v["row"] for v in variants(best, mults) + beyond]
     table = aggregate([r for r in results["rows"] if r["row"] in names and r["seed"] in seeds])

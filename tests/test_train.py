@@ -168,7 +168,7 @@ def real_run(ray_cluster, tmp_path_factory):
         shutil.copytree(storage.resolve_embedded(f"{VAL}/{d}"), subset / d)
     sets = f"evaluate.extra_sets={{digits_3_7: {subset}}}"
     mlflow_uri = f"file://{tmp_path_factory.mktemp('mlruns')}"
-    tracking = [f"tracking.mlflow_uri={mlflow_uri}", "tracking.tensorboard=true"]
+    tracking = [f"tracking.mlflow_uri={mlflow_uri}", "tracking.tensorboard=true", "train.ema_decay=0.9"]
     started = time.time()
     first = run_train(_cfg(out, "train.source=real", SHORT, f"train.epochs={FIRST_EPOCHS}", sets, *tracking))
     first_metrics = read_metrics(RunLayout(str(out)).classifier_dir())
@@ -283,7 +283,7 @@ def generated(tiny_bank, tmp_path_factory):
 
 
 def _synthetic_cfg(generated, *more):
-    return _cfg(generated["out"], *SMALL, "train.source=synthetic", "train.tag=synthetic-2x",
+    return _cfg(generated["out"], *SMALL, "train.source=synthetic", "train.tag=synthetic-2x", "train.ema_decay=0.9",
                 f"evaluate.extra_sets={{digits_3_7: {generated['out'] / 'digits_3_7'}}}", *more,
                 data__train=generated["data"], data__val=VAL)
 
@@ -308,6 +308,7 @@ def test_synthetic_only_run_on_generated_output(generated, synthetic_run):
     assert 0 <= report["sets"]["val"]["top1"] <= 1
     assert row["val_top1"] == pytest.approx(report["sets"]["val"]["top1"], abs=0.02)  # the epoch's own val row agrees
     assert summary["val_top1_last5"] == pytest.approx(row["val_top1"])  # one epoch: its own val score
+    assert 0 <= row["val_top1_ema"] <= 1 and summary["val_top1_ema"] == row["val_top1_ema"]  # the weights' EMA, scored too
     dist = report["distribution"]  # the bank of this run (30 real) against the 60 generated images
     assert dist["n_real"] == 30 and dist["n_synth"] == 60 and dist["mmd2"] is not None
     assert set(dist["per_class_mmd2"]) == {f"digit_{i}" for i in range(10)}
@@ -389,6 +390,27 @@ def test_a_small_set_passes_several_times_per_epoch_so_the_budget_keeps_its_epoc
     plan = plan_training(cfg)
     assert plan.real.num_images == 100 and plan.repeats == 15 and plan.epoch_images == 1500
     assert plan.steps_per_epoch == 1500 // 64 and apply_budget(cfg, plan.epoch_images).train.epochs == 29
+
+
+def test_the_weight_ema_averages_parameters_and_batchnorm_statistics():
+    """train.ema_decay: torch's AveragedModel with an EMA of the weights and buffers (the BatchNorm running
+    statistics too, or the averaged model would score with statistics of other weights)."""
+    import torch
+
+    from realfake_ray.method.classifier import build_classifier
+    from realfake_ray.stages.train.driver import weight_ema
+
+    assert weight_ema(torch.nn.Linear(2, 2), None) is None
+    model = build_classifier("resnet_tiny", 10)
+    ema = weight_ema(model, 0.75)
+    for value in (1.0, 3.0):
+        with torch.no_grad():
+            for tensor in [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]:
+                tensor.fill_(value)
+        ema.update_parameters(model)
+    expected = 0.75 * 1.0 + 0.25 * 3.0  # the first update copies, the second mixes
+    assert torch.allclose(ema.module[0].weight, torch.full_like(ema.module[0].weight, expected))
+    assert torch.allclose(ema.module[1].running_mean, torch.full_like(ema.module[1].running_mean, expected))
 
 
 def test_unreadable_images_are_recorded_and_over_the_threshold_fail_the_stage(tmp_path, capsys):

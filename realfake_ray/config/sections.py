@@ -243,6 +243,10 @@ class TrainConfig(_Section):
     amp: bool = True
     amp_dtype: Literal["fp16", "bf16"] = "fp16"  # autocast dtype on GPU (fp16 adds a grad scaler)
     zero_init_residual: bool = True  # zero-init the last BatchNorm of each residual block (ResNets)
+    # An exponential moving average of the weights (and BatchNorm statistics), updated every step and scored on val
+    # beside the weights each epoch (val_top1_ema): a lower-variance reading for comparisons. None: off (the
+    # reference has none). The saved model stays the trained weights.
+    ema_decay: float | None = Field(None, gt=0, lt=1)
     num_workers: int = Field(1, ge=1)
     use_gpu: bool | Literal["auto"] = "auto"
     decode_cpus: float = Field(1.0, gt=0)

@@ -61,7 +61,7 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
 EPOCH_PREFIX = "epoch_"  # checkpoint folders: <classifier dir>/<run name>/epoch_NNNN (the epoch it ends)
-_CURVE_KEYS = ["train_loss", "train_acc", "val_top1", "val_top5"]
+_CURVE_KEYS = ["train_loss", "train_acc", "val_top1", "val_top5", "val_top1_ema"]  # rows without a key: no curve
 
 
 # ------------------------------------------------------------------------------------------ Ray Data
@@ -119,7 +119,7 @@ def _amp_setup(device, enabled: bool, dtype: str = "fp16"):
     return torch.float16, torch.amp.GradScaler("cuda")
 
 
-def _load_state(ckpt, model, optimizer, scheduler, scaler) -> int:
+def _load_state(ckpt, model, optimizer, scheduler, scaler, ema=None) -> int:
     """Restore from a Ray checkpoint; returns the next epoch."""
     import torch
 
@@ -130,7 +130,19 @@ def _load_state(ckpt, model, optimizer, scheduler, scaler) -> int:
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
     return int(state["epoch"]) + 1
+
+
+def weight_ema(model, decay: float | None):
+    """torch's ``AveragedModel`` keeping an exponential moving average of ``model``'s weights and buffers (the
+    BatchNorm statistics too), or None when ``decay`` is None. ``update_parameters(model)`` after each step."""
+    if decay is None:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def _report(row: dict, state: dict | None) -> None:
@@ -156,8 +168,9 @@ def _epoch_line(row: dict, epochs: int) -> str:
         'epoch 5/30 loss 1.39 acc 0.62 val 0.66/0.97 lr 0.0973 460 img/s'
     """
     val = "-" if row["val_top1"] is None else f"{row['val_top1']:.2f}/{row['val_top5']:.2f}"
+    ema = f" ema {row['val_top1_ema']:.2f}" if row.get("val_top1_ema") is not None else ""
     return (f"epoch {row['epoch'] + 1}/{epochs} loss {row['train_loss']:.2f} acc {row['train_acc']:.2f} "
-            f"val {val} lr {row['lr']:.3g} {row['images_per_s']:.0f} img/s")
+            f"val {val}{ema} lr {row['lr']:.3g} {row['images_per_s']:.0f} img/s")
 
 
 def late_val_top1(history: list[dict], last: int = 5) -> float | None:
@@ -199,9 +212,11 @@ def _evaluate_shard(model, shard, cfg: RunConfig, num_classes: int, autocast_dty
     return merge_evaluations(trainer.all_gather_objects(local))
 
 
-def _run_epoch(model, optimizer, scheduler, shard, cfg: RunConfig, amp, buffer_seed: int | None = None) -> list[float]:
+def _run_epoch(model, optimizer, scheduler, shard, cfg: RunConfig, amp, buffer_seed: int | None = None,
+               ema=None) -> list[float]:
     """One pass over this worker's shard; returns ``[loss sum, correct sum, images, last lr]`` (local).
-    ``buffer_seed``: mix the rows in a local shuffle buffer of ``train.shuffle_buffer_size`` (shuffle=blocks)."""
+    ``buffer_seed``: mix the rows in a local shuffle buffer of ``train.shuffle_buffer_size`` (shuffle=blocks);
+    ``ema``: a :func:`weight_ema` updated after every step."""
 
     t, sums = cfg.train, [0.0, 0.0, 0.0, optimizer.param_groups[0]["lr"]]
     device = next(model.parameters()).device
@@ -214,6 +229,8 @@ def _run_epoch(model, optimizer, scheduler, shard, cfg: RunConfig, amp, buffer_s
             model, optimizer, scheduler, x, batch["label"].long(),
             label_smoothing=t.label_smoothing, scaler=amp[1], autocast_dtype=amp[0],
         )
+        if ema is not None:
+            ema.update_parameters(getattr(model, "module", model))
         n = len(batch["label"])
         sums = [sums[0] + stats["loss"] * n, sums[1] + stats["acc"] * n, sums[2] + n, stats["lr"]]
     return sums
@@ -268,8 +285,9 @@ def train_loop(config: dict) -> None:
     base = getattr(model, "module", model)
     device = ray.train.torch.get_device()
     amp = _amp_setup(device, t.amp, t.amp_dtype)
+    ema = weight_ema(base, t.ema_decay)
     ckpt = resume_checkpoint(plan["resume_dir"], EPOCH_PREFIX)
-    start = _load_state(ckpt, base, optimizer, scheduler, amp[1]) if ckpt else 0
+    start = _load_state(ckpt, base, optimizer, scheduler, amp[1], ema) if ckpt else 0
     cdir = output_dir(cfg)
     kept = read_metrics(cdir) if rank == 0 else []  # rows of the epochs already checkpointed stay
     history = [r for r in kept if r.get("run") == plan["run_name"] and r["epoch"] < start]
@@ -279,16 +297,18 @@ def train_loop(config: dict) -> None:
     for epoch in range(start, t.epochs):
         began = time.time()
         buffer_seed = seed_of(cfg.seed, 40, epoch, rank) if plan["shuffle"] == "blocks" else None
-        local = _run_epoch(model, optimizer, scheduler, train_shard, cfg, amp, buffer_seed)
+        local = _run_epoch(model, optimizer, scheduler, train_shard, cfg, amp, buffer_seed, ema)
         seconds = time.time() - began
         loss, correct, images = trainer.all_reduce_sum(torch.tensor(local[:3], dtype=torch.float64, device=device)).tolist()
         val = _evaluate_shard(base, val_shard, cfg, plan["num_classes"], amp[0])
+        val_ema = _evaluate_shard(ema.module, val_shard, cfg, plan["num_classes"], amp[0]) if ema is not None else None
         row = {
             "run": plan["run_name"], "epoch": epoch, "step": int(scheduler.last_epoch),
             "train_loss": loss / max(images, 1), "train_acc": correct / max(images, 1), "train_images": int(images),
             "val_top1": val["top1"] if val else None, "val_top5": val["top5"] if val else None,
             "lr": local[3], "seconds": round(seconds, 3),
             "images_per_s": images / seconds, "images_per_s_per_worker": images / seconds / world, "workers": world,
+            **({"val_top1_ema": val_ema["top1"]} if val_ema else {}),
         }
         state = None
         if rank == 0:
@@ -299,7 +319,8 @@ def train_loop(config: dict) -> None:
             tracker.log(history)  # MLflow / TensorBoard, if on
             log.info(_epoch_line(row, t.epochs), extra={"tag": f"train {t.tag}" if t.tag else "train"})
             state = {"model": base.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "epoch": epoch, "scaler": amp[1].state_dict() if amp[1] else {}}
+                     "epoch": epoch, "scaler": amp[1].state_dict() if amp[1] else {},
+                     **({"ema": ema.state_dict()} if ema is not None else {})}
         _report(row, state)
         if rank == 0:
             hold_at("train.checkpoint_hold", epoch)  # tests only (_internal.faults): a node-loss test's moment
@@ -421,6 +442,7 @@ def run_train(cfg: RunConfig) -> dict:
         "read_errors": check_read_errors(cfg, plan.run_name, sum(r["train_images"] for r in history)),
         "seconds": round(time.time() - started, 2), "last_epoch": history[-1] if history else None,
         "val_top1_last5": late_val_top1(history),
+        "val_top1_ema": history[-1].get("val_top1_ema") if history else None,
         "model": model_url(cdir), "evaluation": evaluation,
     }
     storage.write_json(done_url(cdir), summary)
