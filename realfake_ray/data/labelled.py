@@ -37,7 +37,8 @@ from realfake_ray.data.views import TrainView, eval_view
 from realfake_ray.seeds import derive_seed
 
 __all__ = [
-    "output_dir", "seed_of", "real_set", "real_train_set", "per_class_subset", "repeated", "synthetic_set", "unknown_classes_error", "set_digest", "VIEWS",
+    "output_dir", "seed_of", "real_set", "real_train_set", "per_class_subset", "repeated", "synthetic_set",
+    "unknown_classes_error", "set_digest", "VIEWS",
     "view_settings", "decode_rows", "read_shards", "rows_dataset", "decoded_dataset", "read_error_count",
     "ROWS_PER_BLOCK", "images_in_memory", "as_image_bytes", "cut_into_blocks", "image_rows", "not_in",
     "read_pending_shards", "pending_dataset", "read_cached",

@@ -20,8 +20,8 @@ from realfake_ray.data.labelled import output_dir, real_set, real_train_set, set
 from realfake_ray.data.sources import LabelledSet
 from realfake_ray.config import ConfigError, RunConfig, TrainConfig
 
-__all__ = ["TrainPlan", "epoch_composition", "epoch_repeats", "fingerprint", "run_name", "apply_budget", "shuffle_mode", "plan_training",
-           "done_url", "finished_summary", "is_complete"]
+__all__ = ["TrainPlan", "epoch_composition", "epoch_repeats", "fingerprint", "run_name", "apply_budget", "shuffle_mode",
+           "plan_training", "done_url", "finished_summary", "is_complete"]
 
 
 def epoch_composition(n_real: int, n_synth: int, source: str, mix_ratio: float) -> tuple[float, float, int]:
