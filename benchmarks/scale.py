@@ -479,7 +479,7 @@ def report(write: str | None) -> None:
                     a, b = _fit(pts)
                     n = IMAGENET * (MULT if stage == "generate" else 1)
                     fits.append({"storage": storage, "stage": stage, "fixed_s": round(a, 1), "s_per_1k_images": round(1000 * b, 2),
-                                 "extrapolated_to": n, "cpu_hours_at_imagenet": round((a + b * n) / 3600, 1)})
+                                 "extrapolated_to": n, "hours_on_these_2_cores": round((a + b * n) / 3600, 1)})
         for storage in sorted({r["storage"] for r in job_rows}):
             mine = [r for r in job_rows if r["storage"] == storage and r["stage"] in STAGES]
             if len({r["size"] for r in mine}) < 3:
