@@ -240,20 +240,20 @@ def _lora_target_dims(module: torch.nn.Module) -> tuple[int, int] | None:
     return None
 
 
-def check_lora_fits(unet: torch.nn.Module, text_encoder: torch.nn.Module | None, lora_file: str) -> int:
+def check_lora_fits(unet: torch.nn.Module, text_encoder: torch.nn.Module | None, lora_file: str,
+                    state_dict: dict[str, torch.Tensor] | None = None) -> int:
     """Raise ValueError naming ``lora_file`` and the first LoRA factor whose shape does not fit the model.
 
     Checks keys ``unet.<module>.lora_{A,B}.weight`` (and the ``lora.down/up`` spellings) against the
     Linear/Conv2d modules of ``unet`` and ``text_encoder`` (meta-device models built from their configs
-    will do: only shapes are read). Returns the number of factors checked.
+    will do: only shapes are read). ``state_dict``: the file's, already read by diffusers' reader. Returns the
+    number of factors checked.
 
     Example:
         >>> check_lora_fits(pipe.unet, pipe.text_encoder, "/runs/x/lora/pytorch_lora_weights.safetensors")  # doctest: +SKIP
         128
     """
-    from diffusers import StableDiffusionPipeline
-
-    state_dict, _ = StableDiffusionPipeline.lora_state_dict(lora_file)  # diffusers' reader: kohya etc. converted
+    state_dict = _read_lora(lora_file) if state_dict is None else state_dict
     components = {"unet": unet, "text_encoder": text_encoder}
     checked = 0
     for key, tensor in state_dict.items():
@@ -296,23 +296,28 @@ def apply_lora(pipe, lora_dir: str, lora_scale: float = 0.5) -> str:
         '/runs/x/lora/pytorch_lora_weights.safetensors'
     """
     lora_file = lora_weight_file(lora_dir)
-    check_lora_fits(pipe.unet, getattr(pipe, "text_encoder", None), lora_file)
+    state_dict = _read_lora(lora_file)
+    check_lora_fits(pipe.unet, getattr(pipe, "text_encoder", None), lora_file, state_dict)
     try:
         pipe.load_lora_weights(os.path.dirname(lora_file) or ".", weight_name=os.path.basename(lora_file))
     except (RuntimeError, KeyError) as err:
         first_line = str(err).strip().splitlines()[:2]
         raise ValueError(f"LoRA file {lora_file} could not be loaded into this model: {' '.join(first_line)}") from err
-    _check_all_loaded(pipe, lora_file)
+    _check_all_loaded(pipe, lora_file, state_dict)
     pipe.fuse_lora(lora_scale=lora_scale)
     pipe.unload_lora_weights()
     return lora_file
 
 
-def _check_all_loaded(pipe, lora_file: str) -> None:
-    """ValueError naming the modules of ``lora_file`` that the loader left without their adapter."""
+def _read_lora(lora_file: str) -> dict[str, torch.Tensor]:
+    """The file's state dict through diffusers' reader (kohya and other spellings converted)."""
     from diffusers import StableDiffusionPipeline
 
-    state_dict, _ = StableDiffusionPipeline.lora_state_dict(lora_file)
+    return StableDiffusionPipeline.lora_state_dict(lora_file)[0]
+
+
+def _check_all_loaded(pipe, lora_file: str, state_dict: dict[str, torch.Tensor]) -> None:
+    """ValueError naming the modules of ``lora_file`` (``state_dict``) that the loader left without their adapter."""
     named = {key[: -len(s)] for key in state_dict for s, _ in _LORA_SUFFIXES if key.endswith(s)}
     components = {"unet": pipe.unet, "text_encoder": getattr(pipe, "text_encoder", None)}
     missing = []
