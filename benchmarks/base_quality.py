@@ -71,12 +71,15 @@ def main() -> None:
     }]
     phases = record["phases"]
     training = [{"phase": name, "steps": p.get("steps", "—"), "batch": p.get("batch", "—"), "seconds": p.get("seconds"),
-                 "final": ", ".join(f"{k} {v:.4g}" for k, v in p.get("final", {}).items() if k != "step") or "—"}
+                 "final": ", ".join(f"{k} {v:.4g}" for k, v in p.get("final", {}).items() if k != "step") or "—",
+                 "trained": "with an earlier base, reused" if p.get("reused_from") else "this run"}
                 for name, p in phases.items()]
     text = (f"{SECTION}\n\nMachine: {machine()} (torch {torch.__version__}); `python benchmarks/base_quality.py` "
             f"({time.time() - began:.0f} s). Base: `{os.path.relpath(model_dir)}`, pretrained by "
             f"`realfake pretrain-base` in {record['wall_seconds'] / 60:.1f} min on {record['machine']['cpus']} CPUs "
-            f"(corpus seed {cfg.seed}, {cfg.corpus_size:,} images; per phase below).\n\n"
+            f"(corpus seed {cfg.seed}, {cfg.corpus_size:,} images; UNet layout "
+            f"`{record['config'].get('unet_layout', 'v1')}`; per phase below, a reused phase with the time it took "
+            f"when it was trained).\n\n"
             f"{markdown_table(training)}\n\n{markdown_table(quality)}\n\n"
             f"Text conditioning: {args.per_class} txt2img samples per class (UniPC {args.steps} steps, negative "
             f"prompt), recognised by a ResNet trained on 6,000 other corpus images (its accuracy on the corpus "

@@ -55,8 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     base.add_argument("--seed", type=int, default=0, help="corpus and initialisation seed (default 0)")
     for option in ("corpus_size", "vae_steps", "clip_steps", "unet_steps"):
         base.add_argument(f"--{option.replace('_', '-')}", type=int, dest=option, help=f"default: PretrainConfig.{option}")
-    base.add_argument("--unet-layout", choices=sorted(UNET_LAYOUTS), default="v1",
-                      help="the UNet's levels: v1 (the shipped base) or sd (cross-attention where SD v1.5 has it)")
+    base.add_argument("--unet-layout", choices=sorted(UNET_LAYOUTS), default="sd",
+                      help="the UNet's levels: sd (the shipped base: cross-attention where SD v1.5 has it) or v1 "
+                           "(the first base)")
     base.add_argument("--encoders-from", metavar="DIR",
                       help="take the VAE, CLIP and tokenizer of this base (same corpus seed) and train only the UNet")
     for name, stage in COMMANDS.items():

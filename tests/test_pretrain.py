@@ -61,9 +61,9 @@ def test_pretrain_base_cli_passes_its_step_flags(tmp_path, monkeypatch):
     monkeypatch.setattr("realfake_ray.models.pretrain.pretrain_base", fake)
     assert cli_main(["pretrain-base", "--out", str(tmp_path), "--seed", "3", "--unet-steps", "7"]) == 0
     assert seen["cfg"].seed == 3 and seen["cfg"].unet_steps == 7 and seen["cfg"].vae_steps == PretrainConfig().vae_steps
-    assert seen["cfg"].unet_layout == "v1" and seen["cfg"].encoders_from is None
-    assert cli_main(["pretrain-base", "--out", str(tmp_path), "--unet-layout", "sd", "--encoders-from", "/b"]) == 0
-    assert (seen["cfg"].unet_layout, seen["cfg"].encoders_from) == ("sd", "/b")
+    assert seen["cfg"].unet_layout == "sd" and seen["cfg"].encoders_from is None
+    assert cli_main(["pretrain-base", "--out", str(tmp_path), "--unet-layout", "v1", "--encoders-from", "/b"]) == 0
+    assert (seen["cfg"].unet_layout, seen["cfg"].encoders_from) == ("v1", "/b")
 
 
 def test_vae_psnr_of_an_untrained_vae_is_low():

@@ -27,9 +27,9 @@ def test_generate_config_checks_the_speedup():
         check_generate_config(GenerateConfig(speedup="deepcache", compile=True, dtype="fp32"))
 
 
-def _sampler():
+def _sampler(unet_layout: str = "sd"):
     torch.manual_seed(0)
-    return Sampler(build_random_tiny_pipeline(), SamplerSettings(steps=8, strength=1.0))
+    return Sampler(build_random_tiny_pipeline(unet_layout=unet_layout), SamplerSettings(steps=8, strength=1.0))
 
 
 def _images(sampler):
@@ -57,10 +57,10 @@ def test_deepcache_runs_the_deep_blocks_every_nth_step_and_undoes_cleanly():
 
 
 def test_tomesd_leaves_a_unet_without_full_resolution_attention_unchanged():
-    sampler = _sampler()
+    sampler = _sampler("v1")
     baseline = _images(sampler)
     undo = apply_speedup(sampler, "tomesd:0.5")
-    assert (_images(sampler) == baseline).all()  # the tiny UNet attends only at 1/2 resolution: nothing merged
+    assert (_images(sampler) == baseline).all()  # the v1 UNet attends only at 1/2 resolution: nothing merged
     undo()
 
 
@@ -76,15 +76,14 @@ def test_the_sd_layout_attends_where_sd_v15_does_so_lora_and_token_merging_reach
     unlike on the v1 UNet above) and DeepCache still runs."""
     from realfake_ray.method.lora import add_lora
 
-    pipe = build_random_tiny_pipeline(unet_layout="sd")
+    pipe = build_random_tiny_pipeline()  # the default layout
     unet = pipe.unet
     assert [hasattr(b, "attentions") for b in unet.down_blocks] == [True, True, False]
     assert [hasattr(b, "attentions") for b in unet.up_blocks] == [False, True, True]
     add_lora(unet, rank=2)
     adapted = {n.split(".attentions")[0] for n, _ in unet.named_parameters() if "lora_A" in n}
     assert {"down_blocks.0", "down_blocks.1", "up_blocks.1", "up_blocks.2", "mid_block"} == adapted
-    torch.manual_seed(0)
-    sampler = Sampler(build_random_tiny_pipeline(unet_layout="sd"), SamplerSettings(steps=8, strength=1.0))
+    sampler = _sampler()
     baseline = _images(sampler)
     for spec in ("tomesd:0.5", "deepcache:3"):
         undo = apply_speedup(sampler, spec)

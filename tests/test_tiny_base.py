@@ -43,8 +43,12 @@ def _real(split: str, per_class: int):
 def test_shipped_weights_load_with_stock_diffusers_and_fit_the_size_budget():
     from diffusers import StableDiffusionPipeline
 
+    from realfake_ray.models.tiny import UNET_LAYOUTS
+
     stock = StableDiffusionPipeline.from_pretrained(TINY_BASE_DIR)
     assert stock.image_encoder is not None and stock.unet.config.sample_size == 8
+    sd_layout = {k: list(v) for k, v in UNET_LAYOUTS["sd"].items()}  # cross-attention where SD v1.5 has it
+    assert {k: list(stock.unet.config[k]) for k in sd_layout} == sd_layout
     assert stock.text_encoder.config.hidden_size == stock.image_encoder.config.projection_dim  # the token fits
     size = sum(os.path.getsize(p) for p in glob.glob(f"{TINY_BASE_DIR}/*/*.safetensors"))
     assert size <= 25 * 2**20

@@ -75,7 +75,7 @@ class PretrainConfig:
     snr_gamma: float = 5.0
     ema_decay: float = 0.999
     threads: int | None = None  # torch intra-op threads (None: torch's default)
-    unet_layout: str = "v1"  # the UNet's levels (realfake_ray.models.tiny.UNET_LAYOUTS)
+    unet_layout: str = "sd"  # the UNet's levels (realfake_ray.models.tiny.UNET_LAYOUTS)
     # A base directory pretrained on the same corpus: its VAE, CLIP towers and tokenizer are taken as they are
     # (they are frozen while the UNet trains anyway) and only the UNet is trained. None: train every component.
     encoders_from: str | None = None

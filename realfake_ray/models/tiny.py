@@ -34,9 +34,10 @@ TINY_RESOLUTION = 32
 TINY_SEED = 0
 TINY_WIDTH = 64  # text hidden size == CLIP projection width (768 in SD v1.5)
 
-# The UNet's levels on 8×8 latents. "v1" (the shipped base): cross-attention only at 4×4 and in the middle
-# block. "sd": SD v1.5's pattern — cross-attention blocks at every level but the lowest (here 8×8 and 4×4,
-# none at 2×2), attention in the middle block — so the LoRA's targets sit at the high resolutions, as on SD.
+# The UNet's levels on 8×8 latents. "sd" (the shipped base since v2): SD v1.5's pattern — cross-attention blocks
+# at every level but the lowest (here 8×8 and 4×4, none at 2×2), attention in the middle block — so the LoRA's
+# targets sit at the high resolutions, as on SD. "v1" (the first base): cross-attention only at 4×4 and in the
+# middle block.
 UNET_LAYOUTS: dict[str, dict] = {
     "v1": {"down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
            "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"), "block_out_channels": (64, 128)},
@@ -97,7 +98,7 @@ def build_tiny_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
-def build_random_tiny_pipeline(seed: int = TINY_SEED, unet_layout: str = "v1"):
+def build_random_tiny_pipeline(seed: int = TINY_SEED, unet_layout: str = "sd"):
     """The tiny SD architecture with random weights (seeded) and a CLIP image encoder component; the UNet's
     levels from :data:`UNET_LAYOUTS`."""
     if unet_layout not in UNET_LAYOUTS:
