@@ -304,6 +304,25 @@ def _mean_std(values: list) -> str | None:
     return f"{found.mean():.4f} ± {found.std(ddof=1):.4f}" if len(found) > 1 else f"{found[0]:.4f}"
 
 
+def resolvable_difference(rows: list[dict], key: str, seeds: int) -> tuple[float, float, int] | None:
+    """The smallest difference between two synthetic-only rows of ``seeds`` seeds each that a two-sided 95 %
+    t-test on ``key`` resolves: ``t(0.975, df) · s · sqrt(2 / seeds)``, with ``s`` the seed std pooled over every
+    synthetic-only row run on two seeds or more. Returns (difference, s, df), or None without such rows."""
+    import numpy as np
+    from scipy.stats import t
+
+    groups: dict[str, list[float]] = {}
+    for r in rows:
+        if r.get(key) is not None and r["synthetic_images"] and not r["real_images"]:
+            groups.setdefault(r["row"], []).append(float(r[key]))
+    spread = [(len(v) - 1, np.var(v, ddof=1)) for v in groups.values() if len(v) > 1]
+    df = sum(d for d, _ in spread)
+    if not df:
+        return None
+    pooled = float(np.sqrt(sum(d * var for d, var in spread) / df))
+    return float(t.ppf(0.975, df) * pooled * np.sqrt(2 / seeds)), pooled, df
+
+
 def stage_minutes(rows: list[dict], names: list[str], seeds: list[int]) -> float:
     """Minutes of stage work behind the table (a run shared by several rows is counted once)."""
     seen, total = set(), 0.0
@@ -342,6 +361,20 @@ def bar_chart(table: list[dict], path: str) -> str:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _resolution_text(rows: list[dict], seeds: int) -> str:
+    """What the table can tell apart, per statistic (item 2 of issue 24)."""
+    parts = []
+    for key, name in (("top1", "final-epoch top-1"), ("top1_last5", "last-5-epoch mean")):
+        found = resolvable_difference(rows, key, seeds)
+        if found:
+            parts.append(f"{name}: {found[0]:.3f} (seed std {found[1]:.3f} pooled over the synthetic-only rows, "
+                         f"{found[2]} degrees of freedom)")
+    if not parts:
+        return "\nResolution: one seed per row — no seed-to-seed spread to state what the table can tell apart.\n"
+    return ("\nSmallest difference between two synthetic-only rows that a two-sided 95 % t-test resolves at "
+            f"{seeds} seed{'s' if seeds > 1 else ''}: " + "; ".join(parts) + ".\n")
 
 
 def main() -> None:
@@ -405,6 +438,7 @@ def main() -> None:
             f"(synthetic-only top-1): {sweep_text}; λ used for the Real-Fake rows: {best:g}. MMD² and KID: "
             f"tiny-CLIP embeddings of up to 2,000 synthetic images vs the 360 real val digits.\n\n"
             f"{markdown_table(table)}\n\n![ablation](benchmarks/{os.path.basename(chart)})\n")
+    text += _resolution_text([r for r in results["rows"] if r["row"] in names and r["seed"] in seeds], len(seeds))
     scarce_names = [v["row"] for k in scarce for v in scarce_variants(k, best)]
     if scarce_names:
         scarce_table = aggregate([r for r in results["rows"] if r["row"] in scarce_names and r["seed"] in seeds])
