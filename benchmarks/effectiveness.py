@@ -23,6 +23,7 @@ set size. λ is chosen on a held-out fifth of the real *train* split (``--sweep`
     python benchmarks/effectiveness.py --sweep 0,0.003,0.03,0.3,3       # λ on the hold-out split first
     python benchmarks/effectiveness.py --scarce 10,30                   # + the data-scarce rows (per class)
     python benchmarks/effectiveness.py --beyond                         # + the beyond-the-paper rows
+    python benchmarks/effectiveness.py --mmd                            # + the MMD term's other forms
 
 Runs land below ``--out`` (default ``runs/effectiveness``) and every stage resumes, so an interrupted
 benchmark continues where it stopped; results accumulate in ``<out>/results.json``.
@@ -93,6 +94,22 @@ def beyond_variants(best_lambda: float, mult: int) -> list[dict]:
          "set": [*base, "finetune.vision_token=class_mean", "generate.vision_token=class_mean"]},
         {"row": "Real-Fake 1x, label-agreement filter", "run": "full", "stages": ["finetune", "generate"],
          "set": [*base, f"generate.mult={mult}"], "train": one, "filter": True},  # the "full" rows' run
+    ]
+
+
+def mmd_variants() -> list[dict]:
+    """The MMD term's other forms (issue 24, item 5), each against its λ = 0 control: the Gaussian kernel, and the
+    reference's per-GPU batch of 8 (the tiny preset's is 16 per worker) with the linear kernel."""
+    no_token = ["finetune.vision_token=none", "generate.vision_token=none"]
+    lam = f"finetune.mmd_weight={DEFAULT_LAMBDA}"
+    b8 = ["finetune.batch_size=8"]
+    return [
+        {"row": f"+ MMD Gaussian kernel (λ={DEFAULT_LAMBDA:g})", "run": "mmd-gaussian", "stages": ["finetune", "generate"],
+         "set": [lam, "finetune.mmd_kernel=gaussian", *no_token]},
+        {"row": "+ LoRA (λ=0), batch 8 per worker", "run": "lora-b8", "stages": ["finetune", "generate"],
+         "set": ["finetune.mmd_weight=0", *b8, *no_token]},
+        {"row": f"+ MMD (λ={DEFAULT_LAMBDA:g}), batch 8 per worker", "run": "mmd-b8", "stages": ["finetune", "generate"],
+         "set": [lam, *b8, *no_token]},
     ]
 
 
@@ -387,6 +404,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for every row (e.g. train.ema_decay=0.999); results are kept per --out")
     parser.add_argument("--beyond", action="store_true", help="+ the beyond-the-paper rows (Real-Fake 1x variants)")
+    parser.add_argument("--mmd", action="store_true", help="+ the MMD term's other forms (Gaussian kernel, batch 8)")
     parser.add_argument("--scarce", default="", help="comma list of real images per class: the data-scarce rows too")
     parser.add_argument("--write", metavar="BENCHMARKS.md", help="write the results as this script's section")
     args = parser.parse_args()
@@ -416,7 +434,7 @@ def main() -> None:
     bank = _shared_bank(root, None)
     val_embeddings = _val_embeddings(bank)
     scarce = [int(k) for k in args.scarce.split(",") if k]
-    beyond = beyond_variants(best, max(mults)) if args.beyond else []
+    beyond = (beyond_variants(best, max(mults)) if args.beyond else []) + (mmd_variants() if args.mmd else [])
     for seed in seeds:
         _run_variants(root, results, results_file, seed, variants(best, mults) + beyond, lambda: bank, val_embeddings,
                       args.set)
