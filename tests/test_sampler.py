@@ -226,7 +226,7 @@ def test_lora_shape_mismatch_names_file(tmp_path):
 
     config = build_random_tiny_pipeline().unet.config
     width = config.block_out_channels[-1]
-    other = UNet2DConditionModel.from_config(config, block_out_channels=(config.block_out_channels[0], width + 16))
+    other = UNet2DConditionModel.from_config(config, block_out_channels=(*config.block_out_channels[:-1], width + 16))
     _save_lora(other, tmp_path)
     with pytest.raises(ValueError, match=rf"pytorch_lora_weights\.safetensors.*input width {width + 16}.*has {width}"):
         Sampler.from_pipeline(build_random_tiny_pipeline(), SamplerSettings(**FAST), lora_dir=str(tmp_path))
