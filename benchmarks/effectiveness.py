@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -406,6 +407,8 @@ def main() -> None:
     parser.add_argument("--beyond", action="store_true", help="+ the beyond-the-paper rows (Real-Fake 1x variants)")
     parser.add_argument("--mmd", action="store_true", help="+ the MMD term's other forms (Gaussian kernel, batch 8)")
     parser.add_argument("--scarce", default="", help="comma list of real images per class: the data-scarce rows too")
+    parser.add_argument("--rows", default="", metavar="REGEX",
+                        help="run only the rows whose name matches (e.g. 'per class'); the table shows every row run")
     parser.add_argument("--write", metavar="BENCHMARKS.md", help="write the results as this script's section")
     args = parser.parse_args()
 
@@ -435,11 +438,12 @@ def main() -> None:
     val_embeddings = _val_embeddings(bank)
     scarce = [int(k) for k in args.scarce.split(",") if k]
     beyond = (beyond_variants(best, max(mults)) if args.beyond else []) + (mmd_variants() if args.mmd else [])
+    wanted = (lambda rows: [v for v in rows if re.search(args.rows, v["row"])]) if args.rows else (lambda rows: rows)
     for seed in seeds:
-        _run_variants(root, results, results_file, seed, variants(best, mults) + beyond, lambda: bank, val_embeddings,
-                      args.set)
+        _run_variants(root, results, results_file, seed, wanted(variants(best, mults) + beyond), lambda: bank,
+                      val_embeddings, args.set)
         for k in scarce:
-            _run_variants(root, results, results_file, seed, scarce_variants(k, best),
+            _run_variants(root, results, results_file, seed, wanted(scarce_variants(k, best)),
                           lambda k=k, seed=seed: _subset_bank(root, k, seed), val_embeddings, args.set)
     budget = _config(root / "bank", 0, []).train.budget_images
     names = [v["row"] for v in variants(best, mults) + beyond]
