@@ -41,7 +41,7 @@ from pathlib import Path
 
 from _common import machine, write_section  # first: puts the repository on sys.path
 
-SECTION = "## Effectiveness: the paper's ablation on the embedded digits (CPU, tiny base)"
+SECTION = "## Effectiveness: the paper's ablation on the embedded digits (CPU, tiny base v2)"
 DEFAULT_LAMBDA = 0.003
 
 
