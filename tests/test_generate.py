@@ -224,6 +224,17 @@ def test_speed_options_reach_the_sampler_settings_and_cpu_nodes_drop_the_cuda_on
         check_generate_config(_cfg(tmp_path, "generate.compile_mode=max-autotune").generate)
 
 
+def test_the_negative_prompt_is_the_references_unless_set_and_is_recorded(tmp_path):
+    from realfake_ray.method.prompts import NEGATIVE_PROMPT
+
+    meta = {"model": {"vae_sha256": "v"}, "resolution": 32}
+    for overrides, expected in (((), NEGATIVE_PROMPT), (("generate.negative_prompt=",), ""),
+                                (("generate.negative_prompt=low contrast",), "low contrast")):
+        cfg = _cfg(tmp_path, *overrides)
+        assert sampler_settings(cfg.generate, "cpu").negative_prompt == expected
+        assert recorded_settings(cfg, meta, None)["negative_prompt"] == expected
+
+
 def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
     assert cli_main(["generate", "--preset", "tiny", "--out", str(tmp_path), "--mult", "0"]) == 2
     assert "generate.mult" in capsys.readouterr().err

@@ -165,6 +165,7 @@ class GenerateConfig(_Section):
     vision_token: Literal["image", "class_mean", "none"] = "image"
     allow_vision_token_mismatch: bool = False  # sample a LoRA with another vision token than it was fine-tuned with
     negative_vision_token: bool = False  # also put the guidance token into the negative (CFG) branch
+    negative_prompt: str | None = None  # the CFG branch's prompt; None: the reference's, "": the empty prompt
     use_lora: bool = True
     lora_scale: float = Field(0.5, ge=0)
     sample_posterior: bool = True

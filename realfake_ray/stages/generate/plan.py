@@ -80,6 +80,11 @@ def synthetic_path(class_dir: str, image_id: str, copy_idx: int, disambiguate: b
     return f"{storage.safe_name(class_dir)}/{name}__c{int(copy_idx)}.jpg"
 
 
+def _negative_prompt(gen: GenerateConfig) -> str:
+    """The CFG branch's prompt: ``generate.negative_prompt``, or the reference's when unset (None)."""
+    return NEGATIVE_PROMPT if gen.negative_prompt is None else gen.negative_prompt
+
+
 def sampler_settings(gen: GenerateConfig, device_type: str = "cuda"):
     """The :class:`~realfake_ray.method.sampler.SamplerSettings` of ``gen``, validated; on a device other than
     CUDA as they run there (:meth:`~realfake_ray.method.sampler.SamplerSettings.for_cpu`: fp32, no CUDA-only option).
@@ -100,6 +105,7 @@ def sampler_settings(gen: GenerateConfig, device_type: str = "cuda"):
         channels_last=gen.channels_last,
         compile=gen.compile,
         negative_vision_token=gen.negative_vision_token,
+        negative_prompt=_negative_prompt(gen),
         compile_mode=gen.compile_mode,
         sdpa_backend=gen.sdpa_backend,
         vae_dtype=gen.vae_dtype,
@@ -266,7 +272,7 @@ def recorded_settings(cfg: RunConfig, meta: dict, lora_sha256: str | None) -> di
         "scheduler": g.scheduler,
         "guidance_scale": g.guidance_scale,
         "vision_token": g.vision_token,
-        "negative_prompt": NEGATIVE_PROMPT,
+        "negative_prompt": _negative_prompt(g),
         "negative_vision_token": g.negative_vision_token if g.vision_token != "none" else None,
         "sample_posterior": g.sample_posterior if g.mode == "img2img" else None,
         "lora_sha256": lora_sha256,
