@@ -84,11 +84,11 @@ def beyond_variants(best_lambda: float, mult: int) -> list[dict]:
     wide = 'finetune.lora_targets=["to_q","to_k","to_v","to_out.0","proj_in","proj_out","ff.net.0.proj","ff.net.2","conv1","conv2"]'
     return [
         {"row": "Real-Fake 1x, tuned sampler", "run": "sampler", "stages": ["finetune", "generate"],
-         "set": [*base, *RECOMMENDED_SAMPLER]},
+         "set": [*base, *RECOMMENDED_SAMPLER], "lora_from": "full"},
         {"row": "Real-Fake 1x, empty negative prompt", "run": "negative-empty", "stages": ["finetune", "generate"],
-         "set": [*base, "generate.negative_prompt="]},
+         "set": [*base, "generate.negative_prompt="], "lora_from": "full"},
         {"row": "Real-Fake 1x, strength 0.5", "run": "strength-0.5", "stages": ["finetune", "generate"],
-         "set": [*base, "generate.strength=0.5"]},
+         "set": [*base, "generate.strength=0.5"], "lora_from": "full"},
         {"row": "Real-Fake 1x, LoRA rank 16", "run": "rank-16", "stages": ["finetune", "generate"],
          "set": [*base, "finetune.lora_rank=16"]},
         {"row": "Real-Fake 1x, LoRA on conv + feed-forward too", "run": "lora-wide", "stages": ["finetune", "generate"],
@@ -164,6 +164,20 @@ def _run_dir(root: Path, bank: Path, seed: int, run: str) -> Path:
     return out
 
 
+def _reuse_lora(root: Path, seed: int, source_run: str, out: Path) -> None:
+    """Copy the fine-tuning of ``source_run`` (same seed, same finetune settings) so ``out`` skips its own: a
+    row that changes only the sampler measures the sampler on the same LoRA. ``run_finetune`` still refuses the
+    copy if its settings differ from the row's."""
+    from realfake_ray.layout import RunLayout
+
+    source, dest = RunLayout(str(root / f"seed{seed}" / source_run)), RunLayout(str(out))
+    if not Path(source.lora_dir()).exists() or Path(dest.finetune_dir()).exists():
+        return
+    for src, dst in ((source.finetune_dir(), dest.finetune_dir()), (source.lora_dir(), dest.lora_dir())):
+        shutil.copytree(src, dst + ".tmp", dirs_exist_ok=True)
+        os.replace(dst + ".tmp", dst)
+
+
 def _run_variants(root: Path, results: dict, results_file: Path, seed: int, rows: list[dict], bank_of, val_embeddings,
                   extra: list[str]) -> None:
     """Each row of ``rows`` not in ``results`` yet, for ``seed`` (``bank_of()`` gives its bank), saved as it ends."""
@@ -228,6 +242,8 @@ def run_row(root: Path, bank: Path, variant: dict, seed: int, data: dict | None,
     overrides = [*variant.get("set", []), f"train.tag={tag}", *variant.get("train", ["train.source=synthetic"]), *extra]
     cfg = _config(out, seed, overrides, data)
     times, kept = {}, {}
+    if variant.get("lora_from"):
+        _reuse_lora(root, seed, variant["lora_from"], out)
     if "finetune" in variant["stages"]:
         times["finetune_s"] = run_finetune(cfg).get("wall_seconds")
     if "generate" in variant["stages"]:
@@ -402,6 +418,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/effectiveness")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--quick", action="store_true", help="one seed, 1x rows only")
+    parser.add_argument("--mults", default="1,2,5,10", help="the Real-Fake rows' synthetic multiples (--quick: 1)")
     parser.add_argument("--sweep", default="", help="comma list of λ to try on the hold-out split first")
     parser.add_argument("--lambda", dest="best_lambda", type=float, help="skip the sweep: use this λ for the full rows")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -435,7 +452,7 @@ def main() -> None:
         best = max(results["sweep"], key=lambda k: results["sweep"][k]["top1"]) if results["sweep"] else DEFAULT_LAMBDA
     best = float(best)
     seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
-    mults = (1,) if args.quick else (1, 2, 5, 10)
+    mults = (1,) if args.quick else tuple(int(m) for m in args.mults.split(","))
     bank = _shared_bank(root, None)
     val_embeddings = _val_embeddings(bank)
     scarce = [int(k) for k in args.scarce.split(",") if k]
