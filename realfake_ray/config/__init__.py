@@ -21,6 +21,7 @@ from realfake_ray.config.loading import (
 )
 from realfake_ray.config.sections import (
     EMBEDDED_DATASET,
+    GENERATE_RECIPES,
     PAPER_SAMPLER,
     PRESETS,
     TRAIN_RECIPES,
@@ -45,6 +46,6 @@ from realfake_ray.config.sections import (
 __all__ = [
     "Dtype", "PRESETS", "EMBEDDED_DATASET", "ConfigError", "ActorPool", "ModelConfig", "DataConfig", "CaptionConfig",
     "EncodeConfig", "FinetuneConfig", "GenerateConfig", "TRAIN_RECIPES", "TrainConfig", "EvaluateConfig", "PAPER_SAMPLER",
-    "TuneSamplerConfig", "AuditPrivacyConfig", "RayConfig", "TrackingConfig", "RunConfig", "deep_merge", "parse_override",
+    "GENERATE_RECIPES", "TuneSamplerConfig", "AuditPrivacyConfig", "RayConfig", "TrackingConfig", "RunConfig", "deep_merge", "parse_override",
     "read_yaml_config", "build_config", "load_config", "dump_config",
 ]

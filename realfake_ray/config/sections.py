@@ -13,6 +13,7 @@ from realfake_ray.storage import anchor
 __all__ = [
     "Dtype", "PRESETS", "EMBEDDED_DATASET", "ConfigError", "ActorPool", "ModelConfig", "DataConfig", "CaptionConfig",
     "EncodeConfig", "FinetuneConfig", "GenerateConfig", "TRAIN_RECIPES", "TrainConfig", "EvaluateConfig", "PAPER_SAMPLER",
+    "GENERATE_RECIPES",
     "TuneSamplerConfig", "AuditPrivacyConfig", "RayConfig", "TrackingConfig", "RunConfig",
 ]
 
@@ -155,7 +156,24 @@ class FinetuneConfig(_Section):
         return self
 
 
+# The paper's sampler settings: what `realfake tune-sampler` judges every other setting against.
+PAPER_SAMPLER: dict[str, Any] = {"scheduler": "unipc", "steps": 30, "strength": 0.75, "guidance_scale": 2.0,
+                                 "lora_scale": 0.5, "speedup": "none"}
+
+# Named sampler settings: the values a `generate.recipe` puts beneath the user's own `generate.*` keys.
+GENERATE_RECIPES: dict[str, dict[str, Any]] = {
+    "paper": {**PAPER_SAMPLER, "negative_prompt": None},
+    # What `realfake tune-sampler --preset tiny` recommends for the tiny base (BENCHMARKS "Sampler tuning"):
+    # Euler, 8 steps, no CFG (so no negative prompt), DeepCache reusing the deep features every 3rd step.
+    "tiny-tuned": {**PAPER_SAMPLER, "scheduler": "euler", "steps": 8, "guidance_scale": 1.0, "speedup": "deepcache:3"},
+}
+
+
 class GenerateConfig(_Section):
+    """Sampling the synthetic set. ``recipe`` names a bundle of sampler values (:data:`GENERATE_RECIPES`); keys
+    given explicitly win over it. The field defaults are the ``paper`` recipe."""
+
+    recipe: Literal["paper", "tiny-tuned"] = "paper"
     mult: int = Field(1, ge=1)
     mode: Literal["img2img", "txt2img"] = "img2img"
     strength: float = Field(0.75, gt=0, le=1)
@@ -185,6 +203,13 @@ class GenerateConfig(_Section):
     shard_mb: float = Field(48.0, gt=0)
     images_per_shard: int | None = Field(None, ge=1)
     actors: ActorPool = ActorPool()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_recipe(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("recipe", "paper") not in GENERATE_RECIPES:
+            return data  # the Literal check names the allowed recipes
+        return {**GENERATE_RECIPES[data.get("recipe", "paper")], **data}
 
 
 # Named classifier recipes: the values a `train.recipe` puts beneath the user's own `train.*` keys.
@@ -298,11 +323,6 @@ class EvaluateConfig(_Section):
     max_samples: int = Field(2000, ge=10)
     distribution_max_images: int = Field(20000, ge=10)  # synthetic images CLIP-embedded (seeded subset)
     actors: ActorPool = ActorPool()  # classifier / CLIP actors of the evaluation pipelines
-
-
-# The paper's sampler settings: what `realfake tune-sampler` judges every other setting against.
-PAPER_SAMPLER: dict[str, Any] = {"scheduler": "unipc", "steps": 30, "strength": 0.75, "guidance_scale": 2.0,
-                                 "lora_scale": 0.5, "speedup": "none"}
 
 
 class TuneSamplerConfig(_Section):
