@@ -75,16 +75,20 @@ RECOMMENDED_SAMPLER = ["generate.scheduler=euler", "generate.steps=8", "generate
                        "generate.speedup=deepcache:3"]  # `realfake tune-sampler --preset tiny` (BENCHMARKS)
 
 
-def beyond_variants(best_lambda: float, mult: int) -> list[dict]:
-    """Beyond the paper (issue 24, item 4): each a change to Real-Fake 1× — the sampler tuning recommends,
+def beyond_variants(best_lambda: float, mults: tuple[int, ...]) -> list[dict]:
+    """Beyond the paper (issue 24, item 4): each a change to Real-Fake 1× — the sampler tuning recommends (also at
+    every larger multiple of ``mults``, from one generation at the largest),
     the empty negative prompt (the reference's names "blurry", what the real digits are), strength 0.5, a larger LoRA, LoRA on the convolution and feed-forward layers too, the intra-class token
     (class-mean CLIP embedding), and label-agreement filtering by the seed's real-only classifier."""
     base = [f"finetune.mmd_weight={best_lambda}"]
-    one = ["train.synthetic_mult=1"]
+    one, mult = ["train.synthetic_mult=1"], max(mults)
     wide = 'finetune.lora_targets=["to_q","to_k","to_v","to_out.0","proj_in","proj_out","ff.net.0.proj","ff.net.2","conv1","conv2"]'
     return [
         {"row": "Real-Fake 1x, tuned sampler", "run": "sampler", "stages": ["finetune", "generate"],
          "set": [*base, *RECOMMENDED_SAMPLER], "lora_from": "full"},
+        *({"row": f"Real-Fake {m}x, tuned sampler", "run": f"sampler-{mult}x", "stages": ["finetune", "generate"],
+           "set": [*base, *RECOMMENDED_SAMPLER, f"generate.mult={mult}"], "lora_from": "full",
+           "train": [f"train.synthetic_mult={m}"]} for m in mults if m > 1),
         {"row": "Real-Fake 1x, empty negative prompt", "run": "negative-empty", "stages": ["finetune", "generate"],
          "set": [*base, "generate.negative_prompt="], "lora_from": "full"},
         {"row": "Real-Fake 1x, strength 0.5", "run": "strength-0.5", "stages": ["finetune", "generate"],
@@ -456,7 +460,7 @@ def main() -> None:
     bank = _shared_bank(root, None)
     val_embeddings = _val_embeddings(bank)
     scarce = [int(k) for k in args.scarce.split(",") if k]
-    beyond = (beyond_variants(best, max(mults)) if args.beyond else []) + (mmd_variants() if args.mmd else [])
+    beyond = (beyond_variants(best, mults) if args.beyond else []) + (mmd_variants() if args.mmd else [])
     wanted = (lambda rows: [v for v in rows if re.search(args.rows, v["row"])]) if args.rows else (lambda rows: rows)
     for seed in seeds:
         _run_variants(root, results, results_file, seed, wanted(variants(best, mults) + beyond), lambda: bank,
