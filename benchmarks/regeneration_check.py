@@ -20,7 +20,7 @@ import _common  # noqa: F401  (repository root on sys.path)
 
 # Recorded settings (``<run>/synthetic/_settings.json``) that are ``generate.*`` keys of the same name.
 _KEYS = ("mode", "strength", "steps", "scheduler", "guidance_scale", "vision_token", "lora_scale", "jpeg_quality",
-         "sample_posterior", "negative_vision_token", "storage_size")
+         "sample_posterior", "negative_vision_token", "storage_size", "speedup", "negative_prompt")
 
 
 def identical(run: str) -> tuple[int, int]:
