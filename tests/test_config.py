@@ -15,10 +15,13 @@ def test_defaults_are_the_paper_recipe():
 def test_a_generate_recipe_bundles_sampler_values_beneath_explicit_keys():
     tuned = load_config(overrides=["generate.recipe=tiny-tuned"]).generate
     assert (tuned.scheduler, tuned.steps, tuned.guidance_scale, tuned.speedup) == ("euler", 8, 1.0, "deepcache:3")
-    assert (tuned.strength, tuned.lora_scale) == (0.75, 0.5)  # the paper's, which the recipe keeps
+    assert (tuned.strength, tuned.lora_scale) == (0.5, 0.5)  # the LoRA scale is the paper's
     assert load_config(overrides=["generate.recipe=tiny-tuned", "generate.steps=12"]).generate.steps == 12
     paper = load_config(overrides=["generate.recipe=paper"]).generate
     assert paper == RunConfig().generate  # the field defaults are the paper recipe
+    tiny, tiny_paper = (load_config(preset="tiny", overrides=o).generate for o in ([], ["generate.recipe=paper"]))
+    assert tiny.recipe == "tiny-tuned" and (tiny.steps, tiny.strength) == (8, 0.5)
+    assert (tiny_paper.scheduler, tiny_paper.steps, tiny_paper.strength, tiny_paper.guidance_scale) == ("unipc", 30, 0.75, 2.0)
     with pytest.raises(ConfigError, match=r"generate\.recipe: Input should be 'paper' or 'tiny-tuned' \(got 'fast'\)"):
         load_config(overrides=["generate.recipe=fast"])
     # the resolved values are what a dumped config holds: it reloads to the same sampler

@@ -33,8 +33,10 @@ _PRESET_VALUES: dict[str, dict[str, Any]] = {
             "checkpoint_every": 100,
             "log_every": 20,
         },
+        # Sampled as three seeds of the effectiveness benchmark agree trains the best classifiers on the digits
+        # (`GENERATE_RECIPES`); `generate.recipe=paper` gives the paper's sampler.
         "generate": {
-            "batch_size": 64, "steps": 10, "dtype": "fp32", "channels_last": False,
+            "recipe": "tiny-tuned", "batch_size": 64, "dtype": "fp32", "channels_last": False,
             # 2 × 0.75 CPU: on 2 cores both actors start and 0.5 CPU is left for the read/write tasks.
             "actors": {"min_size": 2, "max_size": 2, "cpus_per_actor": 0.75},
         },

@@ -82,7 +82,7 @@ def bench_grid(
         >>> from realfake_ray.config import load_config
         >>> rows = bench_grid(load_config(preset="tiny"), "cpu", batch_sizes=["2", "4"], reference=False)
         >>> [(r["batch_size"], r["dtype"], r["steps"]) for r in rows]
-        [(2, 'fp32', 10), (4, 'fp32', 10)]
+        [(2, 'fp32', 8), (4, 'fp32', 8)]
     """
 
     g = cfg.generate
