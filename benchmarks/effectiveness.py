@@ -41,6 +41,8 @@ from pathlib import Path
 
 from _common import machine, write_section  # first: puts the repository on sys.path
 
+from realfake_ray.config import GENERATE_RECIPES
+
 SECTION = "## Effectiveness: the paper's ablation on the embedded digits (CPU, tiny base v2)"
 DEFAULT_LAMBDA = 0.003
 
@@ -74,16 +76,18 @@ def variants(best_lambda: float, mults: tuple[int, ...]) -> list[dict]:
 # Every row samples with the paper's sampler (UniPC, CFG 2 with the reference's negative prompt) at the 10 steps the
 # tiny preset used when the table was first measured, unless it sets its own sampler keys (which win).
 PAPER_SAMPLER = ["generate.recipe=paper", "generate.steps=10"]
-# `realfake tune-sampler --preset tiny` (BENCHMARKS), key by key so that it wins over PAPER_SAMPLER
-RECOMMENDED_SAMPLER = ["generate.scheduler=euler", "generate.steps=8", "generate.guidance_scale=1.0",
-                       "generate.speedup=deepcache:3"]
+# The sampler `realfake tune-sampler --preset tiny` recommends (the `tiny-tuned` recipe at the paper's strength),
+# key by key so that it wins over PAPER_SAMPLER
+RECOMMENDED_SAMPLER = [f"generate.{k}={GENERATE_RECIPES['tiny-tuned'][k]}"
+                       for k in ("scheduler", "steps", "guidance_scale", "speedup")]
 
 
 def beyond_variants(best_lambda: float, mults: tuple[int, ...]) -> list[dict]:
-    """Beyond the paper (issue 24, item 4): each a change to Real-Fake 1× — the sampler tuning recommends (also at
-    every larger multiple of ``mults``, from one generation at the largest),
-    the empty negative prompt (the reference's names "blurry", what the real digits are), strength 0.5, a larger LoRA, LoRA on the convolution and feed-forward layers too, the intra-class token
-    (class-mean CLIP embedding), and label-agreement filtering by the seed's real-only classifier."""
+    """Beyond the paper (issue 24, item 4): each a change to Real-Fake 1× — the sampler the tuning recommends,
+    the empty negative prompt (the reference's names "blurry", what the real digits are), strength 0.5, both (the
+    tuned sampler and both also at every larger multiple of ``mults``, from one generation at the largest), a
+    larger LoRA, LoRA on the convolution and feed-forward layers too, the intra-class token (class-mean CLIP
+    embedding), and label-agreement filtering by the seed's real-only classifier."""
     base = [f"finetune.mmd_weight={best_lambda}"]
     one, mult = ["train.synthetic_mult=1"], max(mults)
     wide = 'finetune.lora_targets=["to_q","to_k","to_v","to_out.0","proj_in","proj_out","ff.net.0.proj","ff.net.2","conv1","conv2"]'

@@ -40,8 +40,7 @@ def identical(run: str) -> tuple[int, int]:
     tmp = tempfile.mkdtemp(prefix="regen-")
     shutil.copytree(f"{run}/latents", f"{tmp}/latents")
     shutil.copytree(f"{run}/lora", f"{tmp}/lora")
-    recorded.setdefault("speedup", None)
-    recorded["speedup"] = recorded["speedup"] or "none"  # recorded as null (or absent, older runs) when off
+    recorded["speedup"] = recorded.get("speedup") or "none"  # recorded as null (absent in older runs) when off
     overrides = ["generate.mult=1"] + [f"generate.{k}={recorded[k]}" for k in _KEYS if recorded.get(k) is not None]
     cfg = load_config(preset="tiny", out=tmp, seed=recorded["seed"], overrides=overrides)
     meta, files = read_bank(tmp)

@@ -45,7 +45,7 @@ from realfake_ray.config.sections import (
 
 __all__ = [
     "Dtype", "PRESETS", "EMBEDDED_DATASET", "ConfigError", "ActorPool", "ModelConfig", "DataConfig", "CaptionConfig",
-    "EncodeConfig", "FinetuneConfig", "GenerateConfig", "TRAIN_RECIPES", "TrainConfig", "EvaluateConfig", "PAPER_SAMPLER",
-    "GENERATE_RECIPES", "TuneSamplerConfig", "AuditPrivacyConfig", "RayConfig", "TrackingConfig", "RunConfig", "deep_merge", "parse_override",
-    "read_yaml_config", "build_config", "load_config", "dump_config",
+    "EncodeConfig", "FinetuneConfig", "GenerateConfig", "TRAIN_RECIPES", "TrainConfig", "EvaluateConfig",
+    "PAPER_SAMPLER", "GENERATE_RECIPES", "TuneSamplerConfig", "AuditPrivacyConfig", "RayConfig", "TrackingConfig",
+    "RunConfig", "deep_merge", "parse_override", "read_yaml_config", "build_config", "load_config", "dump_config",
 ]
