@@ -35,7 +35,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", required=True, help="a tiny-preset run with a latent bank and a LoRA")
     parser.add_argument("--images", type=int, default=60)
-    parser.add_argument("--steps", type=int, default=10, help="the tiny preset's")
+    parser.add_argument("--steps", type=int, default=10, help="UniPC steps (the paper's rows of the effectiveness table)")
     args = parser.parse_args()
 
     import numpy as np
