@@ -1,14 +1,15 @@
 """Append-only Parquet part files: the resume mechanism of every stage that writes rows.
 
-A stage writes each finished batch as its own ``part-<uuid>.parquet`` (temp + rename), so a killed
-run leaves only complete files. A rerun reads the key columns of the parts already there and
+A stage writes each finished batch as its own ``part-<content hash>.parquet`` (temp + rename), so a killed
+run leaves only complete files, and the same rows written in the same batches get the same names (a bank
+encoded twice from the same inputs is the same files, so what reads it in name order sees the same rows). A rerun reads the key columns of the parts already there and
 processes only the missing keys: nothing is lost, nothing is written twice.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
-import uuid
 
 import numpy as np
 import pyarrow as pa
@@ -43,11 +44,12 @@ def existing_keys(directory: str, columns: list[str]) -> set[tuple]:
 
 
 def write_part(directory: str, table: pa.Table) -> str:
-    """Write ``table`` as a new part file, atomically; returns its URL."""
-    url = storage.join(directory, f"{PART_PREFIX}{uuid.uuid4().hex}.parquet")
+    """Write ``table`` as a part file named by the SHA-256 of its bytes, atomically; returns its URL."""
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
-    storage.write_bytes(url, buffer.getvalue())
+    data = buffer.getvalue()
+    url = storage.join(directory, f"{PART_PREFIX}{hashlib.sha256(data).hexdigest()[:32]}.parquet")
+    storage.write_bytes(url, data)
     return url
 
 
