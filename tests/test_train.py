@@ -49,7 +49,8 @@ def test_seeds_and_run_names_are_stable():
     b = _cfg("/tmp/x", "train.epochs=9")  # more epochs: the same run (it resumes)
     c = _cfg("/tmp/x", "train.base_lr=0.2")  # another recipe: another run
     assert fingerprint(a) == fingerprint(b) and run_name(a) == run_name(b) != run_name(c)
-    placed = _cfg("/tmp/x", "train.epochs=2", "train.cache=true", "train.worker_cpus=2", "train.decode_cpus=0.25")
+    placed = _cfg("/tmp/x", "train.epochs=2", "train.cache=true", "train.worker_cpus=2", "train.decode_cpus=0.25",
+                  "train.torch_threads=1")
     assert run_name(placed) == run_name(a)  # where and how it reads and runs: the same run
     assert run_name(a).startswith("run-synthetic-resnet_tiny-")
 
@@ -303,6 +304,7 @@ def test_synthetic_only_run_on_generated_output(generated, synthetic_run):
     assert summary["model"].endswith("classifier/synthetic-2x/model.safetensors")
     [row] = read_metrics(RunLayout(str(out)).classifier_dir("synthetic-2x"))
     assert row["train_images"] == 56 and row["train_loss"] > 0  # 1 worker × 7 full batches of 8
+    assert row["threads"] == 2  # the tiny preset's train.torch_threads, above the 1 CPU the worker holds
     report = summary["evaluation"]
     assert report["source"] == "synthetic" and report["sets"]["val"]["count"] == 360
     assert 0 <= report["sets"]["val"]["top1"] <= 1

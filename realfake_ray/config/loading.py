@@ -42,7 +42,7 @@ _PRESET_VALUES: dict[str, dict[str, Any]] = {
         },
         # One CPU for the training worker and one per decode task: on 2 cores the job's two classifiers train one
         # after the other. Side by side at half a CPU each they took 633 s against 428 (README, "Time").
-        "train": {"recipe": "digits-32px", "batch_size": 64, "num_workers": 1, "worker_cpus": 1.0,
+        "train": {"recipe": "digits-32px", "batch_size": 64, "num_workers": 1, "worker_cpus": 1.0, "torch_threads": 2,
                   "real_baseline": True},
         "evaluate": {"batch_size": 256, "max_samples": 500},
     }

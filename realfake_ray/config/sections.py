@@ -279,6 +279,9 @@ class TrainConfig(_Section):
     use_gpu: bool | Literal["auto"] = "auto"
     decode_cpus: float = Field(1.0, gt=0)
     worker_cpus: float = Field(1.0, gt=0)  # Ray CPUs held by each training worker (the rest decode images)
+    # torch intra-op threads of each training worker; None: as many as it holds CPUs (Ray sets OMP_NUM_THREADS). More
+    # than it holds lets a worker use cores the decode tasks leave idle between bursts (the tiny preset: 2 on 2 cores).
+    torch_threads: int | None = Field(None, ge=1)
     synthetic: str | None = None  # another synthetic set (shards, Parquet, ImageFolder...); None: <out>/synthetic
     synthetic_mult: int | None = Field(None, ge=1)  # use copies with copy_idx < N (1x of a 10x set); None: all
     # Data order of a sharded set: "global" = a fresh permutation of every image each epoch (moves the images

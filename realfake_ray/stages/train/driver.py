@@ -278,6 +278,8 @@ def train_loop(config: dict) -> None:
     cfg, plan = RunConfig.model_validate(config["cfg"]), config["plan"]
     quiet_train_worker(cfg.ray.verbose)
     t, ctx = cfg.train, ray.train.get_context()
+    if t.torch_threads:
+        torch.set_num_threads(t.torch_threads)
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     total_steps = max(1, t.epochs * plan["steps_per_epoch"])
     warmup = min(total_steps, round(t.warmup_epochs * plan["steps_per_epoch"]))
@@ -308,6 +310,7 @@ def train_loop(config: dict) -> None:
             "val_top1": val["top1"] if val else None, "val_top5": val["top5"] if val else None,
             "lr": local[3], "seconds": round(seconds, 3),
             "images_per_s": images / seconds, "images_per_s_per_worker": images / seconds / world, "workers": world,
+            "threads": torch.get_num_threads(),
             **({"val_top1_ema": val_ema["top1"]} if val_ema else {}),
         }
         state = None

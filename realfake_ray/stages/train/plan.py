@@ -86,8 +86,8 @@ def fingerprint(cfg: RunConfig, data_digest: str | None = None) -> dict:
     """What identifies a training run: everything but ``train.epochs`` and placement-only settings, plus
     ``data_digest`` (:func:`~realfake_ray.data.labelled.set_digest` of the sets it samples from), so that a synthetic set that
     changed (``--mult 10`` after ``--mult 2``) trains a new classifier instead of reusing the old one."""
-    placement = {"epochs", "use_gpu", "decode_cpus", "worker_cpus", "cache", "checkpoint_keep", "max_failures", "tag",
-                 "real_baseline"}
+    placement = {"epochs", "use_gpu", "decode_cpus", "worker_cpus", "torch_threads", "cache", "checkpoint_keep",
+                 "max_failures", "tag", "real_baseline"}
     train = cfg.train.model_dump(mode="json", exclude=placement)
     data = cfg.data.model_dump(mode="json", include={"train", "val", "classes_file"})
     return {"seed": cfg.seed, "train": train, "data": data, "rows": data_digest}
