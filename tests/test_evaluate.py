@@ -101,6 +101,29 @@ def test_reserved_name_and_missing_model(tmp_path, no_ray):
         run_evaluate(_cfg(tmp_path, f"evaluate.extra_sets={{val: {tmp_path}}}"))
 
 
+def test_the_training_s_val_pass_is_taken_only_when_it_covers_every_image(monkeypatch, no_ray):
+    from types import SimpleNamespace
+
+    from realfake_ray.stages.evaluate import driver
+
+    calls = []
+
+    def by_actors(cfg, url, names, sets, subsets, info):
+        calls.append(list(names))
+        return {n: {"top1": 0.5} for n in names}
+
+    monkeypatch.setattr(driver, "evaluate_sets", by_actors)
+    planned = (["val", "ood"], [SimpleNamespace(num_images=4), SimpleNamespace(num_images=3)], [None, [1]])
+    info, merged = {"class_dirs": ["a", "b"]}, {"top1": 0.75, "top5": 1.0, "k": 2, "count": 4, "per_class": [1.0, 0.5]}
+    sets = driver._score_sets(None, "model", planned, info, {"val": merged})
+    assert calls == [["ood"]] and list(sets) == ["val", "ood"]
+    assert sets["val"] == {"top1": 0.75, "top5": 1.0, "k": 2, "count": 4, "skipped": 0, "classes": None,
+                           "per_class": {"a": 1.0, "b": 0.5}, "scored_by": "train"}
+    calls.clear()
+    sets = driver._score_sets(None, "model", planned, info, {"val": {**merged, "count": 3}})  # equal shards left one out
+    assert calls == [["val", "ood"]] and sets["val"] == {"top1": 0.5}
+
+
 def test_markdown_report_has_the_tables():
     report = {
         "source": "synthetic", "arch": "resnet_tiny", "num_classes": 2, "image_size": 32, "class_dirs": ["a", "b"],

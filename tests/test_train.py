@@ -308,7 +308,9 @@ def test_synthetic_only_run_on_generated_output(generated, synthetic_run):
     report = summary["evaluation"]
     assert report["source"] == "synthetic" and report["sets"]["val"]["count"] == 360
     assert 0 <= report["sets"]["val"]["top1"] <= 1
-    assert row["val_top1"] == pytest.approx(report["sets"]["val"]["top1"], abs=0.02)  # the epoch's own val row agrees
+    assert row["val_top1"] == report["sets"]["val"]["top1"]  # the last epoch's val pass is the evaluation's
+    assert report["sets"]["val"]["skipped"] == 0 and len(report["sets"]["val"]["per_class"]) == 10
+    assert report["sets"]["val"]["scored_by"] == "train" and report["sets"]["digits_3_7"]["scored_by"] == "evaluate"
     assert summary["val_top1_last5"] == pytest.approx(row["val_top1"])  # one epoch: its own val score
     assert 0 <= row["val_top1_ema"] <= 1 and summary["val_top1_ema"] == row["val_top1_ema"]  # the weights' EMA, scored too
     dist = report["distribution"]  # the bank of this run (30 real) against the 60 generated images

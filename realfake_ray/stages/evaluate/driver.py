@@ -81,6 +81,17 @@ class ClassifierActor:
 
 
 # ------------------------------------------------------------------------------------ execution
+def _set_result(merged: dict, lset: LabelledSet, subset: list[int] | None, class_dirs: list[str],
+                scored_by: str = "evaluate") -> dict:
+    """A set's entry of the report from its merged evaluation (:func:`~realfake_ray.method.classifier.merge_evaluations`)."""
+    per_class = {d: a for d, a in zip(class_dirs, merged["per_class"]) if a is not None}
+    return {
+        "top1": merged["top1"], "top5": merged["top5"], "k": None if merged["k"] is None else int(merged["k"]),
+        "count": int(merged["count"]), "skipped": lset.num_images - merged["count"],
+        "classes": None if subset is None else len(subset), "per_class": per_class, "scored_by": scored_by,
+    }
+
+
 def evaluate_sets(cfg: RunConfig, url: str, names: list[str], sets: list[LabelledSet], subsets: list, info: dict) -> dict:
     """Run the read → decode → classifier-actor pipeline over every set; merged result per set name."""
 
@@ -94,18 +105,9 @@ def evaluate_sets(cfg: RunConfig, url: str, names: list[str], sets: list[Labelle
     found: dict[int, list[dict]] = {}
     for r in ds.take_all():
         found.setdefault(int(r["set_idx"]), []).append(r)
-    results = {}
-    for i, name in enumerate(names):
-        empty = {"top1": None, "top5": None, "count": 0, "k": None, "per_class": []}
-        merged = merge_evaluations(found[i]) if i in found else empty
-        per_class = {d: a for d, a in zip(info["class_dirs"], merged["per_class"]) if a is not None}
-        results[name] = {
-            "top1": merged["top1"], "top5": merged["top5"], "k": None if merged["k"] is None else int(merged["k"]),
-            "count": int(merged["count"]),
-            "skipped": sets[i].num_images - merged["count"], "classes": None if subsets[i] is None else len(subsets[i]),
-            "per_class": per_class,
-        }
-    return results
+    empty = {"top1": None, "top5": None, "count": 0, "k": None, "per_class": []}
+    return {name: _set_result(merge_evaluations(found[i]) if i in found else empty, sets[i], subsets[i], info["class_dirs"])
+            for i, name in enumerate(names)}
 
 
 def _bank_embeddings(out: str) -> tuple[np.ndarray, np.ndarray]:
@@ -202,6 +204,18 @@ def _markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _score_sets(cfg: RunConfig, url: str, planned: tuple[list, list, list], info: dict, scored: dict[str, dict]) -> dict:
+    """:func:`evaluate_sets` over the ``planned`` ``(names, sets, subsets)`` that ``scored`` does not already hold
+    whole: a pass of the training workers can miss a few rows (Ray Train cuts val into equal shards)."""
+    names, labelled, subsets = planned
+    whole = {n: r for n, r in scored.items() if n in names and r["count"] == labelled[names.index(n)].num_images}
+    todo = [i for i, name in enumerate(names) if name not in whole]
+    sets = evaluate_sets(cfg, url, *([seq[i] for i in todo] for seq in planned), info) if todo else {}
+    return {name: sets[name] if name in sets else _set_result(whole[name], labelled[i], subsets[i], info["class_dirs"],
+                                                              "train")
+            for i, name in enumerate(names)}
+
+
 def _inputs(cfg: RunConfig, model_bytes: bytes, synth: LabelledSet | None, digest: str | None) -> dict:
     """What a report depends on: a rerun with the same inputs returns the stored report."""
     return {
@@ -212,9 +226,11 @@ def _inputs(cfg: RunConfig, model_bytes: bytes, synth: LabelledSet | None, diges
 
 
 @takes_run_lease
-def run_evaluate(cfg: RunConfig) -> dict:
+def run_evaluate(cfg: RunConfig, scored: dict[str, dict] | None = None) -> dict:
     """Score ``<out>/classifier[/<tag>]/model.safetensors`` on every set, add distribution metrics, write
-    ``metrics.json`` / ``metrics.md`` beside it; returns the report (``skipped`` when inputs are unchanged)."""
+    ``metrics.json`` / ``metrics.md`` beside it; returns the report (``skipped`` when inputs are unchanged).
+    ``scored``: sets already scored with these very weights (name → merged evaluation; the train stage passes its
+    last epoch's val pass), taken instead of scored again when they cover every image of the set."""
 
     cdir = output_dir(cfg)
     url = model_url(cdir)
@@ -231,7 +247,7 @@ def run_evaluate(cfg: RunConfig) -> dict:
         return {**storage.read_json(report_url), "skipped": True}
     with _ACTOR_POOLS:
         init_ray(cfg.ray)
-        sets = evaluate_sets(cfg, url, names, labelled, subsets, info) if labelled else {}
+        sets = _score_sets(cfg, url, (names, labelled, subsets), info, scored or {})
         distribution = {"skipped": skipped} if skipped else shared_distribution(cfg, meta, synth, digest, class_dirs)
     report = {
         "source": info["source"], "arch": info["arch"], "image_size": info["image_size"], "epochs": info.get("epochs"),

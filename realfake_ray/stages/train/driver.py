@@ -50,7 +50,7 @@ from realfake_ray.data.labelled import (
     seed_of,
 )
 from realfake_ray.config import RunConfig
-from realfake_ray.data.evaluation import distribution_inputs, plan_sets
+from realfake_ray.data.evaluation import VAL_SET, distribution_inputs, plan_sets
 from realfake_ray.method.classifier_file import model_url, save_classifier
 from realfake_ray.stages.evaluate.driver import run_evaluate
 from realfake_ray.stages.train.plan import TrainPlan, apply_budget, done_url, finished_summary, plan_training
@@ -323,6 +323,7 @@ def train_loop(config: dict) -> None:
             log.info(_epoch_line(row, t.epochs), extra={"tag": f"train {t.tag}" if t.tag else "train"})
             state = {"model": base.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "epoch": epoch, "scaler": amp[1].state_dict() if amp[1] else {},
+                     "val_evaluation": val,  # these weights' val pass: the evaluation takes it instead of a second one
                      **({"ema": ema.state_dict()} if ema is not None else {})}
         _report(row, state)
         if rank == 0:
@@ -435,7 +436,7 @@ def run_train(cfg: RunConfig) -> dict:
     history = [r for r in read_metrics(cdir) if r.get("run") == plan.run_name]
     if history:
         write_curves(cdir, history)
-    evaluation = run_evaluate(cfg)
+    evaluation = run_evaluate(cfg, scored={VAL_SET: state["val_evaluation"]} if state.get("val_evaluation") else None)
     tracked.finish(evaluation_metrics(evaluation), int(state["epoch"]), [storage.join(cdir, "curves.png")])
     summary = {
         "fingerprint": plan.fingerprint, "epochs": cfg.train.epochs, "run_name": plan.run_name,
