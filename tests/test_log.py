@@ -69,6 +69,9 @@ _RAY_NOISE_SEEN = [
     "WARNING: 8 PYTHON worker processes have been started on node: 0a8859a780f60dc7ef6f4e9812a83cd70d7b7f5c6106107437a"
     "31467 with address: 127.0.0.1, which is 4x the maximum expected startup concurrency (2).",
     "Progress bars disabled. To enable, set `ray.data.DataContext.get_current().enable_progress_bars = True`.",
+    "[2026-12-06 03:37:41,656 E 26935 26935] core_worker.cc:2465: Actor with class name: 'MapWorker(MapBatches(Latent"
+    "Encoder))' and ID: '8a2a7a66826aeeb0694fbb2801000000' has constructor arguments in the object store and "
+    "max_restarts > 0.",
 ]
 _RAY_ERRORS = [
     "[2026-12-05 10:52:52,009 E 6416 6447] core_worker.cc:1123: Unhandled error (suppress with 'RAY_IGNORE_UNHANDLED"
@@ -90,6 +93,17 @@ def test_ray_s_non_error_lines_are_dropped_from_the_console_and_its_errors_are_n
     batch = {"ip": "127.0.0.1", "pid": 6416, "job": "01", "is_err": True, "lines": _RAY_NOISE_SEEN + _RAY_ERRORS}
     printed = [line for out in dedup.deduplicate(batch) for line in out["lines"]]
     assert printed == _RAY_ERRORS
+
+
+def test_ray_s_token_authentication_notice_is_dropped_and_its_token_errors_are_not():
+    from realfake_ray._internal.quiet import quiet_libraries
+
+    quiet_libraries()
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    notice = "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out."
+    error = "Token authentication is enabled but no authentication token was found"
+    records = [logging.LogRecord(logger.name, logging.WARNING, "", 0, message, None, None) for message in (notice, error)]
+    assert [bool(logger.filter(r)) for r in records] == [False, True]
 
 
 def test_a_quiet_command_sets_the_skip_pattern_and_verbose_leaves_it_unset(monkeypatch, capsys):

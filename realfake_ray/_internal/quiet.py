@@ -16,8 +16,9 @@ __all__ = ["QUIET_ENV", "RAY_NOISE", "quiet_libraries"]
 # console (not from Ray's log files) through Ray's own switch, RAY_DEDUP_LOGS_SKIP_REGEX, which the driver reads
 # when it imports Ray. Each is narrow: a real error of the same component still prints.
 RAY_NOISE = (
-    # Ray Train's controller starts its PreemptionWatcher actor with arguments in the object store
-    r"core_worker\.cc:\d+: Actor with class name: '\w+' and ID: '\w+' has constructor arguments in the object store",
+    # Ray Train's controller starts its PreemptionWatcher actor, Ray Data its MapWorker actor pools, with arguments in
+    # the object store
+    r"core_worker\.cc:\d+: Actor with class name: '[^']+' and ID: '\w+' has constructor arguments in the object store",
     # the GCS asked a worker that had already exited to stop (actor pools and Ray Train at their end)
     r"gcs_actor_scheduler\.cc:\d+: Failed to kill actor \w+, return status: Invalid: KillActor RPC failed",
     # fractional-CPU actors and tasks start more worker processes than the raylet's rule of thumb
@@ -48,7 +49,7 @@ class _DropMessages(logging.Filter):
 
 def quiet_libraries() -> None:
     """In this process: diffusers/transformers progress bars and notices off, deprecation warnings off, and
-    Ray Data's notice that its progress bars are off (they are, on purpose) dropped."""
+    Ray's notices that its progress bars are off and that token authentication is on (both on purpose) dropped."""
     import diffusers
     import transformers
 
@@ -59,3 +60,7 @@ def quiet_libraries() -> None:
     for category in (DeprecationWarning, FutureWarning):
         warnings.filterwarnings("ignore", category=category)
     logging.getLogger("ray.data._internal.progress").addFilter(_DropMessages("Progress bars"))
+    # A local cluster starts with token authentication (Ray's default, kept on purpose: README "Security"); Ray's
+    # notice of it suggests turning it off.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
+        _DropMessages("Token authentication is enabled for this Ray cluster"))
