@@ -298,13 +298,9 @@ def build_pipeline(pending: dict[str, tuple[LabelledSet, pa.Table]], cfg: RunCon
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     ds = ds.map_batches(LatentEncoder, batch_size=enc.batch_size, fn_constructor_args=(cfg,),
                         **actor_pool_kwargs(enc.actors, "encode.actors", reserve_cpus=enc.decode_cpus))
-    ds = ds.map_batches(
+    return ds.map_batches(
         write_bank_batch, batch_format="pyarrow", batch_size=enc.rows_per_file, fn_kwargs={"out": cfg.out}
     )
-    # In listing order, every operator bundles the same rows into the same batches on every run, so the part
-    # files (named by content) are the same: fine-tuning's shuffle and generate's shards follow the bank's files.
-    ds.context.execution_options.preserve_order = True
-    return ds
 
 
 def _split_summary(out: str, split: str) -> dict:
@@ -338,7 +334,11 @@ def run_encode(cfg: RunConfig) -> dict:
                                           "generation_view": cfg.encode.generation_view, "train_subset": _train_subset(cfg)})
         init_ray(cfg.ray)
         pending = {name: (splits[name], rows) for name, (rows, _) in planned.items()}
-        build_pipeline(pending, cfg, identity["vae_downsample"]).materialize()
+        ds = build_pipeline(pending, cfg, identity["vae_downsample"])
+        # In listing order every operator bundles the same rows into the same batches on every run, so the part files
+        # (named by content) are the same: fine-tuning's shuffle and generate's shards follow the bank's files.
+        ds.context.execution_options.preserve_order = True
+        ds.materialize()
     elapsed = time.time() - started
     train = splits["train"]
     meta = {
