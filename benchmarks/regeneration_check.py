@@ -68,5 +68,7 @@ def identical(run: str) -> tuple[int, int]:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
+        sys.exit(__doc__)
     same, total = identical(sys.argv[1])
     print(f"RESULT {same}/{total} identical")
