@@ -138,15 +138,23 @@ def mmd_variants() -> list[dict]:
 def scarce_variants(per_class: int, best_lambda: float, mult: int = 10) -> list[dict]:
     """The data-scarce regime (issue 24, item 6): every stage sees ``per_class`` real train digits of each class
     (``data.train_per_class``); real-only, Real-Fake ``mult``× synthetic-only, and both together (the union:
-    every real and every synthetic image, ``train.mix_ratio`` = mult / (mult + 1))."""
+    every real and every synthetic image, ``train.mix_ratio`` = mult / (mult + 1)); the last two also with the
+    tiny preset's default sampler on the same LoRA."""
     subset = [f"data.train_per_class={per_class}"]
     full = [*subset, f"finetune.mmd_weight={best_lambda}", f"generate.mult={mult}"]
+    tuned = [*full, *RECOMMENDED_SAMPLER, "generate.strength=0.5"]
     run = f"full-{per_class}pc"
+    mix = ["train.source=mix", f"train.mix_ratio={mult / (mult + 1):.6f}"]
     return [
         {"row": f"real, {per_class} per class", "run": run, "stages": [], "set": subset, "train": ["train.source=real"]},
         {"row": f"Real-Fake {mult}x, {per_class} per class", "run": run, "stages": ["finetune", "generate"], "set": full},
         {"row": f"real + Real-Fake {mult}x, {per_class} per class", "run": run, "stages": ["finetune", "generate"],
-         "set": full, "train": ["train.source=mix", f"train.mix_ratio={mult / (mult + 1):.6f}"]},
+         "set": full, "train": mix},
+        # the tiny preset's default sampler (tiny-tuned: the tuned sampler at strength 0.5) on the same LoRA
+        {"row": f"Real-Fake {mult}x, {per_class} per class, tuned sampler, strength 0.5", "run": f"{run}-tuned",
+         "stages": ["finetune", "generate"], "set": tuned, "lora_from": run},
+        {"row": f"real + Real-Fake {mult}x, {per_class} per class, tuned sampler, strength 0.5", "run": f"{run}-tuned",
+         "stages": ["finetune", "generate"], "set": tuned, "lora_from": run, "train": mix},
     ]
 
 
@@ -505,8 +513,9 @@ def main() -> None:
         scarce_table = aggregate([r for r in results["rows"] if r["row"] in scarce_names and r["seed"] in seeds])
         text += (f"\n### The data-scarce regime: {', '.join(map(str, scarce))} real train digits per class\n\n"
                  "Every stage sees only the subset (`data.train_per_class`, drawn by the seed); each classifier the "
-                 "same budget (a small set passes several times per epoch); the mix row trains on the union of the "
-                 "real subset and its 10x synthetic set.\n\n" + markdown_table(scarce_table) + "\n")
+                 "same budget (a small set passes several times per epoch); the mix rows train on the union of the "
+                 "real subset and its 10x synthetic set; the tuned-sampler rows sample the same LoRA with the tiny "
+                 "preset's default (`generate.recipe: tiny-tuned`), the others with the paper's sampler.\n\n" + markdown_table(scarce_table) + "\n")
     print(text)
     if args.write:
         write_section(args.write, SECTION, text)
