@@ -2,8 +2,9 @@
 
 A stage writes each finished batch as its own ``part-<content hash>.parquet`` (temp + rename), so a killed
 run leaves only complete files, and the same rows written in the same batches get the same names (a bank
-encoded twice from the same inputs is the same files, so what reads it in name order sees the same rows). A rerun reads the key columns of the parts already there and
-processes only the missing keys: nothing is lost, nothing is written twice.
+encoded twice from the same inputs is the same files, so what reads it in name order sees the same rows).
+A rerun reads the key columns of the parts already there and processes only the missing keys: nothing is
+lost, nothing is written twice.
 """
 
 from __future__ import annotations
