@@ -80,6 +80,8 @@ PAPER_SAMPLER = ["generate.recipe=paper", "generate.steps=10"]
 # key by key so that it wins over PAPER_SAMPLER
 RECOMMENDED_SAMPLER = [f"generate.{k}={GENERATE_RECIPES['tiny-tuned'][k]}"
                        for k in ("scheduler", "steps", "guidance_scale", "speedup")]
+# The tiny preset's default: the whole `tiny-tuned` recipe (the sampler above at its own strength)
+DEFAULT_SAMPLER = [*RECOMMENDED_SAMPLER, f"generate.strength={GENERATE_RECIPES['tiny-tuned']['strength']}"]
 
 
 def beyond_variants(best_lambda: float, mults: tuple[int, ...]) -> list[dict]:
@@ -102,11 +104,11 @@ def beyond_variants(best_lambda: float, mults: tuple[int, ...]) -> list[dict]:
         {"row": "Real-Fake 1x, strength 0.5", "run": "strength-0.5", "stages": ["finetune", "generate"],
          "set": [*base, "generate.strength=0.5"], "lora_from": "full"},
         {"row": "Real-Fake 1x, tuned sampler, strength 0.5", "run": "sampler-strength-0.5",
-         "stages": ["finetune", "generate"], "set": [*base, *RECOMMENDED_SAMPLER, "generate.strength=0.5"],
+         "stages": ["finetune", "generate"], "set": [*base, *DEFAULT_SAMPLER],
          "lora_from": "full"},
         *({"row": f"Real-Fake {m}x, tuned sampler, strength 0.5", "run": f"sampler-strength-0.5-{mult}x",
            "stages": ["finetune", "generate"],
-           "set": [*base, *RECOMMENDED_SAMPLER, "generate.strength=0.5", f"generate.mult={mult}"], "lora_from": "full",
+           "set": [*base, *DEFAULT_SAMPLER, f"generate.mult={mult}"], "lora_from": "full",
            "train": [f"train.synthetic_mult={m}"]} for m in mults if m > 1),
         {"row": "Real-Fake 1x, LoRA rank 16", "run": "rank-16", "stages": ["finetune", "generate"],
          "set": [*base, "finetune.lora_rank=16"]},
@@ -142,7 +144,7 @@ def scarce_variants(per_class: int, best_lambda: float, mult: int = 10) -> list[
     tiny preset's default sampler on the same LoRA."""
     subset = [f"data.train_per_class={per_class}"]
     full = [*subset, f"finetune.mmd_weight={best_lambda}", f"generate.mult={mult}"]
-    tuned = [*full, *RECOMMENDED_SAMPLER, "generate.strength=0.5"]
+    tuned = [*full, *DEFAULT_SAMPLER]
     run = f"full-{per_class}pc"
     mix = ["train.source=mix", f"train.mix_ratio={mult / (mult + 1):.6f}"]
     return [
