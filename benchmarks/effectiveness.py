@@ -90,7 +90,8 @@ def beyond_variants(best_lambda: float, mults: tuple[int, ...]) -> list[dict]:
     the empty negative prompt (the reference's names "blurry", what the real digits are), strength 0.5, both (the
     tuned sampler and both also at every larger multiple of ``mults``, from one generation at the largest), a
     larger LoRA, LoRA on the convolution and feed-forward layers too, the intra-class token (class-mean CLIP
-    embedding), and label-agreement filtering by the seed's real-only classifier."""
+    embedding), and label-agreement filtering by the seed's real-only classifier (of the paper's sampler's copies
+    and of the default's); and the default's classifier scored with a weight EMA too."""
     base = [f"finetune.mmd_weight={best_lambda}"]
     one, mult = ["train.synthetic_mult=1"], max(mults)
     wide = 'finetune.lora_targets=["to_q","to_k","to_v","to_out.0","proj_in","proj_out","ff.net.0.proj","ff.net.2","conv1","conv2"]'
@@ -123,6 +124,9 @@ def beyond_variants(best_lambda: float, mults: tuple[int, ...]) -> list[dict]:
          "set": [*base, "finetune.vision_token=class_mean", "generate.vision_token=class_mean"]},
         {"row": "Real-Fake 1x, label-agreement filter", "run": "full", "stages": ["finetune", "generate"],
          "set": [*base, f"generate.mult={mult}"], "train": one, "filter": True},  # the "full" rows' run
+        {"row": "Real-Fake 1x, tuned sampler, strength 0.5, label-agreement filter", "run": "sampler-strength-0.5",
+         "stages": ["finetune", "generate"], "set": [*base, *DEFAULT_SAMPLER], "lora_from": "full", "train": one,
+         "filter": True},
     ]
 
 
