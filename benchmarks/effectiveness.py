@@ -375,6 +375,12 @@ _NO_EMA = (" The weight-EMA evaluation (`--set train.ema_decay=…`; off in the 
            "these rows, so it has no column.")
 
 
+def _in_order(rows: list[dict], names: list[str]) -> list[dict]:
+    """The rows named in ``names``, in that order (the variants' order, not the order they were run in)."""
+    rank = {name: i for i, name in enumerate(dict.fromkeys(names))}
+    return sorted((r for r in rows if r["row"] in rank), key=lambda r: (rank[r["row"]], r["seed"]))
+
+
 def _mean_std(values: list) -> str | None:
     """``mean ± std`` over seeds (rows run before the statistic existed have none: None)."""
     import numpy as np
@@ -429,7 +435,7 @@ def bar_chart(table: list[dict], path: str) -> str:
     cells = [t["val top-1"].split(" ± ") for t in table]
     means = [float(c[0]) for c in cells]
     stds = [float(c[1]) if len(c) > 1 else 0.0 for c in cells]
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 1.5 + 0.22 * len(names)))
     colours = ["#555555" if n == "real" else "#1f77b4" for n in names]
     ax.barh(range(len(names)), means, xerr=stds, color=colours, capsize=3)
     ax.axvline(means[names.index("real")] if "real" in names else 0, color="#555555", ls="--", lw=1)
@@ -511,7 +517,7 @@ def main() -> None:
                           lambda k=k, seed=seed: _subset_bank(root, k, seed), val_embeddings, args.set)
     budget = _config(root / "bank", 0, []).train.budget_images
     names = [v["row"] for v in variants(best, mults) + beyond]
-    table = aggregate([r for r in results["rows"] if r["row"] in names and r["seed"] in seeds])
+    table = aggregate(_in_order([r for r in results["rows"] if r["seed"] in seeds], names))
     chart = bar_chart(table, str(Path(__file__).with_name("effectiveness.png")))
     encode_s = json.loads((root / "encode.json").read_text()).get("seconds")
     sweep_text = ", ".join(f"λ={k}: {v['top1']:.4f}" for k, v in results["sweep"].items()) or "not run"
@@ -528,7 +534,7 @@ def main() -> None:
     text += _resolution_text([r for r in results["rows"] if r["row"] in names and r["seed"] in seeds], len(seeds))
     scarce_names = [v["row"] for k in scarce for v in scarce_variants(k, best)]
     if scarce_names:
-        scarce_table = aggregate([r for r in results["rows"] if r["row"] in scarce_names and r["seed"] in seeds])
+        scarce_table = aggregate(_in_order([r for r in results["rows"] if r["seed"] in seeds], scarce_names))
         text += (f"\n### The data-scarce regime: {', '.join(map(str, scarce))} real train digits per class\n\n"
                  "Every stage sees only the subset (`data.train_per_class`, drawn by the seed); each classifier the "
                  "same budget (a small set passes several times per epoch); the mix rows train on the union of the "
