@@ -435,14 +435,14 @@ def bar_chart(table: list[dict], path: str) -> str:
     cells = [t["val top-1"].split(" ± ") for t in table]
     means = [float(c[0]) for c in cells]
     stds = [float(c[1]) if len(c) > 1 else 0.0 for c in cells]
-    fig, ax = plt.subplots(figsize=(9, 1.5 + 0.22 * len(names)))
+    fig, ax = plt.subplots(figsize=(11, 1.5 + 0.22 * len(names)))
     colours = ["#555555" if n == "real" else "#1f77b4" for n in names]
     ax.barh(range(len(names)), means, xerr=stds, color=colours, capsize=3)
     ax.axvline(means[names.index("real")] if "real" in names else 0, color="#555555", ls="--", lw=1)
     ax.set_yticks(range(len(names)), names)
     ax.invert_yaxis()
     ax.set_xlim(min(means) - 0.05 if means else 0, 1.0)
-    ax.set_xlabel("val top-1 on the 360 real digits (mean ± std over seeds, where more than one)")
+    ax.set_xlabel("val top-1 on the 360 real val digits (mean ± std over seeds)")
     ax.set_title("Real-Fake ablation, embedded digits, tiny base")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
