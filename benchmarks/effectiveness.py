@@ -108,7 +108,7 @@ def beyond_variants(best_lambda: float, mults: tuple[int, ...]) -> list[dict]:
         {"row": "Real-Fake 1x, tuned sampler, strength 0.5", "run": "sampler-strength-0.5",
          "stages": ["finetune", "generate"], "set": [*base, *DEFAULT_SAMPLER],
          "lora_from": "full"},
-        # the same classifier run scored with an EMA of its weights too (item 2's option; 0.99: ~4.5 epochs of 1x)
+        # the same classifier run, also scored with an EMA of its weights (item 2's option)
         {"row": "Real-Fake 1x, tuned sampler, strength 0.5, + weight EMA", "run": "sampler-strength-0.5",
          "stages": ["finetune", "generate"], "set": [*base, *DEFAULT_SAMPLER], "lora_from": "full",
          "train": ["train.source=synthetic", f"train.ema_decay={EMA_DECAY}"]},
