@@ -94,6 +94,9 @@ def beyond_variants(best_lambda: float, mults: tuple[int, ...]) -> list[dict]:
     and of the default's); and the default's classifier scored with a weight EMA too."""
     base = [f"finetune.mmd_weight={best_lambda}"]
     one, mult = ["train.synthetic_mult=1"], max(mults)
+    # the tiny preset's default sampler on the seed's Real-Fake LoRA: three rows train on this one run
+    default_1x = {"run": "sampler-strength-0.5", "stages": ["finetune", "generate"], "set": [*base, *DEFAULT_SAMPLER],
+                  "lora_from": "full"}
     wide = 'finetune.lora_targets=["to_q","to_k","to_v","to_out.0","proj_in","proj_out","ff.net.0.proj","ff.net.2","conv1","conv2"]'
     return [
         {"row": "Real-Fake 1x, tuned sampler", "run": "sampler", "stages": ["finetune", "generate"],
@@ -105,12 +108,9 @@ def beyond_variants(best_lambda: float, mults: tuple[int, ...]) -> list[dict]:
          "set": [*base, "generate.negative_prompt="], "lora_from": "full"},
         {"row": "Real-Fake 1x, strength 0.5", "run": "strength-0.5", "stages": ["finetune", "generate"],
          "set": [*base, "generate.strength=0.5"], "lora_from": "full"},
-        {"row": "Real-Fake 1x, tuned sampler, strength 0.5", "run": "sampler-strength-0.5",
-         "stages": ["finetune", "generate"], "set": [*base, *DEFAULT_SAMPLER],
-         "lora_from": "full"},
+        {**default_1x, "row": "Real-Fake 1x, tuned sampler, strength 0.5"},
         # the same classifier run, also scored with an EMA of its weights (item 2's option)
-        {"row": "Real-Fake 1x, tuned sampler, strength 0.5, + weight EMA", "run": "sampler-strength-0.5",
-         "stages": ["finetune", "generate"], "set": [*base, *DEFAULT_SAMPLER], "lora_from": "full",
+        {**default_1x, "row": "Real-Fake 1x, tuned sampler, strength 0.5, + weight EMA",
          "train": ["train.source=synthetic", f"train.ema_decay={EMA_DECAY}"]},
         *({"row": f"Real-Fake {m}x, tuned sampler, strength 0.5", "run": f"sampler-strength-0.5-{mult}x",
            "stages": ["finetune", "generate"],
@@ -124,8 +124,7 @@ def beyond_variants(best_lambda: float, mults: tuple[int, ...]) -> list[dict]:
          "set": [*base, "finetune.vision_token=class_mean", "generate.vision_token=class_mean"]},
         {"row": "Real-Fake 1x, label-agreement filter", "run": "full", "stages": ["finetune", "generate"],
          "set": [*base, f"generate.mult={mult}"], "train": one, "filter": True},  # the "full" rows' run
-        {"row": "Real-Fake 1x, tuned sampler, strength 0.5, label-agreement filter", "run": "sampler-strength-0.5",
-         "stages": ["finetune", "generate"], "set": [*base, *DEFAULT_SAMPLER], "lora_from": "full", "train": one,
+        {**default_1x, "row": "Real-Fake 1x, tuned sampler, strength 0.5, label-agreement filter", "train": one,
          "filter": True},
     ]
 
@@ -517,7 +516,9 @@ def main() -> None:
                           lambda k=k, seed=seed: _subset_bank(root, k, seed), val_embeddings, args.set)
     budget = _config(root / "bank", 0, []).train.budget_images
     names = [v["row"] for v in variants(best, mults) + beyond]
-    table = aggregate(_in_order([r for r in results["rows"] if r["seed"] in seeds], names))
+    measured = [r for r in results["rows"] if r["seed"] in seeds]
+    ours = _in_order(measured, names)
+    table = aggregate(ours)
     chart = bar_chart(table, str(Path(__file__).with_name("effectiveness.png")))
     encode_s = json.loads((root / "encode.json").read_text()).get("seconds")
     sweep_text = ", ".join(f"λ={k}: {v['top1']:.4f}" for k, v in results["sweep"].items()) or "not run"
@@ -531,10 +532,10 @@ def main() -> None:
             f"tiny-CLIP embeddings of up to 2,000 synthetic images vs the 360 real val digits."
             f"{'' if any('val top-1, weight EMA' in t for t in table) else _NO_EMA}\n\n"
             f"{markdown_table(table)}\n\n![ablation](benchmarks/{os.path.basename(chart)})\n")
-    text += _resolution_text([r for r in results["rows"] if r["row"] in names and r["seed"] in seeds], len(seeds))
+    text += _resolution_text(ours, len(seeds))
     scarce_names = [v["row"] for k in scarce for v in scarce_variants(k, best)]
     if scarce_names:
-        scarce_table = aggregate(_in_order([r for r in results["rows"] if r["seed"] in seeds], scarce_names))
+        scarce_table = aggregate(_in_order(measured, scarce_names))
         text += (f"\n### The data-scarce regime: {', '.join(map(str, scarce))} real train digits per class\n\n"
                  "Every stage sees only the subset (`data.train_per_class`, drawn by the seed); each classifier the "
                  "same budget (a small set passes several times per epoch); the mix rows train on the union of the "
